@@ -1,0 +1,647 @@
+"""Fixed-capacity cache pytrees and the policies that decide which slot an incoming token takes.
+
+A *policy* is a small frozen (hashable) dataclass: ``Dense(max_len)``, ``Window(window)``,
+``SinkWindow(num_sinks, window)``, ``Segmented(...)`` (one sub-policy per segment id, StreamingVLM-style) and the
+``Recompute(window)`` baseline. It owns no arrays; ``init`` builds the cache pytree it describes.
+
+Slots and tracks
+  A KV policy is a tuple of *tracks*. Track ``m`` holds the tokens whose segment id is ``m`` (``Segmented``) or all
+  tokens (the single-track policies). Its slots are ``num_sinks`` write-once sink slots followed by a ring of
+  ``window + max_rollback`` slots (``max_len`` for ``Dense``). Tracks are laid out one after the other along the slot
+  axis; ``capacity`` is the total. The first ``num_sinks`` tokens of a track since its reset fill its sink slots,
+  the rest go round the ring.
+
+Positions are data
+  Every slot stores two int32 numbers: ``idx``, the token's index within its track since the reset (-1 for an
+  empty slot), and ``pos``, its position in the stream (used for absolute RoPE and rollback). Masks are computed
+  from ``idx`` alone: a query of track index ``c`` sees key ``j`` iff ``j <= c`` and (``c - j < window`` or
+  ``j < num_sinks``). The per-row counters ``count [b, m]`` (next track index) and ``next_pos [b]`` are arrays,
+  so a stream of any length compiles once, and batch rows may sit at different positions (ragged rows).
+
+Endless streams
+  ``idx`` never overflows: once a track's counter reaches ``2**30`` the counter and the ring's indices are shifted
+  down by a multiple of the ring size (masks and relative RoPE only see differences, so outputs are unchanged).
+  In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode ``pos`` is the RoPE position
+  and cannot be rebased: a chunk that would run past ``2**31 - 1`` poisons its row's outputs with NaN, and the
+  rollouts check it on the host before they start.
+
+Rollback keeps exactness after the window is full as long as ``n <= max_rollback`` (the spare ring slots still
+hold the keys that come back into the window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jstream.positions import check_position_mode
+from jstream.typing import Array
+
+INT32_MAX = 2**31 - 1
+REBASE_AT = 2**30
+_REBASE_SHIFT = 2**29
+_COUNT_LIMIT = REBASE_AT + _REBASE_SHIFT
+
+
+# ------------------------------------------------------------------------------------------------ policies
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+  """One group of slots of a KV policy (see the module docstring)."""
+
+  num_sinks: int
+  window: int | None  # None: unbounded (Dense)
+  ring: int  # ring slots (>= window)
+
+  @property
+  def size(self) -> int:
+    return self.num_sinks + self.ring
+
+
+def _check_int(name, value, lo):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+    raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+
+
+class Policy:
+  """Base class of cache policies."""
+
+  positions: str = "absolute"
+
+  @property
+  def capacity(self) -> int:
+    raise NotImplementedError
+
+  def tracks(self) -> tuple[Track, ...]:
+    raise NotImplementedError
+
+  @property
+  def max_rollback(self) -> int:
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Policy):
+  """Keep every token, up to ``max_len`` (the full-attention KV cache).
+
+  A stream longer than ``max_len`` is an error: eagerly checked where possible; under ``jit`` the row's outputs
+  become NaN.
+  """
+
+  max_len: int
+  positions: str = "absolute"
+
+  def __post_init__(self):
+    _check_int("Dense.max_len", self.max_len, 1)
+    check_position_mode(self.positions)
+
+  @property
+  def capacity(self) -> int:
+    return self.max_len
+
+  @property
+  def max_rollback(self) -> int:
+    return self.max_len
+
+  def tracks(self):
+    return (Track(0, None, self.max_len),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Policy):
+  """Sliding window: each query sees the last ``window`` tokens (itself included).
+
+  Attributes:
+    window: tokens visible to a query.
+    positions: ``"absolute"`` or ``"cache_relative"``.
+    max_rollback: spare ring slots, so that rolling back up to this many tokens is exact.
+  """
+
+  window: int
+  positions: str = "absolute"
+  max_rollback: int = 0
+
+  def __post_init__(self):
+    _check_int("Window.window", self.window, 1)
+    _check_int("Window.max_rollback", self.max_rollback, 0)
+    check_position_mode(self.positions)
+
+  @property
+  def capacity(self) -> int:
+    return self.window + self.max_rollback
+
+  def tracks(self):
+    return (Track(0, self.window, self.window + self.max_rollback),)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkWindow(Policy):
+  """Attention sinks + sliding window (StreamingLLM): the first ``num_sinks`` tokens stay forever.
+
+  Attributes:
+    num_sinks: number of initial tokens kept.
+    window: recent tokens visible to a query (itself included); must be >= ``num_sinks``.
+    positions: ``"absolute"`` or ``"cache_relative"`` (StreamingLLM's re-indexing inside the cache).
+    max_rollback: spare ring slots for exact rollback.
+  """
+
+  num_sinks: int
+  window: int
+  positions: str = "absolute"
+  max_rollback: int = 0
+
+  def __post_init__(self):
+    _check_int("SinkWindow.num_sinks", self.num_sinks, 0)
+    _check_int("SinkWindow.window", self.window, 1)
+    _check_int("SinkWindow.max_rollback", self.max_rollback, 0)
+    if self.window < self.num_sinks:
+      raise ValueError(
+        f"SinkWindow: window ({self.window}) must be >= num_sinks ({self.num_sinks}); the sinks would take more "
+        "of the cache than the recent tokens"
+      )
+    check_position_mode(self.positions)
+
+  @property
+  def capacity(self) -> int:
+    return self.num_sinks + self.window + self.max_rollback
+
+  def tracks(self):
+    return (Track(self.num_sinks, self.window, self.window + self.max_rollback),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmented(Policy):
+  """One sub-policy per segment id, for multimodal streams (StreamingVLM).
+
+  Token ``t`` with ``segment_ids[t] == m`` is kept by ``segments[m]`` (a ``Dense``, ``Window`` or ``SinkWindow``)
+  and every query sees, for each segment, the keys that segment's policy keeps, with windows counted in tokens of
+  that segment. E.g. ``Segmented((SinkWindow(4, 512), Window(1024)))`` keeps 4 text sinks, the last 512 text
+  tokens and the last 1024 vision tokens. ``segment_ids == -1`` marks padding (not attended, not kept).
+
+  In ``cache_relative`` mode positions are contiguous per segment: a key's position is its index among the
+  retained tokens of its segment, and a query sits at the index of the latest token of that segment at or before
+  it (sinks adjacent to the window, as in StreamingLLM). The sub-policies' own ``positions`` are ignored.
+  """
+
+  segments: tuple[Policy, ...]
+  positions: str = "absolute"
+
+  def __post_init__(self):
+    if not self.segments:
+      raise ValueError("Segmented needs at least one segment policy")
+    for p in self.segments:
+      if not isinstance(p, (Dense, Window, SinkWindow)):
+        raise TypeError(f"Segmented segments must be Dense, Window or SinkWindow, got {type(p).__name__}")
+    object.__setattr__(self, "segments", tuple(self.segments))
+    check_position_mode(self.positions)
+
+  @property
+  def capacity(self) -> int:
+    return sum(p.capacity for p in self.segments)
+
+  @property
+  def max_rollback(self) -> int:
+    return min(p.max_rollback for p in self.segments)
+
+  def tracks(self):
+    return tuple(t for p in self.segments for t in p.tracks())
+
+
+@dataclasses.dataclass(frozen=True)
+class Recompute(Policy):
+  """StreamingLLM's "sliding window with re-computation" baseline: no KV cache.
+
+  For every new token the model re-encodes the last ``window`` tokens from scratch (positions ``0..window-1``),
+  so each token costs a forward pass over the window. The cache holds token ids only.
+  """
+
+  window: int
+  positions: str = "cache_relative"
+
+  def __post_init__(self):
+    _check_int("Recompute.window", self.window, 1)
+
+  @property
+  def capacity(self) -> int:
+    return self.window
+
+  def tracks(self):
+    return ()
+
+
+KV_POLICIES = (Dense, Window, SinkWindow, Segmented)
+
+
+# ------------------------------------------------------------------------------------------------ pytrees
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Key/value cache of every layer, with per-slot positions and per-row counters.
+
+  Attributes:
+    k: ``[l, b, k, s, h]`` keys before RoPE (heads-first, so one head's slots are contiguous).
+    v: ``[l, b, k, s, h]`` values.
+    idx: ``[b, s]`` int32 index of the slot's token within its track, -1 for an empty slot.
+    pos: ``[b, s]`` int32 stream position of the slot's token (absolute RoPE, rollback).
+    count: ``[b, m]`` int32 next track index of each track.
+    next_pos: ``[b]`` int32 stream position of the next token.
+    policy: the policy (static).
+  """
+
+  k: Array
+  v: Array
+  idx: Array
+  pos: Array
+  count: Array
+  next_pos: Array
+  policy: Policy = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def batch_size(self) -> int:
+    return self.idx.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    return self.idx.shape[1]
+
+  @property
+  def num_layers(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def dtype(self):
+    return self.k.dtype
+
+  def replace(self, **kw) -> KVCache:
+    return dataclasses.replace(self, **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenCache:
+  """Cache of the ``Recompute`` baseline: the last ``window`` token ids of each row.
+
+  Attributes:
+    tokens: ``[b, w]`` ring of token ids.
+    idx: ``[b, w]`` int32 index of each held token in the stream since the reset (-1 empty), rebased like
+      ``KVCache.idx``.
+    count: ``[b]`` int32 tokens since the reset (rebased).
+    next_pos: ``[b]`` int32 stream position of the next token.
+    policy: the ``Recompute`` policy (static).
+  """
+
+  tokens: Array
+  idx: Array
+  count: Array
+  next_pos: Array
+  policy: Policy = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def batch_size(self) -> int:
+    return self.tokens.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    return self.tokens.shape[1]
+
+  def replace(self, **kw) -> TokenCache:
+    return dataclasses.replace(self, **kw)
+
+
+Cache = KVCache | TokenCache
+
+
+def _start_positions(start_position, batch_size) -> Array:
+  start = jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (batch_size,))
+  if not isinstance(start, jax.core.Tracer) and bool(jnp.any(start < 0)):
+    raise ValueError(f"start_position must be >= 0, got {start_position}")
+  return start
+
+
+def init(
+  policy: Policy,
+  *,
+  num_layers: int,
+  batch_size: int,
+  num_kv_heads: int,
+  head_dim: int,
+  dtype=jnp.float32,
+  start_position=0,
+) -> Cache:
+  """Builds an empty cache for ``policy``.
+
+  Args:
+    policy: a ``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute`` policy.
+    num_layers, num_kv_heads, head_dim: the model's cache geometry.
+    batch_size: number of independent streams.
+    dtype: storage dtype of keys and values (float32, bfloat16 or float16).
+    start_position: stream position of each row's first token (scalar or ``[b]``); only absolute RoPE sees it.
+
+  Raises:
+    TypeError / ValueError: on an unknown policy, a non-floating dtype or non-positive sizes.
+  """
+  if not isinstance(policy, Policy):
+    raise TypeError(f"expected a cache policy (Dense, Window, SinkWindow, Segmented, Recompute), got {policy!r}")
+  _check_int("batch_size", batch_size, 1)
+  start = _start_positions(start_position, batch_size)
+  if isinstance(policy, Recompute):
+    w = policy.window
+    return TokenCache(
+      tokens=jnp.zeros((batch_size, w), jnp.int32),
+      idx=jnp.full((batch_size, w), -1, jnp.int32),
+      count=jnp.zeros((batch_size,), jnp.int32),
+      next_pos=start,
+      policy=policy,
+    )
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"cache dtype must be floating point, got {dtype}")
+  for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+    _check_int(name, val, 1)
+  c = policy.capacity
+  shape = (num_layers, batch_size, num_kv_heads, c, head_dim)
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    idx=jnp.full((batch_size, c), -1, jnp.int32),
+    pos=jnp.full((batch_size, c), -1, jnp.int32),
+    count=jnp.zeros((batch_size, len(policy.tracks())), jnp.int32),
+    next_pos=start,
+    policy=policy,
+  )
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+class TrackLayout(NamedTuple):
+  """Static slot layout of one track: sink slots ``[base, base + num_sinks)``, ring after them."""
+
+  track: Track
+  base: int
+
+  @property
+  def sink_lo(self) -> int:
+    return self.base
+
+  @property
+  def ring_lo(self) -> int:
+    return self.base + self.track.num_sinks
+
+  @property
+  def hi(self) -> int:
+    return self.base + self.track.size
+
+
+def layout(policy: Policy) -> tuple[TrackLayout, ...]:
+  out, base = [], 0
+  for t in policy.tracks():
+    out.append(TrackLayout(t, base))
+    base += t.size
+  return tuple(out)
+
+
+def _slot_track(policy: Policy) -> np.ndarray:
+  """Static ``[s]`` track id of every slot."""
+  return np.concatenate([np.full(t.size, m, np.int32) for m, t in enumerate(policy.tracks())])
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+class Plan(NamedTuple):
+  """Where the tokens of one chunk go, and the positions the attention of that chunk uses.
+
+  Computed once per chunk (shared by every layer). Arrays:
+    cache: the cache with counters rebased (if needed), before this chunk is written.
+    seg: ``[b, t]`` track of each token, -1 for padding.
+    tok_idx: ``[b, t]`` index of each token within its track, -1 for padding.
+    tok_pos: ``[b, t]`` stream position of each token, -1 for padding.
+    q_idx: ``[b, m, t]`` index of the latest token of track ``m`` at or before each query (-1: none or padding).
+    sink_slots / ring_slots: ``[b, t]`` slot each token is written to in the sink phase / the ring phase (the
+      capacity, i.e. dropped, when the token does not go there).
+    poison: ``[b]`` rows whose stream overran what the policy can represent (outputs are set to NaN).
+    after: the cache metadata after this chunk (``k``/``v`` not yet written).
+  """
+
+  cache: KVCache
+  seg: Array
+  tok_idx: Array
+  tok_pos: Array
+  q_idx: Array
+  sink_slots: Array
+  ring_slots: Array
+  poison: Array
+  after: KVCache
+
+
+def _rebase(cache: KVCache) -> KVCache:
+  """Shifts track indices (and, in cache_relative mode, stream positions) down before they can overflow."""
+  lay = layout(cache.policy)
+  slot_track = jnp.asarray(_slot_track(cache.policy))
+  shifts = jnp.asarray([(_REBASE_SHIFT // tl.track.ring) * tl.track.ring for tl in lay], jnp.int32)  # [m]
+  sinks = jnp.asarray([tl.track.num_sinks for tl in lay], jnp.int32)
+  do = cache.count >= REBASE_AT  # [b, m]
+  delta = jnp.where(do, shifts[None], 0)  # [b, m]
+  count = cache.count - delta
+  slot_delta = delta[:, slot_track]  # [b, s]
+  is_ring = cache.idx >= sinks[slot_track][None]
+  idx = jnp.where(is_ring, cache.idx - slot_delta, cache.idx)
+  pos, next_pos = cache.pos, cache.next_pos
+  if cache.policy.positions == "cache_relative":
+    pdo = next_pos >= REBASE_AT
+    pdelta = jnp.where(pdo, _REBASE_SHIFT, 0)
+    next_pos = next_pos - pdelta
+    # Old sinks keep the smallest positions; clamping keeps them from wrapping round after many rebases.
+    pos = jnp.where(cache.idx >= 0, jnp.maximum(pos - pdelta[:, None], -REBASE_AT), pos)
+  return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos)
+
+
+def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
+  """Assigns the tokens of a chunk to tracks, indices, positions and slots (see ``Plan``).
+
+  Args:
+    cache: the cache before the chunk.
+    segment_ids: ``[b, t]`` int32 track of each token (-1 = padding), or None for all-track-0.
+    chunk_len: ``t``.
+  """
+  policy = cache.policy
+  lay = layout(policy)
+  b, cap = cache.batch_size, cache.capacity
+  num_tracks = len(lay)
+  if chunk_len > cap:
+    raise ValueError(f"chunk of {chunk_len} tokens is longer than the cache capacity {cap} ({policy})")
+  cache = _rebase(cache)
+  if segment_ids is None:
+    seg = jnp.zeros((b, chunk_len), jnp.int32)
+  else:
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    if seg.shape != (b, chunk_len):
+      raise ValueError(f"segment_ids must be [b, t] = {(b, chunk_len)}, got {seg.shape}")
+    seg = jnp.where((seg >= 0) & (seg < num_tracks), seg, -1)
+  valid = seg >= 0
+  onehot = seg[..., None] == jnp.arange(num_tracks, dtype=jnp.int32)  # [b, t, m]
+  cum = jnp.cumsum(onehot.astype(jnp.int32), axis=1)  # inclusive
+  q_idx = cache.count[:, None, :] + cum - 1  # [b, t, m]
+  q_idx = jnp.where(valid[..., None], q_idx, -1)
+  q_idx = jnp.moveaxis(q_idx, 2, 1)  # [b, m, t]
+  own = jnp.take_along_axis(q_idx, jnp.maximum(seg, 0)[:, None, :], axis=1)[:, 0]  # [b, t]
+  tok_idx = jnp.where(valid, own, -1)
+  nvalid = jnp.cumsum(valid.astype(jnp.int32), axis=1)
+  tok_pos = jnp.where(valid, cache.next_pos[:, None] + nvalid - 1, -1)
+  new_count = cache.count + cum[:, -1, :]  # [b, m]
+  new_next = cache.next_pos + nvalid[:, -1]
+
+  sink_slots = jnp.full((b, chunk_len), cap, jnp.int32)
+  ring_slots = jnp.full((b, chunk_len), cap, jnp.int32)
+  poison = jnp.zeros((b,), bool)
+  for m, tl in enumerate(lay):
+    tr = tl.track
+    mine = seg == m
+    if tr.num_sinks:
+      is_sink = mine & (tok_idx < tr.num_sinks)
+      sink_slots = jnp.where(is_sink, tl.sink_lo + tok_idx, sink_slots)
+    in_ring = mine & (tok_idx >= tr.num_sinks)
+    # A token overwritten later in the same chunk is not written at all (scatter order is unspecified).
+    survives = tok_idx >= new_count[:, m : m + 1] - tr.ring
+    ring_slot = tl.ring_lo + jnp.remainder(tok_idx - tr.num_sinks, tr.ring)
+    ring_slots = jnp.where(in_ring & survives, ring_slot, ring_slots)
+    if tr.window is None:  # Dense: may not wrap
+      poison = poison | (new_count[:, m] > tr.ring)
+  if policy.positions == "absolute":
+    poison = poison | (cache.next_pos > INT32_MAX - chunk_len)
+  # Committed metadata: rows of the slot arrays that receive a token.
+  slots = jnp.where(sink_slots < cap, sink_slots, ring_slots)
+  bidx = jnp.arange(b)[:, None]
+  idx = cache.idx.at[bidx, slots].set(tok_idx, mode="drop")
+  pos = cache.pos.at[bidx, slots].set(tok_pos, mode="drop")
+  after = cache.replace(idx=idx, pos=pos, count=new_count, next_pos=new_next)
+  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, poison, after)
+
+
+def write(buf: Array, layer: Array | int, slots: Array, update: Array) -> Array:
+  """Scatters ``update [b, t, k, h]`` into layer ``layer`` of ``buf [l, b, k, s, h]`` at ``slots [b, t]``.
+
+  Slots equal to the capacity are dropped. Only the written rows are touched, in place under ``jit``.
+  """
+  b = slots.shape[0]
+  bidx = jnp.arange(b)[:, None]
+  return buf.at[layer, bidx, :, slots].set(update.astype(buf.dtype), mode="drop")
+
+
+def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None) -> KVCache:
+  """Appends a chunk of keys/values for every layer (no attention): ``k, v [l, b, t, k, h]``.
+
+  This is the model-free cache update the model performs layer by layer; it is what the cache invariants are
+  tested on.
+  """
+  _check_kv(cache, k, v)
+  p = plan(cache, segment_ids, k.shape[2])
+  slots = jnp.where(p.sink_slots < cache.capacity, p.sink_slots, p.ring_slots)
+  kb, vb = cache.k, cache.v
+  for layer in range(cache.num_layers):
+    kb = write(kb, layer, slots, k[layer])
+    vb = write(vb, layer, slots, v[layer])
+  return p.after.replace(k=kb, v=vb)
+
+
+def _check_kv(cache: KVCache, k: Array, v: Array):
+  want = (cache.num_layers, cache.batch_size, None, cache.k.shape[2], cache.k.shape[4])
+  for name, x in (("k", k), ("v", v)):
+    if x.ndim != 5 or any(w is not None and w != s for w, s in zip(want, x.shape)):
+      raise ValueError(f"{name} must be [l, b, t, k, h] = {want} (t free), got {x.shape}")
+
+
+# ------------------------------------------------------------------------------------------------ row ops
+
+
+def _rows_mask(rows, batch_size) -> Array:
+  if rows is None:
+    return jnp.ones((batch_size,), bool)
+  rows = jnp.asarray(rows)
+  if rows.dtype == jnp.bool_:
+    if rows.shape != (batch_size,):
+      raise ValueError(f"rows mask must be [b] = ({batch_size},), got {rows.shape}")
+    return rows
+  return jnp.zeros((batch_size,), bool).at[rows].set(True)
+
+
+def reset(cache: Cache, rows=None, start_position=0) -> Cache:
+  """Empties the selected rows (a bool mask ``[b]``, row indices, or None for all).
+
+  The rows' keys and values are left in place (they are masked out by ``idx == -1``); their counters restart and
+  ``next_pos`` becomes ``start_position``.
+  """
+  b = cache.batch_size
+  sel = _rows_mask(rows, b)
+  start = _start_positions(start_position, b)
+  idx = jnp.where(sel[:, None], -1, cache.idx)
+  count = jnp.where(sel.reshape((b,) + (1,) * (cache.count.ndim - 1)), 0, cache.count)
+  next_pos = jnp.where(sel, start, cache.next_pos)
+  if isinstance(cache, TokenCache):
+    return cache.replace(idx=idx, count=count, next_pos=next_pos)
+  pos = jnp.where(sel[:, None], -1, cache.pos)
+  return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos)
+
+
+def rollback(cache: Cache, n, rows=None) -> Cache:
+  """Forgets the last ``n`` tokens of the selected rows (``n``: int or ``[b]`` int32).
+
+  Exact (the cache is then as if those tokens had never been appended) for ``n <= policy.max_rollback``, and for
+  any ``n`` before the ring has wrapped. Tokens that were dropped by the policy cannot come back.
+
+  Raises:
+    ValueError: for a negative ``n`` or a static ``n`` larger than ``policy.max_rollback`` once that matters.
+  """
+  b = cache.batch_size
+  if isinstance(n, (int, np.integer)):
+    if n < 0:
+      raise ValueError(f"rollback count must be >= 0, got {n}")
+  sel = _rows_mask(rows, b)
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b,))
+  n = jnp.where(sel, jnp.maximum(n, 0), 0)
+  cut = cache.next_pos - n  # positions >= cut are forgotten
+  if isinstance(cache, TokenCache):
+    gone = (cache.idx >= 0) & (cache.idx >= (cache.count - n)[:, None])
+    return cache.replace(
+      idx=jnp.where(gone, -1, cache.idx), count=jnp.maximum(cache.count - n, 0), next_pos=cut
+    )
+  gone = (cache.idx >= 0) & (cache.pos >= cut[:, None])  # [b, s]
+  slot_track = jnp.asarray(_slot_track(cache.policy))
+  num_tracks = cache.count.shape[1]
+  per_track = jnp.stack(
+    [jnp.sum(gone & (slot_track[None] == m), axis=1) for m in range(num_tracks)], axis=1
+  )  # [b, m]
+  if num_tracks == 1:  # exact even for tokens that no longer have a slot
+    per_track = n[:, None]
+  return cache.replace(
+    idx=jnp.where(gone, -1, cache.idx),
+    pos=jnp.where(gone, -1, cache.pos),
+    count=jnp.maximum(cache.count - per_track, 0),
+    next_pos=cache.next_pos - n,
+  )
+
+
+def visible(cache: KVCache, query_idx: Array | None = None) -> Array:
+  """``[b, s]`` bool: the slots a next token of track 0 would attend (valid, within window or sink).
+
+  For multi-track policies pass ``query_idx [b, m]`` (track indices of the query in each track); default: the
+  next index of every track.
+  """
+  lay = layout(cache.policy)
+  q = cache.count if query_idx is None else query_idx
+  slot_track = _slot_track(cache.policy)
+  qs = q[:, slot_track]  # [b, s]
+  ok = (cache.idx >= 0) & (cache.idx <= qs)
+  window = np.array([tl.track.window or 0 for tl in lay])[slot_track]
+  unbounded = np.array([tl.track.window is None for tl in lay])[slot_track]
+  sinks = np.array([tl.track.num_sinks for tl in lay])[slot_track]
+  in_win = unbounded[None] | ((qs - cache.idx) < window[None]) | (cache.idx < sinks[None])
+  return ok & in_win

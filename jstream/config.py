@@ -1,0 +1,83 @@
+"""Frozen, hashable configuration dataclasses (safe to pass to ``jit`` as static arguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+LearnedSink = Literal["none", "logit", "kv"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A decoder-only causal transformer (pre-norm, RMSNorm, RoPE, grouped-query attention, SwiGLU).
+
+  Attributes:
+    vocab_size: number of token ids.
+    num_layers: transformer blocks (run as one ``lax.scan`` over stacked weights).
+    num_heads: query heads ``n``.
+    num_kv_heads: key/value heads ``k`` (``n`` must be a multiple); default ``num_heads``.
+    head_dim: per-head width ``h``; default ``embed_dim // num_heads``.
+    embed_dim: model width ``d``.
+    mlp_dim: SwiGLU hidden width ``f``.
+    rope_base: RoPE theta.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: share the input embedding with the output projection.
+    learned_sink: ``"none"``; ``"logit"``, a trainable per-head logit added to every softmax (a sink with a zero
+      value); or ``"kv"``, a trainable key/value per kv head that every query attends (StreamingLLM section 3.3
+      in the form of a position-free sink slot).
+    param_dtype: parameter storage dtype.
+    dtype: compute dtype (``bfloat16`` for mixed precision; norms, softmax and logits stay float32).
+    attention_impl: ``"auto"``, ``"xla"``, ``"pallas"`` or a registered implementation name.
+  """
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  embed_dim: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  rope_base: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  learned_sink: LearnedSink = "none"
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"TransformerConfig.{name} must be a positive int, got {v!r}")
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.head_dim is None:
+      if self.embed_dim % self.num_heads:
+        raise ValueError(
+          f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); set head_dim"
+        )
+      object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+    if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_heads ({self.num_heads}) must be a positive multiple of num_kv_heads ({self.num_kv_heads})"
+      )
+    if self.head_dim < 2 or self.head_dim % 2:
+      raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    if self.learned_sink not in ("none", "logit", "kv"):
+      raise ValueError(f"learned_sink must be 'none', 'logit' or 'kv', got {self.learned_sink!r}")
+    for name in ("param_dtype", "dtype"):
+      dt = jnp.dtype(getattr(self, name))
+      if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"TransformerConfig.{name} must be a floating dtype, got {dt}")
+      object.__setattr__(self, name, dt.name)
+
+  @property
+  def group_size(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **kw) -> TransformerConfig:
+    return dataclasses.replace(self, **kw)

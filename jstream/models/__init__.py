@@ -1,0 +1,5 @@
+"""Streaming models."""
+
+from jstream.models.lm import StreamingTransformer
+
+__all__ = ["StreamingTransformer"]

@@ -1,0 +1,243 @@
+"""The streaming causal language model.
+
+``logits, cache = model(tokens, cache)`` runs a chunk of any length (up to the cache capacity) against an
+explicit cache pytree and returns the updated cache: prefill, chunked streaming and single-token decode are the
+same code path. ``model.forward(tokens, window=..., num_sinks=...)`` is the offline teacher-forced reference with
+the mask a policy implies. Layers run as one ``lax.scan`` over stacked weights, with the stacked cache carried and
+updated in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jstream import cache as cache_lib
+from jstream.config import TransformerConfig
+from jstream.nn import cached_attention
+from jstream.nn.layers import Block, RMSNorm
+from jstream.typing import Array
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+class StreamingTransformer(nnx.Module):
+  """Decoder-only transformer with explicit KV caches.
+
+  Args:
+    config: the model configuration.
+    rngs: NNX random streams for initialisation.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    cfg = config
+    self.embed = nnx.Embed(
+      cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      embedding_init=nnx.initializers.normal(stddev=1.0), rngs=rngs,
+    )
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(
+        cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+      )
+
+  # ------------------------------------------------------------------------------------------ caches
+
+  def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, start_position=0):
+    """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute``)."""
+    cfg = self.config
+    return cache_lib.init(
+      policy, num_layers=cfg.num_layers, batch_size=batch_size, num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, dtype=dtype, start_position=start_position,
+    )
+
+  # ------------------------------------------------------------------------------------------ helpers
+
+  def _check_tokens(self, tokens) -> Array:
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, chunk], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.shape[1] < 1:
+      raise ValueError("tokens must hold at least one token per row")
+    if _is_concrete(tokens):
+      arr = np.asarray(tokens)
+      if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+        raise ValueError(
+          f"token ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]"
+        )
+    return tokens.astype(jnp.int32)
+
+  def _embed(self, tokens: Array) -> Array:
+    x = self.embed(tokens)
+    if _is_concrete(tokens):
+      return x
+    # Under jit an out-of-range id would be silently clamped by the gather: poison it instead.
+    bad = (tokens < 0) | (tokens >= self.config.vocab_size)
+    return jnp.where(bad[..., None], jnp.nan, x)
+
+  def _head(self, x: Array) -> Array:
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+  def _scan_blocks(self, x: Array, carry, body):
+    """Runs ``body(block, layer, x, carry) -> (x, carry)`` over the stacked blocks as one ``lax.scan``."""
+    graphdef, params = nnx.split(self.blocks)
+
+    def step(c, xs):
+      x, carry = c
+      p, layer = xs
+      block = nnx.merge(graphdef, p)
+      x, carry = body(block, layer, x, carry)
+      return (x, carry), None
+
+    layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    (x, carry), _ = jax.lax.scan(step, (x, carry), (params, layers))
+    return x, carry
+
+  def _check_cache(self, cache):
+    cfg = self.config
+    if isinstance(cache, cache_lib.TokenCache):
+      return
+    if not isinstance(cache, cache_lib.KVCache):
+      raise TypeError(f"expected a KVCache or TokenCache from model.init_cache, got {type(cache).__name__}")
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4])
+    if want != got:
+      raise ValueError(f"cache was built for (layers, kv_heads, head_dim) = {got}, this model has {want}")
+
+  # ------------------------------------------------------------------------------------------ calls
+
+  def __call__(self, tokens, cache, *, segment_ids=None):
+    """Runs a chunk against the cache.
+
+    Args:
+      tokens: ``[b, t]`` int token ids; ``t`` may be anything up to the cache capacity.
+      cache: from ``init_cache`` (and previous calls).
+      segment_ids: optional ``[b, t]`` int32 track of each token for ``Segmented`` policies; -1 marks padding
+        (not attended, not cached, no position consumed).
+
+    Returns:
+      ``(logits [b, t, v] float32, new cache)``. Rows whose stream overran the policy (a ``Dense`` cache past
+      ``max_len``, absolute positions past ``2**31 - 1``) get NaN logits.
+
+    Raises:
+      ValueError / TypeError: on a wrong batch size, a chunk longer than the capacity, non-integer or
+        out-of-range token ids (checked eagerly when the ids are concrete) or a cache of another model.
+    """
+    tokens = self._check_tokens(tokens)
+    self._check_cache(cache)
+    b, t = tokens.shape
+    if b != cache.batch_size:
+      raise ValueError(f"tokens have batch size {b} but the cache was built for {cache.batch_size}")
+    if t > cache.capacity:
+      raise ValueError(
+        f"chunk of {t} tokens is longer than the cache capacity {cache.capacity} ({cache.policy}); "
+        "split it into smaller chunks"
+      )
+    if isinstance(cache, cache_lib.TokenCache):
+      if segment_ids is not None:
+        raise ValueError("the Recompute baseline does not take segment_ids")
+      return self._recompute(tokens, cache)
+    cfg = self.config
+    plan = cache_lib.plan(cache, segment_ids, t)
+    ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
+    impl = cfg.attention_impl
+    x = self._embed(tokens)
+
+    def body(block, layer, x, bufs):
+      def attend(attn, q, k, v):
+        out, kb, vb = cached_attention.attend(
+          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=attn.sink_part(q)
+        )
+        return out, (kb, vb)
+
+      return block(x, attend)
+
+    x, (kbuf, vbuf) = self._scan_blocks(x, (plan.cache.k, plan.cache.v), body)
+    logits = self._head(x)
+    logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
+    if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
+      raise ValueError(
+        f"stream overran the cache policy {cache.policy} (a Dense cache past max_len, or absolute positions "
+        "past 2**31 - 1); use a larger cache, a sliding-window policy or positions='cache_relative'"
+      )
+    return logits, plan.after.replace(k=kbuf, v=vbuf)
+
+  def forward(self, tokens, *, positions=None, window: int | None = None, num_sinks: int = 0) -> Array:
+    """Offline teacher-forced forward with the mask a policy implies (the reference streaming must equal).
+
+    Args:
+      tokens: ``[b, n]`` token ids.
+      positions: ``[b, n]`` int32 positions (default ``0..n-1``; -1 = padding).
+      window, num_sinks: the banded mask (see ``jstream.ops.attention``).
+
+    Returns:
+      ``[b, n, v]`` float32 logits.
+    """
+    tokens = self._check_tokens(tokens)
+    b, n = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    positions = jnp.asarray(positions, jnp.int32)
+    cfg = self.config
+    x = self._embed(tokens)
+
+    def body(block, layer, x, carry):
+      def attend(attn, q, k, v):
+        o = cached_attention.offline(
+          q, k, v, positions, window=window, num_sinks=num_sinks, rope_base=cfg.rope_base,
+          impl=cfg.attention_impl, sink_part=attn.sink_part(q),
+        )
+        return o, None
+
+      return block(x, attend)
+
+    x, _ = self._scan_blocks(x, None, body)
+    return self._head(x)
+
+  # ------------------------------------------------------------------------------------------ baseline
+
+  def _recompute(self, tokens: Array, cache: cache_lib.TokenCache):
+    """StreamingLLM's sliding window with re-computation: one forward over the window per token."""
+    w = cache.capacity
+    shift = (cache_lib._REBASE_SHIFT // w) * w
+
+    def one(c, tok):
+      count, idx = c.count, c.idx
+      rebase = count >= cache_lib.REBASE_AT
+      count = jnp.where(rebase, count - shift, count)
+      idx = jnp.where(rebase[:, None] & (idx >= 0), idx - shift, idx)
+      slot = jnp.remainder(count, w)
+      bidx = jnp.arange(tok.shape[0])
+      toks = c.tokens.at[bidx, slot].set(tok)
+      idx = idx.at[bidx, slot].set(count)
+      # Oldest first: rotate the ring so that the slot after the newest comes first.
+      order = jnp.remainder(slot[:, None] + 1 + jnp.arange(w)[None], w)
+      window_toks = jnp.take_along_axis(toks, order, axis=1)
+      window_idx = jnp.take_along_axis(idx, order, axis=1)
+      valid = window_idx >= 0
+      positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)
+      logits = self.forward(window_toks, positions=positions)[:, -1]
+      new = c.replace(tokens=toks, idx=idx, count=count + 1, next_pos=c.next_pos + 1)
+      return new, logits
+
+    cache, logits = jax.lax.scan(one, cache, tokens.T)
+    return jnp.swapaxes(logits, 0, 1), cache

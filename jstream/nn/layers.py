@@ -1,0 +1,112 @@
+"""NNX building blocks of the streaming transformer: RMSNorm, SwiGLU MLP, attention projections, a block.
+
+The blocks hold parameters only; attention itself (cache reads, masks, RoPE) is passed in as a function, so the
+same block serves the cached streaming path, the offline forward and the recompute baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jstream.config import TransformerConfig
+from jstream.typing import Array
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, with a learned scale (initialised to 1)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **kw)
+    self.up = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **kw)
+    self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Attention(nnx.Module):
+  """Projections of grouped-query attention, plus the optional learned sink.
+
+  ``qkv(x [b, t, d])`` gives ``q [b, t, n, h]``, ``k, v [b, t, k, h]`` (before RoPE); ``out(o [b, t, n, h])``
+  projects back to ``[b, t, d]``. ``sink_part(q)`` is the learned sink's contribution as an ``(out, lse)`` partial
+  attention, or None.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q = nnx.Linear(d, n * h, **kw)
+    self.k = nnx.Linear(d, k * h, **kw)
+    self.v = nnx.Linear(d, k * h, **kw)
+    self.o = nnx.Linear(n * h, d, **kw)
+    self.learned_sink = cfg.learned_sink
+    if cfg.learned_sink == "logit":
+      self.sink_logit = nnx.Param(jnp.zeros((n,), cfg.param_dtype))
+    elif cfg.learned_sink == "kv":
+      init = nnx.initializers.normal(stddev=h**-0.5)
+      self.sink_k = nnx.Param(init(rngs.params(), (k, h), cfg.param_dtype))
+      self.sink_v = nnx.Param(init(rngs.params(), (k, h), cfg.param_dtype))
+
+  def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    b, t, _ = x.shape
+    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return q, k, v
+
+  def out(self, o: Array) -> Array:
+    b, t = o.shape[:2]
+    return self.o(o.reshape(b, t, self.num_heads * self.head_dim))
+
+  def sink_part(self, q: Array) -> tuple[Array, Array] | None:
+    """The learned sink as a partial attention ``(out [b, t, n, h] f32, lse [b, t, n])`` (position-free)."""
+    b, t, n, h = q.shape
+    if self.learned_sink == "logit":
+      lse = jnp.broadcast_to(self.sink_logit[...].astype(jnp.float32), (b, t, n))
+      return jnp.zeros((b, t, n, h), jnp.float32), lse
+    if self.learned_sink == "kv":
+      g = n // self.num_kv_heads
+      sk = jnp.repeat(self.sink_k[...].astype(jnp.float32), g, axis=0)  # [n, h]
+      sv = jnp.repeat(self.sink_v[...].astype(jnp.float32), g, axis=0)
+      lse = jnp.einsum("btnh,nh->btn", q.astype(jnp.float32), sk) * (h**-0.5)
+      return jnp.broadcast_to(sv, (b, t, n, h)), lse
+    return None
+
+
+AttendFn = Callable[[Attention, Array, Array, Array], tuple[Array, object]]
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block. ``attend(attn, q, k, v) -> (o, aux)`` does the attention proper."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x: Array, attend: AttendFn) -> tuple[Array, object]:
+    q, k, v = self.attn.qkv(self.attn_norm(x))
+    o, aux = attend(self.attn, q, k, v)
+    x = x + self.attn.out(o.astype(x.dtype))
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, aux
