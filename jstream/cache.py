@@ -8,7 +8,10 @@ Slots and tracks
   A KV policy is a tuple of *tracks*. Track ``m`` holds the tokens whose segment id is ``m`` (``Segmented``) or all
   tokens (the single-track policies). Its slots are ``num_sinks`` write-once sink slots followed by a ring of
   ``window + max_rollback`` slots (``max_len`` for ``Dense``). Tracks are laid out one after the other along the slot
-  axis; ``capacity`` is the total. The first ``num_sinks`` tokens of a track since its reset fill its sink slots,
+  axis; ``capacity`` is the total. One more slot, the *trash slot* at index ``capacity``, receives the writes of
+  tokens that are not kept (padding, tokens overwritten within their own chunk): every write is then an
+  unconditional in-place update (a masked write would read the old value and make XLA copy the buffer). The
+  trash slot is never valid and never read. The first ``num_sinks`` tokens of a track since its reset fill its sink slots,
   the rest go round the ring.
 
 Positions are data
@@ -246,8 +249,12 @@ class KVCache:
   """Key/value cache of every layer, with per-slot positions and per-row counters.
 
   Attributes:
-    k: ``[l, b, k, s, h]`` keys before RoPE (heads-first, so one head's slots are contiguous).
-    v: ``[l, b, k, s, h]`` values.
+    k: keys, heads-first so one head's slots are contiguous: one stacked ``[l, b, k, s, h]`` array (for models
+      that scan over layers) or a tuple of ``l`` arrays ``[b, k, s, h]`` (for unrolled models: XLA:CPU copies a
+      layer's slice of a stacked buffer before a dot). The cache treats keys as opaque; jstream's models store
+      them rotated by RoPE at the token's position in the policy's frame (see ``jstream.nn.cached_attention``).
+    v: values, slots last: ``[l, b, k, h, s]`` or a tuple of ``[b, k, h, s]`` (the weighted sum over slots then
+      reads them without a transpose).
     idx: ``[b, s]`` int32 index of the slot's token within its track, -1 for an empty slot.
     pos: ``[b, s]`` int32 stream position of the slot's token (absolute RoPE, rollback).
     count: ``[b, m]`` int32 next track index of each track.
@@ -269,15 +276,25 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return self.idx.shape[1]
+    """Usable slots (the policy's capacity); the buffers hold one more, the trash slot."""
+    return self.idx.shape[1] - 1
 
   @property
   def num_layers(self) -> int:
-    return self.k.shape[0]
+    return len(self.k) if isinstance(self.k, tuple) else self.k.shape[0]
+
+  @property
+  def stacked(self) -> bool:
+    return not isinstance(self.k, tuple)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    """``(b, k, s, h)`` of one layer's keys."""
+    return tuple(self.k[0].shape) if isinstance(self.k, tuple) else tuple(self.k.shape[1:])
 
   @property
   def dtype(self):
-    return self.k.dtype
+    return self.k[0].dtype if isinstance(self.k, tuple) else self.k.dtype
 
   def replace(self, **kw) -> KVCache:
     return dataclasses.replace(self, **kw)
@@ -334,6 +351,7 @@ def init(
   head_dim: int,
   dtype=jnp.float32,
   start_position=0,
+  stacked: bool = True,
 ) -> Cache:
   """Builds an empty cache for ``policy``.
 
@@ -343,6 +361,7 @@ def init(
     batch_size: number of independent streams.
     dtype: storage dtype of keys and values (float32, bfloat16 or float16).
     start_position: stream position of each row's first token (scalar or ``[b]``); only absolute RoPE sees it.
+    stacked: one ``[l, ...]`` array per k/v (models that scan over layers) or a tuple of per-layer arrays.
 
   Raises:
     TypeError / ValueError: on an unknown policy, a non-floating dtype or non-positive sizes.
@@ -365,11 +384,17 @@ def init(
     raise TypeError(f"cache dtype must be floating point, got {dtype}")
   for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
     _check_int(name, val, 1)
-  c = policy.capacity
-  shape = (num_layers, batch_size, num_kv_heads, c, head_dim)
+  c = policy.capacity + 1  # + the trash slot
+  kshape = (batch_size, num_kv_heads, c, head_dim)
+  vshape = (batch_size, num_kv_heads, head_dim, c)
+  if stacked:
+    k, v = jnp.zeros((num_layers, *kshape), dtype), jnp.zeros((num_layers, *vshape), dtype)
+  else:
+    k = tuple(jnp.zeros(kshape, dtype) for _ in range(num_layers))
+    v = tuple(jnp.zeros(vshape, dtype) for _ in range(num_layers))
   return KVCache(
-    k=jnp.zeros(shape, dtype),
-    v=jnp.zeros(shape, dtype),
+    k=k,
+    v=v,
     idx=jnp.full((batch_size, c), -1, jnp.int32),
     pos=jnp.full((batch_size, c), -1, jnp.int32),
     count=jnp.zeros((batch_size, len(policy.tracks())), jnp.int32),
@@ -409,8 +434,8 @@ def layout(policy: Policy) -> tuple[TrackLayout, ...]:
 
 
 def _slot_track(policy: Policy) -> np.ndarray:
-  """Static ``[s]`` track id of every slot."""
-  return np.concatenate([np.full(t.size, m, np.int32) for m, t in enumerate(policy.tracks())])
+  """Static ``[s + 1]`` track id of every slot (the trash slot counts as track 0; its ``idx`` is always -1)."""
+  return np.concatenate([np.full(t.size, m, np.int32) for m, t in enumerate(policy.tracks())] + [np.zeros(1, np.int32)])
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -426,9 +451,11 @@ class Plan(NamedTuple):
     tok_pos: ``[b, t]`` stream position of each token, -1 for padding.
     q_idx: ``[b, m, t]`` index of the latest token of track ``m`` at or before each query (-1: none or padding).
     sink_slots / ring_slots: ``[b, t]`` slot each token is written to in the sink phase / the ring phase (the
-      capacity, i.e. dropped, when the token does not go there).
+      trash slot ``capacity`` when the token does not go there).
     poison: ``[b]`` rows whose stream overran what the policy can represent (outputs are set to NaN).
     after: the cache metadata after this chunk (``k``/``v`` not yet written).
+    shift: ``[b, m]`` how far each track's indices were shifted down by the rebase (0 almost always). Keys
+      stored rotated by track index must be rotated back by the same amount (``cache_relative`` mode).
   """
 
   cache: KVCache
@@ -440,10 +467,15 @@ class Plan(NamedTuple):
   ring_slots: Array
   poison: Array
   after: KVCache
+  shift: Array
 
 
-def _rebase(cache: KVCache) -> KVCache:
-  """Shifts track indices (and, in cache_relative mode, stream positions) down before they can overflow."""
+def rebase(cache: KVCache) -> tuple[KVCache, Array]:
+  """Shifts track indices (and, in cache_relative mode, stream positions) down before they can overflow.
+
+  Returns the rebased cache and the shift ``[b, m]`` applied to each track's ring indices. Only ``k``/``v`` are
+  left alone: keys stored rotated by track index must be rotated by ``-shift`` by the caller.
+  """
   lay = layout(cache.policy)
   slot_track = jnp.asarray(_slot_track(cache.policy))
   shifts = jnp.asarray([(_REBASE_SHIFT // tl.track.ring) * tl.track.ring for tl in lay], jnp.int32)  # [m]
@@ -461,7 +493,7 @@ def _rebase(cache: KVCache) -> KVCache:
     next_pos = next_pos - pdelta
     # Old sinks keep the smallest positions; clamping keeps them from wrapping round after many rebases.
     pos = jnp.where(cache.idx >= 0, jnp.maximum(pos - pdelta[:, None], -REBASE_AT), pos)
-  return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos)
+  return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos), delta
 
 
 def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
@@ -478,7 +510,7 @@ def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
   num_tracks = len(lay)
   if chunk_len > cap:
     raise ValueError(f"chunk of {chunk_len} tokens is longer than the cache capacity {cap} ({policy})")
-  cache = _rebase(cache)
+  cache, shift = rebase(cache)
   if segment_ids is None:
     seg = jnp.zeros((b, chunk_len), jnp.int32)
   else:
@@ -520,20 +552,57 @@ def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
   # Committed metadata: rows of the slot arrays that receive a token.
   slots = jnp.where(sink_slots < cap, sink_slots, ring_slots)
   bidx = jnp.arange(b)[:, None]
-  idx = cache.idx.at[bidx, slots].set(tok_idx, mode="drop")
-  pos = cache.pos.at[bidx, slots].set(tok_pos, mode="drop")
+  kept = slots < cap
+  idx = cache.idx.at[bidx, slots].set(jnp.where(kept, tok_idx, -1), mode="clip")
+  pos = cache.pos.at[bidx, slots].set(jnp.where(kept, tok_pos, -1), mode="clip")
   after = cache.replace(idx=idx, pos=pos, count=new_count, next_pos=new_next)
-  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, poison, after)
+  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, poison, after, shift)
 
 
-def write(buf: Array, layer: Array | int, slots: Array, update: Array) -> Array:
-  """Scatters ``update [b, t, k, h]`` into layer ``layer`` of ``buf [l, b, k, s, h]`` at ``slots [b, t]``.
+def layer_buffer(buf, layer) -> Array:
+  """Layer ``layer`` ``[b, k, s, h]`` of a stacked buffer or a tuple of per-layer buffers."""
+  return buf[layer]
 
-  Slots equal to the capacity are dropped. Only the written rows are touched, in place under ``jit``.
+
+def write(buf, layer, slots: Array, update: Array, *, slots_last: bool = False):
+  """Scatters ``update [b, t, k, h]`` into layer ``layer`` of ``buf`` at ``slots [b, t]``.
+
+  ``buf`` is a stacked ``[l, b, k, s, h]`` array (``layer`` may then be traced) or a tuple of per-layer arrays
+  (``layer`` a Python int); ``slots_last`` for value buffers ``[..., b, k, h, s]``. Slots equal to the capacity
+  go to the trash slot. Only the written rows are touched, in place under ``jit``.
   """
-  b = slots.shape[0]
+  b, t = slots.shape
+  if isinstance(buf, tuple):
+    return (*buf[:layer], _write_one(buf[layer], slots, update, slots_last), *buf[layer + 1 :])
+  if t == 1 and b <= _DUS_ROWS:
+    return _write_one(buf, slots, update, slots_last, layer=layer)
   bidx = jnp.arange(b)[:, None]
-  return buf.at[layer, bidx, :, slots].set(update.astype(buf.dtype), mode="drop")
+  index = (bidx, slice(None), slice(None), slots) if slots_last else (bidx, slice(None), slots)
+  return buf.at[(layer, *index)].set(update.astype(buf.dtype), mode="clip")
+
+
+_DUS_ROWS = 8
+
+
+def _write_one(buf: Array, slots: Array, update: Array, slots_last: bool, layer=None) -> Array:
+  """One layer's write. A single token per row is written with one ``dynamic_update_slice`` per row (for small
+  batches): XLA turns a scatter into a masked update that reads the old value, which can make it copy the whole
+  buffer to keep that read ordered before the write."""
+  b, t = slots.shape
+  update = update.astype(buf.dtype)
+  if t == 1 and b <= _DUS_ROWS:
+    lead = () if layer is None else (layer,)
+    for row in range(b):
+      u = update[row, 0]  # [k, h]
+      u = u[None, :, :, None] if slots_last else u[None, :, None, :]  # [1, k, h, 1] / [1, k, 1, h]
+      if layer is not None:
+        u = u[None]
+      start = (*lead, row, 0, 0, slots[row, 0]) if slots_last else (*lead, row, 0, slots[row, 0], 0)
+      buf = jax.lax.dynamic_update_slice(buf, u, start)
+    return buf
+  bidx = jnp.arange(b)[:, None]
+  index = (bidx, slice(None), slice(None), slots) if slots_last else (bidx, slice(None), slots)
+  return buf.at[index].set(update, mode="clip")
 
 
 def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None) -> KVCache:
@@ -548,12 +617,13 @@ def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None)
   kb, vb = cache.k, cache.v
   for layer in range(cache.num_layers):
     kb = write(kb, layer, slots, k[layer])
-    vb = write(vb, layer, slots, v[layer])
+    vb = write(vb, layer, slots, v[layer], slots_last=True)
   return p.after.replace(k=kb, v=vb)
 
 
 def _check_kv(cache: KVCache, k: Array, v: Array):
-  want = (cache.num_layers, cache.batch_size, None, cache.k.shape[2], cache.k.shape[4])
+  _, _, heads, head_dim = cache.layer_shape
+  want = (cache.num_layers, cache.batch_size, None, heads, head_dim)
   for name, x in (("k", k), ("v", v)):
     if x.ndim != 5 or any(w is not None and w != s for w, s in zip(want, x.shape)):
       raise ValueError(f"{name} must be [l, b, t, k, h] = {want} (t free), got {x.shape}")
@@ -576,8 +646,9 @@ def _rows_mask(rows, batch_size) -> Array:
 def reset(cache: Cache, rows=None, start_position=0) -> Cache:
   """Empties the selected rows (a bool mask ``[b]``, row indices, or None for all).
 
-  The rows' keys and values are left in place (they are masked out by ``idx == -1``); their counters restart and
-  ``next_pos`` becomes ``start_position``.
+  The rows' counters restart, ``next_pos`` becomes ``start_position``, and their keys and values are zeroed: the
+  attention over a cache skips masking the values of invisible slots, so no slot may keep a NaN from a previous
+  stream. (This is one pass over the cache; resets are rare.)
   """
   b = cache.batch_size
   sel = _rows_mask(rows, b)
@@ -588,7 +659,14 @@ def reset(cache: Cache, rows=None, start_position=0) -> Cache:
   if isinstance(cache, TokenCache):
     return cache.replace(idx=idx, count=count, next_pos=next_pos)
   pos = jnp.where(sel[:, None], -1, cache.pos)
-  return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos)
+
+  def zero(buf):  # [l, b, ...] stacked or [b, ...] per layer
+    lead = 1 if cache.stacked else 0
+    keep = sel.reshape((1,) * lead + (b,) + (1,) * (buf.ndim - lead - 1))
+    return jnp.where(keep, jnp.zeros((), buf.dtype), buf)
+
+  k, v = jax.tree.map(zero, cache.k), jax.tree.map(zero, cache.v)
+  return cache.replace(k=k, v=v, idx=idx, pos=pos, count=count, next_pos=next_pos)
 
 
 def rollback(cache: Cache, n, rows=None) -> Cache:

@@ -31,6 +31,9 @@ class TransformerConfig:
     param_dtype: parameter storage dtype.
     dtype: compute dtype (``bfloat16`` for mixed precision; norms, softmax and logits stay float32).
     attention_impl: ``"auto"``, ``"xla"``, ``"pallas"`` or a registered implementation name.
+    scan_layers: stack the blocks' weights and run them as one ``lax.scan`` (compile time independent of depth;
+      the default). ``False`` keeps one set of weights per layer and unrolls the loop, which is about 2x faster
+      for single-token decode on CPU, where XLA copies a layer's slice of stacked weights on every step.
   """
 
   vocab_size: int
@@ -47,6 +50,7 @@ class TransformerConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   attention_impl: str = "auto"
+  scan_layers: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim"):

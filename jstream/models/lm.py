@@ -41,12 +41,16 @@ class StreamingTransformer(nnx.Module):
       embedding_init=nnx.initializers.normal(stddev=1.0), rngs=rngs,
     )
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
+    if cfg.scan_layers:
 
-    self.blocks = make_blocks(rngs)
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_blocks(rngs):
+        return Block(cfg, rngs=rngs)
+
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(
@@ -60,7 +64,7 @@ class StreamingTransformer(nnx.Module):
     cfg = self.config
     return cache_lib.init(
       policy, num_layers=cfg.num_layers, batch_size=batch_size, num_kv_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, dtype=dtype, start_position=start_position,
+      head_dim=cfg.head_dim, dtype=dtype, start_position=start_position, stacked=cfg.scan_layers,
     )
 
   # ------------------------------------------------------------------------------------------ helpers
@@ -98,7 +102,16 @@ class StreamingTransformer(nnx.Module):
     return logits.astype(jnp.float32)
 
   def _scan_blocks(self, x: Array, carry, body):
-    """Runs ``body(block, layer, x, carry) -> (x, carry)`` over the stacked blocks as one ``lax.scan``."""
+    """Runs ``body(block, layer, x, carry) -> (x, carry)`` over the blocks.
+
+    With ``scan_layers`` (stacked weights) this is one ``lax.scan``, so tracing and compile time do not grow with
+    depth; otherwise a Python loop over per-layer weights (XLA:CPU copies each layer's slice of stacked weights
+    on every call, which dominates single-token decode there; see ``benchmarks/RESULTS.md``).
+    """
+    if not self.config.scan_layers:
+      for layer, block in enumerate(self.blocks):
+        x, carry = body(block, layer, x, carry)
+      return x, carry
     graphdef, params = nnx.split(self.blocks)
 
     def step(c, xs):
@@ -118,10 +131,14 @@ class StreamingTransformer(nnx.Module):
       return
     if not isinstance(cache, cache_lib.KVCache):
       raise TypeError(f"expected a KVCache or TokenCache from model.init_cache, got {type(cache).__name__}")
-    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    got = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[4])
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.scan_layers)
+    _, heads, _, head_dim = cache.layer_shape
+    got = (cache.num_layers, heads, head_dim, cache.stacked)
     if want != got:
-      raise ValueError(f"cache was built for (layers, kv_heads, head_dim) = {got}, this model has {want}")
+      raise ValueError(
+        f"cache was built for (layers, kv_heads, head_dim, stacked) = {got}, this model needs {want}; "
+        "build it with model.init_cache"
+      )
 
   # ------------------------------------------------------------------------------------------ calls
 
@@ -171,7 +188,8 @@ class StreamingTransformer(nnx.Module):
 
       return block(x, attend)
 
-    x, (kbuf, vbuf) = self._scan_blocks(x, (plan.cache.k, plan.cache.v), body)
+    kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
+    x, (kbuf, vbuf) = self._scan_blocks(x, (kbuf, plan.cache.v), body)
     logits = self._head(x)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):

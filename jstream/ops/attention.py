@@ -1,8 +1,10 @@
 """Attention with the mask derived from positions alone, and a registry of implementations.
 
-Shapes (see ``jstream.typing`` for the legend): queries ``q [b, t, n, h]``; keys and values ``[b, s, k, h]``
-(``kv_layout="bskh"``, the public layout) or ``[b, k, s, h]`` (``"bksh"``, the cache's heads-first layout);
-``n`` is a multiple of ``k`` (grouped-query attention: query head ``i`` reads kv head ``i // (n // k)``).
+Shapes (see ``jstream.typing`` for the legend): queries ``q [b, t, n, h]``; keys ``[b, s, k, h]``
+(``kv_layout="bskh"``, the public layout) or ``[b, k, s, h]`` (``"bksh"``, the cache's heads-first layout); values
+in the same layout, or in the one ``v_layout`` names (also ``"bkhs"``, slots last: what a dot over slots reads
+without a transpose on CPU). ``n`` is a multiple of ``k`` (grouped-query attention: query head ``i`` reads kv
+head ``i // (n // k)``).
 
 The mask is a function of int32 positions only. Key ``j`` is visible to query ``i`` iff
 
@@ -36,6 +38,13 @@ import jax.numpy as jnp
 from jstream.typing import Array
 
 KVLayout = Literal["bskh", "bksh"]
+VLayout = Literal["bskh", "bksh", "bkhs"]
+_LAYOUTS = ("bskh", "bksh")
+_V_LAYOUTS = ("bskh", "bksh", "bkhs")
+
+
+def _dims(x, layout: str) -> dict[str, int]:
+  return dict(zip(layout, x.shape))
 NEG_INF = float("-inf")
 
 
@@ -80,17 +89,18 @@ def _xla_attention(
   num_sinks: int,
   scale: float,
   kv_layout: KVLayout,
+  v_layout: VLayout,
+  mask_values: bool,
   out_dtype,
   return_lse: bool,
   return_key_mass: bool,
 ) -> AttentionResult:
   """The reference: dense scores, masked softmax in float32. The definition of correct."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  kv_heads = _dims(k, kv_layout)["k"]
   g = n // kv_heads
   qg = q.reshape(b, t, kv_heads, g, h)
-  k_spec = "bskh" if kv_layout == "bskh" else "bksh"
-  scores = jnp.einsum(f"btkgh,{k_spec}->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
   scores = scores * jnp.float32(scale)
   mask = attention_mask(q_positions, k_positions, window=window, num_sinks=num_sinks)  # [b, 1|k, t, s]
   mask = mask[:, :, None]  # [b, 1|k, 1, t, s]
@@ -100,15 +110,17 @@ def _xla_attention(
   p = jnp.where(mask, jnp.exp(scores - m), 0.0)  # where(): a NaN key never leaks through exp
   denom = jnp.sum(p, axis=-1, keepdims=True)
   inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
-  # Zero the values of invisible slots: 0 * NaN would otherwise poison the sum.
-  visible_k = jnp.any(mask, axis=(2, 3))  # [b, 1|k, s]
-  if kv_layout == "bskh":
-    v = jnp.where(jnp.moveaxis(visible_k, 1, 2)[..., None], v, 0)
-  else:
-    v = jnp.where(visible_k[..., None], v, 0)
+  if mask_values:  # zero the values of invisible slots: 0 * NaN would otherwise poison the sum
+    visible = jnp.any(mask, axis=(2, 3))  # [b, 1|k, s]
+    vis = {
+      "bskh": jnp.moveaxis(visible, 1, 2)[..., None],
+      "bksh": visible[..., None],
+      "bkhs": visible[:, :, None, :],
+    }[v_layout]
+    v = jnp.where(vis, v, 0)
   probs = p * inv
-  out = jnp.einsum(f"bkgts,{k_spec}->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out.reshape(b, t, n, v.shape[-1]).astype(out_dtype)
+  out = jnp.einsum(f"bkgts,{v_layout}->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, t, n, out.shape[-1]).astype(out_dtype)
   lse = None
   if return_lse:
     lse_ = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), NEG_INF)[..., 0]  # [b,k,g,t]
@@ -179,33 +191,31 @@ def resolve(impl: str | Sequence[str] = "auto", platform: str | None = None) -> 
   return names
 
 
-def _validate(q, k, v, q_positions, k_positions, kv_layout, window, num_sinks):
-  if kv_layout not in ("bskh", "bksh"):
-    raise ValueError(f"kv_layout must be 'bskh' or 'bksh', got {kv_layout!r}")
+def _validate(q, k, v, q_positions, k_positions, kv_layout, v_layout, window, num_sinks):
+  if kv_layout not in _LAYOUTS:
+    raise ValueError(f"kv_layout must be one of {_LAYOUTS}, got {kv_layout!r}")
+  if v_layout not in _V_LAYOUTS:
+    raise ValueError(f"v_layout must be one of {_V_LAYOUTS}, got {v_layout!r}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be 4-D; got shapes {q.shape}, {k.shape}, {v.shape}")
   b, t, n, h = q.shape
-  if kv_layout == "bskh":
-    kb, s, kh, kd = k.shape
-    vb, vs, vh, _ = v.shape
-  else:
-    kb, kh, s, kd = k.shape
-    vb, vh, vs, _ = v.shape
-  if (kb, vb) != (b, b):
+  kd, vd = _dims(k, kv_layout), _dims(v, v_layout)
+  if (kd["b"], vd["b"]) != (b, b):
     raise ValueError(f"batch mismatch: q {q.shape}, k {k.shape}, v {v.shape}")
-  if (vs, vh) != (s, kh):
-    raise ValueError(f"k and v disagree on slots/heads: k {k.shape}, v {v.shape} ({kv_layout})")
-  if kd != h:
-    raise ValueError(f"q head_dim {h} != k head_dim {kd}")
-  if n % kh:
-    raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kh})")
+  if (vd["s"], vd["k"]) != (kd["s"], kd["k"]):
+    raise ValueError(f"k ({kv_layout}) and v ({v_layout}) disagree on slots/heads: {k.shape}, {v.shape}")
+  if kd["h"] != h:
+    raise ValueError(f"q head_dim {h} != k head_dim {kd['h']}")
+  if n % kd["k"]:
+    raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kd['k']})")
   if q.dtype != k.dtype or k.dtype != v.dtype:
     raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise TypeError(f"q, k, v must be floating point, got {q.dtype}")
+  s = kd["s"]
   if q_positions.shape != (b, t):
     raise ValueError(f"q_positions must be [b, t] = {(b, t)}, got {q_positions.shape}")
-  if k_positions.shape not in ((b, s), (b, kh, s)):
+  if k_positions.shape not in ((b, s), (b, kd["k"], s)):
     raise ValueError(f"k_positions must be [b, s] = {(b, s)} or [b, k, s], got {k_positions.shape}")
   for name, p in (("q_positions", q_positions), ("k_positions", k_positions)):
     if not jnp.issubdtype(p.dtype, jnp.integer):
@@ -227,6 +237,8 @@ def attention(
   num_sinks: int = 0,
   scale: float | None = None,
   kv_layout: KVLayout = "bskh",
+  v_layout: VLayout | None = None,
+  mask_values: bool = True,
   out_dtype=None,
   return_lse: bool = False,
   return_key_mass: bool = False,
@@ -237,13 +249,16 @@ def attention(
   Args:
     q: ``[b, t, n, h]`` queries (already rotated, if RoPE is used).
     k: keys, ``[b, s, k, h]`` (``kv_layout="bskh"``) or ``[b, k, s, h]`` (``"bksh"``).
-    v: values, same layout as ``k``.
+    v: values, ``[b, s, k, h]`` / ``[b, k, s, h]`` / ``[b, k, h, s]`` (see ``v_layout``).
     q_positions: ``[b, t]`` int32, -1 for padded queries.
     k_positions: ``[b, s]`` (or ``[b, k, s]``) int32, -1 for empty slots.
     window: sliding-window length (the query's own position included), or None for full causal attention.
     num_sinks: keys with position ``< num_sinks`` are visible to every later query, whatever the window.
     scale: score scale, default ``h ** -0.5``.
-    kv_layout: ``"bskh"`` or ``"bksh"``.
+    kv_layout: layout of ``k`` (and of ``v`` unless ``v_layout`` says otherwise): ``"bskh"`` or ``"bksh"``.
+    v_layout: layout of ``v``: ``"bskh"``, ``"bksh"`` or ``"bkhs"``; default ``kv_layout``.
+    mask_values: zero the values of slots no query sees before the weighted sum, so NaN/Inf there cannot reach
+      the output. Callers that keep unused slots finite by construction (jstream's caches) may turn it off.
     out_dtype: dtype of ``out``; default ``q.dtype``. Use float32 for partials that will be merged.
     return_lse: also return the log-sum-exp residuals ``[b, t, n]``.
     return_key_mass: also return the attention mass each key received.
@@ -255,13 +270,16 @@ def attention(
   Raises:
     ValueError / TypeError: on inconsistent shapes, dtypes or mask parameters.
   """
-  _validate(q, k, v, q_positions, k_positions, kv_layout, window, num_sinks)
+  v_layout = kv_layout if v_layout is None else v_layout
+  _validate(q, k, v, q_positions, k_positions, kv_layout, v_layout, window, num_sinks)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
   kwargs = dict(
     window=None if window is None else int(window),
     num_sinks=int(num_sinks),
     scale=scale,
     kv_layout=kv_layout,
+    v_layout=v_layout,
+    mask_values=mask_values,
     out_dtype=q.dtype if out_dtype is None else out_dtype,
     return_lse=return_lse,
     return_key_mass=return_key_mass,
