@@ -1,0 +1,305 @@
+"""Rollouts as scans: streaming NLL, prefill, decode and sampling, each one jit-compiled ``lax.scan``.
+
+Every function splits the NNX model outside ``jit`` (``nnx.split``) and merges it inside, so the compiled program
+sees plain arrays; caches are donated so that a rollout's memory is the cache plus one chunk, whatever the stream
+length. Shapes are static: a stream of any length is padded to whole chunks with padding tokens (segment id -1),
+which consume no position and are never cached.
+
+The first token of a stream has no prediction: ``stream_nll`` returns NaN there (and at padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jstream import cache as cache_lib
+from jstream.typing import Array
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How to pick a token from logits (hashable: a static argument of the compiled loops).
+
+  Attributes:
+    temperature: 0 for greedy (argmax); otherwise logits are divided by it.
+    top_k: keep only the ``top_k`` largest logits (None: all).
+    top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (None: all).
+  """
+
+  temperature: float = 1.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+def filter_logits(logits: Array, sampling: Sampling) -> Array:
+  """Temperature-scaled logits ``[..., v]`` with the tokens top-k / top-p exclude set to ``-inf``."""
+  logits = logits.astype(jnp.float32)
+  if sampling.temperature == 0:
+    return logits
+  logits = logits / sampling.temperature
+  if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p is not None and sampling.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = before < sampling.top_p  # the most likely token is always kept
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def sample(logits: Array, rng: Array, sampling: Sampling = Sampling()) -> Array:
+  """Samples token ids ``[...]`` from ``logits [..., v]``."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _check_stream(model, tokens, policy, chunk_size, start_position):
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, n], got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+  vocab = model.config.vocab_size
+  arr = np.asarray(tokens)
+  if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+    raise ValueError(f"token ids must be in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
+  if not isinstance(policy, cache_lib.Policy):
+    raise TypeError(f"policy must be a jstream.cache policy, got {policy!r}")
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if chunk_size > policy.capacity:
+    raise ValueError(f"chunk_size {chunk_size} is larger than the cache capacity {policy.capacity} ({policy})")
+  n = tokens.shape[1]
+  start = int(np.max(np.asarray(start_position)))
+  if policy.positions == "absolute" and not isinstance(policy, cache_lib.Recompute):
+    if start + n > cache_lib.INT32_MAX:
+      raise ValueError(
+        f"a stream of {n} tokens from position {start} runs past 2**31 - 1 in absolute-position mode; use "
+        "positions='cache_relative'"
+      )
+  if isinstance(policy, cache_lib.Dense) and n > policy.max_len:
+    raise ValueError(f"a stream of {n} tokens does not fit Dense(max_len={policy.max_len})")
+  return tokens.astype(jnp.int32)
+
+
+def _chunked(x: Array, chunk: int, fill) -> Array:
+  """``[b, n] -> [n_chunks, b, chunk]``, padded with ``fill``."""
+  b, n = x.shape
+  pad = (-n) % chunk
+  x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
+  return jnp.swapaxes(x.reshape(b, -1, chunk), 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- stream NLL
+
+
+def stream_nll(
+  model,
+  tokens,
+  policy: cache_lib.Policy,
+  *,
+  chunk_size: int,
+  dtype=jnp.float32,
+  segment_ids=None,
+  start_position=0,
+) -> Array:
+  """Per-token negative log-likelihood of a long stream, computed as one jit-compiled scan over chunks.
+
+  Args:
+    model: a ``StreamingTransformer``.
+    tokens: ``[b, n]`` token ids.
+    policy: the cache policy (``Dense``, ``Window``, ``SinkWindow``, ``Segmented``, ``Recompute``).
+    chunk_size: tokens per step (at most the policy's capacity). With ``cache_relative`` or absolute positions
+      the result does not depend on it.
+    dtype: cache dtype.
+    segment_ids: optional ``[b, n]`` segment of each token (``Segmented`` policies; -1 = padding).
+    start_position: stream position of each row's first token.
+
+  Returns:
+    ``[b, n]`` float32: ``nll[:, i] = -log p(tokens[:, i] | tokens[:, :i])``; NaN at ``i = 0`` and at padding.
+  """
+  tokens = _check_stream(model, tokens, policy, chunk_size, start_position)
+  b, n = tokens.shape
+  segs = jnp.zeros((b, n), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+  if segs.shape != (b, n):
+    raise ValueError(f"segment_ids must be [b, n] = {(b, n)}, got {segs.shape}")
+  graphdef, state = nnx.split(model)
+  start = jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (b,))
+  return _stream_nll(graphdef, state, tokens, segs, start, policy, int(chunk_size), jnp.dtype(dtype).name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _stream_nll(graphdef, state, tokens, segs, start, policy, chunk, dtype):
+  model = nnx.merge(graphdef, state)
+  b, n = tokens.shape
+  cache = model.init_cache(policy, b, dtype=dtype, start_position=start)
+  nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  nxt_seg = jnp.pad(segs[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+  xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), _chunked(nxt, chunk, 0), _chunked(nxt_seg, chunk, -1))
+  use_segs = not isinstance(policy, cache_lib.Recompute)
+
+  def step(cache, x):
+    tok, seg, nt, ns = x
+    logits, cache = model(tok, cache, segment_ids=seg if use_segs else None)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(lp, nt[..., None], axis=-1)[..., 0]
+    return cache, jnp.where((seg >= 0) & (ns >= 0), nll, jnp.nan)
+
+  _, nll = jax.lax.scan(step, cache, xs)  # [chunks, b, chunk]
+  nll = jnp.swapaxes(nll, 0, 1).reshape(b, -1)[:, : n - 1]
+  return jnp.concatenate([jnp.full((b, 1), jnp.nan, jnp.float32), nll], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+class GenerateOutput(NamedTuple):
+  """``tokens [b, max_new_tokens]`` sampled ids and the cache after them (its last token not yet appended)."""
+
+  tokens: Array
+  cache: cache_lib.Cache
+  last_logits: Array
+
+
+def prefill(model, tokens, cache, *, chunk_size: int | None = None, lengths=None):
+  """Runs a prompt through the cache in chunks (one compiled scan).
+
+  Args:
+    model: a ``StreamingTransformer``.
+    tokens: ``[b, p]`` prompt ids.
+    cache: the cache (donated).
+    chunk_size: tokens per step (default: the whole prompt, if it fits the cache).
+    lengths: optional ``[b]`` prompt length of each row (ragged prompts; the rest is padding).
+
+  Returns:
+    ``(last_logits [b, v], cache)``: the logits after each row's last prompt token.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  b, p = tokens.shape
+  chunk = int(chunk_size or min(p, cache.capacity))
+  if chunk > cache.capacity:
+    raise ValueError(f"chunk_size {chunk} is larger than the cache capacity {cache.capacity}")
+  lengths = jnp.full((b,), p, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  graphdef, state = nnx.split(model)
+  return _prefill(graphdef, state, tokens, lengths, cache, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
+def _prefill(graphdef, state, tokens, lengths, cache, chunk):
+  model = nnx.merge(graphdef, state)
+  b, p = tokens.shape
+  segs = jnp.where(jnp.arange(p)[None] < lengths[:, None], 0, -1).astype(jnp.int32)
+  kv = not isinstance(cache, cache_lib.TokenCache)
+  offsets = jnp.arange(0, p + (-p) % chunk, chunk)
+  xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), offsets)
+  last0 = jnp.zeros((b, model.config.vocab_size), jnp.float32)
+
+  def step(carry, x):
+    cache, last = carry
+    tok, seg, off = x
+    logits, cache = model(tok, cache, segment_ids=seg if kv else None)
+    idx = lengths - 1 - off  # row's last prompt token inside this chunk?
+    here = (idx >= 0) & (idx < chunk)
+    pick = jnp.take_along_axis(logits, jnp.clip(idx, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+    return (cache, jnp.where(here[:, None], pick, last)), None
+
+  (cache, last), _ = jax.lax.scan(step, (cache, last0), xs)
+  return last, cache
+
+
+def decode(model, cache, last_logits, *, steps: int, rng, sampling: Sampling = Sampling()) -> GenerateOutput:
+  """Samples ``steps`` tokens, one per scan step, from the logits after the cache's last token.
+
+  The step's RNG is ``fold_in(rng, step)``. The cache is donated.
+  """
+  graphdef, state = nnx.split(model)
+  if rng is None:
+    rng = jax.random.key(0)
+  return _decode(graphdef, state, cache, jnp.asarray(last_logits, jnp.float32), rng, int(steps), sampling)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
+def _decode(graphdef, state, cache, last, rng, steps, sampling):
+  model = nnx.merge(graphdef, state)
+
+  def step(carry, i):
+    cache, logits = carry
+    tok = sample(logits, jax.random.fold_in(rng, i), sampling)
+    new_logits, cache = model(tok[:, None], cache)
+    return (cache, new_logits[:, 0]), tok
+
+  (cache, last), toks = jax.lax.scan(step, (cache, last), jnp.arange(steps, dtype=jnp.int32))
+  return GenerateOutput(jnp.swapaxes(toks, 0, 1), cache, last)
+
+
+def generate(
+  model,
+  prompt,
+  *,
+  max_new_tokens: int,
+  policy: cache_lib.Policy | None = None,
+  cache=None,
+  rng=None,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  prompt_lengths=None,
+  prefill_chunk: int | None = None,
+  dtype=jnp.float32,
+) -> GenerateOutput:
+  """Prefill a prompt, then sample ``max_new_tokens`` tokens (greedy with ``temperature=0``).
+
+  Args:
+    model: a ``StreamingTransformer``.
+    prompt: ``[b, p]`` prompt ids (``p >= 1``).
+    max_new_tokens: tokens to sample.
+    policy: cache policy for a new cache (or pass ``cache``).
+    cache: an existing cache to continue (donated).
+    rng: a PRNG key (default ``jax.random.key(0)``); step ``i`` uses ``fold_in(rng, i)``.
+    temperature, top_k, top_p: see ``Sampling``.
+    prompt_lengths: ``[b]`` lengths for ragged prompts (right-padded).
+    prefill_chunk: prompt tokens per prefill step.
+    dtype: cache dtype for a new cache.
+
+  Returns:
+    ``GenerateOutput(tokens [b, max_new_tokens], cache, last_logits)``.
+  """
+  prompt = jnp.asarray(prompt, jnp.int32)
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt must be [batch, p] with p >= 1, got shape {prompt.shape}")
+  if (policy is None) == (cache is None):
+    raise ValueError("pass exactly one of policy= (for a new cache) or cache=")
+  if cache is None:
+    cache = model.init_cache(policy, prompt.shape[0], dtype=dtype)
+  sampling = Sampling(temperature, top_k, top_p)
+  vocab = model.config.vocab_size
+  arr = np.asarray(prompt)
+  if arr.min() < 0 or arr.max() >= vocab:
+    raise ValueError(f"prompt ids must be in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
+  last, cache = prefill(model, prompt, cache, chunk_size=prefill_chunk, lengths=prompt_lengths)
+  return decode(model, cache, last, steps=max_new_tokens, rng=rng, sampling=sampling)

@@ -11,10 +11,10 @@ When a chunk is short enough that its ring writes cannot overwrite a key one of 
 (``t <= max_rollback + 1``, always true for single-token decode), the chunk is written first and read back from
 the cache, and the chunk segment disappears ("write-first").
 
-Masks use track indices (``cache.idx``), so they are the same in both position modes. Cache segments call the
-attention op with ``mask_values=False``: a cache keeps every slot finite (zeros at init, ``reset`` zeroes its
-rows, every write is a model value), and masking would cost one more pass over the values per layer per token
-(about 40% of single-token decode on CPU, ``benchmarks/RESULTS.md``).
+Masks use track indices (``cache.idx``), so they are the same in both position modes. Values of empty slots
+(never written, reset, rolled back) are zeroed as they are read, so a NaN there never reaches an output; the
+attention op's own value masking (every invisible slot, which needs the full mask) is turned off for cache
+segments, because it cost about a third of single-token decode time on CPU (``benchmarks/RESULTS.md``).
 
 RoPE. Keys are rotated once, when they are written, at their position in the policy's frame: the stream
 position (``absolute``) or the index within their track (``cache_relative``); queries are rotated per segment.
@@ -207,6 +207,8 @@ def attend(
     if seg.source == "cache":
       ks = k_layer[:, :, seg.lo : seg.hi].astype(q.dtype)
       vs = v_layer[..., seg.lo : seg.hi].astype(q.dtype)
+      # Empty slots contribute exactly zero even if they hold NaN (fused into the slice XLA copies anyway).
+      vs = jnp.where(seg.k_mask[:, None, None, :] >= 0, vs, jnp.zeros((), vs.dtype))
       layout, v_layout = "bksh", "bkhs"
     else:
       ks, vs, layout, v_layout = k, v, "bskh", "bskh"
