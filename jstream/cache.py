@@ -47,7 +47,6 @@ from jstream.typing import Array
 INT32_MAX = 2**31 - 1
 REBASE_AT = 2**30
 _REBASE_SHIFT = 2**29
-_COUNT_LIMIT = REBASE_AT + _REBASE_SHIFT
 
 
 # ------------------------------------------------------------------------------------------------ policies
@@ -622,7 +621,7 @@ def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None)
 
 
 def _check_kv(cache: KVCache, k: Array, v: Array):
-  _, _, heads, head_dim = cache.layer_shape
+  _, heads, _, head_dim = cache.layer_shape
   want = (cache.num_layers, cache.batch_size, None, heads, head_dim)
   for name, x in (("k", k), ("v", v)):
     if x.ndim != 5 or any(w is not None and w != s for w, s in zip(want, x.shape)):

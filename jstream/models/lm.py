@@ -38,7 +38,7 @@ class StreamingTransformer(nnx.Module):
     cfg = config
     self.embed = nnx.Embed(
       cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      embedding_init=nnx.initializers.normal(stddev=1.0), rngs=rngs,
+      embedding_init=nnx.initializers.normal(stddev=cfg.embed_dim**-0.5), rngs=rngs,
     )
 
     if cfg.scan_layers:
