@@ -57,6 +57,30 @@ class StreamingTransformer(nnx.Module):
         cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
       )
 
+  def with_scan_layers(self, scan_layers: bool) -> StreamingTransformer:
+    """The same model with its blocks stacked (``True``, one ``lax.scan``) or one set of weights per layer.
+
+    Both structures compute the same function; stacked suits training, deep models and accelerators, per-layer
+    suits single-token decode on CPU. Also converts checkpoints between the two.
+    """
+    if scan_layers == self.config.scan_layers:
+      return self
+    cfg = self.config.replace(scan_layers=scan_layers)
+    new = nnx.eval_shape(lambda: StreamingTransformer(cfg, rngs=nnx.Rngs(0)))
+    old = dict(nnx.to_flat_state(nnx.state(self)))
+    L = self.config.num_layers
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(new)):
+      if path[0] == "blocks" and scan_layers:  # stack per-layer values: ("blocks", i, ...) -> ("blocks", ...)
+        value = jnp.stack([old[("blocks", i, *path[1:])].get_value() for i in range(L)])
+      elif path[0] == "blocks":  # ("blocks", i, ...) <- ("blocks", ...)[i]
+        value = old[("blocks", *path[2:])].get_value()[path[1]]
+      else:
+        value = old[path].get_value()
+      flat.append((path, var.replace(value)))
+    nnx.update(new, nnx.from_flat_state(flat))
+    return new
+
   # ------------------------------------------------------------------------------------------ caches
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, start_position=0):

@@ -1,0 +1,261 @@
+"""The streaming transformer: streaming == offline where the math says so, ragged batches, NaN safety,
+compile counts, position overflow and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import chunk_sizes, jit_step, random_tokens, stream, tiny_model, tol
+from reference import stream_logits
+
+from jstream import cache as C
+from jstream import rollout
+
+F32 = tol(jnp.float32)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("size", [1, 3, 16, 48])
+def test_dense_decode_equals_teacher_forced(size, scan_layers):
+  model = tiny_model(scan_layers=scan_layers)
+  tokens = random_tokens(2, 48, seed=1)
+  step = jit_step(model)
+  got, _ = stream(step, tokens, model.init_cache(C.Dense(64), 2), [size] * (48 // size))
+  np.testing.assert_allclose(got, model.forward(tokens), **F32)
+
+
+@pytest.mark.parametrize(
+  "policy",
+  [C.Window(8), C.Window(8, max_rollback=3), C.SinkWindow(2, 8), C.SinkWindow(4, 8, max_rollback=2)],
+  ids=str,
+)
+def test_window_policies_stream_equals_banded_forward(policy):
+  model = tiny_model()
+  n = 4 * policy.capacity
+  tokens = random_tokens(2, n, seed=2)
+  sizes = chunk_sizes(n, [1, 2, 5, policy.capacity], seed=3)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
+  want = model.forward(tokens, window=policy.window, num_sinks=getattr(policy, "num_sinks", 0))
+  np.testing.assert_allclose(got, want, **F32)
+
+
+@pytest.mark.parametrize(
+  "policy", [C.SinkWindow(2, 6, "cache_relative"), C.Window(6, "cache_relative", max_rollback=2),
+             C.SinkWindow(1, 4, "cache_relative", max_rollback=3)], ids=str
+)
+@pytest.mark.parametrize("learned_sink", ["none", "logit", "kv"])
+def test_cache_relative_equals_python_reference(policy, learned_sink):
+  model = tiny_model(learned_sink=learned_sink, seed=4)
+  n = 3 * policy.capacity + 5
+  tokens = random_tokens(1, n, seed=5)
+  sizes = chunk_sizes(n, [1, 3, policy.capacity], seed=6)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  want = stream_logits(model, tokens[0], [(getattr(policy, "num_sinks", 0), policy.window)],
+                       positions="cache_relative")
+  np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_segmented_equals_python_reference(positions):
+  model = tiny_model(seed=7)
+  policy = C.Segmented((C.SinkWindow(2, 4, max_rollback=1), C.Window(5)), positions=positions)
+  n = 40
+  tokens = random_tokens(1, n, seed=8)
+  segs = (jax.random.uniform(jax.random.key(9), (1, n)) < 0.6).astype(jnp.int32)  # 0 text, 1 vision
+  sizes = chunk_sizes(n, [1, 2, 6], seed=10)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes, segment_ids=segs)
+  want = stream_logits(model, tokens[0], [(2, 4), (0, 5)], segment_ids=segs[0], positions=positions)
+  np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_ragged_batch_with_resets_equals_each_stream_alone(positions):
+  """Rows at different offsets, with padding inside chunks and a reset mid-stream, equal each row run alone."""
+  model = tiny_model(seed=11)
+  policy = C.SinkWindow(2, 6, positions=positions, max_rollback=2)
+  step = jit_step(model)
+  b, n = 3, 30
+  tokens = np.asarray(random_tokens(b, n, seed=12))
+  valid = np.array(jax.random.uniform(jax.random.key(13), (b, n)) < 0.7)
+  valid[:, 0] = True
+  segs = jnp.asarray(np.where(valid, 0, -1), jnp.int32)
+  cache = model.init_cache(policy, b, start_position=jnp.array([0, 7, 1000]))
+  outs = []
+  for i in range(0, n, 5):
+    if i == 15:
+      cache = C.reset(cache, jnp.array([False, True, False]), start_position=3)
+    logits, cache = step(jnp.asarray(tokens[:, i : i + 5]), cache, segs[:, i : i + 5])
+    outs.append(logits)
+  got = np.asarray(jnp.concatenate(outs, 1))
+  for r, start in ((0, 0), (1, 7), (2, 1000)):
+    pieces = [(0, n)] if r != 1 else [(0, 15), (15, n)]
+    for lo, hi in pieces:
+      keep = np.nonzero(valid[r, lo:hi])[0] + lo
+      alone = model.init_cache(policy, 1, start_position=start if lo == 0 else 3)
+      want, _ = stream(step, jnp.asarray(tokens[r : r + 1, keep]), alone, [1] * len(keep))
+      np.testing.assert_allclose(got[r, keep], want[0], **F32)
+
+
+def test_nan_in_empty_slots_never_leaks():
+  model = tiny_model(seed=14)
+  policy = C.SinkWindow(2, 8, max_rollback=4)
+  step = jit_step(model)
+  tokens = random_tokens(1, 20, seed=15)
+  clean = model.init_cache(policy, 1)
+  _, clean = step(tokens[:, :6], clean)
+  empty = np.asarray(clean.idx) < 0  # [1, s+1], includes the trash slot
+
+  def poison(buf, slots_axis):
+    mask = jnp.asarray(empty[0]).reshape([-1 if a == slots_axis else 1 for a in range(buf.ndim)])
+    return jnp.where(mask, jnp.nan, buf)
+
+  dirty = clean.replace(k=poison(clean.k, 3), v=poison(clean.v, 4))
+  a, _ = stream(step, tokens[:, 6:], clean, [1, 3, 10])
+  b, _ = stream(step, tokens[:, 6:], dirty, [1, 3, 10])
+  assert np.all(np.isfinite(b))
+  np.testing.assert_array_equal(a, b)
+
+
+def test_reset_clears_a_poisoned_row():
+  model = tiny_model(seed=16)
+  step = jit_step(model)
+  cache = model.init_cache(C.Window(6), 2)
+  _, cache = step(random_tokens(2, 6, seed=17), cache)
+  cache = cache.replace(k=jnp.full_like(cache.k, jnp.nan), v=jnp.full_like(cache.v, jnp.nan))
+  cache = C.reset(cache, jnp.array([True, False]))
+  tokens = random_tokens(2, 4, seed=18)
+  got, _ = step(tokens, cache)
+  fresh, _ = step(tokens[:1], model.init_cache(C.Window(6), 1))
+  np.testing.assert_allclose(got[:1], fresh, **F32)
+  assert np.all(np.isnan(got[1]))  # the row that was not reset still sees its NaN keys
+
+
+def test_long_stream_compiles_the_step_once():
+  model = tiny_model(seed=19)
+  policy = C.SinkWindow(2, 6)
+  step = jit_step(model)
+  cache = model.init_cache(policy, 1)
+  tokens = random_tokens(1, 20 * policy.capacity, seed=20)
+  for i in range(0, tokens.shape[1], 4):
+    _, cache = step(tokens[:, i : i + 4], cache)
+  assert step.jitted._cache_size() == 1
+  assert int(cache.next_pos[0]) == tokens.shape[1]
+
+
+def test_stream_nll_matches_offline_and_compiles_once():
+  model = tiny_model(seed=21)
+  tokens = random_tokens(2, 37, seed=22)
+  logp = jax.nn.log_softmax(model.forward(tokens, window=8, num_sinks=2), -1)
+  want = -np.take_along_axis(np.asarray(logp[:, :-1]), np.asarray(tokens[:, 1:, None]), -1)[..., 0]
+  for chunk in (1, 4, 10):
+    got = rollout.stream_nll(model, tokens, C.SinkWindow(2, 8), chunk_size=chunk)
+    assert np.all(np.isnan(got[:, 0]))
+    np.testing.assert_allclose(got[:, 1:], want, atol=2e-5)
+
+
+def test_cache_relative_survives_int32_overflow():
+  """A stream that starts at 2**31 - 1000 and runs 10,000 tokens equals one that starts at 0."""
+  model = tiny_model(seed=23, num_layers=1)
+  policy = C.SinkWindow(2, 16, positions="cache_relative")
+  tokens = random_tokens(1, 10_000, seed=24)
+  far = rollout.stream_nll(model, tokens, policy, chunk_size=16, start_position=2**31 - 1000)
+  near = rollout.stream_nll(model, tokens, policy, chunk_size=16, start_position=0)
+  np.testing.assert_array_equal(np.isnan(far), np.isnan(near))
+  np.testing.assert_allclose(far[:, 1:], near[:, 1:], atol=1e-6)
+  with pytest.raises(ValueError, match="past 2\\*\\*31 - 1"):
+    rollout.stream_nll(model, tokens, C.SinkWindow(2, 16), chunk_size=16, start_position=2**31 - 1000)
+  cache = model.init_cache(C.SinkWindow(2, 16), 1, start_position=2**31 - 10)
+  with pytest.raises(ValueError, match="overran"):
+    model(tokens[:, :16], cache)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_track_index_rebase_is_invisible(positions, monkeypatch):
+  """The rebase that keeps track indices bounded (every 2**29 tokens) changes no output; run it every 24."""
+  model = tiny_model(seed=25)
+  policy = C.SinkWindow(2, 5, positions=positions, max_rollback=1)
+  tokens = random_tokens(1, 120, seed=26)
+  sizes = chunk_sizes(120, [1, 3, 7], seed=27)
+  want, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  monkeypatch.setattr(C, "REBASE_AT", 24)
+  monkeypatch.setattr(C, "_REBASE_SHIFT", 12)
+  got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  assert int(cache.count[0, 0]) < 40  # rebased repeatedly
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_scan_and_per_layer_models_agree():
+  model = tiny_model(seed=28)
+  other = model.with_scan_layers(False)
+  tokens = random_tokens(2, 24, seed=29)
+  policy = C.SinkWindow(2, 8, "cache_relative")
+  a, _ = stream(jit_step(model), tokens, model.init_cache(policy, 2), [1, 7, 8, 8])
+  b, _ = stream(jit_step(other), tokens, other.init_cache(policy, 2), [1, 7, 8, 8])
+  np.testing.assert_allclose(a, b, **F32)
+  back = other.with_scan_layers(True)
+  np.testing.assert_array_equal(back.forward(tokens), model.forward(tokens))
+
+
+def test_bf16_compute_and_cache():
+  model = tiny_model(seed=30, dtype="bfloat16")
+  tokens = random_tokens(1, 24, seed=31)
+  want = tiny_model(seed=30).forward(tokens)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(C.Dense(32), 1, dtype=jnp.bfloat16), [1, 7, 16])
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, **tol(jnp.bfloat16))
+
+
+def test_recompute_baseline_matches_its_definition():
+  model = tiny_model(seed=32)
+  w, n = 6, 14
+  tokens = random_tokens(1, n, seed=33)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(C.Recompute(w), 1), [1, 4, 6, 3])
+  for t in range(n):
+    lo = max(0, t + 1 - w)
+    want = model.forward(tokens[:, lo : t + 1])[:, -1]
+    np.testing.assert_allclose(got[:, t], want, **F32)
+
+
+def test_bad_inputs_raise_clear_errors():
+  model = tiny_model(seed=34)
+  cache = model.init_cache(C.SinkWindow(2, 6), 2)
+  toks = random_tokens(2, 4)
+  with pytest.raises(ValueError, match="longer than the cache capacity"):
+    model(random_tokens(2, 9), cache)
+  with pytest.raises(ValueError, match="batch size"):
+    model(random_tokens(3, 4), cache)
+  with pytest.raises(TypeError, match="integer ids"):
+    model(toks.astype(jnp.float32), cache)
+  with pytest.raises(ValueError, match="token ids must be in"):
+    model(toks.at[0, 0].set(64), cache)
+  with pytest.raises(ValueError, match="token ids must be in"):
+    model(toks.at[0, 0].set(-1), cache)
+  with pytest.raises(ValueError, match=r"\[batch, chunk\]"):
+    model(toks[0], cache)
+  with pytest.raises(ValueError, match="this model needs"):
+    model(toks, tiny_model(num_layers=3).init_cache(C.SinkWindow(2, 6), 2))
+  with pytest.raises(TypeError, match="KVCache or TokenCache"):
+    model(toks, {"k": 0})
+  with pytest.raises(TypeError, match="floating"):
+    model.init_cache(C.Dense(8), 2, dtype=jnp.int8)
+  with pytest.raises(ValueError, match="must be >= num_sinks"):
+    C.SinkWindow(num_sinks=7, window=6)
+  dense = model.init_cache(C.Dense(6), 2)
+  _, dense = model(toks, dense)
+  with pytest.raises(ValueError, match="overran"):
+    model(toks, dense)
+  with pytest.raises(ValueError, match="does not fit Dense"):
+    rollout.stream_nll(model, random_tokens(1, 10), C.Dense(8), chunk_size=4)
+  with pytest.raises(ValueError, match="chunk_size"):
+    rollout.stream_nll(model, random_tokens(1, 10), C.Window(4), chunk_size=5)
+  with pytest.raises(ValueError, match="positive multiple"):
+    tiny_model(num_heads=3, num_kv_heads=2)
+  with pytest.raises(ValueError, match="even"):
+    tiny_model(head_dim=7)
+
+
+def test_out_of_range_ids_under_jit_poison_instead_of_clamping():
+  model = tiny_model(seed=35)
+  step = jit_step(model)
+  logits, _ = step(jnp.array([[3], [64]], jnp.int32), model.init_cache(C.Window(4), 2))
+  assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
