@@ -11,8 +11,8 @@ Slots and tracks
   axis; ``capacity`` is the total. One more slot, the *trash slot* at index ``capacity``, receives the writes of
   tokens that are not kept (padding, tokens overwritten within their own chunk): every write is then an
   unconditional in-place update (a masked write would read the old value and make XLA copy the buffer). The
-  trash slot is never valid and never read. The first ``num_sinks`` tokens of a track since its reset fill its sink slots,
-  the rest go round the ring.
+  trash slot is never valid and never read. The first ``num_sinks`` tokens of a track since its reset fill its
+  sink slots, the rest go round the ring.
 
 Positions are data
   Every slot stores two int32 numbers: ``idx``, the token's index within its track since the reset (-1 for an
@@ -687,15 +687,11 @@ def rollback(cache: Cache, n, rows=None) -> Cache:
   cut = cache.next_pos - n  # positions >= cut are forgotten
   if isinstance(cache, TokenCache):
     gone = (cache.idx >= 0) & (cache.idx >= (cache.count - n)[:, None])
-    return cache.replace(
-      idx=jnp.where(gone, -1, cache.idx), count=jnp.maximum(cache.count - n, 0), next_pos=cut
-    )
+    return cache.replace(idx=jnp.where(gone, -1, cache.idx), count=jnp.maximum(cache.count - n, 0), next_pos=cut)
   gone = (cache.idx >= 0) & (cache.pos >= cut[:, None])  # [b, s]
   slot_track = jnp.asarray(_slot_track(cache.policy))
   num_tracks = cache.count.shape[1]
-  per_track = jnp.stack(
-    [jnp.sum(gone & (slot_track[None] == m), axis=1) for m in range(num_tracks)], axis=1
-  )  # [b, m]
+  per_track = jnp.stack([jnp.sum(gone & (slot_track[None] == m), axis=1) for m in range(num_tracks)], axis=1)  # [b, m]
   if num_tracks == 1:  # exact even for tokens that no longer have a slot
     per_track = n[:, None]
   return cache.replace(

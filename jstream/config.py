@@ -61,9 +61,7 @@ class TransformerConfig:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:
       if self.embed_dim % self.num_heads:
-        raise ValueError(
-          f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); set head_dim"
-        )
+        raise ValueError(f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); set head_dim")
       object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
       raise ValueError(

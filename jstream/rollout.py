@@ -160,7 +160,12 @@ def _stream_nll(graphdef, state, tokens, segs, start, policy, chunk, dtype):
   cache = model.init_cache(policy, b, dtype=dtype, start_position=start)
   nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   nxt_seg = jnp.pad(segs[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
-  xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), _chunked(nxt, chunk, 0), _chunked(nxt_seg, chunk, -1))
+  xs = (
+    _chunked(tokens, chunk, 0),
+    _chunked(segs, chunk, -1),
+    _chunked(nxt, chunk, 0),
+    _chunked(nxt_seg, chunk, -1),
+  )
   use_segs = not isinstance(policy, cache_lib.Recompute)
 
   def step(cache, x):

@@ -12,8 +12,10 @@ from flax import nnx
 
 
 def _params(model):
-  flat = {tuple(str(p) for p in path): np.asarray(v.get_value(), np.float64)
-          for path, v in nnx.to_flat_state(nnx.state(model))}
+  flat = {
+    tuple(str(p) for p in path): np.asarray(v.get_value(), np.float64)
+    for path, v in nnx.to_flat_state(nnx.state(model))
+  }
   cfg = model.config
 
   def layer(i):

@@ -25,8 +25,11 @@ def _numpy_attention(q, k, v, qp, kp, window=None, num_sinks=0):
       for ni in range(n):
         qpos = qp[bi, ti]
         vis = [
-          j for j in range(k.shape[1])
-          if qpos >= 0 and kp[bi, j] >= 0 and kp[bi, j] <= qpos
+          j
+          for j in range(k.shape[1])
+          if qpos >= 0
+          and kp[bi, j] >= 0
+          and kp[bi, j] <= qpos
           and (window is None or qpos - kp[bi, j] < window or kp[bi, j] < num_sinks)
         ]
         if not vis:
@@ -59,8 +62,16 @@ def test_matches_loop_reference(window, num_sinks, kv_heads):
   kp[0, 3] = -1  # an empty slot
   kp[1] = np.random.default_rng(0).permutation(s)  # slots in any order
   qp = np.array([[6, 7, 8, 9, 10], [-1, 2, 0, 10, 4]], np.int32)  # a padded query in row 1
-  res = A.attention(q, k, v, q_positions=jnp.asarray(qp), k_positions=jnp.asarray(kp), window=window,
-                    num_sinks=num_sinks, return_lse=True)
+  res = A.attention(
+    q,
+    k,
+    v,
+    q_positions=jnp.asarray(qp),
+    k_positions=jnp.asarray(kp),
+    window=window,
+    num_sinks=num_sinks,
+    return_lse=True,
+  )
   ref_out, ref_lse = _numpy_attention(q, k, v, qp, kp, window, num_sinks)
   np.testing.assert_allclose(res.out, ref_out, atol=2e-6)
   np.testing.assert_allclose(res.lse, ref_lse, atol=2e-6)
@@ -94,8 +105,17 @@ def test_merge_of_disjoint_parts_equals_whole():
   kp = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   whole = A.attention(q, k, v, q_positions=qp, k_positions=kp, window=5, num_sinks=2, return_lse=True)
   parts = [
-    A.attention(q, k[:, lo:hi], v[:, lo:hi], q_positions=qp, k_positions=kp[:, lo:hi], window=5, num_sinks=2,
-                return_lse=True, out_dtype=jnp.float32)
+    A.attention(
+      q,
+      k[:, lo:hi],
+      v[:, lo:hi],
+      q_positions=qp,
+      k_positions=kp[:, lo:hi],
+      window=5,
+      num_sinks=2,
+      return_lse=True,
+      out_dtype=jnp.float32,
+    )
     for lo, hi in ((0, 2), (2, 7), (7, 12))
   ]
   out, lse = A.merge([(p.out, p.lse) for p in parts])
@@ -105,8 +125,15 @@ def test_merge_of_disjoint_parts_equals_whole():
 
 def test_rows_with_nothing_to_attend_give_zeros_not_nan():
   q, k, v = _rand((1, 2, 2, 4), 12), _rand((1, 3, 2, 4), 13), _rand((1, 3, 2, 4), 14)
-  res = A.attention(q, k, v, q_positions=jnp.array([[-1, 0]]), k_positions=jnp.array([[-1, 5, -1]]),
-                    return_lse=True, return_key_mass=True)
+  res = A.attention(
+    q,
+    k,
+    v,
+    q_positions=jnp.array([[-1, 0]]),
+    k_positions=jnp.array([[-1, 5, -1]]),
+    return_lse=True,
+    return_key_mass=True,
+  )
   np.testing.assert_array_equal(res.out, 0.0)
   assert np.all(np.isneginf(res.lse))
   np.testing.assert_array_equal(res.key_mass, 0.0)

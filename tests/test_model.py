@@ -40,8 +40,13 @@ def test_window_policies_stream_equals_banded_forward(policy):
 
 
 @pytest.mark.parametrize(
-  "policy", [C.SinkWindow(2, 6, "cache_relative"), C.Window(6, "cache_relative", max_rollback=2),
-             C.SinkWindow(1, 4, "cache_relative", max_rollback=3)], ids=str
+  "policy",
+  [
+    C.SinkWindow(2, 6, "cache_relative"),
+    C.Window(6, "cache_relative", max_rollback=2),
+    C.SinkWindow(1, 4, "cache_relative", max_rollback=3),
+  ],
+  ids=str,
 )
 @pytest.mark.parametrize("learned_sink", ["none", "logit", "kv"])
 def test_cache_relative_equals_python_reference(policy, learned_sink):
@@ -50,8 +55,7 @@ def test_cache_relative_equals_python_reference(policy, learned_sink):
   tokens = random_tokens(1, n, seed=5)
   sizes = chunk_sizes(n, [1, 3, policy.capacity], seed=6)
   got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
-  want = stream_logits(model, tokens[0], [(getattr(policy, "num_sinks", 0), policy.window)],
-                       positions="cache_relative")
+  want = stream_logits(model, tokens[0], [(getattr(policy, "num_sinks", 0), policy.window)], positions="cache_relative")
   np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
 
 

@@ -54,7 +54,9 @@ def test_rotation_preserves_norm_and_dtype():
   y = rope(x, jnp.arange(6, dtype=jnp.int32).reshape(2, 3) * 1000)
   assert y.dtype == jnp.bfloat16
   np.testing.assert_allclose(
-    jnp.linalg.norm(y.astype(jnp.float32), axis=-1), jnp.linalg.norm(x.astype(jnp.float32), axis=-1), rtol=2e-2
+    jnp.linalg.norm(y.astype(jnp.float32), axis=-1),
+    jnp.linalg.norm(x.astype(jnp.float32), axis=-1),
+    rtol=2e-2,
   )
   cos, sin = rope_cos_sin(jnp.zeros((2, 3), jnp.int32), 16)
   np.testing.assert_array_equal(apply_rope(x, cos[:, :, None], sin[:, :, None]), x)

@@ -37,8 +37,12 @@ class StreamingTransformer(nnx.Module):
     self.config = config
     cfg = config
     self.embed = nnx.Embed(
-      cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      embedding_init=nnx.initializers.normal(stddev=cfg.embed_dim**-0.5), rngs=rngs,
+      cfg.vocab_size,
+      cfg.embed_dim,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=nnx.initializers.normal(stddev=cfg.embed_dim**-0.5),
+      rngs=rngs,
     )
 
     if cfg.scan_layers:
@@ -87,8 +91,14 @@ class StreamingTransformer(nnx.Module):
     """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute``)."""
     cfg = self.config
     return cache_lib.init(
-      policy, num_layers=cfg.num_layers, batch_size=batch_size, num_kv_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim, dtype=dtype, start_position=start_position, stacked=cfg.scan_layers,
+      policy,
+      num_layers=cfg.num_layers,
+      batch_size=batch_size,
+      num_kv_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim,
+      dtype=dtype,
+      start_position=start_position,
+      stacked=cfg.scan_layers,
     )
 
   # ------------------------------------------------------------------------------------------ helpers
@@ -104,9 +114,7 @@ class StreamingTransformer(nnx.Module):
     if _is_concrete(tokens):
       arr = np.asarray(tokens)
       if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
-        raise ValueError(
-          f"token ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]"
-        )
+        raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]")
     return tokens.astype(jnp.int32)
 
   def _embed(self, tokens: Array) -> Array:
@@ -245,8 +253,15 @@ class StreamingTransformer(nnx.Module):
     def body(block, layer, x, carry):
       def attend(attn, q, k, v):
         o = cached_attention.offline(
-          q, k, v, positions, window=window, num_sinks=num_sinks, rope_base=cfg.rope_base,
-          impl=cfg.attention_impl, sink_part=attn.sink_part(q),
+          q,
+          k,
+          v,
+          positions,
+          window=window,
+          num_sinks=num_sinks,
+          rope_base=cfg.rope_base,
+          impl=cfg.attention_impl,
+          sink_part=attn.sink_part(q),
         )
         return o, None
 

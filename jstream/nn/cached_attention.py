@@ -133,15 +133,23 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
   all_slots = jnp.where(plan.sink_slots < cap, plan.sink_slots, plan.ring_slots)
   has_sinks = any(tl.track.num_sinks for tl in lay)
   return Context(
-    tuple(segments), tuple(frames), k_rope, write_first, has_sinks, plan.ring_slots, plan.sink_slots, all_slots
+    tuple(segments),
+    tuple(frames),
+    k_rope,
+    write_first,
+    has_sinks,
+    plan.ring_slots,
+    plan.sink_slots,
+    all_slots,
   )
 
 
 def rerotate(plan: cache_lib.Plan, k: Array, *, rope_base: float) -> Array:
   """Rotates the ring keys of rebased tracks back by the rebase shift (``cache_relative`` mode only).
 
-  ``k`` is the key buffer (stacked ``[l, b, k, s, h]`` or a tuple of per-layer ``[b, k, s, h]``). Runs (under ``lax.cond``) only when some row was rebased,
-  i.e. once every ``2**29`` tokens of a track.
+  ``k`` is the key buffer (stacked ``[l, b, k, s, h]`` or a tuple of per-layer ``[b, k, s, h]``). The rotation
+  runs (inside a zero-or-one-trip ``while_loop``) only when some row was rebased, i.e. once every ``2**29``
+  tokens of a track.
   """
   cache = plan.cache
   if cache.policy.positions != "cache_relative":
@@ -213,9 +221,19 @@ def attend(
     else:
       ks, vs, layout, v_layout = k, v, "bskh", "bskh"
     res = attn_ops.attention(
-      q_rot[seg.frame], ks, vs, q_positions=seg.q_mask, k_positions=seg.k_mask, window=seg.window,
-      num_sinks=seg.num_sinks, kv_layout=layout, v_layout=v_layout, mask_values=seg.source == "chunk",
-      out_dtype=jnp.float32, return_lse=True, impl=impl,
+      q_rot[seg.frame],
+      ks,
+      vs,
+      q_positions=seg.q_mask,
+      k_positions=seg.k_mask,
+      window=seg.window,
+      num_sinks=seg.num_sinks,
+      kv_layout=layout,
+      v_layout=v_layout,
+      mask_values=seg.source == "chunk",
+      out_dtype=jnp.float32,
+      return_lse=True,
+      impl=impl,
     )
     parts.append((res.out, res.lse))
   if sink_part is not None:
@@ -235,8 +253,16 @@ def offline(
   qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
   kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
   res = attn_ops.attention(
-    qr, kr, v, q_positions=positions, k_positions=positions, window=window, num_sinks=num_sinks,
-    out_dtype=jnp.float32, return_lse=True, impl=impl,
+    qr,
+    kr,
+    v,
+    q_positions=positions,
+    k_positions=positions,
+    window=window,
+    num_sinks=num_sinks,
+    out_dtype=jnp.float32,
+    return_lse=True,
+    impl=impl,
   )
   if sink_part is None:
     return res.out.astype(q.dtype)

@@ -45,6 +45,8 @@ _V_LAYOUTS = ("bskh", "bksh", "bkhs")
 
 def _dims(x, layout: str) -> dict[str, int]:
   return dict(zip(layout, x.shape))
+
+
 NEG_INF = float("-inf")
 
 
@@ -63,9 +65,7 @@ class AttentionResult(NamedTuple):
   key_mass: Array | None = None
 
 
-def attention_mask(
-  q_positions: Array, k_positions: Array, *, window: int | None = None, num_sinks: int = 0
-) -> Array:
+def attention_mask(q_positions: Array, k_positions: Array, *, window: int | None = None, num_sinks: int = 0) -> Array:
   """Boolean visibility mask ``[b, 1 | k, t, s]`` from positions (see the module docstring)."""
   qp = q_positions[:, None, :, None]  # [b, 1, t, 1]
   kp = k_positions[:, None, None, :] if k_positions.ndim == 2 else k_positions[:, :, None, :]
@@ -174,9 +174,7 @@ def resolve(impl: str | Sequence[str] = "auto", platform: str | None = None) -> 
   if isinstance(impl, str):
     if impl == "auto":
       platform = platform or jax.default_backend()
-      cands = sorted(
-        (i for i in _REGISTRY.values() if platform in i.platforms), key=lambda i: -i.priority
-      )
+      cands = sorted((i for i in _REGISTRY.values() if platform in i.platforms), key=lambda i: -i.priority)
       names = tuple(i.name for i in cands)
       return names if "xla" in names else (*names, "xla")
     names = (impl,)

@@ -1,0 +1,436 @@
+"""Per-token decode latency and process memory against stream position, for bounded and unbounded caches.
+
+  python -m experiments.bench_stream [--out DIR] [--quick]      (also: jstream bench stream ...)
+
+For each cache policy one stream is advanced through the checkpoint positions with the real model on real tokens
+(chunked prefill, which the tests show equals token-by-token streaming); the process memory is read and the cache
+saved at each checkpoint. Then ``--steps`` single-token decode steps are timed from every checkpoint (one
+compiled ``lax.scan``, greedy sampling included, cache donated), in ``--rounds`` interleaved rounds so that drift
+of a shared machine hits all positions alike; the best round counts. Policies:
+
+* ``SinkWindow(4, 1024)`` (StreamingLLM), absolute and cache-relative positions;
+* ``Dense`` (full KV cache), at the positions whose cache fits ``--dense-max-gib``. Beyond
+  ``--dense-prefill-max`` tokens its cache is filled with random keys/values instead of an O(n^2) prefill (a
+  decode step reads every slot, whatever it holds; the note column says so);
+* the ``Recompute(1024)`` baseline (re-encode the last 1024 tokens for every token). Its state is only the last
+  1024 token ids, so it is built directly at each position instead of re-encoding the whole stream.
+
+It also measures, in the same run, the copy bandwidth of an array as large as the weights + the SinkWindow cache,
+and reports the decode time as a multiple of the time to read them once (half a copy). Prints a table and writes
+``results.json`` and ``latency.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jstream
+from jstream import cache as C
+from jstream import rollout
+
+
+def _rss_mib() -> tuple[float, float]:
+  """(current RSS, peak RSS) of this process in MiB."""
+  cur = peak = float("nan")
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          cur = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+          peak = int(line.split()[1]) / 1024
+  except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return cur, peak
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _time(fn, repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def memory_floor(nbytes: int, repeats: int = 20) -> dict:
+  """Copy and read time of an array of ``nbytes`` (the hardware floor for reading weights + cache)."""
+  x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
+  copy = jax.jit(lambda x: x * 1.000001)
+  read = jax.jit(jnp.sum)
+  jax.block_until_ready((copy(x), read(x)))
+  t_copy, t_read = _time(lambda: copy(x), repeats), _time(lambda: read(x), repeats)
+  return {
+    "bytes": nbytes,
+    "copy_s": t_copy,
+    "copy_bandwidth_gbs": 2 * nbytes / t_copy / 1e9,
+    "read_once_s": t_copy / 2,  # a copy reads and writes each byte once
+    "sum_read_s": t_read,
+  }
+
+
+class Streamer:
+  """Advances a cache along a token stream in fixed-size chunks (one compiled step for any position)."""
+
+  def __init__(self, model, chunk: int, chunks_per_call: int):
+    self.graphdef, self.state = nnx.split(model)
+    self.chunk, self.per_call = chunk, chunks_per_call
+
+    def advance(state, cache, tokens):  # tokens [calls, b, chunk]
+      model = nnx.merge(self.graphdef, state)
+
+      def step(cache, tok):
+        logits, cache = model(tok, cache)
+        return cache, logits[:, -1]
+
+      cache, last = jax.lax.scan(step, cache, tokens)
+      return cache, last[-1]
+
+    self._advance = jax.jit(advance, donate_argnums=(1,))
+
+  def advance(self, cache, tokens: np.ndarray):
+    """Feeds ``tokens [b, n]`` (n a multiple of chunk); returns the cache and the last logits."""
+    b, n = tokens.shape
+    if n % self.chunk:
+      raise ValueError("stream length must be a multiple of the chunk")
+    last = None
+    i = 0
+    while i < n:  # whole blocks, then single chunks: two compiled programs whatever the lengths
+      take = self.chunk * self.per_call if n - i >= self.chunk * self.per_call else self.chunk
+      toks = jnp.asarray(tokens[:, i : i + take]).reshape(b, -1, self.chunk).swapaxes(0, 1)
+      cache, last = self._advance(self.state, cache, toks)
+      i += take
+    return cache, last
+
+
+def decode_latency(model, cache, last, steps: int, repeats: int):
+  """Seconds per token of ``steps`` greedy decode steps (best of ``repeats``), and the cache after them."""
+  graphdef, state = nnx.split(model)
+  sampling = rollout.Sampling(temperature=0.0)
+  rng = jax.random.key(0)
+  out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)  # compile + warm up
+  jax.block_until_ready(out.tokens)
+  best = float("inf")
+  for _ in range(repeats):
+    cache, last = out.cache, out.last_logits
+    t0 = time.perf_counter()
+    out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)
+    jax.block_until_ready(out.tokens)
+    best = min(best, time.perf_counter() - t0)
+  return best / steps, out.cache, out.last_logits
+
+
+def recompute_cache(tokens: np.ndarray, position: int, window: int):
+  """The Recompute baseline's exact state after ``position`` tokens: the last ``window`` ids, in ring order."""
+  b = tokens.shape[0]
+  first = max(0, position - window)
+  held = np.arange(first, position)
+  ring = np.zeros((b, window), np.int32)
+  idx = np.full((b, window), -1, np.int32)
+  ring[:, held % window] = tokens[:, held]
+  idx[:, held % window] = held
+  return C.TokenCache(
+    tokens=jnp.asarray(ring),
+    idx=jnp.asarray(idx),
+    count=jnp.full((b,), position, jnp.int32),
+    next_pos=jnp.full((b,), position, jnp.int32),
+    policy=C.Recompute(window),
+  )
+
+
+def synthetic_dense(model, slots: int, filled: int):
+  """A Dense cache holding ``filled`` tokens whose keys/values are random (for decode timing only)."""
+  cache = model.init_cache(C.Dense(slots), 1)
+  idx = jnp.where(jnp.arange(slots + 1) < filled, jnp.arange(slots + 1), -1)[None].astype(jnp.int32)
+  key = jax.random.key(1)
+
+  def fill(buf):
+    return jax.random.normal(key, buf.shape, buf.dtype) * 0.1
+
+  return cache.replace(
+    k=jax.tree.map(fill, cache.k),
+    v=jax.tree.map(fill, cache.v),
+    idx=idx,
+    pos=idx,
+    count=jnp.full((1, 1), filled, jnp.int32),
+    next_pos=jnp.full((1,), filled, jnp.int32),
+  )
+
+
+def default_config(tiny: bool) -> jstream.TransformerConfig:
+  if tiny:
+    return jstream.TransformerConfig(
+      vocab_size=256, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, scan_layers=False
+    )
+  return jstream.TransformerConfig(
+    vocab_size=256, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, scan_layers=False
+  )
+
+
+def _save(cache, path: pathlib.Path):
+  leaves, treedef = jax.tree.flatten(cache)
+  np.savez(path, *[np.asarray(x) for x in leaves])
+  return treedef
+
+
+def _load(path: pathlib.Path, treedef):
+  with np.load(path) as data:
+    return jax.tree.unflatten(treedef, [jnp.asarray(data[f"arr_{i}"]) for i in range(len(data.files))])
+
+
+def run(args, scratch: pathlib.Path) -> dict:
+  cfg = default_config(args.tiny)
+  model = jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(0))
+  window, sinks = args.window, 4
+  positions = sorted(p for p in args.positions if p >= 1)
+  n_max = max(positions) + args.chunk
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, size=(1, n_max), dtype=np.int32)
+  weights = _nbytes(nnx.state(model, nnx.Param))
+  rows = []
+
+  def record(name, position, latency, cache_bytes, rss, note=""):
+    row = dict(
+      policy=name,
+      position=position,
+      ms_per_token=latency * 1e3,
+      tokens_per_s=1.0 / latency,
+      cache_mib=cache_bytes / 2**20,
+      rss_mib=rss[0],
+      peak_rss_mib=rss[1],
+      note=note,
+    )
+    rows.append(row)
+    print(
+      f"  {name:<30} pos {position:>9,}  {row['ms_per_token']:8.3f} ms/token {row['tokens_per_s']:9.1f} tok/s"
+      f"  cache {row['cache_mib']:7.1f} MiB  rss {rss[0]:7.1f} MiB  peak {rss[1]:7.1f} MiB {note}",
+      flush=True,
+    )
+
+  def timed_interleaved(name, model_, checkpoints, treedef):
+    """Times every saved checkpoint in rounds, so that drift of the machine hits all positions alike."""
+    best = {p: float("inf") for p, _, _ in checkpoints}
+    for _ in range(args.rounds):
+      for p, path, _ in checkpoints:
+        cache = _load(path, treedef)
+        last = jnp.zeros((1, cfg.vocab_size), jnp.float32)
+        lat, _, _ = decode_latency(model_, cache, last, args.steps, 1)
+        best[p] = min(best[p], lat)
+    for p, _, (rss, nbytes) in checkpoints:
+      record(name, p, best[p], nbytes, rss)
+
+  # --- bounded caches: one real stream each. Pass 1 advances it and saves the cache (and the process memory)
+  # at every checkpoint; pass 2 times single-token decode from each checkpoint, interleaved.
+  for mode in args.modes:
+    policy = C.SinkWindow(sinks, window, positions=mode)
+    name = f"SinkWindow({sinks},{window}) {mode}"
+    streamer = Streamer(model, args.chunk, args.chunks_per_call)
+    cache = model.init_cache(policy, 1)
+    at, checkpoints, treedef = 0, [], None
+    for p in positions:
+      feed = max(p // args.chunk * args.chunk - at, 0)
+      if feed:
+        cache, _ = streamer.advance(cache, tokens[:, at : at + feed])
+        at += feed
+      jax.block_until_ready(cache)
+      path = scratch / f"{mode}_{at}.npz"
+      treedef = _save(cache, path)
+      checkpoints.append((at, path, (_rss_mib(), _nbytes((cache.k, cache.v)))))
+    del cache, streamer
+    timed_interleaved(name, model, checkpoints, treedef)
+
+  # --- the same with stacked weights and one scan over layers, at the first checkpoint
+  if args.compare_scan:
+    scanned = model.with_scan_layers(True)
+    policy = C.SinkWindow(sinks, window)
+    streamer = Streamer(scanned, args.chunk, args.chunks_per_call)
+    p = positions[0] // args.chunk * args.chunk
+    cache, last = streamer.advance(scanned.init_cache(policy, 1), tokens[:, :p])
+    lat, cache, _ = decode_latency(scanned, cache, last, args.steps, args.rounds)
+    record(f"SinkWindow({sinks},{window}) scan_layers", p, lat, _nbytes((cache.k, cache.v)), _rss_mib())
+    del cache, streamer, scanned
+
+  # --- dense: as far as its cache fits the budget
+  for p in positions:
+    p = p // args.chunk * args.chunk
+    slots = p + args.steps * (args.rounds + 1) + 1
+    cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (slots + 1) * 4
+    if cache_bytes > args.dense_max_gib * 2**30:
+      rows.append(
+        dict(
+          policy="Dense",
+          position=p,
+          ms_per_token=None,
+          tokens_per_s=None,
+          cache_mib=cache_bytes / 2**20,
+          note=f"skipped: cache > {args.dense_max_gib} GiB",
+        )
+      )
+      print(
+        f"  {'Dense':<30} pos {p:>9,}  skipped: its cache would take {cache_bytes / 2**30:.1f} GiB "
+        f"(> --dense-max-gib {args.dense_max_gib})",
+        flush=True,
+      )
+      continue
+    note = ""
+    if p <= args.dense_prefill_max:
+      streamer = Streamer(model, args.chunk, args.chunks_per_call)
+      cache, last = streamer.advance(model.init_cache(C.Dense(slots), 1), tokens[:, :p])
+      del streamer
+    else:  # O(p^2) prefill is minutes on a CPU; decode reads every slot whatever it holds
+      cache, last = synthetic_dense(model, slots, p), jnp.zeros((1, cfg.vocab_size), jnp.float32)
+      note = "cache filled with random keys/values (decode cost does not depend on them)"
+    rss = _rss_mib()
+    lat, cache, _ = decode_latency(model, cache, last, args.steps, args.rounds)
+    record("Dense", p, lat, _nbytes((cache.k, cache.v)), rss, note)
+    del cache
+
+  # --- recompute baseline (its state is the last `window` ids: built directly at each position)
+  graphdef, state = nnx.split(model)
+  for p in positions:
+    logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
+    steps = args.recompute_steps
+    out = rollout._decode(
+      graphdef,
+      state,
+      recompute_cache(tokens, p, window),
+      logits,
+      jax.random.key(0),
+      steps,
+      rollout.Sampling(0.0),
+    )
+    jax.block_until_ready(out.tokens)
+    lat = float("inf")
+    for _ in range(2):
+      cache = recompute_cache(tokens, p, window)
+      t0 = time.perf_counter()
+      out = rollout._decode(graphdef, state, cache, logits, jax.random.key(0), steps, rollout.Sampling(0.0))
+      jax.block_until_ready(out.tokens)
+      lat = min(lat, (time.perf_counter() - t0) / steps)
+    record(f"Recompute({window})", p, lat, 0, _rss_mib(), "state built from the last window ids")
+
+  floor = memory_floor(weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4)
+  return dict(rows=rows, floor=floor, weights_bytes=weights)
+
+
+def summarize(res: dict, window: int) -> dict:
+  rows = [r for r in res["rows"] if r.get("ms_per_token")]
+  by = {}
+  for r in rows:
+    by.setdefault(r["policy"], {})[r["position"]] = r
+  out = {}
+  for name, pts in by.items():
+    if not name.startswith("SinkWindow") or "scan" in name:
+      continue
+    ps = sorted(pts)
+    first, last = pts[ps[0]], pts[ps[-1]]
+    entry = {
+      "latency_ratio_last_vs_first": last["ms_per_token"] / first["ms_per_token"],
+      "decode_over_read_floor": first["ms_per_token"] / 1e3 / res["floor"]["read_once_s"],
+    }
+    if len(ps) >= 3:
+      second = pts[ps[1]]
+      entry["rss_growth_second_to_last"] = last["rss_mib"] / second["rss_mib"] - 1
+    rec = [r for r in rows if r["policy"].startswith("Recompute")]
+    if rec:
+      entry["speedup_over_recompute"] = rec[-1]["ms_per_token"] / last["ms_per_token"]
+    out[name] = entry
+  return out
+
+
+def plot(res: dict, path: pathlib.Path):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  by = {}
+  for r in res["rows"]:
+    if r.get("ms_per_token"):
+      by.setdefault(r["policy"], []).append(r)
+  for name, rs in by.items():
+    rs = sorted(rs, key=lambda r: r["position"])
+    x = [r["position"] for r in rs]
+    axes[0].plot(x, [r["ms_per_token"] for r in rs], marker="o", label=name)
+    if "rss_mib" in rs[0]:
+      axes[1].plot(x, [r["rss_mib"] for r in rs], marker="o", label=name)
+  for ax, label in zip(axes, ("decode latency (ms / token)", "process RSS (MiB)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stream position (tokens)")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"jstream decode on {res['device']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="jstream bench stream", description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="runs/bench_stream", help="output folder")
+  parser.add_argument("--quick", action="store_true", help="positions 1k and 10k only, fewer steps")
+  parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke test)")
+  parser.add_argument("--positions", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+  parser.add_argument("--modes", nargs="+", default=["absolute", "cache_relative"])
+  parser.add_argument("--window", type=int, default=1024)
+  parser.add_argument("--chunk", type=int, default=256, help="prefill chunk used to advance the stream")
+  parser.add_argument("--chunks-per-call", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=256, help="decode steps per timing")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best is kept)")
+  parser.add_argument("--recompute-steps", type=int, default=4)
+  parser.add_argument("--dense-max-gib", type=float, default=2.0, help="largest Dense cache to run")
+  parser.add_argument(
+    "--dense-prefill-max",
+    type=int,
+    default=20_000,
+    help="prefill Dense caches up to this position; beyond it, fill them with random keys",
+  )
+  parser.add_argument("--no-compare-scan", dest="compare_scan", action="store_false")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.positions = [p for p in args.positions if p <= 10_000] or [1_000]
+    args.steps, args.rounds, args.recompute_steps = min(args.steps, 64), min(args.rounds, 2), 2
+  if args.tiny:
+    args.window, args.chunk = min(args.window, 64), min(args.chunk, 32)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  print(f"bench_stream on {device}, jax {jax.__version__}")
+  t0 = time.time()
+  with tempfile.TemporaryDirectory() as scratch:
+    res = run(args, pathlib.Path(scratch))
+  res.update(device=device, jax=jax.__version__, args=vars(args), seconds=time.time() - t0)
+  res["summary"] = summarize(res, args.window)
+  print(
+    f"\nmemory floor: {res['floor']['bytes'] / 2**20:.1f} MiB of weights + cache, copy bandwidth "
+    f"{res['floor']['copy_bandwidth_gbs']:.1f} GB/s, read once {res['floor']['read_once_s'] * 1e3:.3f} ms"
+  )
+  for name, s in res["summary"].items():
+    print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
+  (out / "results.json").write_text(json.dumps(res, indent=2))
+  plot(res, out / "latency.png")
+  print(f"wrote {out / 'results.json'} and {out / 'latency.png'} ({res['seconds']:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Rollouts: generation equals step-by-step argmax over the offline forward, ragged prompts, sampling
+distributions, stream NLL independent of chunking."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_tokens, tiny_model
+
+from jstream import cache as C
+from jstream import rollout
+
+
+def test_greedy_generation_equals_teacher_forced_argmax():
+  model = tiny_model(seed=40)
+  prompt = random_tokens(2, 5, seed=41)
+  out = rollout.generate(model, prompt, max_new_tokens=12, policy=C.Dense(32), temperature=0.0)
+  seq = jnp.concatenate([prompt, out.tokens], axis=1)
+  logits = model.forward(seq)
+  np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:-1], -1))
+
+
+def test_generation_with_sinks_matches_banded_forward():
+  model = tiny_model(seed=42)
+  prompt = random_tokens(1, 9, seed=43)
+  policy = C.SinkWindow(2, 6)
+  out = rollout.generate(model, prompt, max_new_tokens=20, policy=policy, temperature=0.0, prefill_chunk=4)
+  seq = jnp.concatenate([prompt, out.tokens], axis=1)
+  logits = model.forward(seq, window=6, num_sinks=2)
+  np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 8:-1], -1))
+
+
+def test_ragged_prompts_equal_each_row_alone():
+  model = tiny_model(seed=44)
+  prompt = np.asarray(random_tokens(3, 7, seed=45))
+  lengths = np.array([7, 3, 5])
+  policy = C.SinkWindow(1, 8, positions="cache_relative")
+  batch = rollout.generate(
+    model, prompt, max_new_tokens=6, policy=policy, temperature=0.0, prompt_lengths=lengths, prefill_chunk=4
+  )
+  for r in range(3):
+    alone = rollout.generate(model, prompt[r : r + 1, : lengths[r]], max_new_tokens=6, policy=policy, temperature=0.0)
+    np.testing.assert_array_equal(batch.tokens[r], alone.tokens[0])
+
+
+def test_sampling_is_reproducible_and_depends_on_the_key():
+  model = tiny_model(seed=46)
+  prompt = random_tokens(2, 3, seed=47)
+  kw = dict(max_new_tokens=16, policy=C.Window(8), temperature=1.0, top_k=20)
+  a = rollout.generate(model, prompt, rng=jax.random.key(1), **kw).tokens
+  b = rollout.generate(model, prompt, rng=jax.random.key(1), **kw).tokens
+  c = rollout.generate(model, prompt, rng=jax.random.key(2), **kw).tokens
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+  "sampling",
+  [
+    rollout.Sampling(1.0),
+    rollout.Sampling(0.5),
+    rollout.Sampling(1.0, top_k=3),
+    rollout.Sampling(1.0, top_p=0.7),
+    rollout.Sampling(2.0, top_k=4, top_p=0.9),
+  ],
+  ids=str,
+)
+def test_sampling_distribution(sampling):
+  logits = jnp.log(jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+  p = np.exp(np.asarray(logits, np.float64) / sampling.temperature)
+  p /= p.sum()
+  order = np.argsort(-p)
+  keep = np.ones_like(p, bool)
+  if sampling.top_k is not None:
+    keep[order[sampling.top_k :]] = False
+  if sampling.top_p is not None:
+    before = np.cumsum(p[order]) - p[order]
+    keep[order[before >= sampling.top_p]] = False
+  want = np.where(keep, p, 0)
+  want /= want.sum()
+  n = 40_000
+  draws = jax.vmap(lambda k: rollout.sample(logits, k, sampling))(jax.random.split(jax.random.key(0), n))
+  freq = np.bincount(np.asarray(draws), minlength=6) / n
+  np.testing.assert_allclose(freq, want, atol=0.01)
+  assert np.all(freq[~keep] == 0)
+
+
+def test_greedy_sampling_is_argmax():
+  logits = jax.random.normal(jax.random.key(3), (5, 11))
+  np.testing.assert_array_equal(
+    rollout.sample(logits, jax.random.key(0), rollout.Sampling(0.0)), jnp.argmax(logits, -1)
+  )
+
+
+def test_stream_nll_does_not_depend_on_chunking_in_cache_relative_mode():
+  model = tiny_model(seed=48)
+  tokens = random_tokens(2, 41, seed=49)
+  policy = C.SinkWindow(2, 8, positions="cache_relative")
+  ref = rollout.stream_nll(model, tokens, policy, chunk_size=1)
+  for chunk in (3, 10):
+    np.testing.assert_allclose(rollout.stream_nll(model, tokens, policy, chunk_size=chunk), ref, atol=2e-5)
+
+
+def test_bad_arguments():
+  model = tiny_model(seed=50)
+  with pytest.raises(ValueError, match="exactly one of"):
+    rollout.generate(model, random_tokens(1, 3), max_new_tokens=2)
+  with pytest.raises(ValueError, match="temperature"):
+    rollout.Sampling(-1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    rollout.Sampling(top_p=0.0)
+  with pytest.raises(ValueError, match="prompt ids"):
+    rollout.generate(model, jnp.array([[70]]), max_new_tokens=2, policy=C.Window(4))
