@@ -167,7 +167,7 @@ def synthetic_dense(model, slots: int, filled: int):
     k=jax.tree.map(fill, cache.k),
     v=jax.tree.map(fill, cache.v),
     idx=idx,
-    pos=idx,
+    pos=jnp.array(idx),
     count=jnp.full((1, 1), filled, jnp.int32),
     next_pos=jnp.full((1,), filled, jnp.int32),
   )
@@ -237,7 +237,7 @@ def run(args, scratch: pathlib.Path) -> dict:
 
   # --- bounded caches: one real stream each. Pass 1 advances it and saves the cache (and the process memory)
   # at every checkpoint; pass 2 times single-token decode from each checkpoint, interleaved.
-  for mode in args.modes:
+  for mode in args.modes if "bounded" in args.parts else ():
     policy = C.SinkWindow(sinks, window, positions=mode)
     name = f"SinkWindow({sinks},{window}) {mode}"
     streamer = Streamer(model, args.chunk, args.chunks_per_call)
@@ -256,7 +256,7 @@ def run(args, scratch: pathlib.Path) -> dict:
     timed_interleaved(name, model, checkpoints, treedef)
 
   # --- the same with stacked weights and one scan over layers, at the first checkpoint
-  if args.compare_scan:
+  if args.compare_scan and "scan" in args.parts:
     scanned = model.with_scan_layers(True)
     policy = C.SinkWindow(sinks, window)
     streamer = Streamer(scanned, args.chunk, args.chunks_per_call)
@@ -267,7 +267,7 @@ def run(args, scratch: pathlib.Path) -> dict:
     del cache, streamer, scanned
 
   # --- dense: as far as its cache fits the budget
-  for p in positions:
+  for p in positions if "dense" in args.parts else ():
     p = p // args.chunk * args.chunk
     slots = p + args.steps * (args.rounds + 1) + 1
     cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (slots + 1) * 4
@@ -303,7 +303,7 @@ def run(args, scratch: pathlib.Path) -> dict:
 
   # --- recompute baseline (its state is the last `window` ids: built directly at each position)
   graphdef, state = nnx.split(model)
-  for p in positions:
+  for p in positions if "recompute" in args.parts else ():
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
     steps = args.recompute_steps
     out = rollout._decode(
@@ -405,6 +405,13 @@ def main(argv=None) -> int:
     help="prefill Dense caches up to this position; beyond it, fill them with random keys",
   )
   parser.add_argument("--no-compare-scan", dest="compare_scan", action="store_false")
+  parser.add_argument(
+    "--parts",
+    nargs="+",
+    default=["bounded", "scan", "dense", "recompute"],
+    choices=["bounded", "scan", "dense", "recompute"],
+    help="which measurements to run",
+  )
   args = parser.parse_args(argv)
   if args.quick:
     args.positions = [p for p in args.positions if p <= 10_000] or [1_000]
