@@ -161,8 +161,24 @@ def register(name: str, fn: Callable[..., AttentionResult], *, platforms=(), pri
   _REGISTRY[name] = Implementation(name, fn, tuple(platforms), priority)
 
 
+_PLUGINS_LOADED = False
+
+
+def _load_plugins() -> None:
+  """Imports the optional kernel package, which registers its implementations (once; absent is fine)."""
+  global _PLUGINS_LOADED
+  if _PLUGINS_LOADED:
+    return
+  _PLUGINS_LOADED = True
+  try:
+    import pallas_kernels  # noqa: F401
+  except ImportError:
+    pass
+
+
 def implementations() -> tuple[str, ...]:
   """Names of the registered implementations."""
+  _load_plugins()
   return tuple(_REGISTRY)
 
 
@@ -171,6 +187,7 @@ register("xla", _xla_attention, platforms=("cpu", "gpu", "tpu"), priority=-100)
 
 def resolve(impl: str | Sequence[str] = "auto", platform: str | None = None) -> tuple[str, ...]:
   """The implementation names ``impl`` stands for, in the order dispatch tries them."""
+  _load_plugins()
   if isinstance(impl, str):
     if impl == "auto":
       platform = platform or jax.default_backend()

@@ -1,0 +1,135 @@
+"""Pieces shared by the attention kernels: input packing, per-block position summaries, masks, skipping.
+
+Layout inside the kernels: grouped-query heads are folded into rows. ``q [b, t, n, h]`` becomes
+``[b, k, t * g, h]`` (row ``i * g + j`` is token ``i``, query head ``j`` of kv head ``k``), so one program loads
+a key/value tile once for all the query heads that share it. Keys are ``[b, k, s, h]``; values ``[b, k, s, h]``
+or slots-last ``[b, k, h, s]`` (the cache layout).
+
+Block skipping: positions are data (a ring cache holds them in any slot order), so whether a key block can be
+skipped is decided from per-block summaries: the smallest and largest valid position of the block (``kmax < 0``
+when it holds no valid key). A (query block, key block) pair is skipped when the mask excludes every pair in it:
+no valid key or query, every key after every query (causal), or every key older than the window for every query
+and none of them a sink. Skipped blocks are neither loaded nor computed, so a sink + window mask costs
+``O(T x (W + S))``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+BIG = 2**30  # larger than any valid position
+
+
+def pack_queries(q, q_positions, kv_heads: int):
+  """``q [b, t, n, h] -> [b, k, t*g, h]`` and positions ``[b, t] -> [b, t*g]``."""
+  b, t, n, h = q.shape
+  g = n // kv_heads
+  qk = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
+  qp = jnp.repeat(q_positions, g, axis=1)
+  return qk, qp
+
+
+def unpack_rows(x, t: int, g: int):
+  """``[b, k, t*g, ...] -> [b, t, n, ...]``."""
+  b, kv_heads = x.shape[:2]
+  rest = x.shape[3:]
+  x = x.reshape(b, kv_heads, t, g, *rest)
+  x = jnp.moveaxis(x, 2, 1)  # [b, t, k, g, ...]
+  return x.reshape(b, t, kv_heads * g, *rest)
+
+
+def pad_axis(x, axis: int, multiple: int, value):
+  size = x.shape[axis]
+  pad = (-size) % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def block_summaries(positions, block: int):
+  """Per-block ``(min, max)`` of the valid (>= 0) positions of ``[b, s]`` (s a multiple of ``block``).
+
+  Empty blocks get ``min = BIG``, ``max = -1``.
+  """
+  b, s = positions.shape
+  p = positions.reshape(b, s // block, block)
+  valid = p >= 0
+  pmin = jnp.min(jnp.where(valid, p, BIG), axis=-1).astype(jnp.int32)
+  pmax = jnp.max(jnp.where(valid, p, -1), axis=-1).astype(jnp.int32)
+  return pmin, pmax
+
+
+def block_skipped(qmin, qmax, kmin, kmax, *, window, num_sinks):
+  """True when the mask excludes every (query, key) pair of a query block and a key block."""
+  skip = (kmax < 0) | (qmax < 0) | (kmin > qmax)
+  if window is not None:
+    too_old = (qmin - kmax) >= window
+    if num_sinks:
+      too_old = too_old & (kmin >= num_sinks)
+    skip = skip | too_old
+  return skip
+
+
+def tile_mask(qp, kp, *, window, num_sinks):
+  """``[rows, cols]`` visibility of query positions ``qp [rows]`` and key positions ``kp [cols]``."""
+  q = qp[:, None]
+  k = kp[None, :]
+  mask = (q >= 0) & (k >= 0) & (k <= q)
+  if window is not None:
+    keep = (q - k) < window
+    if num_sinks:
+      keep = keep | (k < num_sinks)
+    mask = mask & keep
+  return mask
+
+
+def zero_unseen_values(v, mask, slots_last: bool):
+  """Zeroes the value columns no query of the tile sees (so NaN in empty or masked slots cannot leak)."""
+  seen = jnp.any(mask, axis=0)  # [cols]
+  return jnp.where(seen[None, :], v, 0) if slots_last else jnp.where(seen[:, None], v, 0)
+
+
+def online_softmax_step(carry, s, mask, v_tile_dot):
+  """One flash step: fold scores ``s [rows, cols]`` (masked by ``mask``) into ``(o, m, l)``.
+
+  ``v_tile_dot(p)`` returns ``p @ v_tile`` in float32.
+  """
+  o, m, l = carry
+  s = jnp.where(mask, s, NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+  p = jnp.where(mask, jnp.exp(s - m_safe[:, None]), 0.0)
+  corr = jnp.exp(m - m_safe)  # exp(-inf) = 0 for rows that had nothing yet
+  l = corr * l + jnp.sum(p, axis=-1)
+  o = corr[:, None] * o + v_tile_dot(p)
+  return o, m_new, l
+
+
+def finish(o, m, l):
+  """Normalised output and log-sum-exp (zeros and -inf for rows that saw nothing)."""
+  ok = l > 0
+  out = jnp.where(ok[:, None], o / jnp.where(ok, l, 1.0)[:, None], 0.0)
+  lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
+  return out, lse
+
+
+def merge_splits(o, m, l):
+  """Combines split-K partials ``o [..., p, r, h]``, ``m, l [..., p, r]`` (flash-decoding's final step)."""
+  m_max = jnp.max(m, axis=-2, keepdims=True)
+  m_safe = jnp.where(m_max == NEG_INF, 0.0, m_max)
+  corr = jnp.exp(m - m_safe)
+  l_tot = jnp.sum(l * corr, axis=-2)
+  o_tot = jnp.sum(o * corr[..., None], axis=-3)
+  ok = l_tot > 0
+  out = jnp.where(ok[..., None], o_tot / jnp.where(ok, l_tot, 1.0)[..., None], 0.0)
+  lse = jnp.where(ok, m_safe[..., 0, :] + jnp.log(jnp.where(ok, l_tot, 1.0)), NEG_INF)
+  return out, lse
+
+
+def interpret_default() -> bool:
+  """Kernels run in interpret mode on CPU (tests) and compiled on GPU/TPU."""
+  return jax.default_backend() == "cpu"

@@ -1,0 +1,279 @@
+"""Decode attention (flash-decoding): a few queries per row against a long ring / sink cache, split over slots.
+
+1..16 queries per row (single-token decode, a speculative draft) against the cache, with per-row validity and
+positions taken from ``k_positions`` (ragged rows, rings in any slot order). The slot axis is cut into
+``num_splits`` contiguous splits, one program each, so that a long cache keeps every core busy even at batch 1;
+each program loops over its key blocks, skipping those the mask excludes (empty, future, out of window), and
+writes a partial ``(o, m, l)``. A combine step merges the partials by log-sum-exp.
+
+Optionally a second kernel returns the attention mass each key received, ``sum_q p(q, key)`` over the queries
+and the query heads of its kv group (for score-based eviction: H2O, SnapKV), recomputing the scores from the
+final log-sum-exp instead of materialising them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+  """``block_k`` slots per inner step; ``num_splits`` programs along the slot axis (flash-decoding's split-K)."""
+
+  block_k: int = 128
+  num_splits: int = 8
+
+  def __post_init__(self):
+    for name in ("block_k", "num_splits"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+        raise ValueError(f"DecodeBlockSizes.{name} must be a positive power of two, got {v!r}")
+
+
+MAX_DECODE_ROWS = 64  # queries x group size handled by one program
+
+
+def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, m_ref, l_ref, *, st):
+  q, qp = q_ref[...], qpos_ref[...]
+  valid_q = qp >= 0
+  qmin = jnp.min(jnp.where(valid_q, qp, common.BIG))
+  qmax = jnp.max(jnp.where(valid_q, qp, -1))
+  rows = q.shape[0]
+  bk = st["block_k"]
+  slots_last = st["v_slots_last"]
+
+  def body(j, carry):
+    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st["window"], num_sinks=st["num_sinks"])
+
+    def compute(carry):
+      sl = pl.ds(j * bk, bk)
+      kp = kpos_ref[sl]
+      k = k_ref[sl, :]
+      v = v_ref[:, sl] if slots_last else v_ref[sl, :]
+      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st["scale"]
+      mask = common.tile_mask(qp, kp, window=st["window"], num_sinks=st["num_sinks"])
+      v = common.zero_unseen_values(v, mask, slots_last)
+      if slots_last:
+        vdot = lambda p: jnp.dot(p.astype(v.dtype), v.T, preferred_element_type=jnp.float32)
+      else:
+        vdot = lambda p: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+      return common.online_softmax_step(carry, s, mask, vdot)
+
+    return jax.lax.cond(skip, lambda c: c, compute, carry)
+
+  vh = o_ref.shape[-1]
+  init = (
+    jnp.zeros((rows, vh), jnp.float32),
+    jnp.full((rows,), common.NEG_INF, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, init)
+  o_ref[...] = o
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, mass_ref, *, st):
+  q, qp, lse = q_ref[...], qpos_ref[...], lse_ref[...]
+  valid_q = qp >= 0
+  qmin = jnp.min(jnp.where(valid_q, qp, common.BIG))
+  qmax = jnp.max(jnp.where(valid_q, qp, -1))
+  bk = st["block_k"]
+  lse_safe = jnp.where(lse == common.NEG_INF, 0.0, lse)
+
+  def body(j, _):
+    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st["window"], num_sinks=st["num_sinks"])
+    sl = pl.ds(j * bk, bk)
+
+    def compute():
+      kp = kpos_ref[sl]
+      s = jnp.dot(q, k_ref[sl, :].T, preferred_element_type=jnp.float32) * st["scale"]
+      mask = common.tile_mask(qp, kp, window=st["window"], num_sinks=st["num_sinks"])
+      p = jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0)
+      return jnp.sum(p, axis=0)
+
+    mass_ref[sl] = jax.lax.cond(skip, lambda: jnp.zeros((bk,), jnp.float32), compute)
+    return 0
+
+  jax.lax.fori_loop(0, kmin_ref.shape[0], body, 0)
+
+
+def _pack(q, k, v, q_positions, k_positions, kv_layout, v_layout, blocks):
+  v_layout = kv_layout if v_layout is None else v_layout
+  n = q.shape[2]
+  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
+  v_slots_last = v_layout == "bkhs"
+  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
+  qq, qp = common.pack_queries(q, q_positions.astype(jnp.int32), kvh)
+  s = kk.shape[2]
+  bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s, blocks.num_splits)))
+  per_split = blocks.num_splits * bk
+  kk = common.pad_axis(kk, 2, per_split, 0)
+  vv = common.pad_axis(vv, 3 if v_slots_last else 2, per_split, 0)
+  kp = common.pad_axis(k_positions.astype(jnp.int32), 1, per_split, -1)
+  rows = qq.shape[2]
+  qq = common.pad_axis(qq, 2, 8, 0)
+  qp = common.pad_axis(qp, 1, 8, -1)
+  return qq, kk, vv, qp, kp, bk, v_slots_last, rows, kvh, n // kvh
+
+
+def decode_attention(
+  q,
+  k,
+  v,
+  q_positions,
+  k_positions,
+  *,
+  window: int | None = None,
+  num_sinks: int = 0,
+  scale: float | None = None,
+  kv_layout: str = "bskh",
+  v_layout: str | None = None,
+  out_dtype=None,
+  blocks: DecodeBlockSizes = DecodeBlockSizes(),
+  interpret: bool = False,
+  return_key_mass: bool = False,
+):
+  """Split-K decode attention; returns ``(out [b, t, n, h], lse [b, t, n], key_mass or None)``.
+
+  Same contract as ``jstream.ops.attention.attention``; ``t * (n // k)`` must be at most ``MAX_DECODE_ROWS``.
+  ``key_mass`` is ``[b, s, k]`` for ``kv_layout="bskh"`` and ``[b, k, s]`` for ``"bksh"``. Differentiable: the
+  backward pass is that of the XLA reference (decode is not trained through; this keeps it correct if it is).
+  """
+  static = dict(
+    window=window, num_sinks=int(num_sinks), scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+    kv_layout=kv_layout, v_layout=kv_layout if v_layout is None else v_layout,
+    out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype), blocks=blocks, interpret=interpret,
+    return_key_mass=return_key_mass,
+  )  # fmt: skip
+  out, lse, mass = _decode_vjp(q, k, v, q_positions, k_positions, tuple(sorted(static.items(), key=lambda x: x[0])))
+  return out, lse, (mass if return_key_mass else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _decode_vjp(q, k, v, qp, kp, static):
+  out, lse, mass = _decode_forward(q, k, v, qp, kp, **dict(static))
+  return out, lse, (jnp.zeros((), jnp.float32) if mass is None else mass)
+
+
+def _decode_vjp_fwd(q, k, v, qp, kp, static):
+  return _decode_vjp(q, k, v, qp, kp, static), (q, k, v, qp, kp)
+
+
+def _decode_vjp_bwd(static, res, cts):
+  from jstream.ops.attention import _xla_attention  # the reference defines the gradient
+
+  q, k, v, qp, kp = res
+  kw = dict(static)
+  ref = functools.partial(
+    _xla_attention, window=kw["window"], num_sinks=kw["num_sinks"], scale=kw["scale"], kv_layout=kw["kv_layout"],
+    v_layout=kw["v_layout"], mask_values=True, out_dtype=kw["out_dtype"], return_lse=True, return_key_mass=False,
+  )  # fmt: skip
+  _, vjp = jax.vjp(lambda q, k, v: tuple(ref(q, k, v, qp, kp)[:2]), q, k, v)
+  dq, dk, dv = vjp(tuple(cts[:2]))
+  return dq, dk, dv, None, None
+
+
+_decode_vjp.defvjp(_decode_vjp_fwd, _decode_vjp_bwd)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret", "return_key_mass",
+  ),
+)  # fmt: skip
+def _decode_forward(
+  q,
+  k,
+  v,
+  q_positions,
+  k_positions,
+  *,
+  window: int | None = None,
+  num_sinks: int = 0,
+  scale: float | None = None,
+  kv_layout: str = "bskh",
+  v_layout: str | None = None,
+  out_dtype=None,
+  blocks: DecodeBlockSizes = DecodeBlockSizes(),
+  interpret: bool = False,
+  return_key_mass: bool = False,
+):
+  b, t, _, h = q.shape
+  s_orig = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  scale = h**-0.5 if scale is None else scale
+  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
+  qq, kk, vv, qp, kp, bk, v_slots_last, rows, kvh, g = _pack(
+    q, k, v, q_positions, k_positions, kv_layout, v_layout, blocks
+  )
+  if rows > MAX_DECODE_ROWS:
+    raise ValueError(f"decode_attention handles at most {MAX_DECODE_ROWS} query rows, got {rows}")
+  r, s = qq.shape[2], kk.shape[2]
+  splits = blocks.num_splits
+  s_split = s // splits
+  kb_split = s_split // bk
+  vh = vv.shape[2] if v_slots_last else vv.shape[3]
+  kmin, kmax = common.block_summaries(kp, bk)
+  st = dict(scale=float(scale), window=window, num_sinks=int(num_sinks), block_k=bk, v_slots_last=v_slots_last)
+  v_block = (None, None, vh, s_split) if v_slots_last else (None, None, s_split, vh)
+  v_index = (lambda bi, ki, sp: (bi, ki, 0, sp)) if v_slots_last else (lambda bi, ki, sp: (bi, ki, sp, 0))
+  summary = pl.BlockSpec((None, kb_split), lambda bi, ki, sp: (bi, sp))
+  o, m, l = pl.pallas_call(
+    functools.partial(_split_kernel, st=st),
+    grid=(b, kvh, splits),
+    in_specs=[
+      summary,
+      summary,
+      pl.BlockSpec((None, None, r, h), lambda bi, ki, sp: (bi, ki, 0, 0)),
+      pl.BlockSpec((None, None, s_split, h), lambda bi, ki, sp: (bi, ki, sp, 0)),
+      pl.BlockSpec(v_block, v_index),
+      pl.BlockSpec((None, r), lambda bi, ki, sp: (bi, 0)),
+      pl.BlockSpec((None, s_split), lambda bi, ki, sp: (bi, sp)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, None, r, vh), lambda bi, ki, sp: (bi, ki, sp, 0, 0)),
+      pl.BlockSpec((None, None, None, r), lambda bi, ki, sp: (bi, ki, sp, 0)),
+      pl.BlockSpec((None, None, None, r), lambda bi, ki, sp: (bi, ki, sp, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, kvh, splits, r, vh), jnp.float32),
+      jax.ShapeDtypeStruct((b, kvh, splits, r), jnp.float32),
+      jax.ShapeDtypeStruct((b, kvh, splits, r), jnp.float32),
+    ],
+    interpret=interpret,
+    name="jstream_decode_split",
+  )(kmin, kmax, qq, kk, vv, qp, kp)
+  out, lse = common.merge_splits(o, m, l)  # [b, k, r, vh], [b, k, r]
+  mass = None
+  if return_key_mass:
+    mass = pl.pallas_call(
+      functools.partial(_mass_kernel, st=st),
+      grid=(b, kvh, splits),
+      in_specs=[
+        summary,
+        summary,
+        pl.BlockSpec((None, None, r, h), lambda bi, ki, sp: (bi, ki, 0, 0)),
+        pl.BlockSpec((None, None, s_split, h), lambda bi, ki, sp: (bi, ki, sp, 0)),
+        pl.BlockSpec((None, r), lambda bi, ki, sp: (bi, 0)),
+        pl.BlockSpec((None, s_split), lambda bi, ki, sp: (bi, sp)),
+        pl.BlockSpec((None, None, r), lambda bi, ki, sp: (bi, ki, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, s_split), lambda bi, ki, sp: (bi, ki, sp)),
+      out_shape=jax.ShapeDtypeStruct((b, kvh, s), jnp.float32),
+      interpret=interpret,
+      name="jstream_decode_key_mass",
+    )(kmin, kmax, qq, kk, qp, kp, lse)[:, :, :s_orig]
+    if kv_layout == "bskh":
+      mass = jnp.swapaxes(mass, 1, 2)
+  out = common.unpack_rows(out[:, :, :rows], t, g).astype(out_dtype)
+  lse = common.unpack_rows(lse[:, :, :rows], t, g)
+  return out, lse, mass

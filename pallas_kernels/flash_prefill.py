@@ -1,0 +1,347 @@
+"""Chunk / prefill flash attention with position-derived masks and block skipping, forward and backward.
+
+Queries of a chunk against keys (cache slots and/or the chunk's own keys) with the mask of
+``jstream.ops.attention`` (valid, causal, window, sinks), grouped-query heads, online softmax, the log-sum-exp as
+a second output, and a ``custom_vjp`` whose backward is two flash-style kernels (dq; dk and dv), which also
+accepts a cotangent for the log-sum-exp (partial attentions merged by ``merge`` are differentiated through it).
+Key blocks the mask fully excludes are skipped (see ``common``), so a sink + window mask costs
+``O(T x (W + S))``.
+
+Grid: ``(batch, kv_heads, query blocks)`` for the forward and dq passes, ``(batch, kv_heads, key blocks)`` for
+dk/dv; each program loops over the other axis's blocks in ``lax.fori_loop`` and skips excluded ones under
+``lax.cond``. ``interpret=True`` runs the same kernels on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. ``block_q`` counts tokens (a query tile holds ``block_q * g`` rows); ``block_k`` counts slots."""
+
+  block_q: int = 64
+  block_k: int = 64
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+        raise ValueError(f"BlockSizes.{name} must be a positive power of two, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  window: int | None
+  num_sinks: int
+  rows_per_block: int  # block_q * g
+  block_k: int
+  v_slots_last: bool
+  interpret: bool
+
+
+def _vdot(v, v_slots_last):
+  """``p @ v_tile`` for a value tile stored ``[block_k, h]`` or slots-last ``[h, block_k]``."""
+  if v_slots_last:
+    return lambda p: jnp.dot(p.astype(v.dtype), v.T, preferred_element_type=jnp.float32)
+  return lambda p: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, lse_ref, *, st):
+  qi = pl.program_id(2)
+  q = q_ref[...]  # [R, h]
+  qp = qpos_ref[...]  # [R]
+  qmin, qmax = qmin_ref[qi], qmax_ref[qi]
+  rows = q.shape[0]
+  bk = st.block_k
+
+  def body(j, carry):
+    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st.window, num_sinks=st.num_sinks)
+
+    def compute(carry):
+      sl = pl.ds(j * bk, bk)
+      kp = kpos_ref[sl]
+      k = k_ref[sl, :]
+      v = v_ref[:, sl] if st.v_slots_last else v_ref[sl, :]
+      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st.scale
+      mask = common.tile_mask(qp, kp, window=st.window, num_sinks=st.num_sinks)
+      v = common.zero_unseen_values(v, mask, st.v_slots_last)
+      return common.online_softmax_step(carry, s, mask, _vdot(v, st.v_slots_last))
+
+    return jax.lax.cond(skip, lambda c: c, compute, carry)
+
+  vh = o_ref.shape[-1]
+  init = (
+    jnp.zeros((rows, vh), jnp.float32),
+    jnp.full((rows,), common.NEG_INF, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, init)
+  out, lse = common.finish(o, m, l)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _forward(st: _Static, q, k, v, qp, kp, out_dtype):
+  """Packed, padded inputs: q [b, k, R, h], k [b, k, S, h], v [b, k, S, vh] or [b, k, vh, S], qp [b, R], kp [b, S]."""
+  b, kvh, rows, h = q.shape
+  s = k.shape[2]
+  vh = v.shape[2] if st.v_slots_last else v.shape[3]
+  rb, bk = st.rows_per_block, st.block_k
+  num_qb, num_kb = rows // rb, s // bk
+  qmin, qmax = common.block_summaries(qp, rb)
+  kmin, kmax = common.block_summaries(kp, bk)
+  v_block = (None, None, vh, s) if st.v_slots_last else (None, None, s, vh)
+  row = lambda bi, ki, qi: (bi, 0)
+  return pl.pallas_call(
+    functools.partial(_fwd_kernel, st=st),
+    grid=(b, kvh, num_qb),
+    in_specs=[
+      pl.BlockSpec((None, num_qb), row),
+      pl.BlockSpec((None, num_qb), row),
+      pl.BlockSpec((None, num_kb), row),
+      pl.BlockSpec((None, num_kb), row),
+      pl.BlockSpec((None, None, rb, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+      pl.BlockSpec((None, None, s, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
+      pl.BlockSpec(v_block, lambda bi, ki, qi: (bi, ki, 0, 0)),
+      pl.BlockSpec((None, rb), lambda bi, ki, qi: (bi, qi)),
+      pl.BlockSpec((None, s), row),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, rb, vh), lambda bi, ki, qi: (bi, ki, qi, 0)),
+      pl.BlockSpec((None, None, rb), lambda bi, ki, qi: (bi, ki, qi)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, kvh, rows, vh), out_dtype),
+      jax.ShapeDtypeStruct((b, kvh, rows), jnp.float32),
+    ],
+    interpret=st.interpret,
+    name="jstream_flash_prefill_fwd",
+  )(qmin, qmax, kmin, kmax, q, k, v, qp, kp)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+def _probs(q, k, kp, qp, lse, st):
+  """Masked probabilities ``p [R, bk]`` of a (query tile, key tile) pair, recomputed from the saved lse."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st.scale
+  mask = common.tile_mask(qp, kp, window=st.window, num_sinks=st.num_sinks)
+  lse_safe = jnp.where(lse == common.NEG_INF, 0.0, lse)
+  return jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0), mask
+
+
+def _dq_kernel(
+  qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, do_ref, lse_ref, delta_ref,
+  dq_ref, *, st,
+):  # fmt: skip
+  qi = pl.program_id(2)
+  q, qp, do = q_ref[...], qpos_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  qmin, qmax = qmin_ref[qi], qmax_ref[qi]
+  bk = st.block_k
+
+  def body(j, dq):
+    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st.window, num_sinks=st.num_sinks)
+
+    def compute(dq):
+      sl = pl.ds(j * bk, bk)
+      kp = kpos_ref[sl]
+      k = jnp.where(kp[:, None] >= 0, k_ref[sl, :], 0)
+      v = jnp.where(kp[:, None] >= 0, v_ref[sl, :], 0)
+      p, mask = _probs(q, k, kp, qp, lse, st)
+      dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+      ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+      return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
+
+    return jax.lax.cond(skip, lambda d: d, compute, dq)
+
+  dq = jax.lax.fori_loop(0, kmin_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+  qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, do_ref, lse_ref, delta_ref,
+  dk_ref, dv_ref, *, st,
+):  # fmt: skip
+  kj = pl.program_id(2)
+  kp = kpos_ref[...]
+  k = jnp.where(kp[:, None] >= 0, k_ref[...], 0)
+  v = jnp.where(kp[:, None] >= 0, v_ref[...], 0)
+  kmin, kmax = kmin_ref[kj], kmax_ref[kj]
+  rb = st.rows_per_block
+
+  def body(i, carry):
+    skip = common.block_skipped(qmin_ref[i], qmax_ref[i], kmin, kmax, window=st.window, num_sinks=st.num_sinks)
+
+    def compute(carry):
+      dk, dv = carry
+      sl = pl.ds(i * rb, rb)
+      q, qp, do = q_ref[sl, :], qpos_ref[sl], do_ref[sl, :]
+      lse, delta = lse_ref[sl], delta_ref[sl]
+      p, mask = _probs(q, k, kp, qp, lse, st)
+      dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+      dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
+      ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
+      dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * st.scale
+      return dk, dv
+
+    return jax.lax.cond(skip, lambda c: c, compute, carry)
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = jax.lax.fori_loop(0, qmin_ref.shape[0], body, init)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
+  """Gradients of packed inputs (values slots-second ``[b, k, S, vh]``)."""
+  b, kvh, rows, h = q.shape
+  s, vh = k.shape[2], v.shape[3]
+  rb, bk = st.rows_per_block, st.block_k
+  num_qb, num_kb = rows // rb, s // bk
+  qmin, qmax = common.block_summaries(qp, rb)
+  kmin, kmax = common.block_summaries(kp, bk)
+  row = lambda bi, ki, x: (bi, 0)
+  summaries = [pl.BlockSpec((None, n), row) for n in (num_qb, num_qb, num_kb, num_kb)]
+  full_q = [
+    pl.BlockSpec((None, None, rows, h), lambda bi, ki, x: (bi, ki, 0, 0)),
+  ]
+  dq = pl.pallas_call(
+    functools.partial(_dq_kernel, st=st),
+    grid=(b, kvh, num_qb),
+    in_specs=[
+      *summaries,
+      pl.BlockSpec((None, None, rb, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+      pl.BlockSpec((None, None, s, h), lambda bi, ki, qi: (bi, ki, 0, 0)),
+      pl.BlockSpec((None, None, s, vh), lambda bi, ki, qi: (bi, ki, 0, 0)),
+      pl.BlockSpec((None, rb), lambda bi, ki, qi: (bi, qi)),
+      pl.BlockSpec((None, s), row),
+      pl.BlockSpec((None, None, rb, vh), lambda bi, ki, qi: (bi, ki, qi, 0)),
+      pl.BlockSpec((None, None, rb), lambda bi, ki, qi: (bi, ki, qi)),
+      pl.BlockSpec((None, None, rb), lambda bi, ki, qi: (bi, ki, qi)),
+    ],
+    out_specs=pl.BlockSpec((None, None, rb, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    interpret=st.interpret,
+    name="jstream_flash_prefill_dq",
+  )(qmin, qmax, kmin, kmax, q, k, v, qp, kp, do, lse, delta)
+  dk, dv = pl.pallas_call(
+    functools.partial(_dkv_kernel, st=st),
+    grid=(b, kvh, num_kb),
+    in_specs=[
+      *summaries,
+      *full_q,
+      pl.BlockSpec((None, None, bk, h), lambda bi, ki, kj: (bi, ki, kj, 0)),
+      pl.BlockSpec((None, None, bk, vh), lambda bi, ki, kj: (bi, ki, kj, 0)),
+      pl.BlockSpec((None, rows), row),
+      pl.BlockSpec((None, bk), lambda bi, ki, kj: (bi, kj)),
+      pl.BlockSpec((None, None, rows, vh), lambda bi, ki, kj: (bi, ki, 0, 0)),
+      pl.BlockSpec((None, None, rows), lambda bi, ki, kj: (bi, ki, 0)),
+      pl.BlockSpec((None, None, rows), lambda bi, ki, kj: (bi, ki, 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, bk, h), lambda bi, ki, kj: (bi, ki, kj, 0)),
+      pl.BlockSpec((None, None, bk, vh), lambda bi, ki, kj: (bi, ki, kj, 0)),
+    ],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    interpret=st.interpret,
+    name="jstream_flash_prefill_dkv",
+  )(qmin, qmax, kmin, kmax, q, k, v, qp, kp, do, lse, delta)
+  return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _flash(st, q, k, v, qp, kp, out_dtype):
+  return _forward(st, q, k, v, qp, kp, out_dtype)
+
+
+def _flash_fwd(st, q, k, v, qp, kp, out_dtype):
+  out, lse = _forward(st, q, k, v, qp, kp, out_dtype)
+  return (out, lse), (q, k, v, qp, kp, out, lse)
+
+
+def _flash_bwd(st, out_dtype, res, cts):
+  q, k, v, qp, kp, out, lse = res
+  d_out, d_lse = cts
+  d_out = d_out.astype(jnp.float32)
+  # d lse_i / d s_ij = p_ij, so a cotangent on the lse enters exactly like -delta.
+  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1) - d_lse
+  v_s = jnp.swapaxes(v, 2, 3) if st.v_slots_last else v
+  st_b = dataclasses.replace(st, v_slots_last=False)
+  dq, dk, dv = _backward(st_b, q, k, v_s, qp, kp, d_out.astype(q.dtype), lse, delta)
+  if st.v_slots_last:
+    dv = jnp.swapaxes(dv, 2, 3)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------------------------------------ wrapper
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret"),
+)
+def flash_attention(
+  q,
+  k,
+  v,
+  q_positions,
+  k_positions,
+  *,
+  window: int | None = None,
+  num_sinks: int = 0,
+  scale: float | None = None,
+  kv_layout: str = "bskh",
+  v_layout: str | None = None,
+  out_dtype=None,
+  blocks: BlockSizes = BlockSizes(),
+  interpret: bool = False,
+):
+  """Flash attention with the position-derived mask; returns ``(out [b, t, n, h], lse [b, t, n])``.
+
+  Same contract as ``jstream.ops.attention.attention`` (layouts ``bskh`` / ``bksh`` for keys, plus ``bkhs`` for
+  values). Lengths need not be multiples of the block sizes (inputs are padded with invalid positions).
+  Differentiable (flash backward); positions are not.
+  """
+  v_layout = kv_layout if v_layout is None else v_layout
+  _, t, n, h = q.shape
+  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  g = n // kvh
+  scale = h**-0.5 if scale is None else scale
+  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
+  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k  # [b, k, s, h]
+  v_slots_last = v_layout == "bkhs"
+  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v  # [b, k, s, h] or [b, k, h, s]
+  qq, qp = common.pack_queries(q, q_positions.astype(jnp.int32), kvh)
+  bq = min(blocks.block_q, pl.next_power_of_2(t))
+  bk = min(blocks.block_k, pl.next_power_of_2(kk.shape[2]))
+  rb = bq * g
+  qq = common.pad_axis(qq, 2, rb, 0)
+  qp = common.pad_axis(qp, 1, rb, -1)
+  kk = common.pad_axis(kk, 2, bk, 0)
+  vv = common.pad_axis(vv, 3 if v_slots_last else 2, bk, 0)
+  kp = common.pad_axis(k_positions.astype(jnp.int32), 1, bk, -1)
+  st = _Static(float(scale), window, int(num_sinks), rb, bk, v_slots_last, interpret)
+  out, lse = _flash(st, qq, kk, vv, qp, kp, out_dtype)
+  out = common.unpack_rows(out[:, :, : t * g], t, g)
+  lse = common.unpack_rows(lse[:, :, : t * g], t, g)
+  return out, lse

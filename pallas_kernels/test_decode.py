@@ -1,0 +1,40 @@
+"""The split-K decode kernel in interpret mode, on the shared implementation tests."""
+
+import numpy as np
+import pytest
+from attention_base import AttentionImplBase, make_inputs, reference
+
+from jstream.ops import attention as A
+from pallas_kernels.decode import DecodeBlockSizes, decode_attention
+
+SMALL = DecodeBlockSizes(block_k=4, num_splits=4)
+
+
+class TestDecodeInterpret(AttentionImplBase):
+  IMPL = "pallas_decode"
+  QUERY_LENGTHS = (1, 3)
+
+  def run(self, q, k, v, qp, kp, return_key_mass=False, **kw):
+    out, lse, mass = decode_attention(q, k, v, qp, kp, blocks=SMALL, interpret=True, return_key_mass=return_key_mass,
+                                      **kw)  # fmt: skip
+    return A.AttentionResult(out, lse, mass)
+
+
+def test_dispatch_picks_decode_for_few_rows():
+  q, k, v, qp, kp = make_inputs(t=1, seed=21)
+  res = A.attention(q, k, v, q_positions=qp, k_positions=kp, window=8, num_sinks=2, return_key_mass=True,
+                    return_lse=True, impl="pallas")  # fmt: skip
+  want = reference(q, k, v, qp, kp, window=8, num_sinks=2, return_key_mass=True)
+  np.testing.assert_allclose(res.out, want.out, atol=2e-5)
+  np.testing.assert_allclose(res.key_mass, want.key_mass, atol=2e-5)
+
+
+def test_too_many_rows_is_rejected():
+  q, k, v, qp, kp = make_inputs(t=40, kvh=1, seed=22)  # 160 rows
+  with pytest.raises(NotImplementedError, match="more than the decode kernel"):
+    A.attention(q, k, v, q_positions=qp, k_positions=kp, impl="pallas_decode")
+
+
+def test_block_sizes_are_validated():
+  with pytest.raises(ValueError, match="power of two"):
+    DecodeBlockSizes(num_splits=3)
