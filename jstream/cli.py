@@ -12,6 +12,7 @@ import sys
 
 BENCHMARKS = {
   "stream": ("experiments.bench_stream", "per-token decode latency and memory against stream position"),
+  "attention": ("experiments.bench_attention", "attention kernels vs XLA and cuDNN (interpret-mode checks on CPU)"),
 }
 
 

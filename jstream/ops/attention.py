@@ -172,8 +172,9 @@ def _load_plugins() -> None:
   _PLUGINS_LOADED = True
   try:
     import pallas_kernels  # noqa: F401
-  except ImportError:
-    pass
+  except ModuleNotFoundError as e:  # not installed; any other import failure is a bug and is raised
+    if e.name != "pallas_kernels":
+      raise
 
 
 def implementations() -> tuple[str, ...]:
