@@ -15,6 +15,8 @@ and none of them a sink. Skipped blocks are neither loaded nor computed, so a si
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -93,6 +95,13 @@ def zero_unseen_values(v, mask, slots_last: bool):
   return jnp.where(seen[None, :], v, 0) if slots_last else jnp.where(seen[:, None], v, 0)
 
 
+def value_dot(v, slots_last: bool):
+  """``p -> p @ v_tile`` in float32, for a value tile ``[block_k, h]`` or slots-last ``[h, block_k]``."""
+  if slots_last:
+    return lambda p: jnp.dot(p.astype(v.dtype), v.T, preferred_element_type=jnp.float32)
+  return lambda p: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
 def online_softmax_step(carry, s, mask, v_tile_dot):
   """One flash step: fold scores ``s [rows, cols]`` (masked by ``mask``) into ``(o, m, l)``.
 
@@ -133,3 +142,36 @@ def merge_splits(o, m, l):
 def interpret_default() -> bool:
   """Kernels run in interpret mode on CPU (tests) and compiled on GPU/TPU."""
   return jax.default_backend() == "cpu"
+
+
+def freeze(static: dict) -> tuple:
+  """A hashable form of keyword arguments (for ``nondiff_argnums``)."""
+  return tuple(sorted(static.items(), key=lambda kv: kv[0]))
+
+
+def with_reference_vjp(forward):
+  """Wraps a forward-only kernel ``forward(q, k, v, qp, kp, **static) -> (out, lse, ...)`` in a ``custom_vjp``
+  whose backward is that of the XLA reference (used where no flash backward kernel exists)."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+  def wrapped(q, k, v, qp, kp, static):
+    return forward(q, k, v, qp, kp, **dict(static))
+
+  def fwd(q, k, v, qp, kp, static):
+    return wrapped(q, k, v, qp, kp, static), (q, k, v, qp, kp)
+
+  def bwd(static, res, cts):
+    from jstream.ops.attention import _xla_attention  # the reference defines the gradient
+
+    q, k, v, qp, kp = res
+    kw = dict(static)
+    ref = functools.partial(
+      _xla_attention, window=kw["window"], num_sinks=kw["num_sinks"], scale=kw["scale"], kv_layout=kw["kv_layout"],
+      v_layout=kw["v_layout"], mask_values=True, out_dtype=kw["out_dtype"], return_lse=True, return_key_mass=False,
+    )  # fmt: skip
+    _, vjp = jax.vjp(lambda q, k, v: tuple(ref(q, k, v, qp, kp)[:2]), q, k, v)
+    dq, dk, dv = vjp(tuple(cts[:2]))
+    return dq, dk, dv, None, None
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped

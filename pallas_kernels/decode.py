@@ -60,11 +60,7 @@ def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o
       s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st["scale"]
       mask = common.tile_mask(qp, kp, window=st["window"], num_sinks=st["num_sinks"])
       v = common.zero_unseen_values(v, mask, slots_last)
-      if slots_last:
-        vdot = lambda p: jnp.dot(p.astype(v.dtype), v.T, preferred_element_type=jnp.float32)
-      else:
-        vdot = lambda p: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-      return common.online_softmax_step(carry, s, mask, vdot)
+      return common.online_softmax_step(carry, s, mask, common.value_dot(v, slots_last))
 
     return jax.lax.cond(skip, lambda c: c, compute, carry)
 
@@ -154,35 +150,8 @@ def decode_attention(
     out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype), blocks=blocks, interpret=interpret,
     return_key_mass=return_key_mass,
   )  # fmt: skip
-  out, lse, mass = _decode_vjp(q, k, v, q_positions, k_positions, tuple(sorted(static.items(), key=lambda x: x[0])))
+  out, lse, mass = _decode_vjp(q, k, v, q_positions, k_positions, common.freeze(static))
   return out, lse, (mass if return_key_mass else None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _decode_vjp(q, k, v, qp, kp, static):
-  out, lse, mass = _decode_forward(q, k, v, qp, kp, **dict(static))
-  return out, lse, (jnp.zeros((), jnp.float32) if mass is None else mass)
-
-
-def _decode_vjp_fwd(q, k, v, qp, kp, static):
-  return _decode_vjp(q, k, v, qp, kp, static), (q, k, v, qp, kp)
-
-
-def _decode_vjp_bwd(static, res, cts):
-  from jstream.ops.attention import _xla_attention  # the reference defines the gradient
-
-  q, k, v, qp, kp = res
-  kw = dict(static)
-  ref = functools.partial(
-    _xla_attention, window=kw["window"], num_sinks=kw["num_sinks"], scale=kw["scale"], kv_layout=kw["kv_layout"],
-    v_layout=kw["v_layout"], mask_values=True, out_dtype=kw["out_dtype"], return_lse=True, return_key_mass=False,
-  )  # fmt: skip
-  _, vjp = jax.vjp(lambda q, k, v: tuple(ref(q, k, v, qp, kp)[:2]), q, k, v)
-  dq, dk, dv = vjp(tuple(cts[:2]))
-  return dq, dk, dv, None, None
-
-
-_decode_vjp.defvjp(_decode_vjp_fwd, _decode_vjp_bwd)
 
 
 @functools.partial(
@@ -277,3 +246,11 @@ def _decode_forward(
   out = common.unpack_rows(out[:, :, :rows], t, g).astype(out_dtype)
   lse = common.unpack_rows(lse[:, :, :rows], t, g)
   return out, lse, mass
+
+
+def _forward_with_mass(q, k, v, qp, kp, **static):
+  out, lse, mass = _decode_forward(q, k, v, qp, kp, **static)
+  return out, lse, (jnp.zeros((), jnp.float32) if mass is None else mass)
+
+
+_decode_vjp = common.with_reference_vjp(_forward_with_mass)

@@ -49,13 +49,6 @@ class _Static:
   interpret: bool
 
 
-def _vdot(v, v_slots_last):
-  """``p @ v_tile`` for a value tile stored ``[block_k, h]`` or slots-last ``[h, block_k]``."""
-  if v_slots_last:
-    return lambda p: jnp.dot(p.astype(v.dtype), v.T, preferred_element_type=jnp.float32)
-  return lambda p: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-
-
 # ------------------------------------------------------------------------------------------------ forward
 
 
@@ -78,7 +71,7 @@ def _fwd_kernel(qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpo
       s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st.scale
       mask = common.tile_mask(qp, kp, window=st.window, num_sinks=st.num_sinks)
       v = common.zero_unseen_values(v, mask, st.v_slots_last)
-      return common.online_softmax_step(carry, s, mask, _vdot(v, st.v_slots_last))
+      return common.online_softmax_step(carry, s, mask, common.value_dot(v, st.v_slots_last))
 
     return jax.lax.cond(skip, lambda c: c, compute, carry)
 

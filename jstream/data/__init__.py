@@ -1,0 +1,48 @@
+"""Local datasets as TFDS builders (array_record, no TensorFlow) and grain pipelines; nothing is downloaded.
+
+* ``text``: byte-level text (the stdlib's ``.py`` files + pydoc topics, or any local files), split by file;
+  ``text_dataset`` yields int32 ``[batch, seq_len]`` windows, ``heldout_stream`` one long int32 stream.
+* ``digits``: moving-digit videos from scikit-learn's bundled digits; ``digits_dataset`` yields ``[batch, T, H, W]``.
+
+Pipelines are ``grain.IterDataset``s: deterministic given the seed, and resumable from ``iterator.get_state()`` (a
+JSON-able dict) with ``iter(ds).set_state(state)``. Builders live under ``data_dir`` (argument, else
+``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``) and are built once, on first use.
+"""
+
+from jstream.data.digits import (
+  DigitsConfig,
+  JstreamMovingDigits,
+  digits_builder,
+  digits_config,
+  digits_dataset,
+  make_clip,
+)
+from jstream.data.text import (
+  SEPARATOR,
+  JstreamText,
+  TextConfig,
+  heldout_stream,
+  resolve_data_dir,
+  split_bytes,
+  text_builder,
+  text_config,
+  text_dataset,
+)
+
+__all__ = [
+  "SEPARATOR",
+  "DigitsConfig",
+  "JstreamMovingDigits",
+  "JstreamText",
+  "TextConfig",
+  "digits_builder",
+  "digits_config",
+  "digits_dataset",
+  "heldout_stream",
+  "make_clip",
+  "resolve_data_dir",
+  "split_bytes",
+  "text_builder",
+  "text_config",
+  "text_dataset",
+]

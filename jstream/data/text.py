@@ -1,0 +1,486 @@
+"""Byte-level text streams from local files: a TFDS builder (array_record, no TensorFlow) and grain pipelines.
+
+Conventions
+  * **Tokens are bytes.** A document is the raw bytes of a file (no decoding, so files that are not valid UTF-8
+    are fine) or the UTF-8 encoding of a ``pydoc_data`` topic. Token ids are 0..255, ``int32`` in the pipelines.
+  * **One stream per split.** The documents of a split are concatenated, each followed by one ``SEPARATOR`` byte
+    (0, NUL, which text does not contain), in a fixed pseudo-random order (sorted by ``sha256("order:" + key)``),
+    so that any prefix of the held-out stream mixes code and prose.
+  * **Default corpus:** the ``.py`` files of the local Python standard library (``sysconfig``'s ``stdlib``
+    directory, without ``site-packages``/``dist-packages``, ``__pycache__`` and the test directories ``test``,
+    ``tests`` and ``idle_test``) plus every topic of ``pydoc_data.topics.topics`` (English prose). ``text_config(
+    paths=[...])`` uses any local files and directories instead (every non-hidden file under a directory, or only
+    those ending in ``suffixes``).
+  * **Split by document, deterministic.** Each document has a key: ``<root name>/<path relative to the root>``
+    (``stdlib/...`` for the standard library, whatever its folder is called; a file given directly: its name),
+    ``pydoc/<topic>`` for pydoc topics. With ``u`` the first 8 bytes of
+    ``sha256(key)`` read as a fraction of ``2**64``, the document is held out iff ``u < heldout_fraction`` (default
+    2%) for files and ``u < prose_heldout_fraction`` (default 75%) for pydoc topics: held-out text then has both
+    code and English prose, and training still sees some prose. A document's split never depends on the other
+    documents, except for one fix-up: when a corpus of two or more documents would leave a split empty, the
+    document with the smallest ``u`` (resp. largest) moves to it. Empty files are skipped.
+  * **Builder.** ``JstreamText`` (TFDS name ``jstream_text``), stored as array_record under ``data_dir`` (argument,
+    else ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``). Its config name is the corpus kind plus a
+    signature (hash of the roots, every document's key, size and mtime, the pydoc topics and the split fractions),
+    so different corpora, or a corpus whose files changed, never collide. It is built on first use, under a file
+    lock, and reused afterwards.
+  * **Pipelines** are grain ``MapDataset``s turned into ``IterDataset``s: deterministic given the seed, whatever
+    the worker count; ``it.get_state()`` is a JSON-able dict and ``iter(ds).set_state(state)`` resumes exactly.
+
+The shared helpers ``resolve_data_dir``, ``prepare_builder`` and ``finish_pipeline`` are also used by
+``jstream.data.digits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+SEPARATOR = 0
+ENV_DATA_DIR = "JSTREAM_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.cache/jstream/tfds"
+SPLITS = ("train", "heldout")
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+
+B = TypeVar("B", bound=tfds.core.DatasetBuilder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared TFDS / grain helpers (also used by jstream.data.digits).
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+  """The TFDS data dir: ``data_dir`` if given, else ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``."""
+  chosen = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR
+  return Path(chosen).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_builder(cls: type[B], config: tfds.core.BuilderConfig, data_dir: str | os.PathLike | None = None) -> B:
+  """Returns a prepared array_record builder ``cls(config=config)``, building it first if it is not on disk.
+
+  Building happens once per (builder, version, config) under ``data_dir``; concurrent first uses (e.g. pytest
+  workers) wait on a file lock instead of racing.
+  """
+  root = resolve_data_dir(data_dir)
+  make = lambda: cls(config=config, data_dir=str(root), file_format="array_record")
+  builder = make()
+  if builder.is_prepared():
+    return builder
+  with _file_lock(root / f".{cls.name}-{config.name}.lock"):
+    builder = make()  # Re-read: another process may have built it while we waited.
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+  return builder
+
+
+def ensure_absl_flags_parsed() -> None:
+  """Marks absl flags as parsed (grain's worker processes read them; pytest and notebooks never parse them)."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def finish_pipeline(
+  ds: grain.MapDataset,
+  batch_size: int,
+  *,
+  worker_count: int = 0,
+  read_options: grain.ReadOptions | None = None,
+  drop_remainder: bool = True,
+) -> grain.IterDataset:
+  """Batches a ``MapDataset`` of examples and turns it into an ``IterDataset`` (with ``worker_count`` processes).
+
+  Batching happens before the workers split the work, so the batches do not depend on ``worker_count``.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if worker_count < 0:
+    raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  it = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  if worker_count > 0:
+    ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def _unit_hash(key: str) -> float:
+  """A stable uniform number in [0, 1) from ``key`` (same on every machine and Python version)."""
+  return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpus: which documents, and which split each goes to.
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One document of a corpus: a local file (``path``) or a pydoc topic (``topic``), named by ``key``."""
+
+  key: str
+  path: Path | None = None
+  topic: str | None = None
+
+  @property
+  def prose(self) -> bool:
+    return self.topic is not None
+
+  def read(self) -> bytes:
+    if self.path is not None:
+      return self.path.read_bytes()
+    return _pydoc_topics()[self.topic].encode("utf-8")
+
+
+@dataclasses.dataclass(eq=False)
+class TextConfig(tfds.core.BuilderConfig):
+  """A text corpus (a TFDS builder config); make one with ``text_config``, which names it by its signature.
+
+  Attributes:
+    roots: absolute paths of the files and directories that make up the corpus.
+    suffixes: keep only files ending with one of these (``None``: every non-hidden file).
+    skip_tests: skip ``site-packages``, ``__pycache__`` and test directories (the stdlib corpus).
+    include_pydoc: add every topic of ``pydoc_data.topics`` as a prose document.
+    heldout_fraction: probability that a file is held out.
+    prose_heldout_fraction: probability that a pydoc topic is held out.
+  """
+
+  roots: tuple[str, ...] = ()
+  suffixes: tuple[str, ...] | None = None
+  skip_tests: bool = False
+  include_pydoc: bool = False
+  heldout_fraction: float = 0.02
+  prose_heldout_fraction: float = 0.75
+
+
+@functools.cache
+def _pydoc_topics() -> dict[str, str]:
+  from pydoc_data.topics import topics
+
+  return dict(topics)
+
+
+def stdlib_dir() -> Path:
+  """The local Python standard library (also inside a virtual environment)."""
+  return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _walk(root: Path, suffixes: tuple[str, ...] | None, skip_tests: bool) -> list[Path]:
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (False)]
+    for name in filenames:
+      if not name.startswith(".") and (suffixes is None or name.endswith(suffixes)):
+        found.append(Path(dirpath, name))
+  return found
+
+
+def list_documents(config: TextConfig) -> list[Document]:
+  """The non-empty documents of ``config``, in their stream order (sorted by ``sha256("order:" + key)``)."""
+  docs = []
+  for root in map(Path, config.roots):
+    if root.is_dir():
+      name = "stdlib" if root == stdlib_dir() else root.name
+      keyed = [(f"{name}/{f.relative_to(root).as_posix()}", f) for f in _walk(root, config.suffixes, config.skip_tests)]
+    else:
+      keyed = [(root.name, root)]
+    docs += [Document(key, path=f) for key, f in keyed if f.is_file() and f.stat().st_size > 0]
+  if config.include_pydoc:
+    docs += [Document(f"pydoc/{t}", topic=t) for t, text in _pydoc_topics().items() if text]
+  return sorted(docs, key=lambda d: (hashlib.sha256(f"order:{d.key}".encode()).digest(), d.key, str(d.path)))
+
+
+def split_documents(config: TextConfig, docs: Sequence[Document]) -> dict[str, list[Document]]:
+  """Assigns each document to ``train`` or ``heldout`` by the hash of its key (see the module docstring)."""
+  u = [_unit_hash(d.key) for d in docs]
+  held = [ui < (config.prose_heldout_fraction if d.prose else config.heldout_fraction) for d, ui in zip(docs, u)]
+  if len(docs) >= 2 and not any(held):
+    held[int(np.argmin(u))] = True
+  if len(docs) >= 2 and all(held):
+    held[int(np.argmax(u))] = False
+  return {
+    "train": [d for d, h in zip(docs, held) if not h],
+    "heldout": [d for d, h in zip(docs, held) if h],
+  }
+
+
+def _signature(config: TextConfig, docs: Sequence[Document]) -> str:
+  h = hashlib.sha256()
+  fields = (config.roots, config.suffixes, config.skip_tests, config.heldout_fraction, config.prose_heldout_fraction)
+  h.update(repr(fields).encode())
+  for d in docs:
+    if d.path is not None:
+      st = d.path.stat()
+      h.update(f"{d.key}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+      h.update(f"{d.key}\0".encode() + d.read() + b"\n")
+  return h.hexdigest()[:16]
+
+
+def text_config(
+  paths: Sequence[str | os.PathLike] | None = None,
+  *,
+  suffixes: Sequence[str] | None = None,
+  include_pydoc: bool | None = None,
+  heldout_fraction: float = 0.02,
+  prose_heldout_fraction: float = 0.75,
+) -> TextConfig:
+  """Describes a corpus and checks it; its name is a signature of its contents.
+
+  Args:
+    paths: local files and directories; ``None`` for the default corpus (stdlib ``.py`` files + pydoc topics).
+    suffixes: keep only files with these endings (default: ``(".py",)`` for the stdlib, every file otherwise).
+    include_pydoc: add the pydoc topics (default: only for the default corpus).
+    heldout_fraction: probability that a file is held out.
+    prose_heldout_fraction: probability that a pydoc topic is held out.
+
+  Returns:
+    A ``TextConfig`` to pass to the builder and the pipelines.
+
+  Raises:
+    FileNotFoundError: a path does not exist.
+    ValueError: the corpus has no bytes, fewer than two documents (a split by file needs two), or a fraction is
+      outside [0, 1].
+  """
+  for name, frac in (("heldout_fraction", heldout_fraction), ("prose_heldout_fraction", prose_heldout_fraction)):
+    if not 0.0 <= frac <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {frac}")
+  if paths is None:
+    kind, roots, skip_tests = "stdlib", [stdlib_dir()], True
+    suffixes = (".py",) if suffixes is None else suffixes
+    include_pydoc = True if include_pydoc is None else include_pydoc
+  else:
+    kind, roots, skip_tests = (
+      "files",
+      [Path(p).expanduser() for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)],
+      False,
+    )
+    missing = [str(p) for p in roots if not p.exists()]
+    if missing:
+      raise FileNotFoundError(f"text corpus path(s) not found: {', '.join(missing)}")
+    roots = [p.resolve() for p in roots]
+  config = TextConfig(
+    name="pending",
+    roots=tuple(str(p) for p in roots),
+    suffixes=None if suffixes is None else tuple(suffixes),
+    skip_tests=skip_tests,
+    include_pydoc=bool(include_pydoc),
+    heldout_fraction=float(heldout_fraction),
+    prose_heldout_fraction=float(prose_heldout_fraction),
+  )
+  docs = list_documents(config)
+  where = ", ".join(config.roots) + (" + pydoc topics" if config.include_pydoc else "")
+  if not docs:
+    raise ValueError(f"text corpus has no bytes: no non-empty files found in {where}")
+  if len(docs) < 2:
+    raise ValueError(f"text corpus {where} has a single non-empty document; the split by file needs at least two")
+  config.name = f"{kind}_{_signature(config, docs)}"
+  config.description = f"Byte-level text from {where} (suffixes={config.suffixes}), split by file."
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TFDS builder.
+
+
+class JstreamText(tfds.core.GeneratorBasedBuilder):
+  """Local text documents as byte arrays, split ``train`` / ``heldout`` by file (TFDS name ``jstream_text``).
+
+  Features: ``text`` (uint8 ``[n]``, the document's bytes), ``key`` (str, its key: relative path or
+  ``pydoc/<topic>``), ``prose`` (bool, a pydoc topic), ``index`` (int64, its rank in stream order within the
+  split). Records are stored in stream order.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "Initial release: documents as uint8 tensors, split by a hash of the key."
+  }
+  # No code folder with url checksums: nothing is downloaded. (TFDS's lookup of that folder for a package module
+  # imports the `importlib_resources` backport, which is not installed on Python >= 3.9.)
+  code_path = None
+
+  def __init__(self, *, config: TextConfig | None = None, **kwargs: Any):
+    super().__init__(config=config if config is not None else text_config(), **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    zlib = tfds.features.Encoding.ZLIB
+    features = tfds.features.FeaturesDict(
+      {
+        "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding=zlib),
+        "key": tfds.features.Tensor(shape=(), dtype=np.str_),
+        "prose": tfds.features.Tensor(shape=(), dtype=np.bool_),
+        "index": tfds.features.Tensor(shape=(), dtype=np.int64),
+      }
+    )
+    return tfds.core.DatasetInfo(
+      builder=self, description=self.builder_config.description, features=features, disable_shuffling=True
+    )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+    del dl_manager  # Nothing is downloaded.
+    splits = split_documents(self.builder_config, list_documents(self.builder_config))
+    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+  def _generate_examples(self, docs: Sequence[Document]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i, doc in enumerate(docs):
+      text = np.frombuffer(doc.read(), dtype=np.uint8)
+      yield i, {"text": text, "key": doc.key, "prose": doc.prose, "index": i}
+
+
+def text_builder(config: TextConfig | None = None, data_dir: str | os.PathLike | None = None) -> JstreamText:
+  """The prepared text builder for ``config`` (default corpus if ``None``), built on first use."""
+  return prepare_builder(JstreamText, config if config is not None else text_config(), data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streams and pipelines.
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_stream(dataset_dir: str, split: str) -> np.ndarray:
+  builder = tfds.builder_from_directory(dataset_dir)
+  source = builder.as_data_source(split=split)
+  records = sorted((source[i] for i in range(len(source))), key=lambda r: r["index"])
+  parts = []
+  for r in records:
+    parts += [r["text"], np.array([SEPARATOR], np.uint8)]
+  stream = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+  stream.flags.writeable = False
+  return stream
+
+
+def split_bytes(
+  split: str = "train", *, config: TextConfig | None = None, data_dir: str | os.PathLike | None = None
+) -> np.ndarray:
+  """The whole byte stream of a split: read-only uint8 ``[n]`` (documents in stream order, each + ``SEPARATOR``)."""
+  _check_split(split)
+  builder = text_builder(config, data_dir)
+  return _load_stream(str(builder.data_dir), split)
+
+
+def heldout_stream(
+  n_bytes: int | None = None, *, config: TextConfig | None = None, data_dir: str | os.PathLike | None = None
+) -> np.ndarray:
+  """One long held-out byte stream for streaming evaluation.
+
+  Args:
+    n_bytes: length to return (the first ``n_bytes`` of the held-out stream); ``None`` for all of it.
+    config: the corpus (default: stdlib + pydoc, whose held-out stream has several hundred kB).
+    data_dir: TFDS data dir (see ``resolve_data_dir``).
+
+  Returns:
+    int32 ``[n_bytes]`` token ids in 0..255.
+
+  Raises:
+    ValueError: the held-out split is shorter than ``n_bytes``.
+  """
+  stream = split_bytes("heldout", config=config, data_dir=data_dir)
+  if n_bytes is None:
+    n_bytes = len(stream)
+  if not 0 <= n_bytes <= len(stream):
+    raise ValueError(f"asked for {n_bytes} held-out bytes, but the held-out split has {len(stream)}")
+  return stream[:n_bytes].astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """Maps a chunk number ``j`` to ``stream[j * seq_len : (j + 1) * seq_len]`` as int32 (picklable for workers)."""
+
+  stream: np.ndarray
+  seq_len: int
+
+  def __call__(self, j: int) -> np.ndarray:
+    j = int(j)
+    return self.stream[j * self.seq_len : (j + 1) * self.seq_len].astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RandomWindow:
+  """A window of ``seq_len`` bytes starting at a uniform random offset (picklable for workers)."""
+
+  stream: np.ndarray
+  seq_len: int
+
+  def __call__(self, _: int, rng: np.random.Generator) -> np.ndarray:
+    start = int(rng.integers(0, len(self.stream) - self.seq_len + 1))
+    return self.stream[start : start + self.seq_len].astype(np.int32)
+
+
+def text_dataset(
+  split: str = "train",
+  *,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  sampling: Literal["random", "chunks"] = "random",
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  read_options: grain.ReadOptions | None = None,
+  config: TextConfig | None = None,
+  data_dir: str | os.PathLike | None = None,
+) -> grain.IterDataset:
+  """Batches of byte windows from a split, for training.
+
+  An epoch has ``len(stream) // seq_len`` windows. ``sampling="random"``: each window starts at a uniform random
+  offset (every offset is possible; seeded per window index). ``sampling="chunks"``: the stream is cut into
+  consecutive non-overlapping chunks, visited in a fresh shuffled order every epoch. Only full batches are
+  yielded. Resuming: ``state = it.get_state()`` (a JSON-able dict) and later ``it = iter(ds); it.set_state(state)``
+  give exactly the batches that would have come next.
+
+  Args:
+    split: ``"train"`` or ``"heldout"``.
+    seq_len: window length (ask for ``t + 1`` to get inputs and next-token targets of length ``t``).
+    batch_size: windows per batch.
+    seed: seed in [0, 2**32); same seed, same batches.
+    sampling: ``"random"`` windows or shuffled ``"chunks"``.
+    num_epochs: ``None`` repeats forever.
+    worker_count: grain worker processes (0: in this process, with reader threads).
+    read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
+    config: the corpus (default: stdlib + pydoc).
+    data_dir: TFDS data dir (see ``resolve_data_dir``).
+
+  Returns:
+    A ``grain.IterDataset`` of int32 ``[batch_size, seq_len]`` arrays with values in 0..255.
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  stream = split_bytes(split, config=config, data_dir=data_dir)
+  n = len(stream) // seq_len
+  if n < 1:
+    raise ValueError(f"split {split!r} has {len(stream)} bytes, fewer than seq_len={seq_len}")
+  ds = grain.MapDataset.range(n)
+  if sampling == "chunks":
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len))
+  elif sampling == "random":
+    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len), seed=seed)
+  else:
+    raise ValueError(f"sampling must be 'random' or 'chunks', got {sampling!r}")
+  return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)
