@@ -110,8 +110,7 @@ def digits_config(
   lo, hi = (float(s) for s in speed)
   checks = {
     "digit_size must be in [1, min(frame_size)]": 1 <= digit_size <= min(h, w),
-    "num_digits, num_frames, num_train and num_test must be >= 1": min(num_digits, num_frames, num_train, num_test)
-    >= 1,
+    "num_digits, num_frames, num_train and num_test must be >= 1": min(num_digits, num_frames, num_train, num_test) > 0,
     "speed must be (min, max) with 0 <= min <= max": 0.0 <= lo <= hi,
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
   }

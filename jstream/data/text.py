@@ -191,7 +191,7 @@ def stdlib_dir() -> Path:
 def _walk(root: Path, suffixes: tuple[str, ...] | None, skip_tests: bool) -> list[Path]:
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (False)]
+    dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (skip_tests and d in _SKIP_DIRS)]
     for name in filenames:
       if not name.startswith(".") and (suffixes is None or name.endswith(suffixes)):
         found.append(Path(dirpath, name))
@@ -273,11 +273,8 @@ def text_config(
     suffixes = (".py",) if suffixes is None else suffixes
     include_pydoc = True if include_pydoc is None else include_pydoc
   else:
-    kind, roots, skip_tests = (
-      "files",
-      [Path(p).expanduser() for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)],
-      False,
-    )
+    kind, skip_tests = "files", False
+    roots = [Path(p).expanduser() for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     missing = [str(p) for p in roots if not p.exists()]
     if missing:
       raise FileNotFoundError(f"text corpus path(s) not found: {', '.join(missing)}")
