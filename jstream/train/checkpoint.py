@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a training run: parameters, optimizer state, step, data-iterator state and config.
+
+``Checkpointer.restore_latest`` resumes from the newest checkpoint that restores; a truncated or corrupt newest
+checkpoint is skipped with a warning and the previous one is used. A checkpoint written under a different config
+(other than run-length and logging settings) is refused with an error that names the differing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import warnings
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from jstream.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Fields that may change between a run and its resumption (the length of the run and how it is logged).
+RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir"})
+
+
+class ConfigMismatchError(ValueError):
+  """The checkpoint was written by a run with a different config."""
+
+
+def _differences(a: dict, b: dict, prefix="") -> list[str]:
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if not prefix and key in RESUMABLE_FIELDS:
+      continue
+    va, vb = a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _differences(va, vb, f"{prefix}{key}.")
+    elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+      out.append(f"{prefix}{key}: checkpoint {vb!r} vs config {va!r}")
+  return out
+
+
+class Checkpointer:
+  """Saves and restores ``{"state": pytree, "data": json, "config": json}`` under ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str | pathlib.Path, cfg: TrainConfig, *, keep: int | None = None):
+    self.dir = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.cfg = cfg
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep or cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+    )
+    self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state", "data", "config"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(json.loads(self.cfg.to_json())),
+      ),
+      force=True,
+    )
+    self.manager.wait_until_finished()
+
+  def _check_config(self, step: int) -> None:
+    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    diffs = _differences(json.loads(self.cfg.to_json()), saved)
+    if diffs:
+      raise ConfigMismatchError(
+        f"checkpoint {self.dir}/{step} was written with a different config: "
+        + "; ".join(diffs)
+        + " (use another workdir, or the config it was trained with)"
+      )
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """``(step, state, data_state)`` of the newest checkpoint that restores, or None if there is none."""
+    steps = self.all_steps()
+    if steps:
+      self._check_config(steps[-1])
+    for step in reversed(steps):
+      try:
+        out = self.manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+        )
+        return step, out["state"], out["data"]
+      except ConfigMismatchError:
+        raise
+      except Exception as e:  # a truncated or corrupt checkpoint: fall back to the previous one
+        warnings.warn(
+          f"checkpoint {self.dir}/{step} could not be restored ({type(e).__name__}: {str(e)[:200]}); "
+          "falling back to the previous one",
+          RuntimeWarning,
+          stacklevel=2,
+        )
+    if steps:
+      raise RuntimeError(f"none of the checkpoints in {self.dir} ({steps}) could be restored")
+    return None
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """The state saved at ``step`` (config checked)."""
+    self._check_config(step)
+    return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,183 @@
+"""Training configs: a frozen dataclass, Python config files with ``get_config(arg)``, typed overrides.
+
+A config file (``configs/lm_tiny.py``) defines ``get_config(*flags) -> TrainConfig``. On the command line a config
+is named as ``path[:arg]`` where ``arg`` is a comma-separated list of bare flags, passed to ``get_config``
+(``quick``), and ``key=value`` overrides applied afterwards, typed by the field they replace
+(``configs/lm_tiny.py:quick,steps=200,model.embed_dim=128``). An unknown key or a value of the wrong type is an
+error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+from jstream.config import TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run needs (hashable; part of every checkpoint).
+
+  Attributes:
+    model: the transformer.
+    data: ``"text"`` (byte-level text streams); ``corpus``: local files / folders (empty: the default corpus).
+    seq_len, batch_size: training sample length (tokens, before a sink token) and batch size.
+    steps, lr, warmup_steps, min_lr_ratio, weight_decay, clip_norm, b1, b2: AdamW with linear warmup and cosine
+      decay to ``lr * min_lr_ratio``, global-norm gradient clipping.
+    sink_token: prepend a dedicated, learned sink token (id ``vocab_size - 1``) to every sample (StreamingLLM 3.3).
+    train_window, train_sinks: train under the sink + window mask that inference uses (None: full causal).
+    overlap: overlapped-chunk training (StreamingVLM): each sample continues the previous one's last ``overlap``
+      tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
+    seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
+  """
+
+  model: TransformerConfig
+  data: str = "text"
+  corpus: tuple[str, ...] = ()
+  seq_len: int = 256
+  batch_size: int = 16
+  steps: int = 1000
+  lr: float = 3e-3
+  warmup_steps: int = 50
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  sink_token: bool = False
+  train_window: int | None = None
+  train_sinks: int = 0
+  overlap: int = 0
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  workdir: str = "runs/lm_tiny"
+
+  def __post_init__(self):
+    if not isinstance(self.model, TransformerConfig):
+      raise TypeError(f"TrainConfig.model must be a TransformerConfig, got {type(self.model).__name__}")
+    for name in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0 <= self.overlap < self.seq_len:
+      raise ValueError(f"TrainConfig.overlap must be in [0, seq_len), got {self.overlap}")
+    if self.train_window is not None and self.train_window < max(1, self.train_sinks):
+      raise ValueError(f"train_window ({self.train_window}) must be >= max(1, train_sinks={self.train_sinks})")
+    if self.sink_token and self.model.vocab_size < 2:
+      raise ValueError("sink_token needs a vocabulary with a spare id")
+    object.__setattr__(self, "corpus", tuple(self.corpus))
+
+  @property
+  def sink_id(self) -> int | None:
+    """Token id of the learned sink token (the last id of the vocabulary), or None."""
+    return self.model.vocab_size - 1 if self.sink_token else None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> TrainConfig:
+    d = dict(d)
+    d["model"] = TransformerConfig(**d["model"])
+    d["corpus"] = tuple(d.get("corpus", ()))
+    return cls(**d)
+
+
+def _coerce(key: str, text: str, current: Any, annotation) -> Any:
+  """Parses ``text`` as the type of the field it overrides."""
+  kinds = (
+    {a for a in typing.get_args(annotation)}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    else {annotation}
+  )
+  if text.lower() in ("none", "null") and type(None) in kinds:
+    return None
+  target = type(current) if current is not None else next(k for k in kinds if k is not type(None))
+  try:
+    if target is bool:
+      if text.lower() in ("1", "true", "yes"):
+        return True
+      if text.lower() in ("0", "false", "no"):
+        return False
+      raise ValueError
+    if target is tuple or typing.get_origin(target) is tuple:
+      return tuple(p for p in text.split(";") if p)
+    if target is int:
+      return int(text)
+    if target is float:
+      return float(text)
+    if target is str:
+      return text
+  except ValueError:
+    pass
+  else:
+    if target not in (bool, int, float, str, tuple):
+      raise TypeError(f"override {key}: cannot set a field of type {target.__name__} from the command line")
+  raise TypeError(f"override {key}={text!r}: expected a value of type {target.__name__}")
+
+
+def apply_overrides(cfg, overrides: dict[str, str]):
+  """Returns the dataclass ``cfg`` with ``key=value`` overrides, typed by the field they replace.
+
+  Nested dataclass fields are reached with dots (``model.embed_dim=128``, ``train.steps=10``).
+  """
+  if not overrides:
+    return cfg
+  hints = typing.get_type_hints(type(cfg))
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  direct, nested = {}, {}
+  for key, text in overrides.items():
+    head, _, rest = key.partition(".")
+    if head not in fields:
+      raise KeyError(f"unknown config key {key!r}; fields of {type(cfg).__name__}: {sorted(fields)}")
+    value = getattr(cfg, head)
+    if rest:
+      if not dataclasses.is_dataclass(value):
+        raise KeyError(f"unknown config key {key!r}: {head} has no fields")
+      nested.setdefault(head, {})[rest] = text
+    elif dataclasses.is_dataclass(value):
+      raise TypeError(f"override {key}: set its fields ({key}.<field>=...), not the whole {type(value).__name__}")
+    else:
+      direct[head] = _coerce(key, text, value, hints[head])
+  for head, sub in nested.items():
+    try:
+      direct[head] = apply_overrides(getattr(cfg, head), sub)
+    except KeyError as e:
+      raise KeyError(str(e.args[0]).replace("unknown config key '", f"unknown config key '{head}.")) from None
+  return dataclasses.replace(cfg, **direct)
+
+
+def load_config(spec: str, expect: type | None = TrainConfig):
+  """Loads ``path[:flag,key=value,...]`` (see the module docstring); ``expect`` checks the returned type."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  mod_spec = importlib.util.spec_from_file_location(f"jstream_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"config file {path!r} has no get_config()")
+  flags, overrides = [], {}
+  for part in filter(None, (p.strip() for p in arg.split(","))):
+    if "=" in part:
+      key, value = part.split("=", 1)
+      overrides[key.strip()] = value.strip()
+    else:
+      flags.append(part)
+  cfg = module.get_config(*flags)
+  if expect is not None and not isinstance(cfg, expect):
+    raise TypeError(f"{path}: get_config() must return a {expect.__name__}, got {type(cfg).__name__}")
+  if not dataclasses.is_dataclass(cfg):
+    raise TypeError(f"{path}: get_config() must return a dataclass, got {type(cfg).__name__}")
+  return apply_overrides(cfg, overrides)

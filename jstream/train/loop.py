@@ -1,0 +1,201 @@
+"""The training loop: a jitted step with donated state, orbax checkpoints, JSONL metrics, exact resume.
+
+``train(cfg)`` builds the model, the optimizer and the data iterator, resumes from the newest checkpoint in
+``cfg.workdir`` if there is one (parameters, optimizer state, step and the data iterator's position), and runs to
+``cfg.steps``. Metrics go to ``workdir/metrics.jsonl`` (and to TensorBoard event files when ``tensorboardX`` is
+installed); a tqdm bar shows the loss and tokens/s. The host reads metrics back only every ``log_every`` steps.
+
+Resume is exact: a run of N steps and a run stopped at N/2 and resumed to N end with bit-identical parameters on
+CPU (``tests/test_train.py``). Randomness comes only from the seed and the data iterator, whose state is part of
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jstream.models.lm import StreamingTransformer
+from jstream.train import aligned
+from jstream.train.checkpoint import Checkpointer
+from jstream.train.config import TrainConfig
+from jstream.train.losses import next_token_loss
+from jstream.train.optim import make_optimizer, schedule
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """What a training step reads and writes (all arrays; donated to the step)."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
+  """``step(state, tokens [b, L + 1]) -> (state, metrics)``, jit-compiled, state donated."""
+  mask_kw = aligned.forward_mask(cfg)
+  lr = schedule(cfg)
+
+  def loss_fn(params, tokens):
+    model = nnx.merge(graphdef, params)
+    inputs, targets, mask = aligned.make_example(cfg, tokens)
+    logits = model.forward(inputs, **mask_kw)
+    loss, count = next_token_loss(logits, targets, mask)
+    return loss, count
+
+  def step(state: TrainState, tokens):
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), "tokens": count}
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
+  """The data iterator of a config: batches ``[b, seq_len + 1]`` int32, with ``get_state``/``set_state``."""
+  if cfg.data != "text":
+    raise ValueError(f"unknown data {cfg.data!r}; the language-model trainer reads 'text'")
+  from jstream.data import text as text_data
+
+  config = text_data.text_config(list(cfg.corpus) or None)
+  ds = text_data.text_dataset(split, seq_len=cfg.seq_len + 1, batch_size=cfg.batch_size, seed=cfg.seed, config=config)
+  return iter(ds)
+
+
+class MetricsWriter:
+  """Appends JSON lines to ``workdir/metrics.jsonl``; mirrors to TensorBoard if ``tensorboardX`` is installed."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    try:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:
+      pass
+
+  def write(self, step: int, metrics: dict) -> None:
+    row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(k, float(v), step)
+
+  def read(self) -> list[dict]:
+    if not self.path.exists():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: StreamingTransformer
+  step: int
+  resumed_from: int | None
+  metrics: list[dict]
+  seconds: float
+
+
+def init_state(cfg: TrainConfig):
+  """A fresh model, its graphdef, the optimizer and the initial ``TrainState``."""
+  model = StreamingTransformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = nnx.split(model)
+  optimizer = make_optimizer(cfg)
+  return graphdef, optimizer, TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def train(
+  cfg: TrainConfig,
+  *,
+  data: Iterator | None = None,
+  progress: bool = True,
+  stop_after: int | None = None,
+) -> TrainResult:
+  """Trains (or resumes) ``cfg`` in ``cfg.workdir``.
+
+  Args:
+    cfg: the run's config.
+    data: a batch iterator with ``get_state``/``set_state`` (default: ``train_iterator(cfg)``).
+    progress: show a tqdm progress bar.
+    stop_after: stop (with a checkpoint) after this many steps of this call, as if interrupted.
+
+  Returns:
+    ``TrainResult`` with the trained model (parameters merged back into an NNX module).
+  """
+  workdir = pathlib.Path(cfg.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  graphdef, optimizer, state = init_state(cfg)
+  data = train_iterator(cfg) if data is None else data
+  ckpt = Checkpointer(workdir, cfg)
+  resumed_from = None
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    resumed_from, state, data_state = restored
+    data.set_state(data_state)
+  step_fn = make_train_step(graphdef, optimizer, cfg)
+  writer = MetricsWriter(workdir)
+  start = int(state.step)
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=pathlib.Path(cfg.workdir).name, unit="step", leave=False)
+  t0 = time.perf_counter()
+  t_log, s_log = t0, start
+  for step in range(start, end):
+    batch = jnp.asarray(np.asarray(next(data), np.int32))
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % cfg.log_every == 0 or done == end:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      metrics["tokens_per_s"] = tokens_per_step * (done - s_log) / max(now - t_log, 1e-9)
+      t_log, s_log = now, done
+      writer.write(done, metrics)
+      if bar is not None:
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    if bar is not None:
+      bar.update(1)
+    if done % cfg.checkpoint_every == 0 or done == end:
+      ckpt.save(done, state, data.get_state())
+  if bar is not None:
+    bar.close()
+  ckpt.close()
+  model = nnx.merge(graphdef, state.params)
+  return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
+
+
+def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer, int]:
+  """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step."""
+  graphdef, _, state = init_state(cfg)
+  ckpt = Checkpointer(cfg.workdir, cfg)
+  try:
+    if step is None:
+      restored = ckpt.restore_latest(state)
+      if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.dir}")
+      step, state, _ = restored
+    else:
+      state = ckpt.restore(step, state)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params), step

@@ -1,0 +1,152 @@
+"""Training: exact resume, checkpoint faults, config files and overrides, streaming-aligned examples."""
+
+import dataclasses
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jstream import TransformerConfig
+from jstream.train import (
+  ConfigMismatchError,
+  TrainConfig,
+  apply_overrides,
+  forward_mask,
+  load_config,
+  load_model,
+  make_example,
+  train,
+)
+
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "lm_tiny.py"
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  root = tmp_path / "corpus"
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  words = ["stream", "cache", "token", "window", "sink", "attention", "position", "chunk", "model", "query"]
+  for i in range(12):
+    text = " ".join(rng.choice(words, size=400)) + "\n"
+    (root / f"doc{i}.txt").write_text(text)
+  return str(root)
+
+
+def tiny_cfg(workdir, corpus, **kw) -> TrainConfig:
+  model = TransformerConfig(vocab_size=257, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
+  base = dict(model=model, corpus=(corpus,), seq_len=32, batch_size=4, steps=8, warmup_steps=2, log_every=2,
+              checkpoint_every=2, workdir=str(workdir))  # fmt: skip
+  base.update(kw)
+  return TrainConfig(**base)
+
+
+def _params(model):
+  from flax import nnx
+
+  return jax.tree.leaves(nnx.state(model))
+
+
+@pytest.mark.parametrize("aligned", [{}, {"sink_token": True, "overlap": 8, "train_window": 12, "train_sinks": 2}])
+def test_resume_is_bit_exact(tmp_path, corpus, aligned):
+  full = train(tiny_cfg(tmp_path / "full", corpus, **aligned), progress=False)
+  half = train(tiny_cfg(tmp_path / "half", corpus, **aligned), progress=False, stop_after=4)
+  assert half.step == 4
+  resumed = train(tiny_cfg(tmp_path / "half", corpus, **aligned), progress=False)
+  assert resumed.resumed_from == 4 and resumed.step == 8
+  for a, b in zip(_params(full.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+  losses = [m["loss"] for m in resumed.metrics]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  reloaded, step = load_model(tiny_cfg(tmp_path / "half", corpus, **aligned))
+  assert step == 8
+  for a, b in zip(_params(full.model), _params(reloaded)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_truncated_checkpoint_falls_back_with_a_warning(tmp_path, corpus):
+  cfg = tiny_cfg(tmp_path / "run", corpus, steps=6)
+  train(cfg, progress=False)
+  ckpts = tmp_path / "run" / "checkpoints"
+  newest = ckpts / "6" / "state"
+  assert newest.is_dir()
+  for f in sorted(p for p in newest.rglob("*") if p.is_file()):
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncate every file of the newest state
+  with pytest.warns(RuntimeWarning, match="falling back to the previous one"):
+    _, step = load_model(cfg)
+  assert step == 4
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, corpus):
+  train(tiny_cfg(tmp_path / "run", corpus, steps=2), progress=False)
+  other = tiny_cfg(tmp_path / "run", corpus, steps=4, lr=1e-2)
+  with pytest.raises(ConfigMismatchError, match="lr: checkpoint"):
+    train(other, progress=False)
+  bigger = tiny_cfg(tmp_path / "run", corpus, steps=4)
+  bigger = dataclasses.replace(bigger, model=bigger.model.replace(embed_dim=64))
+  with pytest.raises(ConfigMismatchError, match=r"model\.embed_dim"):
+    train(bigger, progress=False)
+  train(tiny_cfg(tmp_path / "run", corpus, steps=4), progress=False)  # a longer run of the same config resumes
+
+
+def test_missing_or_empty_corpus(tmp_path, monkeypatch):
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    train(tiny_cfg(tmp_path / "a", str(tmp_path / "does-not-exist")), progress=False)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match=r"no bytes|no files|empty"):
+    train(tiny_cfg(tmp_path / "b", str(empty)), progress=False)
+
+
+def test_config_files_and_overrides():
+  cfg = load_config(f"{CONFIG}:quick,sink,steps=7,model.embed_dim=48,lr=0.01,train_window=none")
+  assert cfg.steps == 7 and cfg.model.embed_dim == 48 and cfg.lr == 0.01 and cfg.sink_token
+  assert cfg.sink_id == 256 and cfg.train_window is None
+  with pytest.raises(KeyError, match="unknown config key 'stpes'"):
+    load_config(f"{CONFIG}:stpes=3")
+  with pytest.raises(KeyError, match=r"model\.width"):
+    load_config(f"{CONFIG}:model.width=3")
+  with pytest.raises(TypeError, match="steps='many'"):
+    load_config(f"{CONFIG}:steps=many")
+  with pytest.raises(TypeError, match="expected a value of type bool"):
+    load_config(f"{CONFIG}:sink_token=maybe")
+  with pytest.raises(FileNotFoundError, match=r"nope\.py"):
+    load_config("configs/nope.py")
+  with pytest.raises(ValueError, match="unknown flags"):
+    load_config(f"{CONFIG}:fast")
+  base = load_config(str(CONFIG))
+  assert apply_overrides(base, {"corpus": "a;b"}).corpus == ("a", "b")
+
+
+def test_streaming_aligned_examples():
+  model = TransformerConfig(vocab_size=10, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
+  tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 9
+  plain = TrainConfig(model=model, seq_len=5)
+  x, y, m = make_example(plain, tokens)
+  np.testing.assert_array_equal(x, tokens[:, :-1])
+  np.testing.assert_array_equal(y, tokens[:, 1:])
+  assert bool(m.all())
+  sink = TrainConfig(model=model, seq_len=5, sink_token=True, overlap=2, train_window=4, train_sinks=1)
+  x, y, m = make_example(sink, tokens)
+  assert x.shape == (2, 6) and bool(jnp.all(x[:, 0] == 9))
+  np.testing.assert_array_equal(y[:, 0], tokens[:, 0])
+  np.testing.assert_array_equal(m[0], [False, False, False, True, True, True])  # sink target + overlap excluded
+  assert forward_mask(sink) == {"window": 4, "num_sinks": 2}  # the sink token is a sink too
+  with pytest.raises(ValueError, match="overlap"):
+    TrainConfig(model=model, seq_len=4, overlap=4)
+  with pytest.raises(ValueError, match="train_window"):
+    TrainConfig(model=model, train_window=2, train_sinks=3)
+
+
+def test_mixed_precision_step_runs(tmp_path, corpus):
+  cfg = tiny_cfg(tmp_path / "bf16", corpus, steps=3)
+  cfg = dataclasses.replace(cfg, model=cfg.model.replace(dtype="bfloat16"))
+  res = train(cfg, progress=False)
+  assert all(np.isfinite(m["loss"]) for m in res.metrics)
+  assert all(x.dtype == jnp.float32 for x in _params(res.model))  # f32 master weights
+  shutil.rmtree(tmp_path / "bf16")
