@@ -1,14 +1,21 @@
 """The ``jstream`` command: ``jstream <subcommand> ...``.
 
-Subcommands dispatch to experiment scripts (each also runnable as ``python -m experiments.<name>``); every
-experiment accepts ``--out DIR`` and ``--quick`` and writes ``DIR/results.json``.
+  jstream demo [--quick] [--out DIR]            the main job: StreamingLLM's ablations at small scale
+  jstream train --config configs/lm_tiny.py[:flags,key=value]
+  jstream eval-stream --config CONFIG --policy sinkwindow:4,128 [--positions cache_relative] [--tokens N]
+  jstream bench {stream,attention} [--quick] [--out DIR]
+
+Experiments accept ``--out DIR`` and ``--quick`` and write ``DIR/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import pathlib
 import sys
+import time
 
 BENCHMARKS = {
   "stream": ("experiments.bench_stream", "per-token decode latency and memory against stream position"),
@@ -21,13 +28,91 @@ def _run_module(module: str, argv: list[str]) -> int:
   return int(mod.main(argv) or 0)
 
 
+def parse_policy(spec: str, positions: str):
+  """``dense:N``, ``window:W``, ``sinkwindow:S,W``, ``recompute:W`` -> a cache policy."""
+  from jstream import cache as C
+
+  kind, _, args = spec.partition(":")
+  try:
+    nums = [int(x) for x in args.split(",") if x]
+  except ValueError:
+    raise ValueError(f"policy {spec!r}: arguments must be integers") from None
+  makers = {
+    "dense": (1, lambda n: C.Dense(n[0], positions=positions)),
+    "window": (1, lambda n: C.Window(n[0], positions=positions)),
+    "sinkwindow": (2, lambda n: C.SinkWindow(n[0], n[1], positions=positions)),
+    "recompute": (1, lambda n: C.Recompute(n[0])),
+  }
+  if kind not in makers:
+    raise ValueError(f"unknown policy {kind!r}; one of {sorted(makers)} (e.g. sinkwindow:4,1024)")
+  arity, make = makers[kind]
+  if len(nums) != arity:
+    raise ValueError(f"policy {kind} takes {arity} integer argument(s), got {spec!r}")
+  return make(nums)
+
+
+def cmd_train(args) -> int:
+  from jstream.train import load_config, train
+
+  cfg = load_config(args.config)
+  res = train(cfg, progress=not args.no_progress)
+  last = res.metrics[-1] if res.metrics else {}
+  print(
+    f"trained {cfg.workdir} to step {res.step}"
+    + (f" (resumed from {res.resumed_from})" if res.resumed_from is not None else "")
+    + (f", loss {last['loss']:.4f}" if "loss" in last else "")
+  )
+  return 0
+
+
+def cmd_eval_stream(args) -> int:
+  import numpy as np
+
+  from experiments.streaming_llm import StreamingLLMConfig, evaluate
+  from jstream.data import text as text_data
+  from jstream.train import load_config, load_model
+
+  cfg = load_config(args.config)
+  model, step = load_model(cfg)
+  policy = parse_policy(args.policy, args.positions)
+  stream = text_data.heldout_stream(args.tokens, config=text_data.text_config(list(cfg.corpus) or None))
+  skip = 0
+  if cfg.sink_id is not None:
+    stream, skip = np.concatenate([[cfg.sink_id], stream]).astype(np.int32), 1
+  chunk = min(args.chunk, policy.capacity)  # a chunk may not exceed the cache
+  exp = StreamingLLMConfig(base=cfg, sink=cfg, chunk=chunk, segment=args.segment)
+  t0 = time.time()
+  res = evaluate(model, stream, policy, exp, skip)
+  res.update(checkpoint_step=step, policy=str(policy), config=args.config, seconds=time.time() - t0)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(res, indent=2))
+  print(
+    f"{policy}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
+    f"({res['tokens_per_s']:.0f} tokens/s, cache {res['cache_mib']:.2f} MiB); wrote {out / 'results.json'}"
+  )
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog="jstream",
-    description="jstream: streaming causal models in JAX (bounded caches, constant time per chunk).",
+    prog="jstream", description="jstream: streaming causal models in JAX (bounded caches, constant time per chunk)."
   )
   sub = parser.add_subparsers(dest="command", metavar="<command>")
-  bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes results.json and a plot)")
+  demo = sub.add_parser("demo", help="the main job: train two tiny LMs, stream 100k bytes under every cache policy")
+  demo.add_argument("args", nargs=argparse.REMAINDER, help="passed to experiments.streaming_llm (--quick, --out)")
+  tr = sub.add_parser("train", help="train (or resume) a model from a config file")
+  tr.add_argument("--config", required=True, help="configs/<file>.py[:flags,key=value,...]")
+  tr.add_argument("--no-progress", action="store_true")
+  ev = sub.add_parser("eval-stream", help="stream held-out text through a trained model under a cache policy")
+  ev.add_argument("--config", required=True, help="the training config (its workdir holds the checkpoint)")
+  ev.add_argument("--policy", default="sinkwindow:4,128", help="dense:N | window:W | sinkwindow:S,W | recompute:W")
+  ev.add_argument("--positions", default="cache_relative", choices=["absolute", "cache_relative"])
+  ev.add_argument("--tokens", type=int, default=100_000)
+  ev.add_argument("--chunk", type=int, default=64)
+  ev.add_argument("--segment", type=int, default=4096)
+  ev.add_argument("--out", default="runs/eval_stream")
+  bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes results.json)")
   bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
   bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see --help)")
   return parser
@@ -42,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   if args.command == "bench":
     return _run_module(BENCHMARKS[args.name][0], args.args)
+  if args.command == "demo":
+    from experiments import streaming_llm
+
+    return int(streaming_llm.main(args.args, prog="jstream demo") or 0)
+  try:
+    if args.command == "train":
+      return cmd_train(args)
+    if args.command == "eval-stream":
+      return cmd_eval_stream(args)
+  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:  # bad input: one clear line, no traceback
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"jstream {args.command}: error: {msg}", file=sys.stderr)
+    return 2
   parser.error(f"unknown command {args.command}")
   return 2
 

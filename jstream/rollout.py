@@ -158,26 +158,45 @@ def _stream_nll(graphdef, state, tokens, segs, start, policy, chunk, dtype):
   model = nnx.merge(graphdef, state)
   b, n = tokens.shape
   cache = model.init_cache(policy, b, dtype=dtype, start_position=start)
-  nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-  nxt_seg = jnp.pad(segs[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
-  xs = (
-    _chunked(tokens, chunk, 0),
-    _chunked(segs, chunk, -1),
-    _chunked(nxt, chunk, 0),
-    _chunked(nxt_seg, chunk, -1),
-  )
-  use_segs = not isinstance(policy, cache_lib.Recompute)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  targets = jnp.where(jnp.pad(segs[:, 1:], ((0, 0), (0, 1)), constant_values=-1) >= 0, targets, -1)
+  nll, _ = _nll_scan(model, tokens, segs, targets, cache, chunk)
+  return jnp.concatenate([jnp.full((b, 1), jnp.nan, jnp.float32), nll[:, : n - 1]], axis=1)
+
+
+def _nll_scan(model, tokens, segs, targets, cache, chunk):
+  """Scans ``model`` over ``tokens [b, n]`` in chunks; returns ``(-log p(targets[i] | tokens[:i+1]) [b, n], cache)``."""
+  b, n = tokens.shape
+  use_segs = not isinstance(cache, cache_lib.TokenCache)
+  xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), _chunked(targets, chunk, -1))
 
   def step(cache, x):
-    tok, seg, nt, ns = x
+    tok, seg, tgt = x
     logits, cache = model(tok, cache, segment_ids=seg if use_segs else None)
     lp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(lp, nt[..., None], axis=-1)[..., 0]
-    return cache, jnp.where((seg >= 0) & (ns >= 0), nll, jnp.nan)
+    nll = -jnp.take_along_axis(lp, jnp.maximum(tgt, 0)[..., None], axis=-1)[..., 0]
+    return cache, jnp.where((seg >= 0) & (tgt >= 0), nll, jnp.nan)
 
-  _, nll = jax.lax.scan(step, cache, xs)  # [chunks, b, chunk]
-  nll = jnp.swapaxes(nll, 0, 1).reshape(b, -1)[:, : n - 1]
-  return jnp.concatenate([jnp.full((b, 1), jnp.nan, jnp.float32), nll], axis=1)
+  cache, nll = jax.lax.scan(step, cache, xs)  # [chunks, b, chunk]
+  return jnp.swapaxes(nll, 0, 1).reshape(b, -1)[:, :n], cache
+
+
+def nll_segment(model, tokens, targets, cache, *, chunk_size: int, segment_ids=None):
+  """One segment of a stream: ``(nll [b, n], cache)`` with ``nll[:, i] = -log p(targets[:, i] | ...tokens[:, i])``.
+
+  The caller aligns ``targets`` (usually the next token; -1 for none, which gives NaN) and carries ``cache`` from
+  one segment to the next (it is donated), e.g. to time a long stream piece by piece. Compiles once per segment
+  shape.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  segs = jnp.zeros(tokens.shape, jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+  graphdef, state = nnx.split(model)
+  return _nll_segment(graphdef, state, tokens, segs, jnp.asarray(targets, jnp.int32), cache, int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
+def _nll_segment(graphdef, state, tokens, segs, targets, cache, chunk):
+  return _nll_scan(nnx.merge(graphdef, state), tokens, segs, targets, cache, chunk)
 
 
 # ----------------------------------------------------------------------------------------------- generation
