@@ -134,12 +134,19 @@ def evaluate(model, tokens: np.ndarray, policy: C.Policy, cfg: StreamingLLMConfi
     part = nll[lo:hi][np.isfinite(nll[lo:hi])]
     if part.size:
       curve.append({"from": int(lo), "to": int(hi), "ppl": float(np.exp(part.mean()))})
+  # Perplexity over common prefixes, so that the prefix-only baselines (dense, recompute) compare like for like.
+  ppl_first = {}
+  for k in sorted({cfg.recompute_tokens, cfg.dense_tokens}):
+    part = nll[: k + skip][np.isfinite(nll[: k + skip])]
+    if k + skip <= n and part.size:
+      ppl_first[str(k)] = float(np.exp(part.mean()))
   seconds = sum(t for _, _, t in times)
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if hasattr(x, "dtype"))
   return {
     "tokens": int(n),
     "ppl": float(np.exp(np.mean(nll[valid]))),
     "ppl_last_half": float(np.exp(np.mean(nll[n // 2 :][np.isfinite(nll[n // 2 :])]))),
+    "ppl_first": ppl_first,
     "curve": curve,
     "tokens_per_s": float(n / seconds),
     "latency": [{"from": int(i), "ms_per_token": 1e3 * t / max(c, 1)} for i, c, t in times],
@@ -173,9 +180,10 @@ def run(cfg: StreamingLLMConfig, out: pathlib.Path, progress: bool = True) -> di
       res = evaluate(trained.model, stream[: n + skip], policy, cfg, skip)
       row = {"model": name, "policy": pname, **res}
       results["rows"].append(row)
+      firsts = "  ".join(f"first {k}: {v:7.3f}" for k, v in res["ppl_first"].items())
       print(
-        f"  {name:<10} {pname:<44} ppl {res['ppl']:9.3f} (last half {res['ppl_last_half']:9.3f})  "
-        f"{res['tokens_per_s']:9.0f} tok/s  cache {res['cache_mib']:6.2f} MiB  peak rss {res['peak_rss_mib']:7.0f} MiB",
+        f"  {name:<10} {pname:<44} ppl {res['ppl']:8.3f} (last half {res['ppl_last_half']:8.3f}; {firsts})  "
+        f"{res['tokens_per_s']:8.0f} tok/s  cache {res['cache_mib']:5.2f} MiB  peak rss {res['peak_rss_mib']:6.0f} MiB",
         flush=True,
       )
   results["seconds"] = time.time() - t_start

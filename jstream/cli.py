@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     prog="jstream", description="jstream: streaming causal models in JAX (bounded caches, constant time per chunk)."
   )
   sub = parser.add_subparsers(dest="command", metavar="<command>")
-  demo = sub.add_parser("demo", help="the main job: train two tiny LMs, stream 100k bytes under every cache policy")
-  demo.add_argument("args", nargs=argparse.REMAINDER, help="passed to experiments.streaming_llm (--quick, --out)")
+  sub.add_parser(
+    "demo", help="the main job: train two tiny LMs, stream 100k bytes under every cache policy (--quick, --out)"
+  )
   tr = sub.add_parser("train", help="train (or resume) a model from a config file")
   tr.add_argument("--config", required=True, help="configs/<file>.py[:flags,key=value,...]")
   tr.add_argument("--no-progress", action="store_true")
@@ -112,25 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--chunk", type=int, default=64)
   ev.add_argument("--segment", type=int, default=4096)
   ev.add_argument("--out", default="runs/eval_stream")
-  bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes results.json)")
-  bench.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
-  bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (see --help)")
+  sub.add_parser("bench", help="run a benchmark: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
+  # demo and bench hand everything after their name to the experiment's own parser (and its --help)
+  if argv[:1] == ["demo"]:
+    from experiments import streaming_llm
+
+    return int(streaming_llm.main(argv[1:], prog="jstream demo") or 0)
+  if argv[:1] == ["bench"]:
+    if len(argv) < 2 or argv[1] not in BENCHMARKS:
+      parser.error(f"jstream bench <name>: one of {sorted(BENCHMARKS)}")
+    return _run_module(BENCHMARKS[argv[1]][0], argv[2:])
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()
     return 0
-  if args.command == "bench":
-    return _run_module(BENCHMARKS[args.name][0], args.args)
-  if args.command == "demo":
-    from experiments import streaming_llm
-
-    return int(streaming_llm.main(args.args, prog="jstream demo") or 0)
   try:
     if args.command == "train":
       return cmd_train(args)

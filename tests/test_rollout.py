@@ -111,3 +111,19 @@ def test_bad_arguments():
     rollout.Sampling(top_p=0.0)
   with pytest.raises(ValueError, match="prompt ids"):
     rollout.generate(model, jnp.array([[70]]), max_new_tokens=2, policy=C.Window(4))
+
+
+def test_segments_carrying_the_cache_equal_one_stream():
+  model = tiny_model(seed=51)
+  tokens = random_tokens(2, 40, seed=52)
+  policy = C.SinkWindow(2, 6, positions="cache_relative")
+  whole = rollout.stream_nll(model, tokens, policy, chunk_size=4)
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+  cache = model.init_cache(policy, 2)
+  parts = []
+  for i in range(0, 40, 16):
+    nll, cache = rollout.nll_segment(model, tokens[:, i : i + 16], targets[:, i : i + 16], cache, chunk_size=4)
+    parts.append(nll)
+  seg = jnp.concatenate(parts, axis=1)
+  np.testing.assert_allclose(seg[:, :-1], whole[:, 1:], atol=1e-5)
+  assert np.all(np.isnan(seg[:, -1]))

@@ -1,0 +1,89 @@
+"""The command line and the experiments: `jstream --help`, the demo in --quick mode, train + eval-stream,
+the streaming benchmark's smoke mode, and clear errors for bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jstream import cache as C
+from jstream import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  return tmp_path
+
+
+def test_help_lists_the_subcommands():
+  out = subprocess.run([sys.executable, "-m", "jstream.cli", "--help"], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0
+  for name in ("demo", "train", "eval-stream", "bench"):
+    assert name in out.stdout
+
+
+def test_demo_quick_end_to_end(in_tmp):
+  assert cli.main(["demo", "--quick", "--no-progress", "--out", "demo"]) == 0
+  res = json.loads((in_tmp / "demo" / "results.json").read_text())
+  assert set(res["models"]) == {"plain", "sink token"}
+  policies = {r["policy"] for r in res["rows"]}
+  assert any(p.startswith("dense") for p in policies) and any(p.startswith("recompute") for p in policies)
+  assert {p for p in policies if "sinks" in p} >= {f"{s} sinks + window 32, cache-relative" for s in (1, 2, 4, 8)}
+  for row in res["rows"]:
+    assert row["ppl"] > 1 and row["tokens_per_s"] > 0 and row["curve"] and row["latency"]
+  assert (in_tmp / "demo" / "perplexity.png").stat().st_size > 0 and (in_tmp / "demo" / "latency.png").exists()
+  # a rerun reuses the finished checkpoints
+  assert cli.main(["demo", "--quick", "--no-progress", "--out", "demo2"]) == 0
+  res2 = json.loads((in_tmp / "demo2" / "results.json").read_text())
+  assert all(m["resumed_from"] == m["steps"] for m in res2["models"].values())
+
+
+def test_train_then_eval_stream(in_tmp):
+  cfg = f"{ROOT}/configs/lm_tiny.py:quick,steps=4,workdir=run"
+  assert cli.main(["train", "--config", cfg, "--no-progress"]) == 0
+  args = ["eval-stream", "--config", cfg, "--policy", "sinkwindow:2,16", "--tokens", "500", "--out", "ev"]
+  assert cli.main(args) == 0
+  res = json.loads((in_tmp / "ev" / "results.json").read_text())
+  assert res["tokens"] == 500 and res["checkpoint_step"] == 4 and res["ppl"] > 1
+
+
+def test_bad_input_gets_one_clear_line(in_tmp, capsys):
+  assert cli.main(["train", "--config", f"{ROOT}/configs/lm_tiny.py:stpes=3"]) == 2
+  assert "unknown config key 'stpes'" in capsys.readouterr().err
+  assert cli.main(["train", "--config", "nope.py"]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert cli.main(["eval-stream", "--config", f"{ROOT}/configs/lm_tiny.py:quick,workdir=empty"]) == 2
+  assert "no checkpoint" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="unknown policy"):
+    cli.parse_policy("ring:3", "absolute")
+  with pytest.raises(ValueError, match="takes 2 integer"):
+    cli.parse_policy("sinkwindow:4", "absolute")
+  assert cli.parse_policy("sinkwindow:4,64", "cache_relative") == C.SinkWindow(4, 64, positions="cache_relative")
+
+
+def test_bench_stream_smoke(in_tmp):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "experiments.bench_stream", "--quick", "--tiny", "--out", "bench", "--no-compare-scan"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=in_tmp, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  res = json.loads((in_tmp / "bench" / "results.json").read_text())
+  names = {r["policy"] for r in res["rows"]}
+  assert any(n.startswith("SinkWindow") for n in names) and "Dense" in names
+  assert res["floor"]["copy_bandwidth_gbs"] > 0 and (in_tmp / "bench" / "latency.png").exists()
+
+
+def test_notebooks_run_headless():
+  sys.path.insert(0, str(ROOT / "notebooks"))
+  import run_notebook
+
+  for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    ns = run_notebook.run(str(nb))
+    if "streamed" in ns:
+      assert float(abs(ns["streamed"] - ns["offline"]).max()) < 1e-4
