@@ -16,12 +16,60 @@ and none of them a sink. Skipped blocks are neither loaded nor computed, so a si
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 NEG_INF = float("-inf")
 BIG = 2**30  # larger than any valid position
+
+
+class Packed(NamedTuple):
+  """Kernel-layout inputs (see the module docstring), padded to block multiples, plus what unpacking needs."""
+
+  q: jax.Array  # [b, k, R, h]
+  k: jax.Array  # [b, k, S, h]
+  v: jax.Array  # [b, k, S, vh] or slots-last [b, k, vh, S]
+  qp: jax.Array  # [b, R]
+  kp: jax.Array  # [b, S]
+  v_slots_last: bool
+  t: int
+  g: int
+  s: int  # unpadded number of slots
+
+
+def static_args(q, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, **extra) -> dict:
+  """Normalised static arguments of a kernel wrapper (defaults resolved; hashable values)."""
+  return dict(
+    window=window,
+    num_sinks=int(num_sinks),
+    scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+    kv_layout=kv_layout,
+    v_layout=kv_layout if v_layout is None else v_layout,
+    out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype),
+    **extra,
+  )
+
+
+def pack(q, k, v, q_positions, k_positions, *, kv_layout, v_layout, row_multiple: int, slot_multiple: int) -> Packed:
+  """Folds query heads into rows, moves keys/values heads-first and pads rows and slots with invalid positions.
+
+  ``row_multiple`` is counted in tokens (each token is ``g`` rows).
+  """
+  _, t, n, _ = q.shape
+  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  g = n // kvh
+  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
+  v_slots_last = v_layout == "bkhs"
+  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
+  qq, qp = pack_queries(q, q_positions.astype(jnp.int32), kvh)
+  s = kk.shape[2]
+  qq, qp = pad_axis(qq, 2, row_multiple * g, 0), pad_axis(qp, 1, row_multiple * g, -1)
+  kk = pad_axis(kk, 2, slot_multiple, 0)
+  vv = pad_axis(vv, 3 if v_slots_last else 2, slot_multiple, 0)
+  kp = pad_axis(k_positions.astype(jnp.int32), 1, slot_multiple, -1)
+  return Packed(qq, kk, vv, qp, kp, v_slots_last, t, g, s)
 
 
 def pack_queries(q, q_positions, kv_heads: int):

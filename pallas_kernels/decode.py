@@ -101,26 +101,6 @@ def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, 
   jax.lax.fori_loop(0, kmin_ref.shape[0], body, 0)
 
 
-def _pack(q, k, v, q_positions, k_positions, kv_layout, v_layout, blocks):
-  v_layout = kv_layout if v_layout is None else v_layout
-  n = q.shape[2]
-  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
-  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
-  v_slots_last = v_layout == "bkhs"
-  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
-  qq, qp = common.pack_queries(q, q_positions.astype(jnp.int32), kvh)
-  s = kk.shape[2]
-  bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s, blocks.num_splits)))
-  per_split = blocks.num_splits * bk
-  kk = common.pad_axis(kk, 2, per_split, 0)
-  vv = common.pad_axis(vv, 3 if v_slots_last else 2, per_split, 0)
-  kp = common.pad_axis(k_positions.astype(jnp.int32), 1, per_split, -1)
-  rows = qq.shape[2]
-  qq = common.pad_axis(qq, 2, 8, 0)
-  qp = common.pad_axis(qp, 1, 8, -1)
-  return qq, kk, vv, qp, kp, bk, v_slots_last, rows, kvh, n // kvh
-
-
 def decode_attention(
   q,
   k,
@@ -144,11 +124,9 @@ def decode_attention(
   ``key_mass`` is ``[b, s, k]`` for ``kv_layout="bskh"`` and ``[b, k, s]`` for ``"bksh"``. Differentiable: the
   backward pass is that of the XLA reference (decode is not trained through; this keeps it correct if it is).
   """
-  static = dict(
-    window=window, num_sinks=int(num_sinks), scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-    kv_layout=kv_layout, v_layout=kv_layout if v_layout is None else v_layout,
-    out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype), blocks=blocks, interpret=interpret,
-    return_key_mass=return_key_mass,
+  static = common.static_args(
+    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype,
+    blocks=blocks, interpret=interpret, return_key_mass=return_key_mass,
   )  # fmt: skip
   out, lse, mass = _decode_vjp(q, k, v, q_positions, k_positions, common.freeze(static))
   return out, lse, (mass if return_key_mass else None)
@@ -160,30 +138,15 @@ def decode_attention(
     "window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret", "return_key_mass",
   ),
 )  # fmt: skip
-def _decode_forward(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
-  *,
-  window: int | None = None,
-  num_sinks: int = 0,
-  scale: float | None = None,
-  kv_layout: str = "bskh",
-  v_layout: str | None = None,
-  out_dtype=None,
-  blocks: DecodeBlockSizes = DecodeBlockSizes(),
-  interpret: bool = False,
-  return_key_mass: bool = False,
-):
+def _decode_forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype,
+                    blocks, interpret, return_key_mass):  # fmt: skip
   b, t, _, h = q.shape
   s_orig = k.shape[1] if kv_layout == "bskh" else k.shape[2]
-  scale = h**-0.5 if scale is None else scale
-  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
-  qq, kk, vv, qp, kp, bk, v_slots_last, rows, kvh, g = _pack(
-    q, k, v, q_positions, k_positions, kv_layout, v_layout, blocks
-  )
+  bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s_orig, blocks.num_splits)))
+  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=8,
+                  slot_multiple=blocks.num_splits * bk)  # fmt: skip
+  qq, kk, vv, qp, kp, v_slots_last, g, kvh = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g, p.k.shape[1]
+  rows = t * g
   if rows > MAX_DECODE_ROWS:
     raise ValueError(f"decode_attention handles at most {MAX_DECODE_ROWS} query rows, got {rows}")
   r, s = qq.shape[2], kk.shape[2]

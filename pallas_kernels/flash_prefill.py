@@ -315,26 +315,15 @@ def flash_attention(
   values). Lengths need not be multiples of the block sizes (inputs are padded with invalid positions).
   Differentiable (flash backward); positions are not.
   """
-  v_layout = kv_layout if v_layout is None else v_layout
-  _, t, n, h = q.shape
-  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
-  g = n // kvh
-  scale = h**-0.5 if scale is None else scale
-  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
-  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k  # [b, k, s, h]
-  v_slots_last = v_layout == "bkhs"
-  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v  # [b, k, s, h] or [b, k, h, s]
-  qq, qp = common.pack_queries(q, q_positions.astype(jnp.int32), kvh)
-  bq = min(blocks.block_q, pl.next_power_of_2(t))
-  bk = min(blocks.block_k, pl.next_power_of_2(kk.shape[2]))
-  rb = bq * g
-  qq = common.pad_axis(qq, 2, rb, 0)
-  qp = common.pad_axis(qp, 1, rb, -1)
-  kk = common.pad_axis(kk, 2, bk, 0)
-  vv = common.pad_axis(vv, 3 if v_slots_last else 2, bk, 0)
-  kp = common.pad_axis(k_positions.astype(jnp.int32), 1, bk, -1)
-  st = _Static(float(scale), window, int(num_sinks), rb, bk, v_slots_last, interpret)
-  out, lse = _flash(st, qq, kk, vv, qp, kp, out_dtype)
-  out = common.unpack_rows(out[:, :, : t * g], t, g)
-  lse = common.unpack_rows(lse[:, :, : t * g], t, g)
-  return out, lse
+  st = common.static_args(
+    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype
+  )
+  bq = min(blocks.block_q, pl.next_power_of_2(q.shape[1]))
+  s_len = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  bk = min(blocks.block_k, pl.next_power_of_2(s_len))
+  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=st["v_layout"], row_multiple=bq,
+                  slot_multiple=bk)  # fmt: skip
+  static = _Static(st["scale"], window, st["num_sinks"], bq * p.g, bk, p.v_slots_last, interpret)
+  out, lse = _flash(static, p.q, p.k, p.v, p.qp, p.kp, st["out_dtype"])
+  rows = p.t * p.g
+  return common.unpack_rows(out[:, :, :rows], p.t, p.g), common.unpack_rows(lse[:, :, :rows], p.t, p.g)

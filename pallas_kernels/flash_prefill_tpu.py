@@ -95,10 +95,9 @@ def flash_attention_tpu(
 
   Differentiable through the XLA reference's backward pass.
   """
-  static = dict(
-    window=window, num_sinks=int(num_sinks), scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-    kv_layout=kv_layout, v_layout=kv_layout if v_layout is None else v_layout,
-    out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype), blocks=blocks, interpret=interpret,
+  static = common.static_args(
+    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype,
+    blocks=blocks, interpret=interpret,
   )  # fmt: skip
   return _differentiable(q, k, v, q_positions, k_positions, common.freeze(static))
 
@@ -107,38 +106,16 @@ def flash_attention_tpu(
   jax.jit,
   static_argnames=("window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret"),
 )
-def _forward(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
-  *,
-  window: int | None = None,
-  num_sinks: int = 0,
-  scale: float | None = None,
-  kv_layout: str = "bskh",
-  v_layout: str | None = None,
-  out_dtype=None,
-  blocks: BlockSizes = TPU_BLOCKS,
-  interpret=False,
-):
-  v_layout = kv_layout if v_layout is None else v_layout
-  b, t, n, h = q.shape
-  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
-  g = n // kvh
-  scale = float(h**-0.5 if scale is None else scale)
-  out_dtype = q.dtype if out_dtype is None else jnp.dtype(out_dtype)
-  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
-  v_slots_last = v_layout == "bkhs"
-  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
-  qq, qp = common.pack_queries(q, q_positions.astype(jnp.int32), kvh)
-  rb = min(blocks.block_q, pl.next_power_of_2(t)) * g
-  bk = min(blocks.block_k, pl.next_power_of_2(kk.shape[2]))
-  qq, qp = common.pad_axis(qq, 2, rb, 0), common.pad_axis(qp, 1, rb, -1)
-  kk = common.pad_axis(kk, 2, bk, 0)
-  vv = common.pad_axis(vv, 3 if v_slots_last else 2, bk, 0)
-  kp = common.pad_axis(k_positions.astype(jnp.int32), 1, bk, -1)
+def _forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, blocks,
+             interpret):  # fmt: skip
+  b, t, _, h = q.shape
+  bq = min(blocks.block_q, pl.next_power_of_2(t))
+  s_len = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  bk = min(blocks.block_k, pl.next_power_of_2(s_len))
+  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=bq,
+                  slot_multiple=bk)  # fmt: skip
+  qq, kk, vv, qp, kp, v_slots_last, g = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g
+  kvh, rb = kk.shape[1], bq * g
   rows, s = qq.shape[2], kk.shape[2]
   vh = vv.shape[2] if v_slots_last else vv.shape[3]
   nqb, nkb = rows // rb, s // bk
