@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jstream.ops.attention import visible
+
 NEG_INF = float("-inf")
 BIG = 2**30  # larger than any valid position
 
@@ -126,15 +128,7 @@ def block_skipped(qmin, qmax, kmin, kmax, *, window, num_sinks):
 
 def tile_mask(qp, kp, *, window, num_sinks):
   """``[rows, cols]`` visibility of query positions ``qp [rows]`` and key positions ``kp [cols]``."""
-  q = qp[:, None]
-  k = kp[None, :]
-  mask = (q >= 0) & (k >= 0) & (k <= q)
-  if window is not None:
-    keep = (q - k) < window
-    if num_sinks:
-      keep = keep | (k < num_sinks)
-    mask = mask & keep
-  return mask
+  return visible(qp[:, None], kp[None, :], window=window, num_sinks=num_sinks)
 
 
 def zero_unseen_values(v, mask, slots_last: bool):

@@ -65,17 +65,22 @@ class AttentionResult(NamedTuple):
   key_mass: Array | None = None
 
 
+def visible(q_pos: Array, k_pos: Array, *, window: int | None = None, num_sinks: int = 0) -> Array:
+  """Elementwise visibility of keys at ``k_pos`` to queries at ``q_pos`` (broadcasting arrays of positions)."""
+  mask = (q_pos >= 0) & (k_pos >= 0) & (k_pos <= q_pos)
+  if window is not None:
+    in_window = (q_pos - k_pos) < window
+    if num_sinks:
+      in_window = in_window | (k_pos < num_sinks)
+    mask = mask & in_window
+  return mask
+
+
 def attention_mask(q_positions: Array, k_positions: Array, *, window: int | None = None, num_sinks: int = 0) -> Array:
   """Boolean visibility mask ``[b, 1 | k, t, s]`` from positions (see the module docstring)."""
   qp = q_positions[:, None, :, None]  # [b, 1, t, 1]
   kp = k_positions[:, None, None, :] if k_positions.ndim == 2 else k_positions[:, :, None, :]
-  mask = (qp >= 0) & (kp >= 0) & (kp <= qp)
-  if window is not None:
-    in_window = (qp - kp) < window
-    if num_sinks:
-      in_window = in_window | (kp < num_sinks)
-    mask = mask & in_window
-  return mask
+  return visible(qp, kp, window=window, num_sinks=num_sinks)
 
 
 def _xla_attention(
