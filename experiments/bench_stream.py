@@ -3,10 +3,10 @@
   python -m experiments.bench_stream [--out DIR] [--quick]      (also: jstream bench stream ...)
 
 For each cache policy one stream is advanced through the checkpoint positions with the real model on real tokens
-(chunked prefill, which the tests show equals token-by-token streaming); the process memory is read and the cache
-saved at each checkpoint. Then ``--steps`` single-token decode steps are timed from every checkpoint (one
-compiled ``lax.scan``, greedy sampling included, cache donated), in ``--rounds`` interleaved rounds so that drift
-of a shared machine hits all positions alike; the best round counts. Policies:
+(chunked prefill, which the tests show equals token-by-token streaming), in a fresh process of its own; that
+process's memory is read and the cache saved at each checkpoint. Then ``--steps`` single-token decode steps are
+timed from every checkpoint (one compiled ``lax.scan``, greedy sampling included, cache donated), in ``--rounds``
+interleaved rounds so that drift of a shared machine hits all positions alike; the best round counts. Policies:
 
 * ``SinkWindow(4, 1024)`` (StreamingLLM), absolute and cache-relative positions;
 * ``Dense`` (full KV cache), at the positions whose cache fits ``--dense-max-gib``. Beyond
@@ -194,6 +194,30 @@ def _load(path: pathlib.Path, treedef):
     return jax.tree.unflatten(treedef, [jnp.asarray(data[f"arr_{i}"]) for i in range(len(data.files))])
 
 
+def advance_pass(args: dict, mode: str, scratch: str) -> list:
+  """Streams one SinkWindow policy through the checkpoint positions; saves the cache and reads the process memory
+  at each. Returns ``[(position, path, ((rss, peak rss), cache bytes)), ...]`` (runs in its own process)."""
+  args = argparse.Namespace(**args)
+  cfg = default_config(args.tiny)
+  model = jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(0))
+  positions = sorted(p for p in args.positions if p >= 1)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, max(positions) + args.chunk), dtype=np.int32)
+  streamer = Streamer(model, args.chunk, args.chunks_per_call)
+  cache = model.init_cache(C.SinkWindow(4, args.window, positions=mode), 1)
+  at, out = 0, []
+  for p in positions:
+    feed = max(p // args.chunk * args.chunk - at, 0)
+    if feed:
+      cache, _ = streamer.advance(cache, tokens[:, at : at + feed])
+      at += feed
+    jax.block_until_ready(cache)
+    mem = (_rss_mib(), _nbytes((cache.k, cache.v)))
+    path = pathlib.Path(scratch) / f"{mode}_{at}.npz"
+    _save(cache, path)
+    out.append((at, str(path), mem))
+  return out
+
+
 def run(args, scratch: pathlib.Path) -> dict:
   cfg = default_config(args.tiny)
   model = jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(0))
@@ -240,19 +264,17 @@ def run(args, scratch: pathlib.Path) -> dict:
   for mode in args.modes if "bounded" in args.parts else ():
     policy = C.SinkWindow(sinks, window, positions=mode)
     name = f"SinkWindow({sinks},{window}) {mode}"
-    streamer = Streamer(model, args.chunk, args.chunks_per_call)
-    cache = model.init_cache(policy, 1)
-    at, checkpoints, treedef = 0, [], None
-    for p in positions:
-      feed = max(p // args.chunk * args.chunk - at, 0)
-      if feed:
-        cache, _ = streamer.advance(cache, tokens[:, at : at + feed])
-        at += feed
-      jax.block_until_ready(cache)
-      path = scratch / f"{mode}_{at}.npz"
-      treedef = _save(cache, path)
-      checkpoints.append((at, path, (_rss_mib(), _nbytes((cache.k, cache.v)))))
-    del cache, streamer
+    if args.same_process:
+      checkpoints = advance_pass(vars(args), mode, str(scratch))
+    else:  # a fresh process, so that its memory is this stream's alone
+      import concurrent.futures
+      import multiprocessing
+
+      ctx = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        checkpoints = pool.submit(advance_pass, vars(args), mode, str(scratch)).result()
+    treedef = jax.tree.structure(model.init_cache(policy, 1))
+    checkpoints = [(at, pathlib.Path(path), mem) for at, path, mem in checkpoints]
     timed_interleaved(name, model, checkpoints, treedef)
 
   # --- the same with stacked weights and one scan over layers, at the first checkpoint
@@ -405,6 +427,9 @@ def main(argv=None) -> int:
     help="prefill Dense caches up to this position; beyond it, fill them with random keys",
   )
   parser.add_argument("--no-compare-scan", dest="compare_scan", action="store_false")
+  parser.add_argument(
+    "--same-process", action="store_true", help="advance the bounded streams in this process (memory figures mix)"
+  )
   parser.add_argument(
     "--parts",
     nargs="+",
