@@ -23,8 +23,9 @@ Positions are data
 
 Endless streams
   ``idx`` never overflows: once a track's counter reaches ``2**30`` the counter and the ring's indices are shifted
-  down by a multiple of the ring size (masks and relative RoPE only see differences, so outputs are unchanged).
-  In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode ``pos`` is the RoPE position
+  down by a multiple of the ring size. Masks only see differences of indices; keys that a model stored rotated by
+  their track index are rotated back by the same shift (``Plan.shift``), so outputs are unchanged (tested with
+  the threshold lowered). In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode ``pos`` is the RoPE position
   and cannot be rebased: a chunk that would run past ``2**31 - 1`` poisons its row's outputs with NaN, and the
   rollouts check it on the host before they start.
 
