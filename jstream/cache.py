@@ -25,9 +25,9 @@ Endless streams
   ``idx`` never overflows: once a track's counter reaches ``2**30`` the counter and the ring's indices are shifted
   down by a multiple of the ring size. Masks only see differences of indices; keys that a model stored rotated by
   their track index are rotated back by the same shift (``Plan.shift``), so outputs are unchanged (tested with
-  the threshold lowered). In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode ``pos`` is the RoPE position
-  and cannot be rebased: a chunk that would run past ``2**31 - 1`` poisons its row's outputs with NaN, and the
-  rollouts check it on the host before they start.
+  the threshold lowered). In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode
+  ``pos`` is the RoPE position and cannot be rebased: a chunk that would run past ``2**31 - 1`` poisons its row's
+  outputs with NaN, and the rollouts check it on the host before they start.
 
 Rollback keeps exactness after the window is full as long as ``n <= max_rollback`` (the spare ring slots still
 hold the keys that come back into the window).
@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jstream._compat import is_concrete
 from jstream.positions import check_position_mode
 from jstream.typing import Array
 
@@ -337,7 +338,7 @@ Cache = KVCache | TokenCache
 
 def _start_positions(start_position, batch_size) -> Array:
   start = jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (batch_size,))
-  if not isinstance(start, jax.core.Tracer) and bool(jnp.any(start < 0)):
+  if is_concrete(start) and bool(jnp.any(start < 0)):
     raise ValueError(f"start_position must be >= 0, got {start_position}")
   return start
 

@@ -15,14 +15,11 @@ import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream._compat import is_concrete as _is_concrete
 from jstream.config import TransformerConfig
 from jstream.nn import cached_attention
 from jstream.nn.layers import Block, RMSNorm
 from jstream.typing import Array
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
 
 
 class StreamingTransformer(nnx.Module):

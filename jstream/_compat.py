@@ -1,0 +1,13 @@
+"""Small shims over JAX APIs that move between the tested versions (0.10.x and 0.11.x)."""
+
+from __future__ import annotations
+
+try:  # public in 0.10; kept behind a fallback in case a later release drops it from jax.core
+  from jax.core import Tracer
+except ImportError:  # pragma: no cover
+  from jax._src.core import Tracer
+
+
+def is_concrete(x) -> bool:
+  """True for a value (array or Python scalar) that is not being traced by ``jit``/``scan``/``grad``."""
+  return not isinstance(x, Tracer)
