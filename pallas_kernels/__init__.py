@@ -75,12 +75,60 @@ def _tpu_impl(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv
   return _attn.AttentionResult(out, lse, None)
 
 
-def register():
-  """Registers the kernels with ``jstream.ops.attention`` (idempotent)."""
+def _probe(impl) -> str | None:
+  """Compiles and runs ``impl`` once on a small case on this platform and checks it against the reference.
+
+  Returns None when it works, else the reason. Kernels are only offered to ``impl="auto"`` on platforms where this
+  passes, so a lowering problem on an untested accelerator or JAX version degrades to XLA instead of failing every
+  model that uses ``"auto"``. Runs at ``import jstream`` (outside any trace), which registers the kernels.
+  """
+  import jax
+
+  try:
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (1, 32, 4, 64), jnp.float32)
+    k = jax.random.normal(ks[1], (1, 128, 2, 64), jnp.float32)
+    v = jax.random.normal(ks[2], (1, 128, 2, 64), jnp.float32)
+    qp = jnp.arange(96, 128, dtype=jnp.int32)[None]
+    kp = jnp.arange(128, dtype=jnp.int32)[None]
+    kw = dict(q_positions=qp, k_positions=kp, window=48, num_sinks=4)
+    got = jax.jit(lambda q, k, v: _attn.attention(q, k, v, impl=impl, **kw))(q, k, v)
+    want = _attn.attention(q, k, v, impl="xla", **kw)
+    err = float(jnp.max(jnp.abs(got - want)))
+    return None if err < 1e-2 else f"wrong result (max error {err:.2e})"
+  except Exception as e:  # lowering / compilation failures on this platform
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def register(probe: bool = True):
+  """Registers the kernels with ``jstream.ops.attention`` (idempotent).
+
+  On a GPU or TPU the kernels are first probed (``_probe``); those that fail stay available by name but are not
+  chosen by ``impl="auto"`` (a warning says why).
+  """
+  import warnings
+
+  import jax
+
+  backend = jax.default_backend()
   _attn.register("pallas_tpu", _tpu_impl, platforms=("tpu",), priority=20)
   _attn.register("pallas", _make("auto"), platforms=("gpu", "tpu"), priority=10)
   _attn.register("pallas_prefill", _make("prefill"))
   _attn.register("pallas_decode", _make("decode"))
+  if probe and backend in ("gpu", "tpu"):
+    for name, platforms, priority in (("pallas_tpu", ("tpu",), 20), ("pallas", ("gpu", "tpu"), 10)):
+      if backend not in platforms:
+        continue
+      reason = _probe(name)
+      if reason is not None:
+        impl = _attn._REGISTRY[name]
+        _attn.register(name, impl.fn, platforms=(), priority=priority)
+        warnings.warn(
+          f"Pallas attention kernel {name!r} did not pass its probe on {backend} ({reason}); impl='auto' uses "
+          f"XLA instead. It stays available as impl={name!r}.",
+          RuntimeWarning,
+          stacklevel=2,
+        )
 
 
 register()

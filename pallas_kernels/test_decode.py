@@ -38,3 +38,19 @@ def test_too_many_rows_is_rejected():
 def test_block_sizes_are_validated():
   with pytest.raises(ValueError, match="power of two"):
     DecodeBlockSizes(num_splits=3)
+
+
+def test_probe_accepts_working_kernels_and_rejects_broken_ones():
+  import pallas_kernels
+
+  assert pallas_kernels._probe("pallas") is None  # interpret mode on CPU
+  assert pallas_kernels._probe("pallas_prefill") is None
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("lowering failed: no such op")
+
+  A.register("broken_test", broken)
+  try:
+    assert "lowering failed" in pallas_kernels._probe("broken_test")
+  finally:
+    A._REGISTRY.pop("broken_test")
