@@ -150,3 +150,34 @@ def test_mixed_precision_step_runs(tmp_path, corpus):
   assert all(np.isfinite(m["loss"]) for m in res.metrics)
   assert all(x.dtype == jnp.float32 for x in _params(res.model))  # f32 master weights
   shutil.rmtree(tmp_path / "bf16")
+
+
+def _read_events(folder: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """Scalars of the TensorBoard event files in ``folder`` (TFRecord framing: length, crc, payload, crc)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (n,) = struct.unpack("<Q", data[at : at + 8])
+      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
+      at += 12 + n + 4
+      for value in event.summary.value:
+        out.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return out
+
+
+def test_metrics_are_mirrored_to_tensorboard(tmp_path, corpus):
+  pytest.importorskip("tensorboardX")  # in the dev extra; optional for users
+  cfg = tiny_cfg(tmp_path / "tb", corpus, steps=4, checkpoint_every=4)
+  res = train(cfg, progress=False)
+  events = _read_events(tmp_path / "tb" / "tensorboard")
+  assert [m["step"] for m in res.metrics] == [2, 4]
+  got = events["loss"]
+  assert [s for s, _ in got] == [2, 4]
+  np.testing.assert_allclose([v for _, v in got], [m["loss"] for m in res.metrics], rtol=1e-6)
+  assert "tokens_per_s" in events

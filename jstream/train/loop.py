@@ -78,7 +78,8 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
 
 
 class MetricsWriter:
-  """Appends JSON lines to ``workdir/metrics.jsonl``; mirrors to TensorBoard if ``tensorboardX`` is installed."""
+  """Appends JSON lines to ``workdir/metrics.jsonl``; mirrors to TensorBoard event files in
+  ``workdir/tensorboard`` if ``tensorboardX`` is installed (``pip install 'jstream[tensorboard]'``)."""
 
   def __init__(self, workdir: pathlib.Path):
     self.path = workdir / "metrics.jsonl"
@@ -97,6 +98,11 @@ class MetricsWriter:
     if self.tb is not None:
       for k, v in metrics.items():
         self.tb.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
 
   def read(self) -> list[dict]:
     if not self.path.exists():
@@ -180,6 +186,7 @@ def train(
   if bar is not None:
     bar.close()
   ckpt.close()
+  writer.close()
   model = nnx.merge(graphdef, state.params)
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
 
