@@ -251,4 +251,6 @@ def main(argv=None, *, prog="python -m experiments.streaming_llm") -> int:
 __all__ = ["StreamingLLMConfig", "apply_overrides", "evaluate", "main", "policies", "run"]
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from jstream.cli import report
+
+  raise SystemExit(report("python -m experiments.streaming_llm", main))

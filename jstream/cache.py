@@ -27,7 +27,8 @@ Endless streams
   their track index are rotated back by the same shift (``Plan.shift``), so outputs are unchanged (tested with
   the threshold lowered). In ``cache_relative`` mode ``pos`` is rebased the same way. In ``absolute`` mode
   ``pos`` is the RoPE position and cannot be rebased: a chunk that would run past ``2**31 - 1`` poisons its row's
-  outputs with NaN, and the rollouts check it on the host before they start.
+  outputs with NaN, and the rollouts (`stream_nll`, `prefill`, `decode`, `generate`) check it on the host before
+  they start.
 
 Rollback keeps exactness after the window is full as long as ``n <= max_rollback`` (the spare ring slots still
 hold the keys that come back into the window).

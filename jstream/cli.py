@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def report(prog: str, fn) -> int:
+  """Runs ``fn()``; bad input (a missing file, an unknown key, a wrong type, an unusable checkpoint) becomes one
+  clear line on stderr and exit status 2 instead of a traceback."""
+  from jstream.errors import USER_ERRORS
+
+  try:
+    return int(fn() or 0)
+  except USER_ERRORS as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
@@ -124,26 +137,19 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["demo"]:
     from experiments import streaming_llm
 
-    return int(streaming_llm.main(argv[1:], prog="jstream demo") or 0)
+    return report("jstream demo", lambda: streaming_llm.main(argv[1:], prog="jstream demo"))
   if argv[:1] == ["bench"]:
     if len(argv) < 2 or argv[1] not in BENCHMARKS:
       parser.error(f"jstream bench <name>: one of {sorted(BENCHMARKS)}")
-    return _run_module(BENCHMARKS[argv[1]][0], argv[2:])
+    return report(f"jstream bench {argv[1]}", lambda: _run_module(BENCHMARKS[argv[1]][0], argv[2:]))
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()
     return 0
-  try:
-    if args.command == "train":
-      return cmd_train(args)
-    if args.command == "eval-stream":
-      return cmd_eval_stream(args)
-  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:  # bad input: one clear line, no traceback
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"jstream {args.command}: error: {msg}", file=sys.stderr)
-    return 2
-  parser.error(f"unknown command {args.command}")
-  return 2
+  commands = {"train": cmd_train, "eval-stream": cmd_eval_stream}
+  if args.command not in commands:
+    parser.error(f"unknown command {args.command}")
+  return report(f"jstream {args.command}", lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

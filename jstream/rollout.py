@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream._compat import is_concrete
 from jstream.typing import Array
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -202,6 +203,22 @@ def _nll_segment(graphdef, state, tokens, segs, targets, cache, chunk):
 # ----------------------------------------------------------------------------------------------- generation
 
 
+def _check_absolute_room(cache, n: int) -> None:
+  """Raises before an absolute-position cache would run past ``2**31 - 1`` within the next ``n`` tokens.
+
+  Reads the cache's ``next_pos`` (a ``[b]`` int32) on the host, once per call; cache-relative caches rebase their
+  counters and need no check.
+  """
+  if isinstance(cache, cache_lib.TokenCache) or cache.policy.positions != "absolute" or not is_concrete(cache.next_pos):
+    return
+  start = int(np.max(jax.device_get(cache.next_pos)))
+  if start + n > cache_lib.INT32_MAX:
+    raise ValueError(
+      f"{n} more tokens from position {start} run past 2**31 - 1 in absolute-position mode; use "
+      "positions='cache_relative'"
+    )
+
+
 class GenerateOutput(NamedTuple):
   """``tokens [b, max_new_tokens]`` sampled ids and the cache after them (its last token not yet appended)."""
 
@@ -228,6 +245,7 @@ def prefill(model, tokens, cache, *, chunk_size: int | None = None, lengths=None
   chunk = int(chunk_size or min(p, cache.capacity))
   if chunk > cache.capacity:
     raise ValueError(f"chunk_size {chunk} is larger than the cache capacity {cache.capacity}")
+  _check_absolute_room(cache, p + (-p) % chunk)
   lengths = jnp.full((b,), p, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
   graphdef, state = nnx.split(model)
   return _prefill(graphdef, state, tokens, lengths, cache, chunk)
@@ -261,6 +279,7 @@ def decode(model, cache, last_logits, *, steps: int, rng, sampling: Sampling = S
 
   The step's RNG is ``fold_in(rng, step)``. The cache is donated.
   """
+  _check_absolute_room(cache, int(steps))
   graphdef, state = nnx.split(model)
   if rng is None:
     rng = jax.random.key(0)

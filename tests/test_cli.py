@@ -61,6 +61,10 @@ def test_bad_input_gets_one_clear_line(in_tmp, capsys):
   assert "does not exist" in capsys.readouterr().err
   assert cli.main(["eval-stream", "--config", f"{ROOT}/configs/lm_tiny.py:quick,workdir=empty"]) == 2
   assert "no checkpoint" in capsys.readouterr().err
+  assert cli.main(["demo", "--config", f"{ROOT}/configs/streaming_llm.py:quick,nosuchkey=1"]) == 2
+  assert "unknown config key 'nosuchkey'" in capsys.readouterr().err
+  assert cli.main(["demo", "--config", "missing.py"]) == 2
+  assert "does not exist" in capsys.readouterr().err
   with pytest.raises(ValueError, match="unknown policy"):
     cli.parse_policy("ring:3", "absolute")
   with pytest.raises(ValueError, match="takes 2 integer"):

@@ -181,6 +181,43 @@ def test_text_chunks_cover_each_epoch_once(text_builder, text_cfg, data_dir):
   assert [bytes(r) for r in rows[:n]] != [bytes(r) for r in rows[n:]]  # A fresh order every epoch.
 
 
+def test_text_overlapped_chunks(text_builder, text_cfg, data_dir):
+  """stride < seq_len: chunks start every ``stride`` bytes, so with the first ``seq_len - stride`` targets of each
+  chunk kept out of the loss, every later byte of the stream is a learnt target exactly once per epoch."""
+  stream = D.split_bytes("train", config=text_cfg, data_dir=data_dir)
+  seq_len, stride = 101, 75
+  kw = dict(seq_len=seq_len, batch_size=1, sampling="chunks", stride=stride, config=text_cfg, data_dir=data_dir)
+  rows = [b[0] for b in D.text_dataset(seed=4, num_epochs=1, **kw)]
+  n = (len(stream) - seq_len) // stride + 1
+  starts = {bytes(stream[j * stride : j * stride + seq_len]): j * stride for j in range(n)}
+  got = sorted(starts[bytes(r.astype(np.uint8))] for r in rows)
+  assert got == [j * stride for j in range(n)]
+  overlap = seq_len - 1 - stride  # inputs are row[:-1], targets row[1:]; the first `overlap` targets are context
+  learnt = np.concatenate([np.arange(s + 1 + overlap, s + seq_len) for s in got])
+  np.testing.assert_array_equal(learnt, np.arange(overlap + 1, got[-1] + seq_len))
+  with pytest.raises(ValueError, match="stride must be"):
+    D.text_dataset(seed=0, **{**kw, "stride": seq_len + 1})
+  with pytest.raises(ValueError, match="stride applies"):
+    D.text_dataset(seed=0, **{**kw, "sampling": "random"})
+
+
+def test_overlap_training_reads_overlapped_chunks(text_builder, text_cfg, data_dir, monkeypatch):
+  from jstream import TransformerConfig
+  from jstream.train import TrainConfig
+  from jstream.train.loop import train_iterator
+
+  monkeypatch.setattr(T, "text_config", lambda *a, **k: text_cfg)
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(data_dir))
+  stream = D.split_bytes("train", config=text_cfg, data_dir=data_dir)
+  model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32)
+  cfg = TrainConfig(model=model, seq_len=40, overlap=10, batch_size=3)
+  batch = np.asarray(next(train_iterator(cfg)))
+  assert batch.shape == (3, 41)
+  for row in batch:
+    hits = [j for j in range(0, len(stream) - 40, 30) if bytes(stream[j : j + 41]) == bytes(row.astype(np.uint8))]
+    assert hits, "each sample is a chunk starting at a multiple of seq_len - overlap"
+
+
 @pytest.mark.parametrize("worker_count", [0, 1])
 def test_text_iterator_checkpoint_restore(text_builder, text_cfg, data_dir, worker_count):
   ds = D.text_dataset(seq_len=32, batch_size=3, seed=7, config=text_cfg, data_dir=data_dir, worker_count=worker_count)

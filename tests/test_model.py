@@ -173,6 +173,33 @@ def test_cache_relative_survives_int32_overflow():
     model(tokens[:, :16], cache)
 
 
+def test_position_counters_stay_in_range_past_int32():
+  """Past 2**31 the cache_relative counters are rebased, not wrapped: the stored positions of a stream started at
+  2**31 - 1000 stay non-negative and differ from those of a stream started at 0 by one constant; absolute mode
+  refuses, in every rollout, to run past 2**31 - 1."""
+  model = tiny_model(seed=25, num_layers=1)
+  policy = C.SinkWindow(2, 16, positions="cache_relative")
+  tokens = random_tokens(1, 10_000, seed=26)
+  out = {}
+  for start in (0, 2**31 - 1000):
+    cache = model.init_cache(policy, 1, start_position=start)
+    out[start] = rollout.prefill(model, tokens, cache, chunk_size=16)
+  (near_logits, near), (far_logits, far) = out[0], out[2**31 - 1000]
+  np.testing.assert_allclose(far_logits, near_logits, atol=1e-6)
+  valid = np.asarray(near.pos) >= 0
+  np.testing.assert_array_equal(np.asarray(far.pos) >= 0, valid)
+  shift = np.asarray(far.pos)[valid] - np.asarray(near.pos)[valid]
+  assert np.all(shift == shift[0]) and 0 <= np.asarray(far.next_pos)[0] <= C.INT32_MAX
+  np.testing.assert_array_equal(np.asarray(far.next_pos) - np.asarray(near.next_pos), shift[0])
+
+  absolute = C.SinkWindow(2, 16)
+  with pytest.raises(ValueError, match="past 2\\*\\*31 - 1"):
+    rollout.prefill(model, tokens[:, :32], model.init_cache(absolute, 1, start_position=2**31 - 20), chunk_size=16)
+  cache = model.init_cache(absolute, 1, start_position=2**31 - 20)
+  with pytest.raises(ValueError, match="past 2\\*\\*31 - 1"):
+    rollout.generate(model, tokens[:, :8], cache=cache, max_new_tokens=16, temperature=0.0)
+
+
 @pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
 def test_track_index_rebase_is_invisible(positions, monkeypatch):
   """The rebase that keeps track indices bounded (every 2**29 tokens) changes no output; run it every 24."""

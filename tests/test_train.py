@@ -11,6 +11,7 @@ import pytest
 
 from jstream import TransformerConfig
 from jstream.train import (
+  CheckpointError,
   ConfigMismatchError,
   TrainConfig,
   apply_overrides,
@@ -79,6 +80,15 @@ def test_truncated_checkpoint_falls_back_with_a_warning(tmp_path, corpus):
   with pytest.warns(RuntimeWarning, match="falling back to the previous one"):
     _, step = load_model(cfg)
   assert step == 4
+  for f in (p for p in (ckpts / "4" / "config").rglob("*") if p.is_file()):
+    f.write_bytes(f.read_bytes()[:5])  # now the config of the next one is truncated too
+  with pytest.warns(RuntimeWarning, match="falling back to the previous one"):
+    _, step = load_model(cfg)
+  assert step == 2
+  shutil.rmtree(ckpts / "2" / "state")
+  with pytest.raises(CheckpointError, match="none of the checkpoints"):
+    with pytest.warns(RuntimeWarning):
+      load_model(cfg)
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, corpus):
@@ -121,6 +131,8 @@ def test_config_files_and_overrides():
     load_config(f"{CONFIG}:fast")
   base = load_config(str(CONFIG))
   assert apply_overrides(base, {"corpus": "a;b"}).corpus == ("a", "b")
+  short = load_config(f"{CONFIG}:quick,window=512,sinks=4")  # aliases of train_window / train_sinks
+  assert (short.train_window, short.train_sinks) == (512, 4)
 
 
 def test_streaming_aligned_examples():

@@ -409,14 +409,15 @@ def heldout_stream(
 
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
-  """Maps a chunk number ``j`` to ``stream[j * seq_len : (j + 1) * seq_len]`` as int32 (picklable for workers)."""
+  """Maps a chunk number ``j`` to ``stream[j * stride : j * stride + seq_len]`` as int32 (picklable for workers)."""
 
   stream: np.ndarray
   seq_len: int
+  stride: int
 
   def __call__(self, j: int) -> np.ndarray:
-    j = int(j)
-    return self.stream[j * self.seq_len : (j + 1) * self.seq_len].astype(np.int32)
+    start = int(j) * self.stride
+    return self.stream[start : start + self.seq_len].astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +439,7 @@ def text_dataset(
   batch_size: int,
   seed: int,
   sampling: Literal["random", "chunks"] = "random",
+  stride: int | None = None,
   num_epochs: int | None = None,
   worker_count: int = 0,
   read_options: grain.ReadOptions | None = None,
@@ -448,7 +450,9 @@ def text_dataset(
 
   An epoch has ``len(stream) // seq_len`` windows. ``sampling="random"``: each window starts at a uniform random
   offset (every offset is possible; seeded per window index). ``sampling="chunks"``: the stream is cut into
-  consecutive non-overlapping chunks, visited in a fresh shuffled order every epoch. Only full batches are
+  chunks starting every ``stride`` bytes (``stride=seq_len``, the default: consecutive, non-overlapping; smaller:
+  each chunk repeats the last ``seq_len - stride`` bytes of the one before, for overlapped-chunk training),
+  visited in a fresh shuffled order every epoch. Only full batches are
   yielded. Resuming: ``state = it.get_state()`` (a JSON-able dict) and later ``it = iter(ds); it.set_state(state)``
   give exactly the batches that would have come next.
 
@@ -458,6 +462,7 @@ def text_dataset(
     batch_size: windows per batch.
     seed: seed in [0, 2**32); same seed, same batches.
     sampling: ``"random"`` windows or shuffled ``"chunks"``.
+    stride: with ``"chunks"``, bytes between chunk starts, in ``[1, seq_len]`` (default ``seq_len``).
     num_epochs: ``None`` repeats forever.
     worker_count: grain worker processes (0: in this process, with reader threads).
     read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
@@ -469,13 +474,18 @@ def text_dataset(
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  stride = seq_len if stride is None else stride
+  if sampling != "chunks" and stride != seq_len:
+    raise ValueError("stride applies to sampling='chunks' only")
+  if not 1 <= stride <= seq_len:
+    raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
   stream = split_bytes(split, config=config, data_dir=data_dir)
-  n = len(stream) // seq_len
-  if n < 1:
+  if len(stream) < seq_len:
     raise ValueError(f"split {split!r} has {len(stream)} bytes, fewer than seq_len={seq_len}")
+  n = (len(stream) - seq_len) // stride + 1 if sampling == "chunks" else len(stream) // seq_len
   ds = grain.MapDataset.range(n)
   if sampling == "chunks":
-    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len))
+    ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len, stride))
   elif sampling == "random":
     ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len), seed=seed)
   else:

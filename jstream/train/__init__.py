@@ -1,12 +1,13 @@
 """Training: configs, optimizer, losses, streaming-aligned examples, checkpoints, the loop."""
 
 from jstream.train.aligned import forward_mask, make_example
-from jstream.train.checkpoint import Checkpointer, ConfigMismatchError
+from jstream.train.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError
 from jstream.train.config import TrainConfig, apply_overrides, load_config
 from jstream.train.loop import TrainResult, TrainState, load_model, make_train_step, train, train_iterator
 from jstream.train.optim import make_optimizer, schedule
 
 __all__ = [
+  "CheckpointError",
   "Checkpointer",
   "ConfigMismatchError",
   "TrainConfig",

@@ -15,6 +15,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jstream.errors import CheckpointError, ConfigMismatchError
 from jstream.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir"})
 
 
-class ConfigMismatchError(ValueError):
-  """The checkpoint was written by a run with a different config."""
+__all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError"]
 
 
 def _differences(a: dict, b: dict, prefix="") -> list[str]:
@@ -79,10 +79,9 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """``(step, state, data_state)`` of the newest checkpoint that restores, or None if there is none."""
     steps = self.all_steps()
-    if steps:
-      self._check_config(steps[-1])
     for step in reversed(steps):
       try:
+        self._check_config(step)  # a mismatch is an error; an unreadable config falls back like a bad state
         out = self.manager.restore(
           step,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
@@ -98,7 +97,7 @@ class Checkpointer:
           stacklevel=2,
         )
     if steps:
-      raise RuntimeError(f"none of the checkpoints in {self.dir} ({steps}) could be restored")
+      raise CheckpointError(f"none of the checkpoints in {self.dir} ({steps}) could be restored")
     return None
 
   def restore(self, step: int, abstract_state: Any) -> Any:

@@ -3,7 +3,8 @@
 A config file (``configs/lm_tiny.py``) defines ``get_config(*flags) -> TrainConfig``. On the command line a config
 is named as ``path[:arg]`` where ``arg`` is a comma-separated list of bare flags, passed to ``get_config``
 (``quick``), and ``key=value`` overrides applied afterwards, typed by the field they replace
-(``configs/lm_tiny.py:quick,steps=200,model.embed_dim=128``). An unknown key or a value of the wrong type is an
+(``configs/lm_tiny.py:quick,steps=200,model.embed_dim=128``; ``window`` and ``sinks`` stand for ``train_window``
+and ``train_sinks``). An unknown key or a value of the wrong type is an
 error that names the key.
 """
 
@@ -15,7 +16,7 @@ import json
 import pathlib
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 from jstream.config import TransformerConfig
 
@@ -59,6 +60,9 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   workdir: str = "runs/lm_tiny"
+
+  # Short names accepted by command-line overrides (``configs/lm_tiny.py:quick,window=512``).
+  ALIASES: ClassVar[dict[str, str]] = {"window": "train_window", "sinks": "train_sinks"}
 
   def __post_init__(self):
     if not isinstance(self.model, TransformerConfig):
@@ -129,10 +133,13 @@ def _coerce(key: str, text: str, current: Any, annotation) -> Any:
 def apply_overrides(cfg, overrides: dict[str, str]):
   """Returns the dataclass ``cfg`` with ``key=value`` overrides, typed by the field they replace.
 
-  Nested dataclass fields are reached with dots (``model.embed_dim=128``, ``train.steps=10``).
+  Nested dataclass fields are reached with dots (``model.embed_dim=128``, ``train.steps=10``); a dataclass may
+  name short aliases of its fields in a ``ALIASES`` class attribute (``TrainConfig``: ``window``, ``sinks``).
   """
   if not overrides:
     return cfg
+  aliases = getattr(type(cfg), "ALIASES", {})
+  overrides = {aliases.get(k, k): v for k, v in overrides.items()}
   hints = typing.get_type_hints(type(cfg))
   fields = {f.name for f in dataclasses.fields(cfg)}
   direct, nested = {}, {}

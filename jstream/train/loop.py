@@ -67,13 +67,23 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
 
 
 def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
-  """The data iterator of a config: batches ``[b, seq_len + 1]`` int32, with ``get_state``/``set_state``."""
+  """The data iterator of a config: batches ``[b, seq_len + 1]`` int32, with ``get_state``/``set_state``.
+
+  Windows at random offsets; with ``cfg.overlap``, shuffled chunks that start every ``seq_len - overlap`` bytes,
+  so each chunk's first ``overlap`` targets (context, outside the loss) are the previous chunk's last ones.
+  """
   if cfg.data != "text":
     raise ValueError(f"unknown data {cfg.data!r}; the language-model trainer reads 'text'")
   from jstream.data import text as text_data
 
   config = text_data.text_config(list(cfg.corpus) or None)
-  ds = text_data.text_dataset(split, seq_len=cfg.seq_len + 1, batch_size=cfg.batch_size, seed=cfg.seed, config=config)
+  if cfg.overlap:  # overlapped chunks of the stream: each target is learnt in exactly one chunk (see aligned.py)
+    sampling = dict(sampling="chunks", stride=cfg.seq_len - cfg.overlap)
+  else:
+    sampling = dict(sampling="random")
+  ds = text_data.text_dataset(
+    split, seq_len=cfg.seq_len + 1, batch_size=cfg.batch_size, seed=cfg.seed, config=config, **sampling
+  )
   return iter(ds)
 
 
