@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import tempfile
 import time
 
@@ -37,23 +36,9 @@ import numpy as np
 from flax import nnx
 
 import jstream
+from experiments.memory import rss_mib
 from jstream import cache as C
 from jstream import rollout
-
-
-def _rss_mib() -> tuple[float, float]:
-  """(current RSS, peak RSS) of this process in MiB."""
-  cur = peak = float("nan")
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          cur = int(line.split()[1]) / 1024
-        elif line.startswith("VmHWM:"):
-          peak = int(line.split()[1]) / 1024
-  except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return cur, peak
 
 
 def _nbytes(tree) -> int:
@@ -211,7 +196,7 @@ def advance_pass(args: dict, mode: str, scratch: str) -> list:
       cache, _ = streamer.advance(cache, tokens[:, at : at + feed])
       at += feed
     jax.block_until_ready(cache)
-    mem = (_rss_mib(), _nbytes((cache.k, cache.v)))
+    mem = (rss_mib(), _nbytes((cache.k, cache.v)))
     path = pathlib.Path(scratch) / f"{mode}_{at}.npz"
     _save(cache, path)
     out.append((at, str(path), mem))
@@ -285,7 +270,7 @@ def run(args, scratch: pathlib.Path) -> dict:
     p = positions[0] // args.chunk * args.chunk
     cache, last = streamer.advance(scanned.init_cache(policy, 1), tokens[:, :p])
     lat, cache, _ = decode_latency(scanned, cache, last, args.steps, args.rounds)
-    record(f"SinkWindow({sinks},{window}) scan_layers", p, lat, _nbytes((cache.k, cache.v)), _rss_mib())
+    record(f"SinkWindow({sinks},{window}) scan_layers", p, lat, _nbytes((cache.k, cache.v)), rss_mib())
     del cache, streamer, scanned
 
   # --- dense: as far as its cache fits the budget
@@ -318,7 +303,7 @@ def run(args, scratch: pathlib.Path) -> dict:
     else:  # O(p^2) prefill is minutes on a CPU; decode reads every slot whatever it holds
       cache, last = synthetic_dense(model, slots, p), jnp.zeros((1, cfg.vocab_size), jnp.float32)
       note = "cache filled with random keys/values (decode cost does not depend on them)"
-    rss = _rss_mib()
+    rss = rss_mib()
     lat, cache, _ = decode_latency(model, cache, last, args.steps, args.rounds)
     record("Dense", p, lat, _nbytes((cache.k, cache.v)), rss, note)
     del cache
@@ -345,7 +330,7 @@ def run(args, scratch: pathlib.Path) -> dict:
       out = rollout._decode(graphdef, state, cache, logits, jax.random.key(0), steps, rollout.Sampling(0.0))
       jax.block_until_ready(out.tokens)
       lat = min(lat, (time.perf_counter() - t0) / steps)
-    record(f"Recompute({window})", p, lat, 0, _rss_mib(), "state built from the last window ids")
+    record(f"Recompute({window})", p, lat, 0, rss_mib(), "state built from the last window ids")
 
   floor = memory_floor(weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4)
   return dict(rows=rows, floor=floor, weights_bytes=weights)

@@ -28,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.memory import reset_peak_rss, rss_mib
 from jstream import cache as C
 from jstream import rollout
 from jstream.train import TrainConfig, load_config, train
@@ -58,18 +59,6 @@ class StreamingLLMConfig:
   dense_tokens: int = 4096
   recompute_tokens: int = 1024
   bins: int = 12
-
-
-def _rss_peak_mib() -> float:
-  try:
-    for line in open("/proc/self/status"):
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  import resource
-
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def policies(cfg: StreamingLLMConfig, sink_model: bool) -> list[tuple[str, C.Policy, int]]:
@@ -103,6 +92,11 @@ def evaluate(model, tokens: np.ndarray, policy: C.Policy, cfg: StreamingLLMConfi
   segs[0, :n] = 0
   targets = np.full((1, padded), -1, np.int32)
   targets[0, : n - 1] = tokens[1:]
+  import gc
+
+  gc.collect()
+  scoped = reset_peak_rss()  # the peak below is this evaluation's (compilation included), not the process's
+  rss_start = rss_mib()[0]
   cache = model.init_cache(policy, 1)
   pred = np.full(padded, np.nan)  # pred[p] = -log p(token p + 1 | tokens <= p)
   times = []
@@ -152,7 +146,9 @@ def evaluate(model, tokens: np.ndarray, policy: C.Policy, cfg: StreamingLLMConfi
     "latency": [{"from": int(i), "ms_per_token": 1e3 * t / max(c, 1)} for i, c, t in times],
     "compile_s": float(compile_s or 0.0),
     "cache_mib": cache_bytes / 2**20,
-    "peak_rss_mib": _rss_peak_mib(),
+    "rss_start_mib": rss_start,
+    "peak_rss_mib": rss_mib()[1],
+    "peak_rss_scope": "evaluation" if scoped else "process",
   }
 
 
@@ -183,7 +179,8 @@ def run(cfg: StreamingLLMConfig, out: pathlib.Path, progress: bool = True) -> di
       firsts = "  ".join(f"first {k}: {v:7.3f}" for k, v in res["ppl_first"].items())
       print(
         f"  {name:<10} {pname:<44} ppl {res['ppl']:8.3f} (last half {res['ppl_last_half']:8.3f}; {firsts})  "
-        f"{res['tokens_per_s']:8.0f} tok/s  cache {res['cache_mib']:5.2f} MiB  peak rss {res['peak_rss_mib']:6.0f} MiB",
+        f"{res['tokens_per_s']:8.0f} tok/s  cache {res['cache_mib']:5.2f} MiB  "
+        f"peak rss {res['peak_rss_mib']:6.0f} MiB (+{res['peak_rss_mib'] - res['rss_start_mib']:.0f})",
         flush=True,
       )
   results["seconds"] = time.time() - t_start

@@ -1,10 +1,13 @@
-"""Rotary position embeddings (RoPE) applied at cache-read time, by table lookup.
+"""Rotary position embeddings (RoPE) by table lookup.
 
 Conventions owned by this module:
 
-* Keys are cached *before* RoPE. Every read rotates queries and keys by integer positions; because RoPE scores
-  depend only on ``q_pos - k_pos``, callers may rotate in any frame (absolute, or relative to the chunk start)
-  and get the same attention scores.
+* RoPE scores depend only on ``q_pos - k_pos``, so callers may rotate in any frame (absolute, or relative to the
+  chunk start) and get the same attention scores. The streaming model uses this to rotate each key once, when it
+  is written to the cache, at its position in the policy's frame, and queries at read time
+  (``jstream.nn.cached_attention``); the rare rebase of cache-relative indices rotates the stored keys back by the
+  shift. The result equals caching keys before RoPE and rotating them at read time (tested against a reference
+  that does exactly that).
 * Rotation uses the split-half ("rotate_half", GPT-NeoX / Llama) layout: feature ``i`` pairs with ``i + h/2``.
 * cos/sin are never computed with trigonometry inside the model: they are gathered from tables built once in
   extended precision with NumPy. Positions whose magnitude is statically bounded by ``SINGLE_TABLE_LIMIT`` use one

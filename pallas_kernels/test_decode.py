@@ -49,8 +49,15 @@ def test_probe_accepts_working_kernels_and_rejects_broken_ones():
   def broken(*args, **kwargs):
     raise RuntimeError("lowering failed: no such op")
 
+  def wrong_for_decode(q, *args, **kwargs):  # right for chunks, wrong for a single query
+    res = A._xla_attention(q, *args, **kwargs)
+    return res._replace(out=res.out + (q.shape[1] == 1))
+
   A.register("broken_test", broken)
+  A.register("wrong_decode_test", wrong_for_decode)
   try:
     assert "lowering failed" in pallas_kernels._probe("broken_test")
+    assert "wrong result" in pallas_kernels._probe("wrong_decode_test")
   finally:
     A._REGISTRY.pop("broken_test")
+    A._REGISTRY.pop("wrong_decode_test")

@@ -1,0 +1,32 @@
+"""Process memory readings shared by the experiments (Linux ``/proc``; ``getrusage`` elsewhere)."""
+
+from __future__ import annotations
+
+import resource
+
+
+def rss_mib() -> tuple[float, float]:
+  """``(current RSS, peak RSS)`` of this process in MiB; the peak is since the start or the last
+  ``reset_peak_rss()``."""
+  cur = peak = float("nan")
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          cur = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+          peak = int(line.split()[1]) / 1024
+  except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return cur, peak
+
+
+def reset_peak_rss() -> bool:
+  """Resets the peak-RSS mark to the current RSS (Linux: ``/proc/self/clear_refs``), so that the next reading is
+  the peak of what runs in between. Returns False where that is not possible (the peak then stays process-wide)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
