@@ -180,7 +180,7 @@ def run(cfg: StreamingLLMConfig, out: pathlib.Path, progress: bool = True) -> di
       print(
         f"  {name:<10} {pname:<44} ppl {res['ppl']:8.3f} (last half {res['ppl_last_half']:8.3f}; {firsts})  "
         f"{res['tokens_per_s']:8.0f} tok/s  cache {res['cache_mib']:5.2f} MiB  "
-        f"peak rss {res['peak_rss_mib']:6.0f} MiB (+{res['peak_rss_mib'] - res['rss_start_mib']:.0f})",
+        f"peak rss {res['peak_rss_mib']:6.0f} MiB (+{max(res['peak_rss_mib'] - res['rss_start_mib'], 0.0):.0f})",
         flush=True,
       )
   results["seconds"] = time.time() - t_start
