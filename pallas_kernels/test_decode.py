@@ -61,3 +61,20 @@ def test_probe_accepts_working_kernels_and_rejects_broken_ones():
   finally:
     A._REGISTRY.pop("broken_test")
     A._REGISTRY.pop("wrong_decode_test")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t,s", [(1, 1029), (4, 4099), (16, 777)])
+def test_larger_sweep(t, s):
+  """Ring-sized caches (slots not a multiple of the blocks), the default and a fine split, key mass included."""
+  for kvh, sinks, window in [(1, 4, 1024), (4, 0, None), (2, 1, 100)]:
+    if t * (4 // kvh) > 64:
+      continue
+    q, k, v, qp, kp = make_inputs(t=t, s=s, kvh=kvh, seed=s + t)
+    want = reference(q, k, v, qp, kp, window=window, num_sinks=sinks, return_key_mass=True)
+    for blocks in (DecodeBlockSizes(), DecodeBlockSizes(block_k=32, num_splits=16)):
+      out, lse, mass = decode_attention(q, k, v, qp, kp, window=window, num_sinks=sinks, blocks=blocks,
+                                        interpret=True, return_key_mass=True)  # fmt: skip
+      np.testing.assert_allclose(out, want.out, atol=2e-5)
+      np.testing.assert_allclose(lse, want.lse, atol=2e-5)
+      np.testing.assert_allclose(mass, want.key_mass, atol=2e-5)

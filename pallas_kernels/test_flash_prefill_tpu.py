@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from attention_base import AttentionImplBase, make_inputs, reference
 from jax.experimental.pallas import tpu as pltpu
 
@@ -49,3 +50,15 @@ def test_registered_for_tpu_and_runs_interpreted_by_name():
   q, k, v, qp, kp = make_inputs(t=9, seed=14)  # 18 query rows: the decode kernel declines
   got = A.attention(q, k, v, q_positions=qp, k_positions=kp, window=4, impl="pallas_tpu")
   np.testing.assert_allclose(got, reference(q, k, v, qp, kp, window=4).out, atol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t,s", [(64, 200), (96, 333)])
+def test_larger_sweep(t, s):
+  for kvh, sinks, window in [(1, 4, 16), (2, 0, None), (4, 1, 100)]:
+    q, k, v, qp, kp = make_inputs(t=t, s=s, kvh=kvh, seed=t + 1)
+    got, lse = flash_attention_tpu(q, k, v, qp, kp, window=window, num_sinks=sinks, blocks=BlockSizes(16, 128),
+                                   interpret=pltpu.InterpretParams())  # fmt: skip
+    want = reference(q, k, v, qp, kp, window=window, num_sinks=sinks)
+    np.testing.assert_allclose(got, want.out, atol=2e-5)
+    np.testing.assert_allclose(lse, want.lse, atol=2e-5)
