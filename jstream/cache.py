@@ -52,6 +52,12 @@ REBASE_AT = 2**30
 _REBASE_SHIFT = 2**29
 
 
+def rebase_shift(ring: int) -> int:
+  """How far a rebase moves the indices of a ring of ``ring`` slots: a multiple of ``ring`` near ``2**29``, so
+  every index keeps its slot."""
+  return (_REBASE_SHIFT // ring) * ring
+
+
 # ------------------------------------------------------------------------------------------------ policies
 
 
@@ -454,6 +460,7 @@ class Plan(NamedTuple):
     q_idx: ``[b, m, t]`` index of the latest token of track ``m`` at or before each query (-1: none or padding).
     sink_slots / ring_slots: ``[b, t]`` slot each token is written to in the sink phase / the ring phase (the
       trash slot ``capacity`` when the token does not go there).
+    slots: ``[b, t]`` the slot each token ends in (its sink slot, else its ring slot, else the trash slot).
     poison: ``[b]`` rows whose stream overran what the policy can represent (outputs are set to NaN).
     after: the cache metadata after this chunk (``k``/``v`` not yet written).
     shift: ``[b, m]`` how far each track's indices were shifted down by the rebase (0 almost always). Keys
@@ -467,6 +474,7 @@ class Plan(NamedTuple):
   q_idx: Array
   sink_slots: Array
   ring_slots: Array
+  slots: Array
   poison: Array
   after: KVCache
   shift: Array
@@ -480,7 +488,7 @@ def rebase(cache: KVCache) -> tuple[KVCache, Array]:
   """
   lay = layout(cache.policy)
   slot_track = jnp.asarray(_slot_track(cache.policy))
-  shifts = jnp.asarray([(_REBASE_SHIFT // tl.track.ring) * tl.track.ring for tl in lay], jnp.int32)  # [m]
+  shifts = jnp.asarray([rebase_shift(tl.track.ring) for tl in lay], jnp.int32)  # [m]
   sinks = jnp.asarray([tl.track.num_sinks for tl in lay], jnp.int32)
   do = cache.count >= REBASE_AT  # [b, m]
   delta = jnp.where(do, shifts[None], 0)  # [b, m]
@@ -549,8 +557,8 @@ def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
     ring_slots = jnp.where(in_ring & survives, ring_slot, ring_slots)
     if tr.window is None:  # Dense: may not wrap
       poison = poison | (new_count[:, m] > tr.ring)
-  if policy.positions == "absolute":
-    poison = poison | (cache.next_pos > INT32_MAX - chunk_len)
+  if policy.positions == "absolute":  # counts real tokens only: padding takes no position
+    poison = poison | (cache.next_pos > INT32_MAX - nvalid[:, -1])
   # Committed metadata: rows of the slot arrays that receive a token.
   slots = jnp.where(sink_slots < cap, sink_slots, ring_slots)
   bidx = jnp.arange(b)[:, None]
@@ -558,7 +566,7 @@ def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
   idx = cache.idx.at[bidx, slots].set(jnp.where(kept, tok_idx, -1), mode="clip")
   pos = cache.pos.at[bidx, slots].set(jnp.where(kept, tok_pos, -1), mode="clip")
   after = cache.replace(idx=idx, pos=pos, count=new_count, next_pos=new_next)
-  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, poison, after, shift)
+  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, slots, poison, after, shift)
 
 
 def layer_buffer(buf, layer) -> Array:
@@ -615,11 +623,10 @@ def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None)
   """
   _check_kv(cache, k, v)
   p = plan(cache, segment_ids, k.shape[2])
-  slots = jnp.where(p.sink_slots < cache.capacity, p.sink_slots, p.ring_slots)
   kb, vb = cache.k, cache.v
   for layer in range(cache.num_layers):
-    kb = write(kb, layer, slots, k[layer])
-    vb = write(vb, layer, slots, v[layer], slots_last=True)
+    kb = write(kb, layer, p.slots, k[layer])
+    vb = write(vb, layer, p.slots, v[layer], slots_last=True)
   return p.after.replace(k=kb, v=vb)
 
 
@@ -675,18 +682,20 @@ def rollback(cache: Cache, n, rows=None) -> Cache:
   """Forgets the last ``n`` tokens of the selected rows (``n``: int or ``[b]`` int32).
 
   Exact (the cache is then as if those tokens had never been appended) for ``n <= policy.max_rollback``, and for
-  any ``n`` before the ring has wrapped. Tokens that were dropped by the policy cannot come back.
+  any ``n`` before the ring has wrapped. Tokens that were dropped by the policy cannot come back. ``n`` is clamped
+  to the tokens a row holds since its last reset (a row never goes back past its start).
 
   Raises:
-    ValueError: for a negative ``n`` or a static ``n`` larger than ``policy.max_rollback`` once that matters.
+    ValueError: for a negative static ``n``.
   """
   b = cache.batch_size
   if isinstance(n, (int, np.integer)):
     if n < 0:
       raise ValueError(f"rollback count must be >= 0, got {n}")
   sel = _rows_mask(rows, b)
+  held = cache.count if cache.count.ndim == 1 else jnp.sum(cache.count, axis=1)  # tokens since the reset
   n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b,))
-  n = jnp.where(sel, jnp.maximum(n, 0), 0)
+  n = jnp.where(sel, jnp.clip(n, 0, held), 0)
   cut = cache.next_pos - n  # positions >= cut are forgotten
   if isinstance(cache, TokenCache):
     gone = (cache.idx >= 0) & (cache.idx >= (cache.count - n)[:, None])
@@ -694,14 +703,15 @@ def rollback(cache: Cache, n, rows=None) -> Cache:
   gone = (cache.idx >= 0) & (cache.pos >= cut[:, None])  # [b, s]
   slot_track = jnp.asarray(_slot_track(cache.policy))
   num_tracks = cache.count.shape[1]
-  per_track = jnp.stack([jnp.sum(gone & (slot_track[None] == m), axis=1) for m in range(num_tracks)], axis=1)  # [b, m]
   if num_tracks == 1:  # exact even for tokens that no longer have a slot
     per_track = n[:, None]
+  else:
+    per_track = jnp.stack([jnp.sum(gone & (slot_track[None] == m), axis=1) for m in range(num_tracks)], axis=1)
   return cache.replace(
     idx=jnp.where(gone, -1, cache.idx),
     pos=jnp.where(gone, -1, cache.pos),
-    count=jnp.maximum(cache.count - per_track, 0),
-    next_pos=cache.next_pos - n,
+    count=cache.count - per_track,
+    next_pos=cut,
   )
 
 

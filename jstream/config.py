@@ -16,7 +16,7 @@ class TransformerConfig:
 
   Attributes:
     vocab_size: number of token ids.
-    num_layers: transformer blocks (run as one ``lax.scan`` over stacked weights).
+    num_layers: transformer blocks (one ``lax.scan`` over stacked weights with ``scan_layers=True``, else unrolled).
     num_heads: query heads ``n``.
     num_kv_heads: key/value heads ``k`` (``n`` must be a multiple); default ``num_heads``.
     head_dim: per-head width ``h``; default ``embed_dim // num_heads``.

@@ -80,15 +80,7 @@ def sample(logits: Array, rng: Array, sampling: Sampling = Sampling()) -> Array:
 
 
 def _check_stream(model, tokens, policy, chunk_size, start_position):
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens must be [batch, n], got shape {tokens.shape}")
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
-  vocab = model.config.vocab_size
-  arr = np.asarray(tokens)
-  if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-    raise ValueError(f"token ids must be in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
+  tokens = model.check_tokens(tokens)
   if not isinstance(policy, cache_lib.Policy):
     raise TypeError(f"policy must be a jstream.cache policy, got {policy!r}")
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
@@ -96,7 +88,7 @@ def _check_stream(model, tokens, policy, chunk_size, start_position):
   if chunk_size > policy.capacity:
     raise ValueError(f"chunk_size {chunk_size} is larger than the cache capacity {policy.capacity} ({policy})")
   n = tokens.shape[1]
-  start = int(np.max(np.asarray(start_position)))
+  start = int(np.max(np.asarray(cache_lib._start_positions(start_position, tokens.shape[0]))))
   if policy.positions == "absolute" and not isinstance(policy, cache_lib.Recompute):
     if start + n > cache_lib.INT32_MAX:
       raise ValueError(
@@ -168,12 +160,11 @@ def _stream_nll(graphdef, state, tokens, segs, start, policy, chunk, dtype):
 def _nll_scan(model, tokens, segs, targets, cache, chunk):
   """Scans ``model`` over ``tokens [b, n]`` in chunks; returns ``(-log p(targets[i] | tokens[:i+1]) [b, n], cache)``."""
   b, n = tokens.shape
-  use_segs = not isinstance(cache, cache_lib.TokenCache)
   xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), _chunked(targets, chunk, -1))
 
   def step(cache, x):
     tok, seg, tgt = x
-    logits, cache = model(tok, cache, segment_ids=seg if use_segs else None)
+    logits, cache = model(tok, cache, segment_ids=seg)
     lp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(lp, jnp.maximum(tgt, 0)[..., None], axis=-1)[..., 0]
     return cache, jnp.where((seg >= 0) & (tgt >= 0), nll, jnp.nan)
@@ -220,7 +211,7 @@ def _check_absolute_room(cache, n: int) -> None:
 
 
 class GenerateOutput(NamedTuple):
-  """``tokens [b, max_new_tokens]`` sampled ids and the cache after them (its last token not yet appended)."""
+  """``tokens [b, max_new_tokens]`` sampled ids, the cache after all of them and the logits after the last one."""
 
   tokens: Array
   cache: cache_lib.Cache
@@ -256,7 +247,6 @@ def _prefill(graphdef, state, tokens, lengths, cache, chunk):
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   segs = jnp.where(jnp.arange(p)[None] < lengths[:, None], 0, -1).astype(jnp.int32)
-  kv = not isinstance(cache, cache_lib.TokenCache)
   offsets = jnp.arange(0, p + (-p) % chunk, chunk)
   xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), offsets)
   last0 = jnp.zeros((b, model.config.vocab_size), jnp.float32)
@@ -264,7 +254,7 @@ def _prefill(graphdef, state, tokens, lengths, cache, chunk):
   def step(carry, x):
     cache, last = carry
     tok, seg, off = x
-    logits, cache = model(tok, cache, segment_ids=seg if kv else None)
+    logits, cache = model(tok, cache, segment_ids=seg)
     idx = lengths - 1 - off  # row's last prompt token inside this chunk?
     here = (idx >= 0) & (idx < chunk)
     pick = jnp.take_along_axis(logits, jnp.clip(idx, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
@@ -332,17 +322,11 @@ def generate(
   Returns:
     ``GenerateOutput(tokens [b, max_new_tokens], cache, last_logits)``.
   """
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be [batch, p] with p >= 1, got shape {prompt.shape}")
+  prompt = model.check_tokens(prompt, "prompt")
   if (policy is None) == (cache is None):
     raise ValueError("pass exactly one of policy= (for a new cache) or cache=")
   if cache is None:
     cache = model.init_cache(policy, prompt.shape[0], dtype=dtype)
   sampling = Sampling(temperature, top_k, top_p)
-  vocab = model.config.vocab_size
-  arr = np.asarray(prompt)
-  if arr.min() < 0 or arr.max() >= vocab:
-    raise ValueError(f"prompt ids must be in [0, {vocab}), got range [{arr.min()}, {arr.max()}]")
   last, cache = prefill(model, prompt, cache, chunk_size=prefill_chunk, lengths=prompt_lengths)
   return decode(model, cache, last, steps=max_new_tokens, rng=rng, sampling=sampling)

@@ -168,6 +168,14 @@ def test_rollback_after_wrap_restores_exactly(policy):
   assert _visible_contents(a, 0) == _visible_contents(b, 0)
 
 
+def test_rollback_never_goes_past_the_start_of_a_row():
+  cache = _append(_empty(C.Window(4)), [[1.0, 2.0], [3.0, 4.0]])
+  back = C.rollback(cache, jnp.array([5, 1], jnp.int32))  # row 0 holds 2 tokens only
+  assert np.asarray(back.next_pos).tolist() == [0, 1] and np.asarray(back.count)[:, 0].tolist() == [0, 1]
+  again = _append(back, [[5.0], [6.0]])
+  assert _visible_contents(again, 0) == {0: 5.0} and _visible_contents(again, 1) == {0: 3.0, 1: 6.0}
+
+
 def test_rows_are_independent_and_reset_zeroes():
   policy = C.SinkWindow(1, 3)
   cache = _append(_empty(policy, 2), [[1, 2, 3], [4, 5, 6]])

@@ -173,6 +173,19 @@ def test_cache_relative_survives_int32_overflow():
     model(tokens[:, :16], cache)
 
 
+def test_padding_does_not_count_towards_the_int32_limit():
+  """A stream that ends exactly at 2**31 - 1 in a padded last chunk is computed, not poisoned; a negative start
+  is refused."""
+  model = tiny_model(seed=27, num_layers=1)
+  tokens = random_tokens(1, 10, seed=28)
+  got = rollout.stream_nll(model, tokens, C.Window(8), chunk_size=8, start_position=C.INT32_MAX - 10)
+  want = rollout.stream_nll(model, tokens, C.Window(8, positions="cache_relative"), chunk_size=8)
+  assert np.all(np.isfinite(got[:, 1:]))
+  np.testing.assert_allclose(got[:, 1:], want[:, 1:], atol=1e-5)
+  with pytest.raises(ValueError, match="start_position must be >= 0"):
+    rollout.stream_nll(model, tokens, C.Window(8), chunk_size=8, start_position=-5)
+
+
 def test_position_counters_stay_in_range_past_int32():
   """Past 2**31 the cache_relative counters are rebased, not wrapped: the stored positions of a stream started at
   2**31 - 1000 stay non-negative and differ from those of a stream started at 0 by one constant; absolute mode

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_tokens, tiny_model
+from conftest import random_tokens, tiny_model, tol
 
 from jstream import cache as C
 from jstream import rollout
@@ -41,6 +41,28 @@ def test_ragged_prompts_equal_each_row_alone():
   for r in range(3):
     alone = rollout.generate(model, prompt[r : r + 1, : lengths[r]], max_new_tokens=6, policy=policy, temperature=0.0)
     np.testing.assert_array_equal(batch.tokens[r], alone.tokens[0])
+
+
+@pytest.mark.parametrize("policy", [C.SinkWindow(2, 6), C.Recompute(6)], ids=str)
+def test_padded_and_ragged_prefill_equals_the_offline_forward(policy):
+  """Chunk padding and ragged prompt lengths never enter the cache: the prefill's last logits equal the offline
+  forward of each row's own prompt (under the window the policy implies), for every chunk size."""
+  model = tiny_model(seed=50)
+  prompt = np.asarray(random_tokens(3, 9, seed=51))
+  lengths = np.array([9, 4, 7])
+  nxt = np.asarray(random_tokens(3, 1, seed=52))  # one more token after the prompt
+  for chunk in (1, 4, 6):
+    cache = model.init_cache(policy, 3)
+    last, cache = rollout.prefill(model, prompt, cache, chunk_size=chunk, lengths=lengths)
+    after, _ = model(nxt, cache)
+    for r in range(3):
+      for got, row in ((last[r], prompt[r, : lengths[r]]), (after[r, 0], np.append(prompt[r, : lengths[r]], nxt[r]))):
+        row = row[None]
+        if isinstance(policy, C.Recompute):  # the last token sees the last `window` tokens, re-indexed from 0
+          want = model.forward(row[:, -policy.window :])[:, -1]
+        else:
+          want = model.forward(row, window=policy.window, num_sinks=policy.num_sinks)[:, -1]
+        np.testing.assert_allclose(got, want[0], **tol(jnp.float32))
 
 
 def test_sampling_is_reproducible_and_depends_on_the_key():

@@ -100,7 +100,8 @@ class StreamingTransformer(nnx.Module):
 
   # ------------------------------------------------------------------------------------------ helpers
 
-  def _check_tokens(self, tokens) -> Array:
+  def check_tokens(self, tokens, what: str = "token") -> Array:
+    """``tokens`` as int32 ``[b, t]`` ids, or a clear error (shape, dtype, ids outside the vocabulary)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, chunk], got shape {tokens.shape}")
@@ -111,7 +112,7 @@ class StreamingTransformer(nnx.Module):
     if _is_concrete(tokens):
       arr = np.asarray(tokens)
       if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
-        raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]")
+        raise ValueError(f"{what} ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]")
     return tokens.astype(jnp.int32)
 
   def _embed(self, tokens: Array) -> Array:
@@ -188,7 +189,7 @@ class StreamingTransformer(nnx.Module):
       ValueError / TypeError: on a wrong batch size, a chunk longer than the capacity, non-integer or
         out-of-range token ids (checked eagerly when the ids are concrete) or a cache of another model.
     """
-    tokens = self._check_tokens(tokens)
+    tokens = self.check_tokens(tokens)
     self._check_cache(cache)
     b, t = tokens.shape
     if b != cache.batch_size:
@@ -200,8 +201,12 @@ class StreamingTransformer(nnx.Module):
       )
     if isinstance(cache, cache_lib.TokenCache):
       if segment_ids is not None:
-        raise ValueError("the Recompute baseline does not take segment_ids")
-      return self._recompute(tokens, cache)
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != (b, t):
+          raise ValueError(f"segment_ids must be [b, t] = {(b, t)}, got {segment_ids.shape}")
+        if _is_concrete(segment_ids) and bool(jnp.any(segment_ids > 0)):
+          raise ValueError("the Recompute baseline has one segment: segment_ids must be 0 (token) or -1 (padding)")
+      return self._recompute(tokens, cache, None if segment_ids is None else segment_ids >= 0)
     cfg = self.config
     plan = cache_lib.plan(cache, segment_ids, t)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
@@ -239,7 +244,7 @@ class StreamingTransformer(nnx.Module):
     Returns:
       ``[b, n, v]`` float32 logits.
     """
-    tokens = self._check_tokens(tokens)
+    tokens = self.check_tokens(tokens)
     b, n = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
@@ -269,12 +274,20 @@ class StreamingTransformer(nnx.Module):
 
   # ------------------------------------------------------------------------------------------ baseline
 
-  def _recompute(self, tokens: Array, cache: cache_lib.TokenCache):
-    """StreamingLLM's sliding window with re-computation: one forward over the window per token."""
+  def _recompute(self, tokens: Array, cache: cache_lib.TokenCache, valid: Array | None = None):
+    """StreamingLLM's sliding window with re-computation: one forward over the window per token. Padding
+    (``valid`` False) leaves the cache as it was; its logits are those of the window with it appended."""
     w = cache.capacity
-    shift = (cache_lib._REBASE_SHIFT // w) * w
+    shift = cache_lib.rebase_shift(w)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else valid
 
-    def one(c, tok):
+    def one(c, x):
+      tok, ok = x
+      new, logits = step(c, tok)
+      keep = lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+      return jax.tree.map(keep, new, c), logits
+
+    def step(c, tok):
       count, idx = c.count, c.idx
       rebase = count >= cache_lib.REBASE_AT
       count = jnp.where(rebase, count - shift, count)
@@ -293,5 +306,5 @@ class StreamingTransformer(nnx.Module):
       new = c.replace(tokens=toks, idx=idx, count=count + 1, next_pos=c.next_pos + 1)
       return new, logits
 
-    cache, logits = jax.lax.scan(one, cache, tokens.T)
+    cache, logits = jax.lax.scan(one, cache, (tokens.T, valid.T))
     return jnp.swapaxes(logits, 0, 1), cache

@@ -122,7 +122,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
       rel = len(frames)
       frames.append(cs(jnp.maximum(q_mask, 0)))
       if tr.num_sinks:
-        top = tr.num_sinks + (tr.window if tr.window is not None else tr.ring) - 1
+        top = tr.num_sinks + tr.window - 1  # only SinkWindow tracks have sinks, and they have a window
         sink_frame = len(frames)
         frames.append(cs(jnp.clip(q_mask, 0, top), top))
         segments.append(cache_segment(tl.sink_lo, tl.ring_lo, q_mask, sink_frame, None, 0))
@@ -130,7 +130,6 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
       if not write_first:
         ck = jnp.where((plan.seg == m) & (plan.tok_idx >= tr.num_sinks), plan.tok_idx, -1)
         segments.append(Segment("chunk", 0, t, ck, q_mask, rel, tr.window, 0))
-  all_slots = jnp.where(plan.sink_slots < cap, plan.sink_slots, plan.ring_slots)
   has_sinks = any(tl.track.num_sinks for tl in lay)
   return Context(
     tuple(segments),
@@ -140,7 +139,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
     has_sinks,
     plan.ring_slots,
     plan.sink_slots,
-    all_slots,
+    plan.slots,
   )
 
 
