@@ -1,7 +1,8 @@
 """Pallas attention kernels for jstream, registered behind ``jstream.ops.attention.attention``.
 
 * ``flash_prefill``: chunk / prefill flash attention (position-derived mask, block skipping, flash backward);
-* ``decode``: split-K decode attention for 1..16 queries per row, with optional per-key attention mass;
+* ``decode``: split-K decode attention for up to 64 query rows (queries x group size), with optional per-key
+  attention mass (not differentiated);
 * ``reference``: the plain-jnp definitions they are tested against.
 
 * ``flash_prefill_tpu``: the TPU (Mosaic) prefill variant, key blocks on the grid and skipped without a DMA.
@@ -26,7 +27,7 @@ DECODE_ROWS = 16  # "pallas" uses the decode kernel up to this many query rows (
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _check(q, k_positions, return_key_mass, kind):
+def _check(q, k_positions):
   if k_positions.ndim != 2:
     raise NotImplementedError("per-kv-head key positions ([b, k, s]) are handled by the xla implementation")
   if q.dtype.type not in _DTYPES:
@@ -37,8 +38,8 @@ def _make(kind: str):
   def impl(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, mask_values,
            out_dtype, return_lse, return_key_mass):  # fmt: skip
     del mask_values  # the kernels always zero the values of slots no query of a tile sees
-    _check(q, k_positions, return_key_mass, kind)
-    kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+    _check(q, k_positions)
+    kvh = common.kv_dims(k, kv_layout)[0]
     rows = q.shape[1] * (q.shape[2] // kvh)
     interpret = common.interpret_default()
     use_decode = kind == "decode" or (kind == "auto" and rows <= DECODE_ROWS)
@@ -60,8 +61,8 @@ def _make(kind: str):
 def _tpu_impl(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, mask_values,
               out_dtype, return_lse, return_key_mass):  # fmt: skip
   del mask_values, return_lse
-  _check(q, k_positions, return_key_mass, "tpu")
-  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  _check(q, k_positions)
+  kvh = common.kv_dims(k, kv_layout)[0]
   if return_key_mass:
     raise NotImplementedError("key mass is returned by the decode kernel only")
   if q.shape[1] * (q.shape[2] // kvh) <= DECODE_ROWS:

@@ -54,20 +54,25 @@ def static_args(q, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, 
   )
 
 
+def kv_dims(k, kv_layout: str) -> tuple[int, int]:
+  """``(kv heads, slots)`` of a key array in ``kv_layout`` (``bskh`` or ``bksh``)."""
+  return (k.shape[2], k.shape[1]) if kv_layout == "bskh" else (k.shape[1], k.shape[2])
+
+
 def pack(q, k, v, q_positions, k_positions, *, kv_layout, v_layout, row_multiple: int, slot_multiple: int) -> Packed:
   """Folds query heads into rows, moves keys/values heads-first and pads rows and slots with invalid positions.
 
-  ``row_multiple`` is counted in tokens (each token is ``g`` rows).
+  ``row_multiple`` is counted in rows (a token is ``g = n // kv_heads`` rows); ``slot_multiple`` in slots.
   """
   _, t, n, _ = q.shape
-  kvh = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  kvh = kv_dims(k, kv_layout)[0]
   g = n // kvh
   kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
   v_slots_last = v_layout == "bkhs"
   vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
   qq, qp = pack_queries(q, q_positions.astype(jnp.int32), kvh)
   s = kk.shape[2]
-  qq, qp = pad_axis(qq, 2, row_multiple * g, 0), pad_axis(qp, 1, row_multiple * g, -1)
+  qq, qp = pad_axis(qq, 2, row_multiple, 0), pad_axis(qp, 1, row_multiple, -1)
   kk = pad_axis(kk, 2, slot_multiple, 0)
   vv = pad_axis(vv, 3 if v_slots_last else 2, slot_multiple, 0)
   kp = pad_axis(k_positions.astype(jnp.int32), 1, slot_multiple, -1)
@@ -161,9 +166,9 @@ def online_softmax_step(carry, s, mask, v_tile_dot):
 
 
 def finish(o, m, l):
-  """Normalised output and log-sum-exp (zeros and -inf for rows that saw nothing)."""
+  """Normalised output ``o [..., r, h]`` and log-sum-exp ``[..., r]`` (zeros and -inf for rows that saw nothing)."""
   ok = l > 0
-  out = jnp.where(ok[:, None], o / jnp.where(ok, l, 1.0)[:, None], 0.0)
+  out = jnp.where(ok[..., None], o / jnp.where(ok, l, 1.0)[..., None], 0.0)
   lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), NEG_INF)
   return out, lse
 
@@ -175,10 +180,7 @@ def merge_splits(o, m, l):
   corr = jnp.exp(m - m_safe)
   l_tot = jnp.sum(l * corr, axis=-2)
   o_tot = jnp.sum(o * corr[..., None], axis=-3)
-  ok = l_tot > 0
-  out = jnp.where(ok[..., None], o_tot / jnp.where(ok, l_tot, 1.0)[..., None], 0.0)
-  lse = jnp.where(ok, m_safe[..., 0, :] + jnp.log(jnp.where(ok, l_tot, 1.0)), NEG_INF)
-  return out, lse
+  return finish(o_tot, m_safe[..., 0, :], l_tot)
 
 
 def interpret_default() -> bool:

@@ -1,6 +1,7 @@
 """Decode attention (flash-decoding): a few queries per row against a long ring / sink cache, split over slots.
 
-1..16 queries per row (single-token decode, a speculative draft) against the cache, with per-row validity and
+Up to ``MAX_DECODE_ROWS`` = 64 query rows (queries x query heads per kv head: single-token decode, a speculative
+draft) against the cache, with per-row validity and
 positions taken from ``k_positions`` (ragged rows, rings in any slot order). The slot axis is cut into
 ``num_splits`` contiguous splits, one program each, so that a long cache keeps every core busy even at batch 1;
 each program loops over its key blocks, skipping those the mask excludes (empty, future, out of window), and
@@ -122,7 +123,8 @@ def decode_attention(
 
   Same contract as ``jstream.ops.attention.attention``; ``t * (n // k)`` must be at most ``MAX_DECODE_ROWS``.
   ``key_mass`` is ``[b, s, k]`` for ``kv_layout="bskh"`` and ``[b, k, s]`` for ``"bksh"``. Differentiable: the
-  backward pass is that of the XLA reference (decode is not trained through; this keeps it correct if it is).
+  backward pass is that of the XLA reference for ``out`` and ``lse`` (decode is not trained through; this keeps it
+  correct if it is); ``key_mass`` is a statistic for eviction and is not differentiated (its gradient is zero).
   """
   static = common.static_args(
     q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype,
@@ -140,15 +142,15 @@ def decode_attention(
 )  # fmt: skip
 def _decode_forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype,
                     blocks, interpret, return_key_mass):  # fmt: skip
-  b, t, _, h = q.shape
-  s_orig = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  b, t, n, h = q.shape
+  kvh, s_orig = common.kv_dims(k, kv_layout)
+  rows = t * (n // kvh)
+  if rows > MAX_DECODE_ROWS:
+    raise ValueError(f"decode_attention handles at most {MAX_DECODE_ROWS} query rows, got {rows}")
   bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s_orig, blocks.num_splits)))
   p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=8,
                   slot_multiple=blocks.num_splits * bk)  # fmt: skip
-  qq, kk, vv, qp, kp, v_slots_last, g, kvh = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g, p.k.shape[1]
-  rows = t * g
-  if rows > MAX_DECODE_ROWS:
-    raise ValueError(f"decode_attention handles at most {MAX_DECODE_ROWS} query rows, got {rows}")
+  qq, kk, vv, qp, kp, v_slots_last, g = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g
   r, s = qq.shape[2], kk.shape[2]
   splits = blocks.num_splits
   s_split = s // splits

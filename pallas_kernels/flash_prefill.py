@@ -319,10 +319,10 @@ def flash_attention(
     q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype
   )
   bq = min(blocks.block_q, pl.next_power_of_2(q.shape[1]))
-  s_len = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  kvh, s_len = common.kv_dims(k, kv_layout)
   bk = min(blocks.block_k, pl.next_power_of_2(s_len))
-  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=st["v_layout"], row_multiple=bq,
-                  slot_multiple=bk)  # fmt: skip
+  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=st["v_layout"],
+                  row_multiple=bq * (q.shape[2] // kvh), slot_multiple=bk)  # fmt: skip
   static = _Static(st["scale"], window, st["num_sinks"], bq * p.g, bk, p.v_slots_last, interpret)
   out, lse = _flash(static, p.q, p.k, p.v, p.qp, p.kp, st["out_dtype"])
   rows = p.t * p.g

@@ -108,14 +108,14 @@ def flash_attention_tpu(
 )
 def _forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, blocks,
              interpret):  # fmt: skip
-  b, t, _, h = q.shape
+  b, t, n, h = q.shape
   bq = min(blocks.block_q, pl.next_power_of_2(t))
-  s_len = k.shape[1] if kv_layout == "bskh" else k.shape[2]
+  kvh, s_len = common.kv_dims(k, kv_layout)
+  rb = bq * (n // kvh)  # rows per query block
   bk = min(blocks.block_k, pl.next_power_of_2(s_len))
-  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=bq,
+  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=rb,
                   slot_multiple=bk)  # fmt: skip
   qq, kk, vv, qp, kp, v_slots_last, g = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g
-  kvh, rb = kk.shape[1], bq * g
   rows, s = qq.shape[2], kk.shape[2]
   vh = vv.shape[2] if v_slots_last else vv.shape[3]
   nqb, nkb = rows // rb, s // bk

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
+
 
 def _to_bsnh(x, layout: str, heads: int):
   """``x`` in ``layout`` (``bskh`` / ``bksh`` / ``bkhs``) as ``[b, s, n, h]`` with each kv head repeated."""
@@ -104,6 +106,6 @@ def decode(
   lse = jnp.swapaxes(lse, 1, 2)
   if not return_key_mass:
     return out, lse, None
-  kv_heads = k.shape[2] if kv_layout == "bskh" else k.shape[1]
+  kv_heads = common.kv_dims(k, kv_layout)[0]
   mass = probs.sum(axis=2).reshape(b, kv_heads, n // kv_heads, -1).sum(axis=2)  # [b, k, s]
   return out, lse, (jnp.swapaxes(mass, 1, 2) if kv_layout == "bskh" else mass)
