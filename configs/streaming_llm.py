@@ -1,10 +1,10 @@
 """StreamingLLM's attention-sink ablations at small scale (also ``jstream demo``'s embedded defaults).
 
-  python -m experiments.streaming_llm                                   # about 10 minutes on a 2-core CPU
-  python -m experiments.streaming_llm --quick                           # about a minute
+  python -m experiments.streaming_llm                                   # 6 min on a 2-core CPU (RESULTS.md)
+  python -m experiments.streaming_llm --quick                           # 15-20 s
   python -m experiments.streaming_llm --config configs/streaming_llm.py:long,base.steps=3000
 
-Flags: ``quick`` (tiny models, 6k-byte streams), ``long`` (five times the training: about 25 CPU minutes).
+Flags: ``quick`` (tiny models, 6k-byte streams), ``long`` (five times the training: 40 min on 2 cores).
 Overrides: ``window=256``, ``eval_tokens=200000``, ``base.steps=2000``, ``sink.model.embed_dim=256``, ...
 """
 

@@ -309,34 +309,16 @@ def run(args, scratch: pathlib.Path) -> dict:
     del cache
 
   # --- recompute baseline (its state is the last `window` ids: built directly at each position)
-  graphdef, state = nnx.split(model)
   for p in positions if "recompute" in args.parts else ():
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-    steps = args.recompute_steps
-    out = rollout._decode(
-      graphdef,
-      state,
-      recompute_cache(tokens, p, window),
-      logits,
-      jax.random.key(0),
-      steps,
-      rollout.Sampling(0.0),
-    )
-    jax.block_until_ready(out.tokens)
-    lat = float("inf")
-    for _ in range(2):
-      cache = recompute_cache(tokens, p, window)
-      t0 = time.perf_counter()
-      out = rollout._decode(graphdef, state, cache, logits, jax.random.key(0), steps, rollout.Sampling(0.0))
-      jax.block_until_ready(out.tokens)
-      lat = min(lat, (time.perf_counter() - t0) / steps)
+    lat, _, _ = decode_latency(model, recompute_cache(tokens, p, window), logits, args.recompute_steps, 2)
     record(f"Recompute({window})", p, lat, 0, rss_mib(), "state built from the last window ids")
 
   floor = memory_floor(weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4)
   return dict(rows=rows, floor=floor, weights_bytes=weights)
 
 
-def summarize(res: dict, window: int) -> dict:
+def summarize(res: dict) -> dict:
   rows = [r for r in res["rows"] if r.get("ms_per_token")]
   by = {}
   for r in rows:
@@ -436,7 +418,7 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as scratch:
     res = run(args, pathlib.Path(scratch))
   res.update(device=device, jax=jax.__version__, args=vars(args), seconds=time.time() - t0)
-  res["summary"] = summarize(res, args.window)
+  res["summary"] = summarize(res)
   print(
     f"\nmemory floor: {res['floor']['bytes'] / 2**20:.1f} MiB of weights + cache, copy bandwidth "
     f"{res['floor']['copy_bandwidth_gbs']:.1f} GB/s, read once {res['floor']['read_once_s'] * 1e3:.3f} ms"

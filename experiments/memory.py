@@ -1,4 +1,5 @@
-"""Process memory readings shared by the experiments (Linux ``/proc``; ``getrusage`` elsewhere)."""
+"""Process memory readings shared by the experiments. Linux (``/proc``); elsewhere the current RSS is NaN and the
+peak comes from ``getrusage`` (kilobytes on Linux, bytes on macOS: only the Linux figures are quoted)."""
 
 from __future__ import annotations
 

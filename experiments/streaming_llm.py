@@ -31,8 +31,8 @@ import numpy as np
 from experiments.memory import reset_peak_rss, rss_mib
 from jstream import cache as C
 from jstream import rollout
-from jstream.train import TrainConfig, load_config, train
-from jstream.train.config import apply_overrides
+from jstream.cache import _check_int
+from jstream.train import TrainConfig, heldout_tokens, load_config, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +60,16 @@ class StreamingLLMConfig:
   recompute_tokens: int = 1024
   bins: int = 12
 
+  def __post_init__(self):  # bad values fail here, before minutes of training
+    for name in ("window", "eval_tokens", "segment", "chunk", "dense_tokens", "recompute_tokens", "bins"):
+      _check_int(f"StreamingLLMConfig.{name}", getattr(self, name), 1)
+    if not self.sink_counts:
+      raise ValueError("StreamingLLMConfig.sink_counts must name at least one sink count")
+    for s in self.sink_counts:
+      _check_int("StreamingLLMConfig.sink_counts[i]", s, 1)
 
-def policies(cfg: StreamingLLMConfig, sink_model: bool) -> list[tuple[str, C.Policy, int]]:
+
+def policies(cfg: StreamingLLMConfig) -> list[tuple[str, C.Policy, int]]:
   """``(name, policy, tokens)`` evaluated for one model."""
   w, n = cfg.window, cfg.eval_tokens
   out = [
@@ -74,7 +82,6 @@ def policies(cfg: StreamingLLMConfig, sink_model: bool) -> list[tuple[str, C.Pol
   s_abs = 4 if 4 in cfg.sink_counts else cfg.sink_counts[0]
   out.append((f"{s_abs} sinks + window {w}, absolute", C.SinkWindow(s_abs, w), n))
   out.append((f"recompute window {w} (first {cfg.recompute_tokens})", C.Recompute(w), cfg.recompute_tokens))
-  del sink_model
   return out
 
 
@@ -153,12 +160,10 @@ def evaluate(model, tokens: np.ndarray, policy: C.Policy, cfg: StreamingLLMConfi
 
 
 def run(cfg: StreamingLLMConfig, out: pathlib.Path, progress: bool = True) -> dict:
-  from jstream.data import text as text_data
 
   out.mkdir(parents=True, exist_ok=True)
   results = {"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "models": {}, "rows": []}
   t_start = time.time()
-  heldout = text_data.heldout_stream(cfg.eval_tokens)
   for name, tcfg in (("plain", cfg.base), ("sink token", cfg.sink)):
     t0 = time.time()
     trained = train(tcfg, progress=progress)
@@ -170,9 +175,8 @@ def run(cfg: StreamingLLMConfig, out: pathlib.Path, progress: bool = True) -> di
     print(
       f"[{name}] trained to step {trained.step} (loss {last.get('loss', float('nan')):.3f}) in {time.time() - t0:.0f} s"
     )
-    stream = heldout if tcfg.sink_id is None else np.concatenate([[tcfg.sink_id], heldout]).astype(np.int32)
-    skip = 0 if tcfg.sink_id is None else 1
-    for pname, policy, n in policies(cfg, tcfg.sink_token):
+    stream, skip = heldout_tokens(tcfg, cfg.eval_tokens)
+    for pname, policy, n in policies(cfg):
       res = evaluate(trained.model, stream[: n + skip], policy, cfg, skip)
       row = {"model": name, "policy": pname, **res}
       results["rows"].append(row)
@@ -229,7 +233,7 @@ def main(argv=None, *, prog="python -m experiments.streaming_llm") -> int:
     "--config", default=None, help="config file[:flags,key=value] (default: configs/streaming_llm.py)"
   )
   parser.add_argument("--out", default=None, help="output folder (default: runs/streaming_llm[_quick])")
-  parser.add_argument("--quick", action="store_true", help="tiny models, short streams (about a minute)")
+  parser.add_argument("--quick", action="store_true", help="tiny models, short streams (15-20 s on 2 cores)")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
   spec = args.config or default_config_path()
@@ -245,7 +249,7 @@ def main(argv=None, *, prog="python -m experiments.streaming_llm") -> int:
   return 0
 
 
-__all__ = ["StreamingLLMConfig", "apply_overrides", "evaluate", "main", "policies", "run"]
+__all__ = ["StreamingLLMConfig", "evaluate", "main", "policies", "run"]
 
 if __name__ == "__main__":
   from jstream.cli import report

@@ -66,19 +66,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval_stream(args) -> int:
-  import numpy as np
 
   from experiments.streaming_llm import StreamingLLMConfig, evaluate
-  from jstream.data import text as text_data
-  from jstream.train import load_config, load_model
+  from jstream.train import heldout_tokens, load_config, load_model
 
   cfg = load_config(args.config)
   model, step = load_model(cfg)
   policy = parse_policy(args.policy, args.positions)
-  stream = text_data.heldout_stream(args.tokens, config=text_data.text_config(list(cfg.corpus) or None))
-  skip = 0
-  if cfg.sink_id is not None:
-    stream, skip = np.concatenate([[cfg.sink_id], stream]).astype(np.int32), 1
+  stream, skip = heldout_tokens(cfg, args.tokens)
   chunk = min(args.chunk, policy.capacity)  # a chunk may not exceed the cache
   exp = StreamingLLMConfig(base=cfg, sink=cfg, chunk=chunk, segment=args.segment)
   t0 = time.time()

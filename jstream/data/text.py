@@ -448,7 +448,8 @@ def text_dataset(
 ) -> grain.IterDataset:
   """Batches of byte windows from a split, for training.
 
-  An epoch has ``len(stream) // seq_len`` windows. ``sampling="random"``: each window starts at a uniform random
+  An epoch has ``len(stream) // seq_len`` random windows, or ``(len(stream) - seq_len) // stride + 1`` chunks.
+  ``sampling="random"``: each window starts at a uniform random
   offset (every offset is possible; seeded per window index). ``sampling="chunks"``: the stream is cut into
   chunks starting every ``stride`` bytes (``stride=seq_len``, the default: consecutive, non-overlapping; smaller:
   each chunk repeats the last ``seq_len - stride`` bytes of the one before, for overlapped-chunk training),

@@ -3,7 +3,15 @@
 from jstream.train.aligned import forward_mask, make_example
 from jstream.train.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError
 from jstream.train.config import TrainConfig, apply_overrides, load_config
-from jstream.train.loop import TrainResult, TrainState, load_model, make_train_step, train, train_iterator
+from jstream.train.loop import (
+  TrainResult,
+  TrainState,
+  heldout_tokens,
+  load_model,
+  make_train_step,
+  train,
+  train_iterator,
+)
 from jstream.train.optim import make_optimizer, schedule
 
 __all__ = [
@@ -15,6 +23,7 @@ __all__ = [
   "TrainState",
   "apply_overrides",
   "forward_mask",
+  "heldout_tokens",
   "load_config",
   "load_model",
   "make_example",

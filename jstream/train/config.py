@@ -18,6 +18,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
+from jstream.cache import _check_int
 from jstream.config import TransformerConfig
 
 
@@ -68,8 +69,9 @@ class TrainConfig:
     if not isinstance(self.model, TransformerConfig):
       raise TypeError(f"TrainConfig.model must be a TransformerConfig, got {type(self.model).__name__}")
     for name in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+      _check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+    for name in ("warmup_steps", "train_sinks", "overlap", "seed"):
+      _check_int(f"TrainConfig.{name}", getattr(self, name), 0)
     if not 0 <= self.overlap < self.seq_len:
       raise ValueError(f"TrainConfig.overlap must be in [0, seq_len), got {self.overlap}")
     if self.train_window is not None and self.train_window < max(1, self.train_sinks):
@@ -115,7 +117,10 @@ def _coerce(key: str, text: str, current: Any, annotation) -> Any:
         return False
       raise ValueError
     if target is tuple or typing.get_origin(target) is tuple:
-      return tuple(p for p in text.split(";") if p)
+      items = [p for p in text.split(";") if p]
+      args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+      elem = args[0] if len(args) == 1 and args[0] in (int, float, str) else str
+      return tuple(elem(p) for p in items)
     if target is int:
       return int(text)
     if target is float:

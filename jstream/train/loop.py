@@ -59,11 +59,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+    grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), "tokens": count}
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _text_config(cfg: TrainConfig):
+  from jstream.data import text as text_data
+
+  return text_data.text_config(list(cfg.corpus) or None)
+
+
+def heldout_tokens(cfg: TrainConfig, n: int) -> tuple[np.ndarray, int]:
+  """The first ``n`` held-out bytes of the run's corpus as a stream for evaluation, and how many leading tokens are
+  not text: with ``cfg.sink_token`` the stream starts with the sink token (as in training), and ``skip`` is 1."""
+  from jstream.data import text as text_data
+
+  stream = text_data.heldout_stream(n, config=_text_config(cfg))
+  if cfg.sink_id is None:
+    return stream, 0
+  return np.concatenate([[cfg.sink_id], stream]).astype(np.int32), 1
 
 
 def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
@@ -76,7 +93,7 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
     raise ValueError(f"unknown data {cfg.data!r}; the language-model trainer reads 'text'")
   from jstream.data import text as text_data
 
-  config = text_data.text_config(list(cfg.corpus) or None)
+  config = _text_config(cfg)
   if cfg.overlap:  # overlapped chunks of the stream: each target is learnt in exactly one chunk (see aligned.py)
     sampling = dict(sampling="chunks", stride=cfg.seq_len - cfg.overlap)
   else:
