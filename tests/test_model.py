@@ -303,3 +303,66 @@ def test_out_of_range_ids_under_jit_poison_instead_of_clamping():
   step = jit_step(model)
   logits, _ = step(jnp.array([[3], [64]], jnp.int32), model.init_cache(C.Window(4), 2))
   assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1]))
+
+
+def _randomize_sink(model, seed):
+  """Random learned-sink parameters (``sink_logit`` starts at zero, which would hide per-head indexing bugs)."""
+  from flax import nnx
+
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  for key, (path, var) in zip(keys, flat.items()):
+    if any(str(p).startswith("sink") for p in path):
+      var.set_value(jax.random.normal(key, var.get_value().shape, var.get_value().dtype))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+@pytest.mark.parametrize("learned_sink", ["logit", "kv"])
+def test_learned_sink_in_absolute_mode_equals_reference_and_offline(learned_sink):
+  """With random learned-sink parameters, streaming in absolute mode equals the Python reference and the training
+  path (``model.forward`` under the same sink + window mask)."""
+  model = _randomize_sink(tiny_model(learned_sink=learned_sink, seed=60), seed=61)
+  policy = C.SinkWindow(2, 6)
+  n = 3 * policy.capacity + 4
+  tokens = random_tokens(1, n, seed=62)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), chunk_sizes(n, [1, 3, 8], seed=63))
+  want = stream_logits(model, tokens[0], [(2, 6)], positions="absolute")
+  np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(got, model.forward(tokens, window=6, num_sinks=2), **F32)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_rollback_through_the_model_equals_never_having_streamed(positions):
+  """Stream 20 tokens, roll back 3 (after the window is full), continue: the logits equal those of a stream that
+  only ever saw the first 17 tokens and then the continuation."""
+  model = tiny_model(seed=64)
+  policy = C.SinkWindow(2, 6, positions=positions, max_rollback=3)
+  step = jit_step(model)
+  tokens = random_tokens(2, 20, seed=65)
+  more = random_tokens(2, 5, seed=66)
+  _, cache = stream(step, tokens, model.init_cache(policy, 2), [4, 1, 7, 8])
+  cache = C.rollback(cache, 3)
+  got, _ = stream(step, more, cache, [2, 3])
+  _, clean = stream(step, tokens[:, :17], model.init_cache(policy, 2), [17 - 8, 8])
+  want, _ = stream(step, more, clean, [2, 3])
+  np.testing.assert_allclose(got, want, **F32)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_bf16_sink_window_stream_equals_f32_offline(positions):
+  """bf16 compute and cache through the sink segment, the ring and (chunks longer than ``max_rollback + 1``) the
+  chunk's own segment, against the f32 Python reference of the policy."""
+  model = tiny_model(seed=67, dtype="bfloat16")
+  policy = C.SinkWindow(2, 8, positions=positions)
+  n = 40
+  tokens = random_tokens(1, n, seed=68)
+  cache = model.init_cache(policy, 1, dtype=jnp.bfloat16)
+  got, _ = stream(jit_step(model), tokens, cache, [1, 10, 3, 9, 1, 8, 8])
+  f32 = tiny_model(seed=67)
+  want = stream_logits(f32, tokens[0], [(2, 8)], positions=positions)[None]
+  np.testing.assert_allclose(got, want, atol=0.1, rtol=0.05)
+  # Streaming adds no error beyond bf16 rounding: within twice the error of the bf16 offline forward.
+  bf16_error = np.max(np.abs(model.forward(tokens) - f32.forward(tokens)))
+  assert np.max(np.abs(got - want)) <= 2 * bf16_error

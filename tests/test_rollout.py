@@ -149,3 +149,30 @@ def test_segments_carrying_the_cache_equal_one_stream():
   seg = jnp.concatenate(parts, axis=1)
   np.testing.assert_allclose(seg[:, :-1], whole[:, 1:], atol=1e-5)
   assert np.all(np.isnan(seg[:, -1]))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.6), (4, 0.5), (11, None), (None, 1.0)])
+def test_filter_logits_keeps_what_numpy_keeps_per_row(top_k, top_p):
+  """A batch of random logits (with ties at the k-th value): each row keeps exactly the tokens a per-row NumPy
+  implementation of top-k then top-p keeps, scaled by the temperature."""
+  rng = np.random.default_rng(70)
+  logits = rng.normal(size=(5, 11)).astype(np.float32)
+  logits[1, [2, 5, 7]] = logits[1].max() - 0.1  # a tie that straddles the k-th place
+  temp = 0.7
+  got = np.asarray(rollout.filter_logits(jnp.asarray(logits), rollout.Sampling(temp, top_k, top_p)))
+  for r in range(5):
+    x = logits[r] / temp
+    keep = np.ones(11, bool)
+    if top_k is not None and top_k < 11:
+      keep &= x >= np.sort(x)[::-1][top_k - 1]  # ties with the k-th value are kept
+    if top_p is not None and top_p < 1.0:
+      y = np.where(keep, x, -np.inf)
+      order = np.argsort(-y, kind="stable")
+      p = np.exp(y[order] - y[order][0])
+      p /= p.sum()
+      before = np.cumsum(p) - p
+      kept = np.zeros(11, bool)
+      kept[order[before < top_p]] = True
+      keep &= kept
+    np.testing.assert_array_equal(np.isfinite(got[r]), keep)
+    np.testing.assert_allclose(got[r][keep], x[keep], rtol=1e-6)

@@ -193,3 +193,25 @@ def test_metrics_are_mirrored_to_tensorboard(tmp_path, corpus):
   assert [s for s, _ in got] == [2, 4]
   np.testing.assert_allclose([v for _, v in got], [m["loss"] for m in res.metrics], rtol=1e-6)
   assert "tokens_per_s" in events
+
+
+def test_aligned_training_loss_is_the_streaming_inference_nll():
+  """A learned sink token + the training window mask: the per-token losses the train step optimises are exactly
+  the NLL that streaming inference (the sink token first, ``SinkWindow(train_sinks + 1, train_window)``) sees."""
+  from flax import nnx
+
+  from jstream import StreamingTransformer, rollout
+  from jstream import cache as C
+
+  model_cfg = TransformerConfig(vocab_size=41, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64)
+  cfg = TrainConfig(model=model_cfg, seq_len=30, sink_token=True, train_window=6, train_sinks=1)
+  model = StreamingTransformer(model_cfg, rngs=nnx.Rngs(3))
+  tokens = jax.random.randint(jax.random.key(4), (2, 31), 0, 40, dtype=jnp.int32)  # [b, L + 1], no sink id
+  inputs, targets, mask = make_example(cfg, tokens)
+  logits = model.forward(inputs, **forward_mask(cfg))
+  train_nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  stream = jnp.concatenate([jnp.full((2, 1), cfg.sink_id, jnp.int32), tokens], axis=1)
+  policy = C.SinkWindow(cfg.train_sinks + 1, cfg.train_window)
+  infer_nll = rollout.stream_nll(model, stream, policy, chunk_size=5)[:, 1:]
+  np.testing.assert_allclose(train_nll, infer_nll, atol=2e-5)
+  assert bool(jnp.all(mask))
