@@ -54,6 +54,14 @@ def static_args(q, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, 
   )
 
 
+def check_powers_of_two(obj, names) -> None:
+  """Raises a clear ``ValueError`` unless each named field of the block-size dataclass ``obj`` is a power of two."""
+  for name in names:
+    v = getattr(obj, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+      raise ValueError(f"{type(obj).__name__}.{name} must be a positive power of two, got {v!r}")
+
+
 def kv_dims(k, kv_layout: str) -> tuple[int, int]:
   """``(kv heads, slots)`` of a key array in ``kv_layout`` (``bskh`` or ``bksh``)."""
   return (k.shape[2], k.shape[1]) if kv_layout == "bskh" else (k.shape[1], k.shape[2])
@@ -105,6 +113,12 @@ def pad_axis(x, axis: int, multiple: int, value):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
   return jnp.pad(x, widths, constant_values=value)
+
+
+def position_range(positions):
+  """``(min, max)`` of the valid (>= 0) entries of a position vector (``BIG``, -1 when there are none)."""
+  valid = positions >= 0
+  return jnp.min(jnp.where(valid, positions, BIG)), jnp.max(jnp.where(valid, positions, -1))
 
 
 def block_summaries(positions, block: int):
@@ -163,6 +177,33 @@ def online_softmax_step(carry, s, mask, v_tile_dot):
   l = corr * l + jnp.sum(p, axis=-1)
   o = corr[:, None] * o + v_tile_dot(p)
   return o, m_new, l
+
+
+def softmax_init(rows: int, vh: int):
+  """The empty online-softmax state ``(o [rows, vh], m [rows], l [rows])``."""
+  return (
+    jnp.zeros((rows, vh), jnp.float32),
+    jnp.full((rows,), NEG_INF, jnp.float32),
+    jnp.zeros((rows,), jnp.float32),
+  )
+
+
+def attend_tile(carry, q, k, v, qp, kp, *, scale, window, num_sinks, v_slots_last: bool):
+  """One flash step of a query tile ``q [rows, h]`` over a key tile ``k [cols, h]`` and its values (``[cols, h]``, or
+  ``[h, cols]`` slots-last): scores, the position mask, values no query sees zeroed, then ``online_softmax_step``."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+  mask = tile_mask(qp, kp, window=window, num_sinks=num_sinks)
+  v = zero_unseen_values(v, mask, v_slots_last)
+  return online_softmax_step(carry, s, mask, value_dot(v, v_slots_last))
+
+
+def probs_from_lse(q, k, qp, kp, lse, *, scale, window, num_sinks):
+  """Masked probabilities ``p [rows, cols]`` of a (query tile, key tile) pair recomputed from the final
+  log-sum-exp ``lse [rows]`` (flash backward, key mass), and the mask."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+  mask = tile_mask(qp, kp, window=window, num_sinks=num_sinks)
+  lse_safe = jnp.where(lse == NEG_INF, 0.0, lse)
+  return jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0), mask
 
 
 def finish(o, m, l):

@@ -32,10 +32,7 @@ class DecodeBlockSizes:
   num_splits: int = 8
 
   def __post_init__(self):
-    for name in ("block_k", "num_splits"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
-        raise ValueError(f"DecodeBlockSizes.{name} must be a positive power of two, got {v!r}")
+    common.check_powers_of_two(self, ("block_k", "num_splits"))
 
 
 MAX_DECODE_ROWS = 64  # queries x group size handled by one program
@@ -43,9 +40,7 @@ MAX_DECODE_ROWS = 64  # queries x group size handled by one program
 
 def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, m_ref, l_ref, *, st):
   q, qp = q_ref[...], qpos_ref[...]
-  valid_q = qp >= 0
-  qmin = jnp.min(jnp.where(valid_q, qp, common.BIG))
-  qmax = jnp.max(jnp.where(valid_q, qp, -1))
+  qmin, qmax = common.position_range(qp)
   rows = q.shape[0]
   bk = st["block_k"]
   slots_last = st["v_slots_last"]
@@ -56,22 +51,13 @@ def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o
     def compute(carry):
       sl = pl.ds(j * bk, bk)
       kp = kpos_ref[sl]
-      k = k_ref[sl, :]
       v = v_ref[:, sl] if slots_last else v_ref[sl, :]
-      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st["scale"]
-      mask = common.tile_mask(qp, kp, window=st["window"], num_sinks=st["num_sinks"])
-      v = common.zero_unseen_values(v, mask, slots_last)
-      return common.online_softmax_step(carry, s, mask, common.value_dot(v, slots_last))
+      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kp, scale=st["scale"], window=st["window"],
+                                num_sinks=st["num_sinks"], v_slots_last=slots_last)  # fmt: skip
 
     return jax.lax.cond(skip, lambda c: c, compute, carry)
 
-  vh = o_ref.shape[-1]
-  init = (
-    jnp.zeros((rows, vh), jnp.float32),
-    jnp.full((rows,), common.NEG_INF, jnp.float32),
-    jnp.zeros((rows,), jnp.float32),
-  )
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, init)
+  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(rows, o_ref.shape[-1]))
   o_ref[...] = o
   m_ref[...] = m
   l_ref[...] = l
@@ -79,21 +65,16 @@ def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o
 
 def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, mass_ref, *, st):
   q, qp, lse = q_ref[...], qpos_ref[...], lse_ref[...]
-  valid_q = qp >= 0
-  qmin = jnp.min(jnp.where(valid_q, qp, common.BIG))
-  qmax = jnp.max(jnp.where(valid_q, qp, -1))
+  qmin, qmax = common.position_range(qp)
   bk = st["block_k"]
-  lse_safe = jnp.where(lse == common.NEG_INF, 0.0, lse)
 
   def body(j, _):
     skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st["window"], num_sinks=st["num_sinks"])
     sl = pl.ds(j * bk, bk)
 
     def compute():
-      kp = kpos_ref[sl]
-      s = jnp.dot(q, k_ref[sl, :].T, preferred_element_type=jnp.float32) * st["scale"]
-      mask = common.tile_mask(qp, kp, window=st["window"], num_sinks=st["num_sinks"])
-      p = jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0)
+      p, _ = common.probs_from_lse(q, k_ref[sl, :], qp, kpos_ref[sl], lse, scale=st["scale"], window=st["window"],
+                                   num_sinks=st["num_sinks"])  # fmt: skip
       return jnp.sum(p, axis=0)
 
     mass_ref[sl] = jax.lax.cond(skip, lambda: jnp.zeros((bk,), jnp.float32), compute)

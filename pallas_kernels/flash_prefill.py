@@ -32,10 +32,7 @@ class BlockSizes:
   block_k: int = 64
 
   def __post_init__(self):
-    for name in ("block_q", "block_k"):
-      v = getattr(self, name)
-      if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
-        raise ValueError(f"BlockSizes.{name} must be a positive power of two, got {v!r}")
+    common.check_powers_of_two(self, ("block_q", "block_k"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,22 +63,13 @@ def _fwd_kernel(qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpo
     def compute(carry):
       sl = pl.ds(j * bk, bk)
       kp = kpos_ref[sl]
-      k = k_ref[sl, :]
       v = v_ref[:, sl] if st.v_slots_last else v_ref[sl, :]
-      s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st.scale
-      mask = common.tile_mask(qp, kp, window=st.window, num_sinks=st.num_sinks)
-      v = common.zero_unseen_values(v, mask, st.v_slots_last)
-      return common.online_softmax_step(carry, s, mask, common.value_dot(v, st.v_slots_last))
+      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kp, scale=st.scale, window=st.window,
+                                num_sinks=st.num_sinks, v_slots_last=st.v_slots_last)  # fmt: skip
 
     return jax.lax.cond(skip, lambda c: c, compute, carry)
 
-  vh = o_ref.shape[-1]
-  init = (
-    jnp.zeros((rows, vh), jnp.float32),
-    jnp.full((rows,), common.NEG_INF, jnp.float32),
-    jnp.zeros((rows,), jnp.float32),
-  )
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, init)
+  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(rows, o_ref.shape[-1]))
   out, lse = common.finish(o, m, l)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
@@ -130,10 +118,7 @@ def _forward(st: _Static, q, k, v, qp, kp, out_dtype):
 
 def _probs(q, k, kp, qp, lse, st):
   """Masked probabilities ``p [R, bk]`` of a (query tile, key tile) pair, recomputed from the saved lse."""
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * st.scale
-  mask = common.tile_mask(qp, kp, window=st.window, num_sinks=st.num_sinks)
-  lse_safe = jnp.where(lse == common.NEG_INF, 0.0, lse)
-  return jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0), mask
+  return common.probs_from_lse(q, k, qp, kp, lse, scale=st.scale, window=st.window, num_sinks=st.num_sinks)
 
 
 def _dq_kernel(

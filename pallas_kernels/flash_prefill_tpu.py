@@ -48,13 +48,9 @@ def _kernel(
 
   @pl.when(jnp.logical_not(skip))
   def _compute():
-    q, k, qp, kp = q_ref[...], k_ref[...], qpos_ref[...], kpos_ref[...]
-    v = v_ref[...]
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    mask = common.tile_mask(qp, kp, window=window, num_sinks=num_sinks)
-    v = common.zero_unseen_values(v, mask, v_slots_last)
     carry = (acc_sc[...], m_sc[...][:, 0], l_sc[...][:, 0])
-    o, m, l = common.online_softmax_step(carry, s, mask, common.value_dot(v, v_slots_last))
+    o, m, l = common.attend_tile(carry, q_ref[...], k_ref[...], v_ref[...], qpos_ref[...], kpos_ref[...], scale=scale,
+                                 window=window, num_sinks=num_sinks, v_slots_last=v_slots_last)  # fmt: skip
     acc_sc[...] = o
     m_sc[...] = m[:, None]
     l_sc[...] = l[:, None]
