@@ -37,7 +37,7 @@ hold the keys that come back into the window).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +232,8 @@ class Recompute(Policy):
   """
 
   window: int
-  positions: str = "cache_relative"
+  # Not a field: the re-encoded window always takes positions 0..window-1.
+  positions: ClassVar[str] = "cache_relative"
 
   def __post_init__(self):
     _check_int("Recompute.window", self.window, 1)
@@ -243,9 +244,6 @@ class Recompute(Policy):
 
   def tracks(self):
     return ()
-
-
-KV_POLICIES = (Dense, Window, SinkWindow, Segmented)
 
 
 # ------------------------------------------------------------------------------------------------ pytrees
@@ -581,14 +579,9 @@ def write(buf, layer, slots: Array, update: Array, *, slots_last: bool = False):
   (``layer`` a Python int); ``slots_last`` for value buffers ``[..., b, k, h, s]``. Slots equal to the capacity
   go to the trash slot. Only the written rows are touched, in place under ``jit``.
   """
-  b, t = slots.shape
   if isinstance(buf, tuple):
     return (*buf[:layer], _write_one(buf[layer], slots, update, slots_last), *buf[layer + 1 :])
-  if t == 1 and b <= _DUS_ROWS:
-    return _write_one(buf, slots, update, slots_last, layer=layer)
-  bidx = jnp.arange(b)[:, None]
-  index = (bidx, slice(None), slice(None), slots) if slots_last else (bidx, slice(None), slots)
-  return buf.at[(layer, *index)].set(update.astype(buf.dtype), mode="clip")
+  return _write_one(buf, slots, update, slots_last, layer=layer)
 
 
 _DUS_ROWS = 8
@@ -600,8 +593,8 @@ def _write_one(buf: Array, slots: Array, update: Array, slots_last: bool, layer=
   buffer to keep that read ordered before the write."""
   b, t = slots.shape
   update = update.astype(buf.dtype)
+  lead = () if layer is None else (layer,)
   if t == 1 and b <= _DUS_ROWS:
-    lead = () if layer is None else (layer,)
     for row in range(b):
       u = update[row, 0]  # [k, h]
       u = u[None, :, :, None] if slots_last else u[None, :, None, :]  # [1, k, h, 1] / [1, k, 1, h]
@@ -612,7 +605,7 @@ def _write_one(buf: Array, slots: Array, update: Array, slots_last: bool, layer=
     return buf
   bidx = jnp.arange(b)[:, None]
   index = (bidx, slice(None), slice(None), slots) if slots_last else (bidx, slice(None), slots)
-  return buf.at[index].set(update, mode="clip")
+  return buf.at[(*lead, *index)].set(update, mode="clip")
 
 
 def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None) -> KVCache:

@@ -26,14 +26,12 @@ Position modes of a cache (see ``jstream.cache``):
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 
 from jstream.typing import Array
 
-PositionMode = Literal["absolute", "cache_relative"]
 POSITION_MODES: tuple[str, ...] = ("absolute", "cache_relative")
 
 SINGLE_TABLE_LIMIT = 8192

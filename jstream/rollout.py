@@ -89,7 +89,7 @@ def _check_stream(model, tokens, policy, chunk_size, start_position):
     raise ValueError(f"chunk_size {chunk_size} is larger than the cache capacity {policy.capacity} ({policy})")
   n = tokens.shape[1]
   start = int(np.max(np.asarray(cache_lib._start_positions(start_position, tokens.shape[0]))))
-  if policy.positions == "absolute" and not isinstance(policy, cache_lib.Recompute):
+  if policy.positions == "absolute":
     if start + n > cache_lib.INT32_MAX:
       raise ValueError(
         f"a stream of {n} tokens from position {start} runs past 2**31 - 1 in absolute-position mode; use "
@@ -200,7 +200,7 @@ def _check_absolute_room(cache, n: int) -> None:
   Reads the cache's ``next_pos`` (a ``[b]`` int32) on the host, once per call; cache-relative caches rebase their
   counters and need no check.
   """
-  if isinstance(cache, cache_lib.TokenCache) or cache.policy.positions != "absolute" or not is_concrete(cache.next_pos):
+  if cache.policy.positions != "absolute" or not is_concrete(cache.next_pos):
     return
   start = int(np.max(jax.device_get(cache.next_pos)))
   if start + n > cache_lib.INT32_MAX:

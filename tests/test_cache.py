@@ -253,3 +253,24 @@ def test_policy_validation():
   with pytest.raises(ValueError, match="rollback count"):
     C.rollback(cache, -1)
   assert hash(C.SinkWindow(4, 1024)) == hash(C.SinkWindow(4, 1024))  # static under jit
+
+
+@pytest.mark.parametrize("b,t", [(3, 1), (10, 1), (3, 4)])  # per-row dynamic_update_slice / scatter / scatter
+@pytest.mark.parametrize("stacked", [True, False])
+def test_write_paths_put_each_row_where_numpy_does(b, t, stacked):
+  rng = np.random.default_rng(b * 10 + t)
+  layers, kvh, s, h = 2, 2, 7, 3
+  k = rng.normal(size=(layers, b, kvh, s, h)).astype(np.float32)
+  v = rng.normal(size=(layers, b, kvh, h, s)).astype(np.float32)
+  slots = np.stack([rng.permutation(s)[:t] for _ in range(b)]).astype(np.int32)
+  upd = rng.normal(size=(b, t, kvh, h)).astype(np.float32)
+  kb = jnp.asarray(k) if stacked else tuple(jnp.asarray(x) for x in k)
+  vb = jnp.asarray(v) if stacked else tuple(jnp.asarray(x) for x in v)
+  kb = C.write(kb, 1, jnp.asarray(slots), jnp.asarray(upd))
+  vb = C.write(vb, 1, jnp.asarray(slots), jnp.asarray(upd), slots_last=True)
+  for r in range(b):
+    for i in range(t):
+      k[1, r, :, slots[r, i], :] = upd[r, i]
+      v[1, r, :, :, slots[r, i]] = upd[r, i]
+  np.testing.assert_array_equal(np.stack(kb) if not stacked else kb, k)
+  np.testing.assert_array_equal(np.stack(vb) if not stacked else vb, v)
