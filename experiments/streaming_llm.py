@@ -31,7 +31,7 @@ import numpy as np
 from experiments.memory import reset_peak_rss, rss_mib
 from jstream import cache as C
 from jstream import rollout
-from jstream.cache import _check_int
+from jstream.checks import check_int
 from jstream.train import TrainConfig, heldout_tokens, load_config, train
 
 
@@ -62,11 +62,11 @@ class StreamingLLMConfig:
 
   def __post_init__(self):  # bad values fail here, before minutes of training
     for name in ("window", "eval_tokens", "segment", "chunk", "dense_tokens", "recompute_tokens", "bins"):
-      _check_int(f"StreamingLLMConfig.{name}", getattr(self, name), 1)
+      check_int(f"StreamingLLMConfig.{name}", getattr(self, name), 1)
     if not self.sink_counts:
       raise ValueError("StreamingLLMConfig.sink_counts must name at least one sink count")
     for s in self.sink_counts:
-      _check_int("StreamingLLMConfig.sink_counts[i]", s, 1)
+      check_int("StreamingLLMConfig.sink_counts[i]", s, 1)
 
 
 def policies(cfg: StreamingLLMConfig) -> list[tuple[str, C.Policy, int]]:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jstream._compat import is_concrete
+from jstream.checks import check_int
 from jstream.positions import check_position_mode
 from jstream.typing import Array
 
@@ -72,11 +73,6 @@ class Track:
   @property
   def size(self) -> int:
     return self.num_sinks + self.ring
-
-
-def _check_int(name, value, lo):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-    raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
 
 
 class Policy:
@@ -108,7 +104,7 @@ class Dense(Policy):
   positions: str = "absolute"
 
   def __post_init__(self):
-    _check_int("Dense.max_len", self.max_len, 1)
+    check_int("Dense.max_len", self.max_len, 1)
     check_position_mode(self.positions)
 
   @property
@@ -138,8 +134,8 @@ class Window(Policy):
   max_rollback: int = 0
 
   def __post_init__(self):
-    _check_int("Window.window", self.window, 1)
-    _check_int("Window.max_rollback", self.max_rollback, 0)
+    check_int("Window.window", self.window, 1)
+    check_int("Window.max_rollback", self.max_rollback, 0)
     check_position_mode(self.positions)
 
   @property
@@ -167,9 +163,9 @@ class SinkWindow(Policy):
   max_rollback: int = 0
 
   def __post_init__(self):
-    _check_int("SinkWindow.num_sinks", self.num_sinks, 0)
-    _check_int("SinkWindow.window", self.window, 1)
-    _check_int("SinkWindow.max_rollback", self.max_rollback, 0)
+    check_int("SinkWindow.num_sinks", self.num_sinks, 0)
+    check_int("SinkWindow.window", self.window, 1)
+    check_int("SinkWindow.max_rollback", self.max_rollback, 0)
     if self.window < self.num_sinks:
       raise ValueError(
         f"SinkWindow: window ({self.window}) must be >= num_sinks ({self.num_sinks}); the sinks would take more "
@@ -236,7 +232,7 @@ class Recompute(Policy):
   positions: ClassVar[str] = "cache_relative"
 
   def __post_init__(self):
-    _check_int("Recompute.window", self.window, 1)
+    check_int("Recompute.window", self.window, 1)
 
   @property
   def capacity(self) -> int:
@@ -341,7 +337,8 @@ class TokenCache:
 Cache = KVCache | TokenCache
 
 
-def _start_positions(start_position, batch_size) -> Array:
+def start_positions(start_position, batch_size) -> Array:
+  """``start_position`` (a scalar or ``[b]``) as int32 ``[b]``; negative concrete values are an error."""
   start = jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (batch_size,))
   if is_concrete(start) and bool(jnp.any(start < 0)):
     raise ValueError(f"start_position must be >= 0, got {start_position}")
@@ -374,8 +371,8 @@ def init(
   """
   if not isinstance(policy, Policy):
     raise TypeError(f"expected a cache policy (Dense, Window, SinkWindow, Segmented, Recompute), got {policy!r}")
-  _check_int("batch_size", batch_size, 1)
-  start = _start_positions(start_position, batch_size)
+  check_int("batch_size", batch_size, 1)
+  start = start_positions(start_position, batch_size)
   if isinstance(policy, Recompute):
     w = policy.window
     return TokenCache(
@@ -389,7 +386,7 @@ def init(
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"cache dtype must be floating point, got {dtype}")
   for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-    _check_int(name, val, 1)
+    check_int(name, val, 1)
   c = policy.capacity + 1  # + the trash slot
   kshape = (batch_size, num_kv_heads, c, head_dim)
   vshape = (batch_size, num_kv_heads, head_dim, c)
@@ -654,7 +651,7 @@ def reset(cache: Cache, rows=None, start_position=0) -> Cache:
   """
   b = cache.batch_size
   sel = _rows_mask(rows, b)
-  start = _start_positions(start_position, b)
+  start = start_positions(start_position, b)
   idx = jnp.where(sel[:, None], -1, cache.idx)
   count = jnp.where(sel.reshape((b,) + (1,) * (cache.count.ndim - 1)), 0, cache.count)
   next_pos = jnp.where(sel, start, cache.next_pos)

@@ -88,7 +88,7 @@ def _check_stream(model, tokens, policy, chunk_size, start_position):
   if chunk_size > policy.capacity:
     raise ValueError(f"chunk_size {chunk_size} is larger than the cache capacity {policy.capacity} ({policy})")
   n = tokens.shape[1]
-  start = int(np.max(np.asarray(cache_lib._start_positions(start_position, tokens.shape[0]))))
+  start = int(np.max(np.asarray(cache_lib.start_positions(start_position, tokens.shape[0]))))
   if policy.positions == "absolute":
     if start + n > cache_lib.INT32_MAX:
       raise ValueError(

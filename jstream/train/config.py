@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, ClassVar
 
-from jstream.cache import _check_int
+from jstream.checks import check_int
 from jstream.config import TransformerConfig
 
 
@@ -69,9 +69,9 @@ class TrainConfig:
     if not isinstance(self.model, TransformerConfig):
       raise TypeError(f"TrainConfig.model must be a TransformerConfig, got {type(self.model).__name__}")
     for name in ("seq_len", "batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-      _check_int(f"TrainConfig.{name}", getattr(self, name), 1)
+      check_int(f"TrainConfig.{name}", getattr(self, name), 1)
     for name in ("warmup_steps", "train_sinks", "overlap", "seed"):
-      _check_int(f"TrainConfig.{name}", getattr(self, name), 0)
+      check_int(f"TrainConfig.{name}", getattr(self, name), 0)
     if not 0 <= self.overlap < self.seq_len:
       raise ValueError(f"TrainConfig.overlap must be in [0, seq_len), got {self.overlap}")
     if self.train_window is not None and self.train_window < max(1, self.train_sinks):
