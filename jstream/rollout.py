@@ -95,8 +95,8 @@ def _check_stream(model, tokens, policy, chunk_size, start_position):
         f"a stream of {n} tokens from position {start} runs past 2**31 - 1 in absolute-position mode; use "
         "positions='cache_relative'"
       )
-  if isinstance(policy, cache_lib.Dense) and n > policy.max_len:
-    raise ValueError(f"a stream of {n} tokens does not fit Dense(max_len={policy.max_len})")
+  if policy.max_stream is not None and n > policy.max_stream:
+    raise ValueError(f"a stream of {n} tokens does not fit {policy}")
   return tokens.astype(jnp.int32)
 
 

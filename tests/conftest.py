@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import logging
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -84,3 +88,27 @@ def chunk_sizes(n, choices, seed=0, cap=None):
 @pytest.fixture(scope="session")
 def model():
   return tiny_model()
+
+
+@contextlib.contextmanager
+def compilations():
+  """Counts XLA compilations by jitted function name inside the block (from ``jax.log_compiles`` records).
+
+  ``with compilations() as n: ...`` then ``n["_stream_nll"]``. Call ``jax.clear_caches()`` first for a count that
+  does not depend on what ran before in the process.
+  """
+  counts = collections.Counter()
+
+  class Counter(logging.Handler):
+    def emit(self, record):
+      m = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+      if m:
+        counts[m.group(1)] += 1
+
+  handler, logger = Counter(), logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      yield counts
+  finally:
+    logger.removeHandler(handler)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jstream import cache as C
+from jstream.cache import planner
 
 
 def _empty(policy, b=2, stacked=True):
@@ -215,8 +216,8 @@ def test_segmented_tracks_keep_their_own_windows():
 
 
 def test_rebase_keeps_windows_and_shifts_indices(monkeypatch):
-  monkeypatch.setattr(C, "REBASE_AT", 16)
-  monkeypatch.setattr(C, "_REBASE_SHIFT", 8)
+  monkeypatch.setattr(planner, "REBASE_AT", 16)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 8)
   policy = C.SinkWindow(2, 3, positions="cache_relative")
   cache = _empty(policy, 1)
   vals = np.arange(1, 41, dtype=np.float32)[None]

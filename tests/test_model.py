@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import chunk_sizes, jit_step, random_tokens, stream, tiny_model, tol
+from conftest import chunk_sizes, compilations, jit_step, random_tokens, stream, tiny_model, tol
 from reference import stream_logits
 
 from jstream import cache as C
 from jstream import rollout
+from jstream.cache import planner
 
 F32 = tol(jnp.float32)
 
@@ -151,10 +152,15 @@ def test_stream_nll_matches_offline_and_compiles_once():
   tokens = random_tokens(2, 37, seed=22)
   logp = jax.nn.log_softmax(model.forward(tokens, window=8, num_sinks=2), -1)
   want = -np.take_along_axis(np.asarray(logp[:, :-1]), np.asarray(tokens[:, 1:, None]), -1)[..., 0]
-  for chunk in (1, 4, 10):
-    got = rollout.stream_nll(model, tokens, C.SinkWindow(2, 8), chunk_size=chunk)
-    assert np.all(np.isnan(got[:, 0]))
-    np.testing.assert_allclose(got[:, 1:], want, atol=2e-5)
+  jax.clear_caches()
+  with compilations() as compiled:
+    for chunk in (1, 4, 10):
+      got = rollout.stream_nll(model, tokens, C.SinkWindow(2, 8), chunk_size=chunk)
+      assert np.all(np.isnan(got[:, 0]))
+      np.testing.assert_allclose(got[:, 1:], want, atol=2e-5)
+      again = rollout.stream_nll(model, random_tokens(2, 37, seed=chunk), C.SinkWindow(2, 8), chunk_size=chunk)
+      assert not np.allclose(again[:, 1:], got[:, 1:])  # other tokens, same compiled scan
+  assert compiled["_stream_nll"] == 3  # one scan per chunk size, whatever the tokens
 
 
 def test_cache_relative_survives_int32_overflow():
@@ -166,6 +172,24 @@ def test_cache_relative_survives_int32_overflow():
   near = rollout.stream_nll(model, tokens, policy, chunk_size=16, start_position=0)
   np.testing.assert_array_equal(np.isnan(far), np.isnan(near))
   np.testing.assert_allclose(far[:, 1:], near[:, 1:], atol=1e-6)
+  # Outputs cannot see a broken rebase in this mode (masks use track indices): check the counters themselves
+  # against the documented rule, simulated here: before a chunk, a next position >= REBASE_AT moves every held
+  # position down by REBASE_SHIFT (sinks clamped at -REBASE_AT).
+  start = 2**31 - 1000
+  _, cache = rollout.prefill(model, tokens, model.init_cache(policy, 1, start_position=start), chunk_size=16)
+  nxt, shift, sink_pos = start, 0, [start, start + 1]
+  for _ in range(0, 10_000, 16):
+    if nxt >= planner.REBASE_AT:
+      nxt, shift = nxt - planner.REBASE_SHIFT, shift + planner.REBASE_SHIFT
+      sink_pos = [max(p - planner.REBASE_SHIFT, -planner.REBASE_AT) for p in sink_pos]
+    nxt += 16
+  assert shift >= 2 * planner.REBASE_SHIFT  # several rebases happened
+  assert int(cache.next_pos[0]) == nxt
+  valid = np.asarray(cache.idx[0]) >= 0
+  pos, idx = np.asarray(cache.pos[0])[valid], np.asarray(cache.idx[0])[valid]
+  ring = idx >= 2
+  np.testing.assert_array_equal(pos[ring], start - shift + idx[ring])
+  assert sorted(pos[~ring].tolist()) == sorted(sink_pos)
   with pytest.raises(ValueError, match="past 2\\*\\*31 - 1"):
     rollout.stream_nll(model, tokens, C.SinkWindow(2, 16), chunk_size=16, start_position=2**31 - 1000)
   cache = model.init_cache(C.SinkWindow(2, 16), 1, start_position=2**31 - 10)
@@ -221,11 +245,28 @@ def test_track_index_rebase_is_invisible(positions, monkeypatch):
   tokens = random_tokens(1, 120, seed=26)
   sizes = chunk_sizes(120, [1, 3, 7], seed=27)
   want, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
-  monkeypatch.setattr(C, "REBASE_AT", 24)
-  monkeypatch.setattr(C, "_REBASE_SHIFT", 12)
+  monkeypatch.setattr(planner, "REBASE_AT", 24)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 12)
   got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
   assert int(cache.count[0, 0]) < 40  # rebased repeatedly
   np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_segmented_rebase_with_per_layer_caches_equals_the_reference(positions, monkeypatch):
+  """Segmented tracks rebase independently (every 16 tokens of a track here); with per-layer (unrolled) caches the
+  stream still equals the float64 reference that knows nothing of rebases."""
+  model = tiny_model(seed=60, scan_layers=False)
+  policy = C.Segmented((C.SinkWindow(2, 4, max_rollback=1), C.Window(5)), positions=positions)
+  n = 90
+  tokens = random_tokens(1, n, seed=61)
+  segs = (jax.random.uniform(jax.random.key(62), (1, n)) < 0.5).astype(jnp.int32)
+  monkeypatch.setattr(planner, "REBASE_AT", 16)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 8)
+  got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), chunk_sizes(n, [1, 3, 5], seed=63), segs)
+  assert np.all(np.asarray(cache.count[0]) < 16 + 5)  # both tracks were rebased
+  want = stream_logits(model, tokens[0], [(2, 4), (0, 5)], segment_ids=segs[0], positions=positions)
+  np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
 
 
 def test_scan_and_per_layer_models_agree():

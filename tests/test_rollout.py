@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_tokens, tiny_model, tol
+from reference import stream_logits
 
 from jstream import cache as C
 from jstream import rollout
@@ -176,3 +177,31 @@ def test_filter_logits_keeps_what_numpy_keeps_per_row(top_k, top_p):
       keep &= kept
     np.testing.assert_array_equal(np.isfinite(got[r]), keep)
     np.testing.assert_allclose(got[r][keep], x[keep], rtol=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_stream_nll_under_segmented_equals_the_reference(positions):
+  """``stream_nll`` with a two-track Segmented policy (text sinks + window, vision window) and padding equals the
+  float64 token-by-token reference; padded tokens and tokens followed by padding get NaN."""
+  model = tiny_model(seed=70)
+  policy = C.Segmented((C.SinkWindow(1, 5), C.Window(4)), positions=positions)
+  n = 30
+  tokens = random_tokens(1, n, seed=71)
+  segs = np.array((jax.random.uniform(jax.random.key(72), (1, n)) < 0.5).astype(jnp.int32))
+  segs[0, [7, 19]] = -1  # padding inside the stream
+  got = np.asarray(rollout.stream_nll(model, tokens, policy, chunk_size=3, segment_ids=segs))
+  keep = segs[0] >= 0
+  logits = stream_logits(model, np.asarray(tokens[0])[keep], [(1, 5), (0, 4)], segment_ids=segs[0][keep],
+                         positions=positions)  # fmt: skip
+  logp = (
+    logits
+    - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
+  real = np.flatnonzero(keep)  # stream index of each real token
+  want = np.full(n, np.nan)
+  for j in range(1, len(real)):
+    if real[j] == real[j - 1] + 1:  # a token right after a real token is predicted; after padding it is not
+      want[real[j]] = -logp[j - 1, int(tokens[0, real[j]])]
+  np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(want))
+  np.testing.assert_allclose(got[0][~np.isnan(want)], want[~np.isnan(want)], atol=5e-5)

@@ -84,18 +84,24 @@ class StreamingTransformer(nnx.Module):
 
   # ------------------------------------------------------------------------------------------ caches
 
+  @property
+  def cache_geometry(self) -> cache_lib.Geometry:
+    """What a KV cache must match to be read by this model (layers, kv heads, head dim, stacked)."""
+    cfg = self.config
+    return cache_lib.Geometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.scan_layers)
+
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, start_position=0):
     """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute``)."""
-    cfg = self.config
+    g = self.cache_geometry
     return cache_lib.init(
       policy,
-      num_layers=cfg.num_layers,
+      num_layers=g.num_layers,
       batch_size=batch_size,
-      num_kv_heads=cfg.num_kv_heads,
-      head_dim=cfg.head_dim,
+      num_kv_heads=g.num_kv_heads,
+      head_dim=g.head_dim,
       dtype=dtype,
       start_position=start_position,
-      stacked=cfg.scan_layers,
+      stacked=g.stacked,
     )
 
   # ------------------------------------------------------------------------------------------ helpers
@@ -155,21 +161,6 @@ class StreamingTransformer(nnx.Module):
     (x, carry), _ = jax.lax.scan(step, (x, carry), (params, layers))
     return x, carry
 
-  def _check_cache(self, cache):
-    cfg = self.config
-    if isinstance(cache, cache_lib.TokenCache):
-      return
-    if not isinstance(cache, cache_lib.KVCache):
-      raise TypeError(f"expected a KVCache or TokenCache from model.init_cache, got {type(cache).__name__}")
-    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.scan_layers)
-    _, heads, _, head_dim = cache.layer_shape
-    got = (cache.num_layers, heads, head_dim, cache.stacked)
-    if want != got:
-      raise ValueError(
-        f"cache was built for (layers, kv_heads, head_dim, stacked) = {got}, this model needs {want}; "
-        "build it with model.init_cache"
-      )
-
   # ------------------------------------------------------------------------------------------ calls
 
   def __call__(self, tokens, cache, *, segment_ids=None):
@@ -190,7 +181,9 @@ class StreamingTransformer(nnx.Module):
         out-of-range token ids (checked eagerly when the ids are concrete) or a cache of another model.
     """
     tokens = self.check_tokens(tokens)
-    self._check_cache(cache)
+    if not all(hasattr(cache, m) for m in ("check_model", "step", "batch_size", "capacity")):
+      raise TypeError(f"expected a cache from model.init_cache (a KVCache or TokenCache), got {type(cache).__name__}")
+    cache.check_model(self.cache_geometry)
     b, t = tokens.shape
     if b != cache.batch_size:
       raise ValueError(f"tokens have batch size {b} but the cache was built for {cache.batch_size}")
@@ -199,14 +192,12 @@ class StreamingTransformer(nnx.Module):
         f"chunk of {t} tokens is longer than the cache capacity {cache.capacity} ({cache.policy}); "
         "split it into smaller chunks"
       )
-    if isinstance(cache, cache_lib.TokenCache):
-      if segment_ids is not None:
-        segment_ids = jnp.asarray(segment_ids, jnp.int32)
-        if segment_ids.shape != (b, t):
-          raise ValueError(f"segment_ids must be [b, t] = {(b, t)}, got {segment_ids.shape}")
-        if _is_concrete(segment_ids) and bool(jnp.any(segment_ids > 0)):
-          raise ValueError("the Recompute baseline has one segment: segment_ids must be 0 (token) or -1 (padding)")
-      return self._recompute(tokens, cache, None if segment_ids is None else segment_ids >= 0)
+    return cache.step(self, tokens, segment_ids)
+
+  def extend(self, tokens: Array, cache: cache_lib.KVCache, *, segment_ids=None):
+    """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
+    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them."""
+    t = tokens.shape[1]
     cfg = self.config
     plan = cache_lib.plan(cache, segment_ids, t)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
@@ -271,40 +262,3 @@ class StreamingTransformer(nnx.Module):
 
     x, _ = self._scan_blocks(x, None, body)
     return self._head(x)
-
-  # ------------------------------------------------------------------------------------------ baseline
-
-  def _recompute(self, tokens: Array, cache: cache_lib.TokenCache, valid: Array | None = None):
-    """StreamingLLM's sliding window with re-computation: one forward over the window per token. Padding
-    (``valid`` False) leaves the cache as it was; its logits are those of the window with it appended."""
-    w = cache.capacity
-    shift = cache_lib.rebase_shift(w)
-    valid = jnp.ones(tokens.shape, bool) if valid is None else valid
-
-    def one(c, x):
-      tok, ok = x
-      new, logits = step(c, tok)
-      keep = lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-      return jax.tree.map(keep, new, c), logits
-
-    def step(c, tok):
-      count, idx = c.count, c.idx
-      rebase = count >= cache_lib.REBASE_AT
-      count = jnp.where(rebase, count - shift, count)
-      idx = jnp.where(rebase[:, None] & (idx >= 0), idx - shift, idx)
-      slot = jnp.remainder(count, w)
-      bidx = jnp.arange(tok.shape[0])
-      toks = c.tokens.at[bidx, slot].set(tok)
-      idx = idx.at[bidx, slot].set(count)
-      # Oldest first: rotate the ring so that the slot after the newest comes first.
-      order = jnp.remainder(slot[:, None] + 1 + jnp.arange(w)[None], w)
-      window_toks = jnp.take_along_axis(toks, order, axis=1)
-      window_idx = jnp.take_along_axis(idx, order, axis=1)
-      valid = window_idx >= 0
-      positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)
-      logits = self.forward(window_toks, positions=positions)[:, -1]
-      new = c.replace(tokens=toks, idx=idx, count=count + 1, next_pos=c.next_pos + 1)
-      return new, logits
-
-    cache, logits = jax.lax.scan(one, cache, (tokens.T, valid.T))
-    return jnp.swapaxes(logits, 0, 1), cache
