@@ -74,7 +74,18 @@ def test_bad_input_gets_one_clear_line(in_tmp, capsys):
 
 def test_bench_stream_smoke(in_tmp):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "experiments.bench_stream", "--quick", "--tiny", "--out", "bench", "--no-compare-scan"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "jstream.cli",
+    "bench",
+    "stream",
+    "--quick",
+    "--tiny",
+    "--out",
+    "bench",
+    "--no-compare-scan",
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=in_tmp, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   res = json.loads((in_tmp / "bench" / "results.json").read_text())

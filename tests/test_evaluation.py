@@ -1,6 +1,7 @@
 """jstream.evaluation: the streamed evaluation against an offline forward pass, and the sink-ablation config."""
 
 import dataclasses
+import pathlib
 
 import jax
 import numpy as np
@@ -9,7 +10,9 @@ from conftest import random_tokens, tiny_model
 
 from jstream import cache as C
 from jstream.evaluation import SinkAblationConfig, evaluate_stream
-from jstream.train import TrainConfig
+from jstream.train import TrainConfig, load_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def _offline_nll(model, tokens, window, sinks) -> np.ndarray:
@@ -81,3 +84,24 @@ def test_sink_ablation_config():
     dataclasses.replace(cfg, sink_counts=())
   with pytest.raises(TypeError, match=r"SinkAblationConfig\.sink must be a TrainConfig"):
     dataclasses.replace(cfg, sink=run.model)
+
+
+def test_streaming_llm_config_file():
+  """``configs/streaming_llm.py`` returns the library's config; flags and overrides apply; its models are
+  ``configs/lm_tiny.py``'s (``jstream.presets``), quick or not."""
+  cfg = load_config(f"{CONFIGS}/streaming_llm.py:quick,window=48,base.steps=7", expect=SinkAblationConfig)
+  assert cfg.window == 48 and cfg.base.steps == 7 and cfg.sink.steps == 40 and cfg.eval_tokens == 6000
+  assert cfg.sink.sink_token and not cfg.base.sink_token
+  assert (
+    cfg.base.workdir == "runs/streaming_llm_quick/plain" and cfg.sink.workdir == "runs/streaming_llm_quick/sink_token"
+  )
+  for flags in ("", "quick"):
+    lm = load_config(f"{CONFIGS}/lm_tiny.py:{flags}")
+    sllm = load_config(f"{CONFIGS}/streaming_llm.py:{flags}", expect=SinkAblationConfig)
+    assert sllm.base.model == lm.model.replace(scan_layers=False)
+    assert (sllm.base.seq_len, sllm.base.batch_size, sllm.base.lr) == (lm.seq_len, lm.batch_size, lm.lr)
+  assert load_config(f"{CONFIGS}/streaming_llm.py:long", expect=SinkAblationConfig).sink.steps == 2000
+  with pytest.raises(ValueError, match="unknown flags"):
+    load_config(f"{CONFIGS}/streaming_llm.py:fast", expect=SinkAblationConfig)
+  with pytest.raises(TypeError, match="must return a SinkAblationConfig"):
+    load_config(f"{CONFIGS}/lm_tiny.py", expect=SinkAblationConfig)
