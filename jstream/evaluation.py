@@ -35,6 +35,7 @@ import numpy as np
 from jstream import cache as C
 from jstream import rollout
 from jstream.checks import check_int
+from jstream.models.lm import StreamingTransformer
 from jstream.process_memory import reset_peak_rss, rss_mib
 from jstream.train.config import TrainConfig
 
@@ -42,7 +43,7 @@ RECOMPUTE_MAX_SEGMENT = 256  # Recompute re-encodes its window per token: short 
 
 
 def evaluate_stream(
-  model,
+  model: StreamingTransformer,
   tokens: np.ndarray,
   policy: C.Policy,
   *,
@@ -52,11 +53,11 @@ def evaluate_stream(
   bins: int = 12,
   prefixes: Sequence[int] = (),
 ) -> dict:
-  """Streams ``tokens`` (int ``[n]``) through ``model`` under ``policy`` (batch 1) and measures it.
+  """Streams ``tokens`` through ``model`` under ``policy`` (batch 1) and measures it.
 
   Args:
     model: a ``StreamingTransformer``.
-    tokens: the stream, int ``[n]`` with ``n >= 2``.
+    tokens: the stream: a 1-D int array of at least ``skip + 2`` token ids.
     policy: the cache policy (a fresh cache is made for the stream).
     chunk: tokens per step inside a segment (at most the policy's capacity).
     segment: tokens per timed segment, rounded down to a multiple of ``chunk`` (at least one chunk).

@@ -92,9 +92,9 @@ def model():
 # ----------------------------------------------------------------------------------------------------------------
 # No temp litter. The controller (the only process of a run without xdist) points TMPDIR at a fresh folder before
 # any worker starts, so that every test process and every subprocess they start makes its temporary files there,
-# and nothing else running on the machine does. When the run ends, anything left in that folder fails the run
-# (pytest's own tmp_path base stays in the system temp dir, where it always is, and keeps its usual retention),
-# and the folder is removed.
+# and nothing else running on the machine does. When the session ends (after xdist has stopped its workers),
+# anything left in that folder fails the run; pytest's own tmp_path base stays in the system temp dir, where it
+# always is, with its usual retention. The folder is removed when pytest unconfigures, whatever happened.
 
 _TEMP_ROOT = pytest.StashKey[tuple[str, str | None]]()
 _TEMP_LEFT = pytest.StashKey[list[str]]()
@@ -116,18 +116,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-  config = session.config
-  if _is_xdist_worker(config) or _TEMP_ROOT not in config.stash:
+  if _TEMP_ROOT not in session.config.stash:
     return
-  root, previous = config.stash[_TEMP_ROOT]
+  root, _ = session.config.stash[_TEMP_ROOT]
   left = sorted(name for name in os.listdir(root) if not name.startswith("pytest-of-"))
-  shutil.rmtree(root, ignore_errors=True)
-  tempfile.tempdir = None
-  if previous is None:
-    os.environ.pop("TMPDIR", None)
-  else:
-    os.environ["TMPDIR"] = previous
-  config.stash[_TEMP_LEFT] = left
+  session.config.stash[_TEMP_LEFT] = left
   if left and session.exitstatus == pytest.ExitCode.OK:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -136,4 +129,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
   left = config.stash.get(_TEMP_LEFT, [])
   if left:
     terminalreporter.section("temp dir litter", red=True)
-    terminalreporter.write_line(f"the test run left {len(left)} entries in the temp dir (removed now): {left[:20]}")
+    terminalreporter.write_line(f"the test run left {len(left)} entries in the temp dir: {left[:20]}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  if _TEMP_ROOT not in config.stash:
+    return
+  root, previous = config.stash[_TEMP_ROOT]
+  shutil.rmtree(root, ignore_errors=True)
+  tempfile.tempdir = None
+  if previous is None:
+    os.environ.pop("TMPDIR", None)
+  else:
+    os.environ["TMPDIR"] = previous
