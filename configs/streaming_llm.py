@@ -6,29 +6,31 @@
 
 Flags: ``quick`` (tiny models, 6k-byte streams), ``long`` (five times the training: 40 min on 2 cores).
 Overrides: ``window=256``, ``eval_tokens=200000``, ``base.steps=2000``, ``sink.model.embed_dim=256``, ...
+The model and the quick shrink are shared with ``configs/lm_tiny.py`` (``jstream.presets``).
 """
 
 import dataclasses
 
-from experiments.streaming_llm import StreamingLLMConfig
-from jstream import TransformerConfig
-from jstream.train import TrainConfig
+from jstream import presets
+from jstream.evaluation import SinkAblationConfig
 
 
-def get_config(*flags: str) -> StreamingLLMConfig:
+def get_config(*flags: str) -> SinkAblationConfig:
   unknown = set(flags) - {"quick", "long"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/streaming_llm.py")
-  model = TransformerConfig(
-    vocab_size=257, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, mlp_dim=384, scan_layers=False
+  runs = "runs/streaming_llm" + ("_quick" if "quick" in flags else "_long" if "long" in flags else "")
+  base = presets.byte_lm_run(
+    f"{runs}/plain",
+    model=presets.byte_lm(scan_layers=False),
+    steps=2000 if "long" in flags else 400,
+    warmup_steps=40,
+    checkpoint_every=100,
   )
-  base = TrainConfig(
-    model=model, seq_len=256, batch_size=16, steps=400, lr=3e-3, warmup_steps=40, log_every=20,
-    checkpoint_every=100, workdir="runs/streaming_llm/plain",
-  )  # fmt: skip
-  cfg = StreamingLLMConfig(
+  sink = dataclasses.replace(base, sink_token=True, workdir=f"{runs}/sink_token")
+  cfg = SinkAblationConfig(
     base=base,
-    sink=dataclasses.replace(base, sink_token=True, workdir="runs/streaming_llm/sink_token"),
+    sink=sink,
     window=128,
     sink_counts=(1, 2, 4, 8),
     eval_tokens=100_000,
@@ -37,19 +39,12 @@ def get_config(*flags: str) -> StreamingLLMConfig:
     dense_tokens=4096,
     recompute_tokens=1024,
   )
-  if "long" in flags:
-    cfg = dataclasses.replace(
-      cfg,
-      base=dataclasses.replace(cfg.base, steps=2000, workdir="runs/streaming_llm_long/plain"),
-      sink=dataclasses.replace(cfg.sink, steps=2000, workdir="runs/streaming_llm_long/sink_token"),
-    )
   if "quick" in flags:
-    small = model.replace(num_layers=2, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=1)
-    quick = dict(model=small, seq_len=64, batch_size=8, steps=40, warmup_steps=5, log_every=10, checkpoint_every=20)
+    shrink = lambda run: presets.quick(run, steps=40, checkpoint_every=20)
     cfg = dataclasses.replace(
       cfg,
-      base=dataclasses.replace(cfg.base, **quick, workdir="runs/streaming_llm_quick/plain"),
-      sink=dataclasses.replace(cfg.sink, **quick, workdir="runs/streaming_llm_quick/sink_token"),
+      base=shrink(cfg.base),
+      sink=shrink(cfg.sink),
       window=32,
       eval_tokens=6000,
       segment=1024,

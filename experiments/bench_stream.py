@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 
 import jstream
-from experiments.memory import rss_mib
 from jstream import cache as C
 from jstream import rollout
+from jstream.process_memory import rss_mib
 
 
 def _nbytes(tree) -> int:

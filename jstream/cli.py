@@ -1,31 +1,54 @@
 """The ``jstream`` command: ``jstream <subcommand> ...``.
 
-  jstream demo [--quick] [--out DIR]            the main job: StreamingLLM's ablations at small scale
   jstream train --config configs/lm_tiny.py[:flags,key=value]
   jstream eval-stream --config CONFIG --policy sinkwindow:4,128 [--positions cache_relative] [--tokens N]
+  jstream demo [--quick] [--out DIR]            the main job: StreamingLLM's ablations at small scale
   jstream bench {stream,attention} [--quick] [--out DIR]
 
-Experiments accept ``--out DIR`` and ``--quick`` and write ``DIR/results.json``.
+``train`` and ``eval-stream`` are the library's own. The other commands belong to the application and are found
+through entry points, never imported by name: each ``name = "module:function"`` of the ``jstream.commands`` group
+(``demo``) is a subcommand, each of ``jstream.benchmarks`` (``stream``, ``attention``) a ``jstream bench`` name
+(``pyproject.toml``; reinstall the package after changing them). The function is called as ``function(argv)``
+with the arguments after the command's name, and returns an exit status; it is loaded only when its command runs,
+and ``--help`` shows the first line of its module's docstring, read without importing it. Experiments accept
+``--out DIR`` and ``--quick`` and write ``DIR/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import ast
+import importlib.metadata
+import importlib.util
 import json
 import pathlib
 import sys
 import time
 
-BENCHMARKS = {
-  "stream": ("experiments.bench_stream", "per-token decode latency and memory against stream position"),
-  "attention": ("experiments.bench_attention", "attention kernels vs XLA and cuDNN (interpret-mode checks on CPU)"),
-}
+COMMANDS = "jstream.commands"
+BENCHMARKS = "jstream.benchmarks"
+BUILTIN = ("train", "eval-stream", "bench")
+PREFIXES = (1024, 4096)  # eval-stream also reports the perplexity of these prefixes
 
 
-def _run_module(module: str, argv: list[str]) -> int:
-  mod = importlib.import_module(module)
-  return int(mod.main(argv) or 0)
+def registered(group: str) -> dict[str, importlib.metadata.EntryPoint]:
+  """The entry points of ``group`` by name (none if the package is not installed)."""
+  return {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
+
+
+def summary(ep: importlib.metadata.EntryPoint) -> str:
+  """The first line of the docstring of ``ep``'s module (without markup), read from its source without importing
+  it; empty if it cannot be read."""
+  try:
+    spec = importlib.util.find_spec(ep.module)
+    doc = ast.get_docstring(ast.parse(pathlib.Path(spec.origin).read_text())) or ""
+  except (ImportError, AttributeError, TypeError, OSError, SyntaxError, ValueError):
+    return ""
+  return doc.strip().split("\n")[0].replace("``", "").rstrip(".")
+
+
+def _run_entry_point(ep: importlib.metadata.EntryPoint, argv: list[str]) -> int:
+  return int(ep.load()(argv) or 0)
 
 
 def parse_policy(spec: str, positions: str):
@@ -66,8 +89,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval_stream(args) -> int:
-
-  from experiments.streaming_llm import StreamingLLMConfig, evaluate
+  from jstream.evaluation import evaluate_stream
   from jstream.train import heldout_tokens, load_config, load_model
 
   cfg = load_config(args.config)
@@ -75,9 +97,8 @@ def cmd_eval_stream(args) -> int:
   policy = parse_policy(args.policy, args.positions)
   stream, skip = heldout_tokens(cfg, args.tokens)
   chunk = min(args.chunk, policy.capacity)  # a chunk may not exceed the cache
-  exp = StreamingLLMConfig(base=cfg, sink=cfg, chunk=chunk, segment=args.segment)
   t0 = time.time()
-  res = evaluate(model, stream, policy, exp, skip)
+  res = evaluate_stream(model, stream, policy, chunk=chunk, segment=args.segment, skip=skip, prefixes=PREFIXES)
   res.update(checkpoint_step=step, policy=str(policy), config=args.config, seconds=time.time() - t0)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -94,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     prog="jstream", description="jstream: streaming causal models in JAX (bounded caches, constant time per chunk)."
   )
   sub = parser.add_subparsers(dest="command", metavar="<command>")
-  sub.add_parser(
-    "demo", help="the main job: train two tiny LMs, stream 100k bytes under every cache policy (--quick, --out)"
-  )
+  for name, ep in registered(COMMANDS).items():
+    if name not in BUILTIN:
+      sub.add_parser(name, help=f"{summary(ep)}; options: jstream {name} --help", add_help=False)
   tr = sub.add_parser("train", help="train (or resume) a model from a config file")
   tr.add_argument("--config", required=True, help="configs/<file>.py[:flags,key=value,...]")
   tr.add_argument("--no-progress", action="store_true")
@@ -108,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--chunk", type=int, default=64)
   ev.add_argument("--segment", type=int, default=4096)
   ev.add_argument("--out", default="runs/eval_stream")
-  sub.add_parser("bench", help="run a benchmark: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()))
+  benches = registered(BENCHMARKS)
+  sub.add_parser("bench", help="run a benchmark: " + "; ".join(f"{k}: {summary(ep)}" for k, ep in benches.items()))
   return parser
 
 
@@ -125,18 +147,31 @@ def report(prog: str, fn) -> int:
     return 2
 
 
+def run_bench(argv: list[str], parser: argparse.ArgumentParser) -> int:
+  """``jstream bench <name> ...``: runs the benchmark registered as ``name`` with the arguments after it."""
+  benches = registered(BENCHMARKS)
+  name = argv[0] if argv else None
+  if name in ("-h", "--help"):
+    print("usage: jstream bench <name> [options]  (jstream bench <name> --help)\n\nbenchmarks:")
+    for key, ep in sorted(benches.items()):
+      print(f"  {key:<12} {summary(ep)}")
+    return 0
+  if name not in benches:
+    known = ", ".join(sorted(benches)) or "none registered (is the package installed? pip install -e .)"
+    problem = "a benchmark name is needed" if name is None else f"unknown benchmark {name!r}"
+    parser.error(f"jstream bench: {problem}; one of: {known}")
+  return report(f"jstream bench {name}", lambda: _run_entry_point(benches[name], argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
-  # demo and bench hand everything after their name to the experiment's own parser (and its --help)
-  if argv[:1] == ["demo"]:
-    from experiments import streaming_llm
-
-    return report("jstream demo", lambda: streaming_llm.main(argv[1:], prog="jstream demo"))
+  # Registered commands and benchmarks get everything after their name (their own parser, their own --help).
+  registered_commands = registered(COMMANDS)
+  if argv and argv[0] in registered_commands and argv[0] not in BUILTIN:
+    return report(f"jstream {argv[0]}", lambda: _run_entry_point(registered_commands[argv[0]], argv[1:]))
   if argv[:1] == ["bench"]:
-    if len(argv) < 2 or argv[1] not in BENCHMARKS:
-      parser.error(f"jstream bench <name>: one of {sorted(BENCHMARKS)}")
-    return report(f"jstream bench {argv[1]}", lambda: _run_module(BENCHMARKS[argv[1]][0], argv[2:]))
+    return run_bench(argv[1:], parser)
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()

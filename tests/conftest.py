@@ -1,4 +1,5 @@
-"""Shared fixtures: small models, tolerances keyed by dtype, hypothesis profiles."""
+"""Shared fixtures: small models, tolerances keyed by dtype, hypothesis profiles; a run-wide check that the suite
+leaves nothing in the temp dir."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -112,3 +115,58 @@ def compilations():
       yield counts
   finally:
     logger.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No temp litter. The controller (the only process of a run without xdist) points TMPDIR at a fresh folder before
+# any worker starts, so that every test process and every subprocess they start makes its temporary files there,
+# and nothing else running on the machine does. When the session ends (after xdist has stopped its workers),
+# anything left in that folder fails the run; pytest's own tmp_path base stays in the system temp dir, where it
+# always is, with its usual retention. The folder is removed when pytest unconfigures, whatever happened.
+
+_TEMP_ROOT = pytest.StashKey[tuple[str, str | None]]()
+_TEMP_LEFT = pytest.StashKey[list[str]]()
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+  return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+  if _is_xdist_worker(config):
+    return
+  os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+  root = tempfile.mkdtemp(prefix="jstream-tests-")
+  config.stash[_TEMP_ROOT] = (root, os.environ.get("TMPDIR"))
+  os.environ["TMPDIR"] = root
+  tempfile.tempdir = root
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+  if _TEMP_ROOT not in session.config.stash:
+    return
+  root, _ = session.config.stash[_TEMP_ROOT]
+  left = sorted(name for name in os.listdir(root) if not name.startswith("pytest-of-"))
+  session.config.stash[_TEMP_LEFT] = left
+  if left and session.exitstatus == pytest.ExitCode.OK:
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+  left = config.stash.get(_TEMP_LEFT, [])
+  if left:
+    terminalreporter.section("temp dir litter", red=True)
+    terminalreporter.write_line(f"the test run left {len(left)} entries in the temp dir: {left[:20]}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  if _TEMP_ROOT not in config.stash:
+    return
+  root, previous = config.stash[_TEMP_ROOT]
+  shutil.rmtree(root, ignore_errors=True)
+  tempfile.tempdir = None
+  if previous is None:
+    os.environ.pop("TMPDIR", None)
+  else:
+    os.environ["TMPDIR"] = previous

@@ -74,7 +74,18 @@ def test_bad_input_gets_one_clear_line(in_tmp, capsys):
 
 def test_bench_stream_smoke(in_tmp):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "experiments.bench_stream", "--quick", "--tiny", "--out", "bench", "--no-compare-scan"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "jstream.cli",
+    "bench",
+    "stream",
+    "--quick",
+    "--tiny",
+    "--out",
+    "bench",
+    "--no-compare-scan",
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=in_tmp, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   res = json.loads((in_tmp / "bench" / "results.json").read_text())
@@ -84,10 +95,46 @@ def test_bench_stream_smoke(in_tmp):
 
 
 def test_notebooks_run_headless():
+  """Every notebook runs top to bottom and shows streaming == offline: it defines ``streamed`` and ``offline``
+  logits, which must agree."""
   sys.path.insert(0, str(ROOT / "notebooks"))
   import run_notebook
 
-  for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+  notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+  assert notebooks
+  for nb in notebooks:
     ns = run_notebook.run(str(nb))
-    if "streamed" in ns:
-      assert float(abs(ns["streamed"] - ns["offline"]).max()) < 1e-4
+    assert "streamed" in ns and "offline" in ns, f"{nb.name} must compare streamed with offline logits"
+    assert float(abs(ns["streamed"] - ns["offline"]).max()) < 1e-4, nb.name
+
+
+def test_commands_come_from_entry_points_and_load_lazily():
+  """demo and the benchmarks are registered entry points (pyproject.toml), listed by --help without importing the
+  application; an unknown benchmark is one clear error that lists the registered ones."""
+  assert set(cli.registered(cli.COMMANDS)) >= {"demo"}
+  assert set(cli.registered(cli.BENCHMARKS)) >= {"stream", "attention"}
+  script = (
+    "import contextlib, io, json, sys\n"
+    "from jstream import cli\n"
+    "out = io.StringIO()\n"
+    "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+    "  cli.main(['--help'])\n"
+    "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('experiments', 'configs'))))\n"
+    "print(out.getvalue())\n"
+  )
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  loaded, _, shown = out.stdout.partition("\n")
+  # Reading a module's docstring (find_spec) imports its package, the empty `experiments/__init__.py`, no more.
+  assert not [m for m in json.loads(loaded) if m != "experiments"], loaded
+  assert "StreamingLLM's attention-sink ablations" in shown and "Per-token decode latency" in shown
+
+
+def test_bench_unknown_name_lists_the_registered_ones(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "nope"])
+  assert e.value.code == 2
+  assert "unknown benchmark 'nope'; one of: attention, stream" in capsys.readouterr().err
+  assert cli.main(["bench", "--help"]) == 0
+  assert "stream" in capsys.readouterr().out

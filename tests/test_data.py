@@ -421,3 +421,55 @@ def test_pipelines_do_not_import_tensorflow(tmp_path, corpus):
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "TF_IMPORTED False" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The builder base.
+
+
+def _docstring_example() -> str:
+  """The code block of ``jstream.data.base``'s docstring (after the line ending in ``::``)."""
+  from jstream.data import base
+
+  lines = base.__doc__.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.endswith("::")) + 1
+  block = []
+  for line in lines[start:]:
+    if line and not line.startswith(" "):
+      break
+    block.append(line)
+  return textwrap.dedent("\n".join(block))
+
+
+def test_local_builder_docstring_example(tmp_path, monkeypatch):
+  """The subclassing example of ``jstream.data.base`` runs as written: built once under $JSTREAM_DATA_DIR, named
+  by its parameters, records in order; constructing an unprepared builder makes no temp folder."""
+  import dataclasses
+  import tempfile
+  from collections.abc import Iterator
+  from typing import Any, ClassVar
+
+  import grain
+  import tensorflow_datasets as tfds
+
+  from jstream.data import base
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  ns = dict(dataclasses=dataclasses, Iterator=Iterator, Any=Any, ClassVar=ClassVar, grain=grain, np=np, tfds=tfds,
+            base=base)  # fmt: skip
+  exec(compile(_docstring_example(), "jstream.data.base docstring", "exec"), ns)
+  builder, ds = ns["builder"], ns["ds"]
+  assert Path(builder.data_dir).is_relative_to(tmp_path / "tfds")
+  assert len(ds) == 100 and [int(ds[i]["index"]) for i in (0, 99)] == [0, 99]
+  np.testing.assert_array_equal(ds[7]["image"], np.full((4, 4), 7, np.uint8))
+  small, other = ns["squares_config"](size=4), ns["squares_config"](size=4, num_train=5)
+  assert small.name != other.name and small.name == ns["squares_config"](size=4).name
+  info = Path(builder.data_dir) / "dataset_info.json"
+  before = info.stat().st_mtime_ns
+  assert ns["JstreamSquares"].prepare(small).data_dir == builder.data_dir and info.stat().st_mtime_ns == before
+  # TFDS would look for the dataset's info on GCS (an empty tmp*tfds folder each time) for an unprepared builder.
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  unprepared = ns["JstreamSquares"](config=other, data_dir=str(tmp_path / "tfds"))
+  assert not unprepared.is_prepared() and list(scratch.iterdir()) == []

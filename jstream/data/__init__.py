@@ -7,8 +7,11 @@
 Pipelines are ``grain.IterDataset``s: deterministic given the seed, and resumable from ``iterator.get_state()`` (a
 JSON-able dict) with ``iter(ds).set_state(state)``. Builders live under ``data_dir`` (argument, else
 ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``) and are built once, on first use.
+
+Both datasets subclass ``jstream.data.base.LocalBuilder`` / ``LocalConfig``, whose docstring shows how to add one.
 """
 
+from jstream.data.base import LocalBuilder, LocalConfig, finish_pipeline, resolve_data_dir
 from jstream.data.digits import (
   DigitsConfig,
   JstreamMovingDigits,
@@ -22,7 +25,6 @@ from jstream.data.text import (
   JstreamText,
   TextConfig,
   heldout_stream,
-  resolve_data_dir,
   split_bytes,
   text_builder,
   text_config,
@@ -34,10 +36,13 @@ __all__ = [
   "DigitsConfig",
   "JstreamMovingDigits",
   "JstreamText",
+  "LocalBuilder",
+  "LocalConfig",
   "TextConfig",
   "digits_builder",
   "digits_config",
   "digits_dataset",
+  "finish_pipeline",
   "heldout_stream",
   "make_clip",
   "resolve_data_dir",

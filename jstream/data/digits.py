@@ -18,8 +18,8 @@ Conventions
     ``np.random.default_rng([seed, split_id, index])`` (``split_id``: train 0, test 1); see ``make_clip``.
   * **Builder.** ``JstreamMovingDigits`` (TFDS name ``jstream_moving_digits``), array_record, features ``frames``,
     ``labels`` (int32 ``[num_digits]``), ``positions`` and ``index``; config name = the main sizes plus a hash of
-    every field, so configs never collide. Data dir as in ``jstream.data.text``: argument, else
-    ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``; built once, on first use. The default config (2,000
+    every field, so configs never collide. Data dir as for every local dataset (``jstream.data.base``): argument,
+    else ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``; built once, on first use. The default config (2,000
     train / 200 test clips of 20 frames of 32x32) builds in about a second.
 """
 
@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jstream.data.text import finish_pipeline, prepare_builder
+from jstream.data.base import LocalBuilder, LocalConfig, check_split, finish_pipeline, index_feature
 
 SPLITS = ("train", "test")
 SOURCE_SIZE = 8  # load_digits images are 8x8.
@@ -43,7 +43,7 @@ TEST_EVERY = 5  # Source images with index % 5 == 4 form the test pool.
 
 
 @dataclasses.dataclass(eq=False)
-class DigitsConfig(tfds.core.BuilderConfig):
+class DigitsConfig(LocalConfig):
   """A moving-digits dataset (a TFDS builder config); make one with ``digits_config``, which names it.
 
   Attributes:
@@ -67,14 +67,6 @@ class DigitsConfig(tfds.core.BuilderConfig):
   num_train: int = 2000
   num_test: int = 200
   seed: int = 0
-
-  def params(self) -> dict[str, Any]:
-    """The fields that define the data (everything but the TFDS bookkeeping)."""
-    names = [f.name for f in dataclasses.fields(DigitsConfig) if f.name not in _BASE_FIELDS]
-    return {n: getattr(self, n) for n in names}
-
-
-_BASE_FIELDS = frozenset(f.name for f in dataclasses.fields(tfds.core.BuilderConfig))
 
 
 def digits_config(
@@ -132,10 +124,8 @@ def digits_config(
     num_test=int(num_test),
     seed=int(seed),
   )
-  signature = hashlib.sha256(repr(sorted(config.params().items())).encode()).hexdigest()[:10]
-  config.name = f"{h}x{w}_d{digit_size}_n{num_digits}_t{num_frames}_{signature}"
-  config.description = f"Moving digits from sklearn load_digits: {config.params()}"
-  return config
+  name = f"{h}x{w}_d{digit_size}_n{num_digits}_t{num_frames}_{config.signature()}"
+  return config.named(name, f"Moving digits from sklearn load_digits: {config.params()}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,7 +147,7 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
 @functools.lru_cache(maxsize=8)
 def digit_pool(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The digit images of a split's pool: (uint8 ``[n, s, s]`` in 0..255, int32 labels ``[n]``)."""
-  _check_split(split)
+  check_split(split, SPLITS)
   from sklearn.datasets import load_digits  # Slow import (~1.5 s): only when digits are needed.
 
   data = load_digits()
@@ -199,7 +189,7 @@ def make_clip(config: DigitsConfig, split: str, index: int) -> dict[str, np.ndar
     ``frames`` uint8 ``[T, H, W]``, ``labels`` int32 ``[num_digits]``, ``positions`` float32
     ``[T, num_digits, 2]`` (top-left ``(y, x)`` of each digit, in ``[0, H - s] x [0, W - s]``).
   """
-  _check_split(split)
+  check_split(split, SPLITS)
   images, labels = digit_pool(split, config.digit_size)
   rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
   n, s, t = config.num_digits, config.digit_size, config.num_frames
@@ -220,48 +210,36 @@ def make_clip(config: DigitsConfig, split: str, index: int) -> dict[str, np.ndar
   return {"frames": frames, "labels": labels[pick], "positions": positions}
 
 
-def _check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # TFDS builder.
 
 
-class JstreamMovingDigits(tfds.core.GeneratorBasedBuilder):
+class JstreamMovingDigits(LocalBuilder):
   """Moving-digit clips (TFDS name ``jstream_moving_digits``); see the module docstring for the conventions."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
     "1.0.0": "Initial release: bouncing sklearn digits, frames as uint8 tensors."
   }
-  # Nothing is downloaded, so no checksums folder (see JstreamText.code_path).
-  code_path = None
+  SPLITS = SPLITS
 
-  def __init__(self, *, config: DigitsConfig | None = None, **kwargs: Any):
-    super().__init__(config=config if config is not None else digits_config(), **kwargs)
+  @classmethod
+  def default_config(cls) -> DigitsConfig:
+    return digits_config()
 
-  def _info(self) -> tfds.core.DatasetInfo:
+  def features(self) -> dict[str, tfds.features.FeatureConnector]:
     c = self.builder_config
     t, n = c.num_frames, c.num_digits
-    features = tfds.features.FeaturesDict(
-      {
-        "frames": tfds.features.Tensor(shape=(t, *c.frame_size), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
-        "labels": tfds.features.Tensor(shape=(n,), dtype=np.int32),
-        "positions": tfds.features.Tensor(shape=(t, n, 2), dtype=np.float32),
-        "index": tfds.features.Tensor(shape=(), dtype=np.int64),
-      }
-    )
-    return tfds.core.DatasetInfo(builder=self, description=c.description, features=features, disable_shuffling=True)
+    return {
+      "frames": tfds.features.Tensor(shape=(t, *c.frame_size), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+      "labels": tfds.features.Tensor(shape=(n,), dtype=np.int32),
+      "positions": tfds.features.Tensor(shape=(t, n, 2), dtype=np.float32),
+      "index": index_feature(),
+    }
 
-  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-    del dl_manager  # Nothing is downloaded.
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train), "test": self._generate_examples("test", c.num_test)}
-
-  def _generate_examples(self, split: str, count: int) -> Any:
-    for i in range(count):
+    for i in range(c.num_train if split == "train" else c.num_test):
       yield i, {**make_clip(self.builder_config, split, i), "index": i}
 
 
@@ -269,7 +247,7 @@ def digits_builder(
   config: DigitsConfig | None = None, data_dir: str | os.PathLike | None = None
 ) -> JstreamMovingDigits:
   """The prepared moving-digits builder for ``config`` (default config if ``None``), built on first use."""
-  return prepare_builder(JstreamMovingDigits, config if config is not None else digits_config(), data_dir)
+  return JstreamMovingDigits.prepare(config, data_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,12 +300,12 @@ def digits_dataset(
     worker_count: grain worker processes (0: in this process, with reader threads).
     read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
     config: the dataset (default ``digits_config()``).
-    data_dir: TFDS data dir (see ``jstream.data.text.resolve_data_dir``).
+    data_dir: TFDS data dir (see ``jstream.data.base.resolve_data_dir``).
 
   Returns:
     A ``grain.IterDataset`` of ``[batch_size, T, H, W]`` frame arrays (or dicts with ``with_metadata``).
   """
-  _check_split(split)
+  check_split(split, SPLITS)
   if not (np.dtype(dtype) == np.uint8 or np.issubdtype(dtype, np.floating)):
     raise ValueError(f"dtype must be np.uint8 or a float dtype, got {dtype}")
   builder = digits_builder(config, data_dir)

@@ -27,105 +27,54 @@ Conventions
   * **Pipelines** are grain ``MapDataset``s turned into ``IterDataset``s: deterministic given the seed, whatever
     the worker count; ``it.get_state()`` is a JSON-able dict and ``iter(ds).set_state(state)`` resumes exactly.
 
-The shared helpers ``resolve_data_dir``, ``prepare_builder`` and ``finish_pipeline`` are also used by
-``jstream.data.digits``.
+The builder, its data dir and the pipeline's last step come from ``jstream.data.base``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jstream.data.base import (
+  ENV_DATA_DIR,
+  LocalBuilder,
+  LocalConfig,
+  check_split,
+  finish_pipeline,
+  index_feature,
+  resolve_data_dir,
+)
+
 SEPARATOR = 0
-ENV_DATA_DIR = "JSTREAM_DATA_DIR"
-DEFAULT_DATA_DIR = "~/.cache/jstream/tfds"
 SPLITS = ("train", "heldout")
+__all__ = [
+  "ENV_DATA_DIR",
+  "SEPARATOR",
+  "SPLITS",
+  "Document",
+  "JstreamText",
+  "TextConfig",
+  "heldout_stream",
+  "list_documents",
+  "resolve_data_dir",
+  "split_bytes",
+  "split_documents",
+  "stdlib_dir",
+  "text_builder",
+  "text_config",
+  "text_dataset",
+]
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
-
-B = TypeVar("B", bound=tfds.core.DatasetBuilder)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared TFDS / grain helpers (also used by jstream.data.digits).
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """The TFDS data dir: ``data_dir`` if given, else ``$JSTREAM_DATA_DIR``, else ``~/.cache/jstream/tfds``."""
-  chosen = data_dir if data_dir is not None else os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR
-  return Path(chosen).expanduser().resolve()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def prepare_builder(cls: type[B], config: tfds.core.BuilderConfig, data_dir: str | os.PathLike | None = None) -> B:
-  """Returns a prepared array_record builder ``cls(config=config)``, building it first if it is not on disk.
-
-  Building happens once per (builder, version, config) under ``data_dir``; concurrent first uses (e.g. pytest
-  workers) wait on a file lock instead of racing.
-  """
-  root = resolve_data_dir(data_dir)
-  make = lambda: cls(config=config, data_dir=str(root), file_format="array_record")
-  builder = make()
-  if builder.is_prepared():
-    return builder
-  with _file_lock(root / f".{cls.name}-{config.name}.lock"):
-    builder = make()  # Re-read: another process may have built it while we waited.
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-  return builder
-
-
-def ensure_absl_flags_parsed() -> None:
-  """Marks absl flags as parsed (grain's worker processes read them; pytest and notebooks never parse them)."""
-  from absl import flags
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def finish_pipeline(
-  ds: grain.MapDataset,
-  batch_size: int,
-  *,
-  worker_count: int = 0,
-  read_options: grain.ReadOptions | None = None,
-  drop_remainder: bool = True,
-) -> grain.IterDataset:
-  """Batches a ``MapDataset`` of examples and turns it into an ``IterDataset`` (with ``worker_count`` processes).
-
-  Batching happens before the workers split the work, so the batches do not depend on ``worker_count``.
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if worker_count < 0:
-    raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  it = ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-  if worker_count > 0:
-    ensure_absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
 
 
 def _unit_hash(key: str) -> float:
@@ -156,7 +105,7 @@ class Document:
 
 
 @dataclasses.dataclass(eq=False)
-class TextConfig(tfds.core.BuilderConfig):
+class TextConfig(LocalConfig):
   """A text corpus (a TFDS builder config); make one with ``text_config``, which names it by its signature.
 
   Attributes:
@@ -294,16 +243,15 @@ def text_config(
     raise ValueError(f"text corpus has no bytes: no non-empty files found in {where}")
   if len(docs) < 2:
     raise ValueError(f"text corpus {where} has a single non-empty document; the split by file needs at least two")
-  config.name = f"{kind}_{_signature(config, docs)}"
-  config.description = f"Byte-level text from {where} (suffixes={config.suffixes}), split by file."
-  return config
+  description = f"Byte-level text from {where} (suffixes={config.suffixes}), split by file."
+  return config.named(f"{kind}_{_signature(config, docs)}", description)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # TFDS builder.
 
 
-class JstreamText(tfds.core.GeneratorBasedBuilder):
+class JstreamText(LocalBuilder):
   """Local text documents as byte arrays, split ``train`` / ``heldout`` by file (TFDS name ``jstream_text``).
 
   Features: ``text`` (uint8 ``[n]``, the document's bytes), ``key`` (str, its key: relative path or
@@ -315,50 +263,37 @@ class JstreamText(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
     "1.0.0": "Initial release: documents as uint8 tensors, split by a hash of the key."
   }
-  # No code folder with url checksums: nothing is downloaded. (TFDS's lookup of that folder for a package module
-  # imports the `importlib_resources` backport, which is not installed on Python >= 3.9.)
-  code_path = None
+  SPLITS = SPLITS
 
-  def __init__(self, *, config: TextConfig | None = None, **kwargs: Any):
-    super().__init__(config=config if config is not None else text_config(), **kwargs)
+  @classmethod
+  def default_config(cls) -> TextConfig:
+    return text_config()
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    zlib = tfds.features.Encoding.ZLIB
-    features = tfds.features.FeaturesDict(
-      {
-        "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding=zlib),
-        "key": tfds.features.Tensor(shape=(), dtype=np.str_),
-        "prose": tfds.features.Tensor(shape=(), dtype=np.bool_),
-        "index": tfds.features.Tensor(shape=(), dtype=np.int64),
-      }
-    )
-    return tfds.core.DatasetInfo(
-      builder=self, description=self.builder_config.description, features=features, disable_shuffling=True
-    )
+  def features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {
+      "text": tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+      "key": tfds.features.Tensor(shape=(), dtype=np.str_),
+      "prose": tfds.features.Tensor(shape=(), dtype=np.bool_),
+      "index": index_feature(),
+    }
 
-  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
-    del dl_manager  # Nothing is downloaded.
-    splits = split_documents(self.builder_config, list_documents(self.builder_config))
-    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+  @functools.cached_property
+  def _documents(self) -> dict[str, list[Document]]:
+    return split_documents(self.builder_config, list_documents(self.builder_config))
 
-  def _generate_examples(self, docs: Sequence[Document]) -> Iterator[tuple[int, dict[str, Any]]]:
-    for i, doc in enumerate(docs):
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    for i, doc in enumerate(self._documents[split]):
       text = np.frombuffer(doc.read(), dtype=np.uint8)
       yield i, {"text": text, "key": doc.key, "prose": doc.prose, "index": i}
 
 
 def text_builder(config: TextConfig | None = None, data_dir: str | os.PathLike | None = None) -> JstreamText:
   """The prepared text builder for ``config`` (default corpus if ``None``), built on first use."""
-  return prepare_builder(JstreamText, config if config is not None else text_config(), data_dir)
+  return JstreamText.prepare(config, data_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Streams and pipelines.
-
-
-def _check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -378,7 +313,7 @@ def split_bytes(
   split: str = "train", *, config: TextConfig | None = None, data_dir: str | os.PathLike | None = None
 ) -> np.ndarray:
   """The whole byte stream of a split: read-only uint8 ``[n]`` (documents in stream order, each + ``SEPARATOR``)."""
-  _check_split(split)
+  check_split(split, SPLITS)
   builder = text_builder(config, data_dir)
   return _load_stream(str(builder.data_dir), split)
 

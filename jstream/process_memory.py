@@ -1,5 +1,8 @@
-"""Process memory readings shared by the experiments. Linux (``/proc``); elsewhere the current RSS is NaN and the
-peak comes from ``getrusage`` (kilobytes on Linux, bytes on macOS: only the Linux figures are quoted)."""
+"""Readings of this process's memory, for evaluations and benchmarks.
+
+Linux (``/proc``); elsewhere the current RSS is NaN and the peak comes from ``getrusage`` (kilobytes on Linux, bytes
+on macOS: only the Linux figures are quoted).
+"""
 
 from __future__ import annotations
 
@@ -31,3 +34,6 @@ def reset_peak_rss() -> bool:
     return True
   except OSError:
     return False
+
+
+__all__ = ["reset_peak_rss", "rss_mib"]

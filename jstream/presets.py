@@ -1,0 +1,44 @@
+"""Definitions that config files share: the small byte-level LM, its training run, and the ``quick`` shrink.
+
+``configs/lm_tiny.py`` and ``configs/streaming_llm.py`` both build on these, so the model that ``jstream train
+--config configs/lm_tiny.py`` trains and the models of ``jstream demo`` are the same by construction, and so are
+their ``quick`` (smoke-test) versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jstream.config import TransformerConfig
+from jstream.train.config import TrainConfig
+
+BYTE_VOCAB = 257  # the 256 byte values + the id of the learned sink token (the last id)
+
+# What ``quick`` changes: the model's size and the run's sample shape and logging (the run's length, checkpoint
+# interval and workdir are the caller's).
+_QUICK_MODEL = {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 64, "mlp_dim": 128}
+_QUICK_RUN = {"seq_len": 64, "batch_size": 8, "warmup_steps": 5, "log_every": 10}
+
+
+def byte_lm(**fields) -> TransformerConfig:
+  """The small byte-level transformer: 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 384, RoPE (0.82M
+  parameters); ``fields`` override any ``TransformerConfig`` field (``scan_layers=False``)."""
+  base = dict(vocab_size=BYTE_VOCAB, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, mlp_dim=384)
+  return TransformerConfig(**{**base, **fields})
+
+
+def byte_lm_run(workdir: str, *, steps: int, **fields) -> TrainConfig:
+  """A training run of ``byte_lm()`` (or ``fields["model"]``) on the default text corpus: 256-byte samples,
+  batch 16, AdamW at 3e-3, metrics every 20 steps; ``fields`` override any other ``TrainConfig`` field."""
+  base = dict(model=byte_lm(), seq_len=256, batch_size=16, lr=3e-3, log_every=20)
+  return TrainConfig(**{**base, **fields, "workdir": workdir, "steps": steps})
+
+
+def quick(cfg: TrainConfig, **fields) -> TrainConfig:
+  """``cfg`` as a smoke test of seconds: its model shrunk to 2 layers of width 64 with 2 query / 1 kv heads and
+  SwiGLU 128 (other model fields kept), 64-token samples, batch 8, 5 warmup steps, metrics every 10 steps;
+  ``fields`` (``steps``, ``checkpoint_every``, ``workdir``, ...) override any ``TrainConfig`` field on top."""
+  return dataclasses.replace(cfg, model=cfg.model.replace(**_QUICK_MODEL), **{**_QUICK_RUN, **fields})
+
+
+__all__ = ["BYTE_VOCAB", "byte_lm", "byte_lm_run", "quick"]
