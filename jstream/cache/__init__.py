@@ -25,7 +25,7 @@ The cache protocol
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from jstream.cache.kv import Geometry, KVCache, append, layer_buffer, write
 from jstream.cache.planner import INT32_MAX, REBASE_AT, Plan, plan, rebase, rebase_shift
@@ -37,6 +37,7 @@ from jstream.checks import check_int
 from jstream.typing import Array
 
 
+@runtime_checkable
 class Cache(Protocol):
   """What every cache pytree provides (see the module docstring)."""
 
