@@ -6,7 +6,4 @@ from jstream.models.lm import StreamingTransformer
 
 __version__ = "0.1.0"
 
-# Register the Pallas kernels now (outside any trace) if the package is installed; on a GPU/TPU this probes them.
-ops.attention._load_plugins()
-
 __all__ = ["StreamingTransformer", "TransformerConfig", "cache", "ops", "positions", "rollout"]

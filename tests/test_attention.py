@@ -4,42 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_base import numpy_reference
 
 from jstream.ops import attention as A
 
 
 def _rand(shape, seed, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
-
-
-def _numpy_attention(q, k, v, qp, kp, window=None, num_sinks=0):
-  """Independent float64 loop reference ([b, t, n, h] / [b, s, k, h])."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  g = n // kh
-  out = np.zeros((b, t, n, v.shape[-1]))
-  lse = np.full((b, t, n), -np.inf)
-  for bi in range(b):
-    for ti in range(t):
-      for ni in range(n):
-        qpos = qp[bi, ti]
-        vis = [
-          j
-          for j in range(k.shape[1])
-          if qpos >= 0
-          and kp[bi, j] >= 0
-          and kp[bi, j] <= qpos
-          and (window is None or qpos - kp[bi, j] < window or kp[bi, j] < num_sinks)
-        ]
-        if not vis:
-          continue
-        s = np.array([q[bi, ti, ni] @ k[bi, j, ni // g] for j in vis]) / np.sqrt(h)
-        m = s.max()
-        p = np.exp(s - m)
-        out[bi, ti, ni] = (p[:, None] * v[bi, vis, ni // g]).sum(0) / p.sum()
-        lse[bi, ti, ni] = m + np.log(p.sum())
-  return out, lse
 
 
 def test_hand_computed_case():
@@ -72,7 +43,7 @@ def test_matches_loop_reference(window, num_sinks, kv_heads):
     num_sinks=num_sinks,
     return_lse=True,
   )
-  ref_out, ref_lse = _numpy_attention(q, k, v, qp, kp, window, num_sinks)
+  ref_out, ref_lse, _ = numpy_reference(q, k, v, qp, kp, window=window, num_sinks=num_sinks)
   np.testing.assert_allclose(res.out, ref_out, atol=2e-6)
   np.testing.assert_allclose(res.lse, ref_lse, atol=2e-6)
 
@@ -206,8 +177,8 @@ def test_repeated_runs_are_bit_identical():
 def test_dispatch_falls_back_and_reports():
   calls = []
 
-  def picky(*args, **kwargs):
-    calls.append(kwargs["window"])
+  def picky(q, k, v, q_positions, k_positions, spec, **kwargs):
+    calls.append(spec.window)
     raise NotImplementedError("only full attention")
 
   A.register("picky_test", picky, platforms=("cpu",), priority=10)
@@ -220,7 +191,7 @@ def test_dispatch_falls_back_and_reports():
     with pytest.raises(NotImplementedError, match="only full attention"):
       A.attention(q, q, q, q_positions=pos, k_positions=pos, impl="picky_test")
   finally:
-    A._REGISTRY.pop("picky_test")
+    A.unregister("picky_test")
   with pytest.raises(ValueError, match="unknown attention impl"):
     A.attention(q, q, q, q_positions=pos, k_positions=pos, impl="nope")
 
