@@ -215,3 +215,52 @@ def test_bad_input_raises(kwargs, err):
   kp = jnp.zeros((kwargs["k"][0], kwargs["k"][1]), jnp.int32)
   with pytest.raises((ValueError, TypeError), match=err):
     A.attention(q, k, k, q_positions=qp, k_positions=kp, window=kwargs.get("window"))
+
+
+@pytest.mark.parametrize(
+  "kwargs,err",
+  [
+    (dict(window=0), "window"),
+    (dict(window=2.5), "window"),
+    (dict(window=True), "window"),
+    (dict(num_sinks=-1), "num_sinks"),
+    (dict(scale=float("nan")), "scale"),
+    (dict(scale="0.5"), "scale"),
+    (dict(kv_layout="bkhs"), "kv_layout"),
+    (dict(v_layout="bhks"), "v_layout"),
+    (dict(out_dtype=jnp.int32), "out_dtype"),
+    (dict(mask_values=None), "mask_values"),
+  ],
+)
+def test_spec_is_validated_at_construction(kwargs, err):
+  with pytest.raises((ValueError, TypeError), match=err):
+    A.AttentionSpec(**kwargs)
+
+
+def test_spec_is_hashable_normalised_and_resolved_from_the_queries():
+  a = A.AttentionSpec(window=np.int64(4), num_sinks=2, kv_layout="bksh", out_dtype="bfloat16")
+  b = A.AttentionSpec(window=4, num_sinks=2, kv_layout="bksh", v_layout="bksh", out_dtype=jnp.bfloat16)
+  assert a == b and hash(a) == hash(b) and type(a.window) is int
+  assert a.v_layout == "bksh" and not a.v_slots_last and a.replace(v_layout="bkhs").v_slots_last
+  q = jnp.zeros((1, 2, 2, 16), jnp.float32)
+  r = A.AttentionSpec(window=4).resolved(q)
+  assert r.scale == 0.25 and r.out_dtype == jnp.float32
+  assert A.AttentionSpec(scale=2, out_dtype=jnp.float16).resolved(q) == A.AttentionSpec(scale=2.0, out_dtype="float16")
+  f = jax.jit(lambda x, spec: x * spec.scale, static_argnames="spec")  # a static argument of jit
+  assert float(f(jnp.ones(()), spec=r)) == 0.25
+
+
+@pytest.mark.parametrize("window,num_sinks", [(None, 0), (3, 0), (3, 2), (1, 1), (6, 4)])
+def test_block_exclusion_is_exact_on_ranges_of_positions(window, num_sinks):
+  """``excludes_all`` on a query block and a key block holding every position of their ranges is true exactly
+  when ``visible`` is false for every pair (so kernels skip no block that has a visible pair, and compute no block
+  that has none)."""
+  spec = A.AttentionSpec(window=window, num_sinks=num_sinks)
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    qmin, kmin = rng.integers(0, 12, 2)
+    qmax, kmax = qmin + rng.integers(0, 4), kmin + rng.integers(0, 4)
+    qs, ks = np.arange(qmin, qmax + 1), np.arange(kmin, kmax + 1)
+    any_visible = bool(np.any(spec.visible(qs[:, None], ks[None, :])))
+    assert bool(spec.excludes_all(qmin, qmax, kmin, kmax)) == (not any_visible), (qmin, qmax, kmin, kmax)
+  assert spec.excludes_all(0, 5, 0, -1) and spec.excludes_all(-1, -1, 0, 3)  # a block without valid positions
