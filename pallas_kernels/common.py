@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from jstream.ops.attention import AttentionSpec, layout_dims, xla_attention
 
@@ -186,6 +187,22 @@ def attend_tile(carry, q, k, v, qp, kp, spec: AttentionSpec):
   mask = tile_mask(qp, kp, spec)
   v = zero_unseen_values(v, mask, spec.v_slots_last)
   return online_softmax_step(carry, s, mask, value_dot(v, spec.v_slots_last))
+
+
+def attend_key_blocks(q, qp, qmin, qmax, k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, vh: int, spec, block_k: int):
+  """The online softmax ``(o, m, l)`` of a query tile ``q [rows, h]`` (positions ``qp``, valid range ``[qmin,
+  qmax]``) over every ``block_k``-slot key block of the refs in a ``fori_loop``, skipping under ``lax.cond`` the
+  blocks the mask excludes (``kmin_ref``, ``kmax_ref``: per-block summaries)."""
+
+  def body(j, carry):
+    def compute(carry):
+      sl = pl.ds(j * block_k, block_k)
+      v = v_ref[:, sl] if spec.v_slots_last else v_ref[sl, :]
+      return attend_tile(carry, q, k_ref[sl, :], v, qp, kpos_ref[sl], spec)
+
+    return jax.lax.cond(spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j]), lambda c: c, compute, carry)
+
+  return jax.lax.fori_loop(0, kmin_ref.shape[0], body, softmax_init(q.shape[0], vh))
 
 
 def probs_from_lse(q, k, qp, kp, lse, spec: AttentionSpec):

@@ -43,19 +43,9 @@ MAX_DECODE_ROWS = 64  # queries x group size handled by one program
 def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, m_ref, l_ref, *, spec, blocks):
   q, qp = q_ref[...], qpos_ref[...]
   qmin, qmax = common.position_range(qp)
-  bk = blocks.block_k
-
-  def body(j, carry):
-    skip = spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j])
-
-    def compute(carry):
-      sl = pl.ds(j * bk, bk)
-      v = v_ref[:, sl] if spec.v_slots_last else v_ref[sl, :]
-      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kpos_ref[sl], spec)
-
-    return jax.lax.cond(skip, lambda c: c, compute, carry)
-
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(q.shape[0], o_ref.shape[-1]))
+  o, m, l = common.attend_key_blocks(
+    q, qp, qmin, qmax, k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, o_ref.shape[-1], spec, blocks.block_k
+  )
   o_ref[...] = o
   m_ref[...] = m
   l_ref[...] = l

@@ -44,22 +44,10 @@ def _fwd_kernel(
 ):  # fmt: skip
   qi = pl.program_id(2)
   q = q_ref[...]  # [R, h]: the rows of one query block
-  qp = qpos_ref[...]  # [R]
-  qmin, qmax = qmin_ref[qi], qmax_ref[qi]
-  rows = q.shape[0]
-  bk = blocks.block_k
-
-  def body(j, carry):
-    skip = spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j])
-
-    def compute(carry):
-      sl = pl.ds(j * bk, bk)
-      v = v_ref[:, sl] if spec.v_slots_last else v_ref[sl, :]
-      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kpos_ref[sl], spec)
-
-    return jax.lax.cond(skip, lambda c: c, compute, carry)
-
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(rows, o_ref.shape[-1]))
+  o, m, l = common.attend_key_blocks(
+    q, qpos_ref[...], qmin_ref[qi], qmax_ref[qi], k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, o_ref.shape[-1], spec,
+    blocks.block_k,
+  )  # fmt: skip
   out, lse = common.finish(o, m, l)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
