@@ -1,4 +1,8 @@
-"""jstream: streaming causal models in JAX with explicit caches, bounded memory and constant time per chunk."""
+"""jstream: streaming causal models in JAX with explicit caches, bounded memory and constant time per chunk.
+
+Importing it compiles nothing and imports no kernel package: attention kernels register through an entry point
+and are probed lazily, at the first dispatch on a platform (see ``jstream.ops.attention``).
+"""
 
 from jstream import cache, ops, positions, rollout
 from jstream.config import TransformerConfig

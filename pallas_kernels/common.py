@@ -14,8 +14,8 @@ window mask costs ``O(T x (W + S))``.
 
 Static arguments, one style in every kernel: the public wrapper takes ``spec`` (a ``jstream.ops.attention.
 AttentionSpec``), ``blocks`` (the kernel's block-size dataclass) and ``interpret``, all static; kernel bodies are
-bound with ``functools.partial(body, spec=spec, blocks=blocks)`` (``blocks`` clipped to the input) and read
-``spec.window``, ``blocks.block_k``.
+bound with ``functools.partial(body, spec=spec, blocks=blocks)`` (``blocks`` clipped to the input; bodies that
+do not loop over blocks take ``spec`` only) and read ``spec.window``, ``blocks.block_k``.
 """
 
 from __future__ import annotations
