@@ -30,7 +30,8 @@ class TransformerConfig:
       in the form of a position-free sink slot).
     param_dtype: parameter storage dtype.
     dtype: compute dtype (``bfloat16`` for mixed precision; norms, softmax and logits stay float32).
-    attention_impl: ``"auto"``, ``"xla"``, ``"pallas"`` or a registered implementation name.
+    attention_impl: ``"auto"``, ``"xla"``, ``"pallas"``, another registered implementation name, or a tuple of
+      names tried in order (each falls back to the next on ``NotImplementedError``, e.g. ``("pallas_tpu", "xla")``).
     scan_layers: stack the blocks' weights and run them as one ``lax.scan`` (compile time independent of depth;
       the default). ``False`` keeps one set of weights per layer and unrolls the loop, which is about 2x faster
       for single-token decode on CPU, where XLA copies a layer's slice of stacked weights on every step.
@@ -49,7 +50,7 @@ class TransformerConfig:
   learned_sink: LearnedSink = "none"
   param_dtype: str = "float32"
   dtype: str = "float32"
-  attention_impl: str = "auto"
+  attention_impl: str | tuple[str, ...] = "auto"
   scan_layers: bool = True
 
   def __post_init__(self):
@@ -69,6 +70,14 @@ class TransformerConfig:
       )
     if self.head_dim < 2 or self.head_dim % 2:
       raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+    impl = self.attention_impl
+    if not isinstance(impl, str):  # a sequence of names: a tuple, so that the config stays hashable
+      impl = tuple(impl) if isinstance(impl, (list, tuple)) else impl
+      if not isinstance(impl, tuple) or not impl or not all(isinstance(n, str) and n for n in impl):
+        raise ValueError(f"attention_impl must be a name or a non-empty sequence of names, got {impl!r}")
+      object.__setattr__(self, "attention_impl", impl)
+    elif not impl:
+      raise ValueError("attention_impl must not be empty")
     if self.learned_sink not in ("none", "logit", "kv"):
       raise ValueError(f"learned_sink must be 'none', 'logit' or 'kv', got {self.learned_sink!r}")
     for name in ("param_dtype", "dtype"):

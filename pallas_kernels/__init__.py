@@ -3,21 +3,30 @@
 * ``flash_prefill``: chunk / prefill flash attention (position-derived mask, block skipping, flash backward);
 * ``decode``: split-K decode attention for up to 64 query rows (queries x group size), with optional per-key
   attention mass (not differentiated);
+* ``flash_prefill_tpu``: the TPU (Mosaic) prefill variant, key blocks on the grid and skipped without a DMA;
 * ``reference``: the plain-jnp definitions they are tested against.
 
-* ``flash_prefill_tpu``: the TPU (Mosaic) prefill variant, key blocks on the grid and skipped without a DMA.
+Every kernel takes the call's contract as one static ``jstream.ops.attention.AttentionSpec`` (``spec=``), its
+block sizes (``blocks=``) and ``interpret=``.
 
-Registered implementations: ``"pallas"`` (decode kernel for a few query rows, prefill kernel otherwise),
-``"pallas_prefill"``, ``"pallas_decode"`` and ``"pallas_tpu"``. ``impl="auto"`` tries ``"pallas_tpu"`` (TPU)
-then ``"pallas"`` (GPU and TPU) then ``"xla"``, each declining with ``NotImplementedError`` what it does not serve;
-on CPU the kernels run in interpret mode when asked for by name (that is how the tests run them).
+Registration: ``register`` is the ``jstream.attention`` entry point of this package (``pyproject.toml``); the
+attention registry calls it the first time it is consulted, so importing ``jstream`` (or this package) registers,
+compiles and probes nothing. Registered implementations: ``"pallas"`` (decode kernel for a few query rows, prefill
+kernel otherwise), ``"pallas_prefill"``, ``"pallas_decode"`` and ``"pallas_tpu"``. ``impl="auto"`` tries
+``"pallas_tpu"`` (TPU) then ``"pallas"`` (GPU and TPU) then ``"xla"``, each declining with ``NotImplementedError``
+what it does not serve. Before ``"auto"`` first uses ``"pallas"`` or ``"pallas_tpu"`` on a platform, the registry
+runs its ``probe`` once (compile, run, compare with XLA on small cases); a kernel that fails it is left to be asked
+for by name. On CPU the kernels run in interpret mode when asked for by name (that is how the tests run them).
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
-from jstream.ops import attention as _attn
+from jstream.ops import attention as A
 from pallas_kernels import common
 from pallas_kernels.decode import MAX_DECODE_ROWS, DecodeBlockSizes, decode_attention
 from pallas_kernels.flash_prefill import BlockSizes, flash_attention
@@ -27,63 +36,61 @@ DECODE_ROWS = 16  # "pallas" uses the decode kernel up to this many query rows (
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _check(q, k_positions):
+def _declines(q, k, k_positions, spec: A.AttentionSpec) -> int:
+  """Raises ``NotImplementedError`` for calls no kernel serves; returns the number of query rows."""
   if k_positions.ndim != 2:
     raise NotImplementedError("per-kv-head key positions ([b, k, s]) are handled by the xla implementation")
   if q.dtype.type not in _DTYPES:
     raise NotImplementedError(f"dtype {q.dtype}")
+  return q.shape[1] * (q.shape[2] // common.kv_dims(k, spec)[0])
 
 
-def _make(kind: str):
-  def impl(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, mask_values,
-           out_dtype, return_lse, return_key_mass):  # fmt: skip
-    del mask_values  # the kernels always zero the values of slots no query of a tile sees
-    _check(q, k_positions)
-    kvh = common.kv_dims(k, kv_layout)[0]
-    rows = q.shape[1] * (q.shape[2] // kvh)
+def _portable(kind: str):
+  """The registry adapter of the portable kernels: ``kind`` is ``"auto"`` (by row count), ``"prefill"`` or
+  ``"decode"``."""
+
+  def impl(q, k, v, q_positions, k_positions, spec, *, return_lse, return_key_mass):
+    del return_lse  # always computed
+    rows = _declines(q, k, k_positions, spec)
     interpret = common.interpret_default()
-    use_decode = kind == "decode" or (kind == "auto" and rows <= DECODE_ROWS)
-    kw = dict(window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout,
-              out_dtype=jnp.dtype(out_dtype), interpret=interpret)  # fmt: skip
-    if use_decode:
+    if kind == "decode" or (kind == "auto" and rows <= DECODE_ROWS):
       if rows > MAX_DECODE_ROWS:
         raise NotImplementedError(f"{rows} query rows is more than the decode kernel takes ({MAX_DECODE_ROWS})")
-      out, lse, mass = decode_attention(q, k, v, q_positions, k_positions, return_key_mass=return_key_mass, **kw)
-      return _attn.AttentionResult(out, lse, mass)
+      out, lse, mass = decode_attention(
+        q, k, v, q_positions, k_positions, spec=spec, interpret=interpret, return_key_mass=return_key_mass
+      )
+      return A.AttentionResult(out, lse, mass)
     if return_key_mass:
       raise NotImplementedError("key mass is returned by the decode kernel only")
-    out, lse = flash_attention(q, k, v, q_positions, k_positions, **kw)
-    return _attn.AttentionResult(out, lse, None)
+    out, lse = flash_attention(q, k, v, q_positions, k_positions, spec=spec, interpret=interpret)
+    return A.AttentionResult(out, lse, None)
 
   return impl
 
 
-def _tpu_impl(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, mask_values,
-              out_dtype, return_lse, return_key_mass):  # fmt: skip
-  del mask_values, return_lse
-  _check(q, k_positions)
-  kvh = common.kv_dims(k, kv_layout)[0]
+def _tpu(q, k, v, q_positions, k_positions, spec, *, return_lse, return_key_mass):
+  """The registry adapter of the TPU prefill kernel (declines few rows and key mass)."""
+  del return_lse
+  rows = _declines(q, k, k_positions, spec)
   if return_key_mass:
     raise NotImplementedError("key mass is returned by the decode kernel only")
-  if q.shape[1] * (q.shape[2] // kvh) <= DECODE_ROWS:
+  if rows <= DECODE_ROWS:
     raise NotImplementedError("few query rows: the split-K decode kernel serves them")
   from jax.experimental.pallas import tpu as pltpu
 
   interpret = pltpu.InterpretParams() if common.interpret_default() else False
-  out, lse = flash_attention_tpu(q, k, v, q_positions, k_positions, window=window, num_sinks=num_sinks, scale=scale,
-                                 kv_layout=kv_layout, v_layout=v_layout, out_dtype=jnp.dtype(out_dtype),
-                                 interpret=interpret)  # fmt: skip
-  return _attn.AttentionResult(out, lse, None)
+  out, lse = flash_attention_tpu(q, k, v, q_positions, k_positions, spec=spec, interpret=interpret)
+  return A.AttentionResult(out, lse, None)
 
 
-def _probe(impl) -> str | None:
-  """Compiles and runs ``impl`` once on a small case on this platform and checks it against the reference.
+def probe(impl: str) -> str | None:
+  """Compiles and runs the implementation registered as ``impl`` on small cases on this platform and compares it
+  with the XLA reference.
 
-  Returns None when it works, else the reason. Kernels are only offered to ``impl="auto"`` on platforms where this
-  passes, so a lowering problem on an untested accelerator or JAX version degrades to XLA instead of failing every
-  model that uses ``"auto"``. Runs at ``import jstream`` (outside any trace), which registers the kernels.
+  Returns None when it works, else the reason. The registry runs it (outside any trace) before ``impl="auto"``
+  first offers ``"pallas"`` / ``"pallas_tpu"`` on a GPU or TPU, so that a lowering problem on an untested
+  accelerator or JAX version degrades to XLA instead of failing every model that uses ``"auto"``.
   """
-  import jax
 
   def case(seed, t, s, q_start, *, kvh, layout, dtype, window, num_sinks):
     ks = jax.random.split(jax.random.key(seed), 3)
@@ -107,10 +114,10 @@ def _probe(impl) -> str | None:
   try:
     for args, kw in cases:
       try:
-        got = jax.jit(lambda q, k, v, kw=kw: _attn.attention(q, k, v, impl=impl, **kw))(*args)
+        got = jax.jit(functools.partial(A.attention, impl=impl, **kw))(*args)
       except NotImplementedError:  # a case this kernel declines: dispatch falls back for it anyway
         continue
-      want = _attn.attention(*args, impl="xla", **kw)
+      want = A.attention(*args, impl="xla", **kw)
       err = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got[:2], want[:2]))
       if not err < 5e-2:  # bf16 inputs; also catches NaN
         return f"wrong result (max error {err:.2e}, t={args[0].shape[1]})"
@@ -119,37 +126,26 @@ def _probe(impl) -> str | None:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def register(probe: bool = True):
-  """Registers the kernels with ``jstream.ops.attention`` (idempotent).
+def register() -> None:
+  """Registers the kernels with ``jstream.ops.attention`` (idempotent; the package's entry point).
 
-  On a GPU or TPU the kernels are first probed (``_probe``); those that fail stay available by name but are not
-  chosen by ``impl="auto"`` (a warning says why).
+  Nothing is compiled here: ``"pallas"`` and ``"pallas_tpu"`` carry ``probe`` for the registry to run lazily.
   """
-  import warnings
-
-  import jax
-
-  backend = jax.default_backend()
-  _attn.register("pallas_tpu", _tpu_impl, platforms=("tpu",), priority=20)
-  _attn.register("pallas", _make("auto"), platforms=("gpu", "tpu"), priority=10)
-  _attn.register("pallas_prefill", _make("prefill"))
-  _attn.register("pallas_decode", _make("decode"))
-  if probe and backend in ("gpu", "tpu"):
-    for name, platforms, priority in (("pallas_tpu", ("tpu",), 20), ("pallas", ("gpu", "tpu"), 10)):
-      if backend not in platforms:
-        continue
-      reason = _probe(name)
-      if reason is not None:
-        impl = _attn._REGISTRY[name]
-        _attn.register(name, impl.fn, platforms=(), priority=priority)
-        warnings.warn(
-          f"Pallas attention kernel {name!r} did not pass its probe on {backend} ({reason}); impl='auto' uses "
-          f"XLA instead. It stays available as impl={name!r}.",
-          RuntimeWarning,
-          stacklevel=2,
-        )
+  A.register("pallas_tpu", _tpu, platforms=("tpu",), priority=20, probe=functools.partial(probe, "pallas_tpu"))
+  A.register(
+    "pallas", _portable("auto"), platforms=("gpu", "tpu"), priority=10, probe=functools.partial(probe, "pallas")
+  )
+  A.register("pallas_prefill", _portable("prefill"))
+  A.register("pallas_decode", _portable("decode"))
 
 
-register()
-
-__all__ = ["BlockSizes", "DecodeBlockSizes", "decode_attention", "flash_attention", "flash_attention_tpu", "register"]
+__all__ = [
+  "DECODE_ROWS",
+  "BlockSizes",
+  "DecodeBlockSizes",
+  "decode_attention",
+  "flash_attention",
+  "flash_attention_tpu",
+  "probe",
+  "register",
+]

@@ -7,10 +7,15 @@ or slots-last ``[b, k, h, s]`` (the cache layout).
 
 Block skipping: positions are data (a ring cache holds them in any slot order), so whether a key block can be
 skipped is decided from per-block summaries: the smallest and largest valid position of the block (``kmax < 0``
-when it holds no valid key). A (query block, key block) pair is skipped when the mask excludes every pair in it:
-no valid key or query, every key after every query (causal), or every key older than the window for every query
-and none of them a sink. Skipped blocks are neither loaded nor computed, so a sink + window mask costs
-``O(T x (W + S))``.
+when it holds no valid key). A (query block, key block) pair is skipped when the mask excludes every pair in it
+(``AttentionSpec.excludes_all``: no valid key or query, every key after every query, or every key older than the
+window for every query and none of them a sink). Skipped blocks are neither loaded nor computed, so a sink +
+window mask costs ``O(T x (W + S))``.
+
+Static arguments, one style in every kernel: the public wrapper takes ``spec`` (a ``jstream.ops.attention.
+AttentionSpec``), ``blocks`` (the kernel's block-size dataclass) and ``interpret``, all static; kernel bodies are
+bound with ``functools.partial(body, spec=spec, blocks=blocks)`` (``blocks`` clipped to the input; bodies that
+do not loop over blocks take ``spec`` only) and read ``spec.window``, ``blocks.block_k``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from jstream.ops.attention import visible
+from jstream.ops.attention import AttentionSpec, layout_dims, xla_attention
 
 NEG_INF = float("-inf")
 BIG = 2**30  # larger than any valid position
@@ -35,23 +41,17 @@ class Packed(NamedTuple):
   v: jax.Array  # [b, k, S, vh] or slots-last [b, k, vh, S]
   qp: jax.Array  # [b, R]
   kp: jax.Array  # [b, S]
-  v_slots_last: bool
   t: int
   g: int
   s: int  # unpadded number of slots
 
 
-def static_args(q, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, **extra) -> dict:
-  """Normalised static arguments of a kernel wrapper (defaults resolved; hashable values)."""
-  return dict(
-    window=window,
-    num_sinks=int(num_sinks),
-    scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-    kv_layout=kv_layout,
-    v_layout=kv_layout if v_layout is None else v_layout,
-    out_dtype=jnp.dtype(q.dtype if out_dtype is None else out_dtype),
-    **extra,
-  )
+def prepare(spec: AttentionSpec, q, k, v, q_positions, k_positions) -> AttentionSpec:
+  """Checks a kernel wrapper's inputs against ``spec`` (clear errors) and returns ``spec.resolved(q)``."""
+  spec.check_inputs(q, k, v, q_positions, k_positions)
+  if k_positions.ndim != 2:
+    raise ValueError("the kernels take key positions [b, s]; per-kv-head positions are handled by impl='xla'")
+  return spec.resolved(q)
 
 
 def check_powers_of_two(obj, names) -> None:
@@ -62,29 +62,31 @@ def check_powers_of_two(obj, names) -> None:
       raise ValueError(f"{type(obj).__name__}.{name} must be a positive power of two, got {v!r}")
 
 
-def kv_dims(k, kv_layout: str) -> tuple[int, int]:
-  """``(kv heads, slots)`` of a key array in ``kv_layout`` (``bskh`` or ``bksh``)."""
-  return (k.shape[2], k.shape[1]) if kv_layout == "bskh" else (k.shape[1], k.shape[2])
+def kv_dims(k, spec: AttentionSpec) -> tuple[int, int]:
+  """``(kv heads, slots)`` of a key array in ``spec.kv_layout``."""
+  dims = layout_dims(k, spec.kv_layout)
+  return dims["k"], dims["s"]
 
 
-def pack(q, k, v, q_positions, k_positions, *, kv_layout, v_layout, row_multiple: int, slot_multiple: int) -> Packed:
+def pack(q, k, v, q_positions, k_positions, spec: AttentionSpec, *, row_multiple: int, slot_multiple: int) -> Packed:
   """Folds query heads into rows, moves keys/values heads-first and pads rows and slots with invalid positions.
 
-  ``row_multiple`` is counted in rows (a token is ``g = n // kv_heads`` rows); ``slot_multiple`` in slots.
+  ``row_multiple`` is counted in rows (a token is ``g = n // kv_heads`` rows); ``slot_multiple`` in slots. Values
+  stay slots-last when ``spec.v_slots_last``.
   """
   _, t, n, _ = q.shape
-  kvh = kv_dims(k, kv_layout)[0]
+  kvh = kv_dims(k, spec)[0]
   g = n // kvh
-  kk = jnp.swapaxes(k, 1, 2) if kv_layout == "bskh" else k
-  v_slots_last = v_layout == "bkhs"
-  vv = jnp.swapaxes(v, 1, 2) if v_layout == "bskh" else v
+  kk = jnp.swapaxes(k, 1, 2) if spec.kv_layout == "bskh" else k
+  v_slots_last = spec.v_slots_last
+  vv = jnp.swapaxes(v, 1, 2) if spec.v_layout == "bskh" else v
   qq, qp = pack_queries(q, q_positions.astype(jnp.int32), kvh)
   s = kk.shape[2]
   qq, qp = pad_axis(qq, 2, row_multiple, 0), pad_axis(qp, 1, row_multiple, -1)
   kk = pad_axis(kk, 2, slot_multiple, 0)
   vv = pad_axis(vv, 3 if v_slots_last else 2, slot_multiple, 0)
   kp = pad_axis(k_positions.astype(jnp.int32), 1, slot_multiple, -1)
-  return Packed(qq, kk, vv, qp, kp, v_slots_last, t, g, s)
+  return Packed(qq, kk, vv, qp, kp, t, g, s)
 
 
 def pack_queries(q, q_positions, kv_heads: int):
@@ -134,20 +136,9 @@ def block_summaries(positions, block: int):
   return pmin, pmax
 
 
-def block_skipped(qmin, qmax, kmin, kmax, *, window, num_sinks):
-  """True when the mask excludes every (query, key) pair of a query block and a key block."""
-  skip = (kmax < 0) | (qmax < 0) | (kmin > qmax)
-  if window is not None:
-    too_old = (qmin - kmax) >= window
-    if num_sinks:
-      too_old = too_old & (kmin >= num_sinks)
-    skip = skip | too_old
-  return skip
-
-
-def tile_mask(qp, kp, *, window, num_sinks):
+def tile_mask(qp, kp, spec: AttentionSpec):
   """``[rows, cols]`` visibility of query positions ``qp [rows]`` and key positions ``kp [cols]``."""
-  return visible(qp[:, None], kp[None, :], window=window, num_sinks=num_sinks)
+  return spec.visible(qp[:, None], kp[None, :])
 
 
 def zero_unseen_values(v, mask, slots_last: bool):
@@ -188,20 +179,37 @@ def softmax_init(rows: int, vh: int):
   )
 
 
-def attend_tile(carry, q, k, v, qp, kp, *, scale, window, num_sinks, v_slots_last: bool):
+def attend_tile(carry, q, k, v, qp, kp, spec: AttentionSpec):
   """One flash step of a query tile ``q [rows, h]`` over a key tile ``k [cols, h]`` and its values (``[cols, h]``, or
-  ``[h, cols]`` slots-last): scores, the position mask, values no query sees zeroed, then ``online_softmax_step``."""
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-  mask = tile_mask(qp, kp, window=window, num_sinks=num_sinks)
-  v = zero_unseen_values(v, mask, v_slots_last)
-  return online_softmax_step(carry, s, mask, value_dot(v, v_slots_last))
+  ``[h, cols]`` when ``spec.v_slots_last``): scores, the position mask, values no query sees zeroed, then
+  ``online_softmax_step``."""
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * spec.scale
+  mask = tile_mask(qp, kp, spec)
+  v = zero_unseen_values(v, mask, spec.v_slots_last)
+  return online_softmax_step(carry, s, mask, value_dot(v, spec.v_slots_last))
 
 
-def probs_from_lse(q, k, qp, kp, lse, *, scale, window, num_sinks):
+def attend_key_blocks(q, qp, qmin, qmax, k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, vh: int, spec, block_k: int):
+  """The online softmax ``(o, m, l)`` of a query tile ``q [rows, h]`` (positions ``qp``, valid range ``[qmin,
+  qmax]``) over every ``block_k``-slot key block of the refs in a ``fori_loop``, skipping under ``lax.cond`` the
+  blocks the mask excludes (``kmin_ref``, ``kmax_ref``: per-block summaries)."""
+
+  def body(j, carry):
+    def compute(carry):
+      sl = pl.ds(j * block_k, block_k)
+      v = v_ref[:, sl] if spec.v_slots_last else v_ref[sl, :]
+      return attend_tile(carry, q, k_ref[sl, :], v, qp, kpos_ref[sl], spec)
+
+    return jax.lax.cond(spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j]), lambda c: c, compute, carry)
+
+  return jax.lax.fori_loop(0, kmin_ref.shape[0], body, softmax_init(q.shape[0], vh))
+
+
+def probs_from_lse(q, k, qp, kp, lse, spec: AttentionSpec):
   """Masked probabilities ``p [rows, cols]`` of a (query tile, key tile) pair recomputed from the final
   log-sum-exp ``lse [rows]`` (flash backward, key mass), and the mask."""
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-  mask = tile_mask(qp, kp, window=window, num_sinks=num_sinks)
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * spec.scale
+  mask = tile_mask(qp, kp, spec)
   lse_safe = jnp.where(lse == NEG_INF, 0.0, lse)
   return jnp.where(mask, jnp.exp(s - lse_safe[:, None]), 0.0), mask
 
@@ -229,33 +237,24 @@ def interpret_default() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def freeze(static: dict) -> tuple:
-  """A hashable form of keyword arguments (for ``nondiff_argnums``)."""
-  return tuple(sorted(static.items(), key=lambda kv: kv[0]))
-
-
 def with_reference_vjp(forward):
-  """Wraps a forward-only kernel ``forward(q, k, v, qp, kp, **static) -> (out, lse, ...)`` in a ``custom_vjp``
-  whose backward is that of the XLA reference (used where no flash backward kernel exists)."""
+  """Wraps a forward-only kernel ``forward(q, k, v, qp, kp, *, spec, blocks, interpret) -> (out, lse)`` in a
+  ``custom_vjp`` (``spec``, ``blocks``, ``interpret`` static) whose backward is that of the XLA reference (used
+  where no flash backward kernel exists). Returns ``wrapped(q, k, v, qp, kp, spec, blocks, interpret)``."""
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-  def wrapped(q, k, v, qp, kp, static):
-    return forward(q, k, v, qp, kp, **dict(static))
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+  def wrapped(q, k, v, qp, kp, spec, blocks, interpret):
+    return forward(q, k, v, qp, kp, spec=spec, blocks=blocks, interpret=interpret)
 
-  def fwd(q, k, v, qp, kp, static):
-    return wrapped(q, k, v, qp, kp, static), (q, k, v, qp, kp)
+  def fwd(q, k, v, qp, kp, spec, blocks, interpret):
+    return wrapped(q, k, v, qp, kp, spec, blocks, interpret), (q, k, v, qp, kp)
 
-  def bwd(static, res, cts):
-    from jstream.ops.attention import _xla_attention  # the reference defines the gradient
-
+  def bwd(spec, blocks, interpret, res, cts):
+    del blocks, interpret
     q, k, v, qp, kp = res
-    kw = dict(static)
-    ref = functools.partial(
-      _xla_attention, window=kw["window"], num_sinks=kw["num_sinks"], scale=kw["scale"], kv_layout=kw["kv_layout"],
-      v_layout=kw["v_layout"], mask_values=True, out_dtype=kw["out_dtype"], return_lse=True, return_key_mass=False,
-    )  # fmt: skip
-    _, vjp = jax.vjp(lambda q, k, v: tuple(ref(q, k, v, qp, kp)[:2]), q, k, v)
-    dq, dk, dv = vjp(tuple(cts[:2]))
+    ref = lambda q, k, v: tuple(xla_attention(q, k, v, qp, kp, spec.replace(mask_values=True), return_lse=True)[:2])
+    _, vjp = jax.vjp(ref, q, k, v)
+    dq, dk, dv = vjp(tuple(cts))
     return dq, dk, dv, None, None
 
   wrapped.defvjp(fwd, bwd)

@@ -9,18 +9,20 @@ writes a partial ``(o, m, l)``. A combine step merges the partials by log-sum-ex
 
 Optionally a second kernel returns the attention mass each key received, ``sum_q p(q, key)`` over the queries
 and the query heads of its kv group (for score-based eviction: H2O, SnapKV), recomputing the scores from the
-final log-sum-exp instead of materialising them.
+final log-sum-exp instead of materialising them. It is a statistic, not differentiated (its gradient is zero).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jstream.ops.attention import AttentionSpec
 from pallas_kernels import common
 
 
@@ -38,43 +40,28 @@ class DecodeBlockSizes:
 MAX_DECODE_ROWS = 64  # queries x group size handled by one program
 
 
-def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, m_ref, l_ref, *, st):
+def _split_kernel(kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, m_ref, l_ref, *, spec, blocks):
   q, qp = q_ref[...], qpos_ref[...]
   qmin, qmax = common.position_range(qp)
-  rows = q.shape[0]
-  bk = st["block_k"]
-  slots_last = st["v_slots_last"]
-
-  def body(j, carry):
-    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st["window"], num_sinks=st["num_sinks"])
-
-    def compute(carry):
-      sl = pl.ds(j * bk, bk)
-      kp = kpos_ref[sl]
-      v = v_ref[:, sl] if slots_last else v_ref[sl, :]
-      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kp, scale=st["scale"], window=st["window"],
-                                num_sinks=st["num_sinks"], v_slots_last=slots_last)  # fmt: skip
-
-    return jax.lax.cond(skip, lambda c: c, compute, carry)
-
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(rows, o_ref.shape[-1]))
+  o, m, l = common.attend_key_blocks(
+    q, qp, qmin, qmax, k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, o_ref.shape[-1], spec, blocks.block_k
+  )
   o_ref[...] = o
   m_ref[...] = m
   l_ref[...] = l
 
 
-def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, mass_ref, *, st):
+def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, mass_ref, *, spec, blocks):
   q, qp, lse = q_ref[...], qpos_ref[...], lse_ref[...]
   qmin, qmax = common.position_range(qp)
-  bk = st["block_k"]
+  bk = blocks.block_k
 
   def body(j, _):
-    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st["window"], num_sinks=st["num_sinks"])
+    skip = spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j])
     sl = pl.ds(j * bk, bk)
 
     def compute():
-      p, _ = common.probs_from_lse(q, k_ref[sl, :], qp, kpos_ref[sl], lse, scale=st["scale"], window=st["window"],
-                                   num_sinks=st["num_sinks"])  # fmt: skip
+      p, _ = common.probs_from_lse(q, k_ref[sl, :], qp, kpos_ref[sl], lse, spec)
       return jnp.sum(p, axis=0)
 
     mass_ref[sl] = jax.lax.cond(skip, lambda: jnp.zeros((bk,), jnp.float32), compute)
@@ -83,77 +70,57 @@ def _mass_kernel(kmin_ref, kmax_ref, q_ref, k_ref, qpos_ref, kpos_ref, lse_ref, 
   jax.lax.fori_loop(0, kmin_ref.shape[0], body, 0)
 
 
-def decode_attention(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
-  *,
-  window: int | None = None,
-  num_sinks: int = 0,
-  scale: float | None = None,
-  kv_layout: str = "bskh",
-  v_layout: str | None = None,
-  out_dtype=None,
-  blocks: DecodeBlockSizes = DecodeBlockSizes(),
-  interpret: bool = False,
-  return_key_mass: bool = False,
-):
-  """Split-K decode attention; returns ``(out [b, t, n, h], lse [b, t, n], key_mass or None)``.
+class _Tiled(NamedTuple):
+  """Packed inputs cut into ``blocks.num_splits`` splits of ``blocks.block_k``-slot key blocks."""
 
-  Same contract as ``jstream.ops.attention.attention``; ``t * (n // k)`` must be at most ``MAX_DECODE_ROWS``.
-  ``key_mass`` is ``[b, s, k]`` for ``kv_layout="bskh"`` and ``[b, k, s]`` for ``"bksh"``. Differentiable: the
-  backward pass is that of the XLA reference for ``out`` and ``lse`` (decode is not trained through; this keeps it
-  correct if it is); ``key_mass`` is a statistic for eviction and is not differentiated (its gradient is zero).
-  """
-  static = common.static_args(
-    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype,
-    blocks=blocks, interpret=interpret, return_key_mass=return_key_mass,
-  )  # fmt: skip
-  out, lse, mass = _decode_vjp(q, k, v, q_positions, k_positions, common.freeze(static))
-  return out, lse, (mass if return_key_mass else None)
+  p: common.Packed
+  blocks: DecodeBlockSizes  # clipped to the input
+  kmin: jax.Array  # [b, S / block_k] per-block position summaries
+  kmax: jax.Array
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret", "return_key_mass",
-  ),
-)  # fmt: skip
-def _decode_forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype,
-                    blocks, interpret, return_key_mass):  # fmt: skip
-  b, t, n, h = q.shape
-  kvh, s_orig = common.kv_dims(k, kv_layout)
-  rows = t * (n // kvh)
+def _tile(q, k, v, q_positions, k_positions, spec: AttentionSpec, blocks: DecodeBlockSizes) -> _Tiled:
+  kvh, s_len = common.kv_dims(k, spec)
+  rows = q.shape[1] * (q.shape[2] // kvh)
   if rows > MAX_DECODE_ROWS:
     raise ValueError(f"decode_attention handles at most {MAX_DECODE_ROWS} query rows, got {rows}")
-  bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s_orig, blocks.num_splits)))
-  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=8,
-                  slot_multiple=blocks.num_splits * bk)  # fmt: skip
-  qq, kk, vv, qp, kp, v_slots_last, g = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g
-  r, s = qq.shape[2], kk.shape[2]
-  splits = blocks.num_splits
-  s_split = s // splits
-  kb_split = s_split // bk
-  vh = vv.shape[2] if v_slots_last else vv.shape[3]
-  kmin, kmax = common.block_summaries(kp, bk)
-  st = dict(scale=float(scale), window=window, num_sinks=int(num_sinks), block_k=bk, v_slots_last=v_slots_last)
-  v_block = (None, None, vh, s_split) if v_slots_last else (None, None, s_split, vh)
-  v_index = (lambda bi, ki, sp: (bi, ki, 0, sp)) if v_slots_last else (lambda bi, ki, sp: (bi, ki, sp, 0))
-  summary = pl.BlockSpec((None, kb_split), lambda bi, ki, sp: (bi, sp))
+  bk = min(blocks.block_k, pl.next_power_of_2(pl.cdiv(s_len, blocks.num_splits)))
+  tiles = DecodeBlockSizes(block_k=bk, num_splits=blocks.num_splits)
+  p = common.pack(q, k, v, q_positions, k_positions, spec, row_multiple=8, slot_multiple=tiles.num_splits * bk)
+  kmin, kmax = common.block_summaries(p.kp, bk)
+  return _Tiled(p, tiles, kmin, kmax)
+
+
+def _specs(tl: _Tiled):
+  """Block specs over the grid ``(b, k, splits)``: summaries, queries, keys, query and key positions."""
+  r, h = tl.p.q.shape[2:]
+  s_split = tl.p.k.shape[2] // tl.blocks.num_splits
+  summary = pl.BlockSpec((None, s_split // tl.blocks.block_k), lambda bi, ki, sp: (bi, sp))
+  return dict(
+    summary=summary,
+    q=pl.BlockSpec((None, None, r, h), lambda bi, ki, sp: (bi, ki, 0, 0)),
+    k=pl.BlockSpec((None, None, s_split, h), lambda bi, ki, sp: (bi, ki, sp, 0)),
+    qp=pl.BlockSpec((None, r), lambda bi, ki, sp: (bi, 0)),
+    kp=pl.BlockSpec((None, s_split), lambda bi, ki, sp: (bi, sp)),
+  )
+
+
+def _forward(q, k, v, q_positions, k_positions, *, spec: AttentionSpec, blocks: DecodeBlockSizes, interpret):
+  """``(out [b, t, n, h], lse [b, t, n])`` (forward only: ``decode_attention`` adds the reference's backward)."""
+  tl = _tile(q, k, v, q_positions, k_positions, spec, blocks)
+  p, splits = tl.p, tl.blocks.num_splits
+  b, kvh, r, _ = p.q.shape
+  s_split = p.k.shape[2] // splits
+  vh = p.v.shape[2] if spec.v_slots_last else p.v.shape[3]
+  if spec.v_slots_last:
+    v_spec = pl.BlockSpec((None, None, vh, s_split), lambda bi, ki, sp: (bi, ki, 0, sp))
+  else:
+    v_spec = pl.BlockSpec((None, None, s_split, vh), lambda bi, ki, sp: (bi, ki, sp, 0))
+  bs = _specs(tl)
   o, m, l = pl.pallas_call(
-    functools.partial(_split_kernel, st=st),
+    functools.partial(_split_kernel, spec=spec, blocks=tl.blocks),
     grid=(b, kvh, splits),
-    in_specs=[
-      summary,
-      summary,
-      pl.BlockSpec((None, None, r, h), lambda bi, ki, sp: (bi, ki, 0, 0)),
-      pl.BlockSpec((None, None, s_split, h), lambda bi, ki, sp: (bi, ki, sp, 0)),
-      pl.BlockSpec(v_block, v_index),
-      pl.BlockSpec((None, r), lambda bi, ki, sp: (bi, 0)),
-      pl.BlockSpec((None, s_split), lambda bi, ki, sp: (bi, sp)),
-    ],
+    in_specs=[bs["summary"], bs["summary"], bs["q"], bs["k"], v_spec, bs["qp"], bs["kp"]],
     out_specs=[
       pl.BlockSpec((None, None, None, r, vh), lambda bi, ki, sp: (bi, ki, sp, 0, 0)),
       pl.BlockSpec((None, None, None, r), lambda bi, ki, sp: (bi, ki, sp, 0)),
@@ -166,37 +133,80 @@ def _decode_forward(q, k, v, q_positions, k_positions, *, window, num_sinks, sca
     ],
     interpret=interpret,
     name="jstream_decode_split",
-  )(kmin, kmax, qq, kk, vv, qp, kp)
+  )(tl.kmin, tl.kmax, p.q, p.k, p.v, p.qp, p.kp)
   out, lse = common.merge_splits(o, m, l)  # [b, k, r, vh], [b, k, r]
+  rows = p.t * p.g
+  out = common.unpack_rows(out[:, :, :rows], p.t, p.g).astype(spec.out_dtype)
+  return out, common.unpack_rows(lse[:, :, :rows], p.t, p.g)
+
+
+def _key_mass(q, k, v, q_positions, k_positions, lse, *, spec: AttentionSpec, blocks: DecodeBlockSizes, interpret):
+  """Attention mass per key (``[b, s, k]`` or ``[b, k, s]`` by ``spec.kv_layout``) from the final ``lse``."""
+  tl = _tile(q, k, v, q_positions, k_positions, spec, blocks)
+  p, splits = tl.p, tl.blocks.num_splits
+  b, kvh, r, _ = p.q.shape
+  s_split = p.k.shape[2] // splits
+  lse_rows, _ = common.pack_queries(lse[..., None], q_positions, kvh)  # [b, k, t*g, 1]
+  lse_rows = common.pad_axis(lse_rows[..., 0], 2, r, common.NEG_INF)  # [b, k, r]
+  bs = _specs(tl)
+  mass = pl.pallas_call(
+    functools.partial(_mass_kernel, spec=spec, blocks=tl.blocks),
+    grid=(b, kvh, splits),
+    in_specs=[
+      bs["summary"],
+      bs["summary"],
+      bs["q"],
+      bs["k"],
+      bs["qp"],
+      bs["kp"],
+      pl.BlockSpec((None, None, r), lambda bi, ki, sp: (bi, ki, 0)),
+    ],
+    out_specs=pl.BlockSpec((None, None, s_split), lambda bi, ki, sp: (bi, ki, sp)),
+    out_shape=jax.ShapeDtypeStruct((b, kvh, p.k.shape[2]), jnp.float32),
+    interpret=interpret,
+    name="jstream_decode_key_mass",
+  )(tl.kmin, tl.kmax, p.q, p.k, p.qp, p.kp, lse_rows)[:, :, : p.s]
+  return jnp.swapaxes(mass, 1, 2) if spec.kv_layout == "bskh" else mass
+
+
+_differentiable = common.with_reference_vjp(_forward)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret", "return_key_mass"))
+def decode_attention(
+  q,
+  k,
+  v,
+  q_positions,
+  k_positions,
+  *,
+  spec: AttentionSpec,
+  blocks: DecodeBlockSizes = DecodeBlockSizes(),
+  interpret: bool = False,
+  return_key_mass: bool = False,
+):
+  """Split-K decode attention; returns ``(out [b, t, n, h], lse [b, t, n], key_mass or None)``.
+
+  Args:
+    q, k, v, q_positions, k_positions: as for ``jstream.ops.attention.attention`` (key positions ``[b, s]``),
+      in the layouts ``spec`` names; ``t * (n // k)`` must be at most ``MAX_DECODE_ROWS``.
+    spec: mask, scale, layouts and output dtype (static).
+    blocks: split and block sizes (static); ``block_k`` is clipped to the input.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+    return_key_mass: also compute the attention mass per key: ``[b, s, k]`` for ``kv_layout="bskh"``, ``[b, k,
+      s]`` for ``"bksh"``, float32.
+
+  Differentiable: the backward pass is that of the XLA reference for ``out`` and ``lse`` (decode is not trained
+  through; this keeps it correct if it is); ``key_mass`` is a statistic for eviction and is not differentiated
+  (its gradient is zero).
+
+  Raises:
+    ValueError: for more than ``MAX_DECODE_ROWS`` query rows, or inputs that do not fit ``spec``.
+  """
+  spec = common.prepare(spec, q, k, v, q_positions, k_positions)
+  out, lse = _differentiable(q, k, v, q_positions, k_positions, spec, blocks, interpret)
   mass = None
   if return_key_mass:
-    mass = pl.pallas_call(
-      functools.partial(_mass_kernel, st=st),
-      grid=(b, kvh, splits),
-      in_specs=[
-        summary,
-        summary,
-        pl.BlockSpec((None, None, r, h), lambda bi, ki, sp: (bi, ki, 0, 0)),
-        pl.BlockSpec((None, None, s_split, h), lambda bi, ki, sp: (bi, ki, sp, 0)),
-        pl.BlockSpec((None, r), lambda bi, ki, sp: (bi, 0)),
-        pl.BlockSpec((None, s_split), lambda bi, ki, sp: (bi, sp)),
-        pl.BlockSpec((None, None, r), lambda bi, ki, sp: (bi, ki, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, None, s_split), lambda bi, ki, sp: (bi, ki, sp)),
-      out_shape=jax.ShapeDtypeStruct((b, kvh, s), jnp.float32),
-      interpret=interpret,
-      name="jstream_decode_key_mass",
-    )(kmin, kmax, qq, kk, qp, kp, lse)[:, :, :s_orig]
-    if kv_layout == "bskh":
-      mass = jnp.swapaxes(mass, 1, 2)
-  out = common.unpack_rows(out[:, :, :rows], t, g).astype(out_dtype)
-  lse = common.unpack_rows(lse[:, :, :rows], t, g)
+    sg = jax.lax.stop_gradient
+    mass = _key_mass(sg(q), sg(k), v, q_positions, k_positions, sg(lse), spec=spec, blocks=blocks, interpret=interpret)
   return out, lse, mass
-
-
-def _forward_with_mass(q, k, v, qp, kp, **static):
-  out, lse, mass = _decode_forward(q, k, v, qp, kp, **static)
-  return out, lse, (jnp.zeros((), jnp.float32) if mass is None else mass)
-
-
-_decode_vjp = common.with_reference_vjp(_forward_with_mass)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jstream.ops.attention import AttentionSpec
 from pallas_kernels import common
 
 
@@ -35,59 +36,37 @@ class BlockSizes:
     common.check_powers_of_two(self, ("block_q", "block_k"))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  scale: float
-  window: int | None
-  num_sinks: int
-  rows_per_block: int  # block_q * g
-  block_k: int
-  v_slots_last: bool
-  interpret: bool
-
-
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, lse_ref, *, st):
+def _fwd_kernel(
+  qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, o_ref, lse_ref, *, spec, blocks
+):  # fmt: skip
   qi = pl.program_id(2)
-  q = q_ref[...]  # [R, h]
-  qp = qpos_ref[...]  # [R]
-  qmin, qmax = qmin_ref[qi], qmax_ref[qi]
-  rows = q.shape[0]
-  bk = st.block_k
-
-  def body(j, carry):
-    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st.window, num_sinks=st.num_sinks)
-
-    def compute(carry):
-      sl = pl.ds(j * bk, bk)
-      kp = kpos_ref[sl]
-      v = v_ref[:, sl] if st.v_slots_last else v_ref[sl, :]
-      return common.attend_tile(carry, q, k_ref[sl, :], v, qp, kp, scale=st.scale, window=st.window,
-                                num_sinks=st.num_sinks, v_slots_last=st.v_slots_last)  # fmt: skip
-
-    return jax.lax.cond(skip, lambda c: c, compute, carry)
-
-  o, m, l = jax.lax.fori_loop(0, kmin_ref.shape[0], body, common.softmax_init(rows, o_ref.shape[-1]))
+  q = q_ref[...]  # [R, h]: the rows of one query block
+  o, m, l = common.attend_key_blocks(
+    q, qpos_ref[...], qmin_ref[qi], qmax_ref[qi], k_ref, v_ref, kpos_ref, kmin_ref, kmax_ref, o_ref.shape[-1], spec,
+    blocks.block_k,
+  )  # fmt: skip
   out, lse = common.finish(o, m, l)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
 
 
-def _forward(st: _Static, q, k, v, qp, kp, out_dtype):
-  """Packed, padded inputs: q [b, k, R, h], k [b, k, S, h], v [b, k, S, vh] or [b, k, vh, S], qp [b, R], kp [b, S]."""
+def _forward(spec: AttentionSpec, blocks: BlockSizes, interpret, g: int, q, k, v, qp, kp):
+  """Packed, padded inputs: q [b, k, R, h], k [b, k, S, h], v [b, k, S, vh] or [b, k, vh, S], qp [b, R], kp [b, S];
+  ``g`` query rows per token."""
   b, kvh, rows, h = q.shape
   s = k.shape[2]
-  vh = v.shape[2] if st.v_slots_last else v.shape[3]
-  rb, bk = st.rows_per_block, st.block_k
+  vh = v.shape[2] if spec.v_slots_last else v.shape[3]
+  rb, bk = blocks.block_q * g, blocks.block_k
   num_qb, num_kb = rows // rb, s // bk
   qmin, qmax = common.block_summaries(qp, rb)
   kmin, kmax = common.block_summaries(kp, bk)
-  v_block = (None, None, vh, s) if st.v_slots_last else (None, None, s, vh)
+  v_block = (None, None, vh, s) if spec.v_slots_last else (None, None, s, vh)
   row = lambda bi, ki, qi: (bi, 0)
   return pl.pallas_call(
-    functools.partial(_fwd_kernel, st=st),
+    functools.partial(_fwd_kernel, spec=spec, blocks=blocks),
     grid=(b, kvh, num_qb),
     in_specs=[
       pl.BlockSpec((None, num_qb), row),
@@ -105,10 +84,10 @@ def _forward(st: _Static, q, k, v, qp, kp, out_dtype):
       pl.BlockSpec((None, None, rb), lambda bi, ki, qi: (bi, ki, qi)),
     ],
     out_shape=[
-      jax.ShapeDtypeStruct((b, kvh, rows, vh), out_dtype),
+      jax.ShapeDtypeStruct((b, kvh, rows, vh), spec.out_dtype),
       jax.ShapeDtypeStruct((b, kvh, rows), jnp.float32),
     ],
-    interpret=st.interpret,
+    interpret=interpret,
     name="jstream_flash_prefill_fwd",
   )(qmin, qmax, kmin, kmax, q, k, v, qp, kp)
 
@@ -116,33 +95,28 @@ def _forward(st: _Static, q, k, v, qp, kp, out_dtype):
 # ------------------------------------------------------------------------------------------------ backward
 
 
-def _probs(q, k, kp, qp, lse, st):
-  """Masked probabilities ``p [R, bk]`` of a (query tile, key tile) pair, recomputed from the saved lse."""
-  return common.probs_from_lse(q, k, qp, kp, lse, scale=st.scale, window=st.window, num_sinks=st.num_sinks)
-
-
 def _dq_kernel(
   qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, do_ref, lse_ref, delta_ref,
-  dq_ref, *, st,
+  dq_ref, *, spec, blocks,
 ):  # fmt: skip
   qi = pl.program_id(2)
   q, qp, do = q_ref[...], qpos_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   qmin, qmax = qmin_ref[qi], qmax_ref[qi]
-  bk = st.block_k
+  bk = blocks.block_k
 
   def body(j, dq):
-    skip = common.block_skipped(qmin, qmax, kmin_ref[j], kmax_ref[j], window=st.window, num_sinks=st.num_sinks)
+    skip = spec.excludes_all(qmin, qmax, kmin_ref[j], kmax_ref[j])
 
     def compute(dq):
       sl = pl.ds(j * bk, bk)
       kp = kpos_ref[sl]
       k = jnp.where(kp[:, None] >= 0, k_ref[sl, :], 0)
       v = jnp.where(kp[:, None] >= 0, v_ref[sl, :], 0)
-      p, mask = _probs(q, k, kp, qp, lse, st)
+      p, mask = common.probs_from_lse(q, k, qp, kp, lse, spec)
       dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
       ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
-      return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * st.scale
+      return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * spec.scale
 
     return jax.lax.cond(skip, lambda d: d, compute, dq)
 
@@ -152,28 +126,28 @@ def _dq_kernel(
 
 def _dkv_kernel(
   qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref, v_ref, qpos_ref, kpos_ref, do_ref, lse_ref, delta_ref,
-  dk_ref, dv_ref, *, st,
+  dk_ref, dv_ref, *, spec,
 ):  # fmt: skip
   kj = pl.program_id(2)
   kp = kpos_ref[...]
   k = jnp.where(kp[:, None] >= 0, k_ref[...], 0)
   v = jnp.where(kp[:, None] >= 0, v_ref[...], 0)
   kmin, kmax = kmin_ref[kj], kmax_ref[kj]
-  rb = st.rows_per_block
+  rb = q_ref.shape[0] // qmin_ref.shape[0]  # rows per query block (block_q * g); the key block is this program's
 
   def body(i, carry):
-    skip = common.block_skipped(qmin_ref[i], qmax_ref[i], kmin, kmax, window=st.window, num_sinks=st.num_sinks)
+    skip = spec.excludes_all(qmin_ref[i], qmax_ref[i], kmin, kmax)
 
     def compute(carry):
       dk, dv = carry
       sl = pl.ds(i * rb, rb)
       q, qp, do = q_ref[sl, :], qpos_ref[sl], do_ref[sl, :]
       lse, delta = lse_ref[sl], delta_ref[sl]
-      p, mask = _probs(q, k, kp, qp, lse, st)
+      p, mask = common.probs_from_lse(q, k, qp, kp, lse, spec)
       dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
       dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
       ds = jnp.where(mask, p * (dp - delta[:, None]), 0.0)
-      dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * st.scale
+      dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * spec.scale
       return dk, dv
 
     return jax.lax.cond(skip, lambda c: c, compute, carry)
@@ -184,11 +158,11 @@ def _dkv_kernel(
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
-  """Gradients of packed inputs (values slots-second ``[b, k, S, vh]``)."""
+def _backward(spec: AttentionSpec, blocks: BlockSizes, interpret, g: int, q, k, v, qp, kp, do, lse, delta):
+  """Gradients of packed inputs (values slots-second ``[b, k, S, vh]``, whatever ``spec.v_layout`` says)."""
   b, kvh, rows, h = q.shape
   s, vh = k.shape[2], v.shape[3]
-  rb, bk = st.rows_per_block, st.block_k
+  rb, bk = blocks.block_q * g, blocks.block_k
   num_qb, num_kb = rows // rb, s // bk
   qmin, qmax = common.block_summaries(qp, rb)
   kmin, kmax = common.block_summaries(kp, bk)
@@ -198,7 +172,7 @@ def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
     pl.BlockSpec((None, None, rows, h), lambda bi, ki, x: (bi, ki, 0, 0)),
   ]
   dq = pl.pallas_call(
-    functools.partial(_dq_kernel, st=st),
+    functools.partial(_dq_kernel, spec=spec, blocks=blocks),
     grid=(b, kvh, num_qb),
     in_specs=[
       *summaries,
@@ -213,11 +187,11 @@ def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
     ],
     out_specs=pl.BlockSpec((None, None, rb, h), lambda bi, ki, qi: (bi, ki, qi, 0)),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    interpret=st.interpret,
+    interpret=interpret,
     name="jstream_flash_prefill_dq",
   )(qmin, qmax, kmin, kmax, q, k, v, qp, kp, do, lse, delta)
   dk, dv = pl.pallas_call(
-    functools.partial(_dkv_kernel, st=st),
+    functools.partial(_dkv_kernel, spec=spec),
     grid=(b, kvh, num_kb),
     in_specs=[
       *summaries,
@@ -235,7 +209,7 @@ def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
       pl.BlockSpec((None, None, bk, vh), lambda bi, ki, kj: (bi, ki, kj, 0)),
     ],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    interpret=st.interpret,
+    interpret=interpret,
     name="jstream_flash_prefill_dkv",
   )(qmin, qmax, kmin, kmax, q, k, v, qp, kp, do, lse, delta)
   return dq, dk, dv
@@ -244,26 +218,25 @@ def _backward(st: _Static, q, k, v, qp, kp, do, lse, delta):
 # ------------------------------------------------------------------------------------------------ custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def _flash(st, q, k, v, qp, kp, out_dtype):
-  return _forward(st, q, k, v, qp, kp, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _flash(spec, blocks, interpret, g, q, k, v, qp, kp):
+  return _forward(spec, blocks, interpret, g, q, k, v, qp, kp)
 
 
-def _flash_fwd(st, q, k, v, qp, kp, out_dtype):
-  out, lse = _forward(st, q, k, v, qp, kp, out_dtype)
+def _flash_fwd(spec, blocks, interpret, g, q, k, v, qp, kp):
+  out, lse = _forward(spec, blocks, interpret, g, q, k, v, qp, kp)
   return (out, lse), (q, k, v, qp, kp, out, lse)
 
 
-def _flash_bwd(st, out_dtype, res, cts):
+def _flash_bwd(spec, blocks, interpret, g, res, cts):
   q, k, v, qp, kp, out, lse = res
   d_out, d_lse = cts
   d_out = d_out.astype(jnp.float32)
   # d lse_i / d s_ij = p_ij, so a cotangent on the lse enters exactly like -delta.
   delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1) - d_lse
-  v_s = jnp.swapaxes(v, 2, 3) if st.v_slots_last else v
-  st_b = dataclasses.replace(st, v_slots_last=False)
-  dq, dk, dv = _backward(st_b, q, k, v_s, qp, kp, d_out.astype(q.dtype), lse, delta)
-  if st.v_slots_last:
+  v_s = jnp.swapaxes(v, 2, 3) if spec.v_slots_last else v
+  dq, dk, dv = _backward(spec, blocks, interpret, g, q, k, v_s, qp, kp, d_out.astype(q.dtype), lse, delta)
+  if spec.v_slots_last:
     dv = jnp.swapaxes(dv, 2, 3)
   return dq, dk, dv, None, None
 
@@ -274,10 +247,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ------------------------------------------------------------------------------------------------ wrapper
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=("window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret"),
-)
+@functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret"))
 def flash_attention(
   q,
   k,
@@ -285,30 +255,29 @@ def flash_attention(
   q_positions,
   k_positions,
   *,
-  window: int | None = None,
-  num_sinks: int = 0,
-  scale: float | None = None,
-  kv_layout: str = "bskh",
-  v_layout: str | None = None,
-  out_dtype=None,
+  spec: AttentionSpec,
   blocks: BlockSizes = BlockSizes(),
   interpret: bool = False,
 ):
   """Flash attention with the position-derived mask; returns ``(out [b, t, n, h], lse [b, t, n])``.
 
-  Same contract as ``jstream.ops.attention.attention`` (layouts ``bskh`` / ``bksh`` for keys, plus ``bkhs`` for
-  values). Lengths need not be multiples of the block sizes (inputs are padded with invalid positions).
-  Differentiable (flash backward); positions are not.
+  Args:
+    q, k, v, q_positions, k_positions: as for ``jstream.ops.attention.attention`` (key positions ``[b, s]``),
+      in the layouts ``spec`` names. Lengths need not be multiples of the block sizes (inputs are padded with
+      invalid positions).
+    spec: mask, scale, layouts and output dtype (static).
+    blocks: tile sizes (static); clipped to the input.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+
+  Differentiable (flash backward kernels, through ``out`` and ``lse``); positions are not.
   """
-  st = common.static_args(
-    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype
+  spec = common.prepare(spec, q, k, v, q_positions, k_positions)
+  kvh, s_len = common.kv_dims(k, spec)
+  g = q.shape[2] // kvh
+  tiles = BlockSizes(
+    min(blocks.block_q, pl.next_power_of_2(q.shape[1])), min(blocks.block_k, pl.next_power_of_2(s_len))
   )
-  bq = min(blocks.block_q, pl.next_power_of_2(q.shape[1]))
-  kvh, s_len = common.kv_dims(k, kv_layout)
-  bk = min(blocks.block_k, pl.next_power_of_2(s_len))
-  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=st["v_layout"],
-                  row_multiple=bq * (q.shape[2] // kvh), slot_multiple=bk)  # fmt: skip
-  static = _Static(st["scale"], window, st["num_sinks"], bq * p.g, bk, p.v_slots_last, interpret)
-  out, lse = _flash(static, p.q, p.k, p.v, p.qp, p.kp, st["out_dtype"])
+  p = common.pack(q, k, v, q_positions, k_positions, spec, row_multiple=tiles.block_q * g, slot_multiple=tiles.block_k)
+  out, lse = _flash(spec, tiles, interpret, g, p.q, p.k, p.v, p.qp, p.kp)
   rows = p.t * p.g
   return common.unpack_rows(out[:, :, :rows], p.t, p.g), common.unpack_rows(lse[:, :, :rows], p.t, p.g)

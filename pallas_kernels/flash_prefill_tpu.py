@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jstream.ops.attention import AttentionSpec
 from pallas_kernels import common
 from pallas_kernels.flash_prefill import BlockSizes
 
@@ -31,7 +32,7 @@ def _kernel(
   q_ref, k_ref, v_ref, qpos_ref, kpos_ref,  # VMEM blocks
   o_ref, lse_ref,  # outputs
   m_sc, l_sc, acc_sc,  # VMEM scratch
-  *, scale, window, num_sinks, v_slots_last,
+  *, spec,
 ):  # fmt: skip
   del eff_ref  # only the index maps read it
   bi, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -42,15 +43,12 @@ def _kernel(
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  skip = common.block_skipped(
-    qmin_ref[bi, qi], qmax_ref[bi, qi], kmin_ref[bi, kj], kmax_ref[bi, kj], window=window, num_sinks=num_sinks
-  )
+  skip = spec.excludes_all(qmin_ref[bi, qi], qmax_ref[bi, qi], kmin_ref[bi, kj], kmax_ref[bi, kj])
 
   @pl.when(jnp.logical_not(skip))
   def _compute():
     carry = (acc_sc[...], m_sc[...][:, 0], l_sc[...][:, 0])
-    o, m, l = common.attend_tile(carry, q_ref[...], k_ref[...], v_ref[...], qpos_ref[...], kpos_ref[...], scale=scale,
-                                 window=window, num_sinks=num_sinks, v_slots_last=v_slots_last)  # fmt: skip
+    o, m, l = common.attend_tile(carry, q_ref[...], k_ref[...], v_ref[...], qpos_ref[...], kpos_ref[...], spec)
     acc_sc[...] = o
     m_sc[...] = m[:, None]
     l_sc[...] = l[:, None]
@@ -62,7 +60,7 @@ def _kernel(
     lse_ref[...] = lse
 
 
-def _resident_block(skipped):
+def resident_block(skipped):
   """Per (q block, k block): the key block to have in VMEM, the last computed one for skipped steps (no DMA)."""
   nkb = skipped.shape[-1]
   idx = jnp.arange(nkb, dtype=jnp.int32)
@@ -71,56 +69,22 @@ def _resident_block(skipped):
   return jnp.where(last >= 0, last, first)
 
 
-def flash_attention_tpu(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
-  *,
-  window: int | None = None,
-  num_sinks: int = 0,
-  scale: float | None = None,
-  kv_layout: str = "bskh",
-  v_layout: str | None = None,
-  out_dtype=None,
-  blocks: BlockSizes = TPU_BLOCKS,
-  interpret=False,
-):
-  """Same contract as ``flash_prefill.flash_attention``; ``interpret`` may be ``pltpu.InterpretParams()``.
-
-  Differentiable through the XLA reference's backward pass.
-  """
-  static = common.static_args(
-    q, window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout, v_layout=v_layout, out_dtype=out_dtype,
-    blocks=blocks, interpret=interpret,
-  )  # fmt: skip
-  return _differentiable(q, k, v, q_positions, k_positions, common.freeze(static))
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("window", "num_sinks", "scale", "kv_layout", "v_layout", "out_dtype", "blocks", "interpret"),
-)
-def _forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_layout, v_layout, out_dtype, blocks,
-             interpret):  # fmt: skip
+def _forward(q, k, v, q_positions, k_positions, *, spec: AttentionSpec, blocks: BlockSizes, interpret):
+  """``(out [b, t, n, h], lse [b, t, n])`` (forward only: ``flash_attention_tpu`` adds the reference's backward)."""
   b, t, n, h = q.shape
-  bq = min(blocks.block_q, pl.next_power_of_2(t))
-  kvh, s_len = common.kv_dims(k, kv_layout)
-  rb = bq * (n // kvh)  # rows per query block
-  bk = min(blocks.block_k, pl.next_power_of_2(s_len))
-  p = common.pack(q, k, v, q_positions, k_positions, kv_layout=kv_layout, v_layout=v_layout, row_multiple=rb,
-                  slot_multiple=bk)  # fmt: skip
-  qq, kk, vv, qp, kp, v_slots_last, g = p.q, p.k, p.v, p.qp, p.kp, p.v_slots_last, p.g
+  kvh, s_len = common.kv_dims(k, spec)
+  tiles = BlockSizes(min(blocks.block_q, pl.next_power_of_2(t)), min(blocks.block_k, pl.next_power_of_2(s_len)))
+  rb, bk = tiles.block_q * (n // kvh), tiles.block_k  # rows per query block, slots per key block
+  p = common.pack(q, k, v, q_positions, k_positions, spec, row_multiple=rb, slot_multiple=bk)
+  qq, kk, vv, qp, kp, g = p.q, p.k, p.v, p.qp, p.kp, p.g
+  v_slots_last = spec.v_slots_last
   rows, s = qq.shape[2], kk.shape[2]
   vh = vv.shape[2] if v_slots_last else vv.shape[3]
   nqb, nkb = rows // rb, s // bk
   qmin, qmax = common.block_summaries(qp, rb)
   kmin, kmax = common.block_summaries(kp, bk)
-  skipped = common.block_skipped(
-    qmin[:, :, None], qmax[:, :, None], kmin[:, None, :], kmax[:, None, :], window=window, num_sinks=num_sinks
-  )
-  eff = _resident_block(skipped)  # [b, nqb, nkb]
+  skipped = spec.excludes_all(qmin[:, :, None], qmax[:, :, None], kmin[:, None, :], kmax[:, None, :])
+  eff = resident_block(skipped)  # [b, nqb, nkb]
 
   def kv_index(bi, ki, qi, kj, qmn, qmx, kmn, kmx, eff):
     return (bi, ki, eff[bi, qi, kj], 0)
@@ -149,12 +113,11 @@ def _forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_
       pltpu.VMEM((rb, vh), jnp.float32),
     ],
   )
-  kernel = functools.partial(_kernel, scale=scale, window=window, num_sinks=int(num_sinks), v_slots_last=v_slots_last)
   out, lse = pl.pallas_call(
-    kernel,
+    functools.partial(_kernel, spec=spec),
     grid_spec=grid_spec,
     out_shape=[
-      jax.ShapeDtypeStruct((b, kvh, rows, vh), out_dtype),
+      jax.ShapeDtypeStruct((b, kvh, rows, vh), spec.out_dtype),
       jax.ShapeDtypeStruct((b, kvh, rows), jnp.float32),
     ],
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
@@ -167,3 +130,29 @@ def _forward(q, k, v, q_positions, k_positions, *, window, num_sinks, scale, kv_
 
 
 _differentiable = common.with_reference_vjp(_forward)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret"))
+def flash_attention_tpu(
+  q,
+  k,
+  v,
+  q_positions,
+  k_positions,
+  *,
+  spec: AttentionSpec,
+  blocks: BlockSizes = TPU_BLOCKS,
+  interpret=False,
+):
+  """TPU prefill flash attention; returns ``(out [b, t, n, h], lse [b, t, n])``.
+
+  Args:
+    q, k, v, q_positions, k_positions: as for ``flash_prefill.flash_attention``.
+    spec: mask, scale, layouts and output dtype (static).
+    blocks: tile sizes (static); clipped to the input.
+    interpret: False, or ``pltpu.InterpretParams()`` for TPU interpret mode on CPU.
+
+  Differentiable through the XLA reference's backward pass.
+  """
+  spec = common.prepare(spec, q, k, v, q_positions, k_positions)
+  return _differentiable(q, k, v, q_positions, k_positions, spec, blocks, interpret)

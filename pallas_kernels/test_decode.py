@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from attention_base import AttentionImplBase, make_inputs, reference
+from attention_base import AttentionImplBase, assert_matches, make_inputs, numpy_reference
 
 from jstream.ops import attention as A
 from pallas_kernels.decode import DecodeBlockSizes, decode_attention
@@ -15,8 +15,10 @@ class TestDecodeInterpret(AttentionImplBase):
   QUERY_LENGTHS = (1, 3)
 
   def run(self, q, k, v, qp, kp, return_key_mass=False, **kw):
-    out, lse, mass = decode_attention(q, k, v, qp, kp, blocks=SMALL, interpret=True, return_key_mass=return_key_mass,
-                                      **kw)  # fmt: skip
+    spec = A.AttentionSpec(**kw)
+    out, lse, mass = decode_attention(
+      q, k, v, qp, kp, spec=spec, blocks=SMALL, interpret=True, return_key_mass=return_key_mass
+    )
     return A.AttentionResult(out, lse, mass)
 
 
@@ -24,7 +26,7 @@ def test_dispatch_picks_decode_for_few_rows():
   q, k, v, qp, kp = make_inputs(t=1, seed=21)
   res = A.attention(q, k, v, q_positions=qp, k_positions=kp, window=8, num_sinks=2, return_key_mass=True,
                     return_lse=True, impl="pallas")  # fmt: skip
-  want = reference(q, k, v, qp, kp, window=8, num_sinks=2, return_key_mass=True)
+  want = numpy_reference(q, k, v, qp, kp, window=8, num_sinks=2, return_key_mass=True)
   np.testing.assert_allclose(res.out, want.out, atol=2e-5)
   np.testing.assert_allclose(res.key_mass, want.key_mass, atol=2e-5)
 
@@ -43,24 +45,24 @@ def test_block_sizes_are_validated():
 def test_probe_accepts_working_kernels_and_rejects_broken_ones():
   import pallas_kernels
 
-  assert pallas_kernels._probe("pallas") is None  # interpret mode on CPU
-  assert pallas_kernels._probe("pallas_prefill") is None
+  assert pallas_kernels.probe("pallas") is None  # interpret mode on CPU
+  assert pallas_kernels.probe("pallas_prefill") is None
 
   def broken(*args, **kwargs):
     raise RuntimeError("lowering failed: no such op")
 
   def wrong_for_decode(q, *args, **kwargs):  # right for chunks, wrong for a single query
-    res = A._xla_attention(q, *args, **kwargs)
+    res = A.xla_attention(q, *args, **kwargs)
     return res._replace(out=res.out + (q.shape[1] == 1))
 
   A.register("broken_test", broken)
   A.register("wrong_decode_test", wrong_for_decode)
   try:
-    assert "lowering failed" in pallas_kernels._probe("broken_test")
-    assert "wrong result" in pallas_kernels._probe("wrong_decode_test")
+    assert "lowering failed" in pallas_kernels.probe("broken_test")
+    assert "wrong result" in pallas_kernels.probe("wrong_decode_test")
   finally:
-    A._REGISTRY.pop("broken_test")
-    A._REGISTRY.pop("wrong_decode_test")
+    A.unregister("broken_test")
+    A.unregister("wrong_decode_test")
 
 
 @pytest.mark.slow
@@ -71,10 +73,8 @@ def test_larger_sweep(t, s):
     if t * (4 // kvh) > 64:
       continue
     q, k, v, qp, kp = make_inputs(t=t, s=s, kvh=kvh, seed=s + t)
-    want = reference(q, k, v, qp, kp, window=window, num_sinks=sinks, return_key_mass=True)
+    want = numpy_reference(q, k, v, qp, kp, window=window, num_sinks=sinks, return_key_mass=True)
+    spec = A.AttentionSpec(window=window, num_sinks=sinks)
     for blocks in (DecodeBlockSizes(), DecodeBlockSizes(block_k=32, num_splits=16)):
-      out, lse, mass = decode_attention(q, k, v, qp, kp, window=window, num_sinks=sinks, blocks=blocks,
-                                        interpret=True, return_key_mass=True)  # fmt: skip
-      np.testing.assert_allclose(out, want.out, atol=2e-5)
-      np.testing.assert_allclose(lse, want.lse, atol=2e-5)
-      np.testing.assert_allclose(mass, want.key_mass, atol=2e-5)
+      got = decode_attention(q, k, v, qp, kp, spec=spec, blocks=blocks, interpret=True, return_key_mass=True)
+      assert_matches(A.AttentionResult(*got), want, q.dtype, key_mass=True)

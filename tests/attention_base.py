@@ -1,5 +1,7 @@
 """A shared test base for attention implementations: every implementation (the XLA reference through the
-dispatcher, each Pallas kernel in interpret mode) runs the same cases against ``_xla_attention``.
+dispatcher, each Pallas kernel in interpret mode) runs the same cases against ``numpy_reference``, an independent
+NumPy/float64 computation written here from the definition of the mask (itself checked on a hand-computed case
+in ``test_attention_impls.py``).
 
 Subclass ``AttentionImplBase``, set ``IMPL`` and, if needed, override ``run`` (e.g. to pass small block sizes so
 that the block-skipping paths are exercised at interpret-mode sizes) and ``QUERY_LENGTHS``.
@@ -14,6 +16,7 @@ import pytest
 
 from jstream.ops import attention as A
 
+# Against the float64 reference, on the same (possibly bf16-rounded) input values.
 TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 # (kv heads of 4 query heads, num_sinks, window): GQA ratios 1, 2, 4; sinks 0, 1, 4; windows below and above t.
@@ -39,12 +42,62 @@ def make_inputs(b=2, t=5, s=37, n=4, kvh=2, h=16, dtype=jnp.float32, seed=0):
   return q, k, v, jnp.asarray(qp), jnp.asarray(kp)
 
 
-def reference(q, k, v, qp, kp, **kw):
-  return A._xla_attention(
-    q, k, v, qp, kp, window=kw.get("window"), num_sinks=kw.get("num_sinks", 0), scale=q.shape[-1] ** -0.5,
-    kv_layout="bskh", v_layout="bskh", mask_values=True, out_dtype=q.dtype, return_lse=True,
-    return_key_mass=kw.get("return_key_mass", False),
-  )  # fmt: skip
+def numpy_reference(q, k, v, qp, kp, *, window=None, num_sinks=0, scale=None, return_key_mass=False):
+  """Attention in float64 NumPy, one query row and head at a time, with the mask written out from its definition.
+
+  Args:
+    q: ``[b, t, n, h]``; k, v: ``[b, s, k, h]`` (the public layout); qp ``[b, t]``, kp ``[b, s]`` int positions.
+    window, num_sinks, scale: as for ``jstream.ops.attention.attention``.
+    return_key_mass: also sum each key's probability over queries and the query heads of its kv group.
+
+  Returns:
+    ``A.AttentionResult`` of float64 NumPy arrays: ``out [b, t, n, h]`` (zeros where nothing is visible),
+    ``lse [b, t, n]`` (``-inf`` there) and ``key_mass [b, s, k]`` or None.
+  """
+  q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))  # bf16 values exactly
+  qp, kp = np.asarray(qp), np.asarray(kp)
+  b, t, n, h = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  g = n // kvh
+  scale = h**-0.5 if scale is None else scale
+  out = np.zeros((b, t, n, v.shape[-1]))
+  lse = np.full((b, t, n), -np.inf)
+  mass = np.zeros((b, s, kvh))
+  for bi in range(b):
+    for ti in range(t):
+      i = qp[bi, ti]
+      seen = [
+        j
+        for j in range(s)
+        if i >= 0
+        and kp[bi, j] >= 0
+        and kp[bi, j] <= i
+        and (window is None or i - kp[bi, j] < window or kp[bi, j] < num_sinks)
+      ]
+      if not seen:
+        continue
+      for ni in range(n):
+        kh = ni // g
+        scores = np.array([q[bi, ti, ni] @ k[bi, j, kh] for j in seen]) * scale
+        top = scores.max()
+        w = np.exp(scores - top)
+        total = w.sum()
+        out[bi, ti, ni] = (w[:, None] * v[bi, seen, kh]).sum(0) / total
+        lse[bi, ti, ni] = top + np.log(total)
+        mass[bi, seen, kh] += w / total
+  return A.AttentionResult(out, lse, mass if return_key_mass else None)
+
+
+def assert_matches(got, want, dtype, *, key_mass=False):
+  """``got`` (an implementation's ``AttentionResult``) against ``numpy_reference``'s, with dtype tolerances;
+  the lse must be ``-inf`` exactly where the reference's is."""
+  tol = TOL[jnp.dtype(dtype).type]
+  np.testing.assert_allclose(np.asarray(got.out, np.float64), want.out, **tol)
+  finite = np.isfinite(want.lse)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), finite)
+  np.testing.assert_allclose(np.asarray(got.lse, np.float64)[finite], want.lse[finite], **tol)
+  if key_mass:
+    np.testing.assert_allclose(np.asarray(got.key_mass, np.float64), want.key_mass, **tol)
 
 
 class AttentionImplBase:
@@ -61,12 +114,14 @@ class AttentionImplBase:
     for t in self.QUERY_LENGTHS:
       q, k, v, qp, kp = make_inputs(t=t, kvh=kvh, dtype=dtype, seed=t + kvh)
       got = self.run(q, k, v, qp, kp, window=window, num_sinks=num_sinks)
-      want = reference(q, k, v, qp, kp, window=window, num_sinks=num_sinks)
-      tol = TOL[jnp.dtype(dtype).type]
-      np.testing.assert_allclose(got.out.astype(jnp.float32), want.out.astype(jnp.float32), **tol)
-      finite = np.isfinite(np.asarray(want.lse))
-      np.testing.assert_array_equal(np.isfinite(np.asarray(got.lse)), finite)
-      np.testing.assert_allclose(np.asarray(got.lse)[finite], np.asarray(want.lse)[finite], **tol)
+      assert got.out.dtype == dtype
+      assert_matches(got, numpy_reference(q, k, v, qp, kp, window=window, num_sinks=num_sinks), dtype)
+
+  def test_scale_and_out_dtype(self):
+    q, k, v, qp, kp = make_inputs(t=self.QUERY_LENGTHS[0], seed=8)
+    got = self.run(q, k, v, qp, kp, window=6, num_sinks=1, scale=0.7, out_dtype=jnp.bfloat16)
+    assert got.out.dtype == jnp.bfloat16 and got.lse.dtype == jnp.float32
+    assert_matches(got, numpy_reference(q, k, v, qp, kp, window=6, num_sinks=1, scale=0.7), jnp.bfloat16)
 
   def test_rows_with_nothing_to_attend(self):
     q, k, v, qp, kp = make_inputs(t=self.QUERY_LENGTHS[0])
@@ -89,11 +144,15 @@ class AttentionImplBase:
     b = self.run(q, jnp.swapaxes(k, 1, 2), jnp.moveaxis(v, 1, 3), qp, kp, window=5, num_sinks=2,
                  kv_layout="bksh", v_layout="bkhs")  # fmt: skip
     np.testing.assert_allclose(a.out, b.out, atol=1e-6)
+    assert_matches(b, numpy_reference(q, k, v, qp, kp, window=5, num_sinks=2), jnp.float32)
 
   def test_gradients_match_reference(self):
+    """Gradients through ``out`` and ``lse`` against autodiff of the XLA reference (``jstream.ops.attention.
+    xla_attention``, itself checked against NumPy above and against finite differences in test_attention.py)."""
     q, k, v, qp, kp = make_inputs(b=1, t=self.QUERY_LENGTHS[0], s=19, seed=5)
     w_out = jax.random.normal(jax.random.key(9), q.shape)
     w_lse = jax.random.normal(jax.random.key(10), q.shape[:3])
+    spec = A.AttentionSpec(window=4, num_sinks=1)
 
     def loss(fn, q, k, v):
       res = fn(q, k, v)
@@ -102,7 +161,7 @@ class AttentionImplBase:
 
     ours = jax.grad(lambda q, k, v: loss(lambda *a: self.run(*a, qp, kp, window=4, num_sinks=1), q, k, v),
                     argnums=(0, 1, 2))(q, k, v)  # fmt: skip
-    ref = jax.grad(lambda q, k, v: loss(lambda *a: reference(*a, qp, kp, window=4, num_sinks=1), q, k, v),
+    ref = jax.grad(lambda q, k, v: loss(lambda *a: A.xla_attention(*a, qp, kp, spec), q, k, v),
                    argnums=(0, 1, 2))(q, k, v)  # fmt: skip
     for a, b in zip(ours, ref):
       np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
@@ -118,5 +177,16 @@ class AttentionImplBase:
       pytest.skip("this implementation defers key mass to another")
     q, k, v, qp, kp = make_inputs(t=self.QUERY_LENGTHS[0], seed=7)
     got = self.run(q, k, v, qp, kp, window=5, num_sinks=1, return_key_mass=True)
-    want = reference(q, k, v, qp, kp, window=5, num_sinks=1, return_key_mass=True)
-    np.testing.assert_allclose(got.key_mass, want.key_mass, atol=2e-5)
+    want = numpy_reference(q, k, v, qp, kp, window=5, num_sinks=1, return_key_mass=True)
+    assert_matches(got, want, jnp.float32, key_mass=True)
+
+  def test_bf16_key_mass_is_accumulated_in_f32(self):
+    """Key mass from bf16 inputs: scores, probabilities and the sum over queries stay float32, so it equals the
+    float64 computation on the same (bf16) values to float32 accuracy, not bf16's (~1e-2)."""
+    if not self.SUPPORTS_KEY_MASS:
+      pytest.skip("this implementation defers key mass to another")
+    q, k, v, qp, kp = make_inputs(t=self.QUERY_LENGTHS[-1], kvh=1, dtype=jnp.bfloat16, seed=17)
+    got = self.run(q, k, v, qp, kp, window=9, num_sinks=2, return_key_mass=True)
+    assert got.key_mass.dtype == jnp.float32
+    want = numpy_reference(q, k, v, qp, kp, window=9, num_sinks=2, return_key_mass=True)
+    np.testing.assert_allclose(np.asarray(got.key_mass, np.float64), want.key_mass, atol=2e-5, rtol=2e-5)

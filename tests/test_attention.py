@@ -4,42 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_base import numpy_reference
 
 from jstream.ops import attention as A
 
 
 def _rand(shape, seed, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
-
-
-def _numpy_attention(q, k, v, qp, kp, window=None, num_sinks=0):
-  """Independent float64 loop reference ([b, t, n, h] / [b, s, k, h])."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  g = n // kh
-  out = np.zeros((b, t, n, v.shape[-1]))
-  lse = np.full((b, t, n), -np.inf)
-  for bi in range(b):
-    for ti in range(t):
-      for ni in range(n):
-        qpos = qp[bi, ti]
-        vis = [
-          j
-          for j in range(k.shape[1])
-          if qpos >= 0
-          and kp[bi, j] >= 0
-          and kp[bi, j] <= qpos
-          and (window is None or qpos - kp[bi, j] < window or kp[bi, j] < num_sinks)
-        ]
-        if not vis:
-          continue
-        s = np.array([q[bi, ti, ni] @ k[bi, j, ni // g] for j in vis]) / np.sqrt(h)
-        m = s.max()
-        p = np.exp(s - m)
-        out[bi, ti, ni] = (p[:, None] * v[bi, vis, ni // g]).sum(0) / p.sum()
-        lse[bi, ti, ni] = m + np.log(p.sum())
-  return out, lse
 
 
 def test_hand_computed_case():
@@ -72,7 +43,7 @@ def test_matches_loop_reference(window, num_sinks, kv_heads):
     num_sinks=num_sinks,
     return_lse=True,
   )
-  ref_out, ref_lse = _numpy_attention(q, k, v, qp, kp, window, num_sinks)
+  ref_out, ref_lse, _ = numpy_reference(q, k, v, qp, kp, window=window, num_sinks=num_sinks)
   np.testing.assert_allclose(res.out, ref_out, atol=2e-6)
   np.testing.assert_allclose(res.lse, ref_lse, atol=2e-6)
 
@@ -206,8 +177,8 @@ def test_repeated_runs_are_bit_identical():
 def test_dispatch_falls_back_and_reports():
   calls = []
 
-  def picky(*args, **kwargs):
-    calls.append(kwargs["window"])
+  def picky(q, k, v, q_positions, k_positions, spec, **kwargs):
+    calls.append(spec.window)
     raise NotImplementedError("only full attention")
 
   A.register("picky_test", picky, platforms=("cpu",), priority=10)
@@ -220,7 +191,7 @@ def test_dispatch_falls_back_and_reports():
     with pytest.raises(NotImplementedError, match="only full attention"):
       A.attention(q, q, q, q_positions=pos, k_positions=pos, impl="picky_test")
   finally:
-    A._REGISTRY.pop("picky_test")
+    A.unregister("picky_test")
   with pytest.raises(ValueError, match="unknown attention impl"):
     A.attention(q, q, q, q_positions=pos, k_positions=pos, impl="nope")
 
@@ -244,3 +215,52 @@ def test_bad_input_raises(kwargs, err):
   kp = jnp.zeros((kwargs["k"][0], kwargs["k"][1]), jnp.int32)
   with pytest.raises((ValueError, TypeError), match=err):
     A.attention(q, k, k, q_positions=qp, k_positions=kp, window=kwargs.get("window"))
+
+
+@pytest.mark.parametrize(
+  "kwargs,err",
+  [
+    (dict(window=0), "window"),
+    (dict(window=2.5), "window"),
+    (dict(window=True), "window"),
+    (dict(num_sinks=-1), "num_sinks"),
+    (dict(scale=float("nan")), "scale"),
+    (dict(scale="0.5"), "scale"),
+    (dict(kv_layout="bkhs"), "kv_layout"),
+    (dict(v_layout="bhks"), "v_layout"),
+    (dict(out_dtype=jnp.int32), "out_dtype"),
+    (dict(mask_values=None), "mask_values"),
+  ],
+)
+def test_spec_is_validated_at_construction(kwargs, err):
+  with pytest.raises((ValueError, TypeError), match=err):
+    A.AttentionSpec(**kwargs)
+
+
+def test_spec_is_hashable_normalised_and_resolved_from_the_queries():
+  a = A.AttentionSpec(window=np.int64(4), num_sinks=2, kv_layout="bksh", out_dtype="bfloat16")
+  b = A.AttentionSpec(window=4, num_sinks=2, kv_layout="bksh", v_layout="bksh", out_dtype=jnp.bfloat16)
+  assert a == b and hash(a) == hash(b) and type(a.window) is int
+  assert a.v_layout == "bksh" and not a.v_slots_last and a.replace(v_layout="bkhs").v_slots_last
+  q = jnp.zeros((1, 2, 2, 16), jnp.float32)
+  r = A.AttentionSpec(window=4).resolved(q)
+  assert r.scale == 0.25 and r.out_dtype == jnp.float32
+  assert A.AttentionSpec(scale=2, out_dtype=jnp.float16).resolved(q) == A.AttentionSpec(scale=2.0, out_dtype="float16")
+  f = jax.jit(lambda x, spec: x * spec.scale, static_argnames="spec")  # a static argument of jit
+  assert float(f(jnp.ones(()), spec=r)) == 0.25
+
+
+@pytest.mark.parametrize("window,num_sinks", [(None, 0), (3, 0), (3, 2), (1, 1), (6, 4)])
+def test_block_exclusion_is_exact_on_ranges_of_positions(window, num_sinks):
+  """``excludes_all`` on a query block and a key block holding every position of their ranges is true exactly
+  when ``visible`` is false for every pair (so kernels skip no block that has a visible pair, and compute no block
+  that has none)."""
+  spec = A.AttentionSpec(window=window, num_sinks=num_sinks)
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    qmin, kmin = rng.integers(0, 12, 2)
+    qmax, kmax = qmin + rng.integers(0, 4), kmin + rng.integers(0, 4)
+    qs, ks = np.arange(qmin, qmax + 1), np.arange(kmin, kmax + 1)
+    any_visible = bool(np.any(spec.visible(qs[:, None], ks[None, :])))
+    assert bool(spec.excludes_all(qmin, qmax, kmin, kmax)) == (not any_visible), (qmin, qmax, kmin, kmax)
+  assert spec.excludes_all(0, 5, 0, -1) and spec.excludes_all(-1, -1, 0, 3)  # a block without valid positions
