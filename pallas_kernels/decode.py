@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jstream.ops.attention import AttentionSpec
+from jstream.ops.attention import AttentionSpec, Keys, Values
+from jstream.typing import Array, Float, Int
 from pallas_kernels import common
 
 
@@ -174,17 +175,17 @@ _differentiable = common.with_reference_vjp(_forward)
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret", "return_key_mass"))
 def decode_attention(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: Int[Array, "b _"],
   *,
   spec: AttentionSpec,
   blocks: DecodeBlockSizes = DecodeBlockSizes(),
   interpret: bool = False,
   return_key_mass: bool = False,
-):
+) -> tuple[Float[Array, "b t n _"], Float[Array, "b t n"], Float[Array, "b _ _"] | None]:
   """Split-K decode attention; returns ``(out [b, t, n, h], lse [b, t, n], key_mass or None)``.
 
   Args:

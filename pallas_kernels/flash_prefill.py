@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jstream.ops.attention import AttentionSpec
+from jstream.ops.attention import AttentionSpec, Keys, Values
+from jstream.typing import Array, Float, Int
 from pallas_kernels import common
 
 
@@ -249,16 +250,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret"))
 def flash_attention(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: Int[Array, "b _"],
   *,
   spec: AttentionSpec,
   blocks: BlockSizes = BlockSizes(),
   interpret: bool = False,
-):
+) -> tuple[Float[Array, "b t n _"], Float[Array, "b t n"]]:
   """Flash attention with the position-derived mask; returns ``(out [b, t, n, h], lse [b, t, n])``.
 
   Args:

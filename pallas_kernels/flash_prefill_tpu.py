@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jstream.ops.attention import AttentionSpec
+from jstream.ops.attention import AttentionSpec, Keys, Values
+from jstream.typing import Array, Float, Int
 from pallas_kernels import common
 from pallas_kernels.flash_prefill import BlockSizes
 
@@ -134,16 +135,16 @@ _differentiable = common.with_reference_vjp(_forward)
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret"))
 def flash_attention_tpu(
-  q,
-  k,
-  v,
-  q_positions,
-  k_positions,
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: Int[Array, "b _"],
   *,
   spec: AttentionSpec,
   blocks: BlockSizes = TPU_BLOCKS,
   interpret=False,
-):
+) -> tuple[Float[Array, "b t n _"], Float[Array, "b t n"]]:
   """TPU prefill flash attention; returns ``(out [b, t, n, h], lse [b, t, n])``.
 
   Args:

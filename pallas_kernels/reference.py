@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jstream.ops.attention import AttentionSpec
+from jstream.ops.attention import AttentionSpec, Keys, Values
+from jstream.typing import Array, Float, Int
 from pallas_kernels import common
 
 
@@ -39,7 +40,15 @@ def _probs(q, k, q_positions, k_positions, spec: AttentionSpec):
   return probs, lse, vis
 
 
-def attention(q, k, v, q_positions, k_positions, *, spec: AttentionSpec):
+def attention(
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: Int[Array, "b _"],
+  *,
+  spec: AttentionSpec,
+) -> tuple[Float[Array, "b t n _"], Float[Array, "b t n"]]:
   """``(out [b, t, n, h], lse [b, t, n])``: what ``flash_attention`` and ``flash_attention_tpu`` return.
 
   A query that sees nothing gets zeros and ``lse = -inf``; masked slots never reach the output, whatever they
@@ -49,7 +58,16 @@ def attention(q, k, v, q_positions, k_positions, *, spec: AttentionSpec):
   return out, lse
 
 
-def decode(q, k, v, q_positions, k_positions, *, spec: AttentionSpec, return_key_mass: bool = False):
+def decode(
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: Int[Array, "b _"],
+  *,
+  spec: AttentionSpec,
+  return_key_mass: bool = False,
+) -> tuple[Float[Array, "b t n _"], Float[Array, "b t n"], Float[Array, "b _ _"] | None]:
   """``(out, lse, key_mass or None)``: what ``decode_attention`` returns.
 
   ``key_mass`` is the attention probability each slot received, summed over the queries and over the query heads

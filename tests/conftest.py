@@ -170,3 +170,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     os.environ.pop("TMPDIR", None)
   else:
     os.environ["TMPDIR"] = previous
+
+
+@contextlib.contextmanager
+def library_checks_only():
+  """Runs the block with the test suite's runtime shape/type checks (jaxtyping + beartype) switched off.
+
+  For tests of the errors jstream itself raises on bad input: what a user, who runs without the checker, sees.
+  """
+  import jaxtyping
+
+  before = jaxtyping.config.jaxtyping_disable
+  jaxtyping.config.update("jaxtyping_disable", True)
+  try:
+    yield
+  finally:
+    jaxtyping.config.update("jaxtyping_disable", before)

@@ -20,6 +20,7 @@ rollback, visibility) are in ``jstream.cache.rows``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import NamedTuple
 
 import jax
@@ -41,6 +42,9 @@ class Geometry(NamedTuple):
   stacked: bool = True
 
 
+# A pytree node: JAX rebuilds it with placeholder leaves (``jax.eval_shape``, tree maps), so its field shapes are
+# documentation and are not checked at run time; the functions that take and return it are checked.
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -10,6 +10,7 @@ alike.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import ClassVar
 
 import jax
@@ -19,7 +20,7 @@ from jstream._compat import is_concrete
 from jstream.cache import planner as plan_lib
 from jstream.cache.policies import Policy
 from jstream.checks import check_int
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Bool, Float, Int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Recompute(Policy):
     )
 
 
+# A pytree node: JAX rebuilds it with placeholder leaves (``jax.eval_shape``, tree maps), so its field shapes are
+# documentation and are not checked at run time; the functions that take and return it are checked.
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenCache:
@@ -67,10 +71,10 @@ class TokenCache:
     policy: the ``Recompute`` policy (static).
   """
 
-  tokens: Array
-  idx: Array
-  count: Array
-  next_pos: Array
+  tokens: Int[Array, "b s"]
+  idx: Int[Array, "b s"]
+  count: Int[Array, " b"]
+  next_pos: Int[Array, " b"]
   policy: Policy = dataclasses.field(metadata=dict(static=True))
 
   @property
@@ -89,7 +93,9 @@ class TokenCache:
   def check_model(self, geometry) -> None:
     del geometry  # token ids fit any model
 
-  def step(self, model, tokens: Array, segment_ids: Array | None) -> tuple[Array, TokenCache]:
+  def step(
+    self, model, tokens: Int[Array, "b t"], segment_ids: Int[ArrayLike, "b t"] | None
+  ) -> tuple[Float[Array, "b t v"], TokenCache]:
     """One forward over the window per token; padding (``segment_ids == -1``) leaves the cache as it was (its
     logits are those of the window with it appended).
 
@@ -134,14 +140,14 @@ class TokenCache:
     cache, logits = jax.lax.scan(one, self, (tokens.T, valid.T))
     return jnp.swapaxes(logits, 0, 1), cache
 
-  def reset_rows(self, sel: Array, start: Array) -> TokenCache:
+  def reset_rows(self, sel: Bool[Array, " b"], start: Int[Array, " b"]) -> TokenCache:
     return self.replace(
       idx=jnp.where(sel[:, None], -1, self.idx),
       count=jnp.where(sel, 0, self.count),
       next_pos=jnp.where(sel, start, self.next_pos),
     )
 
-  def rollback_rows(self, n: Array, sel: Array) -> TokenCache:
+  def rollback_rows(self, n: Int[Array, " b"], sel: Bool[Array, " b"]) -> TokenCache:
     n = jnp.where(sel, jnp.clip(n, 0, self.count), 0)
     gone = (self.idx >= 0) & (self.idx >= (self.count - n)[:, None])
     return self.replace(

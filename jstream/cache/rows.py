@@ -16,13 +16,13 @@ import numpy as np
 
 from jstream._compat import is_concrete
 from jstream.cache.policies import layout, slot_track
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Bool, Int
 
 if TYPE_CHECKING:
   from jstream.cache.kv import KVCache
 
 
-def start_positions(start_position, batch_size: int) -> Array:
+def start_positions(start_position: Int[ArrayLike, " b"] | Int[ArrayLike, ""], batch_size: int) -> Int[Array, " b"]:
   """``start_position`` (a scalar or ``[b]``) as int32 ``[b]``; negative concrete values are an error."""
   start = jnp.broadcast_to(jnp.asarray(start_position, jnp.int32), (batch_size,))
   if is_concrete(start) and bool(jnp.any(start < 0)):
@@ -30,7 +30,7 @@ def start_positions(start_position, batch_size: int) -> Array:
   return start
 
 
-def rows_mask(rows, batch_size: int) -> Array:
+def rows_mask(rows: ArrayLike | None, batch_size: int) -> Bool[Array, " b"]:
   """``[b]`` bool selection from a bool mask ``[b]``, row indices, or None (all rows)."""
   if rows is None:
     return jnp.ones((batch_size,), bool)
@@ -72,7 +72,7 @@ def rollback(cache, n, rows=None):
 # ------------------------------------------------------------------------------------------------ KV caches
 
 
-def reset_kv(cache: KVCache, sel: Array, start: Array) -> KVCache:
+def reset_kv(cache: KVCache, sel: Bool[Array, " b"], start: Int[Array, " b"]) -> KVCache:
   """``reset`` of a ``KVCache``: ``sel [b]`` rows restart at stream position ``start [b]``."""
   b = cache.batch_size
   idx = jnp.where(sel[:, None], -1, cache.idx)
@@ -89,7 +89,7 @@ def reset_kv(cache: KVCache, sel: Array, start: Array) -> KVCache:
   return cache.replace(k=k, v=v, idx=idx, pos=pos, count=count, next_pos=next_pos)
 
 
-def rollback_kv(cache: KVCache, n: Array, sel: Array) -> KVCache:
+def rollback_kv(cache: KVCache, n: Int[Array, " b"], sel: Bool[Array, " b"]) -> KVCache:
   """``rollback`` of a ``KVCache`` by ``n [b]`` tokens in the ``sel [b]`` rows."""
   held = jnp.sum(cache.count, axis=1)  # tokens since the reset
   n = jnp.where(sel, jnp.clip(n, 0, held), 0)
@@ -109,7 +109,7 @@ def rollback_kv(cache: KVCache, n: Array, sel: Array) -> KVCache:
   )
 
 
-def visible(cache: KVCache, query_idx: Array | None = None) -> Array:
+def visible(cache: KVCache, query_idx: Int[Array, "b m"] | None = None) -> Bool[Array, "b s"]:
   """``[b, s]`` bool: the slots a next token of track 0 would attend (valid, within window or sink).
 
   For multi-track policies pass ``query_idx [b, m]`` (track indices of the query in each track); default: the

@@ -143,7 +143,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
   )
 
 
-def rerotate(plan: cache_lib.Plan, k: Array, *, rope_base: float) -> Array:
+def rerotate(plan: cache_lib.Plan, k: Array | tuple[Array, ...], *, rope_base: float) -> Array | tuple[Array, ...]:
   """Rotates the ring keys of rebased tracks back by the rebase shift (``cache_relative`` mode only).
 
   ``k`` is the key buffer (stacked ``[l, b, k, s, h]`` or a tuple of per-layer ``[b, k, s, h]``). The rotation
@@ -175,8 +175,8 @@ def rerotate(plan: cache_lib.Plan, k: Array, *, rope_base: float) -> Array:
 
 def attend(
   ctx: Context,
-  kbuf: Array,
-  vbuf: Array,
+  kbuf: Array | tuple[Array, ...],
+  vbuf: Array | tuple[Array, ...],
   layer,
   q: Array,
   k: Array,
@@ -184,7 +184,7 @@ def attend(
   *,
   impl,
   sink_part=None,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array | tuple[Array, ...], Array | tuple[Array, ...]]:
   """Attention of one layer over cache + chunk, with the cache writes of that layer.
 
   Args:

@@ -51,7 +51,15 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from jstream.checks import check_int
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Bool, Float, Int
+
+# Keys and values come in the layouts ``kv_layout`` / ``v_layout`` name, so their middle dimensions are checked by
+# ``AttentionSpec.check_inputs``, not by the annotation (``_``: see ``jstream.typing``).
+Queries = Float[ArrayLike, "b t n h"]
+Keys = Float[ArrayLike, "b _ _ h"]
+Values = Float[ArrayLike, "b _ _ _"]
+QueryPositions = Int[ArrayLike, "b t"]
+KeyPositions = Int[ArrayLike, "b _"] | Int[ArrayLike, "b _ _"]
 
 KVLayout = Literal["bskh", "bksh"]
 VLayout = Literal["bskh", "bksh", "bkhs"]
@@ -138,7 +146,7 @@ class AttentionSpec:
 
   # ------------------------------------------------------------------------------------------- the mask
 
-  def visible(self, q_pos: Array, k_pos: Array) -> Array:
+  def visible(self, q_pos: Int[ArrayLike, "*q"], k_pos: Int[ArrayLike, "*k"]) -> Bool[ArrayLike, "*qk"]:
     """Elementwise visibility of keys at ``k_pos`` to queries at ``q_pos`` (broadcasting arrays of positions).
 
     The one definition of the mask (see the module docstring); every implementation calls it.
@@ -167,7 +175,7 @@ class AttentionSpec:
       skip = skip | too_old
     return skip
 
-  def mask(self, q_positions: Array, k_positions: Array) -> Array:
+  def mask(self, q_positions: Int[Array, "b t"], k_positions: KeyPositions) -> Bool[Array, "b _ t _"]:
     """Boolean visibility ``[b, 1 | k, t, s]`` of ``k_positions [b, s]`` (or ``[b, k, s]``) to ``q_positions
     [b, t]``."""
     qp = q_positions[:, None, :, None]  # [b, 1, t, 1]
@@ -176,7 +184,9 @@ class AttentionSpec:
 
   # ------------------------------------------------------------------------------------------- inputs
 
-  def check_inputs(self, q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array) -> None:
+  def check_inputs(
+    self, q: Queries, k: Keys, v: Values, q_positions: QueryPositions, k_positions: KeyPositions
+  ) -> None:
     """Raises a clear ``ValueError`` / ``TypeError`` unless the arrays fit this spec and each other."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
       raise ValueError(f"q, k, v must be 4-D; got shapes {q.shape}, {k.shape}, {v.shape}")
@@ -214,22 +224,24 @@ class AttentionResult(NamedTuple):
       group: ``[b, s, k]`` for ``kv_layout="bskh"``, ``[b, k, s]`` for ``"bksh"``. Float32.
   """
 
-  out: Array
-  lse: Array | None = None
-  key_mass: Array | None = None
+  out: Float[Array, "b t n _"]
+  lse: Float[Array, "b t n"] | None = None
+  key_mass: Float[Array, "b _ _"] | None = None
 
 
-def attention_mask(q_positions: Array, k_positions: Array, *, window: int | None = None, num_sinks: int = 0) -> Array:
+def attention_mask(
+  q_positions: Int[Array, "b t"], k_positions: KeyPositions, *, window: int | None = None, num_sinks: int = 0
+) -> Bool[Array, "b _ t _"]:
   """Boolean visibility mask ``[b, 1 | k, t, s]`` from positions (``AttentionSpec.mask``)."""
   return AttentionSpec(window=window, num_sinks=num_sinks).mask(q_positions, k_positions)
 
 
 def xla_attention(
-  q: Array,
-  k: Array,
-  v: Array,
-  q_positions: Array,
-  k_positions: Array,
+  q: Float[Array, "b t n h"],
+  k: Keys,
+  v: Values,
+  q_positions: Int[Array, "b t"],
+  k_positions: KeyPositions,
   spec: AttentionSpec,
   *,
   return_lse: bool = True,
@@ -438,12 +450,12 @@ register("xla", xla_attention, platforms=("cpu", "gpu", "tpu"), priority=-100)
 
 
 def attention(
-  q: Array,
-  k: Array,
-  v: Array,
+  q: Queries,
+  k: Keys,
+  v: Values,
   *,
-  q_positions: Array,
-  k_positions: Array,
+  q_positions: QueryPositions,
+  k_positions: KeyPositions,
   window: int | None = None,
   num_sinks: int = 0,
   scale: float | None = None,
@@ -454,7 +466,7 @@ def attention(
   return_lse: bool = False,
   return_key_mass: bool = False,
   impl: str | Sequence[str] = "auto",
-) -> Array | AttentionResult:
+) -> Float[Array, "b t n _"] | AttentionResult:
   """Multi-head attention whose mask is derived from positions (see the module docstring).
 
   Args:
@@ -492,6 +504,7 @@ def attention(
     mask_values=mask_values,
   )
   spec.check_inputs(q, k, v, q_positions, k_positions)
+  q, k, v, q_positions, k_positions = (jnp.asarray(x) for x in (q, k, v, q_positions, k_positions))
   spec = spec.resolved(q)
   errors = []
   for name in resolve(impl):
@@ -509,7 +522,9 @@ def attention(
   return res.out
 
 
-def merge(parts: Sequence[tuple[Array, Array]], out_dtype=None) -> tuple[Array, Array]:
+def merge(
+  parts: Sequence[tuple[Float[Array, "b t n h"], Float[Array, "b t n"]]], out_dtype=None
+) -> tuple[Float[Array, "b t n h"], Float[Array, "b t n"]]:
   """Merges partial attentions over disjoint key sets into the attention over their union.
 
   Args:

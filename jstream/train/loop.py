@@ -16,6 +16,7 @@ import dataclasses
 import json
 import pathlib
 import time
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,8 @@ from jstream.train.losses import next_token_loss
 from jstream.train.optim import make_optimizer, schedule
 
 
+# A pytree node that JAX and orbax rebuild with placeholder leaves: not checked at run time (see jstream.typing).
+@typing.no_type_check
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
