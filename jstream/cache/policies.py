@@ -84,6 +84,10 @@ class Policy:
 class KVPolicy(Policy):
   """A policy whose cache is a ``KVCache`` of keys and values laid out in tracks."""
 
+  @property
+  def capacity(self) -> int:
+    return sum(t.size for t in self.tracks())
+
   def make_cache(self, geometry, *, batch_size, dtype, start):
     from jstream.cache.kv import init_kv  # the cache pytree module imports this one
 
@@ -104,10 +108,6 @@ class Dense(KVPolicy):
   def __post_init__(self):
     check_int("Dense.max_len", self.max_len, 1)
     check_position_mode(self.positions)
-
-  @property
-  def capacity(self) -> int:
-    return self.max_len
 
   @property
   def max_rollback(self) -> int:
@@ -140,10 +140,6 @@ class Window(KVPolicy):
     check_int("Window.max_rollback", self.max_rollback, 0)
     check_position_mode(self.positions)
 
-  @property
-  def capacity(self) -> int:
-    return self.window + self.max_rollback
-
   def tracks(self):
     return (Track(0, self.window, self.window + self.max_rollback),)
 
@@ -175,10 +171,6 @@ class SinkWindow(KVPolicy):
       )
     check_position_mode(self.positions)
 
-  @property
-  def capacity(self) -> int:
-    return self.num_sinks + self.window + self.max_rollback
-
   def tracks(self):
     return (Track(self.num_sinks, self.window, self.window + self.max_rollback),)
 
@@ -208,10 +200,6 @@ class Segmented(KVPolicy):
         raise TypeError(f"Segmented segments must be Dense, Window or SinkWindow, got {type(p).__name__}")
     object.__setattr__(self, "segments", tuple(self.segments))
     check_position_mode(self.positions)
-
-  @property
-  def capacity(self) -> int:
-    return sum(p.capacity for p in self.segments)
 
   @property
   def max_rollback(self) -> int:
