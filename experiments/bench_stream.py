@@ -106,16 +106,15 @@ class Streamer:
 
 def decode_latency(model, cache, last, steps: int, repeats: int):
   """Seconds per token of ``steps`` greedy decode steps (best of ``repeats``), and the cache after them."""
-  graphdef, state = nnx.split(model)
-  sampling = rollout.Sampling(temperature=0.0)
+  decoder = rollout.Decoder(model, steps=steps, sampling=rollout.Sampling(temperature=0.0))
   rng = jax.random.key(0)
-  out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)  # compile + warm up
+  out = decoder(cache, last, rng)  # compile + warm up
   jax.block_until_ready(out.tokens)
   best = float("inf")
   for _ in range(repeats):
     cache, last = out.cache, out.last_logits
     t0 = time.perf_counter()
-    out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)
+    out = decoder(cache, last, rng)
     jax.block_until_ready(out.tokens)
     best = min(best, time.perf_counter() - t0)
   return best / steps, out.cache, out.last_logits
@@ -158,14 +157,20 @@ def synthetic_dense(model, slots: int, filled: int):
   )
 
 
+MODELS = {
+  "tiny": dict(vocab_size=256, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64),
+  "small": dict(vocab_size=256, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024),
+  "medium": dict(vocab_size=256, num_layers=8, num_heads=8, embed_dim=512, mlp_dim=2048),
+}
+"""The benchmark's models (f32, per-layer weights): ``small`` is the default, ``medium`` 8 layers of width 512."""
+
+
+def model_config(name: str, scan_layers: bool = False) -> jstream.TransformerConfig:
+  return jstream.TransformerConfig(**MODELS[name], scan_layers=scan_layers)
+
+
 def default_config(tiny: bool) -> jstream.TransformerConfig:
-  if tiny:
-    return jstream.TransformerConfig(
-      vocab_size=256, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, scan_layers=False
-    )
-  return jstream.TransformerConfig(
-    vocab_size=256, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, scan_layers=False
-  )
+  return model_config("tiny" if tiny else "small")
 
 
 def _save(cache, path: pathlib.Path):

@@ -264,16 +264,61 @@ def _prefill(graphdef, state, tokens, lengths, cache, chunk):
   return last, cache
 
 
+class Decoder:
+  """A compiled decode loop for one model: ``steps`` sampled tokens per call, one ``lax.scan``.
+
+  ``Decoder(model, steps=n)(cache, last_logits, rng)`` is ``decode(model, cache, last_logits, steps=n, rng=rng)``
+  with the model split once, at construction, instead of at every call: what a serving loop or a benchmark that
+  calls decode many times wants. The decoder holds the model's parameters as they were when it was built (build
+  a new one after the model changes). Compiles once per cache shape and policy.
+
+  Args:
+    model: a ``StreamingTransformer``.
+    steps: tokens sampled per call.
+    sampling: how tokens are picked (``Sampling``; default: temperature 1).
+  """
+
+  def __init__(self, model, *, steps: int, sampling: Sampling = Sampling()):
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+      raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(sampling, Sampling):
+      raise TypeError(f"sampling must be a Sampling, got {sampling!r}")
+    self.steps, self.sampling = int(steps), sampling
+    self.graphdef, self.state = nnx.split(model)
+
+  def _args(self, cache, last_logits, rng):
+    rng = jax.random.key(0) if rng is None else rng
+    return (self.graphdef, self.state, cache, jnp.asarray(last_logits, jnp.float32), rng, self.steps, self.sampling)
+
+  def __call__(self, cache, last_logits, rng=None) -> GenerateOutput:
+    """Samples ``steps`` tokens from the logits after the cache's last token (the cache is donated).
+
+    Args:
+      cache: the cache (donated).
+      last_logits: ``[b, v]`` logits after the cache's last token (e.g. from ``prefill``).
+      rng: a PRNG key (default ``jax.random.key(0)``); step ``i`` uses ``fold_in(rng, i)``.
+
+    Returns:
+      ``GenerateOutput(tokens [b, steps], cache, last_logits)``.
+
+    Raises:
+      ValueError: when an absolute-position cache would run past ``2**31 - 1``.
+    """
+    _check_absolute_room(cache, self.steps)
+    return _decode(*self._args(cache, last_logits, rng))
+
+  def lower(self, cache, last_logits, rng=None) -> jax.stages.Lowered:
+    """The lowered decode program for these arguments (``.compile().as_text()`` shows the optimized loop)."""
+    return _decode.lower(*self._args(cache, last_logits, rng))
+
+
 def decode(model, cache, last_logits, *, steps: int, rng, sampling: Sampling = Sampling()) -> GenerateOutput:
   """Samples ``steps`` tokens, one per scan step, from the logits after the cache's last token.
 
-  The step's RNG is ``fold_in(rng, step)``. The cache is donated.
+  The step's RNG is ``fold_in(rng, step)``. The cache is donated. To decode many times with one model, build a
+  ``Decoder`` once.
   """
-  _check_absolute_room(cache, int(steps))
-  graphdef, state = nnx.split(model)
-  if rng is None:
-    rng = jax.random.key(0)
-  return _decode(graphdef, state, cache, jnp.asarray(last_logits, jnp.float32), rng, int(steps), sampling)
+  return Decoder(model, steps=steps, sampling=sampling)(cache, last_logits, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
