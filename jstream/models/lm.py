@@ -138,28 +138,31 @@ class StreamingTransformer(nnx.Module):
     return logits.astype(jnp.float32)
 
   def _scan_blocks(self, x: Array, carry, body):
-    """Runs ``body(block, layer, x, carry) -> (x, carry)`` over the blocks.
+    """Runs ``body(block, layer, x, carry) -> (x, carry, y)`` over the blocks; returns ``(x, carry, ys)`` with the
+    per-layer ``y`` stacked along a leading layer axis.
 
     With ``scan_layers`` (stacked weights) this is one ``lax.scan``, so tracing and compile time do not grow with
     depth; otherwise a Python loop over per-layer weights (XLA:CPU copies each layer's slice of stacked weights
-    on every call, which dominates single-token decode there; see ``benchmarks/RESULTS.md``).
+    and caches on every call: see ``scan_layers`` in ``jstream.config`` for what that costs in decode).
     """
     if not self.config.scan_layers:
+      ys = []
       for layer, block in enumerate(self.blocks):
-        x, carry = body(block, layer, x, carry)
-      return x, carry
+        x, carry, y = body(block, layer, x, carry)
+        ys.append(y)
+      return x, carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
     graphdef, params = nnx.split(self.blocks)
 
     def step(c, xs):
       x, carry = c
       p, layer = xs
       block = nnx.merge(graphdef, p)
-      x, carry = body(block, layer, x, carry)
-      return (x, carry), None
+      x, carry, y = body(block, layer, x, carry)
+      return (x, carry), y
 
     layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    (x, carry), _ = jax.lax.scan(step, (x, carry), (params, layers))
-    return x, carry
+    (x, carry), ys = jax.lax.scan(step, (x, carry), (params, layers))
+    return x, carry, ys
 
   # ------------------------------------------------------------------------------------------ calls
 
@@ -196,13 +199,31 @@ class StreamingTransformer(nnx.Module):
 
   def extend(self, tokens: Array, cache: cache_lib.KVCache, *, segment_ids=None):
     """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
-    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them."""
+    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them.
+
+    A single token (``t == 1``, decode) takes a read-only path: every layer reads the cache as it was, and the
+    keys and values of all layers are written after the last one (``jstream.nn.cached_attention``).
+    """
     t = tokens.shape[1]
     cfg = self.config
     plan = cache_lib.plan(cache, segment_ids, t)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
-    impl = cfg.attention_impl
-    x = self._embed(tokens)
+    kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
+    vbuf = plan.cache.v
+    if ctx.read_only:
+      logits, kbuf, vbuf = self._token_step(tokens, ctx, kbuf, vbuf)
+    else:
+      logits, kbuf, vbuf = self._chunk_step(tokens, ctx, kbuf, vbuf)
+    logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
+    if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
+      raise ValueError(
+        f"stream overran the cache policy {cache.policy} (a Dense cache past max_len, or absolute positions "
+        "past 2**31 - 1); use a larger cache, a sliding-window policy or positions='cache_relative'"
+      )
+    return logits, plan.after.replace(k=kbuf, v=vbuf)
+
+  def _chunk_step(self, tokens, ctx, kbuf, vbuf):
+    impl = self.config.attention_impl
 
     def body(block, layer, x, bufs):
       def attend(attn, q, k, v):
@@ -211,18 +232,40 @@ class StreamingTransformer(nnx.Module):
         )
         return out, (kb, vb)
 
-      return block(x, attend)
+      x, bufs = block(x, attend)
+      return x, bufs, None
 
-    kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
-    x, (kbuf, vbuf) = self._scan_blocks(x, (kbuf, plan.cache.v), body)
-    logits = self._head(x)
-    logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
-    if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
-      raise ValueError(
-        f"stream overran the cache policy {cache.policy} (a Dense cache past max_len, or absolute positions "
-        "past 2**31 - 1); use a larger cache, a sliding-window policy or positions='cache_relative'"
+    x, (kbuf, vbuf), _ = self._scan_blocks(self._embed(tokens), (kbuf, vbuf), body)
+    return self._head(x), kbuf, vbuf
+
+  def _token_step(self, tokens, ctx, kbuf, vbuf):
+    impl = self.config.attention_impl
+
+    def forward(mask_values):
+      def body(block, layer, x, carry):
+        def attend(attn, q, k, v):
+          out, k_rot = cached_attention.attend_token(
+            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, mask_values=mask_values, sink_part=attn.sink_part(q)
+          )
+          return out, (k_rot, v, out)
+
+        x, written = block(x, attend)
+        return x, carry, written
+
+      x, _, (ks, vs, outs) = self._scan_blocks(self._embed(tokens), None, body)
+      return self._head(x), ks, vs, outs
+
+    if cached_attention.value_guard() == "check":
+      logits, ks, vs, outs = forward(mask_values=False)
+      logits, ks, vs = jax.lax.cond(
+        jnp.all(jnp.isfinite(outs)),
+        lambda: (logits, ks, vs),
+        lambda: forward(mask_values=True)[:3],
       )
-    return logits, plan.after.replace(k=kbuf, v=vbuf)
+    else:
+      logits, ks, vs, _ = forward(mask_values=True)
+    kbuf, vbuf = cached_attention.write_token(ctx, kbuf, vbuf, ks, vs, after=logits)
+    return logits, kbuf, vbuf
 
   def forward(self, tokens, *, positions=None, window: int | None = None, num_sinks: int = 0) -> Array:
     """Offline teacher-forced forward with the mask a policy implies (the reference streaming must equal).
@@ -258,7 +301,8 @@ class StreamingTransformer(nnx.Module):
         )
         return o, None
 
-      return block(x, attend)
+      x, _ = block(x, attend)
+      return x, carry, None
 
-    x, _ = self._scan_blocks(x, None, body)
+    x, _, _ = self._scan_blocks(x, None, body)
     return self._head(x)

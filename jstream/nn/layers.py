@@ -2,10 +2,16 @@
 
 The blocks hold parameters only; attention itself (cache reads, masks, RoPE) is passed in as a function, so the
 same block serves the cached streaming path, the offline forward and the recompute baseline.
+
+Projections of a single row (single-token decode) on CPU split their contraction into one batched product per
+core (``dot_general``): XLA:CPU runs a matrix-vector product on one thread, and the batches of a batched product
+on several, so decode reads its weights with every core (``experiments/profile_decode.py``).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -14,6 +20,47 @@ from flax import nnx
 
 from jstream.config import TransformerConfig
 from jstream.typing import Array
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover (not on Linux)
+    return os.cpu_count() or 1
+
+
+def split_parts(rows: int, contraction: int, platform: str | None = None) -> int:
+  """How many partial products ``dot_general`` splits a ``[rows, contraction]`` input into: one per CPU core for a
+  single row on CPU (each part at least 32 deep, the contraction divisible), else 1."""
+  if rows != 1 or (platform or jax.default_backend()) != "cpu":
+    return 1
+  fits = [p for p in range(1, _cores() + 1) if contraction % p == 0 and contraction // p >= 32]
+  return max(fits, default=1)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs) -> Array:
+  """``lax.dot_general`` for projections ``x [..., i] @ kernel [i, o]`` (the ``dot_general`` of the model's
+  ``nnx.Linear`` layers), with the contraction of a single row on CPU split in ``split_parts`` parts: a batched
+  product of ``[p, 1, i/p] x [p, i/p, o]`` whose partial results are added in float32. Other products are plain
+  ``lax.dot_general``."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  plain = lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2 or kwargs.get("out_sharding")
+  parts = 1 if plain else split_parts(rows, lhs.shape[-1])
+  if parts == 1:
+    return jax.lax.dot_general(
+      lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kwargs
+    )
+  i, o = rhs.shape
+  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  partial = jax.lax.dot_general(
+    lhs.reshape(parts, 1, i // parts),
+    rhs.reshape(parts, i // parts, o),
+    (((2,), (1,)), ((0,), (0,))),
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )  # [p, 1, o]
+  return jnp.sum(partial, axis=0).astype(out_dtype).reshape(*lhs.shape[:-1], o)
 
 
 class RMSNorm(nnx.Module):
@@ -36,7 +83,7 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=dot_general, rngs=rngs)
     self.mlp_dim = cfg.mlp_dim
     self.gate_up = nnx.Linear(cfg.embed_dim, 2 * cfg.mlp_dim, **kw)
     self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim, **kw)
@@ -59,7 +106,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=dot_general, rngs=rngs)
     self.qkv_proj = nnx.Linear(d, (n + 2 * k) * h, **kw)
     self.o = nnx.Linear(n * h, d, **kw)
     self.learned_sink = cfg.learned_sink
