@@ -245,9 +245,24 @@ def _partials(ctx: Context, kbuf, vbuf, layer, q: Array, k: Array, v: Array, *, 
   return parts
 
 
+XP_MERGE = False
+
+
 def _merge(parts: list, sink_part, dtype) -> Array:
   if sink_part is not None:
     parts = [*parts, sink_part]
+  if XP_MERGE and len(parts) > 1:
+    m = parts[0][1]
+    for _, l in parts[1:]:
+      m = jnp.maximum(m, l)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    num, den = 0.0, 0.0
+    for o, l in parts:
+      w = jnp.exp(l - m)
+      num = num + o.astype(jnp.float32) * w[..., None]
+      den = den + w
+    out = num * jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)[..., None]
+    return out.astype(dtype)
   out = parts[0][0] if len(parts) == 1 else attn_ops.merge(parts)[0]
   return out.astype(dtype)
 
