@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -32,6 +33,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -50,6 +52,7 @@ CATEGORIES = (
   ("ops/attention.py", "", "attention: mask, softmax"),
   ("nn/cached_attention.py", "attend", "cache read: segment slices, value mask"),
   ("nn/cached_attention.py", "", "segments, masks (cached_attention.build)"),
+  ("nn/layers.py", "dot_general", "sums of split projections"),
   ("nn/layers.py", "RMSNorm", "RMSNorm"),
   ("nn/layers.py", "MLP", "MLP activation (SwiGLU)"),
   ("nn/layers.py", "Attention", "q/k/v split"),
@@ -63,6 +66,7 @@ CATEGORIES = (
 ATTENTION_DOTS = "attention dots (q.k, p.v)"
 WEIGHT_DOTS = "weight matmuls (q/k/v/out, MLP, LM head)"
 COPIES = "copies inserted by XLA"
+SPLIT_SUMS = "sums of split projections"
 _NOT_THUNKS = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "opt-barrier")
 
 
@@ -133,15 +137,18 @@ def loop_ops(hlo: str) -> dict:
       body_name = m.group(1)
   if body_name is None:
     raise RuntimeError("no while loop found in the compiled decode program")
-  ops, users = {}, collections.defaultdict(list)
+  ops, users, rank, sources = {}, collections.defaultdict(list), {}, {}
   for line in comps[body_name]:
     m = _INSTR.match(line)
     if not m:
       continue
-    name, _, opcode = m.groups()
-    operands = line[m.end() : line.find(")", m.end())]
-    for operand in re.findall(r"%([\w.\-]+)", operands):
+    name, shape, opcode = m.groups()
+    operands = re.findall(r"%([\w.\-]+)", line[m.end() : line.find(")", m.end())])
+    for operand in operands:
       users[operand].append(name)
+    dims = re.match(r"\w+\[([\d,]*)\]", shape)
+    rank[name] = len([d for d in dims.group(1).split(",") if d]) if dims else 0
+    sources[name] = (opcode, operands)
     frame = re.search(r"stack_frame_id=(\d+)", line)
     calls = re.search(r"calls=%([\w.\-]+)", line)
     callee = "\n".join(comps.get(calls.group(1), [])) if calls else ""
@@ -149,9 +156,18 @@ def loop_ops(hlo: str) -> dict:
       opcode=opcode,
       frames=chain(int(frame.group(1))) if frame else [],
       is_dot=opcode == "dot" or " dot(" in callee,
-      batched_dot="lhs_batch_dims" in line or "lhs_batch_dims" in callee,
+      reads_weights=False,
     )
-  for op in ops.values():
+
+  def source_rank(name):  # the rank of the loop-carried array an operand is a view of (0: computed here)
+    while name in sources and sources[name][0] in ("bitcast", "copy", "get-tuple-element"):
+      if sources[name][0] == "get-tuple-element":
+        return rank[name]
+      name = sources[name][1][0]
+    return 0
+
+  for name, op in ops.items():  # a dot reads weights (2-D) or cache buffers (4-D)
+    op["reads_weights"] = op["is_dot"] and any(source_rank(x) == 2 for x in sources[name][1])
     op["category"] = _category(op)
   for name, op in ops.items():  # ops the compiler left without a source location: the category of a user
     seen, todo = set(), list(users[name])
@@ -171,8 +187,8 @@ def loop_ops(hlo: str) -> dict:
 def _category(op: dict) -> str | None:
   if op["opcode"] == "copy":
     return COPIES
-  if op["is_dot"]:
-    return ATTENTION_DOTS if op["batched_dot"] else WEIGHT_DOTS
+  if op["is_dot"] and (op["reads_weights"] or not op["frames"]):
+    return WEIGHT_DOTS if op["reads_weights"] else ATTENTION_DOTS
   ours = [(f, fn) for f, fn in op["frames"] if "/jstream/" in f]
   if not ours:
     return None
@@ -207,6 +223,27 @@ def trace_ops(trace_dir: str, module: str) -> tuple[dict, float]:
 
 # ----------------------------------------------------------------------------------------------- the run
 
+VARIANTS = {
+  "shipped": {},
+  "projections not split": {"split": False},
+  "values masked by a copy": {"guard": "mask"},
+  "single tokens through the chunk path": {"read_only": False},
+  "before: chunk path, projections not split": {"read_only": False, "split": False},
+}
+"""Decode formulations timed side by side, each in a fresh process (the library's switches for measurements:
+``jstream.nn.layers.SPLIT_PLATFORMS``, ``jstream.nn.cached_attention.VALUE_GUARD`` and ``READ_ONLY_TOKENS``).
+The last is the formulation of single-token decode before issue 9."""
+
+
+def _set_knobs(split: bool = True, guard: str | None = None, read_only: bool = True) -> None:
+  from jstream.nn import cached_attention, layers
+
+  if not split:
+    layers.SPLIT_PLATFORMS = ()
+  if guard:
+    cached_attention.VALUE_GUARD[jax.default_backend()] = guard
+  cached_attention.READ_ONLY_TOKENS = read_only
+
 
 def _decode(decoder, cache, last):
   out = decoder(cache, last, jax.random.key(0))
@@ -214,23 +251,105 @@ def _decode(decoder, cache, last):
   return out
 
 
-def profile_mode(cfg, mode: str, args, out_dir: pathlib.Path) -> dict:
+def _setup(cfg, mode: str, args):
   model = jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(0))
   policy = C.SinkWindow(4, args.window, positions=mode)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.prefill), dtype=np.int32)
   cache = model.init_cache(policy, args.batch)
   last, cache = rollout.prefill(model, tokens, cache, chunk_size=min(256, policy.capacity))
   decoder = rollout.Decoder(model, steps=args.steps, sampling=rollout.Sampling(temperature=0.0))
-  out = _decode(decoder, cache, last)  # compile + warm up
-  best = float("inf")
-  for _ in range(args.rounds):
-    t0 = time.perf_counter()
-    out = _decode(decoder, out.cache, out.last_logits)
-    best = min(best, time.perf_counter() - t0)
-  weights = bench_stream._nbytes(nnx.state(model, nnx.Param))
-  cache_bytes = bench_stream._nbytes((out.cache.k, out.cache.v))
-  floor = bench_stream.memory_floor(weights + cache_bytes)
+  return model, decoder, _decode(decoder, cache, last)  # compiled and warm
 
+
+def _timed(call, rounds: int, meter, nbytes: int) -> float:
+  best = float("inf")
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - t0)
+    meter.measure(nbytes)
+  return best
+
+
+def time_variant(cfg_name: str, mode: str, knobs: dict, args: dict) -> dict:
+  """Seconds per decode step of one formulation, the copy floor measured between its rounds, and the loop's op
+  counts (runs in a fresh process: the switches are read when the step is traced)."""
+  _set_knobs(**knobs)
+  args = argparse.Namespace(**args)
+  model, decoder, out = _setup(bench_stream.model_config(cfg_name), mode, args)
+  meter, nbytes = bench_stream.FloorMeter(), bench_stream.step_bytes(model, out.cache)
+  state = {"out": out}
+
+  def call():
+    state["out"] = _decode(decoder, state["out"].cache, state["out"].last_logits)
+
+  best = _timed(call, args.rounds, meter, nbytes)
+  ops = loop_ops(decoder.lower(state["out"].cache, state["out"].last_logits).compile().as_text())
+  return dict(
+    step_s=best / args.steps,
+    floor=meter.floor(nbytes),
+    loop_ops=len(ops),
+    loop_copies=sum(1 for op in ops.values() if op["opcode"] == "copy"),
+  )
+
+
+def time_matmuls(cfg_name: str, mode: str, args: dict) -> dict:
+  """The ablation: per step, only the decode's matrix products (the same split projections, the same attention
+  dots over the same cache buffers, the softmax between them) and nothing else: what XLA:CPU's dot kernels cost
+  for the bytes a step reads."""
+  from jstream.nn import layers
+
+  args = argparse.Namespace(**args)
+  model, _, out = _setup(bench_stream.model_config(cfg_name), mode, args)
+  cfg, cache = model.config, out.cache
+  b, n, k, h = args.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  graphdef, state = nnx.split(model)
+  dims = (((1,), (0,)), ((), ()))
+
+  def proj(x, kernel):
+    return layers.dot_general(x, kernel[...], dims)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def run(state, x):
+    model = nnx.merge(graphdef, state)
+
+    def step(x, _):
+      for layer, block in enumerate(model.blocks):
+        qkv = proj(x, block.attn.qkv_proj.kernel)
+        q = qkv[:, : n * h].reshape(b, k, n // k, h)
+        s = jnp.einsum("bkgh,bksh->bkgs", q, cache.k[layer]) * h**-0.5
+        o = jnp.einsum("bkgs,bkhs->bkgh", jax.nn.softmax(s, axis=-1), cache.v[layer])
+        x = x + proj(o.reshape(b, n * h), block.attn.o.kernel)
+        gu = proj(x, block.mlp.gate_up.kernel)
+        x = x + proj(jax.nn.silu(gu[:, : cfg.mlp_dim]) * gu[:, cfg.mlp_dim :], block.mlp.down.kernel)
+        x = jnp.tanh(x)
+      return x + 1e-6 * jnp.sum(x @ model.embed.embedding[...].T), None
+
+    return jax.lax.scan(step, x, None, length=args.steps)[0]
+
+  state_x = {"x": run(state, jnp.ones((b, cfg.embed_dim), jnp.float32))}
+
+  def call():
+    state_x["x"] = run(state, state_x["x"])
+    state_x["x"].block_until_ready()
+
+  meter, nbytes = bench_stream.FloorMeter(), bench_stream.step_bytes(model, cache)
+  best = _timed(call, args.rounds, meter, nbytes)
+  return dict(step_s=best / args.steps, floor=meter.floor(nbytes))
+
+
+def profile_mode(cfg, mode: str, args, out_dir: pathlib.Path) -> dict:
+  """Times the shipped decode and records one traced call: per-op busy time by category, and op counts."""
+  model, decoder, out = _setup(cfg, mode, args)
+  meter, nbytes = bench_stream.FloorMeter(), bench_stream.step_bytes(model, out.cache)
+  state = {"out": out}
+
+  def call():
+    state["out"] = _decode(decoder, state["out"].cache, state["out"].last_logits)
+
+  best = _timed(call, args.rounds, meter, nbytes)
+  floor = meter.floor(nbytes)
+  out = state["out"]
   hlo = decoder.lower(out.cache, out.last_logits).compile().as_text()
   (out_dir / f"decode_{mode}.hlo.txt").write_text(hlo)
   thunks = loop_ops(hlo)
@@ -241,35 +360,64 @@ def profile_mode(cfg, mode: str, args, out_dir: pathlib.Path) -> dict:
     busy, loop_wall = trace_ops(trace_dir, "jit__decode")
   per_cat = collections.defaultdict(lambda: [0.0, 0])
   for name, op in thunks.items():
-    cat = op["category"]
-    per_cat[cat][0] += busy.get(name, 0.0) / args.steps
-    per_cat[cat][1] += 1
-  unmatched = sum(t for n, t in busy.items() if n not in thunks) / args.steps  # ops outside the loop body
+    per_cat[op["category"]][0] += busy.get(name, 0.0) / args.steps
+    per_cat[op["category"]][1] += 1
   rows = sorted(
     ({"category": c, "us_per_step": t * 1e6, "ops": n} for c, (t, n) in per_cat.items()),
     key=lambda r: -r["us_per_step"],
   )
   return dict(
     mode=mode,
-    ms_per_token=best / args.steps * 1e3,
+    ms_per_token=best / args.steps / args.batch * 1e3,
+    ms_per_step=best / args.steps * 1e3,
     floor=floor,
-    weights_bytes=weights,
-    cache_bytes=cache_bytes,
+    read_bytes=nbytes,
     decode_over_floor=best / args.steps / floor["read_once_s"],
     loop_ops=len(thunks),
     loop_copies=sum(1 for op in thunks.values() if op["opcode"] == "copy"),
     loop_dots=sum(1 for op in thunks.values() if op["is_dot"]),
     traced_ms_per_step=loop_wall / args.steps * 1e3,
     traced_busy_ms_per_step=sum(r["us_per_step"] for r in rows) / 1e3,
-    outside_loop_ms=unmatched * args.steps * 1e3,
     categories=rows,
   )
 
 
+def compare_variants(cfg_name: str, mode: str, args) -> list:
+  """Every ``VARIANTS`` entry and the matrix-products ablation, each in a fresh process, ``--repeats`` times in
+  turn; the best time of each counts, against the best floor of the run."""
+  import concurrent.futures
+  import multiprocessing
+
+  ctx = multiprocessing.get_context("spawn")
+  best, floor = {}, None
+  jobs = [(name, time_variant, (cfg_name, mode, knobs, vars(args))) for name, knobs in VARIANTS.items()]
+  jobs.append(("matrix products alone", time_matmuls, (cfg_name, mode, vars(args))))
+  for _ in range(args.repeats):
+    for name, fn, fn_args in jobs:
+      with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        r = pool.submit(fn, *fn_args).result()
+      if name not in best or r["step_s"] < best[name]["step_s"]:
+        best[name] = r
+      if floor is None or r["floor"]["read_once_s"] < floor["read_once_s"]:
+        floor = r["floor"]
+  rows = []
+  for name, r in best.items():
+    rows.append(
+      dict(
+        variant=name,
+        ms_per_step=r["step_s"] * 1e3,
+        decode_over_floor=r["step_s"] / floor["read_once_s"],
+        loop_ops=r.get("loop_ops"),
+        loop_copies=r.get("loop_copies"),
+      )
+    )
+  return dict(floor=floor, variants=rows)
+
+
 def print_profile(p: dict) -> None:
   print(
-    f"\n{p['mode']}: {p['ms_per_token']:.3f} ms/token, floor {p['floor']['read_once_s'] * 1e3:.3f} ms "
-    f"({(p['weights_bytes'] + p['cache_bytes']) / 2**20:.1f} MiB at {p['floor']['copy_bandwidth_gbs']:.1f} GB/s): "
+    f"\n{p['mode']}: {p['ms_per_step']:.3f} ms/step, floor {p['floor']['read_once_s'] * 1e3:.3f} ms "
+    f"({p['read_bytes'] / 2**20:.1f} MiB at {p['floor']['copy_bandwidth_gbs']:.1f} GB/s): "
     f"{p['decode_over_floor']:.2f}x the floor"
   )
   print(
@@ -282,6 +430,16 @@ def print_profile(p: dict) -> None:
     print(f"  {r['category']:<48} {r['us_per_step']:8.1f} {r['us_per_step'] / total:6.1%} {r['ops']:4d}")
 
 
+def print_variants(mode: str, c: dict) -> None:
+  fl = c["floor"]
+  print(f"\n{mode}, formulations (best of the run; floor {fl['read_once_s'] * 1e3:.3f} ms):")
+  print(f"  {'variant':<44} {'ms/step':>8} {'x floor':>8} {'thunks':>7} {'copies':>7}")
+  for r in c["variants"]:
+    ops = "" if r["loop_ops"] is None else r["loop_ops"]
+    copies = "" if r["loop_copies"] is None else r["loop_copies"]
+    print(f"  {r['variant']:<44} {r['ms_per_step']:8.3f} {r['decode_over_floor']:8.2f} {ops:>7} {copies:>7}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.profile_decode", description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/profile_decode", help="output folder")
@@ -289,23 +447,29 @@ def main(argv=None) -> int:
   parser.add_argument("--window", type=int, default=1024)
   parser.add_argument("--prefill", type=int, default=1280, help="tokens in the cache before decoding")
   parser.add_argument("--steps", type=int, default=256, help="decode steps per call")
-  parser.add_argument("--rounds", type=int, default=5, help="timed calls (the best counts)")
+  parser.add_argument("--rounds", type=int, default=5, help="timed calls per process (the best counts)")
+  parser.add_argument("--repeats", type=int, default=2, help="fresh processes per formulation, in turn")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--medium", action="store_true", help="the medium model (8 layers, width 512)")
   parser.add_argument("--tiny", action="store_true", help="a tiny model and window (smoke test)")
+  parser.add_argument("--no-variants", dest="variants", action="store_false", help="only the per-op profile")
   args = parser.parse_args(argv)
   if args.tiny:
-    args.window, args.prefill, args.steps, args.rounds = 32, 48, 16, 1
-  cfg = bench_stream.model_config("tiny" if args.tiny else "medium" if args.medium else "small")
+    args.window, args.prefill, args.steps, args.rounds, args.repeats = 32, 48, 16, 1, 1
+  cfg_name = "tiny" if args.tiny else "medium" if args.medium else "small"
+  cfg = bench_stream.model_config(cfg_name)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
-  print(f"profile_decode on {device}, jax {jax.__version__}; model {cfg}")
-  res = dict(device=device, jax=jax.__version__, args=vars(args), model=str(cfg), profiles=[])
+  print(f"profile_decode on {device}, jax {jax.__version__}; model {cfg_name}: {cfg}, batch {args.batch}")
+  res = dict(device=device, jax=jax.__version__, args=vars(args), model=str(cfg), profiles=[], variants={})
   for mode in args.modes:
     p = profile_mode(cfg, mode, args, out)
     print_profile(p)
     res["profiles"].append(p)
+    if args.variants:
+      res["variants"][mode] = compare_variants(cfg_name, mode, args)
+      print_variants(mode, res["variants"][mode])
   (out / "profile.json").write_text(json.dumps(res, indent=2))
   print(f"\nwrote {out / 'profile.json'}")
   return 0

@@ -53,6 +53,11 @@ from jstream.ops import attention as attn_ops
 from jstream.positions import apply_rope, rope_cos_sin
 from jstream.typing import Array
 
+READ_ONLY_TOKENS = True
+"""Single tokens take the read-only path (see the module docstring); ``False`` sends them through the chunk path
+like any chunk, which is what they did before (for measurements: ``experiments/profile_decode.py``). Read when a
+step is traced."""
+
 
 class Segment(NamedTuple):
   """One key set of the chunk's attention: the slots ``[lo, hi)`` of the cache, or the chunk's own keys."""
@@ -97,7 +102,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
   lay = cache_lib.layout(policy)
   cap = cache.capacity
   t = plan.seg.shape[1]
-  read_only = t == 1
+  read_only = READ_ONLY_TOKENS and t == 1
   write_first = not read_only and _write_first(policy, t)
 
   def cs(p, bound=None):
@@ -201,7 +206,7 @@ VALUE_GUARD = {"cpu": "check"}
 ``"mask"`` zeroes the values of empty slots as they are read; ``"check"`` attends the raw values and redoes the
 step with ``"mask"`` when an output is not finite (see the module docstring). On CPU zeroing is a copy of every
 value buffer, which ``"check"`` saves (``experiments/profile_decode.py``); elsewhere a kernel masks in registers
-and a conditional may cost a host round trip (unmeasured)."""
+and a conditional may cost a host round trip (unmeasured). Read when a step is traced."""
 
 
 def value_guard(platform: str | None = None) -> str:
@@ -245,24 +250,9 @@ def _partials(ctx: Context, kbuf, vbuf, layer, q: Array, k: Array, v: Array, *, 
   return parts
 
 
-XP_MERGE = False
-
-
 def _merge(parts: list, sink_part, dtype) -> Array:
   if sink_part is not None:
     parts = [*parts, sink_part]
-  if XP_MERGE and len(parts) > 1:
-    m = parts[0][1]
-    for _, l in parts[1:]:
-      m = jnp.maximum(m, l)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    num, den = 0.0, 0.0
-    for o, l in parts:
-      w = jnp.exp(l - m)
-      num = num + o.astype(jnp.float32) * w[..., None]
-      den = den + w
-    out = num * jnp.where(den > 0, 1.0 / jnp.where(den > 0, den, 1.0), 0.0)[..., None]
-    return out.astype(dtype)
   out = parts[0][0] if len(parts) == 1 else attn_ops.merge(parts)[0]
   return out.astype(dtype)
 

@@ -29,10 +29,16 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+SPLIT_PLATFORMS = ("cpu",)
+"""Platforms whose single-row projections split their contraction (``()`` turns it off, for measurements: the
+split made single-token decode about 1.5x faster on the 2-core development VM, ``experiments/profile_decode.py``).
+Read when a step is traced."""
+
+
 def split_parts(rows: int, contraction: int, platform: str | None = None) -> int:
-  """How many partial products ``dot_general`` splits a ``[rows, contraction]`` input into: one per CPU core for a
-  single row on CPU (each part at least 32 deep, the contraction divisible), else 1."""
-  if rows != 1 or (platform or jax.default_backend()) != "cpu":
+  """How many partial products ``dot_general`` splits a ``[rows, contraction]`` input into: one per core for a
+  single row on a ``SPLIT_PLATFORMS`` platform (each part at least 32 deep, the contraction divisible), else 1."""
+  if rows != 1 or (platform or jax.default_backend()) not in SPLIT_PLATFORMS:
     return 1
   fits = [p for p in range(1, _cores() + 1) if contraction % p == 0 and contraction // p >= 32]
   return max(fits, default=1)
