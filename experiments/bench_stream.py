@@ -439,6 +439,8 @@ def run(args, scratch: pathlib.Path) -> dict:
       row["floor_ms"] = fl["read_once_s"] * 1e3
       row["copy_bandwidth_gbs"] = fl["copy_bandwidth_gbs"]
       row["decode_over_floor"] = row["ms_per_step"] / row["floor_ms"]
+      alloc_floor_ms = row["read_bytes"] / (fl["alloc_copy_bandwidth_gbs"] * 1e9) * 1e3
+      row["decode_over_alloc_copy_floor"] = row["ms_per_step"] / alloc_floor_ms  # the floor before issue 9
   sink_bytes = weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4
   return dict(rows=rows, prefill=prefill, floor=meter.floor(sink_bytes), weights_bytes=weights)
 
