@@ -2,9 +2,10 @@
 
 ``logits, cache = model(tokens, cache)`` runs a chunk of any length (up to the cache capacity) against an
 explicit cache pytree and returns the updated cache: prefill, chunked streaming and single-token decode are the
-same code path. ``model.forward(tokens, window=..., num_sinks=...)`` is the offline teacher-forced reference with
-the mask a policy implies. Layers run as one ``lax.scan`` over stacked weights, with the stacked cache carried and
-updated in place.
+same code path, except that a single token takes a read-only path through the layers and writes the cache after
+the last one (``jstream.nn.cached_attention``). ``model.forward(tokens, window=..., num_sinks=...)`` is the offline
+teacher-forced reference with the mask a policy implies. Layers run as one ``lax.scan`` over stacked weights and a
+stacked cache (``scan_layers``), or unrolled over per-layer weights and cache buffers.
 """
 
 from __future__ import annotations

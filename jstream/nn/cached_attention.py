@@ -17,8 +17,8 @@ partial attention (softmax over one key: its value, with log-sum-exp ``q . k``),
 layer's key and value after the last layer (``write_token``), ordered after the reads. Then nothing writes a
 cache buffer before a dot reads it, and the dots read the loop-carried buffers in place: a segment that covers
 most of the buffer reads the whole buffer with the other slots masked out, because a slice is a copy. (A write
-before the read makes XLA:CPU duplicate the write into the dot's operand and copy every buffer; a slice of each
-layer's keys and values was about 40% of decode time: ``experiments/profile_decode.py``.)
+before the read makes XLA:CPU duplicate the write into the dot's operand and copy every buffer. Reading in place
+made single-token decode on CPU about 1.3x faster: ``experiments/profile_decode.py``.)
 
 Masks use track indices (``cache.idx``), so they are the same in both position modes. Values of empty slots
 (never written, reset, rolled back) must not reach an output even when they hold NaN, and a dot multiplies them
@@ -35,7 +35,7 @@ their (re-indexed) cache positions, for every policy whose in-cache distances be
 are stream distances, which is all of them: in ``cache_relative`` mode the window is contiguous, and the sink
 segment gets its own query frame ``min(c, S + W - 1)`` (StreamingLLM: sinks sit just before the window) while sink
 ``i`` is stored at position ``i``. Rotating at write saves a full read-modify-write of every cached key per layer
-per token (measured in ``benchmarks/RESULTS.md``). The one event that changes stored positions, the rebase of
+per token. The one event that changes stored positions, the rebase of
 track indices every ``2**29`` tokens, rotates the ring keys back by the shift (``rerotate``); a policy that
 re-indexes keys (eviction holes, retrieval) rotates the moved keys the same way.
 """
@@ -205,8 +205,8 @@ VALUE_GUARD = {"cpu": "check"}
 """How a single token keeps NaN in invisible value slots out of its output, per platform (default ``"mask"``):
 ``"mask"`` zeroes the values of empty slots as they are read; ``"check"`` attends the raw values and redoes the
 step with ``"mask"`` when an output is not finite (see the module docstring). On CPU zeroing is a copy of every
-value buffer, which ``"check"`` saves (``experiments/profile_decode.py``); elsewhere a kernel masks in registers
-and a conditional may cost a host round trip (unmeasured). Read when a step is traced."""
+value buffer, which ``"check"`` saves (decode about 1.2x faster, ``experiments/profile_decode.py``); elsewhere a
+kernel masks in registers and a conditional may cost a host round trip (unmeasured). Read when a step is traced."""
 
 
 def value_guard(platform: str | None = None) -> str:
