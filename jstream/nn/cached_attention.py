@@ -18,7 +18,7 @@ layer's key and value after the last layer (``write_token``), ordered after the 
 cache buffer before a dot reads it, and the dots read the loop-carried buffers in place: a segment that covers
 most of the buffer reads the whole buffer with the other slots masked out, because a slice is a copy. (A write
 before the read makes XLA:CPU duplicate the write into the dot's operand and copy every buffer. Reading in place
-made single-token decode on CPU about 1.3x faster: ``experiments/profile_decode.py``.)
+made single-token decode on CPU 1.3x - 1.4x faster: ``experiments/profile_decode.py``.)
 
 Masks use track indices (``cache.idx``), so they are the same in both position modes. Values of empty slots
 (never written, reset, rolled back) must not reach an output even when they hold NaN, and a dot multiplies them
