@@ -228,7 +228,7 @@ class StreamingTransformer(nnx.Module):
 
     def body(block, layer, x, bufs):
       def attend(attn, q, k, v):
-        out, kb, vb = cached_attention.attend(
+        out, kb, vb, _ = cached_attention.attend(
           ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=attn.sink_part(q)
         )
         return out, (kb, vb)
@@ -245,8 +245,8 @@ class StreamingTransformer(nnx.Module):
     def forward(mask_values):
       def body(block, layer, x, carry):
         def attend(attn, q, k, v):
-          out, k_rot = cached_attention.attend_token(
-            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, mask_values=mask_values, sink_part=attn.sink_part(q)
+          out, _, _, k_rot = cached_attention.attend(
+            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, sink_part=attn.sink_part(q), mask_values=mask_values
           )
           return out, (k_rot, v, out)
 

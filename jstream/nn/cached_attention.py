@@ -274,8 +274,13 @@ def attend(
   *,
   impl,
   sink_part=None,
-) -> tuple[Array, Array, Array]:
-  """Attention of one layer over cache + chunk, with the cache writes of that layer (chunks of ``t > 1``).
+  mask_values: bool = True,
+) -> tuple[Array, Array, Array, Array]:
+  """Attention of one layer over cache + chunk.
+
+  A chunk (``t > 1``) writes its keys and values into this layer's cache buffers. A single token (a read-only
+  context) writes nothing: it attends the cache as it was and its own key, and the caller writes every layer's
+  key and value after the last layer (``write_token``).
 
   Args:
     ctx: from ``build``.
@@ -284,62 +289,39 @@ def attend(
     q: ``[b, t, n, h]`` un-rotated queries; ``k``, ``v``: ``[b, t, k, h]`` the chunk's un-rotated keys/values.
     impl: attention implementation name(s).
     sink_part: optional ``(out, lse)`` partial of a learned sink.
+    mask_values: zero the values of empty slots as they are read (single tokens may turn it off: see
+      ``value_guard``); chunks always do.
 
   Returns:
-    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf)``.
+    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf, k)``, ``k`` rotated as the cache stores it.
+
+  Raises:
+    ValueError: ``mask_values=False`` for a chunk.
   """
+  k_rot = rotate_keys(ctx, k)
   if ctx.read_only:
-    raise ValueError("a single-token context is read-only: use attend_token and write_token")
-  k = rotate_keys(ctx, k)
+    parts = _partials(ctx, kbuf, vbuf, layer, q, k_rot, v, impl=impl, mask_values=mask_values)
+    # The token's own key: RoPE at equal positions cancels, so its score is q . k before rotation.
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    qf = q.astype(jnp.float32).reshape(b, t, k.shape[2], g, h)
+    score = jnp.einsum("btkgh,btkh->btkg", qf, k.astype(jnp.float32)).reshape(b, t, n) * (h**-0.5)
+    own_v = jnp.broadcast_to(v.astype(jnp.float32)[:, :, :, None], (b, t, k.shape[2], g, h)).reshape(b, t, n, h)
+    parts.append((own_v, jnp.where(ctx.valid[:, :, None], score, -jnp.inf)))
+    return _merge(parts, sink_part, q.dtype), kbuf, vbuf, k_rot
+  if not mask_values:
+    raise ValueError("chunks always mask the values of empty slots; mask_values=False is for single tokens")
   if ctx.write_first:
-    kbuf = cache_lib.write(kbuf, layer, ctx.all_slots, k)
+    kbuf = cache_lib.write(kbuf, layer, ctx.all_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.all_slots, v, slots_last=True)
   elif ctx.has_sinks:
-    kbuf = cache_lib.write(kbuf, layer, ctx.sink_slots, k)
+    kbuf = cache_lib.write(kbuf, layer, ctx.sink_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.sink_slots, v, slots_last=True)
-  parts = _partials(ctx, kbuf, vbuf, layer, q, k, v, impl=impl, mask_values=True)
-  out = _merge(parts, sink_part, q.dtype)
+  out = _merge(_partials(ctx, kbuf, vbuf, layer, q, k_rot, v, impl=impl, mask_values=True), sink_part, q.dtype)
   if not ctx.write_first:
-    kbuf = cache_lib.write(kbuf, layer, ctx.ring_slots, k)
+    kbuf = cache_lib.write(kbuf, layer, ctx.ring_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.ring_slots, v, slots_last=True)
-  return out, kbuf, vbuf
-
-
-def attend_token(
-  ctx: Context,
-  kbuf: Array,
-  vbuf: Array,
-  layer,
-  q: Array,
-  k: Array,
-  v: Array,
-  *,
-  impl,
-  mask_values: bool,
-  sink_part=None,
-) -> tuple[Array, Array]:
-  """Attention of one layer for a single token (a read-only context): the cache as it was, and the token itself.
-
-  Args:
-    ctx: from ``build`` for a chunk of one token.
-    kbuf, vbuf, layer, impl, sink_part: as for ``attend``.
-    q: ``[b, 1, n, h]`` un-rotated query; ``k``, ``v``: ``[b, 1, k, h]`` the token's un-rotated key and value.
-    mask_values: zero the values of empty slots as they are read (see ``value_guard``).
-
-  Returns:
-    ``(out [b, 1, n, h] in q.dtype, k rotated as the cache stores it)``: ``write_token`` writes it.
-  """
-  if not ctx.read_only:
-    raise ValueError("attend_token needs a single-token context")
-  parts = _partials(ctx, kbuf, vbuf, layer, q, k, v, impl=impl, mask_values=mask_values)
-  # The token's own key: RoPE at equal positions cancels, so its score is q . k before rotation.
-  b, t, n, h = q.shape
-  g = n // k.shape[2]
-  qf = q.astype(jnp.float32).reshape(b, t, k.shape[2], g, h)
-  score = jnp.einsum("btkgh,btkh->btkg", qf, k.astype(jnp.float32)).reshape(b, t, n) * (h**-0.5)
-  own_v = jnp.broadcast_to(v.astype(jnp.float32)[:, :, :, None], (b, t, k.shape[2], g, h)).reshape(b, t, n, h)
-  parts.append((own_v, jnp.where(ctx.valid[:, :, None], score, -jnp.inf)))
-  return _merge(parts, sink_part, q.dtype), rotate_keys(ctx, k)
+  return out, kbuf, vbuf, k_rot
 
 
 def ordered_after(slots: Array, probe: Array) -> Array:
@@ -358,7 +340,7 @@ def write_token(ctx: Context, kbuf, vbuf, ks: Array, vs: Array, *, after: Array)
   Args:
     ctx: the single-token context.
     kbuf, vbuf: the cache buffers.
-    ks, vs: ``[l, b, 1, k, h]`` each layer's key (rotated, from ``attend_token``) and value.
+    ks, vs: ``[l, b, 1, k, h]`` each layer's key (rotated, from ``attend``) and value.
     after: an array computed from every layer's attention (the logits): the writes are ordered after it.
 
   Returns:
