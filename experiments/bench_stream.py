@@ -5,8 +5,9 @@
 For each cache policy one stream is advanced through the checkpoint positions with the real model on real tokens
 (chunked prefill, which the tests show equals token-by-token streaming), in a fresh process of its own; that
 process's memory is read and the cache saved at each checkpoint. Then ``--steps`` single-token decode steps are
-timed from every checkpoint (one compiled ``lax.scan``, greedy sampling included, cache donated), in ``--rounds``
-interleaved rounds so that drift of a shared machine hits all positions alike; the best round counts. Policies:
+timed from every checkpoint (one compiled ``lax.scan`` through ``jstream.rollout.Decoder``, greedy sampling
+included, cache donated), in ``--rounds`` interleaved rounds so that drift of a shared machine hits all positions
+alike; the best round counts. Policies:
 
 * ``SinkWindow(4, 1024)`` (StreamingLLM), absolute and cache-relative positions;
 * ``Dense`` (full KV cache), at the positions whose cache fits ``--dense-max-gib``. Beyond
@@ -15,9 +16,18 @@ interleaved rounds so that drift of a shared machine hits all positions alike; t
 * the ``Recompute(1024)`` baseline (re-encode the last 1024 tokens for every token). Its state is only the last
   1024 token ids, so it is built directly at each position instead of re-encoding the whole stream.
 
-It also measures, in the same run, the copy bandwidth of an array as large as the weights + the SinkWindow cache,
-and reports the decode time as a multiple of the time to read them once (half a copy). Prints a table and writes
-``results.json`` and ``latency.png`` to ``--out``.
+The memory floor. A decode step must read every weight and every cached key and value once; the floor is the
+time to read that many bytes at the machine's copy bandwidth, measured in the same run on an array of the same
+size: an in-place multiply (the array donated, so no output is allocated: an allocating copy of 80 MiB or more
+measures page faults, not bandwidth) reads and writes each byte once, so reading takes half its time. The copy
+is timed between the decode rounds and its best time counts, like the decode's. Each row reports its decode time
+as a multiple of the floor of the bytes it reads (``decode_over_floor``).
+
+Also measured (``--parts extra prefill``): the SinkWindow decode of the medium model (8 layers, width 512) and of
+the small model at batch 8 (per token and per row: a step decodes one token of every row), and prefill
+throughput (tokens per second with chunks of ``--chunk``, ``--chunks-per-call`` chunks per compiled call) for the
+small model, the medium model and batch 8. Prints a table and writes ``results.json`` and ``latency.png`` to
+``--out``.
 """
 
 from __future__ import annotations
@@ -54,20 +64,57 @@ def _time(fn, repeats: int) -> float:
   return best
 
 
+class FloorMeter:
+  """Best in-place copy time of arrays of given sizes over a run: ``measure(nbytes)`` between timing rounds,
+  ``floor(nbytes)`` at the end (see the module docstring). For reference it also times an allocating copy (a new
+  output array per call: what this benchmark used before issue 9), reported as ``alloc_copy_bandwidth_gbs``."""
+
+  def __init__(self):
+    self.best: dict[int, float] = {}
+    self.best_alloc: dict[int, float] = {}
+    self._arrays: dict[int, jax.Array] = {}
+    self._copy = jax.jit(lambda x: x * 1.000001, donate_argnums=0)
+    self._alloc_copy = jax.jit(lambda x: x * 1.000001)
+
+  def measure(self, nbytes: int, repeats: int = 5) -> None:
+    x = self._arrays.pop(nbytes, None)
+    if x is None:
+      x = self._copy(jnp.ones((max(nbytes // 4, 1),), jnp.float32))  # compile + first touch
+      self._alloc_copy(x).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      x = self._copy(x)
+      x.block_until_ready()
+      self.best[nbytes] = min(self.best.get(nbytes, float("inf")), time.perf_counter() - t0)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      self._alloc_copy(x).block_until_ready()
+      self.best_alloc[nbytes] = min(self.best_alloc.get(nbytes, float("inf")), time.perf_counter() - t0)
+    self._arrays[nbytes] = x
+
+  def floor(self, nbytes: int) -> dict:
+    if nbytes not in self.best:
+      self.measure(nbytes, repeats=20)
+    t = self.best[nbytes]
+    return {
+      "bytes": nbytes,
+      "copy_s": t,
+      "copy_bandwidth_gbs": 2 * nbytes / t / 1e9,
+      "read_once_s": t / 2,
+      "alloc_copy_bandwidth_gbs": 2 * nbytes / self.best_alloc[nbytes] / 1e9,
+    }
+
+
 def memory_floor(nbytes: int, repeats: int = 20) -> dict:
-  """Copy and read time of an array of ``nbytes`` (the hardware floor for reading weights + cache)."""
-  x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
-  copy = jax.jit(lambda x: x * 1.000001)
-  read = jax.jit(jnp.sum)
-  jax.block_until_ready((copy(x), read(x)))
-  t_copy, t_read = _time(lambda: copy(x), repeats), _time(lambda: read(x), repeats)
-  return {
-    "bytes": nbytes,
-    "copy_s": t_copy,
-    "copy_bandwidth_gbs": 2 * nbytes / t_copy / 1e9,
-    "read_once_s": t_copy / 2,  # a copy reads and writes each byte once
-    "sum_read_s": t_read,
-  }
+  """Copy time of an array of ``nbytes`` (in place) and the time to read it once: the floor for weights + cache."""
+  meter = FloorMeter()
+  meter.measure(nbytes, repeats)
+  return meter.floor(nbytes)
+
+
+def step_bytes(model, cache) -> int:
+  """What one decode step must read: every weight and every cached key and value."""
+  return _nbytes(nnx.state(model, nnx.Param)) + _nbytes((cache.k, cache.v))
 
 
 class Streamer:
@@ -104,21 +151,41 @@ class Streamer:
     return cache, last
 
 
-def decode_latency(model, cache, last, steps: int, repeats: int):
-  """Seconds per token of ``steps`` greedy decode steps (best of ``repeats``), and the cache after them."""
-  graphdef, state = nnx.split(model)
-  sampling = rollout.Sampling(temperature=0.0)
+def decode_latency(model, cache, last, steps: int, repeats: int, meter: FloorMeter | None = None, nbytes: int = 0):
+  """Seconds per step of ``steps`` greedy decode steps (best of ``repeats``), and the cache after them. With a
+  ``meter``, the copy floor of ``nbytes`` is measured after every timed call."""
+  decoder = rollout.Decoder(model, steps=steps, sampling=rollout.Sampling(temperature=0.0))
   rng = jax.random.key(0)
-  out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)  # compile + warm up
+  out = decoder(cache, last, rng)  # compile + warm up
   jax.block_until_ready(out.tokens)
   best = float("inf")
   for _ in range(repeats):
     cache, last = out.cache, out.last_logits
     t0 = time.perf_counter()
-    out = rollout._decode(graphdef, state, cache, last, rng, steps, sampling)
+    out = decoder(cache, last, rng)
     jax.block_until_ready(out.tokens)
     best = min(best, time.perf_counter() - t0)
+    if meter is not None:
+      meter.measure(nbytes)
   return best / steps, out.cache, out.last_logits
+
+
+def prefill_rate(model, batch: int, chunk: int, chunks_per_call: int, rounds: int, policy) -> float:
+  """Prefill tokens per second (all rows) with chunks of ``chunk``: best of ``rounds`` calls of
+  ``chunks_per_call`` chunks each, continuing one stream (``jstream.rollout.prefill``, one compiled scan)."""
+  n = chunk * chunks_per_call
+  tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(batch, n), dtype=np.int32)
+  tokens = jnp.asarray(tokens)
+  cache = model.init_cache(policy, batch)
+  last, cache = rollout.prefill(model, tokens, cache, chunk_size=chunk)  # compile + warm up
+  jax.block_until_ready(last)
+  best = float("inf")
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    last, cache = rollout.prefill(model, tokens, cache, chunk_size=chunk)
+    jax.block_until_ready(last)
+    best = min(best, time.perf_counter() - t0)
+  return batch * n / best
 
 
 def recompute_cache(tokens: np.ndarray, position: int, window: int):
@@ -158,14 +225,22 @@ def synthetic_dense(model, slots: int, filled: int):
   )
 
 
+MODELS = {
+  "tiny": dict(vocab_size=256, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64),
+  "tiny_medium": dict(vocab_size=256, num_layers=3, num_heads=4, embed_dim=64, mlp_dim=128),
+  "small": dict(vocab_size=256, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024),
+  "medium": dict(vocab_size=256, num_layers=8, num_heads=8, embed_dim=512, mlp_dim=2048),
+}
+"""The benchmark's models (f32, per-layer weights): ``small`` is the default, ``medium`` 8 layers of width 512;
+``tiny`` and ``tiny_medium`` stand in for them in the ``--tiny`` smoke run."""
+
+
+def model_config(name: str, scan_layers: bool = False) -> jstream.TransformerConfig:
+  return jstream.TransformerConfig(**MODELS[name], scan_layers=scan_layers)
+
+
 def default_config(tiny: bool) -> jstream.TransformerConfig:
-  if tiny:
-    return jstream.TransformerConfig(
-      vocab_size=256, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, scan_layers=False
-    )
-  return jstream.TransformerConfig(
-    vocab_size=256, num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024, scan_layers=False
-  )
+  return model_config("tiny" if tiny else "small")
 
 
 def _save(cache, path: pathlib.Path):
@@ -212,37 +287,48 @@ def run(args, scratch: pathlib.Path) -> dict:
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, size=(1, n_max), dtype=np.int32)
   weights = _nbytes(nnx.state(model, nnx.Param))
-  rows = []
+  meter = FloorMeter()
+  rows, prefill = [], []
 
-  def record(name, position, latency, cache_bytes, rss, note=""):
+  small, medium_name = ("tiny", "tiny_medium") if args.tiny else ("small", "medium")
+
+  def record(name, position, latency, cache_bytes, rss, note="", read_bytes=None, batch=1, model_name=None, kind=""):
     row = dict(
       policy=name,
+      kind=kind,
+      model=model_name or small,
+      batch=batch,
       position=position,
-      ms_per_token=latency * 1e3,
-      tokens_per_s=1.0 / latency,
+      ms_per_step=latency * 1e3,
+      ms_per_token=latency * 1e3 / batch,
+      tokens_per_s=batch / latency,
       cache_mib=cache_bytes / 2**20,
       rss_mib=rss[0],
       peak_rss_mib=rss[1],
+      read_bytes=read_bytes,
       note=note,
     )
     rows.append(row)
+    per_row = f" ({row['ms_per_step']:.3f} ms/step)" if batch > 1 else ""
     print(
-      f"  {name:<30} pos {position:>9,}  {row['ms_per_token']:8.3f} ms/token {row['tokens_per_s']:9.1f} tok/s"
-      f"  cache {row['cache_mib']:7.1f} MiB  rss {rss[0]:7.1f} MiB  peak {rss[1]:7.1f} MiB {note}",
+      f"  {name:<34} {row['model']:<6} b{batch} pos {position:>9,}  {row['ms_per_token']:8.3f} ms/token{per_row} "
+      f"{row['tokens_per_s']:9.1f} "
+      f"tok/s  cache {row['cache_mib']:7.1f} MiB  rss {rss[0]:7.1f} MiB  peak {rss[1]:7.1f} MiB {note}",
       flush=True,
     )
 
   def timed_interleaved(name, model_, checkpoints, treedef):
-    """Times every saved checkpoint in rounds, so that drift of the machine hits all positions alike."""
+    """Times every saved checkpoint in rounds, so that drift of the machine hits all positions alike; the copy
+    floor of the bytes a step reads is measured after every call."""
     best = {p: float("inf") for p, _, _ in checkpoints}
     for _ in range(args.rounds):
       for p, path, _ in checkpoints:
         cache = _load(path, treedef)
         last = jnp.zeros((1, cfg.vocab_size), jnp.float32)
-        lat, _, _ = decode_latency(model_, cache, last, args.steps, 1)
+        lat, _, _ = decode_latency(model_, cache, last, args.steps, 1, meter, step_bytes(model_, cache))
         best[p] = min(best[p], lat)
     for p, _, (rss, nbytes) in checkpoints:
-      record(name, p, best[p], nbytes, rss)
+      record(name, p, best[p], nbytes, rss, read_bytes=weights + nbytes, kind="stream")
 
   # --- bounded caches: one real stream each. Pass 1 advances it and saves the cache (and the process memory)
   # at every checkpoint; pass 2 times single-token decode from each checkpoint, interleaved.
@@ -262,16 +348,45 @@ def run(args, scratch: pathlib.Path) -> dict:
     checkpoints = [(at, pathlib.Path(path), mem) for at, path, mem in checkpoints]
     timed_interleaved(name, model, checkpoints, treedef)
 
+  first = positions[0] // args.chunk * args.chunk
+
+  def short_stream(model_, policy, batch):
+    """A cache that has seen ``first`` real tokens in every row, and the logits after them."""
+    toks = np.random.default_rng(2).integers(0, model_.config.vocab_size, size=(batch, first), dtype=np.int32)
+    last, cache = rollout.prefill(model_, jnp.asarray(toks), model_.init_cache(policy, batch), chunk_size=args.chunk)
+    return cache, last
+
+  def timed_extra(name, model_, policy, batch, model_name, kind):
+    cache, last = short_stream(model_, policy, batch)
+    nbytes = step_bytes(model_, cache)
+    lat, cache, _ = decode_latency(model_, cache, last, args.steps, args.rounds, meter, nbytes)
+    record(name, first, lat, _nbytes((cache.k, cache.v)), rss_mib(), "", nbytes, batch, model_name, kind)
+
   # --- the same with stacked weights and one scan over layers, at the first checkpoint
   if args.compare_scan and "scan" in args.parts:
     scanned = model.with_scan_layers(True)
+    timed_extra(f"SinkWindow({sinks},{window}) scan_layers", scanned, C.SinkWindow(sinks, window), 1, None, "scan")
+    del scanned
+
+  # --- the medium model and batch 8, at the first checkpoint
+  if "extra" in args.parts:
     policy = C.SinkWindow(sinks, window)
-    streamer = Streamer(scanned, args.chunk, args.chunks_per_call)
-    p = positions[0] // args.chunk * args.chunk
-    cache, last = streamer.advance(scanned.init_cache(policy, 1), tokens[:, :p])
-    lat, cache, _ = decode_latency(scanned, cache, last, args.steps, args.rounds)
-    record(f"SinkWindow({sinks},{window}) scan_layers", p, lat, _nbytes((cache.k, cache.v)), rss_mib())
-    del cache, streamer, scanned
+    medium = jstream.StreamingTransformer(model_config(medium_name), rngs=nnx.Rngs(0))
+    timed_extra(f"SinkWindow({sinks},{window}) absolute", medium, policy, 1, medium_name, "extra")
+    timed_extra(f"SinkWindow({sinks},{window}) absolute", model, policy, args.batch, None, "extra")
+    del medium
+
+  # --- prefill throughput with chunks of --chunk
+  if "prefill" in args.parts:
+    policy = C.SinkWindow(sinks, window)
+    cases = [(small, model, 1), (medium_name, None, 1), (small, model, args.batch)]
+    for model_name, model_, batch in cases:
+      if model_ is None:
+        model_ = jstream.StreamingTransformer(model_config(model_name), rngs=nnx.Rngs(0))
+      rate = prefill_rate(model_, batch, args.chunk, args.chunks_per_call, args.rounds, policy)
+      entry = dict(model=model_name, batch=batch, chunk=args.chunk, policy=str(policy), tokens_per_s=rate)
+      prefill.append(entry)
+      print(f"  prefill {entry['model']:<6} batch {batch}: {rate:10.0f} tokens/s (chunks of {args.chunk})", flush=True)
 
   # --- dense: as far as its cache fits the budget
   for p in positions if "dense" in args.parts else ():
@@ -282,6 +397,9 @@ def run(args, scratch: pathlib.Path) -> dict:
       rows.append(
         dict(
           policy="Dense",
+          kind="dense",
+          model=small,
+          batch=1,
           position=p,
           ms_per_token=None,
           tokens_per_s=None,
@@ -290,7 +408,7 @@ def run(args, scratch: pathlib.Path) -> dict:
         )
       )
       print(
-        f"  {'Dense':<30} pos {p:>9,}  skipped: its cache would take {cache_bytes / 2**30:.1f} GiB "
+        f"  {'Dense':<34} pos {p:>9,}  skipped: its cache would take {cache_bytes / 2**30:.1f} GiB "
         f"(> --dense-max-gib {args.dense_max_gib})",
         flush=True,
       )
@@ -304,39 +422,48 @@ def run(args, scratch: pathlib.Path) -> dict:
       cache, last = synthetic_dense(model, slots, p), jnp.zeros((1, cfg.vocab_size), jnp.float32)
       note = "cache filled with random keys/values (decode cost does not depend on them)"
     rss = rss_mib()
-    lat, cache, _ = decode_latency(model, cache, last, args.steps, args.rounds)
-    record("Dense", p, lat, _nbytes((cache.k, cache.v)), rss, note)
+    nbytes = step_bytes(model, cache)
+    lat, cache, _ = decode_latency(model, cache, last, args.steps, args.rounds, meter, nbytes)
+    record("Dense", p, lat, _nbytes((cache.k, cache.v)), rss, note, nbytes, kind="dense")
     del cache
 
   # --- recompute baseline (its state is the last `window` ids: built directly at each position)
   for p in positions if "recompute" in args.parts else ():
     logits = jnp.zeros((1, cfg.vocab_size), jnp.float32)
     lat, _, _ = decode_latency(model, recompute_cache(tokens, p, window), logits, args.recompute_steps, 2)
-    record(f"Recompute({window})", p, lat, 0, rss_mib(), "state built from the last window ids")
+    record(f"Recompute({window})", p, lat, 0, rss_mib(), "state built from the last window ids", kind="recompute")
 
-  floor = memory_floor(weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4)
-  return dict(rows=rows, floor=floor, weights_bytes=weights)
+  for row in rows:  # the floor of every row, from the best copy of the run
+    if row.get("read_bytes") and row.get("ms_per_step"):
+      fl = meter.floor(row["read_bytes"])
+      row["floor_ms"] = fl["read_once_s"] * 1e3
+      row["copy_bandwidth_gbs"] = fl["copy_bandwidth_gbs"]
+      row["decode_over_floor"] = row["ms_per_step"] / row["floor_ms"]
+      alloc_floor_ms = row["read_bytes"] / (fl["alloc_copy_bandwidth_gbs"] * 1e9) * 1e3
+      row["decode_over_alloc_copy_floor"] = row["ms_per_step"] / alloc_floor_ms  # the floor before issue 9
+  sink_bytes = weights + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (sinks + window + 1) * 4
+  return dict(rows=rows, prefill=prefill, floor=meter.floor(sink_bytes), weights_bytes=weights)
 
 
 def summarize(res: dict) -> dict:
   rows = [r for r in res["rows"] if r.get("ms_per_token")]
   by = {}
   for r in rows:
-    by.setdefault(r["policy"], {})[r["position"]] = r
+    if r["kind"] == "stream":
+      by.setdefault(r["policy"], {})[r["position"]] = r
   out = {}
   for name, pts in by.items():
-    if not name.startswith("SinkWindow") or "scan" in name:
-      continue
     ps = sorted(pts)
     first, last = pts[ps[0]], pts[ps[-1]]
     entry = {
       "latency_ratio_last_vs_first": last["ms_per_token"] / first["ms_per_token"],
-      "decode_over_read_floor": first["ms_per_token"] / 1e3 / res["floor"]["read_once_s"],
+      "decode_over_floor_first": first["decode_over_floor"],
+      "decode_over_floor_last": last["decode_over_floor"],
     }
     if len(ps) >= 3:
       second = pts[ps[1]]
       entry["rss_growth_second_to_last"] = last["rss_mib"] / second["rss_mib"] - 1
-    rec = [r for r in rows if r["policy"].startswith("Recompute")]
+    rec = [r for r in rows if r["kind"] == "recompute"]
     if rec:
       entry["speedup_over_recompute"] = rec[-1]["ms_per_token"] / last["ms_per_token"]
     out[name] = entry
@@ -352,7 +479,7 @@ def plot(res: dict, path: pathlib.Path):
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   by = {}
   for r in res["rows"]:
-    if r.get("ms_per_token"):
+    if r.get("ms_per_token") and r["kind"] in ("stream", "dense", "recompute"):
       by.setdefault(r["policy"], []).append(r)
   for name, rs in by.items():
     rs = sorted(rs, key=lambda r: r["position"])
@@ -393,6 +520,7 @@ def main(argv=None) -> int:
     default=20_000,
     help="prefill Dense caches up to this position; beyond it, fill them with random keys",
   )
+  parser.add_argument("--batch", type=int, default=8, help="rows of the batched decode and prefill measurements")
   parser.add_argument("--no-compare-scan", dest="compare_scan", action="store_false")
   parser.add_argument(
     "--same-process", action="store_true", help="advance the bounded streams in this process (memory figures mix)"
@@ -400,8 +528,8 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--parts",
     nargs="+",
-    default=["bounded", "scan", "dense", "recompute"],
-    choices=["bounded", "scan", "dense", "recompute"],
+    default=["bounded", "scan", "extra", "prefill", "dense", "recompute"],
+    choices=["bounded", "scan", "extra", "prefill", "dense", "recompute"],
     help="which measurements to run",
   )
   args = parser.parse_args(argv)
@@ -420,9 +548,15 @@ def main(argv=None) -> int:
   res.update(device=device, jax=jax.__version__, args=vars(args), seconds=time.time() - t0)
   res["summary"] = summarize(res)
   print(
-    f"\nmemory floor: {res['floor']['bytes'] / 2**20:.1f} MiB of weights + cache, copy bandwidth "
+    f"\nmemory floor: {res['floor']['bytes'] / 2**20:.1f} MiB of weights + SinkWindow cache, copy bandwidth "
     f"{res['floor']['copy_bandwidth_gbs']:.1f} GB/s, read once {res['floor']['read_once_s'] * 1e3:.3f} ms"
   )
+  for r in res["rows"]:
+    if r.get("decode_over_floor"):
+      print(
+        f"  {r['policy']:<34} {r['model']:<6} batch {r['batch']} pos {r['position']:>9,}: "
+        f"{r['decode_over_floor']:.2f}x the floor ({r['floor_ms']:.3f} ms for {r['read_bytes'] / 2**20:.1f} MiB)"
+      )
   for name, s in res["summary"].items():
     print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
   (out / "results.json").write_text(json.dumps(res, indent=2))

@@ -30,7 +30,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Float, Int, IntLike
 
 POSITION_MODES: tuple[str, ...] = ("absolute", "cache_relative")
 
@@ -76,8 +76,8 @@ def _digit_tables(head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rope_cos_sin(
-  positions: Array, head_dim: int, base: float = 10_000.0, bound: int | None = None
-) -> tuple[Array, Array]:
+  positions: IntLike, head_dim: int, base: float = 10_000.0, bound: int | None = None
+) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
   """cos and sin of the RoPE angles of integer ``positions``.
 
   Args:
@@ -109,7 +109,9 @@ def rope_cos_sin(
   return cos, sin * sign
 
 
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+def apply_rope(
+  x: Float[Array, "*lead h"], cos: Float[Array, "..."], sin: Float[Array, "..."]
+) -> Float[Array, "*lead h"]:
   """Rotates the last axis of ``x`` (split-half layout) by angles given as cos/sin ``[..., h/2]``.
 
   ``cos``/``sin`` must broadcast against ``x[..., : h // 2]``. Math is float32; the result has ``x``'s dtype.
@@ -121,7 +123,9 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, base: float = 10_000.0, bound: int | None = None) -> Array:
+def rope(
+  x: Float[Array, "b t n h"], positions: Int[ArrayLike, "b t"], base: float = 10_000.0, bound: int | None = None
+) -> Float[Array, "b t n h"]:
   """Applies RoPE to ``x [b, t, n, h]`` at integer ``positions [b, t]``."""
   cos, sin = rope_cos_sin(positions, x.shape[-1], base, bound)
   return apply_rope(x, cos[..., None, :], sin[..., None, :])

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jstream import cache as cache_lib
 from jstream._compat import is_concrete
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Float, Int, SegmentIds, TokenIds
 
 # ----------------------------------------------------------------------------------------------- sampling
 
@@ -49,7 +49,7 @@ class Sampling:
       raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 
 
-def filter_logits(logits: Array, sampling: Sampling) -> Array:
+def filter_logits(logits: Float[Array, "*lead v"], sampling: Sampling) -> Float[Array, "*lead v"]:
   """Temperature-scaled logits ``[..., v]`` with the tokens top-k / top-p exclude set to ``-inf``."""
   logits = logits.astype(jnp.float32)
   if sampling.temperature == 0:
@@ -69,7 +69,7 @@ def filter_logits(logits: Array, sampling: Sampling) -> Array:
   return logits
 
 
-def sample(logits: Array, rng: Array, sampling: Sampling = Sampling()) -> Array:
+def sample(logits: Float[Array, "*lead v"], rng: Array, sampling: Sampling = Sampling()) -> Int[Array, "*lead"]:
   """Samples token ids ``[...]`` from ``logits [..., v]``."""
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -113,14 +113,14 @@ def _chunked(x: Array, chunk: int, fill) -> Array:
 
 def stream_nll(
   model,
-  tokens,
+  tokens: TokenIds,
   policy: cache_lib.Policy,
   *,
   chunk_size: int,
   dtype=jnp.float32,
-  segment_ids=None,
+  segment_ids: SegmentIds = None,
   start_position=0,
-) -> Array:
+) -> Float[Array, "b t"]:
   """Per-token negative log-likelihood of a long stream, computed as one jit-compiled scan over chunks.
 
   Args:
@@ -173,7 +173,15 @@ def _nll_scan(model, tokens, segs, targets, cache, chunk):
   return jnp.swapaxes(nll, 0, 1).reshape(b, -1)[:, :n], cache
 
 
-def nll_segment(model, tokens, targets, cache, *, chunk_size: int, segment_ids=None):
+def nll_segment(
+  model,
+  tokens: TokenIds,
+  targets: Int[ArrayLike, "b t"],
+  cache: cache_lib.Cache,
+  *,
+  chunk_size: int,
+  segment_ids: SegmentIds = None,
+) -> tuple[Float[Array, "b t"], cache_lib.Cache]:
   """One segment of a stream: ``(nll [b, n], cache)`` with ``nll[:, i] = -log p(targets[:, i] | ...tokens[:, i])``.
 
   The caller aligns ``targets`` (usually the next token; -1 for none, which gives NaN) and carries ``cache`` from
@@ -218,7 +226,14 @@ class GenerateOutput(NamedTuple):
   last_logits: Array
 
 
-def prefill(model, tokens, cache, *, chunk_size: int | None = None, lengths=None):
+def prefill(
+  model,
+  tokens: TokenIds,
+  cache: cache_lib.Cache,
+  *,
+  chunk_size: int | None = None,
+  lengths: Int[ArrayLike, " b"] | None = None,
+) -> tuple[Float[Array, "b v"], cache_lib.Cache]:
   """Runs a prompt through the cache in chunks (one compiled scan).
 
   Args:
@@ -264,16 +279,69 @@ def _prefill(graphdef, state, tokens, lengths, cache, chunk):
   return last, cache
 
 
-def decode(model, cache, last_logits, *, steps: int, rng, sampling: Sampling = Sampling()) -> GenerateOutput:
+class Decoder:
+  """A compiled decode loop for one model: ``steps`` sampled tokens per call, one ``lax.scan``.
+
+  ``Decoder(model, steps=n)(cache, last_logits, rng)`` is ``decode(model, cache, last_logits, steps=n, rng=rng)``
+  with the model split once, at construction, instead of at every call: what a serving loop or a benchmark that
+  calls decode many times wants. The decoder holds the model's parameters as they were when it was built (build
+  a new one after the model changes). Compiles once per cache shape and policy.
+
+  Args:
+    model: a ``StreamingTransformer``.
+    steps: tokens sampled per call.
+    sampling: how tokens are picked (``Sampling``; default: temperature 1).
+  """
+
+  def __init__(self, model, *, steps: int, sampling: Sampling = Sampling()):
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+      raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(sampling, Sampling):
+      raise TypeError(f"sampling must be a Sampling, got {sampling!r}")
+    self.steps, self.sampling = int(steps), sampling
+    self.graphdef, self.state = nnx.split(model)
+
+  def _args(self, cache, last_logits, rng):
+    rng = jax.random.key(0) if rng is None else rng
+    return (self.graphdef, self.state, cache, jnp.asarray(last_logits, jnp.float32), rng, self.steps, self.sampling)
+
+  def __call__(self, cache: cache_lib.Cache, last_logits: Float[ArrayLike, "b v"], rng=None) -> GenerateOutput:
+    """Samples ``steps`` tokens from the logits after the cache's last token (the cache is donated).
+
+    Args:
+      cache: the cache (donated).
+      last_logits: ``[b, v]`` logits after the cache's last token (e.g. from ``prefill``).
+      rng: a PRNG key (default ``jax.random.key(0)``); step ``i`` uses ``fold_in(rng, i)``.
+
+    Returns:
+      ``GenerateOutput(tokens [b, steps], cache, last_logits)``.
+
+    Raises:
+      ValueError: when an absolute-position cache would run past ``2**31 - 1``.
+    """
+    _check_absolute_room(cache, self.steps)
+    return _decode(*self._args(cache, last_logits, rng))
+
+  def lower(self, cache, last_logits, rng=None) -> jax.stages.Lowered:
+    """The lowered decode program for these arguments (``.compile().as_text()`` shows the optimized loop)."""
+    return _decode.lower(*self._args(cache, last_logits, rng))
+
+
+def decode(
+  model,
+  cache: cache_lib.Cache,
+  last_logits: Float[ArrayLike, "b v"],
+  *,
+  steps: int,
+  rng,
+  sampling: Sampling = Sampling(),
+) -> GenerateOutput:
   """Samples ``steps`` tokens, one per scan step, from the logits after the cache's last token.
 
-  The step's RNG is ``fold_in(rng, step)``. The cache is donated.
+  The step's RNG is ``fold_in(rng, step)``. The cache is donated. To decode many times with one model, build a
+  ``Decoder`` once.
   """
-  _check_absolute_room(cache, int(steps))
-  graphdef, state = nnx.split(model)
-  if rng is None:
-    rng = jax.random.key(0)
-  return _decode(graphdef, state, cache, jnp.asarray(last_logits, jnp.float32), rng, int(steps), sampling)
+  return Decoder(model, steps=steps, sampling=sampling)(cache, last_logits, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
@@ -292,7 +360,7 @@ def _decode(graphdef, state, cache, last, rng, steps, sampling):
 
 def generate(
   model,
-  prompt,
+  prompt: TokenIds,
   *,
   max_new_tokens: int,
   policy: cache_lib.Policy | None = None,
@@ -301,7 +369,7 @@ def generate(
   temperature: float = 1.0,
   top_k: int | None = None,
   top_p: float | None = None,
-  prompt_lengths=None,
+  prompt_lengths: Int[ArrayLike, " b"] | None = None,
   prefill_chunk: int | None = None,
   dtype=jnp.float32,
 ) -> GenerateOutput:

@@ -25,8 +25,33 @@ from __future__ import annotations
 from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-# What public entry points accept for token ids and positions: JAX arrays or NumPy arrays (or nested lists, which
-# the functions convert) of integers.
+# What public entry points accept for token ids and positions: JAX or NumPy arrays of integers.
 IntLike = Int[ArrayLike, "..."]
+TokenIds = Int[ArrayLike, "b t"]
+"""Token ids ``[b, t]`` of a chunk or a whole stream (``t`` then counts the stream's tokens)."""
+SegmentIds = Int[ArrayLike, "b t"] | None
+"""Optional track of each token ``[b, t]`` for ``Segmented`` policies (-1: padding)."""
+Logits = Float[Array, "b t v"]
 
-__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "IntLike", "Shaped"]
+# A cache buffer of every layer: stacked (``scan_layers``) or a tuple of per-layer buffers. Keys are stored
+# ``[b, k, s, h]`` per layer, values slots-last ``[b, k, h, s]``; ``s`` is the capacity plus the trash slot.
+KeyBuffer = Shaped[Array, "l b k s h"] | tuple[Shaped[Array, "b k s h"], ...]
+ValueBuffer = Shaped[Array, "l b k h s"] | tuple[Shaped[Array, "b k h s"], ...]
+Buffer = Shaped[Array, "l b k _ _"] | tuple[Shaped[Array, "b k _ _"], ...]
+"""Either (a function with a ``slots_last`` switch); ``_``: the slot and head axes, in the order of the layout."""
+
+__all__ = [
+  "Array",
+  "ArrayLike",
+  "Bool",
+  "Buffer",
+  "Float",
+  "Int",
+  "IntLike",
+  "KeyBuffer",
+  "Logits",
+  "SegmentIds",
+  "Shaped",
+  "TokenIds",
+  "ValueBuffer",
+]

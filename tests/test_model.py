@@ -1,16 +1,20 @@
 """The streaming transformer: streaming == offline where the math says so, ragged batches, NaN safety,
 compile counts, position overflow and bad input."""
 
+import itertools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import chunk_sizes, compilations, jit_step, random_tokens, stream, tiny_model, tol
+from conftest import chunk_sizes, compilations, jit_step, library_checks_only, random_tokens, stream, tiny_model, tol
 from reference import stream_logits
 
 from jstream import cache as C
 from jstream import rollout
 from jstream.cache import planner
+from jstream.nn import cached_attention
 
 F32 = tol(jnp.float32)
 
@@ -133,6 +137,107 @@ def test_reset_clears_a_poisoned_row():
   fresh, _ = step(tokens[:1], model.init_cache(C.Window(6), 1))
   np.testing.assert_allclose(got[:1], fresh, **F32)
   assert np.all(np.isnan(got[1]))  # the row that was not reset still sees its NaN keys
+
+
+SINGLE_TOKEN_POLICIES = [
+  C.SinkWindow(2, 6),
+  C.SinkWindow(2, 6, "cache_relative", max_rollback=2),
+  C.Window(5, max_rollback=1),
+  C.Dense(64),
+  C.Segmented((C.SinkWindow(1, 4), C.Window(6, max_rollback=1))),
+  C.Segmented((C.SinkWindow(2, 5), C.Window(4)), positions="cache_relative"),
+]
+
+
+@pytest.mark.parametrize("guard,scan_layers", [("check", True), ("check", False), ("mask", False)])
+@pytest.mark.parametrize("policy", SINGLE_TOKEN_POLICIES, ids=str)
+def test_single_token_path_equals_the_chunk_path(policy, guard, scan_layers, monkeypatch):
+  """A single token (decode's read-only path: cache read as it was, every layer's key and value written after the
+  last layer) gives the logits and the cache that the general chunk path gives for the same token sent as a chunk
+  of two whose second token is padding. From random states: ragged rows, padding, a rollback, a reset row, NaN in
+  the empty slots, and index rebases (threshold lowered), under both value guards and both layer structures."""
+  monkeypatch.setattr(planner, "REBASE_AT", 24)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 12)
+  monkeypatch.setitem(cached_attention.VALUE_GUARD, jax.default_backend(), guard)
+  model = tiny_model(seed=60, scan_layers=scan_layers)
+  step = jit_step(model)
+  b, n, warm = 3, 50, 40
+  rng = np.random.default_rng(61)
+  tokens = random_tokens(b, n, seed=62)
+  tracks = 2 if isinstance(policy, C.Segmented) else 1
+  segs = np.where(rng.random((b, n)) < 0.1, -1, rng.random((b, n)) < 0.2 if tracks > 1 else 0).astype(np.int32)
+  cache = model.init_cache(policy, b, start_position=jnp.array([0, 5, 1000]))
+  _, cache = stream(step, tokens[:, :warm], cache, chunk_sizes(warm, [1, 3, 4], seed=63), jnp.asarray(segs))
+  cache = C.rollback(cache, jnp.array([2, 0, 1]))
+  cache = C.reset(cache, jnp.array([False, True, False]))
+  empty = np.asarray(cache.idx) < 0  # [b, s + 1]
+
+  def poison(buf, slots_axis):  # [(l,) b, k, s, h] keys (slots_axis -2) or [(l,) b, k, h, s] values (-1)
+    shape = [1] * buf.ndim
+    shape[buf.ndim - 4], shape[slots_axis] = b, -1
+    return jnp.where(empty.reshape(shape), jnp.nan, buf)
+
+  k = jax.tree.map(lambda x: poison(x, x.ndim - 2), cache.k)
+  cache = cache.replace(k=k, v=jax.tree.map(lambda x: poison(x, x.ndim - 1), cache.v))
+  cap, counts = cache.capacity, [np.asarray(cache.count)]
+  for i in range(warm, n):
+    tok, seg = tokens[:, i : i + 1], jnp.asarray(segs[:, i : i + 1])
+    one, after_one = step(tok, cache, seg)
+    pad_tok = jnp.concatenate([tok, tok], axis=1)
+    pad_seg = jnp.concatenate([seg, jnp.full_like(seg, -1)], axis=1)
+    two, after_two = step(pad_tok, cache, pad_seg)
+    np.testing.assert_allclose(one[:, 0], two[:, 0], **F32)
+    assert np.all(np.isfinite(one))
+    for name in ("idx", "pos", "count", "next_pos"):
+      np.testing.assert_array_equal(getattr(after_one, name), getattr(after_two, name), err_msg=name)
+    for x, y in zip(jax.tree.leaves((after_one.k, after_one.v)), jax.tree.leaves((after_two.k, after_two.v))):
+      x, y = np.asarray(x), np.asarray(y)
+      axis = x.ndim - 1 if x.shape[-1] == cap + 1 else x.ndim - 2  # slots of values / keys; the trash slot differs
+      np.testing.assert_allclose(np.take(x, np.arange(cap), axis), np.take(y, np.arange(cap), axis), **F32)
+    counts.append(np.asarray(after_one.count))
+    cache = after_one
+  if any(planner.rebase_shift(t.ring) for t in policy.tracks()):  # a rebase happened on the way
+    assert any(np.any(later < now) for now, later in itertools.pairwise(counts))
+
+
+@pytest.mark.parametrize("guard", ["check", "mask"])
+def test_decode_reads_and_writes_the_cache_in_place(guard, monkeypatch):
+  """The compiled decode loop's step holds no array of half a cache buffer's size or more other than the buffers
+  themselves and their in-place updates: no copy, no slice of a layer's keys or values (what the single-token path
+  exists for). Under the ``"mask"`` value guard the values are read through a masked copy (one per layer, the
+  cost ``"check"`` avoids); the exact fallback pass of ``"check"`` (run only when an output is not finite) is a
+  computation of its own and may copy."""
+  monkeypatch.setitem(cached_attention.VALUE_GUARD, jax.default_backend(), guard)
+  jax.clear_caches()  # the guard is read when the step is traced
+  model = tiny_model(seed=64, scan_layers=False)
+  cache = model.init_cache(C.SinkWindow(2, 200), 1)
+  last, cache = rollout.prefill(model, random_tokens(1, 230, seed=65), cache, chunk_size=10)
+  decoder = rollout.Decoder(model, steps=4, sampling=rollout.Sampling(temperature=0.0))
+  hlo = decoder.lower(cache, last).compile().as_text()
+  computations = dict(re.findall(r"\n(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+  entry = computations[re.search(r"\nENTRY %?([\w.\-]+)", hlo).group(1)]
+  body = computations[re.search(r" while\(.*body=%?([\w.\-]+)", entry).group(1)]
+  big = min(np.prod(x.shape) for x in jax.tree.leaves((cache.k, cache.v))) // 2
+  value_rows = tuple(cache.v[0].shape[-2:])  # [h, s]: a layer's values, slots last
+  offenders, masked_values = [], 0
+  for line in body.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = f32\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+    dims = tuple(int(d) for d in m.group(2).split(",") if d) if m else ()
+    if not m or np.prod(dims) < big:
+      continue
+    name, op = m.group(1), m.group(3)
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    fused = computations.get(callee.group(1), "") if callee else ""
+    if op in ("parameter", "constant", "get-tuple-element", "bitcast", "dynamic-update-slice"):
+      continue
+    if op == "fusion" and "dynamic-update-slice" in fused:
+      continue  # an in-place write
+    if guard == "mask" and op == "fusion" and dims[-2:] == value_rows and " select(" in fused:
+      masked_values += 1
+      continue
+    offenders.append(f"{name}: {op}")
+  assert len(body.splitlines()) > 50 and not offenders, offenders
+  assert masked_values == (model.config.num_layers if guard == "mask" else 0)
 
 
 def test_long_stream_compiles_the_step_once():
@@ -301,6 +406,7 @@ def test_recompute_baseline_matches_its_definition():
     np.testing.assert_allclose(got[:, t], want, **F32)
 
 
+@library_checks_only()
 def test_bad_inputs_raise_clear_errors():
   model = tiny_model(seed=34)
   cache = model.init_cache(C.SinkWindow(2, 6), 2)

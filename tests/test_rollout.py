@@ -31,6 +31,30 @@ def test_generation_with_sinks_matches_banded_forward():
   np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 8:-1], -1))
 
 
+def test_decoder_calls_continue_the_stream_like_the_banded_forward():
+  """A ``Decoder`` built once and called three times (carrying cache and logits) decodes what greedy argmax over
+  the offline forward with the policy's mask predicts, and what ``decode`` gives in one call."""
+  model = tiny_model(seed=46)
+  prompt = random_tokens(2, 7, seed=47)
+  policy = C.SinkWindow(2, 6, positions="absolute")
+  last, cache = rollout.prefill(model, prompt, model.init_cache(policy, 2), chunk_size=3)
+  decoder = rollout.Decoder(model, steps=5, sampling=rollout.Sampling(temperature=0.0))
+  pieces = []
+  for _ in range(3):
+    out = decoder(cache, last)
+    pieces.append(out.tokens)
+    cache, last = out.cache, out.last_logits
+  got = jnp.concatenate(pieces, axis=1)
+  seq = jnp.concatenate([prompt, got], axis=1)
+  logits = model.forward(seq, window=6, num_sinks=2)
+  np.testing.assert_array_equal(got, jnp.argmax(logits[:, 6:-1], -1))
+  last, cache = rollout.prefill(model, prompt, model.init_cache(policy, 2), chunk_size=3)
+  once = rollout.decode(model, cache, last, steps=15, rng=None, sampling=rollout.Sampling(temperature=0.0))
+  np.testing.assert_array_equal(once.tokens, got)
+  with pytest.raises(ValueError, match="steps"):
+    rollout.Decoder(model, steps=0)
+
+
 def test_ragged_prompts_equal_each_row_alone():
   model = tiny_model(seed=44)
   prompt = np.asarray(random_tokens(3, 7, seed=45))

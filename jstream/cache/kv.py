@@ -30,7 +30,7 @@ from jstream.cache import rows
 from jstream.cache.planner import plan
 from jstream.cache.policies import Policy
 from jstream.checks import check_int
-from jstream.typing import Array
+from jstream.typing import Array, Buffer, Float, Int, SegmentIds, Shaped
 
 
 class Geometry(NamedTuple):
@@ -155,12 +155,14 @@ def init_kv(policy: Policy, geometry: Geometry, *, batch_size: int, dtype, start
 # ------------------------------------------------------------------------------------------------ writes
 
 
-def layer_buffer(buf, layer) -> Array:
+def layer_buffer(buf: Buffer, layer) -> Shaped[Array, "b k _ _"]:
   """Layer ``layer`` ``[b, k, s, h]`` of a stacked buffer or a tuple of per-layer buffers."""
   return buf[layer]
 
 
-def write(buf, layer, slots: Array, update: Array, *, slots_last: bool = False):
+def write(
+  buf: Buffer, layer, slots: Int[Array, "b t"], update: Float[Array, "b t k h"], *, slots_last: bool = False
+) -> Buffer:
   """Scatters ``update [b, t, k, h]`` into layer ``layer`` of ``buf`` at ``slots [b, t]``.
 
   ``buf`` is a stacked ``[l, b, k, s, h]`` array (``layer`` may then be traced) or a tuple of per-layer arrays
@@ -196,7 +198,9 @@ def _write_one(buf: Array, slots: Array, update: Array, slots_last: bool, layer=
   return buf.at[(*lead, *index)].set(update, mode="clip")
 
 
-def append(cache: KVCache, k: Array, v: Array, segment_ids: Array | None = None) -> KVCache:
+def append(
+  cache: KVCache, k: Float[Array, "l b t k h"], v: Float[Array, "l b t k h"], segment_ids: SegmentIds = None
+) -> KVCache:
   """Appends a chunk of keys/values for every layer (no attention): ``k, v [l, b, t, k, h]``.
 
   This is the model-free cache update the model performs layer by layer; it is what the cache invariants are

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax.numpy as jnp
 
 from jstream.cache.policies import layout, slot_track
-from jstream.typing import Array
+from jstream.typing import Array, SegmentIds
 
 if TYPE_CHECKING:
   from jstream.cache.kv import KVCache
@@ -92,7 +92,7 @@ def rebase(cache: KVCache) -> tuple[KVCache, Array]:
   return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos), delta
 
 
-def plan(cache: KVCache, segment_ids: Array | None, chunk_len: int) -> Plan:
+def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int) -> Plan:
   """Assigns the tokens of a chunk to tracks, indices, positions and slots (see ``Plan``).
 
   Args:

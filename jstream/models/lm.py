@@ -2,9 +2,10 @@
 
 ``logits, cache = model(tokens, cache)`` runs a chunk of any length (up to the cache capacity) against an
 explicit cache pytree and returns the updated cache: prefill, chunked streaming and single-token decode are the
-same code path. ``model.forward(tokens, window=..., num_sinks=...)`` is the offline teacher-forced reference with
-the mask a policy implies. Layers run as one ``lax.scan`` over stacked weights, with the stacked cache carried and
-updated in place.
+same code path, except that a single token takes a read-only path through the layers and writes the cache after
+the last one (``jstream.nn.cached_attention``). ``model.forward(tokens, window=..., num_sinks=...)`` is the offline
+teacher-forced reference with the mask a policy implies. Layers run as one ``lax.scan`` over stacked weights and a
+stacked cache (``scan_layers``), or unrolled over per-layer weights and cache buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jstream._compat import is_concrete as _is_concrete
 from jstream.config import TransformerConfig
 from jstream.nn import cached_attention
 from jstream.nn.layers import Block, RMSNorm
-from jstream.typing import Array
+from jstream.typing import Array, ArrayLike, Float, Int, Logits, SegmentIds, TokenIds
 
 
 class StreamingTransformer(nnx.Module):
@@ -106,7 +107,7 @@ class StreamingTransformer(nnx.Module):
 
   # ------------------------------------------------------------------------------------------ helpers
 
-  def check_tokens(self, tokens, what: str = "token") -> Array:
+  def check_tokens(self, tokens, what: str = "token") -> Int[Array, "b t"]:
     """``tokens`` as int32 ``[b, t]`` ids, or a clear error (shape, dtype, ids outside the vocabulary)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -121,7 +122,7 @@ class StreamingTransformer(nnx.Module):
         raise ValueError(f"{what} ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]")
     return tokens.astype(jnp.int32)
 
-  def _embed(self, tokens: Array) -> Array:
+  def _embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
     x = self.embed(tokens)
     if _is_concrete(tokens):
       return x
@@ -129,7 +130,7 @@ class StreamingTransformer(nnx.Module):
     bad = (tokens < 0) | (tokens >= self.config.vocab_size)
     return jnp.where(bad[..., None], jnp.nan, x)
 
-  def _head(self, x: Array) -> Array:
+  def _head(self, x: Float[Array, "b t d"]) -> Logits:
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
@@ -138,32 +139,37 @@ class StreamingTransformer(nnx.Module):
     return logits.astype(jnp.float32)
 
   def _scan_blocks(self, x: Array, carry, body):
-    """Runs ``body(block, layer, x, carry) -> (x, carry)`` over the blocks.
+    """Runs ``body(block, layer, x, carry) -> (x, carry, y)`` over the blocks; returns ``(x, carry, ys)`` with the
+    per-layer ``y`` stacked along a leading layer axis.
 
     With ``scan_layers`` (stacked weights) this is one ``lax.scan``, so tracing and compile time do not grow with
     depth; otherwise a Python loop over per-layer weights (XLA:CPU copies each layer's slice of stacked weights
-    on every call, which dominates single-token decode there; see ``benchmarks/RESULTS.md``).
+    and caches on every call: see ``scan_layers`` in ``jstream.config`` for what that costs in decode).
     """
     if not self.config.scan_layers:
+      ys = []
       for layer, block in enumerate(self.blocks):
-        x, carry = body(block, layer, x, carry)
-      return x, carry
+        x, carry, y = body(block, layer, x, carry)
+        ys.append(y)
+      return x, carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
     graphdef, params = nnx.split(self.blocks)
 
     def step(c, xs):
       x, carry = c
       p, layer = xs
       block = nnx.merge(graphdef, p)
-      x, carry = body(block, layer, x, carry)
-      return (x, carry), None
+      x, carry, y = body(block, layer, x, carry)
+      return (x, carry), y
 
     layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    (x, carry), _ = jax.lax.scan(step, (x, carry), (params, layers))
-    return x, carry
+    (x, carry), ys = jax.lax.scan(step, (x, carry), (params, layers))
+    return x, carry, ys
 
   # ------------------------------------------------------------------------------------------ calls
 
-  def __call__(self, tokens, cache, *, segment_ids=None):
+  def __call__(
+    self, tokens: TokenIds, cache: cache_lib.Cache, *, segment_ids: SegmentIds = None
+  ) -> tuple[Logits, cache_lib.Cache]:
     """Runs a chunk against the cache.
 
     Args:
@@ -194,28 +200,25 @@ class StreamingTransformer(nnx.Module):
       )
     return cache.step(self, tokens, segment_ids)
 
-  def extend(self, tokens: Array, cache: cache_lib.KVCache, *, segment_ids=None):
+  def extend(
+    self, tokens: Int[Array, "b t"], cache: cache_lib.KVCache, *, segment_ids: SegmentIds = None
+  ) -> tuple[Logits, cache_lib.KVCache]:
     """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
-    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them."""
+    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them.
+
+    A single token (``t == 1``, decode) takes a read-only path: every layer reads the cache as it was, and the
+    keys and values of all layers are written after the last one (``jstream.nn.cached_attention``).
+    """
     t = tokens.shape[1]
     cfg = self.config
     plan = cache_lib.plan(cache, segment_ids, t)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
-    impl = cfg.attention_impl
-    x = self._embed(tokens)
-
-    def body(block, layer, x, bufs):
-      def attend(attn, q, k, v):
-        out, kb, vb = cached_attention.attend(
-          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=attn.sink_part(q)
-        )
-        return out, (kb, vb)
-
-      return block(x, attend)
-
     kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
-    x, (kbuf, vbuf) = self._scan_blocks(x, (kbuf, plan.cache.v), body)
-    logits = self._head(x)
+    vbuf = plan.cache.v
+    if ctx.read_only:
+      logits, kbuf, vbuf = self._token_step(tokens, ctx, kbuf, vbuf)
+    else:
+      logits, kbuf, vbuf = self._chunk_step(tokens, ctx, kbuf, vbuf)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
@@ -224,7 +227,59 @@ class StreamingTransformer(nnx.Module):
       )
     return logits, plan.after.replace(k=kbuf, v=vbuf)
 
-  def forward(self, tokens, *, positions=None, window: int | None = None, num_sinks: int = 0) -> Array:
+  def _chunk_step(self, tokens, ctx, kbuf, vbuf):
+    impl = self.config.attention_impl
+
+    def body(block, layer, x, bufs):
+      def attend(attn, q, k, v):
+        out, kb, vb, _ = cached_attention.attend(
+          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=attn.sink_part(q)
+        )
+        return out, (kb, vb)
+
+      x, bufs = block(x, attend)
+      return x, bufs, None
+
+    x, (kbuf, vbuf), _ = self._scan_blocks(self._embed(tokens), (kbuf, vbuf), body)
+    return self._head(x), kbuf, vbuf
+
+  def _token_step(self, tokens, ctx, kbuf, vbuf):
+    impl = self.config.attention_impl
+
+    def forward(mask_values):
+      def body(block, layer, x, carry):
+        def attend(attn, q, k, v):
+          out, _, _, k_rot = cached_attention.attend(
+            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, sink_part=attn.sink_part(q), mask_values=mask_values
+          )
+          return out, (k_rot, v, out)
+
+        x, written = block(x, attend)
+        return x, carry, written
+
+      x, _, (ks, vs, outs) = self._scan_blocks(self._embed(tokens), None, body)
+      return self._head(x), ks, vs, outs
+
+    if cached_attention.value_guard() == "check":
+      logits, ks, vs, outs = forward(mask_values=False)
+      logits, ks, vs = jax.lax.cond(
+        jnp.all(jnp.isfinite(outs)),
+        lambda: (logits, ks, vs),
+        lambda: forward(mask_values=True)[:3],
+      )
+    else:
+      logits, ks, vs, _ = forward(mask_values=True)
+    kbuf, vbuf = cached_attention.write_token(ctx, kbuf, vbuf, ks, vs, after=logits)
+    return logits, kbuf, vbuf
+
+  def forward(
+    self,
+    tokens: TokenIds,
+    *,
+    positions: Int[ArrayLike, "b t"] | None = None,
+    window: int | None = None,
+    num_sinks: int = 0,
+  ) -> Logits:
     """Offline teacher-forced forward with the mask a policy implies (the reference streaming must equal).
 
     Args:
@@ -258,7 +313,8 @@ class StreamingTransformer(nnx.Module):
         )
         return o, None
 
-      return block(x, attend)
+      x, _ = block(x, attend)
+      return x, carry, None
 
-    x, _ = self._scan_blocks(x, None, body)
+    x, _, _ = self._scan_blocks(x, None, body)
     return self._head(x)

@@ -2,10 +2,16 @@
 
 The blocks hold parameters only; attention itself (cache reads, masks, RoPE) is passed in as a function, so the
 same block serves the cached streaming path, the offline forward and the recompute baseline.
+
+Projections of a single row (single-token decode) on CPU split their contraction into one batched product per
+core (``dot_general``): XLA:CPU runs a matrix-vector product on one thread, and the batches of a batched product
+on several, so decode reads its weights with every core (``experiments/profile_decode.py``).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -13,7 +19,54 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jstream.config import TransformerConfig
-from jstream.typing import Array
+from jstream.typing import Array, Float
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover (not on Linux)
+    return os.cpu_count() or 1
+
+
+SPLIT_PLATFORMS = ("cpu",)
+"""Platforms whose single-row projections split their contraction (``()`` turns it off, for measurements: the
+split made single-token decode 1.5x - 1.6x faster on the 2-core development VM, ``experiments/profile_decode.py``).
+Read when a step is traced."""
+
+
+def split_parts(rows: int, contraction: int, platform: str | None = None) -> int:
+  """How many partial products ``dot_general`` splits a ``[rows, contraction]`` input into: one per core for a
+  single row on a ``SPLIT_PLATFORMS`` platform (each part at least 32 deep, the contraction divisible), else 1."""
+  if rows != 1 or (platform or jax.default_backend()) not in SPLIT_PLATFORMS:
+    return 1
+  fits = [p for p in range(1, _cores() + 1) if contraction % p == 0 and contraction // p >= 32]
+  return max(fits, default=1)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs) -> Array:
+  """``lax.dot_general`` for projections ``x [..., i] @ kernel [i, o]`` (the ``dot_general`` of the model's
+  ``nnx.Linear`` layers), with the contraction of a single row on CPU split in ``split_parts`` parts: a batched
+  product of ``[p, 1, i/p] x [p, i/p, o]`` whose partial results are added in float32. Other products are plain
+  ``lax.dot_general``."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  plain = lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2 or kwargs.get("out_sharding")
+  parts = 1 if plain else split_parts(rows, lhs.shape[-1])
+  if parts == 1:
+    return jax.lax.dot_general(
+      lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kwargs
+    )
+  i, o = rhs.shape
+  out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+  partial = jax.lax.dot_general(
+    lhs.reshape(parts, 1, i // parts),
+    rhs.reshape(parts, i // parts, o),
+    (((2,), (1,)), ((0,), (0,))),
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )  # [p, 1, o]
+  return jnp.sum(partial, axis=0).astype(out_dtype).reshape(*lhs.shape[:-1], o)
 
 
 class RMSNorm(nnx.Module):
@@ -23,7 +76,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead d"]:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
@@ -36,12 +89,12 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=dot_general, rngs=rngs)
     self.mlp_dim = cfg.mlp_dim
     self.gate_up = nnx.Linear(cfg.embed_dim, 2 * cfg.mlp_dim, **kw)
     self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim, **kw)
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead d"]:
     gate_up = self.gate_up(x)
     gate, up = gate_up[..., : self.mlp_dim], gate_up[..., self.mlp_dim :]
     return self.down(jax.nn.silu(gate) * up)
@@ -59,7 +112,7 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=dot_general, rngs=rngs)
     self.qkv_proj = nnx.Linear(d, (n + 2 * k) * h, **kw)
     self.o = nnx.Linear(n * h, d, **kw)
     self.learned_sink = cfg.learned_sink
@@ -70,7 +123,9 @@ class Attention(nnx.Module):
       self.sink_k = nnx.Param(init(rngs.params(), (k, h), cfg.param_dtype))
       self.sink_v = nnx.Param(init(rngs.params(), (k, h), cfg.param_dtype))
 
-  def qkv(self, x: Array) -> tuple[Array, Array, Array]:
+  def qkv(
+    self, x: Float[Array, "b t d"]
+  ) -> tuple[Float[Array, "b t n h"], Float[Array, "b t k h"], Float[Array, "b t k h"]]:
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     qkv = self.qkv_proj(x)
@@ -79,11 +134,11 @@ class Attention(nnx.Module):
     v = qkv[..., (n + k) * h :].reshape(b, t, k, h)
     return q, k_, v
 
-  def out(self, o: Array) -> Array:
+  def out(self, o: Float[Array, "b t n h"]) -> Float[Array, "b t d"]:
     b, t = o.shape[:2]
     return self.o(o.reshape(b, t, self.num_heads * self.head_dim))
 
-  def sink_part(self, q: Array) -> tuple[Array, Array] | None:
+  def sink_part(self, q: Float[Array, "b t n h"]) -> tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None:
     """The learned sink as a partial attention ``(out [b, t, n, h] f32, lse [b, t, n])`` (position-free)."""
     b, t, n, h = q.shape
     if self.learned_sink == "logit":
@@ -110,7 +165,7 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x: Array, attend: AttendFn) -> tuple[Array, object]:
+  def __call__(self, x: Float[Array, "b t d"], attend: AttendFn) -> tuple[Float[Array, "b t d"], object]:
     q, k, v = self.attn.qkv(self.attn_norm(x))
     o, aux = attend(self.attn, q, k, v)
     x = x + self.attn.out(o.astype(x.dtype))
