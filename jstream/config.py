@@ -35,7 +35,7 @@ class TransformerConfig:
     scan_layers: stack the blocks' weights and run them as one ``lax.scan`` (compile time independent of depth;
       the default). ``False`` keeps one set of weights and cache buffers per layer and unrolls the loop: on CPU,
       where XLA copies a layer's slice of stacked weights and cache on every step, single-token decode of the
-      benchmark's small model was 2.5x faster that way (0.69 vs 1.74 ms/token, ``benchmarks/RESULTS.md``).
+      benchmark's small model was 2.7x faster that way (0.665 vs 1.797 ms/token, ``benchmarks/RESULTS.md``).
   """
 
   vocab_size: int

@@ -93,7 +93,7 @@ def test_bench_stream_smoke(in_tmp):
   assert any(n.startswith("SinkWindow") for n in names) and "Dense" in names
   assert res["floor"]["copy_bandwidth_gbs"] > 0 and (in_tmp / "bench" / "latency.png").exists()
   sink_rows = [r for r in res["rows"] if r["policy"].startswith("SinkWindow")]
-  assert all(r["decode_over_floor"] > 0 for r in sink_rows)
+  assert all(r["decode_over_floor"] > 0 and r["decode_over_read"] > 0 for r in sink_rows)
   assert {(r["model"], r["batch"]) for r in sink_rows} >= {("tiny", 1), ("tiny_medium", 1), ("tiny", 8)}
   assert len(res["prefill"]) == 3 and all(p["tokens_per_s"] > 0 for p in res["prefill"])
 

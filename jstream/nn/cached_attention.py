@@ -205,7 +205,7 @@ VALUE_GUARD = {"cpu": "check"}
 """How a single token keeps NaN in invisible value slots out of its output, per platform (default ``"mask"``):
 ``"mask"`` zeroes the values of empty slots as they are read; ``"check"`` attends the raw values and redoes the
 step with ``"mask"`` when an output is not finite (see the module docstring). On CPU zeroing is a copy of every
-value buffer, which ``"check"`` saves (decode about 1.2x faster, ``experiments/profile_decode.py``); elsewhere a
+value buffer, which ``"check"`` saves (decode 1.2x - 1.3x faster, ``experiments/profile_decode.py``); elsewhere a
 kernel masks in registers and a conditional may cost a host round trip (unmeasured). Read when a step is traced."""
 
 

@@ -31,7 +31,7 @@ def _cores() -> int:
 
 SPLIT_PLATFORMS = ("cpu",)
 """Platforms whose single-row projections split their contraction (``()`` turns it off, for measurements: the
-split made single-token decode 1.5x - 1.6x faster on the 2-core development VM, ``experiments/profile_decode.py``).
+split made single-token decode about 1.6x faster on the 2-core development VM, ``experiments/profile_decode.py``).
 Read when a step is traced."""
 
 
