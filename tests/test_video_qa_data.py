@@ -1,0 +1,186 @@
+"""The streaming video-QA data: answers recomputed independently from the event log, frames redrawn from it,
+chunking and determinism, the builder and the pipeline, bad input."""
+
+import collections
+import itertools
+
+import numpy as np
+import pytest
+
+from jstream.data import digits
+from jstream.data import video_qa as V
+
+NUMBER = {w: i for i, w in enumerate(V.NUMBERS)}
+
+
+def long_stream(ticks=900, index=3, split="test", **kw):
+  config = V.video_qa_config(question_prob=kw.pop("question_prob", 0.6), **kw)
+  return config, V.VideoQAStream(config, split, index).take(ticks)
+
+
+def expected_answer(question, chunk, config):
+  """The answer to ``question`` from the event log and the drawn objects alone."""
+  f, words = question.frame, question.words.split()
+  past = [e for e in chunk.events if e[0] <= f]
+  entries = [e for e in past if e[1] == V.ENTER]
+  exits = [e for e in past if e[1] == V.EXIT]
+  drawn = [row for row in chunk.objects[f - chunk.start] if row[0] >= 0]
+  if question.qtype == "where":
+    top, left = words[5] == "top", words[6] == "left"
+    h, w = config.frame_size
+    s = config.digit_size
+    inside = [lab for _, lab, _, y, x in drawn if (2 * y + s < h) == top and (2 * x + s < w) == left]
+    assert len(inside) <= 1, "asked about a quadrant with two digits"
+    return V.NUMBERS[inside[0]] if inside else "none"
+  if question.qtype == "count_now":
+    return V.NUMBERS[len(drawn)]
+  if question.qtype == "first_in":
+    return V.NUMBERS[entries[0][3]]
+  if question.qtype == "first_out":
+    return V.NUMBERS[exits[0][3]]
+  if question.qtype == "count":
+    n = sum(e[3] == NUMBER[words[5]] for e in entries)
+    return V.NUMBERS[n] if n < 10 else "many"
+  if question.qtype == "order":
+    a, b = NUMBER[words[1]], NUMBER[words[4]]
+    first = {}
+    for e in entries:
+      first.setdefault(e[3], e[0])
+    return "yes" if a in first and (b not in first or first[a] < first[b]) else "no"
+  raise AssertionError(question.qtype)
+
+
+def test_answers_equal_an_independent_recomputation_from_the_event_log():
+  config, chunk = long_stream()
+  by_type = collections.Counter(q.qtype for q in chunk.questions)
+  assert set(by_type) == set(V.QTYPES), by_type
+  answers = collections.defaultdict(collections.Counter)
+  for q in chunk.questions:
+    if q.qtype != "proactive":
+      assert q.due == q.frame
+      want = expected_answer(q, chunk, config)
+      assert q.answer == want, (q, want)
+      answers[q.qtype][q.answer] += 1
+  assert answers["order"]["yes"] > 0 and answers["order"]["no"] > 0
+  assert len(answers["where"]) > 2 and len(answers["count"]) > 2
+
+
+def test_proactive_requests_are_announced_at_the_next_entry_of_their_digit():
+  _, chunk = long_stream()
+  requests = [q for q in chunk.questions if q.qtype == "proactive"]
+  entries = [e for e in chunk.events if e[1] == V.ENTER]
+  want = []
+  for q in requests:
+    label = NUMBER[q.answer]
+    later = [e[0] for e in entries if e[0] > q.frame and e[3] == label]
+    if later:
+      want.append((later[0], q.frame, label))
+  assert chunk.announcements == want and len(want) >= 3
+  # One request pending at a time: each is asked after the previous one was announced.
+  for prev, nxt in itertools.pairwise(requests):
+    done = [a for a in chunk.announcements if a[1] == prev.frame]
+    assert done and done[0][0] <= nxt.frame
+
+
+def test_text_slots_follow_the_documented_layout():
+  config, chunk = long_stream(ticks=300)
+  questions = {q.frame: q for q in chunk.questions}
+  announced = {a[0]: a[2] for a in chunk.announcements}
+  for i, (ids, mask) in enumerate(zip(chunk.text, chunk.targets)):
+    f = chunk.start + i
+    want, target = [], []
+    if f in announced:
+      want += ["<speak>", V.NUMBERS[announced[f]], "<eos>"]
+      target += [True] * 3
+    else:
+      want += ["<silent>"]
+      target += [True]
+    if f in questions:
+      q = questions[f]
+      want += ["<q>", *q.words.split()]
+      target += [False] * (1 + len(q.words.split()))
+      if q.qtype != "proactive":
+        want += ["<a>", q.answer, "<eos>"]
+        target += [False, True, True]
+      assert chunk.qtype[i] == V.QTYPES.index(q.qtype)
+    else:
+      assert chunk.qtype[i] == -1
+    pad = config.text_len - len(want)
+    assert V.decode(ids) == " ".join(want)
+    np.testing.assert_array_equal(ids[len(want) :], np.zeros(pad))
+    np.testing.assert_array_equal(mask, np.array(target + [False] * pad))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_frames_are_the_logged_digits_drawn_from_the_split_pool(split):
+  config, chunk = long_stream(ticks=120, split=split, index=1)
+  images, labels = digits.digit_pool(split, config.digit_size)
+  s = config.digit_size
+  on_screen = {}  # object -> label, from the events
+  for i, frame in enumerate(chunk.frames):
+    f = chunk.start + i
+    for e in chunk.events:
+      if e[0] == f:
+        if e[1] == V.ENTER:
+          on_screen[e[2]] = e[3]
+        else:
+          del on_screen[e[2]]
+    drawn = [row for row in chunk.objects[i] if row[0] >= 0]
+    assert {int(r[0]): int(r[1]) for r in drawn} == on_screen
+    assert len(drawn) <= config.max_on_screen
+    redrawn = np.zeros_like(frame)
+    for _, lab, image, y, x in drawn:
+      assert labels[image] == lab and 0 <= y <= frame.shape[0] - s and 0 <= x <= frame.shape[1] - s
+      np.maximum(redrawn[y : y + s, x : x + s], images[image], out=redrawn[y : y + s, x : x + s])
+    np.testing.assert_array_equal(redrawn, frame)
+  per_frame = collections.Counter((e[0], e[1]) for e in chunk.events)
+  assert max(per_frame.values()) == 1  # at most one entry and one exit per frame
+
+
+def test_a_stream_does_not_depend_on_how_it_is_cut():
+  config = V.video_qa_config(question_prob=0.5)
+  whole = V.VideoQAStream(config, "train", 7).take(60)
+  stream = V.VideoQAStream(config, "train", 7)
+  parts = [stream.take(n) for n in (1, 13, 29, 17)]
+  assert parts[1].start == 1 and stream.frame == 60
+  for name in ("frames", "text", "targets", "qtype", "objects"):
+    np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
+  for name in ("questions", "announcements", "events"):
+    assert [x for p in parts for x in getattr(p, name)] == getattr(whole, name)
+  again = V.VideoQAStream(config, "train", 7).take(60)
+  np.testing.assert_array_equal(again.frames, whole.frames)
+  other = V.VideoQAStream(config, "train", 8).take(60)
+  assert not np.array_equal(other.frames, whole.frames)
+
+
+def test_builder_stores_stream_prefixes_and_the_pipeline_batches_them(tmp_path):
+  config = V.video_qa_config(clip_frames=8, num_train=6, num_test=2)
+  builder = V.video_qa_builder(config, data_dir=tmp_path)
+  source = builder.as_data_source(split="train")
+  assert len(source) == 6
+  for i in (0, 5):
+    chunk = V.VideoQAStream(config, "train", i).take(8)
+    np.testing.assert_array_equal(source[i]["frames"], chunk.frames)
+    np.testing.assert_array_equal(source[i]["text"], chunk.text)
+    np.testing.assert_array_equal(source[i]["targets"], chunk.targets.astype(np.uint8))
+    np.testing.assert_array_equal(source[i]["qtype"], chunk.qtype)
+  ds = V.video_qa_dataset("train", batch_size=4, num_epochs=1, shuffle=False, config=config, data_dir=tmp_path)
+  (batch,) = list(ds)
+  assert batch["frames"].shape == (4, 8, 32, 32) and batch["frames"].dtype == np.float32
+  assert float(batch["frames"].max()) <= 1.0 and batch["text"].shape == (4, 8, config.text_len)
+  assert batch["targets"].dtype == bool and batch["qtype"].shape == (4, 8)
+
+
+def test_bad_input_is_a_clear_error():
+  with pytest.raises(ValueError, match="text_len must be >= 17"):
+    V.video_qa_config(text_len=10)
+  with pytest.raises(ValueError, match="unknown types"):
+    V.video_qa_config(question_weights={"when": 1.0})
+  with pytest.raises(ValueError, match="digit_size"):
+    V.video_qa_config(frame_size=8, digit_size=12)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    V.encode("which digit is purple ?")
+  with pytest.raises(ValueError, match="split"):
+    V.VideoQAStream(split="valid")
+  with pytest.raises(ValueError, match="positive int"):
+    V.VideoQAStream().take(0)
