@@ -45,39 +45,52 @@ def _rope(x, pos, base):
   return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
-def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute", start=0):
-  """Logits ``[n, v]`` of one stream, token by token.
+def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute", start=0, groups=None):
+  """Logits ``[n, v]`` of one stream, group by group (a token is a group of its own unless ``groups`` says).
 
   Args:
     model: a StreamingTransformer.
     tokens: ``[n]`` ids.
     tracks: per segment id, ``(num_sinks, window)`` (window None = keep everything).
     segment_ids: ``[n]`` segment of each token (default all 0).
-    positions: "absolute" (RoPE at stream positions ``start + i``) or "cache_relative" (each track's retained
-      keys re-indexed 0..r-1 in stream order, sinks first; a query sits at the index of its track's latest token).
+    positions: "absolute" (RoPE at stream positions: ``start`` plus the number of groups before) or
+      "cache_relative" (each track's retained keys re-indexed 0..r-1 in stream order, sinks first, every key of a
+      group at the index of the group's last key; a query sits at the index of its track's latest key).
+    groups: ``[n]`` group ids: consecutive tokens with one id >= 0 are a group (one track): they share a position
+      and each sees what the last of them sees.
   """
   cfg = model.config
   flat, layers = _params(model)
   emb = flat[("embed", "embedding")]
   n_h, k_h, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   g = n_h // k_h
-  segment_ids = np.zeros(len(tokens), int) if segment_ids is None else np.asarray(segment_ids)
-  mem = [[[] for _ in tracks] for _ in layers]  # per layer, per track: (track_idx, stream_pos, k, v)
+  n = len(tokens)
+  segment_ids = np.zeros(n, int) if segment_ids is None else np.asarray(segment_ids)
+  groups = np.full(n, -1) if groups is None else np.asarray(groups)
+  runs = []
+  for i in range(n):
+    if runs and groups[i] >= 0 and groups[i] == groups[i - 1]:
+      runs[-1].append(i)
+    else:
+      runs.append([i])
+  mem = [[[] for _ in tracks] for _ in layers]  # per layer, per track: (track_idx, stream_pos, k, v, run)
   counts = [0] * len(tracks)
-  out = []
-  for i, tok in enumerate(np.asarray(tokens)):
-    m_tok = int(segment_ids[i])
-    my_idx = counts[m_tok]
-    counts[m_tok] += 1
-    x = emb[tok]
+  out = [None] * n
+  for run_no, run in enumerate(runs):
+    m_run = int(segment_ids[run[0]])
+    my_idx = list(range(counts[m_run], counts[m_run] + len(run)))
+    counts[m_run] += len(run)
+    pos = start + run_no
+    x = emb[np.asarray(tokens)[run]]  # [r, d]
     for li, p in enumerate(layers):
       h = _rms(x, p[("attn_norm", "scale")], cfg.norm_eps)
       qkv = h @ p[("attn", "qkv_proj", "kernel")]
-      q = qkv[: n_h * hd].reshape(n_h, hd)
-      k = qkv[n_h * hd : (n_h + k_h) * hd].reshape(k_h, hd)
-      v = qkv[(n_h + k_h) * hd :].reshape(k_h, hd)
-      mem[li][m_tok].append((my_idx, start + i, k, v))
-      scores, values = [], []
+      q = qkv[:, : n_h * hd].reshape(-1, n_h, hd)
+      k = qkv[:, n_h * hd : (n_h + k_h) * hd].reshape(-1, k_h, hd)
+      v = qkv[:, (n_h + k_h) * hd :].reshape(-1, k_h, hd)
+      for j in range(len(run)):
+        mem[li][m_run].append((my_idx[j], pos, k[j], v[j], run_no))
+      scores, values = [[] for _ in run], [[] for _ in run]
       for m, (sinks, window) in enumerate(tracks):
         entries = mem[li][m]
         if not entries:
@@ -85,33 +98,39 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
         latest = entries[-1][0]
         vis = [e for e in entries if window is None or e[0] < sinks or latest - e[0] < window]
         if positions == "absolute":
-          qpos, kpos = start + i, [e[1] for e in vis]
+          qpos, kpos = pos, [e[1] for e in vis]
         else:
-          qpos, kpos = len(vis) - 1, list(range(len(vis)))
-        qr = _rope(q, qpos, cfg.rope_base)
-        for e, kp in zip(vis, kpos):
-          kr = _rope(e[2], kp, cfg.rope_base)
-          scores.append(np.array([qr[j] @ kr[j // g] for j in range(n_h)]) / np.sqrt(hd))
-          values.append(np.array([e[3][j // g] for j in range(n_h)]))
-      s = np.stack(scores)  # [keys, n]
-      vals = np.stack(values)  # [keys, n, h]
-      extra_logit, extra_val = None, None
-      if cfg.learned_sink == "logit":
-        extra_logit, extra_val = p[("attn", "sink_logit")], np.zeros((n_h, hd))
-      elif cfg.learned_sink == "kv":
-        sk, sv = np.repeat(p[("attn", "sink_k")], g, 0), np.repeat(p[("attn", "sink_v")], g, 0)
-        extra_logit, extra_val = np.einsum("nh,nh->n", q, sk) / np.sqrt(hd), sv
-      if extra_logit is not None:
-        s = np.concatenate([s, extra_logit[None]], 0)
-        vals = np.concatenate([vals, extra_val[None]], 0)
-      w = np.exp(s - s.max(0))
-      w /= w.sum(0)
-      o = np.einsum("kn,knh->nh", w, vals).reshape(-1)
-      x = x + o @ p[("attn", "o", "kernel")]
+          last_of_run = {e[4]: r for r, e in enumerate(vis)}
+          qpos, kpos = len(vis) - 1, [r if e[0] < sinks else last_of_run[e[4]] for r, e in enumerate(vis)]
+        for j in range(len(run)):
+          qr = _rope(q[j], qpos, cfg.rope_base)
+          for e, kp in zip(vis, kpos):
+            kr = _rope(e[2], kp, cfg.rope_base)
+            scores[j].append(np.array([qr[a] @ kr[a // g] for a in range(n_h)]) / np.sqrt(hd))
+            values[j].append(np.array([e[3][a // g] for a in range(n_h)]))
+      outs = []
+      for j in range(len(run)):
+        s = np.stack(scores[j])  # [keys, n]
+        vals = np.stack(values[j])  # [keys, n, h]
+        extra_logit, extra_val = None, None
+        if cfg.learned_sink == "logit":
+          extra_logit, extra_val = p[("attn", "sink_logit")], np.zeros((n_h, hd))
+        elif cfg.learned_sink == "kv":
+          sk, sv = np.repeat(p[("attn", "sink_k")], g, 0), np.repeat(p[("attn", "sink_v")], g, 0)
+          extra_logit, extra_val = np.einsum("nh,nh->n", q[j], sk) / np.sqrt(hd), sv
+        if extra_logit is not None:
+          s = np.concatenate([s, extra_logit[None]], 0)
+          vals = np.concatenate([vals, extra_val[None]], 0)
+        w = np.exp(s - s.max(0))
+        w /= w.sum(0)
+        outs.append(np.einsum("kn,knh->nh", w, vals).reshape(-1))
+      x = x + np.stack(outs) @ p[("attn", "o", "kernel")]
       h = _rms(x, p[("mlp_norm", "scale")], cfg.norm_eps)
       gu = h @ p[("mlp", "gate_up", "kernel")]
-      gate, up = gu[: cfg.mlp_dim], gu[cfg.mlp_dim :]
+      gate, up = gu[:, : cfg.mlp_dim], gu[:, cfg.mlp_dim :]
       x = x + (gate / (1 + np.exp(-gate)) * up) @ p[("mlp", "down", "kernel")]
     x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
-    out.append(x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")])
+    logits = x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")]
+    for j, i in enumerate(run):
+      out[i] = logits[j]
   return np.stack(out)

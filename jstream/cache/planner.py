@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from jstream.cache.policies import layout, slot_track
-from jstream.typing import Array, SegmentIds
+from jstream.typing import Array, Int, SegmentIds
 
 if TYPE_CHECKING:
   from jstream.cache.kv import KVCache
@@ -42,8 +43,11 @@ class Plan(NamedTuple):
     cache: the cache with counters rebased (if needed), before this chunk is written.
     seg: ``[b, t]`` track of each token, -1 for padding.
     tok_idx: ``[b, t]`` index of each token within its track, -1 for padding.
-    tok_pos: ``[b, t]`` stream position of each token, -1 for padding.
-    q_idx: ``[b, m, t]`` index of the latest token of track ``m`` at or before each query (-1: none or padding).
+    tok_pos: ``[b, t]`` stream position of each token, -1 for padding (the tokens of a group share one).
+    q_idx: ``[b, m, t]`` index of the latest token of track ``m`` that each query sees: at or before the query,
+      or, inside a group, at or before the group's last token (-1: none, or padding).
+    rope_idx: ``[b, t]`` the track index a key is rotated at in ``cache_relative`` mode: its own, or its group's
+      last token's (sink keys keep their own).
     sink_slots / ring_slots: ``[b, t]`` slot each token is written to in the sink phase / the ring phase (the
       trash slot ``capacity`` when the token does not go there).
     slots: ``[b, t]`` the slot each token ends in (its sink slot, else its ring slot, else the trash slot).
@@ -58,6 +62,7 @@ class Plan(NamedTuple):
   tok_idx: Array
   tok_pos: Array
   q_idx: Array
+  rope_idx: Array
   sink_slots: Array
   ring_slots: Array
   slots: Array
@@ -92,16 +97,20 @@ def rebase(cache: KVCache) -> tuple[KVCache, Array]:
   return cache.replace(idx=idx, pos=pos, count=count, next_pos=next_pos), delta
 
 
-def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int) -> Plan:
+def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Array, "b t"] | None = None) -> Plan:
   """Assigns the tokens of a chunk to tracks, indices, positions and slots (see ``Plan``).
 
   Args:
     cache: the cache before the chunk.
     segment_ids: ``[b, t]`` int32 track of each token (-1 = padding), or None for all-track-0.
     chunk_len: ``t``.
+    groups: optional ``[b, t]`` int32: consecutive tokens with the same id ``>= 0`` form a *group* (the patch
+      tokens of a video frame): they take one stream position and see each other (each token of a group sees
+      what the group's last token sees), while every token still takes its own track index and slot. -1: a token
+      of its own. A group lies inside one chunk and one track; padding ends it.
 
   Raises:
-    ValueError: a chunk longer than the capacity, or ``segment_ids`` of the wrong shape.
+    ValueError: a chunk longer than the capacity, or ``segment_ids`` or ``groups`` of the wrong shape.
   """
   policy = cache.policy
   lay = layout(policy)
@@ -121,14 +130,15 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int) -> Plan:
   onehot = seg[..., None] == jnp.arange(num_tracks, dtype=jnp.int32)  # [b, t, m]
   cum = jnp.cumsum(onehot.astype(jnp.int32), axis=1)  # inclusive
   q_idx = cache.count[:, None, :] + cum - 1  # [b, t, m]
-  q_idx = jnp.where(valid[..., None], q_idx, -1)
   q_idx = jnp.moveaxis(q_idx, 2, 1)  # [b, m, t]
   own = jnp.take_along_axis(q_idx, jnp.maximum(seg, 0)[:, None, :], axis=1)[:, 0]  # [b, t]
   tok_idx = jnp.where(valid, own, -1)
-  nvalid = jnp.cumsum(valid.astype(jnp.int32), axis=1)
-  tok_pos = jnp.where(valid, cache.next_pos[:, None] + nvalid - 1, -1)
+  starts, last = _group_starts_and_ends(groups, valid, b, chunk_len)
+  q_idx = jnp.where(valid[:, None], jnp.take_along_axis(q_idx, last[:, None], axis=2), -1)
+  nstart = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+  tok_pos = jnp.where(valid, cache.next_pos[:, None] + nstart - 1, -1)
   new_count = cache.count + cum[:, -1, :]  # [b, m]
-  new_next = cache.next_pos + nvalid[:, -1]
+  new_next = cache.next_pos + nstart[:, -1]
 
   sink_slots = jnp.full((b, chunk_len), cap, jnp.int32)
   ring_slots = jnp.full((b, chunk_len), cap, jnp.int32)
@@ -147,7 +157,7 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int) -> Plan:
     if tr.window is None:  # Dense: may not wrap
       poison = poison | (new_count[:, m] > tr.ring)
   if policy.positions == "absolute":  # counts real tokens only: padding takes no position
-    poison = poison | (cache.next_pos > INT32_MAX - nvalid[:, -1])
+    poison = poison | (cache.next_pos > INT32_MAX - nstart[:, -1])
   # Committed metadata: rows of the slot arrays that receive a token.
   slots = jnp.where(sink_slots < cap, sink_slots, ring_slots)
   bidx = jnp.arange(b)[:, None]
@@ -155,4 +165,22 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int) -> Plan:
   idx = cache.idx.at[bidx, slots].set(jnp.where(kept, tok_idx, -1), mode="clip")
   pos = cache.pos.at[bidx, slots].set(jnp.where(kept, tok_pos, -1), mode="clip")
   after = cache.replace(idx=idx, pos=pos, count=new_count, next_pos=new_next)
-  return Plan(cache, seg, tok_idx, tok_pos, q_idx, sink_slots, ring_slots, slots, poison, after, shift)
+  group_idx = jnp.where(valid, jnp.take_along_axis(tok_idx, last, axis=1), -1)
+  rope_idx = jnp.where(sink_slots < cap, tok_idx, group_idx)
+  return Plan(cache, seg, tok_idx, tok_pos, q_idx, rope_idx, sink_slots, ring_slots, slots, poison, after, shift)
+
+
+def _group_starts_and_ends(groups, valid: Array, b: int, t: int) -> tuple[Array, Array]:
+  """``starts [b, t]``: valid tokens that take a new position; ``last [b, t]``: the chunk index of the last token
+  of each token's group (the token itself outside groups)."""
+  here = jnp.arange(t, dtype=jnp.int32)
+  if groups is None:
+    return valid, jnp.broadcast_to(here, (b, t))
+  g = jnp.asarray(groups, jnp.int32)
+  if g.shape != (b, t):
+    raise ValueError(f"groups must be [b, t] = {(b, t)}, got {g.shape}")
+  # A token continues the group of the token before it when both are valid and share an id >= 0.
+  cont = jnp.zeros((b, t), bool).at[:, 1:].set((g[:, 1:] >= 0) & (g[:, 1:] == g[:, :-1]) & valid[:, 1:] & valid[:, :-1])
+  ends = ~jnp.concatenate([cont[:, 1:], jnp.zeros((b, 1), bool)], axis=1)  # the next token does not continue
+  last = jax.lax.cummin(jnp.where(ends, here, t), axis=1, reverse=True)
+  return valid & ~cont, last

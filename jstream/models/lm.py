@@ -201,24 +201,58 @@ class StreamingTransformer(nnx.Module):
     return cache.step(self, tokens, segment_ids)
 
   def extend(
-    self, tokens: Int[Array, "b t"], cache: cache_lib.KVCache, *, segment_ids: SegmentIds = None
+    self,
+    tokens: Int[Array, "b t"],
+    cache: cache_lib.KVCache,
+    *,
+    segment_ids: SegmentIds = None,
+    groups: Int[Array, "b t"] | None = None,
   ) -> tuple[Logits, cache_lib.KVCache]:
     """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
-    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them.
+    for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them, plus
+    ``groups`` (see ``extend_embeddings``).
 
     A single token (``t == 1``, decode) takes a read-only path: every layer reads the cache as it was, and the
     keys and values of all layers are written after the last one (``jstream.nn.cached_attention``).
     """
-    t = tokens.shape[1]
+    return self.extend_embeddings(self._embed(tokens), cache, segment_ids=segment_ids, groups=groups)
+
+  def extend_embeddings(
+    self,
+    x: Float[Array, "b t d"],
+    cache: cache_lib.KVCache,
+    *,
+    segment_ids: SegmentIds = None,
+    groups: Int[Array, "b t"] | None = None,
+  ) -> tuple[Logits, cache_lib.KVCache]:
+    """Runs input embeddings ``x [b, t, d]`` (token embeddings, or the patch tokens of a video frame from an
+    encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``.
+
+    Args:
+      x: the chunk's input embeddings (in the model's compute dtype or float32).
+      cache: a ``KVCache`` of this model.
+      segment_ids: optional ``[b, t]`` track of each token (``Segmented`` policies; -1 = padding).
+      groups: optional ``[b, t]`` int32 group ids (``jstream.cache.plan``): consecutive tokens with one id
+        ``>= 0`` share one stream position and attend to each other (a frame's tokens), each taking its own cache
+        slot; -1 = a token of its own. A group lies inside one chunk and one track. In ``absolute`` mode a
+        group's tokens share one RoPE position; in ``cache_relative`` mode their keys are rotated at the index
+        of the group's last token, so within a group distances are 0 there too.
+    """
+    if x.shape[:1] != (cache.batch_size,) or x.shape[-1] != self.config.embed_dim:
+      raise ValueError(
+        f"embeddings must be [b, t, d] = [{cache.batch_size}, t, {self.config.embed_dim}], got {x.shape}"
+      )
+    t = x.shape[1]
     cfg = self.config
-    plan = cache_lib.plan(cache, segment_ids, t)
+    plan = cache_lib.plan(cache, segment_ids, t, groups)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
     kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
     vbuf = plan.cache.v
+    x = x.astype(cfg.dtype)
     if ctx.read_only:
-      logits, kbuf, vbuf = self._token_step(tokens, ctx, kbuf, vbuf)
+      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf)
     else:
-      logits, kbuf, vbuf = self._chunk_step(tokens, ctx, kbuf, vbuf)
+      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
@@ -227,7 +261,7 @@ class StreamingTransformer(nnx.Module):
       )
     return logits, plan.after.replace(k=kbuf, v=vbuf)
 
-  def _chunk_step(self, tokens, ctx, kbuf, vbuf):
+  def _chunk_step(self, x, ctx, kbuf, vbuf):
     impl = self.config.attention_impl
 
     def body(block, layer, x, bufs):
@@ -240,10 +274,10 @@ class StreamingTransformer(nnx.Module):
       x, bufs = block(x, attend)
       return x, bufs, None
 
-    x, (kbuf, vbuf), _ = self._scan_blocks(self._embed(tokens), (kbuf, vbuf), body)
+    x, (kbuf, vbuf), _ = self._scan_blocks(x, (kbuf, vbuf), body)
     return self._head(x), kbuf, vbuf
 
-  def _token_step(self, tokens, ctx, kbuf, vbuf):
+  def _token_step(self, x0, ctx, kbuf, vbuf):
     impl = self.config.attention_impl
 
     def forward(mask_values):
@@ -257,7 +291,7 @@ class StreamingTransformer(nnx.Module):
         x, written = block(x, attend)
         return x, carry, written
 
-      x, _, (ks, vs, outs) = self._scan_blocks(self._embed(tokens), None, body)
+      x, _, (ks, vs, outs) = self._scan_blocks(x0, None, body)
       return self._head(x), ks, vs, outs
 
     if cached_attention.value_guard() == "check":

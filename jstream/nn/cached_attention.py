@@ -20,7 +20,10 @@ most of the buffer reads the whole buffer with the other slots masked out, becau
 before the read makes XLA:CPU duplicate the write into the dot's operand and copy every buffer. Reading in place
 made single-token decode on CPU 1.3x - 1.4x faster: ``experiments/profile_decode.py``.)
 
-Masks use track indices (``cache.idx``), so they are the same in both position modes. Values of empty slots
+Masks use track indices (``cache.idx``), so they are the same in both position modes. A token in a *group*
+(``jstream.cache.plan``: a video frame's patch tokens) sees what the group's last token sees (``Plan.q_idx``), so
+the tokens of a group attend to each other; its key is rotated at the group's position (``absolute``) or at the
+index of the group's last token (``cache_relative``, ``Plan.rope_idx``). Values of empty slots
 (never written, reset, rolled back) must not reach an output even when they hold NaN, and a dot multiplies them
 by a zero probability (``0 * NaN = NaN``). Chunks zero them as they are read (``mask_values``); single tokens may
 instead attend the raw values and redo the step with zeroed values only when an output is not finite
@@ -141,7 +144,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
         ck = jnp.where((plan.seg == m) & (plan.tok_idx >= tr.num_sinks), plan.tok_idx, -1)
         segments.append(Segment("chunk", 0, t, ck, q_mask, 0, tr.window, 0))
   else:
-    k_rope = cs(jnp.maximum(plan.tok_idx, 0))
+    k_rope = cs(jnp.maximum(plan.rope_idx, 0))
     for m, tl in enumerate(lay):
       tr = tl.track
       q_mask = plan.q_idx[:, m]
