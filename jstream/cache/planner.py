@@ -134,7 +134,9 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Ar
   own = jnp.take_along_axis(q_idx, jnp.maximum(seg, 0)[:, None, :], axis=1)[:, 0]  # [b, t]
   tok_idx = jnp.where(valid, own, -1)
   starts, last = _group_starts_and_ends(groups, valid, b, chunk_len)
-  q_idx = jnp.where(valid[:, None], jnp.take_along_axis(q_idx, last[:, None], axis=2), -1)
+  if last is not None:  # a group's tokens see what its last token sees
+    q_idx = jnp.take_along_axis(q_idx, last[:, None], axis=2)
+  q_idx = jnp.where(valid[:, None], q_idx, -1)
   nstart = jnp.cumsum(starts.astype(jnp.int32), axis=1)
   tok_pos = jnp.where(valid, cache.next_pos[:, None] + nstart - 1, -1)
   new_count = cache.count + cum[:, -1, :]  # [b, m]
@@ -165,17 +167,19 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Ar
   idx = cache.idx.at[bidx, slots].set(jnp.where(kept, tok_idx, -1), mode="clip")
   pos = cache.pos.at[bidx, slots].set(jnp.where(kept, tok_pos, -1), mode="clip")
   after = cache.replace(idx=idx, pos=pos, count=new_count, next_pos=new_next)
-  group_idx = jnp.where(valid, jnp.take_along_axis(tok_idx, last, axis=1), -1)
-  rope_idx = jnp.where(sink_slots < cap, tok_idx, group_idx)
+  rope_idx = tok_idx
+  if last is not None:
+    group_idx = jnp.where(valid, jnp.take_along_axis(tok_idx, last, axis=1), -1)
+    rope_idx = jnp.where(sink_slots < cap, tok_idx, group_idx)
   return Plan(cache, seg, tok_idx, tok_pos, q_idx, rope_idx, sink_slots, ring_slots, slots, poison, after, shift)
 
 
-def _group_starts_and_ends(groups, valid: Array, b: int, t: int) -> tuple[Array, Array]:
+def _group_starts_and_ends(groups, valid: Array, b: int, t: int) -> tuple[Array, Array | None]:
   """``starts [b, t]``: valid tokens that take a new position; ``last [b, t]``: the chunk index of the last token
-  of each token's group (the token itself outside groups)."""
-  here = jnp.arange(t, dtype=jnp.int32)
+  of each token's group (the token itself outside groups), or None without groups."""
   if groups is None:
-    return valid, jnp.broadcast_to(here, (b, t))
+    return valid, None
+  here = jnp.arange(t, dtype=jnp.int32)
   g = jnp.asarray(groups, jnp.int32)
   if g.shape != (b, t):
     raise ValueError(f"groups must be [b, t] = {(b, t)}, got {g.shape}")
