@@ -325,12 +325,25 @@ class StreamingTransformer(nnx.Module):
       ``[b, n, v]`` float32 logits.
     """
     tokens = self.check_tokens(tokens)
-    b, n = tokens.shape
+    return self.forward_embeddings(self._embed(tokens), positions=positions, window=window, num_sinks=num_sinks)
+
+  def forward_embeddings(
+    self,
+    x: Float[Array, "b t d"],
+    *,
+    positions: Int[ArrayLike, "b t"] | None = None,
+    window: int | None = None,
+    num_sinks: int = 0,
+  ) -> Logits:
+    """``forward`` of input embeddings ``x [b, n, d]`` (see ``extend_embeddings``). Tokens that share a position
+    see each other: with the positions a ``Dense`` stream's groups imply, this is that stream offline."""
+    b, n = x.shape[:2]
+    if x.shape[-1] != self.config.embed_dim:
+      raise ValueError(f"embeddings must be [b, t, {self.config.embed_dim}], got {x.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     positions = jnp.asarray(positions, jnp.int32)
     cfg = self.config
-    x = self._embed(tokens)
 
     def body(block, layer, x, carry):
       def attend(attn, q, k, v):
@@ -350,5 +363,5 @@ class StreamingTransformer(nnx.Module):
       x, _ = block(x, attend)
       return x, carry, None
 
-    x, _, _ = self._scan_blocks(x, None, body)
+    x, _, _ = self._scan_blocks(x.astype(cfg.dtype), None, body)
     return self._head(x)

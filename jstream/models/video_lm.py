@@ -1,0 +1,182 @@
+"""A video-language model for streaming video QA: frames and text interleaved in one causal transformer.
+
+A *tick* is one frame followed by a text slot (``jstream.data.video_qa``): the frame becomes
+``tokens_per_frame`` patch tokens (a patch embedding and a small per-frame encoder with full attention inside the
+frame), the slot's words are embedded by the language model, and both run through the engine's
+``StreamingTransformer`` (``extend_embeddings``) against an explicit cache. The frame's tokens are one *group*
+(``jstream.cache.plan``): they share a stream position and attend to each other, and causally to everything before
+them. Frame tokens go to cache track ``VISION`` and text to ``TEXT``, so a ``Segmented`` policy keeps text sinks, a
+text window and a vision window apart (StreamingVLM); ``<pad>`` words are padding (not attended, not cached, no
+position).
+
+The word predicted after position ``i`` of a tick is read from the logits at ``i``: the decision (``<silent>`` /
+``<speak>``) from the frame's last token, then each slot word from the word before it (``tick_loss``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jstream import cache as cache_lib
+from jstream.config import TransformerConfig
+from jstream.models.lm import StreamingTransformer
+from jstream.nn import cached_attention
+from jstream.nn.layers import Block, RMSNorm
+from jstream.typing import Array, Bool, Float, Int, Logits
+
+TEXT, VISION = 0, 1
+"""Cache tracks of a tick's tokens: ``Segmented((text_policy, vision_policy))``."""
+PAD = 0
+"""The id of the ``<pad>`` word (``jstream.data.video_qa.PAD``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLMConfig:
+  """A video-language model (frozen, hashable).
+
+  Attributes:
+    lm: the causal transformer over interleaved frame and text tokens (its ``vocab_size`` is the word vocabulary).
+    frame_size: ``(H, W)`` of the (single-channel) frames.
+    patch_size: side of a square patch; ``H`` and ``W`` must be multiples.
+    encoder_layers: transformer blocks of the per-frame encoder (full attention inside a frame).
+  """
+
+  lm: TransformerConfig
+  frame_size: tuple[int, int] = (32, 32)
+  patch_size: int = 8
+  encoder_layers: int = 1
+
+  def __post_init__(self):
+    h, w = self.frame_size
+    if self.patch_size < 1 or h % self.patch_size or w % self.patch_size:
+      raise ValueError(f"frame_size {self.frame_size} must be multiples of patch_size {self.patch_size}")
+    if self.encoder_layers < 0:
+      raise ValueError(f"encoder_layers must be >= 0, got {self.encoder_layers}")
+
+  @property
+  def tokens_per_frame(self) -> int:
+    h, w = self.frame_size
+    return (h // self.patch_size) * (w // self.patch_size)
+
+
+class VideoLM(nnx.Module):
+  """Frames and words in one causal transformer with an explicit cache (see the module docstring).
+
+  Args:
+    config: the model configuration.
+    rngs: NNX random streams for initialisation.
+  """
+
+  def __init__(self, config: VideoLMConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    lm = config.lm
+    d, p = lm.embed_dim, config.patch_size
+    self.lm = StreamingTransformer(lm, rngs=rngs)
+    self.patch = nnx.Linear(p * p, d, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    init = nnx.initializers.normal(stddev=d**-0.5)
+    self.patch_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
+    enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
+    self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
+    self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
+
+  def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.KVCache:
+    """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
+    fed without segment ids)."""
+    return self.lm.init_cache(policy, batch_size, dtype=dtype)
+
+  # ---------------------------------------------------------------------------------------------- inputs
+
+  def encode(self, frames: Float[Array, "b n _ _"]) -> Float[Array, "b n p d"]:
+    """Patch tokens ``[b, n, tokens_per_frame, d]`` of frames ``[b, n, H, W]`` (values in [0, 1])."""
+    c = self.config
+    b, n, h, w = frames.shape
+    if (h, w) != c.frame_size:
+      raise ValueError(f"frames must be [b, n, {c.frame_size[0]}, {c.frame_size[1]}], got {frames.shape}")
+    s = c.patch_size
+    x = frames.astype(jnp.float32).reshape(b * n, h // s, s, w // s, s).transpose(0, 1, 3, 2, 4)
+    x = self.patch(x.reshape(b * n, c.tokens_per_frame, s * s)) + self.patch_pos[...]
+    zeros = jnp.zeros(x.shape[:2], jnp.int32)  # one position: every patch sees every patch of its frame
+    lm = c.lm
+
+    def attend(attn, q, k, v):
+      o = cached_attention.offline(
+        q, k, v, zeros, window=None, num_sinks=0, rope_base=lm.rope_base, impl=lm.attention_impl
+      )
+      return o, None
+
+    for block in self.encoder:
+      x, _ = block(x, attend)
+    return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
+
+  def tick_inputs(
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]
+  ) -> tuple[Float[Array, "b s d"], Int[Array, "b s"], Int[Array, "b s"]]:
+    """The token sequence of ``n`` ticks: ``(x [b, n * (P + L), d], segment_ids, groups)``.
+
+    Each tick is its frame's ``P`` patch tokens (track ``VISION``, one group per frame) then its ``L`` words (track
+    ``TEXT``; ``<pad>`` words are padding, segment -1).
+    """
+    b, n, ln = text.shape
+    if frames.shape[:2] != (b, n):
+      raise ValueError(f"frames {frames.shape} and text {text.shape} must have the same [batch, ticks]")
+    p = self.config.tokens_per_frame
+    vis = self.encode(frames)  # [b, n, p, d]
+    words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
+    x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (p + ln), -1)
+    seg_v = jnp.full((b, n, p), VISION, jnp.int32)
+    seg_t = jnp.where(text != PAD, TEXT, -1).astype(jnp.int32)
+    segs = jnp.concatenate([seg_v, seg_t], axis=2).reshape(b, -1)
+    tick = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, p))
+    groups = jnp.concatenate([tick, jnp.full((b, n, ln), -1, jnp.int32)], axis=2).reshape(b, -1)
+    return x, segs, groups
+
+  # ------------------------------------------------------------------------------------------------ calls
+
+  def __call__(
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], cache: cache_lib.KVCache
+  ) -> tuple[Logits, cache_lib.KVCache]:
+    """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
+    returns ``(logits [b, n * (P + L), v], cache)``. Compiles once per ``(n, L)``."""
+    x, segs, groups = self.tick_inputs(frames, text)
+    return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
+
+  def forward(self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]) -> Logits:
+    """Offline forward of whole ticks with full causal attention (what a stream under a policy that keeps
+    everything computes, in ``absolute`` positions): the training forward."""
+    x, segs, groups = self.tick_inputs(frames, text)
+    valid = segs >= 0
+    cont = jnp.zeros_like(valid).at[:, 1:].set((groups[:, 1:] >= 0) & (groups[:, 1:] == groups[:, :-1]))
+    positions = jnp.where(valid, jnp.cumsum(valid & ~cont, axis=1) - 1, -1).astype(jnp.int32)
+    return self.lm.forward_embeddings(x, positions=positions)
+
+
+def slot_logits(logits: Float[Array, "b s v"], num_ticks: int, tokens_per_frame: int) -> Float[Array, "b n l v"]:
+  """The logits that predict each slot word ``[b, n, L, v]``: word ``j`` of a tick from position
+  ``P - 1 + j`` of that tick (the frame's last token for ``j = 0``)."""
+  b, s, v = logits.shape
+  per_tick = s // num_ticks
+  slot = per_tick - tokens_per_frame
+  x = logits.reshape(b, num_ticks, per_tick, v)
+  return x[:, :, tokens_per_frame - 1 : tokens_per_frame - 1 + slot]
+
+
+def tick_loss(
+  logits: Float[Array, "b s v"],
+  text: Int[Array, "b n l"],
+  targets: Bool[Array, "b n l"],
+  tokens_per_frame: int,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """Mean cross-entropy over the target words of the ticks (decisions, announcements, answers) and metrics:
+  ``loss``, ``accuracy`` (argmax equals the target over target words), ``targets`` (their count)."""
+  pred = slot_logits(logits, text.shape[1], tokens_per_frame).astype(jnp.float32)
+  logp = jax.nn.log_softmax(pred, axis=-1)
+  nll = -jnp.take_along_axis(logp, text[..., None], axis=-1)[..., 0]
+  mask = targets.astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  loss = (nll * mask).sum() / count
+  acc = ((jnp.argmax(pred, -1) == text) * mask).sum() / count
+  return loss, {"loss": loss, "accuracy": acc, "targets": mask.sum()}

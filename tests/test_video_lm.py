@@ -1,0 +1,118 @@
+"""The video-language model: ticks streamed through a cache equal the offline forward where the policy keeps
+everything; no look-ahead; the tick loss reads the right logits; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import library_checks_only
+from flax import nnx
+
+import jstream
+from jstream import cache as C
+from jstream.data import video_qa as V
+from jstream.models import video_lm as VL
+
+
+def tiny_video_lm(seed=0, **kw):
+  lm = jstream.TransformerConfig(
+    vocab_size=len(V.WORDS), num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64, scan_layers=False
+  )
+  return VL.VideoLM(VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, **kw), rngs=nnx.Rngs(seed))
+
+
+def ticks(b, n, seed, text_len=6):
+  """Random frames and slots with a few <pad> words at the end of each slot."""
+  rng = np.random.default_rng(seed)
+  frames = rng.uniform(size=(b, n, 16, 16)).astype(np.float32)
+  text = rng.integers(1, len(V.WORDS), size=(b, n, text_len)).astype(np.int32)
+  fill = rng.integers(1, text_len + 1, size=(b, n))
+  text = np.where(np.arange(text_len) < fill[..., None], text, V.PAD)
+  return jnp.asarray(frames), jnp.asarray(text)
+
+
+def tick_step(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, frames, text, cache):
+    return nnx.merge(graphdef, state)(frames, text, cache)
+
+  return lambda *a: step(state, *a)
+
+
+def stream_ticks(model, frames, text, cache, sizes):
+  step, out, i = tick_step(model), [], 0
+  for s in sizes:
+    logits, cache = step(frames[:, i : i + s], text[:, i : i + s], cache)
+    out.append(np.asarray(logits))
+    i += s
+  return np.concatenate(out, axis=1), cache
+
+
+def test_streamed_ticks_equal_the_offline_forward():
+  model = tiny_video_lm(seed=1)
+  frames, text = ticks(2, 7, seed=2)
+  policy = C.Segmented((C.Dense(64), C.Dense(64)))
+  got, _ = stream_ticks(model, frames, text, model.init_cache(policy, 2), [1, 3, 1, 2])
+  want = np.asarray(model.forward(frames, text))
+  p = model.config.tokens_per_frame
+  real = np.concatenate([np.ones((2, 7, p), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
+  np.testing.assert_allclose(got[real], want[real], atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_answers_do_not_look_ahead(positions):
+  """Logits of ticks up to f do not change when frames and words after f change (bounded policy)."""
+  model = tiny_video_lm(seed=3)
+  policy = C.Segmented((C.SinkWindow(2, 8), C.Window(12)), positions=positions)
+  frames, text = ticks(1, 8, seed=4)
+  got, _ = stream_ticks(model, frames, text, model.init_cache(policy, 1), [2, 2, 2, 2])
+  other_frames, other_text = ticks(1, 8, seed=5)
+  frames2 = frames.at[:, 5:].set(other_frames[:, 5:])
+  text2 = text.at[:, 5:].set(other_text[:, 5:])
+  got2, _ = stream_ticks(model, frames2, text2, model.init_cache(policy, 1), [2, 2, 2, 2])
+  per_tick = got.shape[1] // 8
+  np.testing.assert_array_equal(got[:, : 5 * per_tick], got2[:, : 5 * per_tick])
+  assert not np.allclose(got[:, 5 * per_tick :], got2[:, 5 * per_tick :])
+
+
+def test_frame_tokens_see_their_whole_frame():
+  """Changing the last patch of a frame changes the logits of the frame's first token (no encoder: the patches
+  meet only in the language model), in the offline forward and streamed."""
+  model = tiny_video_lm(seed=6, encoder_layers=0)
+  frames, text = ticks(1, 1, seed=7)
+  a = np.asarray(model.forward(frames, text))
+  b = np.asarray(model.forward(frames.at[0, 0, 8:, 8:].set(0.0), text))
+  assert not np.allclose(a[0, 0], b[0, 0], atol=1e-5)
+  policy = C.Segmented((C.Window(8), C.Window(8)))
+  c, _ = stream_ticks(model, frames.at[0, 0, 8:, 8:].set(0.0), text, model.init_cache(policy, 1), [1])
+  np.testing.assert_allclose(c[0, 0], b[0, 0], atol=5e-5, rtol=5e-5)
+
+
+def test_tick_loss_reads_the_logits_before_each_word():
+  p, n, ln, v = 4, 2, 3, 5
+  rng = np.random.default_rng(8)
+  text = rng.integers(0, v, size=(1, n, ln)).astype(np.int32)
+  targets = np.array([[[True, False, True], [False, True, True]]])
+  logits = np.full((1, n * (p + ln), v), -30.0, np.float32)
+  for t in range(n):
+    for j in range(ln):
+      logits[0, t * (p + ln) + p - 1 + j, text[0, t, j]] = 30.0  # perfect predictions at the right places
+  loss, m = VL.tick_loss(jnp.asarray(logits), jnp.asarray(text), jnp.asarray(targets), p)
+  assert float(loss) < 1e-6 and float(m["accuracy"]) == 1.0 and float(m["targets"]) == 4
+  shifted = np.roll(logits, 1, axis=1)
+  loss2, _ = VL.tick_loss(jnp.asarray(shifted), jnp.asarray(text), jnp.asarray(targets), p)
+  assert float(loss2) > 1.0
+
+
+@library_checks_only()
+def test_bad_input_is_a_clear_error():
+  model = tiny_video_lm()
+  frames, text = ticks(1, 2, seed=9)
+  with pytest.raises(ValueError, match="frames must be"):
+    model.forward(jnp.ones((1, 2, 8, 8)), text)
+  with pytest.raises(ValueError, match="same \\[batch, ticks\\]"):
+    model.forward(frames[:, :1], text)
+  with pytest.raises(ValueError, match="multiples of patch_size"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 12), patch_size=8)
