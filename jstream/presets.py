@@ -1,4 +1,5 @@
-"""Definitions that config files share: the small byte-level LM, its training run, and the ``quick`` shrink.
+"""Definitions that config files share: the small byte-level LM, its training run, the ``quick`` shrink, and the
+video-QA model and run.
 
 ``configs/lm_tiny.py`` and ``configs/streaming_llm.py`` both build on these, so the model that ``jstream train
 --config configs/lm_tiny.py`` trains and the models of ``jstream demo`` are the same by construction, and so are
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from jstream.config import TransformerConfig
-from jstream.train.config import TrainConfig
+from jstream.train.config import TrainConfig, VideoTask
 
 BYTE_VOCAB = 257  # the 256 byte values + the id of the learned sink token (the last id)
 
@@ -41,4 +42,21 @@ def quick(cfg: TrainConfig, **fields) -> TrainConfig:
   return dataclasses.replace(cfg, model=cfg.model.replace(**_QUICK_MODEL), **{**_QUICK_RUN, **fields})
 
 
-__all__ = ["BYTE_VOCAB", "byte_lm", "byte_lm_run", "quick"]
+def video_lm(**fields) -> TransformerConfig:
+  """The language model of the video-QA model: 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 256, over the
+  word vocabulary of ``jstream.data.video_qa`` and the frames' patch tokens; ``fields`` override any field."""
+  from jstream.data.video_qa import WORDS
+
+  base = dict(vocab_size=len(WORDS), num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, mlp_dim=256)
+  return TransformerConfig(**{**base, **fields})
+
+
+def video_lm_run(workdir: str, *, steps: int, video: VideoTask | None = None, **fields) -> TrainConfig:
+  """A video-QA training run of ``video_lm()`` (or ``fields["model"]``): clips of ``video.clip_frames`` ticks
+  (default ``VideoTask(clip_frames=24)``), batch 8, AdamW at 2e-3, metrics every 10 steps."""
+  base = dict(model=video_lm(), batch_size=8, lr=2e-3, log_every=10, warmup_steps=30)
+  video = VideoTask(clip_frames=24) if video is None else video
+  return TrainConfig(**{**base, **fields, "data": "video_qa", "video": video, "workdir": workdir, "steps": steps})
+
+
+__all__ = ["BYTE_VOCAB", "byte_lm", "byte_lm_run", "quick", "video_lm", "video_lm_run"]

@@ -101,6 +101,12 @@ def test_tick_loss_reads_the_logits_before_each_word():
       logits[0, t * (p + ln) + p - 1 + j, text[0, t, j]] = 30.0  # perfect predictions at the right places
   loss, m = VL.tick_loss(jnp.asarray(logits), jnp.asarray(text), jnp.asarray(targets), p)
   assert float(loss) < 1e-6 and float(m["accuracy"]) == 1.0 and float(m["targets"]) == 4
+  wrong_words = logits.copy()
+  for t in range(n):
+    for j in range(1, ln):
+      wrong_words[0, t * (p + ln) + p - 1 + j] = 0.0
+  _, m3 = VL.tick_loss(jnp.asarray(wrong_words), jnp.asarray(text), jnp.asarray(targets), p)
+  assert float(m3["decision_accuracy"]) == 1.0 and float(m3["word_accuracy"]) == 0.0
   shifted = np.roll(logits, 1, axis=1)
   loss2, _ = VL.tick_loss(jnp.asarray(shifted), jnp.asarray(text), jnp.asarray(targets), p)
   assert float(loss2) > 1.0

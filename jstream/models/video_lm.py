@@ -171,12 +171,21 @@ def tick_loss(
   tokens_per_frame: int,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
   """Mean cross-entropy over the target words of the ticks (decisions, announcements, answers) and metrics:
-  ``loss``, ``accuracy`` (argmax equals the target over target words), ``targets`` (their count)."""
+  ``loss``, ``accuracy`` (argmax equals the target, over target words), ``decision_accuracy`` (the first word of
+  each slot: ``<silent>`` / ``<speak>``), ``word_accuracy`` (the other target words: announced labels, answers
+  and their ``<eos>``), ``targets`` (how many target words)."""
   pred = slot_logits(logits, text.shape[1], tokens_per_frame).astype(jnp.float32)
   logp = jax.nn.log_softmax(pred, axis=-1)
   nll = -jnp.take_along_axis(logp, text[..., None], axis=-1)[..., 0]
   mask = targets.astype(jnp.float32)
   count = jnp.maximum(mask.sum(), 1.0)
   loss = (nll * mask).sum() / count
-  acc = ((jnp.argmax(pred, -1) == text) * mask).sum() / count
-  return loss, {"loss": loss, "accuracy": acc, "targets": mask.sum()}
+  hit = (jnp.argmax(pred, -1) == text).astype(jnp.float32)
+  first = jnp.zeros(mask.shape[-1]).at[0].set(1.0)
+  words = mask * (1.0 - first)
+
+  def acc(m):
+    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+  metrics = {"loss": loss, "accuracy": acc(mask), "decision_accuracy": acc(mask * first), "word_accuracy": acc(words)}
+  return loss, {**metrics, "targets": mask.sum()}

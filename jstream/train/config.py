@@ -23,13 +23,61 @@ from jstream.config import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoTask:
+  """The streaming video-QA task (``TrainConfig.data == "video_qa"``): the frame side of the model
+  (``jstream.models.video_lm``) and the training clips (``jstream.data.video_qa``).
+
+  Attributes:
+    frame_size: side of the square frames.
+    patch_size: side of a square patch (``frame_size`` a multiple of it).
+    encoder_layers: blocks of the per-frame encoder.
+    digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
+    clip_frames: ticks per training clip.
+    num_train: training clips (streams ``0 .. num_train - 1`` of the train split).
+  """
+
+  frame_size: int = 32
+  patch_size: int = 8
+  encoder_layers: int = 1
+  digit_size: int = 12
+  max_on_screen: int = 3
+  enter_prob: float = 0.2
+  question_prob: float = 0.25
+  clip_frames: int = 48
+  num_train: int = 2000
+
+  def data_config(self):
+    """The ``VideoQAConfig`` of the training clips."""
+    from jstream.data import video_qa
+
+    return video_qa.video_qa_config(
+      frame_size=self.frame_size,
+      digit_size=self.digit_size,
+      max_on_screen=self.max_on_screen,
+      enter_prob=self.enter_prob,
+      question_prob=self.question_prob,
+      clip_frames=self.clip_frames,
+      num_train=self.num_train,
+    )
+
+  def model_config(self, lm: TransformerConfig):
+    """The ``VideoLMConfig`` around the language model ``lm``."""
+    from jstream.models.video_lm import VideoLMConfig
+
+    fs = (self.frame_size, self.frame_size)
+    return VideoLMConfig(lm, frame_size=fs, patch_size=self.patch_size, encoder_layers=self.encoder_layers)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs (hashable; part of every checkpoint).
 
   Attributes:
-    model: the transformer.
-    data: ``"text"`` (byte-level text streams); ``corpus``: local files / folders (empty: the default corpus).
-    seq_len, batch_size: training sample length (tokens, before a sink token) and batch size.
+    model: the transformer (for ``video_qa``: the language model over frame and word tokens).
+    data: ``"text"`` (byte-level text streams; ``corpus``: local files / folders, empty: the default corpus) or
+      ``"video_qa"`` (moving-digit streams with questions: ``video``).
+    video: the video task (``data == "video_qa"`` only; default ``VideoTask()`` there).
+    seq_len, batch_size: training sample length (tokens, before a sink token; text only) and batch size.
     steps, lr, warmup_steps, min_lr_ratio, weight_decay, clip_norm, b1, b2: AdamW with linear warmup and cosine
       decay to ``lr * min_lr_ratio``, global-norm gradient clipping.
     sink_token: prepend a dedicated, learned sink token (id ``vocab_size - 1``) to every sample (StreamingLLM 3.3).
@@ -41,6 +89,7 @@ class TrainConfig:
 
   model: TransformerConfig
   data: str = "text"
+  video: VideoTask | None = None
   corpus: tuple[str, ...] = ()
   seq_len: int = 256
   batch_size: int = 16
@@ -78,6 +127,15 @@ class TrainConfig:
       raise ValueError(f"train_window ({self.train_window}) must be >= max(1, train_sinks={self.train_sinks})")
     if self.sink_token and self.model.vocab_size < 2:
       raise ValueError("sink_token needs a vocabulary with a spare id")
+    if self.data not in ("text", "video_qa"):
+      raise ValueError(f"TrainConfig.data must be 'text' or 'video_qa', got {self.data!r}")
+    if self.data == "video_qa":
+      if self.video is None:
+        object.__setattr__(self, "video", VideoTask())
+      if self.sink_token or self.train_window is not None or self.overlap:
+        raise ValueError("sink_token, train_window and overlap are text-only switches; video_qa does not take them")
+    elif self.video is not None:
+      raise ValueError(f"TrainConfig.video is for data='video_qa', not {self.data!r}")
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property
@@ -95,6 +153,8 @@ class TrainConfig:
   def from_dict(cls, d: dict) -> TrainConfig:
     d = dict(d)
     d["model"] = TransformerConfig(**d["model"])
+    if d.get("video") is not None:
+      d["video"] = VideoTask(**d["video"])
     d["corpus"] = tuple(d.get("corpus", ()))
     return cls(**d)
 

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jstream.models.lm import StreamingTransformer
+from jstream.models.video_lm import VideoLM
 from jstream.train import aligned
 from jstream.train.checkpoint import Checkpointer
 from jstream.train.config import TrainConfig
@@ -47,23 +48,30 @@ class TrainState:
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
-  """``step(state, tokens [b, L + 1]) -> (state, metrics)``, jit-compiled, state donated."""
+  """``step(state, batch) -> (state, metrics)``, jit-compiled, state donated. ``batch``: tokens ``[b, L + 1]``
+  (text) or a dict of clips (``video_qa``: ``frames``, ``text``, ``targets``)."""
   mask_kw = aligned.forward_mask(cfg)
   lr = schedule(cfg)
 
-  def loss_fn(params, tokens):
+  def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    inputs, targets, mask = aligned.make_example(cfg, tokens)
+    if cfg.data == "video_qa":
+      from jstream.models.video_lm import tick_loss
+
+      logits = model.forward(batch["frames"], batch["text"])
+      loss, m = tick_loss(logits, batch["text"], batch["targets"], model.config.tokens_per_frame)
+      return loss, {"tokens": m["targets"], **{k: m[k] for k in ("accuracy", "decision_accuracy", "word_accuracy")}}
+    inputs, targets, mask = aligned.make_example(cfg, batch)
     logits = model.forward(inputs, **mask_kw)
     loss, count = next_token_loss(logits, targets, mask)
-    return loss, count
+    return loss, {"tokens": count}
 
-  def step(state: TrainState, tokens):
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens)
+  def step(state: TrainState, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), "tokens": count}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), **aux}
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=(0,))
@@ -87,13 +95,17 @@ def heldout_tokens(cfg: TrainConfig, n: int) -> tuple[np.ndarray, int]:
 
 
 def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
-  """The data iterator of a config: batches ``[b, seq_len + 1]`` int32, with ``get_state``/``set_state``.
+  """The data iterator of a config, with ``get_state``/``set_state``: text batches ``[b, seq_len + 1]``, or
+  video-QA clips (dicts of ``frames [b, T, H, W]`` float32, ``text``, ``targets``, ``qtype``).
 
-  Windows at random offsets; with ``cfg.overlap``, shuffled chunks that start every ``seq_len - overlap`` bytes,
-  so each chunk's first ``overlap`` targets (context, outside the loss) are the previous chunk's last ones.
+  Text windows at random offsets; with ``cfg.overlap``, shuffled chunks that start every ``seq_len - overlap``
+  bytes, so each chunk's first ``overlap`` targets (context, outside the loss) are the previous chunk's last ones.
   """
-  if cfg.data != "text":
-    raise ValueError(f"unknown data {cfg.data!r}; the language-model trainer reads 'text'")
+  if cfg.data == "video_qa":
+    from jstream.data import video_qa
+
+    ds = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, seed=cfg.seed, config=cfg.video.data_config())
+    return iter(ds)
   from jstream.data import text as text_data
 
   config = _text_config(cfg)
@@ -142,16 +154,44 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class TrainResult:
-  model: StreamingTransformer
+  model: StreamingTransformer | VideoLM
   step: int
   resumed_from: int | None
   metrics: list[dict]
   seconds: float
 
 
+def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM:
+  """A fresh model of the run: the language model, or for ``video_qa`` the video LM around it."""
+  rngs = nnx.Rngs(cfg.seed)
+  if cfg.data == "video_qa":
+    from jstream.data.video_qa import WORDS
+
+    if cfg.model.vocab_size != len(WORDS):
+      raise ValueError(
+        f"video_qa needs model.vocab_size == {len(WORDS)} (the word vocabulary), got {cfg.model.vocab_size}"
+      )
+    return VideoLM(cfg.video.model_config(cfg.model), rngs=rngs)
+  return StreamingTransformer(cfg.model, rngs=rngs)
+
+
+def _device_batch(cfg: TrainConfig, batch) -> Any:
+  if cfg.data == "video_qa":
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets")}
+  return jnp.asarray(np.asarray(batch, np.int32))
+
+
+def tokens_per_batch(cfg: TrainConfig) -> int:
+  """Input tokens a training step processes (video: frame and slot tokens of every tick)."""
+  if cfg.data == "video_qa":
+    per_tick = cfg.video.model_config(cfg.model).tokens_per_frame + cfg.video.data_config().text_len
+    return cfg.batch_size * cfg.video.clip_frames * per_tick
+  return cfg.batch_size * cfg.seq_len
+
+
 def init_state(cfg: TrainConfig):
   """A fresh model, its graphdef, the optimizer and the initial ``TrainState``."""
-  model = StreamingTransformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  model = build_model(cfg)
   graphdef, params = nnx.split(model)
   optimizer = make_optimizer(cfg)
   return graphdef, optimizer, TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -189,7 +229,7 @@ def train(
   writer = MetricsWriter(workdir)
   start = int(state.step)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-  tokens_per_step = cfg.batch_size * cfg.seq_len
+  tokens_per_step = tokens_per_batch(cfg)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -198,7 +238,7 @@ def train(
   t0 = time.perf_counter()
   t_log, s_log = t0, start
   for step in range(start, end):
-    batch = jnp.asarray(np.asarray(next(data), np.int32))
+    batch = _device_batch(cfg, next(data))
     state, metrics = step_fn(state, batch)
     done = step + 1
     if done % cfg.log_every == 0 or done == end:
@@ -221,7 +261,7 @@ def train(
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
 
 
-def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer, int]:
+def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer | VideoLM, int]:
   """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step."""
   graphdef, _, state = init_state(cfg)
   ckpt = Checkpointer(cfg.workdir, cfg)

@@ -1,0 +1,35 @@
+"""The streaming video-QA model on moving-digit streams with questions (issue 10).
+
+  jstream train --config configs/video_lm.py          # the default model, minutes on 2 CPU cores
+  jstream train --config configs/video_lm.py:quick    # seconds (smoke test)
+
+Flags: ``quick`` (a tiny model, short clips, few steps). Any field can be overridden as ``key=value``
+(``model.<field>=...``, ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
+"""
+
+import dataclasses
+
+from jstream import presets
+from jstream.train import TrainConfig, VideoTask
+
+
+def get_config(*flags: str) -> TrainConfig:
+  unknown = set(flags) - {"quick"}
+  if unknown:
+    raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
+  cfg = presets.video_lm_run("runs/video_lm", steps=250, checkpoint_every=50)
+  if "quick" in flags:
+    small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
+    video = VideoTask(frame_size=16, patch_size=8, digit_size=8, clip_frames=6, num_train=16, encoder_layers=1)
+    cfg = dataclasses.replace(
+      cfg,
+      model=small,
+      video=video,
+      steps=6,
+      batch_size=4,
+      checkpoint_every=3,
+      warmup_steps=2,
+      log_every=2,
+      workdir="runs/video_lm_quick",
+    )
+  return cfg
