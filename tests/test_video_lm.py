@@ -104,7 +104,8 @@ def test_tick_loss_reads_the_logits_before_each_word():
   wrong_words = logits.copy()
   for t in range(n):
     for j in range(1, ln):
-      wrong_words[0, t * (p + ln) + p - 1 + j] = 0.0
+      wrong_words[0, t * (p + ln) + p - 1 + j] = -30.0
+      wrong_words[0, t * (p + ln) + p - 1 + j, (text[0, t, j] + 1) % v] = 30.0
   _, m3 = VL.tick_loss(jnp.asarray(wrong_words), jnp.asarray(text), jnp.asarray(targets), p)
   assert float(m3["decision_accuracy"]) == 1.0 and float(m3["word_accuracy"]) == 0.0
   shifted = np.roll(logits, 1, axis=1)
