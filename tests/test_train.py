@@ -215,3 +215,34 @@ def test_aligned_training_loss_is_the_streaming_inference_nll():
   infer_nll = rollout.stream_nll(model, stream, policy, chunk_size=5)[:, 1:]
   np.testing.assert_allclose(train_nll, infer_nll, atol=2e-5)
   assert bool(jnp.all(mask))
+
+
+VIDEO_CONFIG = CONFIG.parent / "video_lm.py"
+
+
+def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkeypatch):
+  """``configs/video_lm.py:quick`` trains the video LM on video-QA clips; a run stopped and resumed ends with the
+  parameters of an uninterrupted one, and the metrics report decisions and words apart."""
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  full = train(load_config(f"{VIDEO_CONFIG}:quick,workdir={tmp_path / 'full'}"), progress=False)
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,workdir={tmp_path / 'half'}")
+  assert cfg.data == "video_qa" and cfg.video.frame_size == 16
+  train(cfg, progress=False, stop_after=3)
+  resumed = train(cfg, progress=False)
+  assert resumed.resumed_from == 3 and resumed.step == cfg.steps
+  for a, b in zip(_params(full.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+  last = resumed.metrics[-1]
+  assert np.isfinite(last["loss"]) and 0 <= last["word_accuracy"] <= 1 and last["tokens"] > 0
+  reloaded, step = load_model(cfg)
+  assert step == cfg.steps and type(reloaded).__name__ == "VideoLM"
+
+
+def test_video_qa_config_errors_name_the_problem(tmp_path):
+  model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
+  with pytest.raises(ValueError, match="text-only switches"):
+    TrainConfig(model=model, data="video_qa", sink_token=True)
+  with pytest.raises(ValueError, match="must be 'text' or 'video_qa'"):
+    TrainConfig(model=model, data="audio")
+  with pytest.raises(ValueError, match="vocab_size =="):
+    train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)
