@@ -106,6 +106,8 @@ def _vocabulary() -> tuple[str, ...]:
   return fixed + tuple(sorted(words - set(fixed)))
 
 
+MAX_QUESTION_WORDS = max(len(t.split()) for t in _TEMPLATES.values())
+"""Words in the longest question."""
 WORDS = _vocabulary()
 """The word vocabulary: special tokens first (``<pad>`` = 0), then answers, then the other template words."""
 WORD_ID = {w: i for i, w in enumerate(WORDS)}
@@ -238,8 +240,7 @@ def video_qa_config(
 
 
 def _longest_slot() -> int:
-  longest = max(len(t.split()) for t in _TEMPLATES.values())
-  return 3 + 1 + longest + 1 + 1 + 1  # <speak> label <eos> <q> question <a> answer <eos>
+  return 3 + 1 + MAX_QUESTION_WORDS + 1 + 1 + 1  # <speak> label <eos> <q> question <a> answer <eos>
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""Streaming video question answering: a whole stream of ticks as jit-compiled scans, the model speaking for itself.
+
+At every tick the model (``jstream.models.video_lm.VideoLM``) sees the frame, decides ``<silent>`` or ``<speak>``
+(the higher of the two logits after the frame's last token), announces a label when it speaks (the argmax word
+after ``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and ``<a>`` when
+an answer is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says goes into
+its cache, as in training; words that a row does not say this tick are padding (not cached, no position), so
+rows of a batch can have questions at different ticks. One tick is five fixed-shape calls of the model inside one
+``lax.scan`` step; ``run`` compiles once per (ticks per call, batch, question length) and donates the cache, so a
+stream of any length runs at flat memory in calls of ``ticks`` ticks.
+
+``answer_stream`` drives ``jstream.data.video_qa`` streams through ``run`` and scores what the model said against
+the streams' ground truth (``score``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jstream import cache as cache_lib
+from jstream.data import video_qa as vqa
+from jstream.models.video_lm import TEXT, VideoLM
+from jstream.typing import Array, ArrayLike, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class TickOutputs:
+  """What the model said at each tick, ``[b, n]`` int32 word ids each: ``decision`` (``SILENT`` / ``SPEAK``),
+  ``announced`` (the label word when it spoke, else ``PAD``), ``answer`` (the answer word when an answer was due,
+  else ``PAD``)."""
+
+  decision: np.ndarray
+  announced: np.ndarray
+  answer: np.ndarray
+
+
+def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
+  """The words a tick's question feeds the model, ``[length]`` int32: ``<q>`` and the question, plus ``<a>`` when an
+  answer is due now (not for ``proactive``), padded with ``PAD``."""
+  out = np.full((length,), vqa.PAD, np.int32)
+  if question is None:
+    return out
+  ids = [vqa.QUESTION, *vqa.encode(question.words)] + ([] if question.qtype == "proactive" else [vqa.ANSWER])
+  if len(ids) > length:
+    raise ValueError(f"question of {len(ids)} words does not fit question_len {length}: {question.words!r}")
+  out[: len(ids)] = ids
+  return out
+
+
+def _say(lm, ids: Array, say: Array, cache):
+  """Feeds words ``ids [b, t]`` on the rows where ``say [b]``; ``PAD`` words and other rows are padding (not
+  cached, no position). Returns ``(logits, cache)``."""
+  seg = jnp.where(say[:, None] & (ids != vqa.PAD), TEXT, -1).astype(jnp.int32)
+  return lm.extend(ids, cache, segment_ids=seg)
+
+
+def _tick(model: VideoLM, cache, frame: Float[Array, "b _ _"], question: Int[Array, "b q"]):
+  b = frame.shape[0]
+  p = model.config.tokens_per_frame
+  every, none = jnp.ones((b,), bool), jnp.full((b, 1, 1), vqa.PAD, jnp.int32)
+  logits, cache = model(frame[:, None], none, cache)  # the frame (its one padding word is not cached)
+  after = logits[:, p - 1]
+  speak = after[:, vqa.SPEAK] > after[:, vqa.SILENT]
+  decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
+  logits, cache = _say(model.lm, decision[:, None], every, cache)
+  label = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+  _, cache = _say(model.lm, jnp.stack([label, jnp.full_like(label, vqa.EOS)], 1), speak, cache)
+  logits, cache = _say(model.lm, question, every, cache)
+  n_q = jnp.sum(question != vqa.PAD, axis=1)
+  last = jnp.take_along_axis(question, jnp.maximum(n_q - 1, 0)[:, None], axis=1)[:, 0]
+  due = (n_q > 0) & (last == vqa.ANSWER)
+  at = jnp.take_along_axis(logits, jnp.maximum(n_q - 1, 0)[:, None, None], axis=1)[:, 0]
+  answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
+  _, cache = _say(model.lm, jnp.stack([answer, jnp.full_like(answer, vqa.EOS)], 1), due, cache)
+  out = (decision, jnp.where(speak, label, vqa.PAD), jnp.where(due, answer, vqa.PAD))
+  return cache, out
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _run(graphdef, state, cache, frames, questions):
+  model = nnx.merge(graphdef, state)
+
+  def step(cache, xs):
+    return _tick(model, cache, *xs)
+
+  cache, outs = jax.lax.scan(step, cache, (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1)))
+  return cache, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
+
+
+def run(
+  model: VideoLM, cache: cache_lib.KVCache, frames: Float[ArrayLike, "b n _ _"], questions: Int[ArrayLike, "b n q"]
+) -> tuple[cache_lib.KVCache, TickOutputs]:
+  """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
+  as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``)."""
+  frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
+  if frames.shape[:2] != questions.shape[:2]:
+    raise ValueError(f"frames {frames.shape} and questions {questions.shape} must share [batch, ticks]")
+  if frames.shape[2:] != model.config.frame_size:
+    raise ValueError(f"frames must be {model.config.frame_size}, got {frames.shape[2:]}")
+  graphdef, state = nnx.split(model)
+  cache, (decision, announced, answer) = _run(graphdef, state, cache, frames, questions)
+  return cache, TickOutputs(*(np.asarray(x) for x in (decision, announced, answer)))
+
+
+@dataclasses.dataclass
+class StreamRecord:
+  """A stream's ground truth (its questions and due announcements) and what the model said, tick by tick."""
+
+  questions: list[vqa.Question]
+  announcements: list[tuple[int, int, int]]
+  decision: np.ndarray
+  announced: np.ndarray
+  answer: np.ndarray
+
+
+def answer_streams(
+  model: VideoLM,
+  policy: cache_lib.Policy,
+  streams: list[vqa.VideoQAStream],
+  num_ticks: int,
+  *,
+  ticks_per_call: int = 50,
+  question_len: int | None = None,
+  dtype=jnp.float32,
+) -> list[StreamRecord]:
+  """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
+  ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
+  per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``."""
+  if num_ticks % ticks_per_call:
+    raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
+  qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
+  cache = model.init_cache(policy, len(streams), dtype=dtype)
+  records = [StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(3))) for _ in streams]
+  for _ in range(num_ticks // ticks_per_call):
+    chunks = [s.take(ticks_per_call) for s in streams]
+    frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
+    questions = np.zeros((len(streams), ticks_per_call, qlen), np.int32)
+    for row, c in enumerate(chunks):
+      for q in c.questions:
+        questions[row, q.frame - c.start] = question_ids(q, qlen)
+    cache, out = run(model, cache, frames, questions)
+    for row, (c, rec) in enumerate(zip(chunks, records)):
+      rec.questions += c.questions
+      rec.announcements += c.announcements
+      rec.decision = np.concatenate([rec.decision, out.decision[row]])
+      rec.announced = np.concatenate([rec.announced, out.announced[row]])
+      rec.answer = np.concatenate([rec.answer, out.answer[row]])
+  return records
+
+
+def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
+  """Accuracy per question type and the proactive figures.
+
+  Returns ``{qtype: {"correct", "asked", "accuracy"}}`` for the answered types, and ``"proactive"``:
+  ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
+  events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
+  ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
+  of the announced events)."""
+  out: dict = {}
+  events = announced = alarms = silent_ticks = 0
+  late = []
+  for rec in records:
+    for q in rec.questions:
+      if q.qtype == "proactive":
+        continue
+      o = out.setdefault(q.qtype, {"correct": 0, "asked": 0})
+      o["asked"] += 1
+      o["correct"] += int(rec.answer[q.frame] == vqa.WORD_ID[q.answer])
+    due = {f: label for f, _, label in rec.announcements}
+    near = np.zeros(len(rec.decision), bool)
+    for f in due:
+      near[f : f + tolerance + 1] = True
+    spoke = rec.decision == vqa.SPEAK
+    for f, label in due.items():
+      events += 1
+      for d in range(tolerance + 1):
+        if f + d < len(spoke) and spoke[f + d]:
+          if rec.announced[f + d] == vqa.WORD_ID[vqa.NUMBERS[label]]:
+            announced += 1
+            late.append(d)
+          break
+    alarms += int(np.sum(spoke & ~near))
+    silent_ticks += int(np.sum(~near))
+  for o in out.values():
+    o["accuracy"] = o["correct"] / max(o["asked"], 1)
+  out["proactive"] = {
+    "events": events,
+    "announced": announced / max(events, 1),
+    "false_alarms": alarms / max(silent_ticks, 1),
+    "timing": float(np.mean(late)) if late else None,
+  }
+  return out

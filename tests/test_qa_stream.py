@@ -1,0 +1,122 @@
+"""The streaming QA runner: what it says equals the argmax of the offline forward over the slots it produced;
+batched ragged streams equal each stream alone; one compilation for a long stream; scoring; bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import compilations, library_checks_only
+from flax import nnx
+
+import jstream
+from jstream import cache as C
+from jstream import qa_stream as Q
+from jstream.data import video_qa as V
+from jstream.models import video_lm as VL
+
+CONFIG = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.6)
+POLICY = C.Segmented((C.Dense(400), C.Dense(400)))
+
+
+def tiny_video_lm(seed=0):
+  lm = jstream.TransformerConfig(
+    vocab_size=len(V.WORDS), num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64, scan_layers=False
+  )
+  return VL.VideoLM(VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8), rngs=nnx.Rngs(seed))
+
+
+def slots_said(record, n, length):
+  """The text slots ``[n, length]`` of what the runner said: the training layout (``jstream.data.video_qa``)."""
+  text = np.full((n, length), V.PAD, np.int32)
+  questions = {q.frame: q for q in record.questions}
+  for f in range(n):
+    words = [int(record.decision[f])]
+    if record.decision[f] == V.SPEAK:
+      words += [int(record.announced[f]), V.EOS]
+    if f in questions:
+      q = questions[f]
+      words += [V.QUESTION, *V.encode(q.words)]
+      if q.qtype != "proactive":
+        words += [V.ANSWER, int(record.answer[f]), V.EOS]
+    text[f, : len(words)] = words
+  return text
+
+
+def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
+  """Feeding the runner's own words back through ``VideoLM.forward`` (a policy that keeps everything) gives, at
+  every tick, the decision, the announced label and the answer it produced."""
+  model = tiny_video_lm(seed=1)
+  n = 12
+  (rec,) = Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG, "test", 2)], n, ticks_per_call=6)
+  frames = V.VideoQAStream(CONFIG, "test", 2).take(n).frames.astype(np.float32)[None] / 255.0
+  text = slots_said(rec, n, 20)
+  logits = VL.slot_logits(model.forward(jnp.asarray(frames), jnp.asarray(text[None])), n, 4)[0]
+  logits = np.asarray(logits)
+  asked = {q.frame: q for q in rec.questions}
+  assert any(q.qtype != "proactive" for q in rec.questions)
+  for f in range(n):
+    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
+    assert rec.decision[f] == dec
+    j = 1
+    if dec == V.SPEAK:
+      assert rec.announced[f] == np.argmax(logits[f, j])
+      j += 2
+    if f in asked and asked[f].qtype != "proactive":
+      j += 1 + len(asked[f].words.split()) + 1  # <q> words <a>: slot word j is the answer
+      assert rec.answer[f] == np.argmax(logits[f, j])
+    else:
+      assert rec.answer[f] == V.PAD
+
+
+def test_batched_ragged_streams_equal_each_stream_alone():
+  model = tiny_video_lm(seed=3)
+  policy = C.Segmented((C.SinkWindow(2, 24), C.Window(48)), positions="cache_relative")
+  streams = [V.VideoQAStream(CONFIG, "test", i) for i in (4, 5, 6)]
+  together = Q.answer_streams(model, policy, streams, 10, ticks_per_call=5)
+  assert len({tuple(q.frame for q in r.questions) for r in together}) == 3  # questions at different ticks
+  for i, rec in zip((4, 5, 6), together):
+    (alone,) = Q.answer_streams(model, policy, [V.VideoQAStream(CONFIG, "test", i)], 10, ticks_per_call=5)
+    for name in ("decision", "announced", "answer"):
+      np.testing.assert_array_equal(getattr(rec, name), getattr(alone, name))
+
+
+def test_a_long_stream_compiles_once():
+  model = tiny_video_lm(seed=5)
+  policy = C.Segmented((C.SinkWindow(2, 16), C.Window(32)))
+  jax.clear_caches()
+  with compilations() as n:
+    (rec,) = Q.answer_streams(model, policy, [V.VideoQAStream(CONFIG, "test", 7)], 40, ticks_per_call=8)
+  assert n["_run"] == 1 and len(rec.decision) == 40
+
+
+def test_score_counts_answers_announcements_and_false_alarms():
+  questions = [
+    V.Question(0, "count_now", "how many digits are on screen ?", "two", 0),
+    V.Question(1, "order", "did five appear before two ?", "yes", 1),
+    V.Question(2, "proactive", "tell me when a seven appears", "seven", None),
+  ]
+  w = V.WORD_ID
+  decision = np.full(12, V.SILENT)
+  announced = np.full(12, V.PAD)
+  decision[[6, 10]] = V.SPEAK  # event at 5: announced one frame late; 10: a false alarm
+  announced[[6, 10]] = w["seven"]
+  answer = np.full(12, V.PAD)
+  answer[[0, 1]] = [w["two"], w["no"]]
+  rec = Q.StreamRecord(questions, [(5, 2, 7)], decision, announced, answer)
+  s = Q.score([rec])
+  assert s["count_now"]["accuracy"] == 1.0 and s["order"]["accuracy"] == 0.0
+  p = s["proactive"]
+  assert p["events"] == 1 and p["announced"] == 1.0 and p["timing"] == 1.0
+  assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
+
+
+@library_checks_only()
+def test_bad_input_is_a_clear_error():
+  model = tiny_video_lm()
+  cache = model.init_cache(POLICY, 1)
+  with pytest.raises(ValueError, match="share"):
+    Q.run(model, cache, np.zeros((1, 3, 16, 16)), np.zeros((1, 2, 12), np.int32))
+  with pytest.raises(ValueError, match="multiple of ticks_per_call"):
+    Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG)], 10, ticks_per_call=4)
+  with pytest.raises(ValueError, match="does not fit"):
+    Q.question_ids(V.Question(0, "count_now", "how many digits are on screen ?", "two", 0), 4)
