@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -128,10 +129,13 @@ def answer_streams(
   ticks_per_call: int = 50,
   question_len: int | None = None,
   dtype=jnp.float32,
+  call_seconds: list[float] | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
-  per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``."""
+  per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
+  wall time of each call of ``run`` (the first includes compilation)."""
+
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
   qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
@@ -144,7 +148,10 @@ def answer_streams(
     for row, c in enumerate(chunks):
       for q in c.questions:
         questions[row, q.frame - c.start] = question_ids(q, qlen)
-    cache, out = run(model, cache, frames, questions)
+    t0 = time.perf_counter()
+    cache, out = run(model, cache, frames, questions)  # returns NumPy arrays: the call has finished
+    if call_seconds is not None:
+      call_seconds.append(time.perf_counter() - t0)
     for row, (c, rec) in enumerate(zip(chunks, records)):
       rec.questions += c.questions
       rec.announcements += c.announcements

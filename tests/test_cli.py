@@ -142,3 +142,18 @@ def test_bench_unknown_name_lists_the_registered_ones(capsys):
   assert "unknown benchmark 'nope'; one of: attention, stream" in capsys.readouterr().err
   assert cli.main(["bench", "--help"]) == 0
   assert "stream" in capsys.readouterr().out
+
+
+def test_bench_video_qa_smoke(in_tmp):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "jstream.cli", "bench", "video-qa", "--quick", "--out", "bench", "--workdir", "run"]
+  out = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=900, cwd=in_tmp, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  res = json.loads((in_tmp / "bench" / "results.json").read_text())
+  rows = [r for r in res["rows"] if "scores" in r]
+  assert {r["policy"] for r in rows} == {"dense", "window", "sinks+window", "sinks+window, cache_relative"}
+  for r in rows:
+    assert r["ms_per_frame"] > 0 and r["cache_mib"] > 0 and "proactive" in r["scores"]
+    assert all(0 <= v["accuracy"] <= 1 for t, v in r["scores"].items() if t != "proactive")
+    assert set(r["chance"]) == {t for t in r["scores"] if t != "proactive"}
+  assert (in_tmp / "bench" / "accuracy.png").exists() and res["model_step"] == 6

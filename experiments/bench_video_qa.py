@@ -1,0 +1,174 @@
+"""Streaming video QA benchmark (``jstream bench video-qa``): accuracy, proactive timing, latency and memory as
+streams grow far past the training clips.
+
+Trains the model of ``configs/video_lm.py`` (or reuses the checkpoint in ``--workdir``), then answers held-out
+streams (the test split: unseen handwriting; stream indices from ``--seed``, never used in training) of each
+length in ``--frames`` under each cache policy, with the model speaking for itself (``jstream.qa_stream``):
+
+* ``dense``: ``Segmented((Dense, Dense))``, keeps everything (only while the cache fits ``--dense-max-tokens``);
+* ``window``: text window + vision window;
+* ``sinks+window``: text sinks + text window + vision window, absolute positions;
+* ``sinks+window, cache_relative``: the same with StreamingVLM's contiguous positions inside each track.
+
+Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
+that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
+after the first, which compiles), frames/s, the cache's size and the process's peak RSS. Prints a table and
+writes ``results.json`` and ``accuracy.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import numpy as np
+
+from jstream import cache as C
+from jstream import qa_stream
+from jstream.data import video_qa
+from jstream.process_memory import reset_peak_rss, rss_mib
+from jstream.train import load_config, load_model, train
+
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
+
+
+def policies(window: int, sinks: int, dense_tokens: int) -> dict[str, C.Policy]:
+  return {
+    "dense": C.Segmented((C.Dense(dense_tokens), C.Dense(dense_tokens))),
+    "window": C.Segmented((C.Window(window), C.Window(window))),
+    "sinks+window": C.Segmented((C.SinkWindow(sinks, window - sinks), C.Window(window))),
+    "sinks+window, cache_relative": C.Segmented(
+      (C.SinkWindow(sinks, window - sinks), C.Window(window)), positions="cache_relative"
+    ),
+  }
+
+
+def chance(records) -> dict[str, float]:
+  """Per question type, the share of its most common answer (what always giving that answer scores)."""
+  answers = collections.defaultdict(collections.Counter)
+  for rec in records:
+    for q in rec.questions:
+      if q.qtype != "proactive":
+        answers[q.qtype][q.answer] += 1
+  return {t: max(c.values()) / sum(c.values()) for t, c in answers.items()}
+
+
+def measure(model, policy, data_config, streams: list[int], frames: int, ticks_per_call: int) -> dict:
+  """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them."""
+  qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
+  times: list[float] = []
+  reset_peak_rss()
+  records = qa_stream.answer_streams(model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times)
+  steady = times[1:] or times
+  per_frame = float(np.median(steady)) / ticks_per_call
+  cache = model.init_cache(policy, len(streams))
+  cache_mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20
+  s = qa_stream.score(records)
+  return {
+    "scores": s,
+    "chance": chance(records),
+    "ms_per_frame": per_frame * 1e3,
+    "frames_per_s": len(streams) / per_frame,
+    "first_call_s": times[0],
+    "cache_mib": cache_mib,
+    "peak_rss_mib": rss_mib()[1],
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="jstream bench video-qa", description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="runs/bench_video_qa", help="output folder")
+  parser.add_argument("--quick", action="store_true", help="the quick model and short streams (smoke test)")
+  parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
+  parser.add_argument("--seed", type=int, default=0, help="evaluation streams start at test index 1000 * (seed + 1)")
+  parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
+  parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
+  parser.add_argument("--window", type=int, default=256, help="tokens per track window")
+  parser.add_argument("--sinks", type=int, default=4, help="text sinks of the sinks+window policies")
+  parser.add_argument("--ticks-per-call", type=int, default=50)
+  parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="largest Dense track to run")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  spec = f"{CONFIG}:quick" if args.quick else str(CONFIG)
+  if args.workdir:
+    spec += ("," if ":" in spec else ":") + f"workdir={args.workdir}"
+  cfg = load_config(spec)
+  lengths = [int(x) for x in args.frames.split(",") if x]
+  if args.quick:
+    lengths, args.streams, args.ticks_per_call, args.window = [min(x, 20) for x in lengths[:1]], 2, 10, 64
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  print(f"bench_video_qa on {device}, jax {jax.__version__}; model {cfg.workdir}")
+  t0 = time.time()
+  res = train(cfg, progress=not args.no_progress)
+  model, step = load_model(cfg)
+  train_log = res.metrics[-1] if res.metrics else {}
+  data_config = cfg.video.data_config()
+  streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
+  per_tick = model.config.tokens_per_frame + data_config.text_len
+  rows = []
+  for frames in lengths:
+    for name, policy in policies(args.window, args.sinks, args.dense_max_tokens).items():
+      if name == "dense" and frames * per_tick > args.dense_max_tokens:
+        rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
+        continue
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call)
+      rows.append({"policy": name, "frames": frames, **r})
+      acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
+      p = r["scores"]["proactive"]
+      print(
+        f"  {name:<30} {frames:>6} frames: {acc}; proactive {p['announced']:.2f} announced, "
+        f"{p['false_alarms']:.3f} false alarms; {r['ms_per_frame']:.2f} ms/frame, {r['frames_per_s']:.0f} frames/s, "
+        f"cache {r['cache_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB"
+      )
+  result = {
+    "device": device,
+    "jax": jax.__version__,
+    "args": vars(args),
+    "model_step": step,
+    "train_last_metrics": train_log,
+    "streams": streams,
+    "rows": rows,
+    "seconds": time.time() - t0,
+  }
+  (out / "results.json").write_text(json.dumps(result, indent=2))
+  plot(result, out / "accuracy.png")
+  print(f"wrote {out / 'results.json'} and {out / 'accuracy.png'} ({result['seconds']:.0f} s)")
+  return 0
+
+
+def plot(res: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [r for r in res["rows"] if "scores" in r]
+  qtypes = sorted({t for r in rows for t in r["scores"] if t != "proactive"})
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name in dict.fromkeys(r["policy"] for r in rows):
+    rs = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["frames"])
+    x = [r["frames"] for r in rs]
+    mean = [np.mean([r["scores"][t]["accuracy"] for t in qtypes if t in r["scores"]]) for r in rs]
+    axes[0].plot(x, mean, marker="o", label=name)
+    axes[1].plot(x, [r["ms_per_frame"] for r in rs], marker="o", label=name)
+  for ax, label in zip(axes, ("mean accuracy over question types", "ms per frame (batch)")):
+    ax.set_xscale("log")
+    ax.set_xlabel("stream length (frames)")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
