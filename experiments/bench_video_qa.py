@@ -5,7 +5,8 @@ Trains the model of ``configs/video_lm.py`` (or reuses the checkpoint in ``--wor
 streams (the test split: unseen handwriting; stream indices from ``--seed``, never used in training) of each
 length in ``--frames`` under each cache policy, with the model speaking for itself (``jstream.qa_stream``):
 
-* ``dense``: ``Segmented((Dense, Dense))``, keeps everything (only while the cache fits ``--dense-max-tokens``);
+* ``dense``: ``Segmented((Dense, Dense))`` sized to the stream, keeps everything (only up to
+  ``--dense-max-tokens`` tokens: a dense step attends every slot, so its cost grows with the stream);
 * ``window``: text window + vision window;
 * ``sinks+window``: text sinks + text window + vision window, absolute positions;
 * ``sinks+window, cache_relative``: the same with StreamingVLM's contiguous positions inside each track.
@@ -38,9 +39,10 @@ from jstream.train import load_config, load_model, train
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
 
 
-def policies(window: int, sinks: int, dense_tokens: int) -> dict[str, C.Policy]:
+def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dict[str, C.Policy]:
+  """The policies compared; ``dense`` is sized to hold the whole stream (``dense_text`` / ``dense_vision``)."""
   return {
-    "dense": C.Segmented((C.Dense(dense_tokens), C.Dense(dense_tokens))),
+    "dense": C.Segmented((C.Dense(dense_text), C.Dense(dense_vision))),
     "window": C.Segmented((C.Window(window), C.Window(window))),
     "sinks+window": C.Segmented((C.SinkWindow(sinks, window - sinks), C.Window(window))),
     "sinks+window, cache_relative": C.Segmented(
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
   parser.add_argument("--window", type=int, default=256, help="tokens per track window")
   parser.add_argument("--sinks", type=int, default=4, help="text sinks of the sinks+window policies")
   parser.add_argument("--ticks-per-call", type=int, default=50)
-  parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="largest Dense track to run")
+  parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="longest stream (tokens) run dense")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   spec = f"{CONFIG}:quick" if args.quick else str(CONFIG)
@@ -115,7 +117,9 @@ def main(argv=None) -> int:
   per_tick = model.config.tokens_per_frame + data_config.text_len
   rows = []
   for frames in lengths:
-    for name, policy in policies(args.window, args.sinks, args.dense_max_tokens).items():
+    text_len = data_config.text_len
+    dense = (frames * text_len, frames * model.config.tokens_per_frame)
+    for name, policy in policies(args.window, args.sinks, *dense).items():
       if name == "dense" and frames * per_tick > args.dense_max_tokens:
         rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
         continue
