@@ -139,7 +139,9 @@ def answer_streams(
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
   qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
-  cache = model.init_cache(policy, len(streams), dtype=dtype)
+  # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
+  # parameters (a restored checkpoint's) would make the second call compile again.
+  cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])
   records = [StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(3))) for _ in streams]
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
