@@ -71,10 +71,10 @@ def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
 def test_batched_ragged_streams_equal_each_stream_alone():
   model = tiny_video_lm(seed=3)
   policy = C.Segmented((C.SinkWindow(2, 24), C.Window(48)), positions="cache_relative")
-  streams = [V.VideoQAStream(CONFIG, "test", i) for i in (4, 5, 6)]
+  streams = [V.VideoQAStream(CONFIG, "test", i) for i in (4, 5)]
   together = Q.answer_streams(model, policy, streams, 10, ticks_per_call=5)
-  assert len({tuple(q.frame for q in r.questions) for r in together}) == 3  # questions at different ticks
-  for i, rec in zip((4, 5, 6), together):
+  assert len({tuple(q.frame for q in r.questions) for r in together}) == 2  # questions at different ticks
+  for i, rec in zip((4, 5), together):
     (alone,) = Q.answer_streams(model, policy, [V.VideoQAStream(CONFIG, "test", i)], 10, ticks_per_call=5)
     for name in ("decision", "announced", "answer"):
       np.testing.assert_array_equal(getattr(rec, name), getattr(alone, name))

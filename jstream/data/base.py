@@ -65,7 +65,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -194,6 +194,40 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if not builder.is_prepared():
         builder.download_and_prepare()
     return builder
+
+
+def check_params(checks: dict[str, bool], **values: Any) -> None:
+  """Raises ``ValueError`` with the message of the first failed check and every parameter's value (the config
+  functions of the datasets: ``checks`` maps a message to whether its condition holds)."""
+  for message, ok in checks.items():
+    if not ok:
+      raise ValueError(f"{message}; got " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def frames_dataset(
+  make_builder: Callable[[], tfds.core.DatasetBuilder],
+  split: str,
+  extract: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  dtype: Any,
+  worker_count: int,
+  read_options: grain.ReadOptions | None,
+) -> grain.IterDataset:
+  """The pipeline of the video datasets: the split's records of the builder ``make_builder()`` prepares
+  (shuffled with ``seed`` unless ``shuffle`` is False), repeated ``num_epochs`` times (None: forever), mapped by
+  the picklable ``extract``, batched (``finish_pipeline``). ``dtype`` (what ``extract`` converts frames to) must
+  be uint8 or a float dtype; it is checked before anything is built."""
+  if not (np.dtype(dtype) == np.uint8 or np.issubdtype(dtype, np.floating)):
+    raise ValueError(f"dtype must be np.uint8 or a float dtype, got {dtype}")
+  ds = grain.MapDataset.source(make_builder().as_data_source(split=split))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs).map(extract)
+  return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)
 
 
 def ensure_absl_flags_parsed() -> None:

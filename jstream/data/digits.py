@@ -35,7 +35,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jstream.data.base import LocalBuilder, LocalConfig, check_split, finish_pipeline, index_feature
+from jstream.data.base import LocalBuilder, LocalConfig, check_params, check_split, frames_dataset, index_feature
 
 SPLITS = ("train", "test")
 SOURCE_SIZE = 8  # load_digits images are 8x8.
@@ -106,12 +106,17 @@ def digits_config(
     "speed must be (min, max) with 0 <= min <= max": 0.0 <= lo <= hi,
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
   }
-  for message, ok in checks.items():
-    if not ok:
-      raise ValueError(
-        f"{message}; got frame_size={(h, w)}, digit_size={digit_size}, num_digits={num_digits}, "
-        f"num_frames={num_frames}, speed={speed}, num_train={num_train}, num_test={num_test}, seed={seed}"
-      )
+  check_params(
+    checks,
+    frame_size=(h, w),
+    digit_size=digit_size,
+    num_digits=num_digits,
+    num_frames=num_frames,
+    speed=speed,
+    num_train=num_train,
+    num_test=num_test,
+    seed=seed,
+  )
   config = DigitsConfig(
     name="pending",
     frame_size=(int(h), int(w)),
@@ -306,11 +311,15 @@ def digits_dataset(
     A ``grain.IterDataset`` of ``[batch_size, T, H, W]`` frame arrays (or dicts with ``with_metadata``).
   """
   check_split(split, SPLITS)
-  if not (np.dtype(dtype) == np.uint8 or np.issubdtype(dtype, np.floating)):
-    raise ValueError(f"dtype must be np.uint8 or a float dtype, got {dtype}")
-  builder = digits_builder(config, data_dir)
-  ds = grain.MapDataset.source(builder.as_data_source(split=split))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_Extract(dtype, with_metadata))
-  return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)
+  return frames_dataset(
+    lambda: digits_builder(config, data_dir),
+    split,
+    _Extract(dtype, with_metadata),
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    dtype=dtype,
+    worker_count=worker_count,
+    read_options=read_options,
+  )

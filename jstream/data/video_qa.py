@@ -70,7 +70,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jstream.data.base import LocalBuilder, LocalConfig, check_split, finish_pipeline, index_feature
+from jstream.data.base import LocalBuilder, LocalConfig, check_params, check_split, frames_dataset, index_feature
 from jstream.data.digits import digit_pool
 
 SPLITS = ("train", "test")
@@ -211,14 +211,22 @@ def video_qa_config(
     "clip_frames, num_train and num_test must be >= 1": min(clip_frames, num_train, num_test) >= 1,
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
   }
-  for message, ok in checks.items():
-    if not ok:
-      raise ValueError(
-        f"{message}; got frame_size={(h, w)}, digit_size={digit_size}, max_on_screen={max_on_screen}, "
-        f"enter_prob={enter_prob}, stay={stay}, speed={speed}, question_prob={question_prob}, "
-        f"question_weights={weights}, text_len={text_len}, clip_frames={clip_frames}, num_train={num_train}, "
-        f"num_test={num_test}, seed={seed}"
-      )
+  check_params(
+    checks,
+    frame_size=(h, w),
+    digit_size=digit_size,
+    max_on_screen=max_on_screen,
+    enter_prob=enter_prob,
+    stay=stay,
+    speed=speed,
+    question_prob=question_prob,
+    question_weights=weights,
+    text_len=text_len,
+    clip_frames=clip_frames,
+    num_train=num_train,
+    num_test=num_test,
+    seed=seed,
+  )
   config = VideoQAConfig(
     name="pending",
     frame_size=(int(h), int(w)),
@@ -570,11 +578,15 @@ def video_qa_dataset(
   (``get_state`` / ``set_state``); only full batches.
   """
   check_split(split, SPLITS)
-  if not (np.dtype(dtype) == np.uint8 or np.issubdtype(dtype, np.floating)):
-    raise ValueError(f"dtype must be np.uint8 or a float dtype, got {dtype}")
-  builder = video_qa_builder(config, data_dir)
-  ds = grain.MapDataset.source(builder.as_data_source(split=split))
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_Extract(dtype))
-  return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)
+  return frames_dataset(
+    lambda: video_qa_builder(config, data_dir),
+    split,
+    _Extract(dtype),
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    dtype=dtype,
+    worker_count=worker_count,
+    read_options=read_options,
+  )
