@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from jstream.cache.kv import Geometry, KVCache, append, layer_buffer, write
-from jstream.cache.planner import INT32_MAX, REBASE_AT, Plan, plan, rebase, rebase_shift
+from jstream.cache.planner import INT32_MAX, REBASE_AT, Plan, group_starts_and_ends, plan, rebase, rebase_shift
 from jstream.cache.policies import Dense, KVPolicy, Policy, Segmented, SinkWindow, Track, TrackLayout, Window, layout
 from jstream.cache.recompute import Recompute, TokenCache
 from jstream.cache.rows import reset, rollback, rows_mask, start_positions, visible
@@ -108,6 +108,7 @@ __all__ = [
   "TrackLayout",
   "Window",
   "append",
+  "group_starts_and_ends",
   "init",
   "layer_buffer",
   "layout",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jstream.cache.policies import layout, slot_track
-from jstream.typing import Array, Int, SegmentIds
+from jstream.typing import Array, ArrayLike, Bool, Int, SegmentIds
 
 if TYPE_CHECKING:
   from jstream.cache.kv import KVCache
@@ -133,7 +133,9 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Ar
   q_idx = jnp.moveaxis(q_idx, 2, 1)  # [b, m, t]
   own = jnp.take_along_axis(q_idx, jnp.maximum(seg, 0)[:, None, :], axis=1)[:, 0]  # [b, t]
   tok_idx = jnp.where(valid, own, -1)
-  starts, last = _group_starts_and_ends(groups, valid, b, chunk_len)
+  if groups is not None and jnp.shape(groups) != (b, chunk_len):
+    raise ValueError(f"groups must be [b, t] = {(b, chunk_len)}, got {jnp.shape(groups)}")
+  starts, last = (valid, None) if groups is None else group_starts_and_ends(groups, valid)
   if last is not None:  # a group's tokens see what its last token sees
     q_idx = jnp.take_along_axis(q_idx, last[:, None], axis=2)
   q_idx = jnp.where(valid[:, None], q_idx, -1)
@@ -174,15 +176,13 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Ar
   return Plan(cache, seg, tok_idx, tok_pos, q_idx, rope_idx, sink_slots, ring_slots, slots, poison, after, shift)
 
 
-def _group_starts_and_ends(groups, valid: Array, b: int, t: int) -> tuple[Array, Array | None]:
-  """``starts [b, t]``: valid tokens that take a new position; ``last [b, t]``: the chunk index of the last token
-  of each token's group (the token itself outside groups), or None without groups."""
-  if groups is None:
-    return valid, None
+def group_starts_and_ends(groups: Int[ArrayLike, "b t"], valid: Bool[Array, "b t"]) -> tuple[Array, Array]:
+  """The groups of ``plan``: ``starts [b, t]``, the valid tokens that take a new position (the first of a group,
+  and every token outside groups); ``last [b, t]``, the index of the last token of each token's group (the token
+  itself outside groups). A group's positions are ``cumsum(starts) - 1`` (what ``VideoLM.forward`` uses)."""
+  b, t = valid.shape
   here = jnp.arange(t, dtype=jnp.int32)
   g = jnp.asarray(groups, jnp.int32)
-  if g.shape != (b, t):
-    raise ValueError(f"groups must be [b, t] = {(b, t)}, got {g.shape}")
   # A token continues the group of the token before it when both are valid and share an id >= 0.
   cont = jnp.zeros((b, t), bool).at[:, 1:].set((g[:, 1:] >= 0) & (g[:, 1:] == g[:, :-1]) & valid[:, 1:] & valid[:, :-1])
   ends = ~jnp.concatenate([cont[:, 1:], jnp.zeros((b, 1), bool)], axis=1)  # the next token does not continue

@@ -180,7 +180,11 @@ def bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int, limit: np.n
     float64 ``[T, ..., d]`` positions, all in ``[0, limit]``.
   """
   t = np.arange(num_frames, dtype=np.float64).reshape((-1,) + (1,) * start.ndim)
-  line = start + velocity * t
+  return fold(start + velocity * t, limit)
+
+
+def fold(line: np.ndarray, limit: np.ndarray) -> np.ndarray:
+  """Unfolded straight-line positions ``[..., d]`` folded into ``[0, limit]`` (elastic bounces off both walls)."""
   period = 2.0 * np.asarray(limit, np.float64)
   safe = np.where(period > 0, period, 1.0)
   folded = np.abs(np.mod(line + safe / 2, safe) - safe / 2)  # Triangle wave: 0 -> limit -> 0 over one period.

@@ -71,7 +71,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jstream.data.base import LocalBuilder, LocalConfig, check_params, check_split, frames_dataset, index_feature
-from jstream.data.digits import digit_pool
+from jstream.data.digits import digit_pool, fold
 
 SPLITS = ("train", "test")
 ENTER, EXIT = 0, 1
@@ -428,10 +428,7 @@ class VideoQAStream:
     s = self.config.digit_size
     corners = []
     for j, d in enumerate(self._active):
-      line = d.corner + d.velocity * (f - d.start)
-      period = 2.0 * self._limit
-      safe = np.where(period > 0, period, 1.0)
-      pos = np.where(period > 0, np.abs(np.mod(line + safe / 2, safe) - safe / 2), 0.0)
+      pos = fold(d.corner + d.velocity * (f - d.start), self._limit)
       y, x = (int(v) for v in np.rint(pos))
       np.maximum(frame[y : y + s, x : x + s], self._images[d.image], out=frame[y : y + s, x : x + s])
       objects[j] = (d.obj, d.label, d.image, y, x)

@@ -149,8 +149,8 @@ class VideoLM(nnx.Module):
     everything computes, in ``absolute`` positions): the training forward."""
     x, segs, groups = self.tick_inputs(frames, text)
     valid = segs >= 0
-    cont = jnp.zeros_like(valid).at[:, 1:].set((groups[:, 1:] >= 0) & (groups[:, 1:] == groups[:, :-1]))
-    positions = jnp.where(valid, jnp.cumsum(valid & ~cont, axis=1) - 1, -1).astype(jnp.int32)
+    starts, _ = cache_lib.group_starts_and_ends(groups, valid)  # the positions a stream would give them
+    positions = jnp.where(valid, jnp.cumsum(starts, axis=1) - 1, -1).astype(jnp.int32)
     return self.lm.forward_embeddings(x, positions=positions)
 
 
