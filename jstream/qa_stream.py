@@ -5,9 +5,9 @@ At every tick the model (``jstream.models.video_lm.VideoLM``) sees the frame, de
 after ``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and ``<a>`` when
 an answer is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says goes into
 its cache, as in training; words that a row does not say this tick are padding (not cached, no position), so
-rows of a batch can have questions at different ticks. One tick is five fixed-shape calls of the model inside one
-``lax.scan`` step; ``run`` compiles once per (ticks per call, batch, question length) and donates the cache, so a
-stream of any length runs at flat memory in calls of ``ticks`` ticks.
+rows of a batch can have questions at different ticks. One tick is two fixed-shape calls of the model inside one
+``lax.scan`` step (three when a row speaks: ``_tick``); ``run`` compiles once per (ticks per call, batch, question
+length) and donates the cache, so a stream of any length runs at flat memory in calls of ``ticks`` ticks.
 
 ``answer_stream`` drives ``jstream.data.video_qa`` streams through ``run`` and scores what the model said against
 the streams' ground truth (``score``).
@@ -26,7 +26,7 @@ from flax import nnx
 
 from jstream import cache as cache_lib
 from jstream.data import video_qa as vqa
-from jstream.models.video_lm import TEXT, VideoLM
+from jstream.models.video_lm import TEXT, VISION, VideoLM
 from jstream.typing import Array, ArrayLike, Float, Int
 
 
@@ -61,36 +61,62 @@ def _say(lm, ids: Array, say: Array, cache):
   return lm.extend(ids, cache, segment_ids=seg)
 
 
-def _tick(model: VideoLM, cache, frame: Float[Array, "b _ _"], question: Int[Array, "b q"]):
+def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Array, "b q"]):
+  """One tick in two calls of the model, three when a row speaks.
+
+  1. The words left from the previous tick (its answer and ``<eos>``, where one was due) and the frame's tokens:
+     the decision is read after the frame's last token.
+  2. Only if some row speaks: the decisions, whose logits give the announced label.
+  3. The rest of the slot: the decision (unless call 2 fed it), the label and ``<eos>`` where a row speaks, and
+     the question; the answer is read after its last word and carried to the next tick's first call.
+  """
+  cache, left = carry
+  lm, p = model.lm, model.config.tokens_per_frame
   b = frame.shape[0]
-  p = model.config.tokens_per_frame
-  every, none = jnp.ones((b,), bool), jnp.full((b, 1, 1), vqa.PAD, jnp.int32)
-  logits, cache = model(frame[:, None], none, cache)  # the frame (its one padding word is not cached)
-  after = logits[:, p - 1]
+  every = jnp.ones((b,), bool)
+  vis = model.encode(frame[:, None])[:, 0]  # [b, p, d]
+  x = jnp.concatenate([lm.embed(left).astype(vis.dtype), vis], axis=1)
+  segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), jnp.full((b, p), VISION)], axis=1)
+  groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.zeros((b, p))], axis=1).astype(jnp.int32)
+  logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs.astype(jnp.int32), groups=groups)
+  after = logits[:, -1]
   speak = after[:, vqa.SPEAK] > after[:, vqa.SILENT]
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
-  logits, cache = _say(model.lm, decision[:, None], every, cache)
-  label = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-  _, cache = _say(model.lm, jnp.stack([label, jnp.full_like(label, vqa.EOS)], 1), speak, cache)
-  logits, cache = _say(model.lm, question, every, cache)
+
+  def announce(cache):
+    logits, cache = _say(lm, decision[:, None], every, cache)
+    return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+
+  def keep_silent(cache):
+    return cache, jnp.full((b,), vqa.PAD, jnp.int32)
+
+  spoke = jnp.any(speak)
+  cache, label = jax.lax.cond(spoke, announce, keep_silent, cache)
+  pad = jnp.full((b,), vqa.PAD, jnp.int32)
+  head = jnp.stack(
+    [jnp.where(spoke, pad, decision), jnp.where(speak, label, pad), jnp.where(speak, vqa.EOS, pad)], axis=1
+  )
+  logits, cache = _say(lm, jnp.concatenate([head, question], axis=1), every, cache)
   n_q = jnp.sum(question != vqa.PAD, axis=1)
   last = jnp.take_along_axis(question, jnp.maximum(n_q - 1, 0)[:, None], axis=1)[:, 0]
   due = (n_q > 0) & (last == vqa.ANSWER)
-  at = jnp.take_along_axis(logits, jnp.maximum(n_q - 1, 0)[:, None, None], axis=1)[:, 0]
+  at = jnp.take_along_axis(logits, (head.shape[1] + jnp.maximum(n_q - 1, 0))[:, None, None], axis=1)[:, 0]
   answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
-  _, cache = _say(model.lm, jnp.stack([answer, jnp.full_like(answer, vqa.EOS)], 1), due, cache)
-  out = (decision, jnp.where(speak, label, vqa.PAD), jnp.where(due, answer, vqa.PAD))
-  return cache, out
+  left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
+  return (cache, left), (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _run(graphdef, state, cache, frames, questions):
   model = nnx.merge(graphdef, state)
 
-  def step(cache, xs):
-    return _tick(model, cache, *xs)
+  def step(carry, xs):
+    return _tick(model, carry, *xs)
 
-  cache, outs = jax.lax.scan(step, cache, (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1)))
+  b = frames.shape[0]
+  left = jnp.full((b, 2), vqa.PAD, jnp.int32)
+  (cache, left), outs = jax.lax.scan(step, (cache, left), (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1)))
+  _, cache = _say(model.lm, left, jnp.ones((b,), bool), cache)  # the last tick's answer
   return cache, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
 
 

@@ -54,6 +54,7 @@ def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
   logits = np.asarray(logits)
   asked = {q.frame: q for q in rec.questions}
   assert any(q.qtype != "proactive" for q in rec.questions)
+  assert 0 < np.sum(rec.decision == V.SPEAK) < n  # ticks with and without the announcing call
   for f in range(n):
     dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
     assert rec.decision[f] == dec

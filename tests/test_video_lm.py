@@ -113,6 +113,71 @@ def test_tick_loss_reads_the_logits_before_each_word():
   assert float(loss2) > 1.0
 
 
+def test_tick_loss_weighs_speak_decisions():
+  """With ``speak_weight`` w the loss is the mean of the target words' NLL with each ``<speak>`` decision counted w
+  times (recomputed here word by word), and ``speak_recall`` counts the decisions whose <speak> beats <silent>."""
+  p, n, ln = 4, 3, 3
+  rng = np.random.default_rng(11)
+  v = len(V.WORDS)
+  text = np.array([[[V.SPEAK, 5, V.EOS], [V.SILENT, 0, 0], [V.SPEAK, 6, V.EOS]]], np.int32)
+  targets = text != V.PAD
+  logits = rng.normal(size=(1, n * (p + ln), v)).astype(np.float32)
+  logits[0, 0 * (p + ln) + p - 1, V.SPEAK] = 9.0  # the first <speak> is predicted, the second is not
+  logits[0, 2 * (p + ln) + p - 1, V.SILENT] = 9.0
+  w = 7.0
+  loss, m = VL.tick_loss(jnp.asarray(logits), jnp.asarray(text), jnp.asarray(targets), p, speak_weight=w)
+  total = count = 0.0
+  for t in range(n):
+    for j in range(ln):
+      if targets[0, t, j]:
+        row = logits[0, t * (p + ln) + p - 1 + j].astype(np.float64)
+        nll = np.log(np.exp(row - row.max()).sum()) + row.max() - row[text[0, t, j]]
+        weight = w if j == 0 and text[0, t, j] == V.SPEAK else 1.0
+        total, count = total + weight * nll, count + weight
+  np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+  assert float(m["speak_recall"]) == 0.5
+
+
+def test_constants_match_the_data():
+  assert (VL.PAD, VL.SILENT, VL.SPEAK) == (V.PAD, V.SILENT, V.SPEAK)
+  assert VL.NO_DIGIT == len(V.NUMBERS)
+
+
+def test_centre_labels_name_the_digit_whose_centre_lies_in_each_patch():
+  """Against a loop over the drawn digits of real stream frames (8-pixel patches of 16x16 frames, 8-pixel
+  digits), including patches that hold two centres (-1) and frames with none."""
+  config = V.video_qa_config(frame_size=16, digit_size=8, max_on_screen=4, enter_prob=0.6)
+  chunk = V.VideoQAStream(config, "train", 3).take(40)
+  model_config = tiny_video_lm().config
+  got = np.asarray(VL.centre_labels(jnp.asarray(chunk.objects[None]), model_config, 8))[0]
+  seen = set()
+  for f in range(40):
+    want = np.full(4, VL.NO_DIGIT)
+    centres = {}
+    for obj, label, _, y, x in chunk.objects[f]:
+      if obj >= 0:
+        cell = min(int((y + 4) // 8), 1) * 2 + min(int((x + 4) // 8), 1)
+        centres.setdefault(cell, []).append(label)
+    for cell, labels in centres.items():
+      want[cell] = labels[0] if len(labels) == 1 else -1
+    np.testing.assert_array_equal(got[f], want)
+    seen.update(int(x) for x in want)
+  assert {-1, VL.NO_DIGIT} <= seen and len(seen) > 3
+
+
+def test_patch_loss_ignores_ambiguous_patches_and_scores_digit_patches():
+  rng = np.random.default_rng(12)
+  logits = rng.normal(size=(1, 2, 3, VL.NO_DIGIT + 1)).astype(np.float32)
+  labels = np.array([[[4, VL.NO_DIGIT, -1], [-1, 7, VL.NO_DIGIT]]], np.int32)
+  logits[0, 0, 0, 4] = 20.0  # right; patch (1, 1) holds a 7 and is predicted wrong
+  logits[0, 1, 1, 7] = -20.0
+  loss, m = VL.patch_loss(jnp.asarray(logits), jnp.asarray(labels))
+  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  known = [(0, 0, 4), (0, 1, VL.NO_DIGIT), (1, 1, 7), (1, 2, VL.NO_DIGIT)]
+  np.testing.assert_allclose(float(loss), -np.mean([float(logp[0, t, i, c]) for t, i, c in known]), rtol=1e-6)
+  assert float(m["patch_accuracy"]) == 0.5
+
+
 @library_checks_only()
 def test_bad_input_is_a_clear_error():
   model = tiny_video_lm()

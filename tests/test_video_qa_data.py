@@ -164,11 +164,13 @@ def test_builder_stores_stream_prefixes_and_the_pipeline_batches_them(tmp_path):
     np.testing.assert_array_equal(source[i]["text"], chunk.text)
     np.testing.assert_array_equal(source[i]["targets"], chunk.targets.astype(np.uint8))
     np.testing.assert_array_equal(source[i]["qtype"], chunk.qtype)
+    np.testing.assert_array_equal(source[i]["objects"], chunk.objects)
   ds = V.video_qa_dataset("train", batch_size=4, num_epochs=1, shuffle=False, config=config, data_dir=tmp_path)
   (batch,) = list(ds)
   assert batch["frames"].shape == (4, 8, 32, 32) and batch["frames"].dtype == np.float32
   assert float(batch["frames"].max()) <= 1.0 and batch["text"].shape == (4, 8, config.text_len)
   assert batch["targets"].dtype == bool and batch["qtype"].shape == (4, 8)
+  assert batch["objects"].shape == (4, 8, config.max_on_screen, 5) and batch["objects"].dtype == np.int32
 
 
 def test_bad_input_is_a_clear_error():

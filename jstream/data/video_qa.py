@@ -56,7 +56,8 @@ Conventions
   * **Builder.** ``JstreamVideoQA`` (TFDS name ``jstream_video_qa``) stores training clips, the first
     ``clip_frames`` ticks of streams ``0 .. num_train - 1`` (and ``num_test`` of the test split), as
     ``frames [T, H, W]`` uint8, ``text [T, L]`` int32, ``targets [T, L]`` uint8, ``qtype [T]`` int32 (index in
-    ``QTYPES``; -1: no question) and ``index``. ``video_qa_dataset`` batches them with grain.
+    ``QTYPES``; -1: no question), ``objects [T, max_on_screen, 5]`` int32 (as ``Chunk.objects``) and ``index``.
+    ``video_qa_dataset`` batches them with grain.
 """
 
 from __future__ import annotations
@@ -502,14 +503,18 @@ def make_clip(config: VideoQAConfig, split: str, index: int) -> dict[str, np.nda
     "text": chunk.text,
     "targets": chunk.targets.astype(np.uint8),
     "qtype": chunk.qtype,
+    "objects": chunk.objects,
   }
 
 
 class JstreamVideoQA(LocalBuilder):
   """Video-QA training clips (TFDS name ``jstream_video_qa``); see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release: moving-digit streams with questions."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {
+    "1.0.0": "Initial release: moving-digit streams with questions.",
+    "1.1.0": "Clips carry the digits drawn in each frame (objects).",
+  }
   SPLITS = SPLITS
 
   @classmethod
@@ -525,6 +530,7 @@ class JstreamVideoQA(LocalBuilder):
       "text": tfds.features.Tensor(shape=(t, ln), dtype=np.int32),
       "targets": tfds.features.Tensor(shape=(t, ln), dtype=np.uint8),
       "qtype": tfds.features.Tensor(shape=(t,), dtype=np.int32),
+      "objects": tfds.features.Tensor(shape=(t, c.max_on_screen, 5), dtype=np.int32),
       "index": index_feature(),
     }
 
@@ -541,7 +547,8 @@ def video_qa_builder(config: VideoQAConfig | None = None, data_dir: str | os.Pat
 
 @dataclasses.dataclass(frozen=True)
 class _Extract:
-  """Frames as ``dtype`` (uint8, or float in [0, 1]), text, targets as bool, qtype (picklable for workers)."""
+  """Frames as ``dtype`` (uint8, or float in [0, 1]), text, targets as bool, qtype, objects (picklable for
+  workers)."""
 
   dtype: Any
 
@@ -554,6 +561,7 @@ class _Extract:
       "text": example["text"],
       "targets": example["targets"].astype(bool),
       "qtype": example["qtype"],
+      "objects": example["objects"],
     }
 
 
@@ -571,7 +579,8 @@ def video_qa_dataset(
   data_dir: str | os.PathLike | None = None,
 ) -> grain.IterDataset:
   """Batches of video-QA training clips: dicts of ``frames [b, T, H, W]``, ``text [b, T, L]`` int32,
-  ``targets [b, T, L]`` bool and ``qtype [b, T]`` int32. Resumable like ``jstream.data.digits.digits_dataset``
+  ``targets [b, T, L]`` bool, ``qtype [b, T]`` int32 and ``objects [b, T, max_on_screen, 5]`` int32 (the digits
+  drawn in each frame, as ``Chunk.objects``). Resumable like ``jstream.data.digits.digits_dataset``
   (``get_state`` / ``set_state``); only full batches.
   """
   check_split(split, SPLITS)

@@ -11,6 +11,13 @@ position).
 
 The word predicted after position ``i`` of a tick is read from the logits at ``i``: the decision (``<silent>`` /
 ``<speak>``) from the frame's last token, then each slot word from the word before it (``tick_loss``).
+
+**Patch labels.** Real video-language models start from a pretrained vision tower (StreamingVLM, VideoLLM-online
+and Flash-VStream use SigLIP / CLIP encoders); a model trained from scratch on a CPU in minutes learns to read
+digits from answers alone far too slowly. ``patch_logits`` is the stand-in: a linear head on the frame encoder's
+tokens, trained (``patch_loss``, a training switch) to name the digit whose centre lies in each patch
+(``centre_labels``, from the data's per-frame object list), so that the frame tokens the language model reads carry
+the digits' identities and places. It is training-only supervision; the stream never uses the head.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ TEXT, VISION = 0, 1
 """Cache tracks of a tick's tokens: ``Segmented((text_policy, vision_policy))``."""
 PAD = 0
 """The id of the ``<pad>`` word (``jstream.data.video_qa.PAD``)."""
+SILENT, SPEAK = 1, 2
+"""The ids of the ``<silent>`` / ``<speak>`` decisions (``jstream.data.video_qa``)."""
+NO_DIGIT = 10
+"""The patch label of a patch that holds no digit's centre (labels 0-9 name a digit; -1: two centres, ignored)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +93,7 @@ class VideoLM(nnx.Module):
     enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
     self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
+    self.patch_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.KVCache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
@@ -112,19 +124,23 @@ class VideoLM(nnx.Module):
       x, _ = block(x, attend)
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
+  def patch_logits(self, vis: Float[Array, "b n p d"]) -> Float[Array, "b n p 11"]:
+    """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""
+    return self.patch_head(vis)
+
   def tick_inputs(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], vis: Float[Array, "b n p d"] | None = None
   ) -> tuple[Float[Array, "b s d"], Int[Array, "b s"], Int[Array, "b s"]]:
     """The token sequence of ``n`` ticks: ``(x [b, n * (P + L), d], segment_ids, groups)``.
 
     Each tick is its frame's ``P`` patch tokens (track ``VISION``, one group per frame) then its ``L`` words (track
-    ``TEXT``; ``<pad>`` words are padding, segment -1).
+    ``TEXT``; ``<pad>`` words are padding, segment -1). ``vis``: the frames' ``encode``, if already computed.
     """
     b, n, ln = text.shape
     if frames.shape[:2] != (b, n):
       raise ValueError(f"frames {frames.shape} and text {text.shape} must have the same [batch, ticks]")
     p = self.config.tokens_per_frame
-    vis = self.encode(frames)  # [b, n, p, d]
+    vis = self.encode(frames) if vis is None else vis  # [b, n, p, d]
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (p + ln), -1)
     seg_v = jnp.full((b, n, p), VISION, jnp.int32)
@@ -146,12 +162,52 @@ class VideoLM(nnx.Module):
 
   def forward(self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]) -> Logits:
     """Offline forward of whole ticks with full causal attention (what a stream under a policy that keeps
-    everything computes, in ``absolute`` positions): the training forward."""
-    x, segs, groups = self.tick_inputs(frames, text)
+    everything computes, in ``absolute`` positions)."""
+    return self.training_outputs(frames, text)[0]
+
+  def training_outputs(
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]
+  ) -> tuple[Logits, Float[Array, "b n p 11"]]:
+    """The training forward: ``forward``'s logits and the frames' ``patch_logits`` (one encoder pass)."""
+    vis = self.encode(frames)
+    x, segs, groups = self.tick_inputs(frames, text, vis)
     valid = segs >= 0
     starts, _ = cache_lib.group_starts_and_ends(groups, valid)  # the positions a stream would give them
     positions = jnp.where(valid, jnp.cumsum(starts, axis=1) - 1, -1).astype(jnp.int32)
-    return self.lm.forward_embeddings(x, positions=positions)
+    return self.lm.forward_embeddings(x, positions=positions), self.patch_logits(vis)
+
+
+def centre_labels(
+  objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int
+) -> Int[Array, "b n p"]:
+  """The patch labels of frames from their drawn digits (``jstream.data.video_qa.Chunk.objects``: rows
+  ``(object, label, image, y, x)``, -1 rows pad; a digit's centre is ``(y, x) + digit_size / 2``): per patch
+  (row-major), the label of the one digit whose centre lies in it, ``NO_DIGIT`` if none, -1 if several."""
+  h, w = config.frame_size
+  s = config.patch_size
+  valid = objects[..., 0] >= 0
+  centre = objects[..., 3:5].astype(jnp.float32) + digit_size / 2
+  row = jnp.clip(jnp.floor(centre[..., 0] / s), 0, h // s - 1).astype(jnp.int32)
+  col = jnp.clip(jnp.floor(centre[..., 1] / s), 0, w // s - 1).astype(jnp.int32)
+  hit = (row * (w // s) + col)[..., None] == jnp.arange(config.tokens_per_frame)  # [b, n, m, p]
+  hit &= valid[..., None]
+  count = hit.sum(axis=2)
+  label = jnp.sum(jnp.where(hit, objects[..., 1:2], 0), axis=2)
+  return jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)).astype(jnp.int32)
+
+
+def patch_loss(
+  patch_logits: Float[Array, "b n p c"], labels: Int[Array, "b n p"]
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """Mean cross-entropy of the patch labels (labels -1 ignored) and ``patch_accuracy`` over the patches that hold
+  a digit's centre."""
+  logp = jax.nn.log_softmax(patch_logits.astype(jnp.float32), axis=-1)
+  known = labels >= 0
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  loss = jnp.sum(jnp.where(known, nll, 0.0)) / jnp.maximum(known.sum(), 1)
+  digit = known & (labels != NO_DIGIT)
+  hit = (jnp.argmax(logp, axis=-1) == labels) & digit
+  return loss, {"patch_accuracy": hit.sum() / jnp.maximum(digit.sum(), 1)}
 
 
 def slot_logits(logits: Float[Array, "b s v"], num_ticks: int, tokens_per_frame: int) -> Float[Array, "b n l v"]:
@@ -169,23 +225,39 @@ def tick_loss(
   text: Int[Array, "b n l"],
   targets: Bool[Array, "b n l"],
   tokens_per_frame: int,
+  *,
+  speak_weight: float = 1.0,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
-  """Mean cross-entropy over the target words of the ticks (decisions, announcements, answers) and metrics:
-  ``loss``, ``accuracy`` (argmax equals the target, over target words), ``decision_accuracy`` (the first word of
-  each slot: ``<silent>`` / ``<speak>``), ``word_accuracy`` (the other target words: announced labels, answers
-  and their ``<eos>``), ``targets`` (how many target words)."""
+  """Weighted mean cross-entropy over the target words of the ticks (decisions, announcements, answers) and
+  metrics.
+
+  Every target word weighs 1 except ``<speak>`` decisions, which weigh ``speak_weight`` (speaking is rare: a
+  proactive request is fulfilled in well under 1% of ticks, and a model that never speaks is 99% right on
+  decisions). Metrics: ``loss``, ``accuracy`` (argmax equals the target, over target words),
+  ``decision_accuracy`` (the first word of each slot: ``<silent>`` / ``<speak>``), ``speak_recall`` (of the
+  ``<speak>`` decisions, those whose ``<speak>`` logit beats ``<silent>``, the stream runner's rule),
+  ``word_accuracy`` (the other target words: announced labels, answers and their ``<eos>``), ``targets`` (how
+  many target words)."""
   pred = slot_logits(logits, text.shape[1], tokens_per_frame).astype(jnp.float32)
   logp = jax.nn.log_softmax(pred, axis=-1)
   nll = -jnp.take_along_axis(logp, text[..., None], axis=-1)[..., 0]
   mask = targets.astype(jnp.float32)
-  count = jnp.maximum(mask.sum(), 1.0)
-  loss = (nll * mask).sum() / count
-  hit = (jnp.argmax(pred, -1) == text).astype(jnp.float32)
   first = jnp.zeros(mask.shape[-1]).at[0].set(1.0)
+  speak = mask * first * (text == SPEAK)
+  weight = mask + (speak_weight - 1.0) * speak
+  loss = (nll * weight).sum() / jnp.maximum(weight.sum(), 1e-9)
+  hit = (jnp.argmax(pred, -1) == text).astype(jnp.float32)
+  said = (pred[..., SPEAK] > pred[..., SILENT]).astype(jnp.float32)
   words = mask * (1.0 - first)
 
-  def acc(m):
-    return (hit * m).sum() / jnp.maximum(m.sum(), 1.0)
+  def share(x, m):
+    return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
 
-  metrics = {"loss": loss, "accuracy": acc(mask), "decision_accuracy": acc(mask * first), "word_accuracy": acc(words)}
+  metrics = {
+    "loss": loss,
+    "accuracy": share(hit, mask),
+    "decision_accuracy": share(hit, mask * first),
+    "speak_recall": share(said, speak),
+    "word_accuracy": share(hit, words),
+  }
   return loss, {**metrics, "targets": mask.sum()}

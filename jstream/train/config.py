@@ -32,8 +32,14 @@ class VideoTask:
     patch_size: side of a square patch (``frame_size`` a multiple of it).
     encoder_layers: blocks of the per-frame encoder.
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
+    question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
+      default).
     clip_frames: ticks per training clip.
     num_train: training clips (streams ``0 .. num_train - 1`` of the train split).
+    patch_loss: weight of the patch-label loss on the frame encoder (``video_lm.patch_loss``, the stand-in for a
+      pretrained vision tower); 0 turns it off.
+    speak_weight: weight of a ``<speak>`` decision in the answer loss (``video_lm.tick_loss``); other targets
+      weigh 1.
   """
 
   frame_size: int = 32
@@ -43,8 +49,17 @@ class VideoTask:
   max_on_screen: int = 3
   enter_prob: float = 0.2
   question_prob: float = 0.25
+  question_weights: tuple[float, ...] | None = None
   clip_frames: int = 48
   num_train: int = 2000
+  patch_loss: float = 0.0
+  speak_weight: float = 1.0
+
+  def __post_init__(self):
+    if self.question_weights is not None:
+      object.__setattr__(self, "question_weights", tuple(float(x) for x in self.question_weights))
+    if self.patch_loss < 0 or self.speak_weight <= 0:
+      raise ValueError(f"patch_loss must be >= 0 and speak_weight > 0, got {self.patch_loss}, {self.speak_weight}")
 
   def data_config(self):
     """The ``VideoQAConfig`` of the training clips."""
@@ -56,6 +71,7 @@ class VideoTask:
       max_on_screen=self.max_on_screen,
       enter_prob=self.enter_prob,
       question_prob=self.question_prob,
+      question_weights=self.question_weights,
       clip_frames=self.clip_frames,
       num_train=self.num_train,
     )

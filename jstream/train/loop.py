@@ -56,11 +56,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     if cfg.data == "video_qa":
-      from jstream.models.video_lm import tick_loss
+      from jstream.models import video_lm
 
-      logits = model.forward(batch["frames"], batch["text"])
-      loss, m = tick_loss(logits, batch["text"], batch["targets"], model.config.tokens_per_frame)
-      return loss, {"tokens": m["targets"], **{k: m[k] for k in ("accuracy", "decision_accuracy", "word_accuracy")}}
+      video = cfg.video
+      logits, patches = model.training_outputs(batch["frames"], batch["text"])
+      p = model.config.tokens_per_frame
+      loss, m = video_lm.tick_loss(logits, batch["text"], batch["targets"], p, speak_weight=video.speak_weight)
+      out = {"tokens": m["targets"], "answer_loss": loss}
+      out.update({k: m[k] for k in ("accuracy", "decision_accuracy", "speak_recall", "word_accuracy")})
+      if video.patch_loss > 0:
+        labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
+        patch, pm = video_lm.patch_loss(patches, labels)
+        loss = loss + video.patch_loss * patch
+        out.update(patch_loss=patch, **pm)
+      return loss, out
     inputs, targets, mask = aligned.make_example(cfg, batch)
     logits = model.forward(inputs, **mask_kw)
     loss, count = next_token_loss(logits, targets, mask)
@@ -177,7 +186,7 @@ def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM:
 
 def _device_batch(cfg: TrainConfig, batch) -> Any:
   if cfg.data == "video_qa":
-    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets")}
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "objects")}
   return jnp.asarray(np.asarray(batch, np.int32))
 
 
