@@ -54,7 +54,6 @@ def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
   logits = np.asarray(logits)
   asked = {q.frame: q for q in rec.questions}
   assert any(q.qtype != "proactive" for q in rec.questions)
-  assert 0 < np.sum(rec.decision == V.SPEAK) < n  # ticks with and without the announcing call
   for f in range(n):
     dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
     assert rec.decision[f] == dec
@@ -67,6 +66,29 @@ def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
       assert rec.answer[f] == np.argmax(logits[f, j])
     else:
       assert rec.answer[f] == V.PAD
+
+
+def test_the_cache_holds_exactly_the_words_said():
+  """After ``run`` the cache equals the one that feeding the ticks with the slots the runner said (frames and the
+  training layout, ``VideoLM.__call__``) builds: no word fed twice, none missing, the same positions."""
+  model = tiny_video_lm(seed=4)
+  qlen = V.MAX_QUESTION_WORDS + 2
+  chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
+  n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question
+  asked = [q for q in chunk.questions if q.frame < n]
+  frames = chunk.frames[:n].astype(np.float32)[None] / 255.0
+  questions = np.zeros((1, n, qlen), np.int32)
+  for q in asked:
+    questions[0, q.frame] = Q.question_ids(q, qlen)
+  cache, out = Q.run(model, model.init_cache(POLICY, 1), frames, questions)
+  rec = Q.StreamRecord(asked, [], out.decision[0], out.announced[0], out.answer[0])
+  assert 0 < np.sum(rec.decision == V.SPEAK) < n and any(q.qtype != "proactive" for q in rec.questions)
+  text = slots_said(rec, n, 20)
+  _, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
+  for name in ("idx", "pos", "count", "next_pos"):
+    np.testing.assert_array_equal(getattr(cache, name), getattr(want, name), err_msg=name)
+  for got, ref in zip(jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((want.k, want.v))):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
 
 def test_batched_ragged_streams_equal_each_stream_alone():
