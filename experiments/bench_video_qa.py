@@ -13,8 +13,9 @@ length in ``--frames`` under each cache policy, with the model speaking for itse
 
 Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
 that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
-after the first, which compiles), frames/s, the cache's size and the process's peak RSS. Prints a table and
-writes ``results.json`` and ``accuracy.png`` to ``--out``.
+after the first, which compiles), frames/s, the cache's size and the process's peak RSS. Then a speed table: the
+``sinks+window`` policy at each batch size of ``--speed-batches`` (frames/s counts every stream's frames). Prints
+the tables and writes ``results.json`` and ``accuracy.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ from jstream.process_memory import reset_peak_rss, rss_mib
 from jstream.train import load_config, load_model, train
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
+
+
+def run_config(quick: bool, workdir: str | None, flags: str = ""):
+  """The training run of ``configs/video_lm.py`` with ``flags`` (comma-separated; ``quick`` added if ``quick``),
+  in ``workdir`` if given."""
+  parts = [f for f in flags.split(",") if f] + (["quick"] if quick else [])
+  if workdir:
+    parts.append(f"workdir={workdir}")
+  return load_config(f"{CONFIG}:{','.join(parts)}" if parts else str(CONFIG))
+
+
+def trained_model(cfg, *, progress: bool):
+  """Trains ``cfg`` (or resumes or reuses its finished checkpoint); returns ``(model, step, last metrics)``."""
+  res = train(cfg, progress=progress)
+  model, step = load_model(cfg)
+  return model, step, (res.metrics[-1] if res.metrics else {})
 
 
 def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dict[str, C.Policy]:
@@ -88,6 +105,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="runs/bench_video_qa", help="output folder")
   parser.add_argument("--quick", action="store_true", help="the quick model and short streams (smoke test)")
   parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
+  parser.add_argument("--flags", default="", help="flags of configs/video_lm.py, e.g. long")
   parser.add_argument("--seed", type=int, default=0, help="evaluation streams start at test index 1000 * (seed + 1)")
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
@@ -95,23 +113,21 @@ def main(argv=None) -> int:
   parser.add_argument("--sinks", type=int, default=4, help="text sinks of the sinks+window policies")
   parser.add_argument("--ticks-per-call", type=int, default=50)
   parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="longest stream (tokens) run dense")
+  parser.add_argument("--speed-batches", default="1,8", help="batch sizes of the speed table (sinks+window)")
+  parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
-  spec = f"{CONFIG}:quick" if args.quick else str(CONFIG)
-  if args.workdir:
-    spec += ("," if ":" in spec else ":") + f"workdir={args.workdir}"
-  cfg = load_config(spec)
+  cfg = run_config(args.quick, args.workdir, args.flags)
   lengths = [int(x) for x in args.frames.split(",") if x]
   if args.quick:
     lengths, args.streams, args.ticks_per_call, args.window = [min(x, 20) for x in lengths[:1]], 2, 10, 64
+    args.speed_batches, args.speed_frames = "1,2", 20
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
   print(f"bench_video_qa on {device}, jax {jax.__version__}; model {cfg.workdir}")
   t0 = time.time()
-  res = train(cfg, progress=not args.no_progress)
-  model, step = load_model(cfg)
-  train_log = res.metrics[-1] if res.metrics else {}
+  model, step, train_log = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config()
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
   per_tick = model.config.tokens_per_frame + data_config.text_len
@@ -132,6 +148,13 @@ def main(argv=None) -> int:
         f"{p['false_alarms']:.3f} false alarms; {r['ms_per_frame']:.2f} ms/frame, {r['frames_per_s']:.0f} frames/s, "
         f"cache {r['cache_mib']:.1f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB"
       )
+  speed = []
+  bounded = policies(args.window, args.sinks, 1, 1)["sinks+window"]
+  for b in [int(x) for x in args.speed_batches.split(",") if x]:
+    ids = [1000 * (args.seed + 1) + 500 + i for i in range(b)]
+    r = measure(model, bounded, data_config, ids, args.speed_frames, args.ticks_per_call)
+    speed.append({"batch": b, "frames": args.speed_frames, **{k: r[k] for k in ("ms_per_frame", "frames_per_s")}})
+    print(f"  speed, sinks+window, batch {b}: {r['ms_per_frame']:.2f} ms per tick, {r['frames_per_s']:.0f} frames/s")
   result = {
     "device": device,
     "jax": jax.__version__,
@@ -140,6 +163,7 @@ def main(argv=None) -> int:
     "train_last_metrics": train_log,
     "streams": streams,
     "rows": rows,
+    "speed": speed,
     "seconds": time.time() - t0,
   }
   (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -156,14 +180,16 @@ def plot(res: dict, path: pathlib.Path) -> None:
 
   rows = [r for r in res["rows"] if "scores" in r]
   qtypes = sorted({t for r in rows for t in r["scores"] if t != "proactive"})
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for name in dict.fromkeys(r["policy"] for r in rows):
     rs = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["frames"])
     x = [r["frames"] for r in rs]
     mean = [np.mean([r["scores"][t]["accuracy"] for t in qtypes if t in r["scores"]]) for r in rs]
     axes[0].plot(x, mean, marker="o", label=name)
     axes[1].plot(x, [r["ms_per_frame"] for r in rs], marker="o", label=name)
-  for ax, label in zip(axes, ("mean accuracy over question types", "ms per frame (batch)")):
+    axes[2].plot(x, [r["peak_rss_mib"] for r in rs], marker="o", label=name)
+  labels = ("mean accuracy over question types", "ms per tick (whole batch)", "peak RSS (MiB)")
+  for ax, label in zip(axes, labels):
     ax.set_xscale("log")
     ax.set_xlabel("stream length (frames)")
     ax.set_ylabel(label)

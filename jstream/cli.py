@@ -3,15 +3,16 @@
   jstream train --config configs/lm_tiny.py[:flags,key=value]
   jstream eval-stream --config CONFIG --policy sinkwindow:4,128 [--positions cache_relative] [--tokens N]
   jstream demo [--quick] [--out DIR]            the main job: StreamingLLM's ablations at small scale
-  jstream bench {stream,attention} [--quick] [--out DIR]
+  jstream video-qa show [--quick] [--out DIR]   a video-QA stream with the model's answers, as a GIF
+  jstream bench {stream,attention,video-qa} [--quick] [--out DIR]
 
 ``train`` and ``eval-stream`` are the library's own. The other commands belong to the application and are found
 through entry points, never imported by name: each ``name = "module:function"`` of the ``jstream.commands`` group
-(``demo``) is a subcommand, each of ``jstream.benchmarks`` (``stream``, ``attention``) a ``jstream bench`` name
-(``pyproject.toml``; reinstall the package after changing them). The function is called as ``function(argv)``
-with the arguments after the command's name, and returns an exit status; it is loaded only when its command runs,
-and ``--help`` shows the first line of its module's docstring, read without importing it. Experiments accept
-``--out DIR`` and ``--quick`` and write ``DIR/results.json``.
+(``demo``, ``video-qa``) is a subcommand, each of ``jstream.benchmarks`` (``stream``, ``attention``, ``video-qa``)
+a ``jstream bench`` name (``pyproject.toml``; reinstall the package after changing them). The function is called
+as ``function(argv)`` with the arguments after the command's name, and returns an exit status; it is loaded only
+when its command runs, and ``--help`` shows the first line of its module's docstring, read without importing it.
+Experiments accept ``--out DIR`` and ``--quick`` and write ``DIR/results.json``.
 """
 
 from __future__ import annotations

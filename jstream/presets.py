@@ -51,12 +51,26 @@ def video_lm(**fields) -> TransformerConfig:
   return TransformerConfig(**{**base, **fields})
 
 
+VIDEO_TASK = VideoTask(
+  clip_frames=24,
+  patch_window=16,
+  patch_loss=1.0,
+  speak_weight=10.0,
+  question_weights=(2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0),
+  text_budget=8,
+)
+"""The default video-QA task: 24-tick clips of 32x32 frames, 8-pixel patches that each embed the 16-pixel square
+around them, patch labels on the encoder, ``<speak>`` decisions weighted 10x and proactive requests asked 3x as
+often as the other long-range types (they are fulfilled in few ticks of a clip), clips packed to 8 words per tick
+(a slot averages about 4)."""
+
+
 def video_lm_run(workdir: str, *, steps: int, video: VideoTask | None = None, **fields) -> TrainConfig:
-  """A video-QA training run of ``video_lm()`` (or ``fields["model"]``): clips of ``video.clip_frames`` ticks
-  (default ``VideoTask(clip_frames=24)``), batch 8, AdamW at 2e-3, metrics every 10 steps."""
+  """A video-QA training run of ``video_lm()`` (or ``fields["model"]``), batch 8, AdamW at 2e-3, metrics every 10
+  steps, on ``video`` (default ``VIDEO_TASK``)."""
   base = dict(model=video_lm(), batch_size=8, lr=2e-3, log_every=10, warmup_steps=30)
-  video = VideoTask(clip_frames=24) if video is None else video
+  video = VIDEO_TASK if video is None else video
   return TrainConfig(**{**base, **fields, "data": "video_qa", "video": video, "workdir": workdir, "steps": steps})
 
 
-__all__ = ["BYTE_VOCAB", "byte_lm", "byte_lm_run", "quick", "video_lm", "video_lm_run"]
+__all__ = ["BYTE_VOCAB", "VIDEO_TASK", "byte_lm", "byte_lm_run", "quick", "video_lm", "video_lm_run"]

@@ -144,7 +144,7 @@ def test_bench_unknown_name_lists_the_registered_ones(capsys):
   assert "stream" in capsys.readouterr().out
 
 
-def test_bench_video_qa_smoke(in_tmp):
+def test_bench_video_qa_and_show_smoke(in_tmp):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "jstream.cli", "bench", "video-qa", "--quick", "--out", "bench", "--workdir", "run"]
   out = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=900, cwd=in_tmp, env=env)
@@ -157,3 +157,16 @@ def test_bench_video_qa_smoke(in_tmp):
     assert all(0 <= v["accuracy"] <= 1 for t, v in r["scores"].items() if t != "proactive")
     assert set(r["chance"]) == {t for t in r["scores"] if t != "proactive"}
   assert (in_tmp / "bench" / "accuracy.png").exists() and res["model_step"] == 6
+  assert [r["batch"] for r in res["speed"]] == [1, 2] and all(r["frames_per_s"] > 0 for r in res["speed"])
+  # the show command reuses the trained model and draws one stream
+  cmd = [sys.executable, "-m", "jstream.cli", "video-qa", "show", "--quick", "--workdir", "run", "--out", "show"]
+  out = subprocess.run(
+    [*cmd, "--frames", "12", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=in_tmp, env=env
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  from PIL import Image
+
+  with Image.open(in_tmp / "show" / "stream.gif") as gif:
+    assert gif.n_frames == 12 and gif.size[0] > 256
+  lines = (in_tmp / "show" / "transcript.txt").read_text().splitlines()
+  assert len(lines) == 12 and lines[3].startswith("frame 3")

@@ -138,6 +138,69 @@ def test_tick_loss_weighs_speak_decisions():
   assert float(m["speak_recall"]) == 0.5
 
 
+def test_overlapping_patches_embed_the_window_around_each_patch():
+  """``patch_window=16`` on 8-pixel patches: token (i, j) embeds pixels ``[8i - 4, 8i + 12) x [8j - 4, 8j + 12)``
+  (zeros outside the frame), recomputed here by slicing a padded frame."""
+  model = tiny_video_lm(seed=13, patch_window=16, encoder_layers=0)
+  frames, _ = ticks(2, 3, seed=14)
+  got = np.asarray(model.encode(frames))
+  padded = np.pad(np.asarray(frames), ((0, 0), (0, 0), (4, 4), (4, 4)))
+  kernel, bias = np.asarray(model.patch.kernel[...]).reshape(256, -1), np.asarray(model.patch.bias[...])
+  pos = np.asarray(model.patch_pos[...])
+  windows = np.stack([padded[:, :, 8 * i : 8 * i + 16, 8 * j : 8 * j + 16] for i in (0, 1) for j in (0, 1)], axis=2)
+  x = windows.reshape(2, 3, 4, 256) @ kernel + bias + pos
+  want = np.asarray(model.encoder_norm(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="patch_window"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, patch_window=11)
+
+
+def test_the_convolutional_stem_runs_before_the_patches():
+  """``stem_channels=(3,)``: a 3x3 convolution (zero padding) and GELU, then each 8x8x3 block embedded linearly,
+  recomputed here with NumPy loops over the kernel's offsets."""
+  model = tiny_video_lm(seed=17, stem_channels=(3,), encoder_layers=0)
+  frames, _ = ticks(1, 2, seed=18)
+  got = np.asarray(model.encode(frames))
+  conv = model.stem[0]
+  k3, b3 = np.asarray(conv.kernel[...]), np.asarray(conv.bias[...])  # [3, 3, 1, 3]
+  padded = np.pad(np.asarray(frames, np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+  maps = sum(padded[:, :, dy : dy + 16, dx : dx + 16, None] * k3[dy, dx, 0] for dy in range(3) for dx in range(3))
+  maps = np.asarray(jax.nn.gelu(jnp.asarray(maps + b3, jnp.float32)))  # [1, 2, 16, 16, 3]
+  kernel = np.asarray(model.patch.kernel[...]).reshape(8 * 8 * 3, -1)
+  blocks = np.stack([maps[:, :, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8] for i in (0, 1) for j in (0, 1)], axis=2)
+  x = blocks.reshape(1, 2, 4, -1) @ kernel + np.asarray(model.patch.bias[...]) + np.asarray(model.patch_pos[...])
+  want = np.asarray(model.encoder_norm(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_training_forward_runs_the_first_real_tokens_exactly():
+  """``training_outputs(packed_len=...)``: the logits of the first ``packed_len`` real tokens of each row (frame
+  tokens and non-<pad> words, in stream order, counted here in a loop) equal ``forward``'s; the rest are 0 and
+  their words are reported not kept."""
+  model = tiny_video_lm(seed=15)
+  frames, text = ticks(2, 3, seed=16)
+  p, ln = 4, text.shape[-1]
+  full = np.asarray(model.forward(frames, text))
+  budget = 3 * p + 6
+  logits, _, kept = model.training_outputs(frames, text, packed_len=budget)
+  logits, kept, words = np.asarray(logits), np.asarray(kept), np.asarray(text)
+  for row in range(2):
+    seen = 0
+    for t in range(3):
+      for i in range(p + ln):
+        real = i < p or words[row, t, i - p] != V.PAD
+        run = real and seen < budget
+        seen += real
+        at = t * (p + ln) + i
+        if run:
+          np.testing.assert_allclose(logits[row, at], full[row, at], rtol=2e-5, atol=2e-5)
+        else:
+          assert not logits[row, at].any()
+        if i >= p:
+          assert kept[row, t, i - p] == run
+  assert kept.any() and not kept[words != V.PAD].all()  # the budget cut some words
+
+
 def test_constants_match_the_data():
   assert (VL.PAD, VL.SILENT, VL.SPEAK) == (V.PAD, V.SILENT, V.SPEAK)
   assert VL.NO_DIGIT == len(V.NUMBERS)

@@ -23,6 +23,7 @@ the digits' identities and places. It is training-only supervision; the stream n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +53,40 @@ class VideoLMConfig:
   Attributes:
     lm: the causal transformer over interleaved frame and text tokens (its ``vocab_size`` is the word vocabulary).
     frame_size: ``(H, W)`` of the (single-channel) frames.
-    patch_size: side of a square patch; ``H`` and ``W`` must be multiples.
+    patch_size: side of a square patch; ``H`` and ``W`` must be multiples. A frame is one token per patch.
+    patch_window: side of the square of pixels each patch token embeds, centred on its patch (``None``: the patch
+      itself). A window of twice the patch (overlapping patches, zeros outside the frame) sees a whole digit whose
+      centre lies in the patch, so each token can name it without the encoder's help.
+    stem_channels: output channels of 3x3 convolutions (stride 1, GELU) run on the frame before the patches are
+      taken (a convolutional stem: digits at any offset look alike to it); ``()``: patches of raw pixels.
     encoder_layers: transformer blocks of the per-frame encoder (full attention inside a frame).
   """
 
   lm: TransformerConfig
   frame_size: tuple[int, int] = (32, 32)
   patch_size: int = 8
+  patch_window: int | None = None
+  stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
 
   def __post_init__(self):
     h, w = self.frame_size
     if self.patch_size < 1 or h % self.patch_size or w % self.patch_size:
       raise ValueError(f"frame_size {self.frame_size} must be multiples of patch_size {self.patch_size}")
+    if self.window < self.patch_size or (self.window - self.patch_size) % 2:
+      raise ValueError(
+        f"patch_window {self.patch_window} must be >= patch_size {self.patch_size} and exceed it by an even number"
+      )
     if self.encoder_layers < 0:
       raise ValueError(f"encoder_layers must be >= 0, got {self.encoder_layers}")
+    object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+    if any(c < 1 for c in self.stem_channels):
+      raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
+
+  @property
+  def window(self) -> int:
+    """Side of the pixel square a patch token embeds."""
+    return self.patch_size if self.patch_window is None else self.patch_window
 
   @property
   def tokens_per_frame(self) -> int:
@@ -85,9 +105,26 @@ class VideoLM(nnx.Module):
   def __init__(self, config: VideoLMConfig, *, rngs: nnx.Rngs):
     self.config = config
     lm = config.lm
-    d, p = lm.embed_dim, config.patch_size
+    d, p = lm.embed_dim, config.window
     self.lm = StreamingTransformer(lm, rngs=rngs)
-    self.patch = nnx.Linear(p * p, d, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    channels = (1, *config.stem_channels)
+    self.stem = nnx.List(
+      [
+        nnx.Conv(c_in, c_out, (3, 3), padding="SAME", dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+        for c_in, c_out in itertools.pairwise(channels)
+      ]
+    )
+    s, m = config.patch_size, (config.window - config.patch_size) // 2
+    self.patch = nnx.Conv(  # a linear map of each patch's window: a strided convolution
+      channels[-1],
+      d,
+      (p, p),
+      strides=(s, s),
+      padding=((m, m), (m, m)),
+      dtype=lm.dtype,
+      param_dtype=lm.param_dtype,
+      rngs=rngs,
+    )
     init = nnx.initializers.normal(stddev=d**-0.5)
     self.patch_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
     enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
@@ -108,9 +145,10 @@ class VideoLM(nnx.Module):
     b, n, h, w = frames.shape
     if (h, w) != c.frame_size:
       raise ValueError(f"frames must be [b, n, {c.frame_size[0]}, {c.frame_size[1]}], got {frames.shape}")
-    s = c.patch_size
-    x = frames.astype(jnp.float32).reshape(b * n, h // s, s, w // s, s).transpose(0, 1, 3, 2, 4)
-    x = self.patch(x.reshape(b * n, c.tokens_per_frame, s * s)) + self.patch_pos[...]
+    x = frames.astype(jnp.float32).reshape(b * n, h, w, 1)
+    for conv in self.stem:
+      x = jax.nn.gelu(conv(x))
+    x = self.patch(x).reshape(b * n, c.tokens_per_frame, -1) + self.patch_pos[...]
     zeros = jnp.zeros(x.shape[:2], jnp.int32)  # one position: every patch sees every patch of its frame
     lm = c.lm
 
@@ -166,20 +204,37 @@ class VideoLM(nnx.Module):
     return self.training_outputs(frames, text)[0]
 
   def training_outputs(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]
-  ) -> tuple[Logits, Float[Array, "b n p 11"]]:
-    """The training forward: ``forward``'s logits and the frames' ``patch_logits`` (one encoder pass)."""
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], *, packed_len: int | None = None
+  ) -> tuple[Logits, Float[Array, "b n p 11"], Bool[Array, "b n l"]]:
+    """The training forward: ``forward``'s logits, the frames' ``patch_logits`` (one encoder pass) and which slot
+    words were run (``kept``).
+
+    ``packed_len``: run only the first ``packed_len`` non-padding tokens of each row, packed together (``<pad>``
+    words take no compute; a slot is mostly padding). Attention depends on positions alone, so the logits of the
+    tokens run are exactly ``forward``'s; the words past the budget are not run (``kept`` False, their logits 0):
+    leave them out of the loss.
+    """
     vis = self.encode(frames)
     x, segs, groups = self.tick_inputs(frames, text, vis)
     valid = segs >= 0
     starts, _ = cache_lib.group_starts_and_ends(groups, valid)  # the positions a stream would give them
     positions = jnp.where(valid, jnp.cumsum(starts, axis=1) - 1, -1).astype(jnp.int32)
-    return self.lm.forward_embeddings(x, positions=positions), self.patch_logits(vis)
+    b, n, ln = text.shape
+    if packed_len is None or packed_len >= x.shape[1]:
+      kept = jnp.ones(text.shape, bool)
+      return self.lm.forward_embeddings(x, positions=positions), self.patch_logits(vis), kept
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :packed_len]  # real tokens first, in stream order
+    xp = jnp.take_along_axis(x, order[..., None], axis=1)
+    pos = jnp.take_along_axis(positions, order, axis=1)
+    logits = self.lm.forward_embeddings(xp, positions=pos)
+    rows = jnp.arange(b)[:, None]
+    run = jnp.zeros(valid.shape, bool).at[rows, order].set(pos >= 0)
+    full = jnp.zeros((*x.shape[:2], logits.shape[-1]), logits.dtype).at[rows, order].set(logits)
+    kept = run.reshape(b, n, -1)[:, :, -ln:]
+    return full, self.patch_logits(vis), kept
 
 
-def centre_labels(
-  objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int
-) -> Int[Array, "b n p"]:
+def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
   """The patch labels of frames from their drawn digits (``jstream.data.video_qa.Chunk.objects``: rows
   ``(object, label, image, y, x)``, -1 rows pad; a digit's centre is ``(y, x) + digit_size / 2``): per patch
   (row-major), the label of the one digit whose centre lies in it, ``NO_DIGIT`` if none, -1 if several."""

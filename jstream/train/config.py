@@ -30,6 +30,8 @@ class VideoTask:
   Attributes:
     frame_size: side of the square frames.
     patch_size: side of a square patch (``frame_size`` a multiple of it).
+    patch_window: side of the pixel square each patch token embeds (``VideoLMConfig.patch_window``).
+    stem_channels: the convolutional stem before the patches (``VideoLMConfig.stem_channels``).
     encoder_layers: blocks of the per-frame encoder.
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
@@ -40,10 +42,15 @@ class VideoTask:
       pretrained vision tower); 0 turns it off.
     speak_weight: weight of a ``<speak>`` decision in the answer loss (``video_lm.tick_loss``); other targets
       weigh 1.
+    text_budget: pack each clip's tokens without the slots' ``<pad>`` words, into ``clip_frames * (tokens per
+      frame + text_budget)`` tokens (``VideoLM.training_outputs``); ``None``: run whole slots. Words past the
+      budget (a clip with unusually many questions) leave the loss; the ``dropped_targets`` metric counts them.
   """
 
   frame_size: int = 32
   patch_size: int = 8
+  patch_window: int | None = None
+  stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
   digit_size: int = 12
   max_on_screen: int = 3
@@ -54,12 +61,16 @@ class VideoTask:
   num_train: int = 2000
   patch_loss: float = 0.0
   speak_weight: float = 1.0
+  text_budget: int | None = None
 
   def __post_init__(self):
+    object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if self.question_weights is not None:
       object.__setattr__(self, "question_weights", tuple(float(x) for x in self.question_weights))
     if self.patch_loss < 0 or self.speak_weight <= 0:
       raise ValueError(f"patch_loss must be >= 0 and speak_weight > 0, got {self.patch_loss}, {self.speak_weight}")
+    if self.text_budget is not None and self.text_budget < 1:
+      raise ValueError(f"text_budget must be >= 1 word per tick (or None), got {self.text_budget}")
 
   def data_config(self):
     """The ``VideoQAConfig`` of the training clips."""
@@ -81,7 +92,14 @@ class VideoTask:
     from jstream.models.video_lm import VideoLMConfig
 
     fs = (self.frame_size, self.frame_size)
-    return VideoLMConfig(lm, frame_size=fs, patch_size=self.patch_size, encoder_layers=self.encoder_layers)
+    return VideoLMConfig(
+      lm,
+      frame_size=fs,
+      patch_size=self.patch_size,
+      patch_window=self.patch_window,
+      stem_channels=self.stem_channels,
+      encoder_layers=self.encoder_layers,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

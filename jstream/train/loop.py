@@ -59,10 +59,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
       from jstream.models import video_lm
 
       video = cfg.video
-      logits, patches = model.training_outputs(batch["frames"], batch["text"])
       p = model.config.tokens_per_frame
-      loss, m = video_lm.tick_loss(logits, batch["text"], batch["targets"], p, speak_weight=video.speak_weight)
-      out = {"tokens": m["targets"], "answer_loss": loss}
+      packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
+      logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed)
+      targets = batch["targets"] & kept
+      loss, m = video_lm.tick_loss(logits, batch["text"], targets, p, speak_weight=video.speak_weight)
+      dropped = 1.0 - targets.sum() / jnp.maximum(batch["targets"].sum(), 1)
+      out = {"tokens": m["targets"], "answer_loss": loss, "dropped_targets": dropped}
       out.update({k: m[k] for k in ("accuracy", "decision_accuracy", "speak_recall", "word_accuracy")})
       if video.patch_loss > 0:
         labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
