@@ -49,6 +49,13 @@ def run_config(quick: bool, workdir: str | None, flags: str = ""):
   return load_config(f"{CONFIG}:{','.join(parts)}" if parts else str(CONFIG))
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+  """``--quick``, ``--workdir`` and ``--flags``: which run of ``configs/video_lm.py`` (``run_config``)."""
+  parser.add_argument("--quick", action="store_true", help=quick_help)
+  parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
+  parser.add_argument("--flags", default="", help="flags of configs/video_lm.py, e.g. long")
+
+
 def trained_model(cfg, *, progress: bool):
   """Trains ``cfg`` (or resumes or reuses its finished checkpoint); returns ``(model, step, last metrics)``."""
   res = train(cfg, progress=progress)
@@ -103,9 +110,7 @@ def measure(model, policy, data_config, streams: list[int], frames: int, ticks_p
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="jstream bench video-qa", description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/bench_video_qa", help="output folder")
-  parser.add_argument("--quick", action="store_true", help="the quick model and short streams (smoke test)")
-  parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
-  parser.add_argument("--flags", default="", help="flags of configs/video_lm.py, e.g. long")
+  add_model_arguments(parser, "the quick model and short streams (smoke test)")
   parser.add_argument("--seed", type=int, default=0, help="evaluation streams start at test index 1000 * (seed + 1)")
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")

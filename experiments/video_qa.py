@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from experiments.bench_video_qa import policies, run_config, trained_model
+from experiments.bench_video_qa import add_model_arguments, policies, run_config, trained_model
 from jstream import qa_stream
 from jstream.data import video_qa
 
@@ -77,9 +77,7 @@ def render(frames: np.ndarray, lines, path: pathlib.Path, *, scale: int = 8, fps
 def show(argv) -> int:
   parser = argparse.ArgumentParser(prog="jstream video-qa show", description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/video_qa_show", help="output folder")
-  parser.add_argument("--quick", action="store_true", help="the quick model (smoke test)")
-  parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
-  parser.add_argument("--flags", default="", help="flags of configs/video_lm.py, e.g. long")
+  add_model_arguments(parser, "the quick model (smoke test)")
   parser.add_argument("--stream", type=int, default=1000, help="index of the test stream")
   parser.add_argument("--frames", type=int, default=120, help="ticks to show")
   parser.add_argument("--policy", default="sinks+window", help="a policy of jstream bench video-qa")

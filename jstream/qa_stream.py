@@ -125,6 +125,8 @@ def run(
 ) -> tuple[cache_lib.KVCache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``)."""
+  if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
+    raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
   if frames.shape[:2] != questions.shape[:2]:
     raise ValueError(f"frames {frames.shape} and questions {questions.shape} must share [batch, ticks]")
@@ -133,6 +135,23 @@ def run(
   graphdef, state = nnx.split(model)
   cache, (decision, announced, answer) = _run(graphdef, state, cache, frames, questions)
   return cache, TickOutputs(*(np.asarray(x) for x in (decision, announced, answer)))
+
+
+def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: int, question_len: int) -> None:
+  """Raises a clear error if a bounded (``Dense``) track of ``policy`` may overflow in ``num_ticks`` ticks: each
+  tick caches ``tokens_per_frame`` vision tokens and at most ``5 + question_len`` words (decision, label, ``<eos>``,
+  the question, answer, ``<eos>``)."""
+  need = {"text": num_ticks * (5 + question_len), "vision": num_ticks * tokens_per_frame}
+  if isinstance(policy, cache_lib.Segmented):
+    tracks = {"text": policy.segments[TEXT], "vision": policy.segments[VISION]}
+  else:
+    tracks, need = {"single": policy}, {"single": sum(need.values())}
+  for name, track in tracks.items():
+    if track.max_stream is not None and need[name] > track.max_stream:
+      raise ValueError(
+        f"a stream of {num_ticks} ticks may put {need[name]} tokens in the {name} track, but its policy {track} "
+        f"holds {track.max_stream}: use a bounded policy (Window, SinkWindow) or a larger Dense"
+      )
 
 
 @dataclasses.dataclass
@@ -165,6 +184,7 @@ def answer_streams(
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
   qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
+  check_capacity(policy, num_ticks, model.config.tokens_per_frame, qlen)
   # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
   # parameters (a restored checkpoint's) would make the second call compile again.
   cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])

@@ -1,5 +1,6 @@
-"""The streaming QA runner: what it says equals the argmax of the offline forward over the slots it produced;
-batched ragged streams equal each stream alone; one compilation for a long stream; scoring; bad input."""
+"""The streaming QA runner: what it says equals the argmax of feeding back the slots it produced, and its cache
+holds exactly those; batched ragged streams equal each stream alone; one compilation for a long stream; scoring;
+bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -42,35 +43,11 @@ def slots_said(record, n, length):
   return text
 
 
-def test_what_the_runner_says_is_the_argmax_of_the_offline_forward():
-  """Feeding the runner's own words back through ``VideoLM.forward`` (a policy that keeps everything) gives, at
-  every tick, the decision, the announced label and the answer it produced."""
-  model = tiny_video_lm(seed=1)
-  n = 12
-  (rec,) = Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG, "test", 2)], n, ticks_per_call=6)
-  frames = V.VideoQAStream(CONFIG, "test", 2).take(n).frames.astype(np.float32)[None] / 255.0
-  text = slots_said(rec, n, 20)
-  logits = VL.slot_logits(model.forward(jnp.asarray(frames), jnp.asarray(text[None])), n, 4)[0]
-  logits = np.asarray(logits)
-  asked = {q.frame: q for q in rec.questions}
-  assert any(q.qtype != "proactive" for q in rec.questions)
-  for f in range(n):
-    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
-    assert rec.decision[f] == dec
-    j = 1
-    if dec == V.SPEAK:
-      assert rec.announced[f] == np.argmax(logits[f, j])
-      j += 2
-    if f in asked and asked[f].qtype != "proactive":
-      j += 1 + len(asked[f].words.split()) + 1  # <q> words <a>: slot word j is the answer
-      assert rec.answer[f] == np.argmax(logits[f, j])
-    else:
-      assert rec.answer[f] == V.PAD
-
-
-def test_the_cache_holds_exactly_the_words_said():
-  """After ``run`` the cache equals the one that feeding the ticks with the slots the runner said (frames and the
-  training layout, ``VideoLM.__call__``) builds: no word fed twice, none missing, the same positions."""
+def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said():
+  """Feeding the runner's own slots back (frames and the training layout, ``VideoLM.__call__`` on a fresh cache
+  that keeps everything) gives, at every tick, the decision, the announced label and the answer it produced; and
+  the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
+  positions."""
   model = tiny_video_lm(seed=4)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
@@ -84,7 +61,21 @@ def test_the_cache_holds_exactly_the_words_said():
   rec = Q.StreamRecord(asked, [], out.decision[0], out.announced[0], out.answer[0])
   assert 0 < np.sum(rec.decision == V.SPEAK) < n and any(q.qtype != "proactive" for q in rec.questions)
   text = slots_said(rec, n, 20)
-  _, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
+  logits, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
+  logits = np.asarray(VL.slot_logits(logits, n, 4)[0])
+  by_frame = {q.frame: q for q in asked}
+  for f in range(n):
+    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
+    assert rec.decision[f] == dec
+    j = 1
+    if dec == V.SPEAK:
+      assert rec.announced[f] == np.argmax(logits[f, j])
+      j += 2
+    if f in by_frame and by_frame[f].qtype != "proactive":
+      j += 1 + len(by_frame[f].words.split()) + 1  # <q> words <a>: slot word j is the answer
+      assert rec.answer[f] == np.argmax(logits[f, j])
+    else:
+      assert rec.answer[f] == V.PAD
   for name in ("idx", "pos", "count", "next_pos"):
     np.testing.assert_array_equal(getattr(cache, name), getattr(want, name), err_msg=name)
   for got, ref in zip(jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((want.k, want.v))):
@@ -144,5 +135,9 @@ def test_bad_input_is_a_clear_error():
     Q.run(model, cache, np.zeros((1, 3, 16, 16)), np.zeros((1, 2, 12), np.int32))
   with pytest.raises(ValueError, match="multiple of ticks_per_call"):
     Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG)], 10, ticks_per_call=4)
+  with pytest.raises(ValueError, match="floats in"):
+    Q.run(model, cache, np.zeros((1, 2, 16, 16), np.uint8), np.zeros((1, 2, 12), np.int32))
+  with pytest.raises(ValueError, match="vision track, but its policy"):
+    Q.answer_streams(model, C.Segmented((C.Dense(4000), C.Dense(400))), [V.VideoQAStream(CONFIG)], 200)
   with pytest.raises(ValueError, match="does not fit"):
     Q.question_ids(V.Question(0, "count_now", "how many digits are on screen ?", "two", 0), 4)

@@ -145,6 +145,8 @@ class VideoLM(nnx.Module):
     b, n, h, w = frames.shape
     if (h, w) != c.frame_size:
       raise ValueError(f"frames must be [b, n, {c.frame_size[0]}, {c.frame_size[1]}], got {frames.shape}")
+    if not jnp.issubdtype(frames.dtype, jnp.floating):
+      raise ValueError(f"frames must be floats in [0, 1], got {frames.dtype} (divide uint8 frames by 255)")
     x = frames.astype(jnp.float32).reshape(b * n, h, w, 1)
     for conv in self.stem:
       x = jax.nn.gelu(conv(x))
