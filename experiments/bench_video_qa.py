@@ -135,13 +135,11 @@ def main(argv=None) -> int:
   model, step, train_log = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config()
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
-  per_tick = model.config.tokens_per_frame + data_config.text_len
   rows = []
   for frames in lengths:
-    text_len = data_config.text_len
-    dense = (frames * text_len, frames * model.config.tokens_per_frame)
-    for name, policy in policies(args.window, args.sinks, *dense).items():
-      if name == "dense" and frames * per_tick > args.dense_max_tokens:
+    dense = qa_stream.track_tokens(frames, model.config.tokens_per_frame)
+    for name, policy in policies(args.window, args.sinks, dense["text"], dense["vision"]).items():
+      if name == "dense" and sum(dense.values()) > args.dense_max_tokens:
         rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
         continue
       r = measure(model, policy, data_config, streams, frames, args.ticks_per_call)

@@ -88,8 +88,8 @@ def show(argv) -> int:
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config()
-  per_track = args.frames * max(model.config.tokens_per_frame, data_config.text_len)
-  choices = policies(args.window, 4, per_track, per_track)
+  dense = qa_stream.track_tokens(args.frames, model.config.tokens_per_frame)
+  choices = policies(args.window, 4, dense["text"], dense["vision"])
   if args.policy not in choices:
     parser.error(f"unknown policy {args.policy!r}; one of {sorted(choices)}")
   stream = video_qa.VideoQAStream(data_config, "test", args.stream)

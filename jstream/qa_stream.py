@@ -9,7 +9,7 @@ rows of a batch can have questions at different ticks. One tick is two fixed-sha
 ``lax.scan`` step (three when a row speaks: ``_tick``); ``run`` compiles once per (ticks per call, batch, question
 length) and donates the cache, so a stream of any length runs at flat memory in calls of ``ticks`` ticks.
 
-``answer_stream`` drives ``jstream.data.video_qa`` streams through ``run`` and scores what the model said against
+``answer_streams`` drives ``jstream.data.video_qa`` streams through ``run`` and scores what the model said against
 the streams' ground truth (``score``).
 """
 
@@ -137,11 +137,18 @@ def run(
   return cache, TickOutputs(*(np.asarray(x) for x in (decision, announced, answer)))
 
 
+def track_tokens(num_ticks: int, tokens_per_frame: int, question_len: int | None = None) -> dict[str, int]:
+  """The most tokens ``num_ticks`` ticks put in each track, ``{"text", "vision"}``: per tick ``tokens_per_frame``
+  vision tokens and at most ``5 + question_len`` words (decision, label, ``<eos>``, the question, answer,
+  ``<eos>``); ``question_len`` defaults to ``answer_streams``'."""
+  qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
+  return {"text": num_ticks * (5 + qlen), "vision": num_ticks * tokens_per_frame}
+
+
 def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: int, question_len: int) -> None:
-  """Raises a clear error if a bounded (``Dense``) track of ``policy`` may overflow in ``num_ticks`` ticks: each
-  tick caches ``tokens_per_frame`` vision tokens and at most ``5 + question_len`` words (decision, label, ``<eos>``,
-  the question, answer, ``<eos>``)."""
-  need = {"text": num_ticks * (5 + question_len), "vision": num_ticks * tokens_per_frame}
+  """Raises a clear error if a bounded (``Dense``) track of ``policy`` may overflow in ``num_ticks`` ticks
+  (``track_tokens``)."""
+  need = track_tokens(num_ticks, tokens_per_frame, question_len)
   if isinstance(policy, cache_lib.Segmented):
     tracks = {"text": policy.segments[TEXT], "vision": policy.segments[VISION]}
   else:
