@@ -2,9 +2,9 @@
 
   jstream train --config configs/video_lm.py          # the default model, minutes on 2 CPU cores
   jstream train --config configs/video_lm.py:quick    # seconds (smoke test)
-  jstream train --config configs/video_lm.py:long     # 4x the steps
+  jstream train --config configs/video_lm.py:long     # 4x the joint steps
 
-Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the steps, in
+Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the joint steps, in
 ``runs/video_lm_long``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -19,12 +19,21 @@ def get_config(*flags: str) -> TrainConfig:
   unknown = set(flags) - {"quick", "long"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
-  cfg = presets.video_lm_run("runs/video_lm", steps=240, checkpoint_every=60)
-  if "long" in flags:  # four times the default's steps (about 40 CPU minutes)
-    cfg = dataclasses.replace(cfg, steps=960, checkpoint_every=120, workdir="runs/video_lm_long")
+  cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
+  if "long" in flags:  # four times the default's joint steps (about 40 CPU minutes)
+    cfg = dataclasses.replace(cfg, steps=1400, checkpoint_every=200, workdir="runs/video_lm_long")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
-    video = VideoTask(frame_size=16, patch_size=8, digit_size=8, clip_frames=6, num_train=16, encoder_layers=1)
+    video = VideoTask(
+      frame_size=16,
+      patch_size=8,
+      digit_size=8,
+      clip_frames=6,
+      num_train=16,
+      encoder_layers=1,
+      patch_loss=1.0,
+      encoder_steps=2,
+    )
     cfg = dataclasses.replace(
       cfg,
       model=small,

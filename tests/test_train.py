@@ -222,14 +222,26 @@ VIDEO_CONFIG = CONFIG.parent / "video_lm.py"
 
 def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkeypatch):
   """``configs/video_lm.py:quick`` trains the video LM on video-QA clips; a run stopped and resumed ends with the
-  parameters of an uninterrupted one, and the metrics report decisions and words apart."""
+  parameters of an uninterrupted one, and the metrics report decisions and words apart. Its first steps train the
+  frame encoder alone: after them the language model's parameters are still the initial ones, the encoder's not."""
+  from flax import nnx
+
+  from jstream.train.loop import init_state
+
   monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
   full = train(load_config(f"{VIDEO_CONFIG}:quick,workdir={tmp_path / 'full'}"), progress=False)
   cfg = load_config(f"{VIDEO_CONFIG}:quick,workdir={tmp_path / 'half'}")
-  assert cfg.data == "video_qa" and cfg.video.frame_size == 16
-  train(cfg, progress=False, stop_after=3)
+  assert cfg.data == "video_qa" and cfg.video.frame_size == 16 and 0 < cfg.video.encoder_steps < cfg.steps
+  early = train(cfg, progress=False, stop_after=cfg.video.encoder_steps)
+  graphdef, _, initial = init_state(cfg)
+  before, after = nnx.merge(graphdef, initial.params), early.model
+  for a, b in zip(_params(before.lm), _params(after.lm)):
+    np.testing.assert_array_equal(a, b)
+  for part in ("patch", "encoder", "patch_head"):
+    assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(after, part)))), part
+  assert set(early.metrics[-1]) >= {"patch_loss", "patch_accuracy"} and "answer_loss" not in early.metrics[-1]
   resumed = train(cfg, progress=False)
-  assert resumed.resumed_from == 3 and resumed.step == cfg.steps
+  assert resumed.resumed_from == cfg.video.encoder_steps and resumed.step == cfg.steps
   for a, b in zip(_params(full.model), _params(resumed.model)):
     np.testing.assert_array_equal(a, b)
   last = resumed.metrics[-1]

@@ -42,6 +42,10 @@ class VideoTask:
       pretrained vision tower); 0 turns it off.
     speak_weight: weight of a ``<speak>`` decision in the answer loss (``video_lm.tick_loss``); other targets
       weigh 1.
+    encoder_steps: the run's first steps train the frame encoder alone on the patch labels (needs ``patch_loss``
+      > 0): the language model is not run, so a step costs a fraction of a joint one, and the encoder reads digits
+      before the language model starts learning from its tokens (a stand-in for starting from a pretrained vision
+      tower). Counted in ``TrainConfig.steps``.
     text_budget: pack each clip's tokens without the slots' ``<pad>`` words, into ``clip_frames * (tokens per
       frame + text_budget)`` tokens (``VideoLM.training_outputs``); ``None``: run whole slots. Words past the
       budget (a clip with unusually many questions) leave the loss; the ``dropped_targets`` metric counts them.
@@ -62,6 +66,7 @@ class VideoTask:
   patch_loss: float = 0.0
   speak_weight: float = 1.0
   text_budget: int | None = None
+  encoder_steps: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
@@ -69,6 +74,10 @@ class VideoTask:
       object.__setattr__(self, "question_weights", tuple(float(x) for x in self.question_weights))
     if self.patch_loss < 0 or self.speak_weight <= 0:
       raise ValueError(f"patch_loss must be >= 0 and speak_weight > 0, got {self.patch_loss}, {self.speak_weight}")
+    if self.encoder_steps < 0 or (self.encoder_steps and self.patch_loss == 0):
+      raise ValueError(
+        f"encoder_steps must be >= 0 and needs patch_loss > 0, got {self.encoder_steps}, {self.patch_loss}"
+      )
     if self.text_budget is not None and self.text_budget < 1:
       raise ValueError(f"text_budget must be >= 1 word per tick (or None), got {self.text_budget}")
 

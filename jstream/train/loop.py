@@ -47,9 +47,15 @@ class TrainState:
   step: jax.Array
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
+def make_train_step(
+  graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig, *, encoder_only: bool = False
+) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jit-compiled, state donated. ``batch``: tokens ``[b, L + 1]``
-  (text) or a dict of clips (``video_qa``: ``frames``, ``text``, ``targets``)."""
+  (text) or a dict of clips (``video_qa``: ``frames``, ``text``, ``targets``).
+
+  ``encoder_only`` (video QA, the first ``VideoTask.encoder_steps`` steps): the loss is the patch-label loss of
+  the frame encoder alone; the language model is not run and its parameters do not move (no weight decay either).
+  """
   mask_kw = aligned.forward_mask(cfg)
   lr = schedule(cfg)
 
@@ -59,6 +65,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
       from jstream.models import video_lm
 
       video = cfg.video
+      if encoder_only:
+        labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
+        patch, pm = video_lm.patch_loss(model.patch_logits(model.encode(batch["frames"])), labels)
+        return patch, {"patch_loss": patch, **pm}
       p = model.config.tokens_per_frame
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
       logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed)
@@ -81,12 +91,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Trai
   def step(state: TrainState, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    if encoder_only:  # the language model stays as initialised
+      updates = jax.tree_util.tree_map_with_path(lambda path, u: jnp.zeros_like(u) if _in_lm(path) else u, updates)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), **aux}
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _in_lm(path) -> bool:
+  """Whether a parameter path is inside ``VideoLM.lm``."""
+  return getattr(path[0], "key", None) == "lm"
 
 
 def _text_config(cfg: TrainConfig):
@@ -238,6 +255,8 @@ def train(
     resumed_from, state, data_state = restored
     data.set_state(data_state)
   step_fn = make_train_step(graphdef, optimizer, cfg)
+  encoder_steps = cfg.video.encoder_steps if cfg.data == "video_qa" else 0
+  encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
   writer = MetricsWriter(workdir)
   start = int(state.step)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -251,7 +270,7 @@ def train(
   t_log, s_log = t0, start
   for step in range(start, end):
     batch = _device_batch(cfg, next(data))
-    state, metrics = step_fn(state, batch)
+    state, metrics = (encoder_fn if step < encoder_steps else step_fn)(state, batch)
     done = step + 1
     if done % cfg.log_every == 0 or done == end:
       metrics = jax.device_get(metrics)

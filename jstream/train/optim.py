@@ -9,13 +9,23 @@ from jstream.train.config import TrainConfig
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-  warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+  """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+
+  A video-QA run with ``VideoTask.encoder_steps`` has this schedule twice: over the encoder-only steps, then
+  afresh over the joint steps (the language model starts learning there and gets its own warmup and decay)."""
+  first = cfg.video.encoder_steps if cfg.data == "video_qa" else 0
+  if 0 < first < cfg.steps:
+    return optax.join_schedules([_warmup_cosine(cfg, first), _warmup_cosine(cfg, cfg.steps - first)], [first])
+  return _warmup_cosine(cfg, cfg.steps)
+
+
+def _warmup_cosine(cfg: TrainConfig, steps: int) -> optax.Schedule:
+  warmup = min(cfg.warmup_steps, max(steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.lr,
     warmup_steps=warmup,
-    decay_steps=max(cfg.steps, warmup + 1),
+    decay_steps=max(steps, warmup + 1),
     end_value=cfg.lr * cfg.min_lr_ratio,
   )
 
