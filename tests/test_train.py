@@ -14,6 +14,7 @@ from jstream.train import (
   CheckpointError,
   ConfigMismatchError,
   TrainConfig,
+  VideoTask,
   apply_overrides,
   forward_mask,
   load_config,
@@ -256,5 +257,7 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     TrainConfig(model=model, data="video_qa", sink_token=True)
   with pytest.raises(ValueError, match="must be 'text' or 'video_qa'"):
     TrainConfig(model=model, data="audio")
+  with pytest.raises(ValueError, match="needs patch_loss > 0"):
+    VideoTask(encoder_steps=10)
   with pytest.raises(ValueError, match="vocab_size =="):
     train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)
