@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jit_step, random_tokens, stream, tiny_model  # tests/conftest.py (on sys.path)
 from flax import nnx
 
+from conftest import jit_step, random_tokens, stream, tiny_model  # tests/conftest.py (on sys.path)
 from jstream import cache as C
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attention_base import numpy_reference
-from conftest import library_checks_only
 
+from conftest import library_checks_only
 from jstream.ops import attention as A
 
 

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import library_checks_only
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import library_checks_only
 from jstream import cache as C
 from jstream.cache import planner
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import library_checks_only
 
+from conftest import library_checks_only
 from jstream import data as D
 from jstream.data import digits as DG
 from jstream.data import text as T

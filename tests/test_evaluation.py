@@ -6,8 +6,8 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-from conftest import library_checks_only, random_tokens, tiny_model
 
+from conftest import library_checks_only, random_tokens, tiny_model
 from jstream import cache as C
 from jstream.evaluation import SinkAblationConfig, evaluate_stream
 from jstream.train import TrainConfig, load_config

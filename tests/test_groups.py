@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import library_checks_only, random_tokens, tiny_model
 from flax import nnx
 from reference import stream_logits
 
+from conftest import library_checks_only, random_tokens, tiny_model
 from jstream import cache as C
 
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jit_step, random_tokens, stream, tiny_model, tol
 
+from conftest import jit_step, random_tokens, stream, tiny_model, tol
 from jstream import cache as C
 from jstream.nn import layers
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import chunk_sizes, compilations, jit_step, library_checks_only, random_tokens, stream, tiny_model, tol
 from reference import stream_logits
 
+from conftest import chunk_sizes, compilations, jit_step, library_checks_only, random_tokens, stream, tiny_model, tol
 from jstream import cache as C
 from jstream import rollout
 from jstream.cache import planner

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import compilations, library_checks_only
 from flax import nnx
 
 import jstream
+from conftest import compilations, library_checks_only
 from jstream import cache as C
 from jstream import qa_stream as Q
 from jstream.data import video_qa as V

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_tokens, tiny_model, tol
 from reference import stream_logits
 
+from conftest import random_tokens, tiny_model, tol
 from jstream import cache as C
 from jstream import rollout
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jit_step, random_tokens, tiny_model
 
+from conftest import jit_step, random_tokens, tiny_model
 from jstream import cache as C
 
 POLICIES = {

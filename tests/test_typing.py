@@ -4,8 +4,8 @@ call with a shape that contradicts the annotations fails here, before any comput
 import jax.numpy as jnp
 import jaxtyping
 import pytest
-from conftest import library_checks_only, random_tokens, tiny_model
 
+from conftest import library_checks_only, random_tokens, tiny_model
 from jstream import cache as C
 from jstream import rollout
 from jstream.ops import attention as A

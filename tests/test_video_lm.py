@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import library_checks_only
 from flax import nnx
 
 import jstream
+from conftest import library_checks_only
 from jstream import cache as C
 from jstream.data import video_qa as V
 from jstream.models import video_lm as VL
