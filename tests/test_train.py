@@ -7,6 +7,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jstream import TransformerConfig
@@ -249,6 +250,53 @@ def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkey
   assert np.isfinite(last["loss"]) and 0 <= last["word_accuracy"] <= 1 and last["tokens"] > 0
   reloaded, step = load_model(cfg)
   assert step == cfg.steps and type(reloaded).__name__ == "VideoLM"
+
+
+def test_language_model_adam_state_starts_at_the_first_joint_step():
+  """After encoder-only steps, the language model's updates are those of a fresh AdamW run on the joint steps'
+  gradients alone (bias correction counted from its own first step, its own warmup), written out by hand here;
+  the frame side's AdamW counts every step. No clipping at these gradient norms."""
+  from jstream.train.optim import lm_schedule, make_optimizer, schedule
+
+  model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
+  first, joint = 4, 3
+  cfg = TrainConfig(
+    model=model, data="video_qa", video=VideoTask(patch_loss=1.0, encoder_steps=first), steps=first + joint,
+    warmup_steps=1, lr=0.1, b2=0.999, weight_decay=0.5, clip_norm=1e9,
+  )  # fmt: skip
+  rng = np.random.default_rng(0)
+  start = {"lm": {"kernel": rng.normal(size=(3, 2))}, "patch": {"kernel": rng.normal(size=(2, 2))}}
+  start = jax.tree.map(lambda x: x.astype(np.float32), start)
+  opt = make_optimizer(cfg)
+  params, state = start, opt.init(start)
+  history = {"lm": [], "patch": []}
+  for t in range(first + joint):
+    grads = {side: {"kernel": rng.normal(size=start[side]["kernel"].shape).astype(np.float32)} for side in start}
+    if t < first:
+      grads["lm"]["kernel"] = np.zeros_like(grads["lm"]["kernel"])  # the encoder-only loss does not reach the LM
+    updates, state = opt.update(grads, state, params)
+    if t < first:
+      np.testing.assert_array_equal(updates["lm"]["kernel"], 0.0)  # not even weight decay
+    else:
+      history["lm"].append(grads["lm"]["kernel"])
+    history["patch"].append(grads["patch"]["kernel"])
+    params = optax.apply_updates(params, updates)
+
+  def adamw(p, grads, lrs):  # the textbook AdamW over a list of gradients, decay on the parameter
+    p, m, v = np.float64(p), 0.0, 0.0
+    for k, (g, lr) in enumerate(zip(grads, lrs), start=1):
+      m, v = cfg.b1 * m + (1 - cfg.b1) * g, cfg.b2 * v + (1 - cfg.b2) * g * g
+      step = (m / (1 - cfg.b1**k)) / (np.sqrt(v / (1 - cfg.b2**k)) + 1e-8)
+      p = p - lr * (step + cfg.weight_decay * p)
+    return p
+
+  lm_lrs = [float(lm_schedule(cfg)(k)) for k in range(joint)]
+  assert lm_lrs[0] == 0.0 and lm_lrs[1] == pytest.approx(cfg.lr)  # its own warmup, one step long
+  patch_lrs = [float(schedule(cfg)(t)) for t in range(first + joint)]
+  expect_lm = adamw(start["lm"]["kernel"], history["lm"], lm_lrs)
+  expect_patch = adamw(start["patch"]["kernel"], history["patch"], patch_lrs)
+  np.testing.assert_allclose(params["lm"]["kernel"], expect_lm, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(params["patch"]["kernel"], expect_patch, rtol=1e-5, atol=1e-5)
 
 
 def test_video_qa_config_errors_name_the_problem(tmp_path):

@@ -182,6 +182,11 @@ class TrainConfig:
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property
+  def encoder_steps(self) -> int:
+    """How many of the run's first steps train the frame encoder alone (``VideoTask.encoder_steps``; 0 for text)."""
+    return self.video.encoder_steps if self.data == "video_qa" else 0
+
+  @property
   def sink_id(self) -> int | None:
     """Token id of the learned sink token (the last id of the vocabulary), or None."""
     return self.model.vocab_size - 1 if self.sink_token else None

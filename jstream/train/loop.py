@@ -32,7 +32,7 @@ from jstream.train import aligned
 from jstream.train.checkpoint import Checkpointer
 from jstream.train.config import TrainConfig
 from jstream.train.losses import next_token_loss
-from jstream.train.optim import make_optimizer, schedule
+from jstream.train.optim import lm_schedule, make_optimizer, schedule
 
 
 # A pytree node that JAX and orbax rebuild with placeholder leaves: not checked at run time (see jstream.typing).
@@ -54,10 +54,11 @@ def make_train_step(
   (text) or a dict of clips (``video_qa``: ``frames``, ``text``, ``targets``).
 
   ``encoder_only`` (video QA, the first ``VideoTask.encoder_steps`` steps): the loss is the patch-label loss of
-  the frame encoder alone; the language model is not run and its parameters do not move (no weight decay either).
+  the frame encoder alone; the language model is not run, and the optimizer (``make_optimizer``) leaves its
+  parameters and its AdamW state as they are.
   """
   mask_kw = aligned.forward_mask(cfg)
-  lr = schedule(cfg)
+  lr, lm_lr = schedule(cfg), lm_schedule(cfg)
 
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
@@ -65,10 +66,14 @@ def make_train_step(
       from jstream.models import video_lm
 
       video = cfg.video
-      if encoder_only:
+
+      def patch_term(patches):
         labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
-        patch, pm = video_lm.patch_loss(model.patch_logits(model.encode(batch["frames"])), labels)
+        patch, pm = video_lm.patch_loss(patches, labels)
         return patch, {"patch_loss": patch, **pm}
+
+      if encoder_only:
+        return patch_term(model.patch_logits(model.encode(batch["frames"])))
       p = model.config.tokens_per_frame
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
       logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed)
@@ -78,10 +83,9 @@ def make_train_step(
       out = {"tokens": m["targets"], "answer_loss": loss, "dropped_targets": dropped}
       out.update({k: m[k] for k in ("accuracy", "decision_accuracy", "speak_recall", "word_accuracy")})
       if video.patch_loss > 0:
-        labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
-        patch, pm = video_lm.patch_loss(patches, labels)
+        patch, pm = patch_term(patches)
         loss = loss + video.patch_loss * patch
-        out.update(patch_loss=patch, **pm)
+        out.update(pm)
       return loss, out
     inputs, targets, mask = aligned.make_example(cfg, batch)
     logits = model.forward(inputs, **mask_kw)
@@ -91,19 +95,14 @@ def make_train_step(
   def step(state: TrainState, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    if encoder_only:  # the language model stays as initialised
-      updates = jax.tree_util.tree_map_with_path(lambda path, u: jnp.zeros_like(u) if _in_lm(path) else u, updates)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step), **aux}
+    if cfg.encoder_steps:
+      metrics["lm_lr"] = jnp.where(state.step < cfg.encoder_steps, 0.0, lm_lr(state.step - cfg.encoder_steps))
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=(0,))
-
-
-def _in_lm(path) -> bool:
-  """Whether a parameter path is inside ``VideoLM.lm``."""
-  return getattr(path[0], "key", None) == "lm"
 
 
 def _text_config(cfg: TrainConfig):
@@ -255,7 +254,7 @@ def train(
     resumed_from, state, data_state = restored
     data.set_state(data_state)
   step_fn = make_train_step(graphdef, optimizer, cfg)
-  encoder_steps = cfg.video.encoder_steps if cfg.data == "video_qa" else 0
+  encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
   writer = MetricsWriter(workdir)
   start = int(state.step)
