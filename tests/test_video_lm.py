@@ -61,6 +61,41 @@ def test_streamed_ticks_equal_the_offline_forward():
   np.testing.assert_allclose(got[real], want[real], atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed):
+  """``forward(policy=...)`` / ``training_outputs(policy=...)``: the teacher-forced forward with the mask of a
+  bounded ``Segmented`` policy (text sinks + text window + vision window, both windows biting) equals streaming the
+  ticks through that policy's cache; without the mask it does not."""
+  model = tiny_video_lm(seed=21)
+  policy = C.Segmented((C.SinkWindow(2, 7), C.Window(12)))  # 3 frames of 4 tokens
+  frames, text = ticks(2, 8, seed=22)
+  got, _ = stream_ticks(model, frames, text, model.init_cache(policy, 2), [1, 2, 1, 2, 2])
+  p = model.config.tokens_per_frame
+  real = np.concatenate([np.ones((2, 8, p), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
+  if packed:
+    budget = int(real.sum(axis=1).min())
+    want, _, _ = model.training_outputs(frames, text, packed_len=budget, policy=policy)
+    run = real & (np.cumsum(real, axis=1) <= budget)  # the first real tokens of each row
+    assert run.sum() < real.sum()  # one row is cut
+  else:
+    want, run = model.forward(frames, text, policy=policy), real
+  np.testing.assert_allclose(got[run], np.asarray(want)[run], atol=5e-5, rtol=5e-5)
+  full = np.asarray(model.forward(frames, text))
+  assert not np.allclose(got[real], full[real], atol=1e-3)
+
+
+def test_offline_policy_mask_rejects_what_it_cannot_emulate():
+  model = tiny_video_lm(seed=23)
+  frames, text = ticks(1, 2, seed=24)
+  with pytest.raises(ValueError, match="absolute positions only"):
+    model.forward(frames, text, policy=C.Segmented((C.Window(8), C.Window(8)), positions="cache_relative"))
+  x = jnp.ones((1, 5, 32))
+  with pytest.raises(ValueError, match="needs segment_ids"):
+    model.lm.forward_embeddings(x, policy=C.Segmented((C.Window(8), C.Window(8))))
+  with pytest.raises(ValueError, match="either policy or window"):
+    model.lm.forward_embeddings(x, policy=C.Window(8), window=4)
+
+
 @pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
 def test_answers_do_not_look_ahead(positions):
   """Logits of ticks up to f do not change when frames and words after f change (bounded policy)."""

@@ -334,9 +334,17 @@ class StreamingTransformer(nnx.Module):
     positions: Int[ArrayLike, "b t"] | None = None,
     window: int | None = None,
     num_sinks: int = 0,
+    policy: cache_lib.Policy | None = None,
+    segment_ids: Int[ArrayLike, "b t"] | None = None,
   ) -> Logits:
     """``forward`` of input embeddings ``x [b, n, d]`` (see ``extend_embeddings``). Tokens that share a position
-    see each other: with the positions a ``Dense`` stream's groups imply, this is that stream offline."""
+    see each other: with the positions a ``Dense`` stream's groups imply, this is that stream offline.
+
+    ``policy`` (instead of ``window`` / ``num_sinks``): the mask a stream under this policy has, windows counted
+    in cached tokens of each track (``segment_ids`` pick a ``Segmented`` policy's track; -1 or position -1 is
+    padding): the offline forward of that stream, e.g. to train with the inference attention pattern
+    (StreamingVLM). ``Dense``, ``Window``, ``SinkWindow`` or ``Segmented`` of them, ``absolute`` positions.
+    """
     b, n = x.shape[:2]
     if x.shape[-1] != self.config.embed_dim:
       raise ValueError(f"embeddings must be [b, t, {self.config.embed_dim}], got {x.shape}")
@@ -344,9 +352,35 @@ class StreamingTransformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     positions = jnp.asarray(positions, jnp.int32)
     cfg = self.config
+    if policy is not None:
+      if window is not None or num_sinks:
+        raise ValueError("pass either policy or window / num_sinks, not both")
+      cached_attention.check_offline_policy(policy)
+      if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != positions.shape:
+          raise ValueError(f"segment_ids {segment_ids.shape} must match positions {positions.shape}")
+        positions = jnp.where(segment_ids >= 0, positions, -1)
+      elif isinstance(policy, cache_lib.Segmented) and len(policy.segments) > 1:
+        raise ValueError("a Segmented policy with several segments needs segment_ids")
+    elif segment_ids is not None:
+      raise ValueError("segment_ids go with a policy")
 
     def body(block, layer, x, carry):
       def attend(attn, q, k, v):
+        if policy is not None:
+          o = cached_attention.offline_policy(
+            q,
+            k,
+            v,
+            positions,
+            policy,
+            segment_ids,
+            rope_base=cfg.rope_base,
+            impl=cfg.attention_impl,
+            sink_part=attn.sink_part(q),
+          )
+          return o, None
         o = cached_attention.offline(
           q,
           k,

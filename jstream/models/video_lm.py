@@ -200,13 +200,20 @@ class VideoLM(nnx.Module):
     x, segs, groups = self.tick_inputs(frames, text)
     return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
 
-  def forward(self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"]) -> Logits:
-    """Offline forward of whole ticks with full causal attention (what a stream under a policy that keeps
-    everything computes, in ``absolute`` positions)."""
-    return self.training_outputs(frames, text)[0]
+  def forward(
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], *, policy: cache_lib.Policy | None = None
+  ) -> Logits:
+    """Offline forward of whole ticks: what a stream under ``policy`` computes (``absolute`` positions; default
+    full causal attention, the stream under a policy that keeps everything)."""
+    return self.training_outputs(frames, text, policy=policy)[0]
 
   def training_outputs(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], *, packed_len: int | None = None
+    self,
+    frames: Float[Array, "b n _ _"],
+    text: Int[Array, "b n l"],
+    *,
+    packed_len: int | None = None,
+    policy: cache_lib.Policy | None = None,
   ) -> tuple[Logits, Float[Array, "b n p 11"], Bool[Array, "b n l"]]:
     """The training forward: ``forward``'s logits, the frames' ``patch_logits`` (one encoder pass) and which slot
     words were run (``kept``).
@@ -215,6 +222,10 @@ class VideoLM(nnx.Module):
     words take no compute; a slot is mostly padding). Attention depends on positions alone, so the logits of the
     tokens run are exactly ``forward``'s; the words past the budget are not run (``kept`` False, their logits 0):
     leave them out of the loss.
+
+    ``policy``: attend with the mask a stream under this cache policy has (``StreamingTransformer.
+    forward_embeddings``; e.g. ``Segmented((SinkWindow(4, 252), Window(256)))``), StreamingVLM's training with the
+    inference attention pattern; ``None``: full causal attention.
     """
     vis = self.encode(frames)
     x, segs, groups = self.tick_inputs(frames, text, vis)
@@ -224,11 +235,13 @@ class VideoLM(nnx.Module):
     b, n, ln = text.shape
     if packed_len is None or packed_len >= x.shape[1]:
       kept = jnp.ones(text.shape, bool)
-      return self.lm.forward_embeddings(x, positions=positions), self.patch_logits(vis), kept
+      mask = {} if policy is None else {"policy": policy, "segment_ids": segs}
+      return self.lm.forward_embeddings(x, positions=positions, **mask), self.patch_logits(vis), kept
     order = jnp.argsort(~valid, axis=1, stable=True)[:, :packed_len]  # real tokens first, in stream order
     xp = jnp.take_along_axis(x, order[..., None], axis=1)
     pos = jnp.take_along_axis(positions, order, axis=1)
-    logits = self.lm.forward_embeddings(xp, positions=pos)
+    mask = {} if policy is None else {"policy": policy, "segment_ids": jnp.take_along_axis(segs, order, axis=1)}
+    logits = self.lm.forward_embeddings(xp, positions=pos, **mask)
     rows = jnp.arange(b)[:, None]
     run = jnp.zeros(valid.shape, bool).at[rows, order].set(pos >= 0)
     full = jnp.zeros((*x.shape[:2], logits.shape[-1]), logits.dtype).at[rows, order].set(logits)

@@ -395,3 +395,78 @@ def offline(
   if sink_part is None:
     return res.out.astype(q.dtype)
   return attn_ops.merge([(res.out, res.lse), sink_part])[0].astype(q.dtype)
+
+
+def check_offline_policy(policy: cache_lib.Policy) -> None:
+  """Raises unless ``offline_policy`` emulates ``policy``: ``Dense``, ``Window``, ``SinkWindow`` or a
+  ``Segmented`` of them, in ``absolute`` positions (``cache_relative`` gives each query its own key positions)."""
+  parts = policy.segments if isinstance(policy, cache_lib.Segmented) else ()
+  for p in (policy, *parts):
+    if not isinstance(p, (cache_lib.Dense, cache_lib.Window, cache_lib.SinkWindow, cache_lib.Segmented)):
+      raise TypeError(f"an offline forward emulates Dense, Window, SinkWindow and Segmented policies, got {policy}")
+    if p.positions != "absolute":
+      raise ValueError(f"an offline forward emulates absolute positions only, got {p.positions!r} in {policy}")
+
+
+def track_masks(
+  policy: cache_lib.Policy, positions: Int[Array, "b t"], segment_ids: Int[Array, "b t"] | None = None
+) -> list[tuple[Int[Array, "b t"], Int[Array, "b t"], int | None, int]]:
+  """The masks of a stream under ``policy`` as position-only masks, one per track: ``(q_pos, k_pos, window,
+  num_sinks)`` for ``jstream.ops.attention`` (``offline_policy``).
+
+  A track's keys are numbered by their index among the track's tokens (``k_pos``; -1 for other tracks and
+  padding), and a query sits at the index of the track's latest token at or before its stream position
+  (``q_pos``; -1 before the track's first token). A window counted in the track's tokens is then the op's
+  window over these numbers, and the track's sinks its first ``num_sinks``. Tokens of a group (equal stream
+  positions) see what the group's last token sees, as in a stream. Costs ``O(t^2)`` comparisons per track.
+  """
+  valid = positions >= 0
+  seg = jnp.zeros_like(positions) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+  seen = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]  # [b, q, k]: key at or before query
+  out = []
+  for m, track in enumerate(policy.tracks()):
+    member = valid & (seg == m)
+    index = jnp.cumsum(member, axis=1, dtype=jnp.int32) - 1
+    k_pos = jnp.where(member, index, -1)
+    q_pos = jnp.where(valid, jnp.sum(seen & member[:, None, :], axis=-1, dtype=jnp.int32) - 1, -1)
+    out.append((q_pos, k_pos, track.window, track.num_sinks))
+  return out
+
+
+def offline_policy(
+  q: Float[Array, "b t n h"],
+  k: Float[Array, "b t k h"],
+  v: Float[Array, "b t k h"],
+  positions: Int[Array, "b t"],
+  policy: cache_lib.Policy,
+  segment_ids: Int[Array, "b t"] | None = None,
+  *,
+  rope_base,
+  impl,
+  sink_part: tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None = None,
+) -> Float[Array, "b t n h"]:
+  """Teacher-forced attention of a whole sequence with the mask a stream under ``policy`` has (no cache):
+  windows counted in tokens of each track, as the cache keeps them (``track_masks``), keys at their stream
+  positions (``absolute`` positions only). The partial attentions of the tracks are merged."""
+  check_offline_policy(policy)
+  cos, sin = rope_cos_sin(jnp.maximum(positions, 0), q.shape[-1], rope_base)
+  qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
+  kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
+  parts = []
+  for q_pos, k_pos, window, num_sinks in track_masks(policy, positions, segment_ids):
+    res = attn_ops.attention(
+      qr,
+      kr,
+      v,
+      q_positions=q_pos,
+      k_positions=k_pos,
+      window=window,
+      num_sinks=num_sinks,
+      out_dtype=jnp.float32,
+      return_lse=True,
+      impl=impl,
+    )
+    parts.append((res.out, res.lse))
+  if sink_part is not None:
+    parts.append(sink_part)
+  return attn_ops.merge(parts)[0].astype(q.dtype)
