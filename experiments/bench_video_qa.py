@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -36,6 +37,7 @@ from jstream import qa_stream
 from jstream.data import video_qa
 from jstream.process_memory import reset_peak_rss, rss_mib
 from jstream.train import load_config, load_model, train
+from jstream.train.aligned import video_policy
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
 
@@ -67,11 +69,9 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   """The policies compared; ``dense`` is sized to hold the whole stream (``dense_text`` / ``dense_vision``)."""
   return {
     "dense": C.Segmented((C.Dense(dense_text), C.Dense(dense_vision))),
-    "window": C.Segmented((C.Window(window), C.Window(window))),
-    "sinks+window": C.Segmented((C.SinkWindow(sinks, window - sinks), C.Window(window))),
-    "sinks+window, cache_relative": C.Segmented(
-      (C.SinkWindow(sinks, window - sinks), C.Window(window)), positions="cache_relative"
-    ),
+    "window": video_policy(window),
+    "sinks+window": video_policy(window, sinks),
+    "sinks+window, cache_relative": dataclasses.replace(video_policy(window, sinks), positions="cache_relative"),
   }
 
 

@@ -252,6 +252,38 @@ def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkey
   assert step == cfg.steps and type(reloaded).__name__ == "VideoLM"
 
 
+def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, monkeypatch):
+  """``train_window`` / ``train_sinks`` on video QA: the first step's answer loss (initial parameters) equals the
+  tick loss of the same clips streamed tick by tick through the ``sinks+window`` cache policy of the benchmark
+  (text sinks + text window + vision window, both biting within a clip), and differs from the full-attention
+  loss."""
+  from flax import nnx
+
+  from jstream.models import video_lm
+  from jstream.train.aligned import video_policy
+  from jstream.train.loop import _device_batch, init_state, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  flags = f"quick,video.encoder_steps=0,steps=1,log_every=1,train_window=12,train_sinks=2,workdir={tmp_path / 'w'}"
+  cfg = load_config(f"{VIDEO_CONFIG}:{flags}")
+  loss = train(cfg, progress=False).metrics[-1]["answer_loss"]
+  graphdef, _, state = init_state(cfg)
+  model = nnx.merge(graphdef, state.params)
+  batch = _device_batch(cfg, next(train_iterator(cfg)))
+  frames, text, targets = batch["frames"], batch["text"], batch["targets"]
+  p = model.config.tokens_per_frame
+  policy = video_policy(12, 2)
+  assert 12 < cfg.video.clip_frames * p and 12 < int((text[0] != video_lm.PAD).sum())  # both windows bite
+  cache, logits = model.init_cache(policy, frames.shape[0]), []
+  for t in range(frames.shape[1]):
+    out, cache = model(frames[:, t : t + 1], text[:, t : t + 1], cache)
+    logits.append(out)
+  streamed, _ = video_lm.tick_loss(jnp.concatenate(logits, 1), text, targets, p, speak_weight=cfg.video.speak_weight)
+  np.testing.assert_allclose(loss, streamed, rtol=1e-4)
+  full, _ = video_lm.tick_loss(model.forward(frames, text), text, targets, p, speak_weight=cfg.video.speak_weight)
+  assert abs(float(full) - loss) > 1e-3
+
+
 def test_language_model_adam_state_starts_at_the_first_joint_step():
   """After encoder-only steps, the language model's updates are those of a fresh AdamW run on the joint steps'
   gradients alone (bias correction counted from its own first step, its own warmup), written out by hand here;
@@ -303,6 +335,8 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
   model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
   with pytest.raises(ValueError, match="text-only switches"):
     TrainConfig(model=model, data="video_qa", sink_token=True)
+  with pytest.raises(ValueError, match="the text track's recent window"):
+    TrainConfig(model=model, data="video_qa", train_window=8, train_sinks=5)
   with pytest.raises(ValueError, match="must be 'text' or 'video_qa'"):
     TrainConfig(model=model, data="audio")
   with pytest.raises(ValueError, match="needs patch_loss > 0"):

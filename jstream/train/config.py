@@ -124,7 +124,11 @@ class TrainConfig:
     steps, lr, warmup_steps, min_lr_ratio, weight_decay, clip_norm, b1, b2: AdamW with linear warmup and cosine
       decay to ``lr * min_lr_ratio``, global-norm gradient clipping.
     sink_token: prepend a dedicated, learned sink token (id ``vocab_size - 1``) to every sample (StreamingLLM 3.3).
-    train_window, train_sinks: train under the sink + window mask that inference uses (None: full causal).
+    train_window, train_sinks: train under the sink + window mask that inference uses (None: full causal). Text:
+      a window of positions. ``video_qa``: the mask of a stream under ``Segmented((SinkWindow(train_sinks,
+      train_window - train_sinks), Window(train_window)))`` (``Window(train_window)`` for the text without sinks),
+      windows counted in tokens of each track: ``jstream bench video-qa``'s ``sinks+window`` / ``window``
+      policies with ``--window train_window --sinks train_sinks`` (StreamingVLM's inference pattern in training).
     overlap: overlapped-chunk training (StreamingVLM): each sample continues the previous one's last ``overlap``
       tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
@@ -175,8 +179,13 @@ class TrainConfig:
     if self.data == "video_qa":
       if self.video is None:
         object.__setattr__(self, "video", VideoTask())
-      if self.sink_token or self.train_window is not None or self.overlap:
-        raise ValueError("sink_token, train_window and overlap are text-only switches; video_qa does not take them")
+      if self.sink_token or self.overlap:
+        raise ValueError("sink_token and overlap are text-only switches; video_qa does not take them")
+      if self.train_window is not None and self.train_sinks > self.train_window - self.train_sinks:
+        raise ValueError(
+          f"video_qa: train_sinks ({self.train_sinks}) must be <= train_window - train_sinks "
+          f"({self.train_window - self.train_sinks}), the text track's recent window"
+        )
     elif self.video is not None:
       raise ValueError(f"TrainConfig.video is for data='video_qa', not {self.data!r}")
     object.__setattr__(self, "corpus", tuple(self.corpus))

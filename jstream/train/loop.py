@@ -76,7 +76,7 @@ def make_train_step(
         return patch_term(model.patch_logits(model.encode(batch["frames"])))
       p = model.config.tokens_per_frame
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
-      logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed)
+      logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed, **mask_kw)
       targets = batch["targets"] & kept
       loss, m = video_lm.tick_loss(logits, batch["text"], targets, p, speak_weight=video.speak_weight)
       dropped = 1.0 - targets.sum() / jnp.maximum(batch["targets"].sum(), 1)
