@@ -3,9 +3,12 @@
   jstream train --config configs/video_lm.py          # the default model, minutes on 2 CPU cores
   jstream train --config configs/video_lm.py:quick    # seconds (smoke test)
   jstream train --config configs/video_lm.py:long     # 4x the joint steps
+  jstream train --config configs/video_lm.py:aligned  # StreamingVLM: the inference attention pattern in training
 
 Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the joint steps, in
-``runs/video_lm_long``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
+``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache policy with 128 tokens
+per track and 4 text sinks, so the vision window of 8 frames bites in two thirds of each 24-tick clip; in
+``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
 
@@ -16,12 +19,14 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long"}
+  unknown = set(flags) - {"quick", "long", "aligned"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
   if "long" in flags:  # four times the default's joint steps (about 40 CPU minutes)
     cfg = dataclasses.replace(cfg, steps=1400, checkpoint_every=200, workdir="runs/video_lm_long")
+  if "aligned" in flags:  # StreamingVLM's inference attention pattern in training (the bench's sinks+window)
+    cfg = dataclasses.replace(cfg, train_window=128, train_sinks=4, workdir=cfg.workdir + "_aligned")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
