@@ -8,7 +8,10 @@
 Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the joint steps, in
 ``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache policy with 128 tokens
 per track and 4 text sinks, so the vision window of 8 frames bites in two thirds of each 24-tick clip; in
-``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
+``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``),
+``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and ``count_now`` asked twice as often
+relative to the other types, 12 words per tick in the packed clips; in ``runs/video_lm_questions``; the benchmark's
+streams ask alike). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
 
@@ -19,7 +22,7 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long", "aligned"}
+  unknown = set(flags) - {"quick", "long", "aligned", "questions"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
@@ -27,6 +30,9 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, steps=1400, checkpoint_every=200, workdir="runs/video_lm_long")
   if "aligned" in flags:  # StreamingVLM's inference attention pattern in training (the bench's sinks+window)
     cfg = dataclasses.replace(cfg, train_window=128, train_sinks=4, workdir=cfg.workdir + "_aligned")
+  if "questions" in flags:  # 2.4x the questions per clip, now-questions weighted up (evaluation streams alike)
+    video = dataclasses.replace(cfg.video, question_prob=0.6, question_weights=(4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 3.0))
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(video, text_budget=12), workdir=cfg.workdir + "_questions")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
