@@ -4,6 +4,7 @@
   jstream train --config configs/video_lm.py:quick    # seconds (smoke test)
   jstream train --config configs/video_lm.py:long     # 4x the joint steps
   jstream train --config configs/video_lm.py:aligned  # StreamingVLM: the inference attention pattern in training
+  jstream train --config configs/video_lm.py:asked    # VideoLLM-online's baseline: answers only when asked
 
 Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the joint steps, in
 ``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache policy with 128 tokens
@@ -11,7 +12,9 @@ per track and 4 text sinks, so the vision window of 8 frames bites in two thirds
 ``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``),
 ``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and ``count_now`` asked twice as often
 relative to the other types, 12 words per tick in the packed clips; in ``runs/video_lm_questions``; the benchmark's
-streams ask alike). Any field can be overridden as ``key=value`` (``model.<field>=...``,
+streams ask alike), ``asked`` (VideoLLM-online's baseline to its streaming objective: no ``<silent>`` / ``<speak>``
+decision or announcement is trained, the model answers only when asked; in ``runs/video_lm_asked``). Flags
+combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
 
@@ -22,7 +25,7 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long", "aligned", "questions"}
+  unknown = set(flags) - {"quick", "long", "aligned", "questions", "asked"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
@@ -33,6 +36,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "questions" in flags:  # 2.4x the questions per clip, now-questions weighted up (evaluation streams alike)
     video = dataclasses.replace(cfg.video, question_prob=0.6, question_weights=(4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 3.0))
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(video, text_budget=12), workdir=cfg.workdir + "_questions")
+  if "asked" in flags:  # VideoLLM-online's baseline: trained to answer only when asked, never speaks unprompted
+    video = dataclasses.replace(cfg.video, streaming_objective=False)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_asked")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(

@@ -85,12 +85,17 @@ def chance(records) -> dict[str, float]:
   return {t: max(c.values()) / sum(c.values()) for t, c in answers.items()}
 
 
-def measure(model, policy, data_config, streams: list[int], frames: int, ticks_per_call: int) -> dict:
-  """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them."""
+def measure(
+  model, policy, data_config, streams: list[int], frames: int, ticks_per_call: int, proactive: bool = True
+) -> dict:
+  """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them.
+  ``proactive=False``: the model answers only when asked (``qa_stream.run``)."""
   qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
   times: list[float] = []
   reset_peak_rss()
-  records = qa_stream.answer_streams(model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times)
+  records = qa_stream.answer_streams(
+    model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times, proactive=proactive
+  )
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
   cache = model.init_cache(policy, len(streams))
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
   t0 = time.time()
   model, step, train_log = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config()
+  proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
   rows = []
   for frames in lengths:
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
       if name == "dense" and sum(dense.values()) > args.dense_max_tokens:
         rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
         continue
-      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call)
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive)
       rows.append({"policy": name, "frames": frames, **r})
       acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
       p = r["scores"]["proactive"]
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
   bounded = policies(args.window, args.sinks, 1, 1)["sinks+window"]
   for b in [int(x) for x in args.speed_batches.split(",") if x]:
     ids = [1000 * (args.seed + 1) + 500 + i for i in range(b)]
-    r = measure(model, bounded, data_config, ids, args.speed_frames, args.ticks_per_call)
+    r = measure(model, bounded, data_config, ids, args.speed_frames, args.ticks_per_call, proactive)
     speed.append({"batch": b, "frames": args.speed_frames, **{k: r[k] for k in ("ms_per_frame", "frames_per_s")}})
     print(f"  speed, sinks+window, batch {b}: {r['ms_per_frame']:.2f} ms per tick, {r['frames_per_s']:.0f} frames/s")
   result = {

@@ -94,7 +94,9 @@ def show(argv) -> int:
     parser.error(f"unknown policy {args.policy!r}; one of {sorted(choices)}")
   stream = video_qa.VideoQAStream(data_config, "test", args.stream)
   ticks = next(t for t in range(min(args.frames, 50), 0, -1) if args.frames % t == 0)
-  (record,) = qa_stream.answer_streams(model, choices[args.policy], [stream], args.frames, ticks_per_call=ticks)
+  (record,) = qa_stream.answer_streams(
+    model, choices[args.policy], [stream], args.frames, ticks_per_call=ticks, proactive=cfg.video.streaming_objective
+  )
   frames = video_qa.VideoQAStream(data_config, "test", args.stream).take(args.frames).frames
   lines = transcript(record, args.frames)
   out = pathlib.Path(args.out)

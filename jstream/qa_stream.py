@@ -61,7 +61,7 @@ def _say(lm, ids: Array, say: Array, cache):
   return lm.extend(ids, cache, segment_ids=seg)
 
 
-def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Array, "b q"]):
+def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Array, "b q"], proactive: bool = True):
   """One tick in two calls of the model, three when a row speaks.
 
   1. The words left from the previous tick (its answer and ``<eos>``, where one was due) and the frame's tokens:
@@ -69,6 +69,8 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   2. Only if some row speaks: the decisions, whose logits give the announced label.
   3. The rest of the slot: the decision (unless call 2 fed it), the label and ``<eos>`` where a row speaks, and
      the question; the answer is read after its last word and carried to the next tick's first call.
+
+  ``proactive=False``: the decision is always ``<silent>`` (a model that speaks only when asked).
   """
   cache, left = carry
   lm, p = model.lm, model.config.tokens_per_frame
@@ -80,7 +82,7 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.zeros((b, p))], axis=1).astype(jnp.int32)
   logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs.astype(jnp.int32), groups=groups)
   after = logits[:, -1]
-  speak = after[:, vqa.SPEAK] > after[:, vqa.SILENT]
+  speak = (after[:, vqa.SPEAK] > after[:, vqa.SILENT]) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
 
   def announce(cache):
@@ -106,12 +108,12 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   return (cache, left), (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _run(graphdef, state, cache, frames, questions, proactive):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
-    return _tick(model, carry, *xs)
+    return _tick(model, carry, *xs, proactive=proactive)
 
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
@@ -121,10 +123,17 @@ def _run(graphdef, state, cache, frames, questions):
 
 
 def run(
-  model: VideoLM, cache: cache_lib.KVCache, frames: Float[ArrayLike, "b n _ _"], questions: Int[ArrayLike, "b n q"]
+  model: VideoLM,
+  cache: cache_lib.KVCache,
+  frames: Float[ArrayLike, "b n _ _"],
+  questions: Int[ArrayLike, "b n q"],
+  *,
+  proactive: bool = True,
 ) -> tuple[cache_lib.KVCache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
-  as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``)."""
+  as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
+  ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained
+  to answer only when asked (``VideoTask.streaming_objective=False``)."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -133,7 +142,7 @@ def run(
   if frames.shape[2:] != model.config.frame_size:
     raise ValueError(f"frames must be {model.config.frame_size}, got {frames.shape[2:]}")
   graphdef, state = nnx.split(model)
-  cache, (decision, announced, answer) = _run(graphdef, state, cache, frames, questions)
+  cache, (decision, announced, answer) = _run(graphdef, state, cache, frames, questions, bool(proactive))
   return cache, TickOutputs(*(np.asarray(x) for x in (decision, announced, answer)))
 
 
@@ -182,11 +191,12 @@ def answer_streams(
   question_len: int | None = None,
   dtype=jnp.float32,
   call_seconds: list[float] | None = None,
+  proactive: bool = True,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
   per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
-  wall time of each call of ``run`` (the first includes compilation)."""
+  wall time of each call of ``run`` (the first includes compilation). ``proactive``: see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -204,7 +214,7 @@ def answer_streams(
       for q in c.questions:
         questions[row, q.frame - c.start] = question_ids(q, qlen)
     t0 = time.perf_counter()
-    cache, out = run(model, cache, frames, questions)  # returns NumPy arrays: the call has finished
+    cache, out = run(model, cache, frames, questions, proactive=proactive)  # NumPy arrays: the call has finished
     if call_seconds is not None:
       call_seconds.append(time.perf_counter() - t0)
     for row, (c, rec) in enumerate(zip(chunks, records)):

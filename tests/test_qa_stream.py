@@ -43,11 +43,13 @@ def slots_said(record, n, length):
   return text
 
 
-def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said():
+@pytest.mark.parametrize("proactive", [True, False])
+def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   """Feeding the runner's own slots back (frames and the training layout, ``VideoLM.__call__`` on a fresh cache
   that keeps everything) gives, at every tick, the decision, the announced label and the answer it produced; and
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
-  positions."""
+  positions. ``proactive=False``: every decision is ``<silent>`` (the same model speaks at some ticks otherwise),
+  and the slots fed back are ``video_lm.answers_only`` of the training layout."""
   model = tiny_video_lm(seed=4)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
@@ -57,15 +59,22 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said():
   questions = np.zeros((1, n, qlen), np.int32)
   for q in asked:
     questions[0, q.frame] = Q.question_ids(q, qlen)
-  cache, out = Q.run(model, model.init_cache(POLICY, 1), frames, questions)
+  cache, out = Q.run(model, model.init_cache(POLICY, 1), frames, questions, proactive=proactive)
   rec = Q.StreamRecord(asked, [], out.decision[0], out.announced[0], out.answer[0])
-  assert 0 < np.sum(rec.decision == V.SPEAK) < n and any(q.qtype != "proactive" for q in rec.questions)
+  assert any(q.qtype != "proactive" for q in rec.questions)
+  if proactive:
+    assert 0 < np.sum(rec.decision == V.SPEAK) < n
+  else:
+    assert np.all(rec.decision == V.SILENT) and np.all(rec.announced == V.PAD)
   text = slots_said(rec, n, 20)
+  if not proactive:
+    targets = np.zeros(text.shape, bool)
+    text = np.asarray(VL.answers_only(jnp.asarray(text[None]), jnp.asarray(targets[None]))[0][0])
   logits, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
   logits = np.asarray(VL.slot_logits(logits, n, 4)[0])
   by_frame = {q.frame: q for q in asked}
   for f in range(n):
-    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] else V.SILENT
+    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] and proactive else V.SILENT
     assert rec.decision[f] == dec
     j = 1
     if dec == V.SPEAK:

@@ -284,6 +284,23 @@ def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, m
   assert abs(float(full) - loss) > 1e-3
 
 
+def test_video_qa_without_the_streaming_objective_trains_on_answers_alone(tmp_path, monkeypatch):
+  """``video.streaming_objective=False``: the first step's targets are the answers and their ``<eos>`` only
+  (counted here from the clips: words after an ``<a>``), fewer than the clips' targets."""
+  from jstream.data import video_qa as V
+  from jstream.train.loop import train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  flags = f"quick,video.encoder_steps=0,video.streaming_objective=False,steps=1,log_every=1,workdir={tmp_path}"
+  cfg = load_config(f"{VIDEO_CONFIG}:{flags}")
+  tokens = train(cfg, progress=False).metrics[-1]["tokens"]
+  batch = next(train_iterator(cfg))
+  text = np.asarray(batch["text"])
+  after_answer = np.cumsum(text == V.ANSWER, axis=-1) > 0
+  answers = int(np.sum(after_answer & (text != V.ANSWER) & (text != V.PAD)))
+  assert 0 < answers == tokens < int(np.asarray(batch["targets"]).sum())
+
+
 def test_language_model_adam_state_starts_at_the_first_joint_step():
   """After encoder-only steps, the language model's updates are those of a fresh AdamW run on the joint steps'
   gradients alone (bias correction counted from its own first step, its own warmup), written out by hand here;

@@ -148,6 +148,27 @@ def test_tick_loss_reads_the_logits_before_each_word():
   assert float(loss2) > 1.0
 
 
+def test_answers_only_keeps_the_answers_and_drops_decisions_and_announcements():
+  """A slot with an announcement and a question, and a silent one: after ``answers_only`` both decide
+  ``<silent>``, the announcement's words are padding and only the answer and its ``<eos>`` are targets."""
+  w = V.WORD_ID
+  spoke = [V.SPEAK, w["seven"], V.EOS, V.QUESTION, *V.encode("how many digits are on screen ?"), V.ANSWER, w["two"]]
+  spoke += [V.EOS]
+  quiet = [V.SILENT, V.QUESTION, *V.encode("tell me when a three appears"), V.PAD, V.PAD]
+  ln = len(spoke)
+  quiet += [V.PAD] * (ln - len(quiet))
+  text = np.array([[spoke, quiet]], np.int32)
+  targets = np.zeros(text.shape, bool)
+  targets[0, 0, [0, 1, 2, ln - 2, ln - 1]] = True
+  targets[0, 1, 0] = True
+  got_text, got_targets = (np.asarray(x) for x in VL.answers_only(jnp.asarray(text), jnp.asarray(targets)))
+  want = [V.SILENT, V.PAD, V.PAD, *spoke[3:]]
+  np.testing.assert_array_equal(got_text[0, 0], want)
+  np.testing.assert_array_equal(got_text[0, 1], quiet)
+  np.testing.assert_array_equal(np.flatnonzero(got_targets[0, 0]), [ln - 2, ln - 1])
+  assert not got_targets[0, 1].any()
+
+
 def test_tick_loss_weighs_speak_decisions():
   """With ``speak_weight`` w the loss is the mean of the target words' NLL with each ``<speak>`` decision counted w
   times (recomputed here word by word), and ``speak_recall`` counts the decisions whose <speak> beats <silent>."""

@@ -290,6 +290,19 @@ def slot_logits(logits: Float[Array, "b s v"], num_ticks: int, tokens_per_frame:
   return x[:, :, tokens_per_frame - 1 : tokens_per_frame - 1 + slot]
 
 
+def answers_only(
+  text: Int[Array, "b n l"], targets: Bool[Array, "b n l"]
+) -> tuple[Int[Array, "b n l"], Bool[Array, "b n l"]]:
+  """Training slots for a model that speaks only when asked (VideoLLM-online's baseline to its streaming
+  objective): every decision reads ``<silent>`` and is no target, and the announcements (``<speak> label <eos>``)
+  are gone (their words become ``<pad>``, which takes no position), so only the answers to questions are targets.
+  The stream runner's ``proactive=False`` feeds exactly these slots."""
+  col = jnp.arange(text.shape[-1])
+  spoke = (text[..., :1] == SPEAK) & (col < 3)  # <speak> label <eos>
+  text = jnp.where(spoke, PAD, text).at[..., 0].set(SILENT)
+  return text, targets & (col > 0) & ~spoke
+
+
 def tick_loss(
   logits: Float[Array, "b s v"],
   text: Int[Array, "b n l"],

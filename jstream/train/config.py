@@ -46,6 +46,10 @@ class VideoTask:
       > 0): the language model is not run, so a step costs a fraction of a joint one, and the encoder reads digits
       before the language model starts learning from its tokens (a stand-in for starting from a pretrained vision
       tower). Counted in ``TrainConfig.steps``.
+    streaming_objective: VideoLLM-online's streaming objective: the model decides ``<silent>`` / ``<speak>`` after
+      every frame and announces proactive events (the default). ``False``: the baseline that answers only when
+      asked (``video_lm.answers_only``: no decision or announcement is a target; evaluate with the runner's
+      ``proactive=False``, which ``jstream bench video-qa`` does for such a run).
     text_budget: pack each clip's tokens without the slots' ``<pad>`` words, into ``clip_frames * (tokens per
       frame + text_budget)`` tokens (``VideoLM.training_outputs``); ``None``: run whole slots. Words past the
       budget (a clip with unusually many questions) leave the loss; the ``dropped_targets`` metric counts them.
@@ -67,6 +71,7 @@ class VideoTask:
   speak_weight: float = 1.0
   text_budget: int | None = None
   encoder_steps: int = 0
+  streaming_objective: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))

@@ -76,10 +76,12 @@ def make_train_step(
         return patch_term(model.patch_logits(model.encode(batch["frames"])))
       p = model.config.tokens_per_frame
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
-      logits, patches, kept = model.training_outputs(batch["frames"], batch["text"], packed_len=packed, **mask_kw)
-      targets = batch["targets"] & kept
-      loss, m = video_lm.tick_loss(logits, batch["text"], targets, p, speak_weight=video.speak_weight)
-      dropped = 1.0 - targets.sum() / jnp.maximum(batch["targets"].sum(), 1)
+      text, targets = batch["text"], batch["targets"]
+      if not video.streaming_objective:
+        text, targets = video_lm.answers_only(text, targets)
+      logits, patches, kept = model.training_outputs(batch["frames"], text, packed_len=packed, **mask_kw)
+      loss, m = video_lm.tick_loss(logits, text, targets & kept, p, speak_weight=video.speak_weight)
+      dropped = 1.0 - (targets & kept).sum() / jnp.maximum(targets.sum(), 1)
       out = {"tokens": m["targets"], "answer_loss": loss, "dropped_targets": dropped}
       out.update({k: m[k] for k in ("accuracy", "decision_accuracy", "speak_recall", "word_accuracy")})
       if video.patch_loss > 0:
