@@ -363,6 +363,7 @@ class StreamingTransformer(nnx.Module):
         positions = jnp.where(segment_ids >= 0, positions, -1)
       elif isinstance(policy, cache_lib.Segmented) and len(policy.segments) > 1:
         raise ValueError("a Segmented policy with several segments needs segment_ids")
+      masks = cached_attention.track_masks(policy, positions, segment_ids)
     elif segment_ids is not None:
       raise ValueError("segment_ids go with a policy")
 
@@ -374,8 +375,7 @@ class StreamingTransformer(nnx.Module):
             k,
             v,
             positions,
-            policy,
-            segment_ids,
+            masks,
             rope_base=cfg.rope_base,
             impl=cfg.attention_impl,
             sink_part=attn.sink_part(q),

@@ -438,22 +438,21 @@ def offline_policy(
   k: Float[Array, "b t k h"],
   v: Float[Array, "b t k h"],
   positions: Int[Array, "b t"],
-  policy: cache_lib.Policy,
-  segment_ids: Int[Array, "b t"] | None = None,
+  masks: list[tuple[Int[Array, "b t"], Int[Array, "b t"], int | None, int]],
   *,
   rope_base,
   impl,
   sink_part: tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None = None,
 ) -> Float[Array, "b t n h"]:
-  """Teacher-forced attention of a whole sequence with the mask a stream under ``policy`` has (no cache):
-  windows counted in tokens of each track, as the cache keeps them (``track_masks``), keys at their stream
-  positions (``absolute`` positions only). The partial attentions of the tracks are merged."""
-  check_offline_policy(policy)
+  """Teacher-forced attention of a whole sequence with the mask a stream under a policy has (no cache):
+  ``masks = track_masks(policy, positions, segment_ids)`` (computed once for all layers; windows counted in
+  tokens of each track, as the cache keeps them), keys at their stream ``positions`` (``absolute`` positions
+  only: ``check_offline_policy``). The partial attentions of the tracks are merged."""
   cos, sin = rope_cos_sin(jnp.maximum(positions, 0), q.shape[-1], rope_base)
   qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
   kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
   parts = []
-  for q_pos, k_pos, window, num_sinks in track_masks(policy, positions, segment_ids):
+  for q_pos, k_pos, window, num_sinks in masks:
     res = attn_ops.attention(
       qr,
       kr,
