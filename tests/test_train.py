@@ -105,6 +105,21 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, corpus):
   train(tiny_cfg(tmp_path / "run", corpus, steps=4), progress=False)  # a longer run of the same config resumes
 
 
+def test_checkpoint_without_a_newer_config_field_resumes_while_it_keeps_its_default(tmp_path, corpus):
+  """A checkpoint written before a config field existed (simulated: the field removed from its saved config) is
+  the same run while the field keeps its default, and a mismatch naming the field when it does not."""
+  import json
+
+  train(tiny_cfg(tmp_path / "run", corpus, steps=2), progress=False)
+  saved = tmp_path / "run" / "checkpoints" / "2" / "config" / "metadata"
+  old = json.loads(saved.read_text())
+  assert old.pop("overlap") == 0 and old["model"].pop("learned_sink") == "none"
+  saved.write_text(json.dumps(old))
+  with pytest.raises(ConfigMismatchError, match=r"overlap: checkpoint 0 \(not recorded: the default\) vs config 4"):
+    train(tiny_cfg(tmp_path / "run", corpus, steps=4, overlap=4), progress=False)
+  assert train(tiny_cfg(tmp_path / "run", corpus, steps=4), progress=False).resumed_from == 2
+
+
 def test_missing_or_empty_corpus(tmp_path, monkeypatch):
   monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
   with pytest.raises(FileNotFoundError, match="does-not-exist"):

@@ -7,6 +7,7 @@ checkpoint is skipped with a warning and the previous one is used. A checkpoint 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -27,16 +28,36 @@ RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_ch
 __all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError"]
 
 
+def _defaults(prefix: str) -> dict:
+  """The JSON defaults of the config fields at ``prefix`` (``""``, ``"model."`` or ``"video."``)."""
+  from jstream.config import TransformerConfig
+  from jstream.train.config import VideoTask
+
+  cls = {"": TrainConfig, "model.": TransformerConfig, "video.": VideoTask}.get(prefix)
+  out = {}
+  for f in dataclasses.fields(cls) if cls is not None else ():
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = json.loads(json.dumps(f.default))
+    elif f.default_factory is not dataclasses.MISSING:
+      out[f.name] = json.loads(json.dumps(f.default_factory()))
+  return out
+
+
 def _differences(a: dict, b: dict, prefix="") -> list[str]:
+  """Differences between the current config ``a`` and a checkpoint's ``b`` (JSON dicts). A field missing from the
+  checkpoint counts as its default: a field added to the config after the checkpoint was written describes the
+  same run while it keeps its default."""
   out = []
+  defaults = _defaults(prefix)
   for key in sorted(set(a) | set(b)):
     if not prefix and key in RESUMABLE_FIELDS:
       continue
-    va, vb = a.get(key), b.get(key)
+    va, vb = a.get(key), b.get(key, defaults.get(key))
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _differences(va, vb, f"{prefix}{key}.")
     elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
-      out.append(f"{prefix}{key}: checkpoint {vb!r} vs config {va!r}")
+      was = repr(vb) if key in b else f"{vb!r} (not recorded: the default)"
+      out.append(f"{prefix}{key}: checkpoint {was} vs config {va!r}")
   return out
 
 
