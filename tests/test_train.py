@@ -373,5 +373,7 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     TrainConfig(model=model, data="audio")
   with pytest.raises(ValueError, match="needs patch_loss > 0"):
     VideoTask(encoder_steps=10)
+  with pytest.raises(ValueError, match="clip_overlap needs clips_per_stream > 1"):
+    VideoTask(clip_overlap=4)
   with pytest.raises(ValueError, match="vocab_size =="):
     train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)

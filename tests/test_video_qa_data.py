@@ -173,6 +173,31 @@ def test_builder_stores_stream_prefixes_and_the_pipeline_batches_them(tmp_path):
   assert batch["objects"].shape == (4, 8, config.max_on_screen, 5) and batch["objects"].dtype == np.int32
 
 
+def test_overlapped_clips_are_windows_of_one_stream_with_the_shared_ticks_untrained(tmp_path):
+  """``clips_per_stream=3, clip_overlap=3``: clip ``k`` of stream ``s`` is ticks ``5k .. 5k + 7`` of the stream
+  generated in one piece, its first 3 ticks without targets for ``k > 0``; the builder stores them in order (7
+  clips: the third stream gives one)."""
+  config = V.video_qa_config(clip_frames=8, clips_per_stream=3, clip_overlap=3, num_train=7, num_test=1)
+  source = V.video_qa_builder(config, data_dir=tmp_path).as_data_source(split="train")
+  assert len(source) == 7
+  for i in range(7):
+    s, k = divmod(i, 3)
+    whole = V.VideoQAStream(config, "train", s).take(18)
+    ticks = slice(5 * k, 5 * k + 8)
+    clip = source[i]
+    assert int(clip["start"]) == 5 * k and int(clip["index"]) == i
+    np.testing.assert_array_equal(clip["frames"], whole.frames[ticks])
+    np.testing.assert_array_equal(clip["text"], whole.text[ticks])
+    np.testing.assert_array_equal(clip["objects"], whole.objects[ticks])
+    want = whole.targets[ticks].copy()
+    if k:
+      assert want[:3].any()  # every tick has a decision to train: the shared ticks lose them
+      want[:3] = False
+    np.testing.assert_array_equal(clip["targets"], want.astype(np.uint8))
+  with pytest.raises(ValueError, match="clip_overlap must be in"):
+    V.video_qa_config(clip_frames=8, clips_per_stream=1, clip_overlap=2)
+
+
 def test_bad_input_is_a_clear_error():
   with pytest.raises(ValueError, match="text_len must be >= 17"):
     V.video_qa_config(text_len=10)

@@ -53,11 +53,13 @@ Conventions
   * **Determinism.** A stream is a pure function of ``(config, split, index)``: its generator is
     ``np.random.default_rng([seed, split_id, index])`` and how the stream is cut into ``take`` calls does not
     change it.
-  * **Builder.** ``JstreamVideoQA`` (TFDS name ``jstream_video_qa``) stores training clips, the first
-    ``clip_frames`` ticks of streams ``0 .. num_train - 1`` (and ``num_test`` of the test split), as
-    ``frames [T, H, W]`` uint8, ``text [T, L]`` int32, ``targets [T, L]`` uint8, ``qtype [T]`` int32 (index in
-    ``QTYPES``; -1: no question), ``objects [T, max_on_screen, 5]`` int32 (as ``Chunk.objects``) and ``index``.
-    ``video_qa_dataset`` batches them with grain.
+  * **Builder.** ``JstreamVideoQA`` (TFDS name ``jstream_video_qa``) stores ``num_train`` training clips (and
+    ``num_test`` of the test split): the first ``clip_frames`` ticks of streams ``0, 1, ...``, or with
+    ``clips_per_stream > 1`` that many consecutive clips of each stream overlapping by ``clip_overlap`` ticks
+    (``stream_clips``), as ``frames [T, H, W]`` uint8, ``text [T, L]`` int32, ``targets [T, L]`` uint8,
+    ``qtype [T]`` int32 (index in ``QTYPES``; -1: no question), ``objects [T, max_on_screen, 5]`` int32 (as
+    ``Chunk.objects``), ``start`` (the clip's first tick) and ``index``. ``video_qa_dataset`` batches them with
+    grain.
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ class VideoQAConfig(LocalConfig):
     question_weights: relative frequency of each type in ``QTYPES``.
     text_len: word slots per tick.
     clip_frames: ticks per stored training clip.
+    clips_per_stream: consecutive clips cut from each stream (1: its first ``clip_frames`` ticks).
+    clip_overlap: ticks a clip shares with the one before it in its stream (StreamingVLM's overlapped chunks):
+      clip ``k`` of a stream covers ticks ``k * (clip_frames - clip_overlap)`` onwards, and in every clip but a
+      stream's first, the shared ticks are context only (no targets: the previous clip trained them).
     num_train: clips in the train split.
     num_test: clips in the test split.
     seed: base seed of the stream generator.
@@ -159,6 +165,8 @@ class VideoQAConfig(LocalConfig):
   question_weights: tuple[float, ...] = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
   text_len: int = 17
   clip_frames: int = 48
+  clips_per_stream: int = 1
+  clip_overlap: int = 0
   num_train: int = 2000
   num_test: int = 200
   seed: int = 0
@@ -176,6 +184,8 @@ def video_qa_config(
   question_weights: Sequence[float] | dict[str, float] | None = None,
   text_len: int = 17,
   clip_frames: int = 48,
+  clips_per_stream: int = 1,
+  clip_overlap: int = 0,
   num_train: int = 2000,
   num_test: int = 200,
   seed: int = 0,
@@ -209,7 +219,12 @@ def video_qa_config(
       len(weights) == len(QTYPES) and min(weights) >= 0 and sum(weights) > 0
     ),
     f"text_len must be >= {need} (the longest slot)": text_len >= need,
-    "clip_frames, num_train and num_test must be >= 1": min(clip_frames, num_train, num_test) >= 1,
+    "clip_frames, clips_per_stream, num_train and num_test must be >= 1": (
+      min(clip_frames, clips_per_stream, num_train, num_test) >= 1
+    ),
+    "clip_overlap must be in [0, clip_frames), and 0 with one clip per stream": (
+      0 <= clip_overlap < clip_frames and (clips_per_stream > 1 or clip_overlap == 0)
+    ),
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
   }
   check_params(
@@ -224,6 +239,8 @@ def video_qa_config(
     question_weights=weights,
     text_len=text_len,
     clip_frames=clip_frames,
+    clips_per_stream=clips_per_stream,
+    clip_overlap=clip_overlap,
     num_train=num_train,
     num_test=num_test,
     seed=seed,
@@ -240,6 +257,8 @@ def video_qa_config(
     question_weights=weights,
     text_len=int(text_len),
     clip_frames=int(clip_frames),
+    clips_per_stream=int(clips_per_stream),
+    clip_overlap=int(clip_overlap),
     num_train=int(num_train),
     num_test=int(num_test),
     seed=int(seed),
@@ -495,25 +514,47 @@ class VideoQAStream:
 # TFDS builder and pipelines.
 
 
+def stream_clips(config: VideoQAConfig, split: str, stream: int) -> list[dict[str, np.ndarray]]:
+  """The ``clips_per_stream`` clips of stream ``stream`` of ``split``: ``clip_frames`` ticks each, clip ``k``
+  starting at tick ``k * (clip_frames - clip_overlap)``; a clip's ticks shared with the previous clip keep their
+  words but lose their targets. ``start`` is each clip's first tick in the stream."""
+  t, o, k = config.clip_frames, config.clip_overlap, config.clips_per_stream
+  step = t - o
+  chunk = VideoQAStream(config, split, stream).take((k - 1) * step + t)
+  clips = []
+  for j in range(k):
+    a = j * step
+    targets = chunk.targets[a : a + t].astype(np.uint8)
+    if j:
+      targets[:o] = 0
+    clips.append(
+      {
+        "frames": chunk.frames[a : a + t],
+        "text": chunk.text[a : a + t],
+        "targets": targets,
+        "qtype": chunk.qtype[a : a + t],
+        "objects": chunk.objects[a : a + t],
+        "start": np.int32(a),
+      }
+    )
+  return clips
+
+
 def make_clip(config: VideoQAConfig, split: str, index: int) -> dict[str, np.ndarray]:
-  """The first ``clip_frames`` ticks of stream ``index`` of ``split``: the builder's example ``index``."""
-  chunk = VideoQAStream(config, split, index).take(config.clip_frames)
-  return {
-    "frames": chunk.frames,
-    "text": chunk.text,
-    "targets": chunk.targets.astype(np.uint8),
-    "qtype": chunk.qtype,
-    "objects": chunk.objects,
-  }
+  """The builder's example ``index``: clip ``index % clips_per_stream`` of stream ``index // clips_per_stream``
+  (``stream_clips``; with one clip per stream, the first ``clip_frames`` ticks of stream ``index``)."""
+  k = config.clips_per_stream
+  return stream_clips(config, split, index // k)[index % k]
 
 
 class JstreamVideoQA(LocalBuilder):
   """Video-QA training clips (TFDS name ``jstream_video_qa``); see the module docstring."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {
     "1.0.0": "Initial release: moving-digit streams with questions.",
     "1.1.0": "Clips carry the digits drawn in each frame (objects).",
+    "1.2.0": "Several overlapped clips per stream (clips_per_stream, clip_overlap); clips carry their first tick.",
   }
   SPLITS = SPLITS
 
@@ -531,13 +572,18 @@ class JstreamVideoQA(LocalBuilder):
       "targets": tfds.features.Tensor(shape=(t, ln), dtype=np.uint8),
       "qtype": tfds.features.Tensor(shape=(t,), dtype=np.int32),
       "objects": tfds.features.Tensor(shape=(t, c.max_on_screen, 5), dtype=np.int32),
+      "start": tfds.features.Scalar(dtype=np.int32),
       "index": index_feature(),
     }
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     c = self.builder_config
-    for i in range(c.num_train if split == "train" else c.num_test):
-      yield i, {**make_clip(c, split, i), "index": i}
+    n, k = (c.num_train if split == "train" else c.num_test), c.clips_per_stream
+    for stream in range(-(-n // k)):
+      for j, clip in enumerate(stream_clips(c, split, stream)):  # each stream generated once
+        i = stream * k + j
+        if i < n:
+          yield i, {**clip, "index": i}
 
 
 def video_qa_builder(config: VideoQAConfig | None = None, data_dir: str | os.PathLike | None = None) -> JstreamVideoQA:

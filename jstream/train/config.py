@@ -37,7 +37,11 @@ class VideoTask:
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
       default).
     clip_frames: ticks per training clip.
-    num_train: training clips (streams ``0 .. num_train - 1`` of the train split).
+    clips_per_stream, clip_overlap: StreamingVLM's overlapped chunks: cut each training stream into this many
+      consecutive clips that share ``clip_overlap`` ticks with the clip before them (context only: no targets
+      there), so that most clips start mid-stream, after digits came and went that the clip does not show
+      (``video_qa.stream_clips``). Default: each clip is a stream's first ticks.
+    num_train: training clips (``clips_per_stream`` from each of the streams ``0, 1, ...`` of the train split).
     patch_loss: weight of the patch-label loss on the frame encoder (``video_lm.patch_loss``, the stand-in for a
       pretrained vision tower); 0 turns it off.
     speak_weight: weight of a ``<speak>`` decision in the answer loss (``video_lm.tick_loss``); other targets
@@ -66,6 +70,8 @@ class VideoTask:
   question_prob: float = 0.25
   question_weights: tuple[float, ...] | None = None
   clip_frames: int = 48
+  clips_per_stream: int = 1
+  clip_overlap: int = 0
   num_train: int = 2000
   patch_loss: float = 0.0
   speak_weight: float = 1.0
@@ -83,6 +89,13 @@ class VideoTask:
       raise ValueError(
         f"encoder_steps must be >= 0 and needs patch_loss > 0, got {self.encoder_steps}, {self.patch_loss}"
       )
+    if self.clips_per_stream < 1 or not 0 <= self.clip_overlap < self.clip_frames:
+      raise ValueError(
+        f"clips_per_stream must be >= 1 and clip_overlap in [0, clip_frames={self.clip_frames}), got "
+        f"{self.clips_per_stream}, {self.clip_overlap}"
+      )
+    if self.clip_overlap and self.clips_per_stream == 1:
+      raise ValueError("clip_overlap needs clips_per_stream > 1 (it is what a clip shares with the one before it)")
     if self.text_budget is not None and self.text_budget < 1:
       raise ValueError(f"text_budget must be >= 1 word per tick (or None), got {self.text_budget}")
 
@@ -98,6 +111,8 @@ class VideoTask:
       question_prob=self.question_prob,
       question_weights=self.question_weights,
       clip_frames=self.clip_frames,
+      clips_per_stream=self.clips_per_stream,
+      clip_overlap=self.clip_overlap,
       num_train=self.num_train,
     )
 
