@@ -10,6 +10,8 @@ Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times th
 ``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache policy with 128 tokens
 per track and 4 text sinks, so the vision window of 8 frames bites in two thirds of each 24-tick clip; in
 ``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``),
+``overlapped`` (StreamingVLM's overlapped chunks: the 2,000 training clips are 4 consecutive clips of each of 500
+streams, each sharing 8 ticks with the one before, so three in four start mid-stream; ``runs/video_lm_overlapped``),
 ``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and ``count_now`` asked twice as often
 relative to the other types, 12 words per tick in the packed clips; in ``runs/video_lm_questions``; the benchmark's
 streams ask alike), ``asked`` (VideoLLM-online's baseline to its streaming objective: no ``<silent>`` / ``<speak>``
@@ -25,7 +27,7 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long", "aligned", "questions", "asked"}
+  unknown = set(flags) - {"quick", "long", "aligned", "overlapped", "questions", "asked"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
@@ -33,6 +35,9 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, steps=1400, checkpoint_every=200, workdir="runs/video_lm_long")
   if "aligned" in flags:  # StreamingVLM's inference attention pattern in training (the bench's sinks+window)
     cfg = dataclasses.replace(cfg, train_window=128, train_sinks=4, workdir=cfg.workdir + "_aligned")
+  if "overlapped" in flags:  # StreamingVLM's overlapped chunks: 4 clips per stream sharing 8 ticks
+    video = dataclasses.replace(cfg.video, clips_per_stream=4, clip_overlap=8)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_overlapped")
   if "questions" in flags:  # 2.4x the questions per clip, now-questions weighted up (evaluation streams alike)
     video = dataclasses.replace(cfg.video, question_prob=0.6, question_weights=(4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 3.0))
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(video, text_budget=12), workdir=cfg.workdir + "_questions")
