@@ -229,6 +229,25 @@ def test_the_convolutional_stem_runs_before_the_patches():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model_reads():
+  """``frame_pos=True``: each frame token the language model reads is the encoder's token plus a learned embedding
+  of its patch's place (not the encoder's ``patch_pos``); the patch-label logits do not see it, and with the
+  embedding at zero the model is the one without it."""
+  model = tiny_video_lm(seed=21, frame_pos=True)
+  frames, text = ticks(2, 3, seed=22)
+  vis = np.asarray(model.encode(frames))
+  place = np.asarray(model.frame_pos[...])
+  assert place.shape == (4, 32) and np.abs(place - np.asarray(model.patch_pos[...])).max() > 0.1
+  x, segs, _ = model.tick_inputs(frames, text)
+  got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
+  np.testing.assert_allclose(got, vis + place, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(model.training_outputs(frames, text)[1], model.patch_logits(jnp.asarray(vis)))
+  plain = tiny_video_lm(seed=23)
+  nnx.update(model, nnx.state(plain))  # every other parameter from the model without the embedding
+  model.frame_pos[...] = jnp.zeros_like(model.frame_pos[...])
+  np.testing.assert_allclose(model.forward(frames, text), plain.forward(frames, text), rtol=1e-6, atol=1e-6)
+
+
 def test_packed_training_forward_runs_the_first_real_tokens_exactly():
   """``training_outputs(packed_len=...)``: the logits of the first ``packed_len`` real tokens of each row (frame
   tokens and non-<pad> words, in stream order, counted here in a loop) equal ``forward``'s; the rest are 0 and

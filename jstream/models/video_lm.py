@@ -60,6 +60,10 @@ class VideoLMConfig:
     stem_channels: output channels of 3x3 convolutions (stride 1, GELU) run on the frame before the patches are
       taken (a convolutional stem: digits at any offset look alike to it); ``()``: patches of raw pixels.
     encoder_layers: transformer blocks of the per-frame encoder (full attention inside a frame).
+    frame_pos: add a learned embedding of each patch's place in the frame to the frame tokens the language model
+      reads (beside the encoder's own, which its patch-label training may wash out). A frame's tokens share one
+      stream position, so without a place signal in their features a question about *where* has nothing to attend
+      by (Qwen2-VL gives patches 2D rotary positions for the same reason).
   """
 
   lm: TransformerConfig
@@ -68,6 +72,7 @@ class VideoLMConfig:
   patch_window: int | None = None
   stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
+  frame_pos: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -127,6 +132,8 @@ class VideoLM(nnx.Module):
     )
     init = nnx.initializers.normal(stddev=d**-0.5)
     self.patch_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
+    if config.frame_pos:
+      self.frame_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
     enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
     self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
@@ -181,6 +188,8 @@ class VideoLM(nnx.Module):
       raise ValueError(f"frames {frames.shape} and text {text.shape} must have the same [batch, ticks]")
     p = self.config.tokens_per_frame
     vis = self.encode(frames) if vis is None else vis  # [b, n, p, d]
+    if self.config.frame_pos:
+      vis = vis + self.frame_pos[...].astype(vis.dtype)
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (p + ln), -1)
     seg_v = jnp.full((b, n, p), VISION, jnp.int32)

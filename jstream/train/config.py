@@ -33,6 +33,8 @@ class VideoTask:
     patch_window: side of the pixel square each patch token embeds (``VideoLMConfig.patch_window``).
     stem_channels: the convolutional stem before the patches (``VideoLMConfig.stem_channels``).
     encoder_layers: blocks of the per-frame encoder.
+    frame_pos: a learned place embedding on the frame tokens the language model reads
+      (``VideoLMConfig.frame_pos``).
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
       default).
@@ -64,6 +66,7 @@ class VideoTask:
   patch_window: int | None = None
   stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
+  frame_pos: bool = False
   digit_size: int = 12
   max_on_screen: int = 3
   enter_prob: float = 0.2
@@ -128,6 +131,7 @@ class VideoTask:
       patch_window=self.patch_window,
       stem_channels=self.stem_channels,
       encoder_layers=self.encoder_layers,
+      frame_pos=self.frame_pos,
     )
 
 
