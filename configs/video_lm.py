@@ -15,7 +15,10 @@ streams, each sharing 8 ticks with the one before, so three in four start mid-st
 ``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and ``count_now`` asked twice as often
 relative to the other types, 12 words per tick in the packed clips; in ``runs/video_lm_questions``; the benchmark's
 streams ask alike), ``asked`` (VideoLLM-online's baseline to its streaming objective: no ``<silent>`` / ``<speak>``
-decision or announcement is trained, the model answers only when asked; in ``runs/video_lm_asked``). Flags
+decision or announcement is trained, the model answers only when asked; in ``runs/video_lm_asked``), ``where`` (a
+diagnostic: every question is a where-question, at 60% of the ticks; ``runs/video_lm_where``), ``frame_pos`` (a
+learned place embedding on the frame tokens the language model reads, ``VideoLMConfig.frame_pos``; workdir suffix
+``_pos``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -27,7 +30,7 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long", "aligned", "overlapped", "questions", "asked"}
+  unknown = set(flags) - {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
@@ -44,6 +47,11 @@ def get_config(*flags: str) -> TrainConfig:
   if "asked" in flags:  # VideoLLM-online's baseline: trained to answer only when asked, never speaks unprompted
     video = dataclasses.replace(cfg.video, streaming_objective=False)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_asked")
+  if "where" in flags:  # a diagnostic: only where-questions, at 60% of the ticks (evaluation streams alike)
+    video = dataclasses.replace(cfg.video, question_prob=0.6, question_weights=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_where")
+  if "frame_pos" in flags:  # a learned place embedding on the frame tokens the language model reads
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frame_pos=True), workdir=cfg.workdir + "_pos")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(

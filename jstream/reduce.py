@@ -116,7 +116,7 @@ def differential_drop(
   """
   check_drop_args(threshold, keep_ratio, reference)
   tokens = jnp.asarray(tokens)
-  b, n, p, d = tokens.shape
+  b, _, p, d = tokens.shape
   if state.reference.shape != (b, p, d) or state.started.shape != (b,):
     raise ValueError(
       f"state is for [b, p, d] = {tuple(state.reference.shape)}, tokens are {tuple(tokens.shape)} ([b, n, p, d])"

@@ -150,3 +150,41 @@ def test_bad_input_is_a_clear_error():
     Q.answer_streams(model, C.Segmented((C.Dense(4000), C.Dense(400))), [V.VideoQAStream(CONFIG)], 200)
   with pytest.raises(ValueError, match="does not fit"):
     Q.question_ids(V.Question(0, "count_now", "how many digits are on screen ?", "two", 0), 4)
+
+
+def test_the_probe_reads_the_answer_word_distribution_per_question_type():
+  """``experiments.probe_video_qa.answer_stats`` on hand-made slots and logits: three where-questions (answers
+  none, none, seven; the model says none, three, none-then-seven), a count_now one, a proactive request (no answer
+  word: skipped) and a tick without a question; expected figures computed by hand."""
+  from experiments.probe_video_qa import answer_stats
+
+  w = V.WORD_ID
+  q = [V.QUESTION, w["which"], w["digit"], V.ANSWER]
+  slots = [
+    [V.SILENT, *q, w["none"], V.EOS],
+    [V.SILENT, *q, w["none"], V.EOS],
+    [V.SILENT, *q, w["seven"], V.EOS],
+    [V.SILENT, *q, w["two"], V.EOS],
+    [V.SILENT, V.QUESTION, w["tell"], w["me"], V.PAD, V.PAD, V.PAD],
+    [V.SILENT, *[V.PAD] * 6],
+  ]
+  text = np.array([slots], np.int32)
+  qtype = np.array([[0, 0, 0, 1, 6, -1]], np.int32)
+  rng = np.random.default_rng(0)
+  pred = rng.normal(size=(1, 6, 7, len(V.WORDS))).astype(np.float32)
+  favour = {0: ["none"], 1: ["three"], 2: ["none", "seven"], 3: ["two"]}  # boosts at the answer word (index 5)
+  for t, words in favour.items():
+    for rank, word in enumerate(words):
+      pred[0, t, 5, w[word]] += 20.0 - 5.0 * rank
+  stats = answer_stats(pred, text, qtype)
+  assert set(stats) == {"where", "count_now"}
+  s = stats["where"]
+  assert (s["questions"], s["majority_answer"], s["minority_questions"]) == (3, "none", 1)
+  assert s["accuracy"] == pytest.approx(1 / 3) and s["chance"] == pytest.approx(2 / 3)
+  assert s["minority_accuracy"] == 0.0 and s["minority_top"] == 1.0
+  probs = np.exp(pred[0, :3, 5]) / np.exp(pred[0, :3, 5]).sum(-1, keepdims=True)
+  right = [probs[0, w["none"]], probs[1, w["none"]], probs[2, w["seven"]]]
+  assert s["p_right"] == pytest.approx(np.mean(right), rel=1e-5)
+  assert s["minority_p_majority"] == pytest.approx(probs[2, w["none"]], rel=1e-5)
+  c = stats["count_now"]
+  assert (c["questions"], c["accuracy"], c["minority_questions"], c["minority_top"]) == (1, 1.0, 0, None)

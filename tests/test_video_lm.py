@@ -238,7 +238,7 @@ def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model
   vis = np.asarray(model.encode(frames))
   place = np.asarray(model.frame_pos[...])
   assert place.shape == (4, 32) and np.abs(place - np.asarray(model.patch_pos[...])).max() > 0.1
-  x, segs, _ = model.tick_inputs(frames, text)
+  x, _, _ = model.tick_inputs(frames, text)
   got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
   np.testing.assert_allclose(got, vis + place, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(model.training_outputs(frames, text)[1], model.patch_logits(jnp.asarray(vis)))
