@@ -53,7 +53,8 @@ def _run_entry_point(ep: importlib.metadata.EntryPoint, argv: list[str]) -> int:
 
 
 def parse_policy(spec: str, positions: str):
-  """``dense:N``, ``window:W``, ``sinkwindow:S,W``, ``recompute:W`` -> a cache policy."""
+  """``dense:N``, ``window:W``, ``sinkwindow:S,W``, ``recompute:W``, ``h2o:B,R,S``, ``snapkv:B,R,S``,
+  ``agenorm:B,R,S`` (budget, recent window, sinks) -> a cache policy."""
   from jstream import cache as C
 
   kind, _, args = spec.partition(":")
@@ -66,6 +67,9 @@ def parse_policy(spec: str, positions: str):
     "window": (1, lambda n: C.Window(n[0], positions=positions)),
     "sinkwindow": (2, lambda n: C.SinkWindow(n[0], n[1], positions=positions)),
     "recompute": (1, lambda n: C.Recompute(n[0])),
+    "h2o": (3, lambda n: C.H2O(n[0], n[1], n[2], positions=positions)),
+    "snapkv": (3, lambda n: C.SnapKV(n[0], n[1], n[2], positions=positions)),
+    "agenorm": (3, lambda n: C.AgeNormalized(n[0], n[1], n[2], positions=positions)),
   }
   if kind not in makers:
     raise ValueError(f"unknown policy {kind!r}; one of {sorted(makers)} (e.g. sinkwindow:4,1024)")
@@ -124,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--no-progress", action="store_true")
   ev = sub.add_parser("eval-stream", help="stream held-out text through a trained model under a cache policy")
   ev.add_argument("--config", required=True, help="the training config (its workdir holds the checkpoint)")
-  ev.add_argument("--policy", default="sinkwindow:4,128", help="dense:N | window:W | sinkwindow:S,W | recompute:W")
+  ev.add_argument(
+    "--policy",
+    default="sinkwindow:4,128",
+    help="dense:N | window:W | sinkwindow:S,W | recompute:W | h2o:B,R,S | snapkv:B,R,S | agenorm:B,R,S",
+  )
   ev.add_argument("--positions", default="cache_relative", choices=["absolute", "cache_relative"])
   ev.add_argument("--tokens", type=int, default=100_000)
   ev.add_argument("--chunk", type=int, default=64)

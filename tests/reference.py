@@ -134,3 +134,93 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
     for j, i in enumerate(run):
       out[i] = logits[j]
   return np.stack(out)
+
+
+def scored_stream_logits(
+  model,
+  tokens,
+  chunks,
+  *,
+  budget,
+  recent,
+  num_sinks=0,
+  score="accumulated",
+  observation=None,
+  kernel=1,
+  pooling="max",
+  positions="absolute",
+):
+  """Logits ``[n, v]`` of one stream under score-based eviction (H2O, SnapKV, age-normalised), chunk by chunk.
+
+  The policies by their definition: per layer and kv head a list of kept tokens ``(index, k, v, score)`` in stream
+  order; the chunk's queries see the kept tokens and the chunk causally (RoPE at stream positions, or at the index
+  among the kept tokens for ``cache_relative``); the attention mass a key receives (summed over the queries and
+  the group's query heads; SnapKV: the chunk's last ``observation`` queries only, then pooled over ``kernel``
+  neighbours) is added to (or, SnapKV, replaces) its score; then the ``budget`` tokens of highest priority stay:
+  the first ``num_sinks`` and the last ``recent`` tokens, then by score (``"mean"``: score / queries since the
+  token arrived), earlier tokens first among equals.
+  """
+  cfg = model.config
+  flat, layers = _params(model)
+  emb = flat[("embed", "embedding")]
+  n_h, k_h, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  g = n_h // k_h
+  tokens = np.asarray(tokens)
+  kept = [[[] for _ in range(k_h)] for _ in layers]  # [layer][head]: list of [idx, k, v, score]
+  out, start = [], 0
+  for size in chunks:
+    ids = list(range(start, start + size))
+    start += size
+    count = ids[-1] + 1
+    x = emb[tokens[ids]]
+    for li, p in enumerate(layers):
+      h = _rms(x, p[("attn_norm", "scale")], cfg.norm_eps)
+      qkv = h @ p[("attn", "qkv_proj", "kernel")]
+      q = qkv[:, : n_h * hd].reshape(-1, n_h, hd)
+      k = qkv[:, n_h * hd : (n_h + k_h) * hd].reshape(-1, k_h, hd)
+      v = qkv[:, (n_h + k_h) * hd :].reshape(-1, k_h, hd)
+      o = np.zeros((size, n_h, hd))
+      for head in range(k_h):
+        cands = kept[li][head] + [[i, k[j, head], v[j, head], 0.0] for j, i in enumerate(ids)]
+        held = len(kept[li][head])
+        if positions == "absolute":
+          kpos, qpos = [c[0] for c in cands], ids
+        else:
+          kpos, qpos = list(range(len(cands))), [held + j for j in range(size)]
+        mass = np.zeros(len(cands))
+        obs_mass = np.zeros(len(cands))
+        for j, i in enumerate(ids):
+          vis = [c for c in range(len(cands)) if cands[c][0] <= i]
+          for a in range(head * g, (head + 1) * g):
+            qr = _rope(q[j, a], qpos[j], cfg.rope_base)
+            s = np.array([qr @ _rope(cands[c][1], kpos[c], cfg.rope_base) for c in vis]) / np.sqrt(hd)
+            w = np.exp(s - s.max())
+            w /= w.sum()
+            o[j, a] = w @ np.stack([cands[c][2] for c in vis])
+            mass[vis] += w
+            if observation is not None and i >= count - observation:
+              obs_mass[vis] += w
+        if score == "observation":
+          padded = np.pad(obs_mass, kernel // 2, constant_values=-np.inf if pooling == "max" else 0.0)
+          win = np.lib.stride_tricks.sliding_window_view(padded, kernel)
+          new = win.max(-1) if pooling == "max" else win.sum(-1) / kernel
+        else:
+          new = np.array([c[3] for c in cands]) + mass
+        for c, val in zip(cands, new):
+          c[3] = float(val)
+
+        def priority(c, count=count):
+          if c[0] < num_sinks or c[0] >= count - recent:
+            return np.inf
+          return c[3] / (count - c[0]) if score == "mean" else c[3]
+
+        order = sorted(range(len(cands)), key=lambda c: (-priority(cands[c]), cands[c][0]))
+        kept[li][head] = [cands[c] for c in sorted(order[:budget])]
+      x = x + o.reshape(size, -1) @ p[("attn", "o", "kernel")]
+      h = _rms(x, p[("mlp_norm", "scale")], cfg.norm_eps)
+      gu = h @ p[("mlp", "gate_up", "kernel")]
+      gate, up = gu[:, : cfg.mlp_dim], gu[:, cfg.mlp_dim :]
+      x = x + (gate / (1 + np.exp(-gate)) * up) @ p[("mlp", "down", "kernel")]
+    x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
+    out.append(x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")])
+  return np.concatenate(out)

@@ -9,11 +9,13 @@ One concern per module:
   of endless streams;
 * ``rows``: ``reset``, ``rollback`` and ``visible``, masked per row;
 * ``recompute``: the ``Recompute`` baseline and its ``TokenCache`` (token ids only);
+* ``scored``: score-based eviction (``H2O``, ``SnapKV``, ``AgeNormalized``) and its ``ScoreCache`` (each layer and
+  kv head keeps its own tokens);
 * ``session``: ``save`` / ``restore`` of a stream's cache with orbax.
 
 The cache protocol
-  Every cache pytree (``KVCache``, ``TokenCache``) has ``policy``, ``batch_size``, ``capacity`` and four methods,
-  so that the model and the rollouts never branch on its type:
+  Every cache pytree (``KVCache``, ``TokenCache``, ``ScoreCache``) has ``policy``, ``batch_size``, ``capacity``
+  and four methods, so that the model and the rollouts never branch on its type:
 
   * ``check_model(geometry)``: raises unless the cache fits the model (``Geometry``: layers, kv heads, head dim,
     stacked);
@@ -32,6 +34,7 @@ from jstream.cache.planner import INT32_MAX, REBASE_AT, Plan, group_starts_and_e
 from jstream.cache.policies import Dense, KVPolicy, Policy, Segmented, SinkWindow, Track, TrackLayout, Window, layout
 from jstream.cache.recompute import Recompute, TokenCache
 from jstream.cache.rows import reset, rollback, rows_mask, start_positions, visible
+from jstream.cache.scored import H2O, AgeNormalized, ScoreCache, ScorePolicy, SnapKV
 from jstream.cache.session import restore, save
 from jstream.checks import check_int
 from jstream.typing import Array
@@ -72,7 +75,8 @@ def init(
   """Builds an empty cache for ``policy``.
 
   Args:
-    policy: a ``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute`` policy.
+    policy: a ``Dense``, ``Window``, ``SinkWindow``, ``Segmented``, ``Recompute`` or score-evicting (``H2O``,
+      ``SnapKV``, ``AgeNormalized``) policy.
     num_layers, num_kv_heads, head_dim: the model's cache geometry.
     batch_size: number of independent streams.
     dtype: storage dtype of keys and values (float32 by default; bfloat16 or float16).
@@ -91,8 +95,10 @@ def init(
 
 
 __all__ = [
+  "H2O",
   "INT32_MAX",
   "REBASE_AT",
+  "AgeNormalized",
   "Cache",
   "Dense",
   "Geometry",
@@ -101,8 +107,11 @@ __all__ = [
   "Plan",
   "Policy",
   "Recompute",
+  "ScoreCache",
+  "ScorePolicy",
   "Segmented",
   "SinkWindow",
+  "SnapKV",
   "TokenCache",
   "Track",
   "TrackLayout",

@@ -122,7 +122,8 @@ class StreamingTransformer(nnx.Module):
         raise ValueError(f"{what} ids must be in [0, {self.config.vocab_size}), got range [{arr.min()}, {arr.max()}]")
     return tokens.astype(jnp.int32)
 
-  def _embed(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+  def embed_tokens(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    """Input embeddings ``[b, t, d]`` of checked int32 ids (under ``jit`` an id outside the vocabulary gives NaN)."""
     x = self.embed(tokens)
     if _is_concrete(tokens):
       return x
@@ -164,6 +165,36 @@ class StreamingTransformer(nnx.Module):
     layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
     (x, carry), ys = jax.lax.scan(step, (x, carry), (params, layers))
     return x, carry, ys
+
+  def run_layers(self, x: Float[Array, "b t d"], layer_state, attend) -> tuple[Logits, object]:
+    """Runs input embeddings ``x [b, t, d]`` through the blocks with a caller's attention; returns ``(logits
+    [b, t, v], new layer_state)``.
+
+    The extension point of caches that are not ``KVCache`` (``jstream.cache.scored``): ``layer_state`` is a pytree
+    whose leaves have a leading layer axis; ``attend(attn, q, k, v, state) -> (out [b, t, n, h], new_state)`` gets
+    a block's ``Attention`` module, its un-rotated ``q [b, t, n, h]``, ``k, v [b, t, k, h]`` and that layer's slice
+    of ``layer_state``, and returns the attention output and the layer's new slice (same structure and shapes).
+    One ``lax.scan`` with ``scan_layers``, else a loop over the per-layer blocks.
+    """
+    x = x.astype(self.config.dtype)
+
+    def body(block, x, state):
+      return block(x, lambda attn, q, k, v: attend(attn, q, k, v, state))
+
+    if not self.config.scan_layers:
+      new = []
+      for layer, block in enumerate(self.blocks):
+        x, out = body(block, x, jax.tree.map(lambda a, i=layer: a[i], layer_state))
+        new.append(out)
+      return self._head(x), jax.tree.map(lambda *a: jnp.stack(a), *new)
+    graphdef, params = nnx.split(self.blocks)
+
+    def step(x, xs):
+      p, state = xs
+      return body(nnx.merge(graphdef, p), x, state)
+
+    x, new_state = jax.lax.scan(step, x, (params, layer_state))
+    return self._head(x), new_state
 
   # ------------------------------------------------------------------------------------------ calls
 
@@ -215,7 +246,7 @@ class StreamingTransformer(nnx.Module):
     A single token (``t == 1``, decode) takes a read-only path: every layer reads the cache as it was, and the
     keys and values of all layers are written after the last one (``jstream.nn.cached_attention``).
     """
-    return self.extend_embeddings(self._embed(tokens), cache, segment_ids=segment_ids, groups=groups)
+    return self.extend_embeddings(self.embed_tokens(tokens), cache, segment_ids=segment_ids, groups=groups)
 
   def extend_embeddings(
     self,
@@ -325,7 +356,7 @@ class StreamingTransformer(nnx.Module):
       ``[b, n, v]`` float32 logits.
     """
     tokens = self.check_tokens(tokens)
-    return self.forward_embeddings(self._embed(tokens), positions=positions, window=window, num_sinks=num_sinks)
+    return self.forward_embeddings(self.embed_tokens(tokens), positions=positions, window=window, num_sinks=num_sinks)
 
   def forward_embeddings(
     self,
