@@ -5,7 +5,8 @@
   jstream train --config configs/lm_tiny.py:sink,steps=2000  # with a learned sink token
 
 Flags: ``quick`` (tiny and short), ``sink`` (learned sink token), ``windowed`` (train under a sink + window mask),
-``overlap`` (overlapped-chunk training). Any field can be overridden as ``key=value`` (``model.<field>=...``).
+``overlap`` (overlapped-chunk training), ``needle`` (half the samples carry a planted ``name = "value"`` line and its
+recall: the model ``jstream bench needle`` reads). Any field can be overridden as ``key=value`` (``model.<field>=...``).
 The model and the quick shrink are shared with ``configs/streaming_llm.py`` (``jstream.presets``).
 """
 
@@ -14,7 +15,7 @@ from jstream.train import TrainConfig
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "sink", "windowed", "overlap"}
+  unknown = set(flags) - {"quick", "sink", "windowed", "overlap", "needle"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/lm_tiny.py")
   quick, windowed, overlap = "quick" in flags, "windowed" in flags, "overlap" in flags
@@ -27,6 +28,7 @@ def get_config(*flags: str) -> TrainConfig:
     train_window=128 if windowed else None,
     train_sinks=4 if windowed else 0,
     overlap=64 if overlap else 0,
+    needles=0.5 if "needle" in flags else 0.0,
   )
   if quick:
     cfg = presets.quick(

@@ -43,6 +43,11 @@ def test_demo_quick_end_to_end(in_tmp):
   assert cli.main(["demo", "--quick", "--no-progress", "--out", "demo2"]) == 0
   res2 = json.loads((in_tmp / "demo2" / "results.json").read_text())
   assert all(m["resumed_from"] == m["steps"] for m in res2["models"].values())
+  # the needle benchmark (its quick model trains in seconds)
+  assert cli.main(["bench", "needle", "--quick", "--no-progress", "--out", "needle"]) == 0
+  res3 = json.loads((in_tmp / "needle" / "results.json").read_text())
+  assert {r["policy"] for r in res3["rows"]} == {"dense", "sinkwindow", "h2o", "snapkv", "agenorm"}
+  assert all(0 <= r["recall"] <= 1 and r["value_bits"] > 0 for r in res3["rows"])
 
 
 def test_train_then_eval_stream(in_tmp):
@@ -70,6 +75,9 @@ def test_bad_input_gets_one_clear_line(in_tmp, capsys):
   with pytest.raises(ValueError, match="takes 2 integer"):
     cli.parse_policy("sinkwindow:4", "absolute")
   assert cli.parse_policy("sinkwindow:4,64", "cache_relative") == C.SinkWindow(4, 64, positions="cache_relative")
+  assert cli.parse_policy("h2o:64,32,4", "absolute") == C.H2O(64, 32, 4)
+  assert cli.parse_policy("snapkv:64,32,4", "cache_relative") == C.SnapKV(64, 32, 4, positions="cache_relative")
+  assert cli.parse_policy("agenorm:64,32,0", "absolute") == C.AgeNormalized(64, 32, 0)
 
 
 def test_bench_stream_smoke(in_tmp):

@@ -167,6 +167,22 @@ def test_text_dataset_shapes_and_determinism(text_builder, text_cfg, data_dir, s
       assert bytes(row.astype(np.uint8)) in stream
 
 
+def test_text_dataset_plants_needles_and_their_recall(text_builder, text_cfg, data_dir):
+  import re
+
+  kw = dict(seq_len=64, batch_size=4, sampling="random", config=text_cfg, data_dir=data_dir)
+  batches = _take(iter(D.text_dataset(seed=0, needles=1.0, **kw)), 3)
+  line = re.compile(rb'\n([a-z]{5}) = "([a-z0-9]{6})"\n')
+  for row in np.concatenate(batches):
+    b = bytes(row.astype(np.uint8))
+    found = [m.groups() for m in line.finditer(b)]
+    assert len(found) >= 2 and found[0] == found[-1]  # the needle, and later its recall with the same value
+  plain = np.concatenate(_take(iter(D.text_dataset(seed=0, **kw)), 3))
+  assert not any(line.search(bytes(r.astype(np.uint8))) for r in plain)
+  with pytest.raises(ValueError, match="needles"):
+    D.text_dataset(seed=0, needles=0.5, **{**kw, "sampling": "chunks"})
+
+
 def test_text_chunks_cover_each_epoch_once(text_builder, text_cfg, data_dir):
   stream = D.split_bytes("train", config=text_cfg, data_dir=data_dir)
   seq_len = 100

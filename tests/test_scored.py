@@ -169,3 +169,20 @@ def test_bad_input_is_a_clear_error():
     C.rollback(cache, 1)
   with pytest.raises(ValueError, match="this model needs"):
     tiny_model(num_layers=3)(random_tokens(1, 2), cache)
+
+
+def test_needle_streams_put_the_value_where_the_benchmark_scores_it():
+  from experiments.bench_needle import LEAD, make_streams
+
+  text = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, np.uint8).astype(np.int32)
+  for control in (False, True):
+    streams, where = make_streams(text, 50, 3, seed=1, control=control)
+    for row, at in zip(streams, where):
+      b = row.astype(np.uint8).tobytes()
+      value = b[at[0] : at[-1] + 1]
+      assert b[at[-1] + 1 : at[-1] + 3] == b'"\n' and len(value) == 6
+      needle = b[LEAD:].split(b"\n")[1]  # the planted line: name = "value"
+      name, shown = needle.split(b' = "')
+      assert b[: at[0]].endswith(b"\n" + name + b' = "')  # the cue repeats the name just before the value
+      assert (shown[:-1] == value) != control
+      assert at[0] - (LEAD + len(needle) + 2) == 50 + len(name) + 5  # distance bytes, then the cue

@@ -355,16 +355,51 @@ class _Chunk:
     return self.stream[start : start + self.seq_len].astype(np.int32)
 
 
+NAME_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+VALUE_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789", np.uint8)
+NEEDLE_BYTES = 18  # len('\nname = "value"\n') with a 5-letter name and a 6-character value
+
+
+def random_needle(rng: np.random.Generator) -> tuple[bytes, bytes]:
+  """A random needle: a 5-letter name and a 6-character value (letters and digits)."""
+  return rng.choice(NAME_CHARS, 5).tobytes(), rng.choice(VALUE_CHARS, 6).tobytes()
+
+
+def needle_lines(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+  """The planted line ``\nname = "value"\n`` and its recall ``\nname = "`` (which the value and ``"\n`` follow)."""
+  return b"\n" + name + b' = "' + value + b'"\n', b"\n" + name + b' = "'
+
+
+def plant_needle(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """``window`` with a random needle line written over it and, later, its recall followed by the value (the
+  associative recall of ``TrainConfig.needles``); windows shorter than two needle lines are returned as they are."""
+  n = len(window)
+  if n < 2 * NEEDLE_BYTES:
+    return window
+  line, _ = needle_lines(*random_needle(rng))  # the recall is the cue followed by the value: the line again
+  at = int(rng.integers(0, n - 2 * NEEDLE_BYTES + 1))
+  later = int(rng.integers(at + NEEDLE_BYTES, n - NEEDLE_BYTES + 1))
+  out = window.copy()
+  out[at : at + NEEDLE_BYTES] = np.frombuffer(line, np.uint8)
+  out[later : later + NEEDLE_BYTES] = np.frombuffer(line, np.uint8)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _RandomWindow:
-  """A window of ``seq_len`` bytes starting at a uniform random offset (picklable for workers)."""
+  """A window of ``seq_len`` bytes starting at a uniform random offset (picklable for workers); with probability
+  ``needles`` a needle and its recall are planted in it (``plant_needle``)."""
 
   stream: np.ndarray
   seq_len: int
+  needles: float = 0.0
 
   def __call__(self, _: int, rng: np.random.Generator) -> np.ndarray:
     start = int(rng.integers(0, len(self.stream) - self.seq_len + 1))
-    return self.stream[start : start + self.seq_len].astype(np.int32)
+    window = self.stream[start : start + self.seq_len].astype(np.int32)
+    if self.needles and rng.random() < self.needles:
+      window = plant_needle(window, rng)
+    return window
 
 
 def text_dataset(
@@ -376,6 +411,7 @@ def text_dataset(
   sampling: Literal["random", "chunks"] = "random",
   stride: int | None = None,
   num_epochs: int | None = None,
+  needles: float = 0.0,
   worker_count: int = 0,
   read_options: grain.ReadOptions | None = None,
   config: TextConfig | None = None,
@@ -400,6 +436,8 @@ def text_dataset(
     sampling: ``"random"`` windows or shuffled ``"chunks"``.
     stride: with ``"chunks"``, bytes between chunk starts, in ``[1, seq_len]`` (default ``seq_len``).
     num_epochs: ``None`` repeats forever.
+    needles: with ``"random"`` sampling, the probability that a window carries a planted needle line
+      ``name = "value"`` and, later in the window, its recall (``plant_needle``): associative recall to learn.
     worker_count: grain worker processes (0: in this process, with reader threads).
     read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
     config: the corpus (default: stdlib + pydoc).
@@ -415,6 +453,10 @@ def text_dataset(
     raise ValueError("stride applies to sampling='chunks' only")
   if not 1 <= stride <= seq_len:
     raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+  if not 0.0 <= needles <= 1.0:
+    raise ValueError(f"needles must be a probability in [0, 1], got {needles}")
+  if needles and sampling != "random":
+    raise ValueError("needles apply to sampling='random' only")
   stream = split_bytes(split, config=config, data_dir=data_dir)
   if len(stream) < seq_len:
     raise ValueError(f"split {split!r} has {len(stream)} bytes, fewer than seq_len={seq_len}")
@@ -423,7 +465,7 @@ def text_dataset(
   if sampling == "chunks":
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len, stride))
   elif sampling == "random":
-    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len), seed=seed)
+    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len, needles), seed=seed)
   else:
     raise ValueError(f"sampling must be 'random' or 'chunks', got {sampling!r}")
   return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)

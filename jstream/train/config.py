@@ -155,6 +155,8 @@ class TrainConfig:
       policies with ``--window train_window --sinks train_sinks`` (StreamingVLM's inference pattern in training).
     overlap: overlapped-chunk training (StreamingVLM): each sample continues the previous one's last ``overlap``
       tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
+    needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
+      (``jstream.data.text.plant_needle``): the associative recall that ``jstream bench needle`` asks for.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
   """
 
@@ -176,6 +178,7 @@ class TrainConfig:
   train_window: int | None = None
   train_sinks: int = 0
   overlap: int = 0
+  needles: float = 0.0
   seed: int = 0
   log_every: int = 10
   checkpoint_every: int = 100
@@ -196,6 +199,10 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.overlap must be in [0, seq_len), got {self.overlap}")
     if self.train_window is not None and self.train_window < max(1, self.train_sinks):
       raise ValueError(f"train_window ({self.train_window}) must be >= max(1, train_sinks={self.train_sinks})")
+    if not 0.0 <= self.needles <= 1.0:
+      raise ValueError(f"TrainConfig.needles must be a probability in [0, 1], got {self.needles}")
+    if self.needles and self.overlap:
+      raise ValueError("TrainConfig.needles applies to random windows, not to overlapped chunks (overlap)")
     if self.sink_token and self.model.vocab_size < 2:
       raise ValueError("sink_token needs a vocabulary with a spare id")
     if self.data not in ("text", "video_qa"):
@@ -203,8 +210,8 @@ class TrainConfig:
     if self.data == "video_qa":
       if self.video is None:
         object.__setattr__(self, "video", VideoTask())
-      if self.sink_token or self.overlap:
-        raise ValueError("sink_token and overlap are text-only switches; video_qa does not take them")
+      if self.sink_token or self.overlap or self.needles:
+        raise ValueError("sink_token, overlap and needles are text-only switches; video_qa does not take them")
       if self.train_window is not None and self.train_sinks > self.train_window - self.train_sinks:
         raise ValueError(
           f"video_qa: train_sinks ({self.train_sinks}) must be <= train_window - train_sinks "
