@@ -45,6 +45,22 @@ def _rope(x, pos, base):
   return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
 
 
+def _qkv(x, p, cfg):
+  """One layer's ``q [r, n, h]``, ``k, v [r, k, h]`` (before RoPE) of inputs ``x [r, d]``."""
+  n_h, k_h, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  qkv = _rms(x, p[("attn_norm", "scale")], cfg.norm_eps) @ p[("attn", "qkv_proj", "kernel")]
+  q = qkv[:, : n_h * hd].reshape(-1, n_h, hd)
+  k = qkv[:, n_h * hd : (n_h + k_h) * hd].reshape(-1, k_h, hd)
+  return q, k, qkv[:, (n_h + k_h) * hd :].reshape(-1, k_h, hd)
+
+
+def _mlp_residual(x, p, cfg):
+  h = _rms(x, p[("mlp_norm", "scale")], cfg.norm_eps)
+  gu = h @ p[("mlp", "gate_up", "kernel")]
+  gate, up = gu[:, : cfg.mlp_dim], gu[:, cfg.mlp_dim :]
+  return x + (gate / (1 + np.exp(-gate)) * up) @ p[("mlp", "down", "kernel")]
+
+
 def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute", start=0, groups=None):
   """Logits ``[n, v]`` of one stream, group by group (a token is a group of its own unless ``groups`` says).
 
@@ -83,11 +99,7 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
     pos = start + run_no
     x = emb[np.asarray(tokens)[run]]  # [r, d]
     for li, p in enumerate(layers):
-      h = _rms(x, p[("attn_norm", "scale")], cfg.norm_eps)
-      qkv = h @ p[("attn", "qkv_proj", "kernel")]
-      q = qkv[:, : n_h * hd].reshape(-1, n_h, hd)
-      k = qkv[:, n_h * hd : (n_h + k_h) * hd].reshape(-1, k_h, hd)
-      v = qkv[:, (n_h + k_h) * hd :].reshape(-1, k_h, hd)
+      q, k, v = _qkv(x, p, cfg)
       for j in range(len(run)):
         mem[li][m_run].append((my_idx[j], pos, k[j], v[j], run_no))
       scores, values = [[] for _ in run], [[] for _ in run]
@@ -125,10 +137,7 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
         w /= w.sum(0)
         outs.append(np.einsum("kn,knh->nh", w, vals).reshape(-1))
       x = x + np.stack(outs) @ p[("attn", "o", "kernel")]
-      h = _rms(x, p[("mlp_norm", "scale")], cfg.norm_eps)
-      gu = h @ p[("mlp", "gate_up", "kernel")]
-      gate, up = gu[:, : cfg.mlp_dim], gu[:, cfg.mlp_dim :]
-      x = x + (gate / (1 + np.exp(-gate)) * up) @ p[("mlp", "down", "kernel")]
+      x = _mlp_residual(x, p, cfg)
     x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
     logits = x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")]
     for j, i in enumerate(run):
@@ -174,11 +183,7 @@ def scored_stream_logits(
     count = ids[-1] + 1
     x = emb[tokens[ids]]
     for li, p in enumerate(layers):
-      h = _rms(x, p[("attn_norm", "scale")], cfg.norm_eps)
-      qkv = h @ p[("attn", "qkv_proj", "kernel")]
-      q = qkv[:, : n_h * hd].reshape(-1, n_h, hd)
-      k = qkv[:, n_h * hd : (n_h + k_h) * hd].reshape(-1, k_h, hd)
-      v = qkv[:, (n_h + k_h) * hd :].reshape(-1, k_h, hd)
+      q, k, v = _qkv(x, p, cfg)
       o = np.zeros((size, n_h, hd))
       for head in range(k_h):
         cands = kept[li][head] + [[i, k[j, head], v[j, head], 0.0] for j, i in enumerate(ids)]
@@ -217,10 +222,7 @@ def scored_stream_logits(
         order = sorted(range(len(cands)), key=lambda c: (-priority(cands[c]), cands[c][0]))
         kept[li][head] = [cands[c] for c in sorted(order[:budget])]
       x = x + o.reshape(size, -1) @ p[("attn", "o", "kernel")]
-      h = _rms(x, p[("mlp_norm", "scale")], cfg.norm_eps)
-      gu = h @ p[("mlp", "gate_up", "kernel")]
-      gate, up = gu[:, : cfg.mlp_dim], gu[:, cfg.mlp_dim :]
-      x = x + (gate / (1 + np.exp(-gate)) * up) @ p[("mlp", "down", "kernel")]
+      x = _mlp_residual(x, p, cfg)
     x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
     out.append(x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")])
   return np.concatenate(out)
