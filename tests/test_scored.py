@@ -186,3 +186,19 @@ def test_needle_streams_put_the_value_where_the_benchmark_scores_it():
       assert b[: at[0]].endswith(b"\n" + name + b' = "')  # the cue repeats the name just before the value
       assert (shown[:-1] == value) != control
       assert at[0] - (LEAD + len(needle) + 2) == 50 + len(name) + 5  # distance bytes, then the cue
+
+
+def test_greedy_generate_equals_a_manual_argmax_loop():
+  model = tiny_model(seed=25)
+  policy = C.H2O(12, 3, 1)
+  prompt = random_tokens(2, 8, seed=26)
+  got = rollout.generate(model, prompt, max_new_tokens=20, policy=policy, temperature=0.0)
+  got = np.asarray(getattr(got, "tokens", got))
+  step = jit_step(model)
+  logits, cache = step(prompt, model.init_cache(policy, 2))
+  want = []
+  for _ in range(20):
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+    want.append(tok)
+    logits, cache = step(tok, cache)
+  np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
