@@ -425,7 +425,7 @@ def test_bad_inputs_raise_clear_errors():
     model(toks[0], cache)
   with pytest.raises(ValueError, match="this model needs"):
     model(toks, tiny_model(num_layers=3).init_cache(C.SinkWindow(2, 6), 2))
-  with pytest.raises(TypeError, match="KVCache or TokenCache"):
+  with pytest.raises(TypeError, match="KVCache, TokenCache or ScoreCache"):
     model(toks, {"k": 0})
   with pytest.raises(TypeError, match="floating"):
     model.init_cache(C.Dense(8), 2, dtype=jnp.int8)

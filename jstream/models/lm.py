@@ -92,7 +92,8 @@ class StreamingTransformer(nnx.Module):
     return cache_lib.Geometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.scan_layers)
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, start_position=0):
-    """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented`` or ``Recompute``)."""
+    """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented``, ``Recompute``, or a
+    score-evicting ``H2O`` / ``SnapKV`` / ``AgeNormalized``)."""
     g = self.cache_geometry
     return cache_lib.init(
       policy,
@@ -219,7 +220,9 @@ class StreamingTransformer(nnx.Module):
     """
     tokens = self.check_tokens(tokens)
     if not all(hasattr(cache, m) for m in ("check_model", "step", "batch_size", "capacity")):
-      raise TypeError(f"expected a cache from model.init_cache (a KVCache or TokenCache), got {type(cache).__name__}")
+      raise TypeError(
+        f"expected a cache from model.init_cache (a KVCache, TokenCache or ScoreCache), got {type(cache).__name__}"
+      )
     cache.check_model(self.cache_geometry)
     b, t = tokens.shape
     if b != cache.batch_size:
