@@ -125,13 +125,19 @@ class KVCache:
     return rows.rollback_kv(self, n, sel)
 
 
-def init_kv(policy: Policy, geometry: Geometry, *, batch_size: int, dtype, start: Array) -> KVCache:
-  """An empty ``KVCache`` of ``policy`` (see ``jstream.cache.init``)."""
+def check_storage(geometry: Geometry, dtype) -> jnp.dtype:
+  """``dtype`` as a NumPy dtype, or a clear error for a non-floating dtype or non-positive sizes in ``geometry``."""
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"cache dtype must be floating point, got {dtype}")
   for name, val in zip(("num_layers", "num_kv_heads", "head_dim"), geometry[:3]):
     check_int(name, val, 1)
+  return dtype
+
+
+def init_kv(policy: Policy, geometry: Geometry, *, batch_size: int, dtype, start: Array) -> KVCache:
+  """An empty ``KVCache`` of ``policy`` (see ``jstream.cache.init``)."""
+  dtype = check_storage(geometry, dtype)
   c = policy.capacity + 1  # + the trash slot
   kshape = (batch_size, geometry.num_kv_heads, c, geometry.head_dim)
   vshape = (batch_size, geometry.num_kv_heads, geometry.head_dim, c)

@@ -67,7 +67,7 @@ class ScorePolicy(Policy):
 
   score: ClassVar[str] = ""
 
-  def _check(self):
+  def __post_init__(self):  # the subclasses' validation (dataclasses inherit it)
     name = type(self).__name__
     check_int(f"{name}.budget", self.budget, 1)
     check_int(f"{name}.recent", self.recent, 1)
@@ -84,11 +84,9 @@ class ScorePolicy(Policy):
     return self.budget
 
   def make_cache(self, geometry, *, batch_size, dtype, start) -> ScoreCache:
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"cache dtype must be floating point, got {dtype}")
-    for name, val in zip(("num_layers", "num_kv_heads", "head_dim"), geometry[:3]):
-      check_int(name, val, 1)
+    from jstream.cache.kv import check_storage  # the cache package imports this module
+
+    dtype = check_storage(geometry, dtype)
     shape = (geometry.num_layers, batch_size, geometry.num_kv_heads, self.budget)
     return ScoreCache(
       k=jnp.zeros((*shape, geometry.head_dim), dtype),
@@ -111,9 +109,6 @@ class H2O(ScorePolicy):
   positions: str = "absolute"
   score: ClassVar[str] = "accumulated"
 
-  def __post_init__(self):
-    self._check()
-
 
 @dataclasses.dataclass(frozen=True)
 class AgeNormalized(ScorePolicy):
@@ -125,9 +120,6 @@ class AgeNormalized(ScorePolicy):
   num_sinks: int = 0
   positions: str = "absolute"
   score: ClassVar[str] = "mean"
-
-  def __post_init__(self):
-    self._check()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +137,7 @@ class SnapKV(ScorePolicy):
   score: ClassVar[str] = "observation"
 
   def __post_init__(self):
-    self._check()
+    super().__post_init__()
     check_int("SnapKV.observation", self.observation, 1)
     check_int("SnapKV.kernel", self.kernel, 1)
     if self.kernel % 2 == 0:
