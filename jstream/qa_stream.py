@@ -124,12 +124,12 @@ def _run(graphdef, state, cache, frames, questions, proactive):
 
 def run(
   model: VideoLM,
-  cache: cache_lib.KVCache,
+  cache: cache_lib.Cache,
   frames: Float[ArrayLike, "b n _ _"],
   questions: Int[ArrayLike, "b n q"],
   *,
   proactive: bool = True,
-) -> tuple[cache_lib.KVCache, TickOutputs]:
+) -> tuple[cache_lib.Cache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
   ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained

@@ -226,3 +226,87 @@ def scored_stream_logits(
     x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
     out.append(x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")])
   return np.concatenate(out)
+
+
+def memory_stream_logits(
+  model, tokens, chunks, *, window, num_sinks=0, kind="retrieval", block=1, top_k=1, store_blocks=1, slots=1
+):
+  """Logits ``[n, v]`` of one single-track stream under a sinks + window cache with a memory of the tokens that
+  leave the window (``jstream.memory``), chunk by chunk, absolute positions, every query a reader.
+
+  The memories by their definition, per layer and kv head: before a chunk's attention, every token that the chunk
+  pushes out of the window (index ``<= last index of the chunk - window``, not a sink, not pushed out before) joins
+  the memory in stream order. ``"retrieval"``: the ``r``-th such token goes to store slot ``r mod (block *
+  store_blocks)``; block ``j`` is slots ``[j * block, (j + 1) * block)``; the chunk's mean rotated query (summed over
+  the kv head's query heads) scores each non-empty block by its mean rotated key, and the ``top_k`` best blocks'
+  tokens are attended. ``"compressed"``: a token opens a new slot while there are fewer than ``slots``, else joins
+  the slot whose mean rotated key has the largest cosine with its rotated key (running means of key and value, count
+  + 1, latest index); a slot is attended with ``log(count)`` added to its logit. A query at index ``i`` sees its
+  window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and memory entries of index ``<= i - window``.
+  """
+  cfg = model.config
+  flat, layers = _params(model)
+  emb = flat[("embed", "embedding")]
+  n_h, k_h, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  g = n_h // k_h
+  rot = lambda x, i: _rope(x, i, cfg.rope_base)
+  tokens = np.asarray(tokens)
+  hist = [[] for _ in layers]  # per layer: (idx, k [k_h, hd] un-rotated, v)
+  # per layer, per head: retrieval {slot: (idx, k_rot, v)}; compressed [[k_rot, v, count, idx], ...]
+  memory = [[{} if kind == "retrieval" else [] for _ in range(k_h)] for _ in layers]
+  pushed, out, start = num_sinks, [], 0  # tokens num_sinks .. pushed - 1 have joined the memory
+  for size in chunks:
+    ids = list(range(start, start + size))
+    start += size
+    gone = list(range(pushed, ids[-1] - window + 1))
+    x = emb[tokens[ids]]
+    for li, p in enumerate(layers):
+      q, k, v = _qkv(x, p, cfg)
+      for j, i in enumerate(ids):
+        hist[li].append((i, k[j], v[j]))
+      o = np.zeros((size, n_h, hd))
+      for head in range(k_h):
+        mem = memory[li][head]
+        for r, i in enumerate(gone, start=pushed - num_sinks):
+          _, ki, vi = hist[li][i]
+          kr = rot(ki[head], i)
+          if kind == "retrieval":
+            mem[r % (block * store_blocks)] = (i, kr, vi[head])
+          elif len(mem) < slots:
+            mem.append([kr, vi[head], 1.0, i])
+          else:
+            cos = [e[0] @ kr / (np.linalg.norm(e[0]) * np.linalg.norm(kr)) for e in mem]
+            e = mem[int(np.argmax(cos))]
+            e[2] += 1.0
+            e[0] = e[0] + (kr - e[0]) / e[2]
+            e[1] = e[1] + (vi[head] - e[1]) / e[2]
+            e[3] = max(e[3], i)
+        if kind == "retrieval":
+          qm = sum(rot(q[j, a], i) for j, i in enumerate(ids) for a in range(head * g, (head + 1) * g)) / size
+          scores = {}
+          for blk in range(store_blocks):
+            ents = [mem[s] for s in range(blk * block, (blk + 1) * block) if s in mem]
+            if ents:
+              scores[blk] = qm @ np.mean([e[1] for e in ents], axis=0)
+          chosen = sorted(scores, key=lambda b_: -scores[b_])[:top_k]
+          picked = [s for b_ in chosen for s in range(b_ * block, (b_ + 1) * block) if s in mem]
+          entries = [(*mem[s], 1.0) for s in picked]
+        else:
+          entries = [(e[3], e[0], e[1], e[2]) for e in mem]
+        for j, i in enumerate(ids):
+          local = [(c, kk[head], vv[head]) for c, kk, vv in hist[li] if c <= i and (i - c < window or c < num_sinks)]
+          seen = [e for e in entries if e[0] <= i - window]
+          for a in range(head * g, (head + 1) * g):
+            qr = rot(q[j, a], i)
+            s = [qr @ rot(kk, c) / np.sqrt(hd) for c, kk, _ in local]
+            s += [qr @ e[1] / np.sqrt(hd) + np.log(e[3]) for e in seen]
+            s = np.array(s)
+            w = np.exp(s - s.max())
+            w /= w.sum()
+            o[j, a] = w @ np.stack([vv for _, _, vv in local] + [e[2] for e in seen])
+      x = x + o.reshape(size, -1) @ p[("attn", "o", "kernel")]
+      x = _mlp_residual(x, p, cfg)
+    pushed += len(gone)
+    x = _rms(x, flat[("final_norm", "scale")], cfg.norm_eps)
+    out.append(x @ emb.T if cfg.tie_embeddings else x @ flat[("lm_head", "kernel")])
+  return np.concatenate(out)

@@ -20,6 +20,7 @@ from jstream._compat import is_concrete as _is_concrete
 from jstream.config import TransformerConfig
 from jstream.nn import cached_attention
 from jstream.nn.layers import Block, RMSNorm
+from jstream.ops import attention as attn_ops
 from jstream.typing import Array, ArrayLike, Float, Int, Logits, SegmentIds, TokenIds
 
 
@@ -237,11 +238,11 @@ class StreamingTransformer(nnx.Module):
   def extend(
     self,
     tokens: Int[Array, "b t"],
-    cache: cache_lib.KVCache,
+    cache: cache_lib.Cache,
     *,
     segment_ids: SegmentIds = None,
     groups: Int[Array, "b t"] | None = None,
-  ) -> tuple[Logits, cache_lib.KVCache]:
+  ) -> tuple[Logits, cache_lib.Cache]:
     """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
     for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them, plus
     ``groups`` (see ``extend_embeddings``).
@@ -254,13 +255,15 @@ class StreamingTransformer(nnx.Module):
   def extend_embeddings(
     self,
     x: Float[Array, "b t d"],
-    cache: cache_lib.KVCache,
+    cache: cache_lib.Cache,
     *,
     segment_ids: SegmentIds = None,
     groups: Int[Array, "b t"] | None = None,
-  ) -> tuple[Logits, cache_lib.KVCache]:
+    extra_attention=None,
+  ) -> tuple[Logits, cache_lib.Cache]:
     """Runs input embeddings ``x [b, t, d]`` (token embeddings, or the patch tokens of a video frame from an
-    encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``.
+    encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``. A cache that wraps a
+    ``KVCache`` (``jstream.memory.MemoryCache``) runs the chunk through its own ``extend_embeddings``.
 
     Args:
       x: the chunk's input embeddings (in the model's compute dtype or float32).
@@ -271,7 +274,15 @@ class StreamingTransformer(nnx.Module):
         slot; -1 = a token of its own. A group lies inside one chunk and one track. In ``absolute`` mode a
         group's tokens share one RoPE position; in ``cache_relative`` mode their keys are rotated at the index
         of the group's last token, so within a group distances are 0 there too.
+      extra_attention: optional ``f(plan, layer, q) -> (out [b, t, n, h] f32, lse [b, t, n]) | None``: one more
+        key set every layer's un-rotated queries ``q [b, t, n, h]`` attend, merged with the cache's attention by
+        log-sum-exp (a memory tier beside the cache: ``jstream.memory``). ``plan`` is this chunk's
+        ``jstream.cache.Plan``; ``layer`` is traced under ``scan_layers``.
     """
+    if not isinstance(cache, cache_lib.KVCache):
+      if extra_attention is None and hasattr(cache, "extend_embeddings"):
+        return cache.extend_embeddings(self, x, segment_ids=segment_ids, groups=groups)
+      raise TypeError(f"extend_embeddings takes a KVCache (or a cache that wraps one), got {type(cache).__name__}")
     if x.shape[:1] != (cache.batch_size,) or x.shape[-1] != self.config.embed_dim:
       raise ValueError(
         f"embeddings must be [b, t, d] = [{cache.batch_size}, t, {self.config.embed_dim}], got {x.shape}"
@@ -283,10 +294,15 @@ class StreamingTransformer(nnx.Module):
     kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
     vbuf = plan.cache.v
     x = x.astype(cfg.dtype)
+
+    def sinks(attn, layer, q):  # the learned sink and the extra key set, as one partial attention
+      parts = [p for p in (attn.sink_part(q), extra_attention and extra_attention(plan, layer, q)) if p is not None]
+      return attn_ops.merge(parts) if len(parts) > 1 else (parts[0] if parts else None)
+
     if ctx.read_only:
-      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf)
+      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf, sinks)
     else:
-      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf)
+      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf, sinks)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
@@ -295,13 +311,13 @@ class StreamingTransformer(nnx.Module):
       )
     return logits, plan.after.replace(k=kbuf, v=vbuf)
 
-  def _chunk_step(self, x, ctx, kbuf, vbuf):
+  def _chunk_step(self, x, ctx, kbuf, vbuf, sinks):
     impl = self.config.attention_impl
 
     def body(block, layer, x, bufs):
       def attend(attn, q, k, v):
         out, kb, vb, _ = cached_attention.attend(
-          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=attn.sink_part(q)
+          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=sinks(attn, layer, q)
         )
         return out, (kb, vb)
 
@@ -311,14 +327,14 @@ class StreamingTransformer(nnx.Module):
     x, (kbuf, vbuf), _ = self._scan_blocks(x, (kbuf, vbuf), body)
     return self._head(x), kbuf, vbuf
 
-  def _token_step(self, x0, ctx, kbuf, vbuf):
+  def _token_step(self, x0, ctx, kbuf, vbuf, sinks):
     impl = self.config.attention_impl
 
     def forward(mask_values):
       def body(block, layer, x, carry):
         def attend(attn, q, k, v):
           out, _, _, k_rot = cached_attention.attend(
-            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, sink_part=attn.sink_part(q), mask_values=mask_values
+            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, sink_part=sinks(attn, layer, q), mask_values=mask_values
           )
           return out, (k_rot, v, out)
 

@@ -139,7 +139,7 @@ class VideoLM(nnx.Module):
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
     self.patch_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
 
-  def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.KVCache:
+  def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
     fed without segment ids)."""
     return self.lm.init_cache(policy, batch_size, dtype=dtype)
@@ -202,8 +202,8 @@ class VideoLM(nnx.Module):
   # ------------------------------------------------------------------------------------------------ calls
 
   def __call__(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], cache: cache_lib.KVCache
-  ) -> tuple[Logits, cache_lib.KVCache]:
+    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], cache: cache_lib.Cache
+  ) -> tuple[Logits, cache_lib.Cache]:
     """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
     returns ``(logits [b, n * (P + L), v], cache)``. Compiles once per ``(n, L)``."""
     x, segs, groups = self.tick_inputs(frames, text)

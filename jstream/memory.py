@@ -1,0 +1,446 @@
+"""Memory beyond the window: tokens leaving a bounded cache go to a memory tier that queries still attend.
+
+A sliding-window cache forgets every token that leaves its window. The two memories here keep them, at a fixed
+size, beside the cache (a ``KVCache`` of any ``Window`` / ``SinkWindow`` / ``Segmented`` policy, the *local*
+cache):
+
+* ``Retrieval`` (ReKV, Di et al., 2025; LiveVLM): every evicted key and value is appended to a *store* of
+  ``store_blocks`` blocks of ``block`` consecutive evicted tokens (a ring: the oldest block is overwritten when it
+  is full). At every chunk, each layer scores the blocks with its own queries: the mean of the chunk's reading
+  queries (rotated at their positions) against each block's mean key (its summary key), summed over the query
+  heads of a kv head; the ``top_k`` best blocks per (row, layer, kv head) are gathered into a retrieved segment of
+  ``top_k * block`` tokens that the chunk attends beside the local cache. Only the retrieved segment is read by
+  attention: the cost per chunk is the window plus ``top_k * block`` tokens, plus one pass over the summary keys.
+* ``Compressed`` (Flash-VStream, Zhang et al., 2024; StreamChat's memory): ``slots`` memory slots per (layer, kv
+  head). An evicted token fills an empty slot while there is one; after that it is merged into the slot whose mean
+  key is the most similar (cosine), whose key and value become the running means of the tokens merged into it.
+  Every slot is attended with its logit raised by ``log(count)`` (proportional attention, as in token merging): a
+  slot of ``n`` equal keys receives exactly the attention mass its ``n`` tokens would.
+
+Which tokens, which queries. ``track`` (default: the policy's last track, the vision track of
+``Segmented((text, vision))``) is the track whose evicted tokens enter the memory; tokens of other tracks are
+forgotten as before. ``readers`` (default: every track) are the tracks whose queries attend the memory and, for
+``Retrieval``, choose the blocks: ``readers=(0,)`` with a video model is ReKV's question-time retrieval (frames
+attend their window only; a question's words retrieve). A query of track index ``c`` in the memory track sees the
+memory tokens of index ``<= c - window``, exactly those its window no longer holds: a token evicted by a chunk
+enters the memory before that chunk's attention, so nothing is seen twice and nothing falls between the window and
+the memory. With ``top_k`` covering every stored block (or ``slots`` at least the evicted tokens) the local cache
+plus the memory is the full past, and a stream equals one under a ``Dense`` cache (tested).
+
+Positions. Keys are stored as the local cache stores them: rotated by RoPE at their stream position
+(``absolute`` policies; the only mode supported so far), so a retrieved token keeps its true distance to the
+query; a merged slot's key is the mean of rotated keys. Re-indexing retrieved blocks to positions just before
+the window (ReKV's choice for models that cannot extrapolate) is not built.
+
+Where the memory lives. Everything is one pytree that a compiled stream carries (``MemoryCache``), so a stream of
+any length is one compiled program at fixed memory. The store of ``Retrieval`` is in the same device memory as
+the cache on every platform so far: on CPU host and device memory are one; on GPU / TPU placing the store in host
+memory (JAX memory kinds, ``pinned_host``) with the gather of the chosen blocks as the only transfer is the
+design's intent and is not built or measured yet. ``memory_bytes`` reports the local cache, the memory read by
+attention (retrieved segment / slots) and the store apart.
+
+A memory cache cannot roll back (evicted tokens have left the local cache): ``rollback`` raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jstream.cache import kv as kv_lib
+from jstream.cache import planner as plan_lib
+from jstream.cache import policies as pol
+from jstream.checks import check_int
+from jstream.positions import apply_rope, rope_cos_sin
+from jstream.typing import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPolicy(pol.Policy):
+  """Base class of the memory policies (see the module docstring): a local KV policy plus a memory tier.
+
+  Attributes:
+    local: the local cache's policy: ``Window``, ``SinkWindow`` or ``Segmented`` of them / ``Dense``, with
+      ``absolute`` positions; the memory track must be a ``Window`` or ``SinkWindow`` without rollback room.
+    track: the track whose evicted tokens enter the memory (default: the last).
+    readers: the tracks whose queries attend the memory (default: all).
+  """
+
+  local: pol.Policy
+  track: int | None = dataclasses.field(default=None, kw_only=True)
+  readers: tuple[int, ...] | None = dataclasses.field(default=None, kw_only=True)
+
+  def __post_init__(self):
+    if not isinstance(self.local, (pol.Window, pol.SinkWindow, pol.Segmented)):
+      raise TypeError(
+        f"{type(self).__name__}.local must be a Window, SinkWindow or Segmented policy, got {self.local!r}"
+      )
+    if self.local.positions != "absolute":
+      raise ValueError(
+        f"{type(self).__name__} supports absolute positions only so far, got local positions "
+        f"{self.local.positions!r} (re-indexing retrieved tokens is not built)"
+      )
+    tracks = self.local.tracks()
+    track = len(tracks) - 1 if self.track is None else self.track
+    if not 0 <= track < len(tracks):
+      raise ValueError(f"track {self.track} is not a track of {self.local} ({len(tracks)} tracks)")
+    object.__setattr__(self, "track", track)
+    tr = tracks[track]
+    if tr.window is None or tr.ring != tr.window:
+      raise ValueError(
+        f"the memory track {track} of {self.local} must be a Window or SinkWindow with max_rollback=0 (got {tr}): "
+        "its evicted tokens are what the memory keeps"
+      )
+    readers = tuple(range(len(tracks))) if self.readers is None else tuple(int(r) for r in self.readers)
+    if not readers or any(not 0 <= r < len(tracks) for r in readers):
+      raise ValueError(f"readers {self.readers} must be tracks of {self.local} (0..{len(tracks) - 1})")
+    object.__setattr__(self, "readers", readers)
+
+  @property
+  def positions(self) -> str:
+    return self.local.positions
+
+  @property
+  def capacity(self) -> int:
+    return self.local.capacity
+
+  @property
+  def max_stream(self) -> int | None:
+    return self.local.max_stream
+
+  def tracks(self):
+    return self.local.tracks()
+
+  @property
+  def window(self) -> int:
+    """The memory track's window: a query sees memory tokens ``window`` or more indices behind it."""
+    return self.local.tracks()[self.track].window
+
+  @property
+  def slots(self) -> int:
+    """Memory entries per (row, layer, kv head)."""
+    raise NotImplementedError
+
+  def make_cache(self, geometry, *, batch_size, dtype, start) -> MemoryCache:
+    local = self.local.make_cache(geometry, batch_size=batch_size, dtype=dtype, start=start)
+    num_layers, heads, head_dim, _ = geometry
+    shape = (num_layers, batch_size, heads, self.slots)
+    return MemoryCache(
+      local=local,
+      k=jnp.zeros((*shape, head_dim), local.dtype),
+      v=jnp.zeros((*shape, head_dim), local.dtype),
+      idx=jnp.full(shape, -1, jnp.int32),
+      count=jnp.zeros(shape, jnp.float32),
+      written=jnp.zeros((batch_size,), jnp.int32),
+      policy=self,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval(MemoryPolicy):
+  """ReKV-style offload and retrieval (see the module docstring).
+
+  Attributes:
+    block: evicted tokens per block (a video frame's tokens: one block per frame).
+    top_k: blocks retrieved per (row, layer, kv head) at each chunk.
+    store_blocks: blocks the store holds (a ring over blocks).
+  """
+
+  block: int = 16
+  top_k: int = 4
+  store_blocks: int = 256
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_int("Retrieval.block", self.block, 1)
+    check_int("Retrieval.top_k", self.top_k, 1)
+    check_int("Retrieval.store_blocks", self.store_blocks, 1)
+    if self.top_k > self.store_blocks:
+      raise ValueError(f"Retrieval: top_k ({self.top_k}) must be <= store_blocks ({self.store_blocks})")
+
+  @property
+  def slots(self) -> int:
+    return self.block * self.store_blocks
+
+  @property
+  def read_tokens(self) -> int:
+    """Memory tokens a chunk attends (the retrieved segment)."""
+    return self.top_k * self.block
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressed(MemoryPolicy):
+  """Flash-VStream-style compressed memory (see the module docstring).
+
+  Attributes:
+    slots: memory slots per (row, layer, kv head).
+  """
+
+  slots: int = 64
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_int("Compressed.slots", self.slots, 1)
+
+  @property
+  def read_tokens(self) -> int:
+    return self.slots
+
+
+# A pytree node (see jstream.cache.kv.KVCache on why field shapes are documentation only).
+@typing.no_type_check
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MemoryCache:
+  """A local ``KVCache`` plus a memory tier (see the module docstring).
+
+  Attributes:
+    local: the local cache.
+    k, v: ``[l, b, k, S, h]`` memory keys (rotated as the local cache stores them) and values; ``S`` is the
+      store (``Retrieval``: ``block * store_blocks`` tokens, block ``j`` is entries ``[j * block, (j + 1) *
+      block)``) or the slots (``Compressed``: mean key and value of the tokens merged into each).
+    idx: ``[l, b, k, S]`` int32 track index of the entry's token (``Compressed``: the latest merged), -1 empty.
+    count: ``[l, b, k, S]`` float32 tokens the entry stands for (0 empty).
+    written: ``[b]`` int32 tokens appended since the reset (``Retrieval``'s write pointer).
+    policy: the ``MemoryPolicy`` (static).
+  """
+
+  local: kv_lib.KVCache
+  k: Array
+  v: Array
+  idx: Array
+  count: Array
+  written: Array
+  policy: MemoryPolicy = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def batch_size(self) -> int:
+    return self.local.batch_size
+
+  @property
+  def capacity(self) -> int:
+    return self.local.capacity
+
+  @property
+  def dtype(self):
+    return self.local.dtype
+
+  def replace(self, **kw) -> MemoryCache:
+    return dataclasses.replace(self, **kw)
+
+  # -- the cache protocol (see jstream.cache.Cache) ---------------------------------------------------------------
+
+  def check_model(self, geometry: kv_lib.Geometry) -> None:
+    self.local.check_model(geometry)
+
+  def step(self, model, tokens: Array, segment_ids: Array | None):
+    """Runs a chunk of token ids through ``model`` against this cache."""
+    return model.extend(tokens, self, segment_ids=segment_ids)
+
+  def reset_rows(self, sel: Array, start: Array) -> MemoryCache:
+    keep = ~sel[None, :, None, None]
+    return self.replace(
+      local=self.local.reset_rows(sel, start),
+      idx=jnp.where(keep, self.idx, -1),
+      count=jnp.where(keep, self.count, 0.0),
+      written=jnp.where(sel, 0, self.written),
+    )
+
+  def rollback_rows(self, n: Array, sel: Array) -> MemoryCache:
+    raise ValueError(
+      f"a {type(self.policy).__name__} memory cache cannot roll back: evicted tokens have left the local cache"
+    )
+
+  # -- one chunk --------------------------------------------------------------------------------------------------
+
+  def extend_embeddings(
+    self,
+    model,
+    x: Float[Array, "b t d"],
+    *,
+    segment_ids: Int[Array, "b t"] | None = None,
+    groups: Int[Array, "b t"] | None = None,
+  ):
+    """Runs input embeddings ``x [b, t, d]`` through ``model`` (a ``StreamingTransformer``) against the local cache
+    and the memory: what ``model.extend_embeddings`` does for this cache. Returns ``(logits, cache)``."""
+    policy = self.policy
+    t = x.shape[1]
+    if t > policy.window:
+      raise ValueError(
+        f"chunk of {t} tokens is longer than the memory track's window {policy.window}: tokens it evicts from "
+        "itself would be lost; use shorter chunks"
+      )
+    cfg = model.config
+    plan = plan_lib.plan(self.local, segment_ids, t, groups)  # the model plans the same chunk again (CSE'd)
+    mem = self._rebased(plan.shift[:, policy.track])
+    mem = mem._append(*_evicted(self.local, plan, policy.track))
+    limit = _read_limit(plan, policy)
+    cos, sin = rope_cos_sin(jnp.maximum(plan.tok_pos, 0), cfg.head_dim, cfg.rope_base)
+
+    def extra(_, layer, q):
+      q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
+      k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
+      if isinstance(policy, Retrieval):
+        k, v, idx, count = _retrieve(policy, q_rot, limit, k, v, idx, count)
+      return memory_attention(q_rot, k, v, idx, count, limit)
+
+    logits, local = model.extend_embeddings(
+      x, self.local, segment_ids=segment_ids, groups=groups, extra_attention=extra
+    )
+    return logits, mem.replace(local=local)
+
+  def _rebased(self, shift: Int[Array, " b"]) -> MemoryCache:
+    """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track)."""
+    s = shift[None, :, None, None]
+    return self.replace(idx=jnp.where(self.idx >= 0, jnp.maximum(self.idx - s, 0), -1))
+
+  def _append(self, k, v, idx, valid) -> MemoryCache:
+    """Adds the evicted tokens ``k, v [l, b, k, t, h]``, ``idx [b, t]`` where ``valid [b, t]`` (in stream order)."""
+    if isinstance(self.policy, Retrieval):
+      return self._store(k, v, idx, valid)
+    return self._merge(k, v, idx, valid)
+
+  def _store(self, k, v, idx, valid) -> MemoryCache:
+    slots = self.policy.slots
+    b, t = valid.shape
+    rank = jnp.cumsum(valid, axis=1) - 1
+    dest = jnp.where(valid, (self.written[:, None] + rank) % slots, slots)  # slots: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+
+    def put(buf, val):  # buf [l, b, k, S, ...]; val [b, t, l, k, ...]
+      return buf.at[:, rows, :, dest].set(val.astype(buf.dtype), mode="drop")
+
+    num_layers, heads = self.k.shape[0], self.k.shape[2]
+    per_token = (b, t, num_layers, heads)
+    return self.replace(
+      k=put(self.k, jnp.moveaxis(k, (0, 2), (2, 3))),
+      v=put(self.v, jnp.moveaxis(v, (0, 2), (2, 3))),
+      idx=put(self.idx, jnp.broadcast_to(idx[:, :, None, None], per_token)),
+      count=put(self.count, jnp.ones(per_token, jnp.float32)),
+      written=self.written + valid.sum(axis=1).astype(jnp.int32),
+    )
+
+  def _merge(self, k, v, idx, valid) -> MemoryCache:
+    """Each evicted token, in stream order: into the first empty slot, else the most similar slot (cosine of the
+    mean keys), per (layer, row, kv head)."""
+
+    def one(mem, xs):
+      mk, mv, midx, mcount = mem
+      tk, tv, tidx, tvalid = xs  # [l, b, k, h], [l, b, k, h], [b], [b]
+      tk32 = tk.astype(jnp.float32)
+      empty = mcount == 0  # [l, b, k, S]
+      mk32 = mk.astype(jnp.float32)
+      cos = jnp.einsum("lbksh,lbkh->lbks", mk32, tk32) / (
+        jnp.linalg.norm(mk32, axis=-1) * jnp.linalg.norm(tk32, axis=-1)[..., None] + 1e-30
+      )
+      target = jnp.where(jnp.any(empty, -1), jnp.argmax(empty, -1), jnp.argmax(jnp.where(empty, -jnp.inf, cos), -1))
+      hit = (jnp.arange(mcount.shape[-1]) == target[..., None]) & tvalid[None, :, None, None]  # [l, b, k, S]
+      n = mcount + hit
+      w = jnp.where(hit, 1.0 / jnp.maximum(n, 1.0), 0.0)[..., None]
+      mk = (mk32 + w * (tk32[..., None, :] - mk32)).astype(mk.dtype)
+      mv = (mv.astype(jnp.float32) + w * (tv.astype(jnp.float32)[..., None, :] - mv.astype(jnp.float32))).astype(
+        mv.dtype
+      )
+      midx = jnp.where(hit, jnp.maximum(midx, tidx[None, :, None, None]), midx)
+      return (mk, mv, midx, n), None
+
+    xs = (jnp.moveaxis(k, 3, 0), jnp.moveaxis(v, 3, 0), idx.T, valid.T)
+    (mk, mv, midx, count), _ = jax.lax.scan(one, (self.k, self.v, self.idx, self.count), xs)
+    return self.replace(k=mk, v=mv, idx=midx, count=count)
+
+
+def _evicted(local: kv_lib.KVCache, plan: plan_lib.Plan, track: int):
+  """The tokens of ``track`` that this chunk's ring writes overwrite: ``(k, v [l, b, k, t, h], idx [b, t], valid
+  [b, t])``, in stream order (the chunk writes its ring slots in index order)."""
+  lay = pol.layout(local.policy)[track]
+  slots = plan.ring_slots  # [b, t]; the trash slot for tokens that do not go to a ring
+  old = jnp.take_along_axis(plan.cache.idx, slots, axis=1)
+  valid = (slots >= lay.ring_lo) & (slots < lay.hi) & (old >= 0)
+
+  def gather_k(buf):  # [b, k, s, h] -> [b, k, t, h]
+    return jnp.take_along_axis(buf, slots[:, None, :, None], axis=-2)
+
+  def gather_v(buf):  # [b, k, h, s] -> [b, k, t, h]
+    return jnp.swapaxes(jnp.take_along_axis(buf, slots[:, None, None, :], axis=-1), -1, -2)
+
+  if local.stacked:
+    k, v = jax.vmap(gather_k)(local.k), jax.vmap(gather_v)(local.v)
+  else:
+    k = jnp.stack([gather_k(buf) for buf in local.k])
+    v = jnp.stack([gather_v(buf) for buf in local.v])
+  return k, v, old, valid
+
+
+def _read_limit(plan: plan_lib.Plan, policy: MemoryPolicy) -> Int[Array, "b t"]:
+  """The largest memory index each query may read: ``c - window`` for a reading query whose latest token of the
+  memory track has index ``c``; ``-2`` (nothing) for padding, other tracks' queries and queries before the track's
+  first token."""
+  c = plan.q_idx[:, policy.track]
+  reads = jnp.isin(plan.seg, jnp.asarray(policy.readers, jnp.int32)) & (c >= 0)
+  return jnp.where(reads, c - policy.window, -2)
+
+
+def _retrieve(policy: Retrieval, q_rot, limit, k, v, idx, count):
+  """The ``top_k`` blocks of one layer's store ``[b, k, S, ...]`` that the chunk's reading queries score highest
+  (mean query . block mean key, summed over a kv head's query heads)."""
+  b, _, n, h = q_rot.shape
+  heads, nb, blk = k.shape[1], policy.store_blocks, policy.block
+  reads = (limit >= 0)[..., None, None]
+  q_mean = jnp.sum(jnp.where(reads, q_rot.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(reads.sum(axis=1), 1)
+  q_mean = q_mean.reshape(b, heads, n // heads, h).sum(axis=2)  # [b, k, h]
+  filled = (idx >= 0).reshape(b, heads, nb, blk)
+  kb = k.astype(jnp.float32).reshape(b, heads, nb, blk, h)
+  summary = jnp.sum(jnp.where(filled[..., None], kb, 0.0), axis=3) / jnp.maximum(filled.sum(-1), 1)[..., None]
+  score = jnp.where(filled.any(-1), jnp.einsum("bkh,bkjh->bkj", q_mean, summary), -jnp.inf)
+  _, top = jax.lax.top_k(score, policy.top_k)  # [b, k, top_k]
+
+  def pick(a):  # [b, k, S, ...] -> [b, k, top_k * block, ...]
+    blocks = a.reshape(b, heads, nb, blk, *a.shape[3:])
+    sel = top.reshape(b, heads, policy.top_k, *(1,) * (blocks.ndim - 3))
+    return jnp.take_along_axis(blocks, sel, axis=2).reshape(b, heads, policy.read_tokens, *a.shape[3:])
+
+  return pick(k), pick(v), pick(idx), pick(count)
+
+
+def memory_attention(
+  q_rot: Float[Array, "b t n h"],
+  k: Float[Array, "b k m h"],
+  v: Float[Array, "b k m h"],
+  idx: Int[Array, "b k m"],
+  count: Float[Array, "b k m"],
+  limit: Int[Array, "b t"],
+) -> tuple[Float[Array, "b t n h"], Float[Array, "b t n"]]:
+  """The partial attention ``(out f32, lse)`` of rotated queries over memory entries: entry ``j`` is seen by
+  query ``i`` iff ``0 <= idx[j] <= limit[i]`` and ``count[j] > 0``, with its logit raised by ``log(count[j])``."""
+  b, t, n, h = q_rot.shape
+  heads = k.shape[1]
+  qf = q_rot.astype(jnp.float32).reshape(b, t, heads, n // heads, h)
+  s = jnp.einsum("btkgh,bkmh->btkgm", qf, k.astype(jnp.float32)) * h**-0.5
+  s = s + jnp.log(jnp.maximum(count, 1.0))[:, None, :, None, :]
+  seen = (idx >= 0) & (count > 0)
+  seen = seen[:, None, :, None, :] & (idx[:, None, :, None, :] <= limit[:, :, None, None, None])
+  s = jnp.where(seen, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  total = p.sum(-1)
+  out = jnp.einsum("btkgm,bkmh->btkgh", p, v.astype(jnp.float32)) / jnp.maximum(total, 1e-30)[..., None]
+  lse = jnp.where(total > 0, m[..., 0] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
+  return out.reshape(b, t, n, h), lse.reshape(b, t, n)
+
+
+def memory_bytes(cache: MemoryCache) -> dict[str, int]:
+  """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
+  chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included)."""
+  leaves = jax.tree.leaves(cache.local)
+  local = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
+  store = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (cache.k, cache.v, cache.idx, cache.count))
+  per_entry = store // cache.policy.slots
+  return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store}
+
+
+__all__ = ["Compressed", "MemoryCache", "MemoryPolicy", "Retrieval", "memory_attention", "memory_bytes"]

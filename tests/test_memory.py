@@ -1,0 +1,171 @@
+"""Memory beyond the window (jstream.memory): retrieval (ReKV) and compressed (Flash-VStream) memories equal an
+independent float64 reference of each rule, the full past when the memory holds everything, run inside the video
+stream runner, reset per row, and reject bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from reference import memory_stream_logits
+
+from conftest import chunk_sizes, compilations, jit_step, random_tokens, stream, tiny_model, tol
+from jstream import cache as C
+from jstream import memory as M
+
+F32 = tol(jnp.float32)
+
+
+@pytest.mark.parametrize(
+  "memory",
+  [
+    lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12),
+    lambda local: M.Compressed(local, slots=36),
+  ],
+  ids=["retrieval", "compressed"],
+)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_memory_of_everything_is_dense(memory, scan_layers):
+  """A memory that keeps every evicted token as it is (all blocks retrieved; a slot per token) plus the window is
+  the whole past: the stream equals the offline forward, in chunks and token by token (the read-only path)."""
+  model = tiny_model(seed=1, scan_layers=scan_layers)
+  tokens = random_tokens(2, 40, seed=2)
+  policy = memory(C.SinkWindow(2, 6))
+  sizes = chunk_sizes(24, [1, 3, 5], seed=3) + [1] * 16
+  got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
+  np.testing.assert_allclose(got, model.forward(tokens), **F32)
+  assert int(jnp.max(cache.count.sum(-1))) == 40 - 2 - 6  # every token outside sinks and window is in memory
+  window, _ = stream(jit_step(model), tokens, model.init_cache(policy.local, 2), sizes)
+  assert np.abs(np.asarray(window) - np.asarray(got)).max() > 1e-2  # the memory matters in this test
+
+
+CASES = [
+  (M.Retrieval(C.SinkWindow(1, 5), block=2, top_k=2, store_blocks=4), dict(kind="retrieval")),  # the store wraps
+  (M.Retrieval(C.Window(6), block=3, top_k=1, store_blocks=8), dict(kind="retrieval")),
+  (M.Compressed(C.SinkWindow(2, 5), slots=3), dict(kind="compressed")),
+  (M.Compressed(C.Window(4), slots=5), dict(kind="compressed")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c[0]) for c in CASES])
+def test_equals_the_python_reference(case):
+  """Chunked prefill then decode, two layers, two kv heads that retrieve / merge on their own; stacked and
+  per-layer blocks alternate between cases."""
+  policy, rule = CASES[case]
+  model = tiny_model(seed=6 + case, scan_layers=case % 2 == 0)
+  n = 34
+  tokens = random_tokens(2, n, seed=7 + case)
+  sizes = [4, 1, 3, 2, 1, 3] + [1] * (n - 14)
+  got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
+  local = policy.local
+  sinks = getattr(local, "num_sinks", 0)
+  extra = (
+    dict(block=policy.block, top_k=policy.top_k, store_blocks=policy.store_blocks)
+    if rule["kind"] == "retrieval"
+    else dict(slots=policy.slots)
+  )
+  for row in range(2):
+    want = memory_stream_logits(model, tokens[row], sizes, window=local.window, num_sinks=sinks, **rule, **extra)
+    np.testing.assert_allclose(got[row], want, atol=5e-5, rtol=5e-5)
+  window, _ = stream(jit_step(model), tokens, model.init_cache(local, 2), sizes)
+  assert np.abs(np.asarray(window) - np.asarray(got)).max() > 1e-2
+  if rule["kind"] == "compressed":
+    assert float(cache.count.max()) > 1  # slots merged several tokens
+
+
+def test_merged_slot_attends_like_its_tokens():
+  """Proportional attention: a slot holding the mean of n equal keys (count n) gets the mass of those n tokens."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 2, 4, 8)), jnp.float32)  # [b, t, n, h], 2 kv heads of 2 query heads
+  keys = rng.normal(size=(1, 2, 3, 8))
+  vals = rng.normal(size=(1, 2, 5, 8))
+  expanded = np.concatenate([keys[:, :, :1]] * 3 + [keys[:, :, 1:]], axis=2)  # key 0 three times: [b, k, 5, h]
+  idx = jnp.zeros((1, 2, 5), jnp.int32)
+  limit = jnp.zeros((1, 2), jnp.int32)
+  want, want_lse = M.memory_attention(q, jnp.asarray(expanded), jnp.asarray(vals), idx, jnp.ones((1, 2, 5)), limit)
+  merged_v = np.concatenate([vals[:, :, :3].mean(2, keepdims=True), vals[:, :, 3:]], axis=2)
+  got, got_lse = M.memory_attention(
+    q, jnp.asarray(keys), jnp.asarray(merged_v), idx[..., :3], jnp.asarray([[[3.0, 1.0, 1.0]] * 2]), limit
+  )
+  np.testing.assert_allclose(got, want, **F32)
+  np.testing.assert_allclose(got_lse, want_lse, **F32)
+  # entries past a query's limit, and queries that read nothing, see nothing
+  _, lse = M.memory_attention(q, jnp.asarray(keys), jnp.asarray(merged_v), idx[..., :3] + 5, jnp.ones((1, 2, 3)), limit)
+  assert np.isneginf(np.asarray(lse)).all()
+
+
+def test_video_stream_with_retrieval_matches_a_dense_vision_track():
+  """The compiled video-QA runner with a retrieval memory on the vision track (blocks of one frame, every block
+  retrieved, frames and words reading) answers exactly as with a vision track that keeps every frame."""
+  from jstream import presets, qa_stream
+  from jstream.data import video_qa as vqa
+  from jstream.models.video_lm import TEXT, VISION, VideoLM, VideoLMConfig
+
+  lm = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
+  model = VideoLM(VideoLMConfig(lm, frame_size=(16, 16), patch_size=8), rngs=nnx.Rngs(0))
+  p, n, b = model.config.tokens_per_frame, 12, 2
+  rng = np.random.default_rng(1)
+  frames = rng.uniform(size=(b, n, 16, 16)).astype(np.float32)
+  q = vqa.Question(frame=0, qtype="count_now", words="how many digits are on screen ?", answer="zero", due=0)
+  questions = np.stack(
+    [np.stack([qa_stream.question_ids(q if (t + row) % 4 == 1 else None, 9) for t in range(n)]) for row in range(b)]
+  )
+  text = C.SinkWindow(2, 40)
+  local = C.Segmented((text, C.Window(3 * p)))
+  retrieval = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION)
+  dense = C.Segmented((text, C.Dense(n * p)))
+  out = {}
+  for name, policy in {"retrieval": retrieval, "dense": dense}.items():
+    _, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
+    out[name] = said
+  np.testing.assert_array_equal(out["retrieval"].answer, out["dense"].answer)
+  np.testing.assert_array_equal(out["retrieval"].decision, out["dense"].decision)
+  assert TEXT == 0 and (out["dense"].answer != vqa.PAD).any()
+
+
+def test_reset_row_starts_a_fresh_memory():
+  model = tiny_model(seed=4)
+  tokens = random_tokens(2, 30, seed=5)
+  policy = M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=6)
+  step = jit_step(model)
+  _, cache = stream(step, tokens, model.init_cache(policy, 2), [4] * 5)
+  cache = C.reset(cache, jnp.asarray([True, False]))
+  assert int(cache.written[0]) == 0 and int(cache.written[1]) > 0
+  got, _ = stream(step, tokens[:, 20:], cache, [4, 4, 2])
+  fresh, _ = stream(step, tokens[:1, 20:], model.init_cache(policy, 1), [4, 4, 2])
+  np.testing.assert_allclose(got[:1], fresh, **F32)
+
+
+def test_memory_bytes_and_compiles_once():
+  from jstream import rollout
+
+  model = tiny_model(seed=8)
+  policy = M.Retrieval(C.Window(8), block=4, top_k=2, store_blocks=16)
+  cache = model.init_cache(policy, 2)
+  sizes = M.memory_bytes(cache)
+  assert sizes["read"] * 8 == sizes["store"]  # 2 of 16 blocks are read per chunk
+  jax.clear_caches()
+  with compilations() as n:
+    nll = rollout.stream_nll(model, random_tokens(2, 80, seed=9), policy, chunk_size=4)  # 20 chunks, one scan
+  assert n["_stream_nll"] == 1 and np.isfinite(nll[:, 1:]).all()  # position 0 has no prediction
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="absolute positions only"):
+    M.Retrieval(C.Window(8, positions="cache_relative"))
+  with pytest.raises(ValueError, match="max_rollback=0"):
+    M.Compressed(C.Window(8, max_rollback=2))
+  with pytest.raises(TypeError, match="Window, SinkWindow or Segmented"):
+    M.Compressed(C.Dense(8))
+  with pytest.raises(ValueError, match="max_rollback=0"):
+    M.Retrieval(C.Segmented((C.Window(4), C.Dense(8))))  # the memory track (the last) never evicts
+  with pytest.raises(ValueError, match="top_k"):
+    M.Retrieval(C.Window(8), top_k=5, store_blocks=4)
+  with pytest.raises(ValueError, match="readers"):
+    M.Retrieval(C.Window(8), readers=(1,))
+  model = tiny_model(seed=0)
+  cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
+  with pytest.raises(ValueError, match="longer than the memory track's window"):
+    model(random_tokens(1, 5, seed=1), cache)
+  with pytest.raises(ValueError, match="cannot roll back"):
+    C.rollback(cache, 1)
