@@ -11,6 +11,15 @@ length in ``--frames`` under each cache policy, with the model speaking for itse
 * ``sinks+window``: text sinks + text window + vision window, absolute positions;
 * ``sinks+window, cache_relative``: the same with StreamingVLM's contiguous positions inside each track.
 
+``--memory 64,128,256`` runs the memory sweep instead (issue 11): at one stream length (``--memory-frames``), for
+each budget of vision tokens per stream, ``window`` (a vision window of the whole budget: recency), ``retrieval``
+(``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
+a question's words retrieve from the store of every evicted frame) and ``compressed`` (``jstream.memory.
+Compressed``, Flash-VStream-style: half the window, half merged memory slots read by the question's words); the
+text track is the same in all. Per (method, budget): accuracy per question type, the kept-token share (vision
+tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the retrieval store
+apart), and ``memory.png`` (accuracy per question category against the budget).
+
 Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
 that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
 after the first, which compiles), frames/s, the cache's size and the process's peak RSS. Then a speed table: the
@@ -33,8 +42,10 @@ import jax
 import numpy as np
 
 from jstream import cache as C
+from jstream import memory as M
 from jstream import qa_stream
 from jstream.data import video_qa
+from jstream.models.video_lm import TEXT
 from jstream.process_memory import reset_peak_rss, rss_mib
 from jstream.train import load_config, load_model, train
 from jstream.train.aligned import video_policy
@@ -73,6 +84,52 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
     "sinks+window": video_policy(window, sinks),
     "sinks+window, cache_relative": dataclasses.replace(video_policy(window, sinks), positions="cache_relative"),
   }
+
+
+def memory_policies(budget: int, text: C.Policy, tokens_per_frame: int, frames: int) -> dict[str, C.Policy]:
+  """The memory sweep's methods at ``budget`` vision tokens per stream (see the module docstring); ``text``: the
+  text track's policy; ``frames``: the stream length (the retrieval store holds every evicted frame)."""
+  p = tokens_per_frame
+  blocks = max(budget // 2 // p, 1)
+  slots = budget // 2
+  return {
+    "window": C.Segmented((text, C.Window(budget))),
+    "retrieval": M.Retrieval(
+      C.Segmented((text, C.Window(budget - blocks * p))),
+      block=p,
+      top_k=blocks,
+      store_blocks=max(frames, blocks),
+      readers=(TEXT,),
+    ),
+    "compressed": M.Compressed(C.Segmented((text, C.Window(budget - slots))), slots=slots, readers=(TEXT,)),
+  }
+
+
+def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
+  """The ``--memory`` sweep: one row per (budget, method)."""
+  frames, p = args.memory_frames, model.config.tokens_per_frame
+  text = video_policy(args.window, args.sinks).segments[TEXT]
+  rows = []
+  for budget in [int(x) for x in args.memory.split(",") if x]:
+    for name, policy in memory_policies(budget, text, p, frames).items():
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive)
+      cache = model.init_cache(policy, len(streams))
+      if isinstance(cache, M.MemoryCache):
+        parts = M.memory_bytes(cache)
+        read = policy.read_tokens
+        r["store_mib"] = (parts["store"] - parts["read"]) / 2**20
+        r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk
+      else:
+        read = 0
+      vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).segments[1].window
+      r["kept_share"] = min(1.0, (vision + read) / (frames * p))
+      rows.append({"method": name, "budget": budget, "frames": frames, **r})
+      acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
+      print(
+        f"  {name:<10} budget {budget:>5} ({r['kept_share']:.3f} kept) {frames} frames: {acc}; "
+        f"{r['ms_per_frame']:.2f} ms/frame, cache {r['cache_mib']:.2f} MiB"
+      )
+  return rows
 
 
 def chance(records) -> dict[str, float]:
@@ -125,13 +182,15 @@ def main(argv=None) -> int:
   parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="longest stream (tokens) run dense")
   parser.add_argument("--speed-batches", default="1,8", help="batch sizes of the speed table (sinks+window)")
   parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
+  parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
+  parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory sweep")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
   lengths = [int(x) for x in args.frames.split(",") if x]
   if args.quick:
     lengths, args.streams, args.ticks_per_call, args.window = [min(x, 20) for x in lengths[:1]], 2, 10, 64
-    args.speed_batches, args.speed_frames = "1,2", 20
+    args.speed_batches, args.speed_frames, args.memory_frames = "1,2", 20, min(args.memory_frames, 20)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
@@ -141,6 +200,22 @@ def main(argv=None) -> int:
   data_config = cfg.video.data_config()
   proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
+  if args.memory:
+    rows = memory_sweep(model, args, data_config, streams, proactive)
+    result = {
+      "device": device,
+      "jax": jax.__version__,
+      "args": vars(args),
+      "model_step": step,
+      "train_last_metrics": train_log,
+      "streams": streams,
+      "memory_rows": rows,
+      "seconds": time.time() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot_memory(result, out / "memory.png")
+    print(f"wrote {out / 'results.json'} and {out / 'memory.png'} ({result['seconds']:.0f} s)")
+    return 0
   rows = []
   for frames in lengths:
     dense = qa_stream.track_tokens(frames, model.config.tokens_per_frame)
@@ -204,6 +279,35 @@ def plot(res: dict, path: pathlib.Path) -> None:
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
   axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_memory(res: dict, path: pathlib.Path) -> None:
+  """Mean accuracy per question category (``video_qa.CATEGORY``) against the vision budget, one line per method."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = res["memory_rows"]
+  cats = sorted({video_qa.CATEGORY[t] for r in rows for t in r["scores"] if t != "proactive"})
+  fig, axes = plt.subplots(1, len(cats), figsize=(4 * len(cats), 3.5), squeeze=False)
+  for ax, cat in zip(axes[0], cats):
+    for method in dict.fromkeys(r["method"] for r in rows):
+      rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+      acc = [
+        np.mean([v["accuracy"] for t, v in r["scores"].items() if t != "proactive" and video_qa.CATEGORY[t] == cat])
+        for r in rs
+      ]
+      ax.plot([r["budget"] for r in rs], acc, marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vision tokens kept per stream")
+    ax.set_title(f"{cat} questions")
+    ax.grid(True, alpha=0.3)
+  axes[0][0].set_ylabel("accuracy")
+  axes[0][0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

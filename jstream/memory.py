@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jstream._compat import is_concrete
 from jstream.cache import kv as kv_lib
 from jstream.cache import planner as plan_lib
 from jstream.cache import policies as pol
@@ -269,11 +270,6 @@ class MemoryCache:
     and the memory: what ``model.extend_embeddings`` does for this cache. Returns ``(logits, cache)``."""
     policy = self.policy
     t = x.shape[1]
-    if t > policy.window:
-      raise ValueError(
-        f"chunk of {t} tokens is longer than the memory track's window {policy.window}: tokens it evicts from "
-        "itself would be lost; use shorter chunks"
-      )
     cfg = model.config
     plan = plan_lib.plan(self.local, segment_ids, t, groups)  # the model plans the same chunk again (CSE'd)
     mem = self._rebased(plan.shift[:, policy.track])
@@ -291,7 +287,15 @@ class MemoryCache:
     logits, local = model.extend_embeddings(
       x, self.local, segment_ids=segment_ids, groups=groups, extra_attention=extra
     )
-    return logits, mem.replace(local=local)
+    # A chunk with more tokens of the memory track than its window evicts some of its own tokens, which never were
+    # in the cache to be moved to the memory: those rows get NaN logits (an error when the chunk is concrete).
+    over = jnp.sum(plan.seg == policy.track, axis=1) > policy.window
+    if is_concrete(over) and bool(jnp.any(over)):
+      raise ValueError(
+        f"a chunk holds more tokens of the memory track than its window {policy.window}: tokens it evicts from "
+        "itself would be lost; use shorter chunks"
+      )
+    return jnp.where(over[:, None, None], jnp.nan, logits), mem.replace(local=local)
 
   def _rebased(self, shift: Int[Array, " b"]) -> MemoryCache:
     """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track)."""

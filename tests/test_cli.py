@@ -39,8 +39,9 @@ def test_demo_quick_end_to_end(in_tmp):
   for row in res["rows"]:
     assert row["ppl"] > 1 and row["tokens_per_s"] > 0 and row["curve"] and row["latency"]
   assert (in_tmp / "demo" / "perplexity.png").stat().st_size > 0 and (in_tmp / "demo" / "latency.png").exists()
-  # a rerun reuses the finished checkpoints
-  assert cli.main(["demo", "--quick", "--no-progress", "--out", "demo2"]) == 0
+  # a rerun reuses the finished checkpoints (a shorter evaluation: what is tested here is the resume)
+  cfg = f"{ROOT}/configs/streaming_llm.py:eval_tokens=2048"
+  assert cli.main(["demo", "--quick", "--config", cfg, "--no-progress", "--out", "demo2"]) == 0
   res2 = json.loads((in_tmp / "demo2" / "results.json").read_text())
   assert all(m["resumed_from"] == m["steps"] for m in res2["models"].values())
 
@@ -98,6 +99,14 @@ def test_bench_stream_smoke(in_tmp):
     "--out",
     "bench",
     "--no-compare-scan",
+    "--positions",
+    "1000",
+    "--modes",
+    "absolute",
+    "--steps",
+    "16",
+    "--rounds",
+    "1",
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=in_tmp, env=env)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -123,6 +123,23 @@ def test_video_stream_with_retrieval_matches_a_dense_vision_track():
   assert TEXT == 0 and (out["dense"].answer != vqa.PAD).any()
 
 
+def test_only_reader_tracks_attend_the_memory():
+  """Two tracks, the memory on track 1 read by track 0 only: track-1 tokens compute exactly what they compute
+  without a memory, and track-0 tokens differ once track 1 has evicted tokens."""
+  model = tiny_model(seed=10)
+  n = 40
+  tokens = random_tokens(2, n, seed=11)
+  seg = jnp.asarray((np.arange(n)[None] * np.array([[1], [3]])) % 5 % 2, jnp.int32)
+  local = C.Segmented((C.SinkWindow(1, 8), C.Window(4)))
+  sizes = [4, 1, 3] + [2] * 16
+  step = jit_step(model)
+  want, _ = stream(step, tokens, model.init_cache(local, 2), sizes, seg)
+  got, _ = stream(step, tokens, model.init_cache(M.Compressed(local, slots=8, readers=(0,)), 2), sizes, seg)
+  vision = np.asarray(seg) == 1
+  np.testing.assert_allclose(np.asarray(got)[vision], np.asarray(want)[vision], **F32)
+  assert np.abs(np.asarray(got)[~vision] - np.asarray(want)[~vision]).max() > 1e-2
+
+
 def test_reset_row_starts_a_fresh_memory():
   model = tiny_model(seed=4)
   tokens = random_tokens(2, 30, seed=5)
@@ -165,7 +182,7 @@ def test_bad_input():
     M.Retrieval(C.Window(8), readers=(1,))
   model = tiny_model(seed=0)
   cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
-  with pytest.raises(ValueError, match="longer than the memory track's window"):
+  with pytest.raises(ValueError, match="more tokens of the memory track than its window"):
     model(random_tokens(1, 5, seed=1), cache)
   with pytest.raises(ValueError, match="cannot roll back"):
     C.rollback(cache, 1)
