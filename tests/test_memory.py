@@ -124,9 +124,10 @@ def test_video_stream_with_retrieval_matches_a_dense_vision_track():
 
 
 def test_only_reader_tracks_attend_the_memory():
-  """Two tracks, the memory on track 1 read by track 0 only: track-1 tokens compute exactly what they compute
-  without a memory, and track-0 tokens differ once track 1 has evicted tokens."""
-  model = tiny_model(seed=10)
+  """Two tracks, the memory on track 1 read by track 0 only, one layer (deeper, track-1 queries read track-0 keys
+  that the memory changed): track-1 tokens compute exactly what they compute without a memory, and track-0 tokens
+  differ once track 1 has evicted tokens."""
+  model = tiny_model(seed=10, num_layers=1)
   n = 40
   tokens = random_tokens(2, n, seed=11)
   seg = jnp.asarray((np.arange(n)[None] * np.array([[1], [3]])) % 5 % 2, jnp.int32)
