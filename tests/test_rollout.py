@@ -76,18 +76,23 @@ def test_padded_and_ragged_prefill_equals_the_offline_forward(policy):
   prompt = np.asarray(random_tokens(3, 9, seed=51))
   lengths = np.array([9, 4, 7])
   nxt = np.asarray(random_tokens(3, 1, seed=52))  # one more token after the prompt
+
+  def offline_last(row):
+    row = row[None]
+    if isinstance(policy, C.Recompute):  # the last token sees the last `window` tokens, re-indexed from 0
+      return model.forward(row[:, -policy.window :])[0, -1]
+    return model.forward(row, window=policy.window, num_sinks=policy.num_sinks)[0, -1]
+
+  rows = [prompt[r, : lengths[r]] for r in range(3)]
+  want_last = [offline_last(row) for row in rows]
+  want_after = [offline_last(np.append(row, nxt[r])) for r, row in enumerate(rows)]
   for chunk in (1, 4, 6):
     cache = model.init_cache(policy, 3)
     last, cache = rollout.prefill(model, prompt, cache, chunk_size=chunk, lengths=lengths)
     after, _ = model(nxt, cache)
     for r in range(3):
-      for got, row in ((last[r], prompt[r, : lengths[r]]), (after[r, 0], np.append(prompt[r, : lengths[r]], nxt[r]))):
-        row = row[None]
-        if isinstance(policy, C.Recompute):  # the last token sees the last `window` tokens, re-indexed from 0
-          want = model.forward(row[:, -policy.window :])[:, -1]
-        else:
-          want = model.forward(row, window=policy.window, num_sinks=policy.num_sinks)[:, -1]
-        np.testing.assert_allclose(got, want[0], **tol(jnp.float32))
+      np.testing.assert_allclose(last[r], want_last[r], **tol(jnp.float32))
+      np.testing.assert_allclose(after[r, 0], want_after[r], **tol(jnp.float32))
 
 
 def test_sampling_is_reproducible_and_depends_on_the_key():
