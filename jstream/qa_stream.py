@@ -76,7 +76,7 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   lm, p = model.lm, model.config.tokens_per_frame
   b = frame.shape[0]
   every = jnp.ones((b,), bool)
-  vis = model.encode(frame[:, None])[:, 0]  # [b, p, d]
+  vis = model.placed(model.encode(frame[:, None])[:, 0])  # [b, p, d]
   x = jnp.concatenate([lm.embed(left).astype(vis.dtype), vis], axis=1)
   segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), jnp.full((b, p), VISION)], axis=1)
   groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.zeros((b, p))], axis=1).astype(jnp.int32)

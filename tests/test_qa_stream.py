@@ -19,11 +19,12 @@ CONFIG = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.6)
 POLICY = C.Segmented((C.Dense(400), C.Dense(400)))
 
 
-def tiny_video_lm(seed=0):
+def tiny_video_lm(seed=0, frame_pos=False):
   lm = jstream.TransformerConfig(
     vocab_size=len(V.WORDS), num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64, scan_layers=False
   )
-  return VL.VideoLM(VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8), rngs=nnx.Rngs(seed))
+  config = VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, frame_pos=frame_pos)
+  return VL.VideoLM(config, rngs=nnx.Rngs(seed))
 
 
 def slots_said(record, n, length):
@@ -49,8 +50,9 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   that keeps everything) gives, at every tick, the decision, the announced label and the answer it produced; and
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
   positions. ``proactive=False``: every decision is ``<silent>`` (the same model speaks at some ticks otherwise),
-  and the slots fed back are ``video_lm.answers_only`` of the training layout."""
-  model = tiny_video_lm(seed=4)
+  and the slots fed back are ``video_lm.answers_only`` of the training layout; that case's model has a place
+  embedding on its frame tokens (``frame_pos``), which the runner must add as the offline forward does."""
+  model = tiny_video_lm(seed=4, frame_pos=not proactive)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
   n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question

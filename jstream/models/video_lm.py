@@ -171,6 +171,10 @@ class VideoLM(nnx.Module):
       x, _ = block(x, attend)
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
+  def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
+    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``)."""
+    return vis + self.frame_pos[...].astype(vis.dtype) if self.config.frame_pos else vis
+
   def patch_logits(self, vis: Float[Array, "b n p d"]) -> Float[Array, "b n p 11"]:
     """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""
     return self.patch_head(vis)
@@ -187,9 +191,7 @@ class VideoLM(nnx.Module):
     if frames.shape[:2] != (b, n):
       raise ValueError(f"frames {frames.shape} and text {text.shape} must have the same [batch, ticks]")
     p = self.config.tokens_per_frame
-    vis = self.encode(frames) if vis is None else vis  # [b, n, p, d]
-    if self.config.frame_pos:
-      vis = vis + self.frame_pos[...].astype(vis.dtype)
+    vis = self.placed(self.encode(frames) if vis is None else vis)  # [b, n, p, d]
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (p + ln), -1)
     seg_v = jnp.full((b, n, p), VISION, jnp.int32)
