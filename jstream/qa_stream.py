@@ -25,7 +25,9 @@ import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream import reduce
 from jstream.data import video_qa as vqa
+from jstream.memory import MemoryPolicy
 from jstream.models.video_lm import TEXT, VISION, VideoLM
 from jstream.typing import Array, ArrayLike, Float, Int
 
@@ -34,11 +36,14 @@ from jstream.typing import Array, ArrayLike, Float, Int
 class TickOutputs:
   """What the model said at each tick, ``[b, n]`` int32 word ids each: ``decision`` (``SILENT`` / ``SPEAK``),
   ``announced`` (the label word when it spoke, else ``PAD``), ``answer`` (the answer word when an answer was due,
-  else ``PAD``)."""
+  else ``PAD``); ``kept``: ``[b, n]`` frame tokens that entered the cache (all of them without a token drop);
+  ``drop_state``: the token drop's state after the last tick, for the next call (``None`` without a drop)."""
 
   decision: np.ndarray
   announced: np.ndarray
   answer: np.ndarray
+  kept: np.ndarray | None = None
+  drop_state: reduce.DropState | None = None
 
 
 def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
@@ -61,7 +66,32 @@ def _say(lm, ids: Array, say: Array, cache):
   return lm.extend(ids, cache, segment_ids=seg)
 
 
-def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Array, "b q"], proactive: bool = True):
+def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], drop, drop_state):
+  """The frame's tokens for the cache ``[b, p, d]``, whether each is kept ``[b, p]``, and the drop state.
+
+  With a token drop (``reduce.DifferentialDrop``, TimeChat-Online) the rule reads the frame encoder's tokens; the
+  kept tokens move to the front in place order (their place is in their features: the encoder's and the
+  ``frame_pos`` embeddings) and the dropped ones become padding. A frame keeps at least one token (its last place
+  when the rule keeps none): the decision is read after the frame's last kept token."""
+  vis = model.encode(frame[:, None])  # [b, 1, p, d]
+  if drop is None:
+    return model.placed(vis[:, 0]), jnp.ones(vis.shape[:1] + vis.shape[2:3], bool), drop_state
+  keep, drop_state = drop(vis, drop_state)
+  keep = keep[:, 0]
+  keep = keep.at[:, -1].set(keep[:, -1] | ~jnp.any(keep, axis=1))
+  order = jnp.argsort(~keep, axis=1, stable=True)
+  vis = jnp.take_along_axis(model.placed(vis[:, 0]), order[..., None], axis=1)
+  return vis, jnp.take_along_axis(keep, order, axis=1), drop_state
+
+
+def _tick(
+  model: VideoLM,
+  carry,
+  frame: Float[Array, "b _ _"],
+  question: Int[Array, "b q"],
+  proactive: bool = True,
+  drop: reduce.DifferentialDrop | None = None,
+):
   """One tick in two calls of the model, three when a row speaks.
 
   1. The words left from the previous tick (its answer and ``<eos>``, where one was due) and the frame's tokens:
@@ -70,18 +100,20 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   3. The rest of the slot: the decision (unless call 2 fed it), the label and ``<eos>`` where a row speaks, and
      the question; the answer is read after its last word and carried to the next tick's first call.
 
-  ``proactive=False``: the decision is always ``<silent>`` (a model that speaks only when asked).
+  ``proactive=False``: the decision is always ``<silent>`` (a model that speaks only when asked). ``drop``: a
+  token drop before the cache (``_frame_tokens``).
   """
-  cache, left = carry
-  lm, p = model.lm, model.config.tokens_per_frame
+  cache, left, drop_state = carry
+  lm = model.lm
   b = frame.shape[0]
   every = jnp.ones((b,), bool)
-  vis = model.placed(model.encode(frame[:, None])[:, 0])  # [b, p, d]
+  vis, kept, drop_state = _frame_tokens(model, frame, drop, drop_state)
   x = jnp.concatenate([lm.embed(left).astype(vis.dtype), vis], axis=1)
-  segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), jnp.full((b, p), VISION)], axis=1)
-  groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.zeros((b, p))], axis=1).astype(jnp.int32)
+  segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), jnp.where(kept, VISION, -1)], axis=1)
+  groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.where(kept, 0, -1)], axis=1).astype(jnp.int32)
   logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs.astype(jnp.int32), groups=groups)
-  after = logits[:, -1]
+  last = left.shape[1] + jnp.sum(kept, axis=1) - 1  # the frame's last kept token
+  after = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   speak = (after[:, vqa.SPEAK] > after[:, vqa.SILENT]) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
 
@@ -105,21 +137,23 @@ def _tick(model: VideoLM, carry, frame: Float[Array, "b _ _"], question: Int[Arr
   at = jnp.take_along_axis(logits, (head.shape[1] + jnp.maximum(n_q - 1, 0))[:, None, None], axis=1)[:, 0]
   answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
   left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
-  return (cache, left), (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
+  outs = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad), jnp.sum(kept, axis=1).astype(jnp.int32))
+  return (cache, left, drop_state), outs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions, proactive):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
+def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
-    return _tick(model, carry, *xs, proactive=proactive)
+    return _tick(model, carry, *xs, proactive=proactive, drop=drop)
 
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
-  (cache, left), outs = jax.lax.scan(step, (cache, left), (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1)))
+  xs = (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1))
+  (cache, left, drop_state), outs = jax.lax.scan(step, (cache, left, drop_state), xs)
   _, cache = _say(model.lm, left, jnp.ones((b,), bool), cache)  # the last tick's answer
-  return cache, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
+  return cache, drop_state, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
 
 
 def run(
@@ -129,11 +163,15 @@ def run(
   questions: Int[ArrayLike, "b n q"],
   *,
   proactive: bool = True,
+  drop: reduce.DifferentialDrop | None = None,
+  drop_state: reduce.DropState | None = None,
 ) -> tuple[cache_lib.Cache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
   ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained
-  to answer only when asked (``VideoTask.streaming_objective=False``)."""
+  to answer only when asked (``VideoTask.streaming_objective=False``). ``drop``: TimeChat-Online's differential
+  token drop before the cache (dropped frame tokens are padding: not cached, no compute for a new shape);
+  ``drop_state``: the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's)."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -141,9 +179,11 @@ def run(
     raise ValueError(f"frames {frames.shape} and questions {questions.shape} must share [batch, ticks]")
   if frames.shape[2:] != model.config.frame_size:
     raise ValueError(f"frames must be {model.config.frame_size}, got {frames.shape[2:]}")
+  if drop is not None and drop_state is None:
+    drop_state = reduce.init_drop_state(frames.shape[0], model.config.tokens_per_frame, model.config.lm.embed_dim)
   graphdef, state = nnx.split(model)
-  cache, (decision, announced, answer) = _run(graphdef, state, cache, frames, questions, bool(proactive))
-  return cache, TickOutputs(*(np.asarray(x) for x in (decision, announced, answer)))
+  cache, drop_state, outs = _run(graphdef, state, cache, frames, questions, bool(proactive), drop, drop_state)
+  return cache, TickOutputs(*(np.asarray(x) for x in outs), drop_state=drop_state)
 
 
 def track_tokens(num_ticks: int, tokens_per_frame: int, question_len: int | None = None) -> dict[str, int]:
@@ -158,6 +198,8 @@ def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: i
   """Raises a clear error if a bounded (``Dense``) track of ``policy`` may overflow in ``num_ticks`` ticks
   (``track_tokens``)."""
   need = track_tokens(num_ticks, tokens_per_frame, question_len)
+  if isinstance(policy, MemoryPolicy):
+    policy = policy.local
   if isinstance(policy, cache_lib.Segmented):
     tracks = {"text": policy.segments[TEXT], "vision": policy.segments[VISION]}
   else:
@@ -172,13 +214,15 @@ def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: i
 
 @dataclasses.dataclass
 class StreamRecord:
-  """A stream's ground truth (its questions and due announcements) and what the model said, tick by tick."""
+  """A stream's ground truth (its questions and due announcements) and what the model said, tick by tick;
+  ``kept``: the frame tokens cached at each tick (``TickOutputs.kept``)."""
 
   questions: list[vqa.Question]
   announcements: list[tuple[int, int, int]]
   decision: np.ndarray
   announced: np.ndarray
   answer: np.ndarray
+  kept: np.ndarray | None = None
 
 
 def answer_streams(
@@ -192,11 +236,12 @@ def answer_streams(
   dtype=jnp.float32,
   call_seconds: list[float] | None = None,
   proactive: bool = True,
+  drop: reduce.DifferentialDrop | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
   per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
-  wall time of each call of ``run`` (the first includes compilation). ``proactive``: see ``run``."""
+  wall time of each call of ``run`` (the first includes compilation). ``proactive``, ``drop``: see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -205,7 +250,8 @@ def answer_streams(
   # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
   # parameters (a restored checkpoint's) would make the second call compile again.
   cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])
-  records = [StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(3))) for _ in streams]
+  records = [StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4))) for _ in streams]
+  drop_state = None
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
     frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
@@ -214,7 +260,9 @@ def answer_streams(
       for q in c.questions:
         questions[row, q.frame - c.start] = question_ids(q, qlen)
     t0 = time.perf_counter()
-    cache, out = run(model, cache, frames, questions, proactive=proactive)  # NumPy arrays: the call has finished
+    # NumPy outputs: the call has finished when it returns
+    cache, out = run(model, cache, frames, questions, proactive=proactive, drop=drop, drop_state=drop_state)
+    drop_state = out.drop_state
     if call_seconds is not None:
       call_seconds.append(time.perf_counter() - t0)
     for row, (c, rec) in enumerate(zip(chunks, records)):
@@ -223,6 +271,7 @@ def answer_streams(
       rec.decision = np.concatenate([rec.decision, out.decision[row]])
       rec.announced = np.concatenate([rec.announced, out.announced[row]])
       rec.answer = np.concatenate([rec.answer, out.answer[row]])
+      rec.kept = np.concatenate([rec.kept, out.kept[row]])
   return records
 
 

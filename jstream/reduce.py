@@ -27,6 +27,7 @@ non-zero vector as dissimilar.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -91,6 +92,24 @@ def check_drop_args(threshold: float | None, keep_ratio: float | None, reference
     raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
   if reference not in ("previous", "kept"):
     raise ValueError(f"reference must be 'previous' or 'kept', got {reference!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialDrop:
+  """``differential_drop``'s rule as a static, hashable setting (what the video stream runner takes: ``jstream.
+  qa_stream.run(..., drop=DifferentialDrop(threshold=0.9))``). Exactly one of ``threshold`` and ``keep_ratio``."""
+
+  threshold: float | None = None
+  keep_ratio: float | None = None
+  reference: str = "previous"
+
+  def __post_init__(self):
+    check_drop_args(self.threshold, self.keep_ratio, self.reference)
+
+  def __call__(self, tokens: Float[ArrayLike, "b n p d"], state: DropState) -> tuple[Bool[Array, "b n p"], DropState]:
+    return differential_drop(
+      tokens, state, threshold=self.threshold, keep_ratio=self.keep_ratio, reference=self.reference
+    )
 
 
 def differential_drop(

@@ -105,6 +105,35 @@ def test_batched_ragged_streams_equal_each_stream_alone():
       np.testing.assert_array_equal(getattr(rec, name), getattr(alone, name))
 
 
+def test_token_drop_caches_what_the_rule_keeps_across_calls():
+  """TimeChat-Online's drop in the runner: per tick, the frame tokens cached are those one call of
+  ``reduce.differential_drop`` over the whole stream keeps (at least one), with the state carried across the
+  runner's calls; the cache's vision track holds exactly them; keeping every token changes nothing; the drop
+  removes most of these mostly-black frames' tokens."""
+  from jstream import reduce as R
+
+  model = tiny_video_lm(seed=7)
+  policy = C.Segmented((C.Dense(400), C.Dense(400)))
+  n, p = 8, model.config.tokens_per_frame
+  streams = lambda: [V.VideoQAStream(CONFIG, "test", i) for i in (8, 9)]
+  drop = R.DifferentialDrop(threshold=0.95)
+  got = Q.answer_streams(model, policy, streams(), n, ticks_per_call=4, drop=drop)
+  frames = np.stack([s.take(n).frames for s in streams()]).astype(np.float32) / 255.0
+  keep, _ = R.differential_drop(model.encode(jnp.asarray(frames)), R.init_drop_state(2, p, 32), threshold=0.95)
+  want = np.maximum(np.asarray(keep).sum(-1), 1)
+  np.testing.assert_array_equal(np.stack([r.kept for r in got]), want)
+  assert 0.2 < want.mean() / p < 0.9  # this rule drops a share of the tokens, not all or none
+  everything = Q.answer_streams(model, policy, streams(), n, ticks_per_call=4, drop=R.DifferentialDrop(keep_ratio=1.0))
+  plain = Q.answer_streams(model, policy, streams(), n, ticks_per_call=4)
+  for a, b in zip(everything, plain):
+    for name in ("decision", "announced", "answer", "kept"):
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+  # the cache holds the kept tokens only
+  qs = np.zeros((2, 4, V.MAX_QUESTION_WORDS + 2), np.int32)  # the shapes above: no new compilation
+  cache, out = Q.run(model, model.init_cache(policy, 2), jnp.asarray(frames[:, :4]), qs, drop=drop)
+  np.testing.assert_array_equal(np.asarray(cache.count)[:, 1], out.kept.sum(axis=1))
+
+
 def test_a_long_stream_compiles_once():
   """Also when the parameters are committed to a device (as a restored checkpoint's are) and the fresh cache
   would not be: the calls after the first then see a committed cache."""
