@@ -18,7 +18,11 @@ a question's words retrieve from the store of every evicted frame) and ``compres
 Compressed``, Flash-VStream-style: half the window, half merged memory slots read by the question's words); the
 text track is the same in all. Per (method, budget): accuracy per question type, the kept-token share (vision
 tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the retrieval store
-apart), and ``memory.png`` (accuracy per question category against the budget).
+apart), and ``memory.png`` (accuracy per question category against the budget). ``--drop 0.9,0.99`` (also
+issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with TimeChat-Online's differential
+token drop (``jstream.reduce.DifferentialDrop``: a frame token whose encoder features are more similar than the
+threshold to the same place's in the previous frame is not cached) and reports the share of frame tokens dropped
+and the accuracy relative to no drop.
 
 Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
 that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
@@ -43,7 +47,7 @@ import numpy as np
 
 from jstream import cache as C
 from jstream import memory as M
-from jstream import qa_stream
+from jstream import qa_stream, reduce
 from jstream.data import video_qa
 from jstream.models.video_lm import TEXT
 from jstream.process_memory import reset_peak_rss, rss_mib
@@ -132,6 +136,27 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   return rows
 
 
+def drop_sweep(model, args, data_config, streams, proactive) -> list[dict]:
+  """The ``--drop`` sweep: the ``sinks+window`` policy without a drop and with TimeChat-Online's differential drop
+  at each threshold; one row each, with the share of frame tokens dropped and the mean accuracy over the answered
+  question types relative to no drop."""
+  policy = video_policy(args.window, args.sinks)
+  rows = []
+  for threshold in [None] + [float(x) for x in args.drop.split(",") if x]:
+    drop = None if threshold is None else reduce.DifferentialDrop(threshold=threshold)
+    r = measure(model, policy, data_config, streams, args.memory_frames, args.ticks_per_call, proactive, drop)
+    r["mean_accuracy"] = float(np.mean([v["accuracy"] for t, v in r["scores"].items() if t != "proactive"]))
+    r["dropped"] = 1.0 - r["frame_tokens_kept"]
+    r["relative_accuracy"] = r["mean_accuracy"] / max(rows[0]["mean_accuracy"], 1e-9) if rows else 1.0
+    rows.append({"threshold": threshold, "frames": args.memory_frames, **r})
+    acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
+    print(
+      f"  drop {threshold!s:<6} {r['dropped']:.3f} of frame tokens dropped: {acc}; mean {r['mean_accuracy']:.3f} "
+      f"({r['relative_accuracy']:.3f} of no drop); {r['ms_per_frame']:.2f} ms/frame"
+    )
+  return rows
+
+
 def chance(records) -> dict[str, float]:
   """Per question type, the share of its most common answer (what always giving that answer scores)."""
   answers = collections.defaultdict(collections.Counter)
@@ -143,15 +168,23 @@ def chance(records) -> dict[str, float]:
 
 
 def measure(
-  model, policy, data_config, streams: list[int], frames: int, ticks_per_call: int, proactive: bool = True
+  model,
+  policy,
+  data_config,
+  streams: list[int],
+  frames: int,
+  ticks_per_call: int,
+  proactive: bool = True,
+  drop: reduce.DifferentialDrop | None = None,
 ) -> dict:
   """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them.
-  ``proactive=False``: the model answers only when asked (``qa_stream.run``)."""
+  ``proactive=False``: the model answers only when asked; ``drop``: a token drop before the cache
+  (``qa_stream.run``)."""
   qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
   times: list[float] = []
   reset_peak_rss()
   records = qa_stream.answer_streams(
-    model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times, proactive=proactive
+    model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times, proactive=proactive, drop=drop
   )
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
@@ -166,6 +199,7 @@ def measure(
     "first_call_s": times[0],
     "cache_mib": cache_mib,
     "peak_rss_mib": rss_mib()[1],
+    "frame_tokens_kept": float(np.mean([r.kept for r in records])) / model.config.tokens_per_frame,
   }
 
 
@@ -183,7 +217,8 @@ def main(argv=None) -> int:
   parser.add_argument("--speed-batches", default="1,8", help="batch sizes of the speed table (sinks+window)")
   parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
   parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
-  parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory sweep")
+  parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory / drop sweeps")
+  parser.add_argument("--drop", default="", help="comma-separated drop thresholds: run the token drop sweep instead")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
@@ -200,21 +235,17 @@ def main(argv=None) -> int:
   data_config = cfg.video.data_config()
   proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
-  if args.memory:
-    rows = memory_sweep(model, args, data_config, streams, proactive)
-    result = {
-      "device": device,
-      "jax": jax.__version__,
-      "args": vars(args),
-      "model_step": step,
-      "train_last_metrics": train_log,
-      "streams": streams,
-      "memory_rows": rows,
-      "seconds": time.time() - t0,
-    }
+  if args.memory or args.drop:
+    result = {"device": device, "jax": jax.__version__, "args": vars(args), "model_step": step}
+    result.update(train_last_metrics=train_log, streams=streams)
+    if args.memory:
+      result["memory_rows"] = memory_sweep(model, args, data_config, streams, proactive)
+      plot_memory(result, out / "memory.png")
+    if args.drop:
+      result["drop_rows"] = drop_sweep(model, args, data_config, streams, proactive)
+    result["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    plot_memory(result, out / "memory.png")
-    print(f"wrote {out / 'results.json'} and {out / 'memory.png'} ({result['seconds']:.0f} s)")
+    print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
     return 0
   rows = []
   for frames in lengths:

@@ -182,9 +182,10 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
     assert set(r["chance"]) == {t for t in r["scores"] if t != "proactive"}
   assert (in_tmp / "bench" / "accuracy.png").exists() and res["model_step"] == 6
   assert [r["batch"] for r in res["speed"]] == [1, 2] and all(r["frames_per_s"] > 0 for r in res["speed"])
-  # the memory sweep (issue 11) on the same model: window, retrieval and compressed memory at one budget
+  # the memory and token drop sweeps (issue 11) on the same model: window, retrieval and compressed memory at one
+  # budget; no drop and a drop at one threshold
   out = subprocess.run(
-    [*cmd[:-4], "--out", "mem", "--workdir", "run", "--memory", "16", "--no-progress"],
+    [*cmd[:-4], "--out", "mem", "--workdir", "run", "--memory", "16", "--drop", "0.9", "--no-progress"],
     capture_output=True,
     text=True,
     timeout=600,
@@ -192,10 +193,13 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
     env=env,
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  mem = json.loads((in_tmp / "mem" / "results.json").read_text())["memory_rows"]
+  mem_res = json.loads((in_tmp / "mem" / "results.json").read_text())
+  mem = mem_res["memory_rows"]
   assert [r["method"] for r in mem] == ["window", "retrieval", "compressed"] and {r["budget"] for r in mem} == {16}
   assert all(0 < r["kept_share"] <= 1 and r["ms_per_frame"] > 0 for r in mem)
   assert mem[1]["store_mib"] > 0 and (in_tmp / "mem" / "memory.png").exists()
+  drop = mem_res["drop_rows"]  # and the token drop sweep: no drop, then threshold 0.9
+  assert [r["threshold"] for r in drop] == [None, 0.9] and drop[0]["dropped"] == 0 and 0 < drop[1]["dropped"] < 1
   # the show command reuses the trained model and draws one stream
   cmd = [sys.executable, "-m", "jstream.cli", "video-qa", "show", "--quick", "--workdir", "run", "--out", "show"]
   out = subprocess.run(
