@@ -18,7 +18,8 @@ streams ask alike), ``asked`` (VideoLLM-online's baseline to its streaming objec
 decision or announcement is trained, the model answers only when asked; in ``runs/video_lm_asked``), ``where`` (a
 diagnostic: every question is a where-question, at 60% of the ticks; ``runs/video_lm_where``), ``frame_pos`` (a
 learned place embedding on the frame tokens the language model reads, ``VideoLMConfig.frame_pos``; workdir suffix
-``_pos``). Flags
+``_pos``), ``carrier`` (VideoScan's carrier token after each frame: the frame's patches are seen by their own tick
+only and one token per frame stays in the cache, ``VideoLMConfig.carrier``; workdir suffix ``_carrier``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -30,7 +31,8 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos"}
+  known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
+  unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
   cfg = presets.video_lm_run("runs/video_lm", steps=800, checkpoint_every=100)
@@ -52,6 +54,8 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_where")
   if "frame_pos" in flags:  # a learned place embedding on the frame tokens the language model reads
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frame_pos=True), workdir=cfg.workdir + "_pos")
+  if "carrier" in flags:  # VideoScan: one carrier token per frame stays in the cache, the patches do not
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, carrier=True), workdir=cfg.workdir + "_carrier")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -63,6 +67,8 @@ def get_config(*flags: str) -> TrainConfig:
       encoder_layers=1,
       patch_loss=1.0,
       encoder_steps=2,
+      frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink
+      carrier=cfg.video.carrier,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
-  p = model.config.tokens_per_frame
+  p = model.config.frame_len
   forward = jax.jit(lambda f, t: model.training_outputs(f, t)[0])
   it = train_iterator(cfg, "test")
   preds, texts, qtypes = [], [], []

@@ -27,10 +27,12 @@ enters the memory before that chunk's attention, so nothing is seen twice and no
 the memory. With ``top_k`` covering every stored block (or ``slots`` at least the evicted tokens) the local cache
 plus the memory is the full past, and a stream equals one under a ``Dense`` cache (tested).
 
-Positions. Keys are stored as the local cache stores them: rotated by RoPE at their stream position
-(``absolute`` policies; the only mode supported so far), so a retrieved token keeps its true distance to the
-query; a merged slot's key is the mean of rotated keys. Re-indexing retrieved blocks to positions just before
-the window (ReKV's choice for models that cannot extrapolate) is not built.
+Positions. Keys are stored as the local cache stores them, rotated by RoPE: at their stream position
+(``absolute``) or at their index within the memory track (``cache_relative``: StreamingVLM's contiguous positions
+per track, the index rebase of endless streams included), and a query attends the memory in the frame it attends
+the memory track's window with, so a memory token keeps its true distance (in stream positions or in the track's
+tokens) to the query; a merged slot's key is the mean of rotated keys. Re-indexing retrieved blocks to positions
+just before the window (ReKV's choice for models that cannot extrapolate far) is not built.
 
 Where the memory lives. Everything is one pytree that a compiled stream carries (``MemoryCache``), so a stream of
 any length is one compiled program at fixed memory. The store of ``Retrieval`` is in the same device memory as
@@ -65,8 +67,8 @@ class MemoryPolicy(pol.Policy):
   """Base class of the memory policies (see the module docstring): a local KV policy plus a memory tier.
 
   Attributes:
-    local: the local cache's policy: ``Window``, ``SinkWindow`` or ``Segmented`` of them / ``Dense``, with
-      ``absolute`` positions; the memory track must be a ``Window`` or ``SinkWindow`` without rollback room.
+    local: the local cache's policy: ``Window``, ``SinkWindow`` or ``Segmented`` of them / ``Dense``, either
+      position mode; the memory track must be a ``Window`` or ``SinkWindow`` without rollback room.
     track: the track whose evicted tokens enter the memory (default: the last).
     readers: the tracks whose queries attend the memory (default: all).
   """
@@ -79,11 +81,6 @@ class MemoryPolicy(pol.Policy):
     if not isinstance(self.local, (pol.Window, pol.SinkWindow, pol.Segmented)):
       raise TypeError(
         f"{type(self).__name__}.local must be a Window, SinkWindow or Segmented policy, got {self.local!r}"
-      )
-    if self.local.positions != "absolute":
-      raise ValueError(
-        f"{type(self).__name__} supports absolute positions only so far, got local positions "
-        f"{self.local.positions!r} (re-indexing retrieved tokens is not built)"
       )
     tracks = self.local.tracks()
     track = len(tracks) - 1 if self.track is None else self.track
@@ -272,10 +269,15 @@ class MemoryCache:
     t = x.shape[1]
     cfg = model.config
     plan = plan_lib.plan(self.local, segment_ids, t, groups)  # the model plans the same chunk again (CSE'd)
-    mem = self._rebased(plan.shift[:, policy.track])
-    mem = mem._append(*_evicted(self.local, plan, policy.track))
+    shift = plan.shift[:, policy.track]
+    k_out, v_out, idx_out, valid = _evicted(self.local, plan, policy.track)
+    relative = policy.positions == "cache_relative"
+    if relative:  # gathered before the model rotates the local ring back by a rebase's shift: rotate them too
+      k_out = _rotate_back(k_out, shift, cfg.rope_base)
+    mem = self._rebased(shift, cfg.rope_base)._append(k_out, v_out, idx_out, valid)
     limit = _read_limit(plan, policy)
-    cos, sin = rope_cos_sin(jnp.maximum(plan.tok_pos, 0), cfg.head_dim, cfg.rope_base)
+    q_pos = plan.q_idx[:, policy.track] if relative else plan.tok_pos  # the memory track's window's query frame
+    cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.head_dim, cfg.rope_base)
 
     def extra(_, layer, q):
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
@@ -297,10 +299,20 @@ class MemoryCache:
       )
     return jnp.where(over[:, None, None], jnp.nan, logits), mem.replace(local=local)
 
-  def _rebased(self, shift: Int[Array, " b"]) -> MemoryCache:
-    """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track)."""
+  def _rebased(self, shift: Int[Array, " b"], rope_base: float) -> MemoryCache:
+    """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track); in
+    ``cache_relative`` mode the keys are rotated back by the shift too (in a zero-or-one-trip loop, which updates
+    the memory in place when no row rebases: ``jstream.nn.cached_attention.rerotate``)."""
     s = shift[None, :, None, None]
-    return self.replace(idx=jnp.where(self.idx >= 0, jnp.maximum(self.idx - s, 0), -1))
+    idx = jnp.where(self.idx >= 0, jnp.maximum(self.idx - s, 0), -1)
+    k = self.k
+    if self.policy.positions == "cache_relative":
+
+      def body(state):
+        return jnp.array(False), _rotate_back(state[1], shift, rope_base)
+
+      k = jax.lax.while_loop(lambda state: state[0], body, (jnp.any(shift != 0), k))[1]
+    return self.replace(idx=idx, k=k)
 
   def _append(self, k, v, idx, valid) -> MemoryCache:
     """Adds the evicted tokens ``k, v [l, b, k, t, h]``, ``idx [b, t]`` where ``valid [b, t]`` (in stream order)."""
@@ -377,6 +389,12 @@ def _evicted(local: kv_lib.KVCache, plan: plan_lib.Plan, track: int):
     k = jnp.stack([gather_k(buf) for buf in local.k])
     v = jnp.stack([gather_v(buf) for buf in local.v])
   return k, v, old, valid
+
+
+def _rotate_back(k: Float[Array, "l b k s h"], shift: Int[Array, " b"], rope_base: float) -> Array:
+  """Keys of every layer ``[l, b, k, s, h]`` rotated by RoPE at ``-shift`` of their row."""
+  cos, sin = rope_cos_sin(-shift, k.shape[-1], rope_base)  # [b, h / 2]
+  return apply_rope(k, cos[None, :, None, None], sin[None, :, None, None]).astype(k.dtype)
 
 
 def _read_limit(plan: plan_lib.Plan, policy: MemoryPolicy) -> Int[Array, "b t"]:

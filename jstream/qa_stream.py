@@ -28,7 +28,7 @@ from jstream import cache as cache_lib
 from jstream import reduce
 from jstream.data import video_qa as vqa
 from jstream.memory import MemoryPolicy
-from jstream.models.video_lm import TEXT, VISION, VideoLM
+from jstream.models.video_lm import FRAME, TEXT, VISION, VideoLM
 from jstream.typing import Array, ArrayLike, Float, Int
 
 
@@ -108,11 +108,18 @@ def _tick(
   b = frame.shape[0]
   every = jnp.ones((b,), bool)
   vis, kept, drop_state = _frame_tokens(model, frame, drop, drop_state)
+  carrier = model.config.carrier
+  seg_f, group_f = jnp.where(kept, FRAME if carrier else VISION, -1), jnp.where(kept, 0, -1)
+  last = left.shape[1] + jnp.sum(kept, axis=1) - 1  # the frame's last kept token ...
+  if carrier:  # ... or its carrier, always there, after the patches (VideoLMConfig.carrier)
+    vis = jnp.concatenate([vis, jnp.broadcast_to(model.carrier[...].astype(vis.dtype), (b, 1, vis.shape[-1]))], 1)
+    seg_f = jnp.concatenate([seg_f, jnp.full((b, 1), VISION)], axis=1)
+    group_f = jnp.concatenate([group_f, jnp.full((b, 1), -1)], axis=1)
+    last = jnp.full((b,), left.shape[1] + vis.shape[1] - 1)
   x = jnp.concatenate([lm.embed(left).astype(vis.dtype), vis], axis=1)
-  segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), jnp.where(kept, VISION, -1)], axis=1)
-  groups = jnp.concatenate([jnp.full(left.shape, -1), jnp.where(kept, 0, -1)], axis=1).astype(jnp.int32)
-  logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs.astype(jnp.int32), groups=groups)
-  last = left.shape[1] + jnp.sum(kept, axis=1) - 1  # the frame's last kept token
+  segs = jnp.concatenate([jnp.where(left != vqa.PAD, TEXT, -1), seg_f], axis=1).astype(jnp.int32)
+  groups = jnp.concatenate([jnp.full(left.shape, -1), group_f], axis=1).astype(jnp.int32)
+  logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
   after = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   speak = (after[:, vqa.SPEAK] > after[:, vqa.SILENT]) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
@@ -246,7 +253,7 @@ def answer_streams(
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
   qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
-  check_capacity(policy, num_ticks, model.config.tokens_per_frame, qlen)
+  check_capacity(policy, num_ticks, 1 if model.config.carrier else model.config.tokens_per_frame, qlen)
   # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
   # parameters (a restored checkpoint's) would make the second call compile again.
   cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])

@@ -17,17 +17,17 @@ F32 = tol(jnp.float32)
 
 
 @pytest.mark.parametrize(
-  "memory",
+  "memory,scan_layers",
   [
-    lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12),
-    lambda local: M.Compressed(local, slots=36),
+    (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12), False),
+    (lambda local: M.Compressed(local, slots=36), True),
   ],
-  ids=["retrieval", "compressed"],
+  ids=["retrieval-per-layer", "compressed-stacked"],
 )
-@pytest.mark.parametrize("scan_layers", [True, False])
 def test_memory_of_everything_is_dense(memory, scan_layers):
   """A memory that keeps every evicted token as it is (all blocks retrieved; a slot per token) plus the window is
-  the whole past: the stream equals the offline forward, in chunks and token by token (the read-only path)."""
+  the whole past: the stream equals the offline forward, in chunks and token by token (the read-only path). The
+  layer structures alternate (the reference test covers both for both memories)."""
   model = tiny_model(seed=1, scan_layers=scan_layers)
   tokens = random_tokens(2, 40, seed=2)
   policy = memory(C.SinkWindow(2, 6))
@@ -96,7 +96,10 @@ def test_merged_slot_attends_like_its_tokens():
 
 def test_video_stream_with_retrieval_matches_a_dense_vision_track():
   """The compiled video-QA runner with a retrieval memory on the vision track (blocks of one frame, every block
-  retrieved, frames and words reading) answers exactly as with a vision track that keeps every frame."""
+  retrieved, frames and words reading) answers exactly as with a vision track that keeps every frame, cache-relative
+  (memory tokens keep their distance in vision tokens, which is not the stream's; the text tests cover absolute
+  positions)."""
+  positions = "cache_relative"
   from jstream import presets, qa_stream
   from jstream.data import video_qa as vqa
   from jstream.models.video_lm import TEXT, VISION, VideoLM, VideoLMConfig
@@ -111,9 +114,9 @@ def test_video_stream_with_retrieval_matches_a_dense_vision_track():
     [np.stack([qa_stream.question_ids(q if (t + row) % 4 == 1 else None, 9) for t in range(n)]) for row in range(b)]
   )
   text = C.SinkWindow(2, 40)
-  local = C.Segmented((text, C.Window(3 * p)))
+  local = C.Segmented((text, C.Window(3 * p)), positions=positions)
   retrieval = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION)
-  dense = C.Segmented((text, C.Dense(n * p)))
+  dense = C.Segmented((text, C.Dense(n * p)), positions=positions)
   out = {}
   for name, policy in {"retrieval": retrieval, "dense": dense}.items():
     _, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
@@ -139,6 +142,28 @@ def test_only_reader_tracks_attend_the_memory():
   vision = np.asarray(seg) == 1
   np.testing.assert_allclose(np.asarray(got)[vision], np.asarray(want)[vision], **F32)
   assert np.abs(np.asarray(got)[~vision] - np.asarray(want)[~vision]).max() > 1e-2
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_rebase_is_invisible(monkeypatch, positions):
+  """The index rebase of endless streams (every 2**29 tokens) shifts the memory's indices and, cache-relative, rotates
+  its keys back like the local ring's: no output changes; run it every 24 tokens."""
+  from jstream.cache import planner
+
+  model = tiny_model(seed=12)
+  tokens = random_tokens(1, 80, seed=13)
+  sizes = chunk_sizes(80, [1, 3, 4], seed=14)
+  for policy in (
+    M.Retrieval(C.SinkWindow(1, 5, positions=positions), block=2, top_k=3, store_blocks=5),
+    M.Compressed(C.Window(4, positions=positions), slots=6),
+  ):
+    want, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+    with monkeypatch.context() as m:
+      m.setattr(planner, "REBASE_AT", 24)
+      m.setattr(planner, "REBASE_SHIFT", 12)
+      got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+    assert int(cache.local.count[0, 0]) < 40  # rebased repeatedly
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_reset_row_starts_a_fresh_memory():
@@ -169,8 +194,6 @@ def test_memory_bytes_and_compiles_once():
 
 
 def test_bad_input():
-  with pytest.raises(ValueError, match="absolute positions only"):
-    M.Retrieval(C.Window(8, positions="cache_relative"))
   with pytest.raises(ValueError, match="max_rollback=0"):
     M.Compressed(C.Window(8, max_rollback=2))
   with pytest.raises(TypeError, match="Window, SinkWindow or Segmented"):

@@ -19,11 +19,11 @@ CONFIG = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.6)
 POLICY = C.Segmented((C.Dense(400), C.Dense(400)))
 
 
-def tiny_video_lm(seed=0, frame_pos=False):
+def tiny_video_lm(seed=0, **kw):
   lm = jstream.TransformerConfig(
     vocab_size=len(V.WORDS), num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64, scan_layers=False
   )
-  config = VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, frame_pos=frame_pos)
+  config = VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, **kw)
   return VL.VideoLM(config, rngs=nnx.Rngs(seed))
 
 
@@ -51,8 +51,10 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
   positions. ``proactive=False``: every decision is ``<silent>`` (the same model speaks at some ticks otherwise),
   and the slots fed back are ``video_lm.answers_only`` of the training layout; that case's model has a place
-  embedding on its frame tokens (``frame_pos``), which the runner must add as the offline forward does."""
-  model = tiny_video_lm(seed=4, frame_pos=not proactive)
+  embedding on its frame tokens (``frame_pos``), which the runner must add as the offline forward does, and the
+  other's has carrier tokens (``carrier``: the decision is read after the carrier, the patches go to the frame
+  track)."""
+  model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
   n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question
@@ -73,7 +75,7 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
     targets = np.zeros(text.shape, bool)
     text = np.asarray(VL.answers_only(jnp.asarray(text[None]), jnp.asarray(targets[None]))[0][0])
   logits, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
-  logits = np.asarray(VL.slot_logits(logits, n, 4)[0])
+  logits = np.asarray(VL.slot_logits(logits, n, model.config.frame_len)[0])
   by_frame = {q.frame: q for q in asked}
   for f in range(n):
     dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] and proactive else V.SILENT
@@ -108,8 +110,8 @@ def test_batched_ragged_streams_equal_each_stream_alone():
 def test_token_drop_caches_what_the_rule_keeps_across_calls():
   """TimeChat-Online's drop in the runner: per tick, the frame tokens cached are those one call of
   ``reduce.differential_drop`` over the whole stream keeps (at least one), with the state carried across the
-  runner's calls; the cache's vision track holds exactly them; keeping every token changes nothing; the drop
-  removes most of these mostly-black frames' tokens."""
+  runner's calls; the cache's vision track holds exactly them; the drop removes a share of these mostly-black
+  frames' tokens."""
   from jstream import reduce as R
 
   model = tiny_video_lm(seed=7)
@@ -123,11 +125,6 @@ def test_token_drop_caches_what_the_rule_keeps_across_calls():
   want = np.maximum(np.asarray(keep).sum(-1), 1)
   np.testing.assert_array_equal(np.stack([r.kept for r in got]), want)
   assert 0.2 < want.mean() / p < 0.9  # this rule drops a share of the tokens, not all or none
-  everything = Q.answer_streams(model, policy, streams(), n, ticks_per_call=4, drop=R.DifferentialDrop(keep_ratio=1.0))
-  plain = Q.answer_streams(model, policy, streams(), n, ticks_per_call=4)
-  for a, b in zip(everything, plain):
-    for name in ("decision", "announced", "answer", "kept"):
-      np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
   # the cache holds the kept tokens only
   qs = np.zeros((2, 4, V.MAX_QUESTION_WORDS + 2), np.int32)  # the shapes above: no new compilation
   cache, out = Q.run(model, model.init_cache(policy, 2), jnp.asarray(frames[:, :4]), qs, drop=drop)

@@ -84,6 +84,31 @@ def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed):
   assert not np.allclose(got[real], full[real], atol=1e-3)
 
 
+def test_carrier_tokens_stream_equals_the_offline_forward_and_only_carriers_stay():
+  """VideoScan's carrier (``VideoLMConfig.carrier``): streamed ticks equal the offline forward, with full attention
+  (everything but earlier frames' patches) and under a bounded policy; the cache keeps one vision token per frame
+  and the latest frame's patches; later ticks do not see earlier patches (the output differs from a model whose
+  patches stay)."""
+  model = tiny_video_lm(seed=25, carrier=True)
+  frames, text = ticks(2, 6, seed=26)
+  p, f = model.config.tokens_per_frame, model.config.frame_len
+  assert f == p + 1
+  real = np.concatenate([np.ones((2, 6, f), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
+  full = C.Segmented((C.Dense(64), C.Dense(64)))
+  got, cache = stream_ticks(model, frames, text, model.init_cache(full, 2), [1, 3, 2])
+  np.testing.assert_allclose(got[real], np.asarray(model.forward(frames, text))[real], atol=5e-5, rtol=5e-5)
+  np.testing.assert_array_equal(np.asarray(cache.count)[:, VL.VISION], 6)  # one carrier per frame
+  np.testing.assert_array_equal(np.asarray(cache.count)[:, VL.FRAME], 6 * p)  # a window of one frame's patches
+  bounded = C.Segmented((C.SinkWindow(1, 16), C.Window(3)))
+  got_b, _ = stream_ticks(model, frames, text, model.init_cache(bounded, 2), [2, 1, 2, 1])
+  want_b = np.asarray(model.forward(frames, text, policy=bounded))
+  np.testing.assert_allclose(got_b[real], want_b[real], atol=5e-5, rtol=5e-5)
+  kept_patches = model.forward(frames, text, policy=C.Segmented((C.Dense(99), C.Dense(99), C.Dense(99))))
+  assert not np.allclose(got[real], np.asarray(kept_patches)[real], atol=1e-3)
+  with pytest.raises(ValueError, match=r"third \(frame\) track"):
+    model.init_cache(C.Window(8), 1)
+
+
 def test_offline_policy_mask_rejects_what_it_cannot_emulate():
   model = tiny_video_lm(seed=23)
   frames, text = ticks(1, 2, seed=24)

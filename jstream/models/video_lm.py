@@ -36,8 +36,10 @@ from jstream.nn import cached_attention
 from jstream.nn.layers import Block, RMSNorm
 from jstream.typing import Array, Bool, Float, Int, Logits
 
-TEXT, VISION = 0, 1
-"""Cache tracks of a tick's tokens: ``Segmented((text_policy, vision_policy))``."""
+TEXT, VISION, FRAME = 0, 1, 2
+"""Cache tracks of a tick's tokens: ``Segmented((text_policy, vision_policy))``; a model with carrier tokens
+(``VideoLMConfig.carrier``) adds ``FRAME``, a window of one frame's patch tokens, and keeps its carriers in
+``VISION``."""
 PAD = 0
 """The id of the ``<pad>`` word (``jstream.data.video_qa.PAD``)."""
 SILENT, SPEAK = 1, 2
@@ -64,6 +66,11 @@ class VideoLMConfig:
       reads (beside the encoder's own, which its patch-label training may wash out). A frame's tokens share one
       stream position, so without a place signal in their features a question about *where* has nothing to attend
       by (Qwen2-VL gives patches 2D rotary positions for the same reason).
+    carrier: VideoScan's carrier token: each frame's patch tokens are followed by one learned token (its own
+      stream position, after the frame's) that attends them; the patches go to track ``FRAME``, a ``Window`` of one
+      frame, so they are seen by their own tick and leave the cache at the next frame, and only the carrier stays
+      (track ``VISION``): one cached vision token per frame. The model must then be trained and run with the
+      frame track in its policy (``VideoLM.tick_policy``, which ``init_cache`` and the training forward apply).
   """
 
   lm: TransformerConfig
@@ -73,6 +80,7 @@ class VideoLMConfig:
   stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
   frame_pos: bool = False
+  carrier: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -95,8 +103,14 @@ class VideoLMConfig:
 
   @property
   def tokens_per_frame(self) -> int:
+    """Patch tokens per frame."""
     h, w = self.frame_size
     return (h // self.patch_size) * (w // self.patch_size)
+
+  @property
+  def frame_len(self) -> int:
+    """Tokens a frame puts in a tick: its patch tokens, and the carrier if there is one."""
+    return self.tokens_per_frame + int(self.carrier)
 
 
 class VideoLM(nnx.Module):
@@ -134,6 +148,8 @@ class VideoLM(nnx.Module):
     self.patch_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
     if config.frame_pos:
       self.frame_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
+    if config.carrier:
+      self.carrier = nnx.Param(init(rngs.params(), (d,), lm.param_dtype))
     enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
     self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
@@ -141,8 +157,26 @@ class VideoLM(nnx.Module):
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
-    fed without segment ids)."""
-    return self.lm.init_cache(policy, batch_size, dtype=dtype)
+    fed without segment ids; ``tick_policy(policy)`` for a model with carriers)."""
+    return self.lm.init_cache(self.tick_policy(policy), batch_size, dtype=dtype)
+
+  def tick_policy(self, policy: cache_lib.Policy | None, max_len: int = 1) -> cache_lib.Policy | None:
+    """The policy this model's ticks need: ``policy`` itself, or for a model with carriers a ``Segmented((text,
+    vision))`` policy with the frame track ``Window(tokens_per_frame)`` appended (``None``: ``Dense(max_len)`` text
+    and vision tracks, the offline forward's full attention over both). A three-track policy is taken as it is;
+    a model with carriers refuses any other (its patch tokens would be padding)."""
+    if not self.config.carrier:
+      return policy
+    if policy is None:
+      policy = cache_lib.Segmented((cache_lib.Dense(max_len), cache_lib.Dense(max_len)))
+    if isinstance(policy, cache_lib.Segmented) and len(policy.segments) == 2:
+      return dataclasses.replace(policy, segments=(*policy.segments, cache_lib.Window(self.config.tokens_per_frame)))
+    if len(policy.tracks()) < 3:
+      raise ValueError(
+        f"a model with carrier tokens needs a Segmented((text, vision)) policy or one with a third (frame) track, "
+        f"got {policy}"
+      )
+    return policy
 
   # ---------------------------------------------------------------------------------------------- inputs
 
@@ -190,15 +224,19 @@ class VideoLM(nnx.Module):
     b, n, ln = text.shape
     if frames.shape[:2] != (b, n):
       raise ValueError(f"frames {frames.shape} and text {text.shape} must have the same [batch, ticks]")
-    p = self.config.tokens_per_frame
+    p, f = self.config.tokens_per_frame, self.config.frame_len
     vis = self.placed(self.encode(frames) if vis is None else vis)  # [b, n, p, d]
+    seg_v = jnp.full((b, n, p), FRAME if self.config.carrier else VISION, jnp.int32)
+    group_v = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, p))
+    if self.config.carrier:
+      vis = jnp.concatenate([vis, jnp.broadcast_to(self.carrier[...].astype(vis.dtype), (b, n, 1, vis.shape[-1]))], 2)
+      seg_v = jnp.concatenate([seg_v, jnp.full((b, n, 1), VISION, jnp.int32)], axis=2)
+      group_v = jnp.concatenate([group_v, jnp.full((b, n, 1), -1, jnp.int32)], axis=2)
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
-    x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (p + ln), -1)
-    seg_v = jnp.full((b, n, p), VISION, jnp.int32)
+    x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (f + ln), -1)
     seg_t = jnp.where(text != PAD, TEXT, -1).astype(jnp.int32)
     segs = jnp.concatenate([seg_v, seg_t], axis=2).reshape(b, -1)
-    tick = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :, None], (b, n, p))
-    groups = jnp.concatenate([tick, jnp.full((b, n, ln), -1, jnp.int32)], axis=2).reshape(b, -1)
+    groups = jnp.concatenate([group_v, jnp.full((b, n, ln), -1, jnp.int32)], axis=2).reshape(b, -1)
     return x, segs, groups
 
   # ------------------------------------------------------------------------------------------------ calls
@@ -207,7 +245,7 @@ class VideoLM(nnx.Module):
     self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], cache: cache_lib.Cache
   ) -> tuple[Logits, cache_lib.Cache]:
     """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
-    returns ``(logits [b, n * (P + L), v], cache)``. Compiles once per ``(n, L)``."""
+    returns ``(logits [b, n * (F + L), v], cache)`` (``F = frame_len``). Compiles once per ``(n, L)``."""
     x, segs, groups = self.tick_inputs(frames, text)
     return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
 
@@ -236,10 +274,12 @@ class VideoLM(nnx.Module):
 
     ``policy``: attend with the mask a stream under this cache policy has (``StreamingTransformer.
     forward_embeddings``; e.g. ``Segmented((SinkWindow(4, 252), Window(256)))``), StreamingVLM's training with the
-    inference attention pattern; ``None``: full causal attention.
+    inference attention pattern; ``None``: full causal attention (with carriers: full attention to the text and
+    the carriers, and to the patch tokens of the tick's own frame only).
     """
     vis = self.encode(frames)
     x, segs, groups = self.tick_inputs(frames, text, vis)
+    policy = self.tick_policy(policy, x.shape[1])  # with carriers, the frame track's window even offline
     valid = segs >= 0
     starts, _ = cache_lib.group_starts_and_ends(groups, valid)  # the positions a stream would give them
     positions = jnp.where(valid, jnp.cumsum(starts, axis=1) - 1, -1).astype(jnp.int32)
@@ -293,7 +333,8 @@ def patch_loss(
 
 def slot_logits(logits: Float[Array, "b s v"], num_ticks: int, tokens_per_frame: int) -> Float[Array, "b n l v"]:
   """The logits that predict each slot word ``[b, n, L, v]``: word ``j`` of a tick from position
-  ``P - 1 + j`` of that tick (the frame's last token for ``j = 0``)."""
+  ``P - 1 + j`` of that tick (the frame's last token for ``j = 0``). ``tokens_per_frame``: the frame's tokens in a
+  tick, ``VideoLMConfig.frame_len`` (the carrier included)."""
   b, s, v = logits.shape
   per_tick = s // num_ticks
   slot = per_tick - tokens_per_frame

@@ -35,6 +35,7 @@ class VideoTask:
     encoder_layers: blocks of the per-frame encoder.
     frame_pos: a learned place embedding on the frame tokens the language model reads
       (``VideoLMConfig.frame_pos``).
+    carrier: VideoScan's carrier token after each frame (``VideoLMConfig.carrier``): only it stays in the cache.
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
       default).
@@ -67,6 +68,7 @@ class VideoTask:
   stem_channels: tuple[int, ...] = ()
   encoder_layers: int = 1
   frame_pos: bool = False
+  carrier: bool = False
   digit_size: int = 12
   max_on_screen: int = 3
   enter_prob: float = 0.2
@@ -132,6 +134,7 @@ class VideoTask:
       stem_channels=self.stem_channels,
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
+      carrier=self.carrier,
     )
 
 

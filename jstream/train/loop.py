@@ -74,7 +74,7 @@ def make_train_step(
 
       if encoder_only:
         return patch_term(model.patch_logits(model.encode(batch["frames"])))
-      p = model.config.tokens_per_frame
+      p = model.config.frame_len
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
       text, targets = batch["text"], batch["targets"]
       if not video.streaming_objective:
@@ -214,7 +214,7 @@ def _device_batch(cfg: TrainConfig, batch) -> Any:
 def tokens_per_batch(cfg: TrainConfig) -> int:
   """Input tokens a training step processes (video: frame and slot tokens of every tick)."""
   if cfg.data == "video_qa":
-    per_tick = cfg.video.model_config(cfg.model).tokens_per_frame + cfg.video.data_config().text_len
+    per_tick = cfg.video.model_config(cfg.model).frame_len + cfg.video.data_config().text_len
     return cfg.batch_size * cfg.video.clip_frames * per_tick
   return cfg.batch_size * cfg.seq_len
 
