@@ -11,7 +11,7 @@ from conftest import jit_step, random_tokens, stream, tiny_model  # tests/confte
 from jstream import cache as C
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+@pytest.mark.parametrize("positions", [pytest.param("absolute", marks=pytest.mark.slow), "cache_relative"])
 def test_streaming_with_kernels_equals_xla(positions):
   policy = C.SinkWindow(2, 8, positions=positions, max_rollback=2)
   tokens = random_tokens(2, 30, seed=1)
@@ -50,7 +50,9 @@ def _random_sink(model, seed):
   return model
 
 
-@pytest.mark.parametrize("learned_sink,positions", [("logit", "absolute"), ("kv", "cache_relative")])
+@pytest.mark.parametrize(
+  "learned_sink,positions", [("logit", "absolute"), pytest.param("kv", "cache_relative", marks=pytest.mark.slow)]
+)
 def test_tpu_prefill_kernel_with_a_learned_sink_equals_xla(learned_sink, positions, monkeypatch):
   """The TPU prefill kernel (TPU interpret mode) in the model, with a learned sink merged into its partials:
   chunks of 9+ tokens (18+ query rows) go to ``pallas_tpu``, decode steps fall back to XLA; streaming and the
