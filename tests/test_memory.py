@@ -148,8 +148,15 @@ def test_only_reader_tracks_attend_the_memory():
   assert np.abs(np.asarray(got)[~vision] - np.asarray(want)[~vision]).max() > 1e-2
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
-def test_rebase_is_invisible(monkeypatch, positions):
+@pytest.mark.parametrize(
+  "policy",
+  [
+    M.Retrieval(C.SinkWindow(1, 5, positions="cache_relative"), block=2, top_k=3, store_blocks=5),
+    M.Compressed(C.Window(4), slots=6),
+  ],
+  ids=["retrieval-cache_relative", "compressed-absolute"],
+)
+def test_rebase_is_invisible(monkeypatch, policy):
   """The index rebase of endless streams (every 2**29 tokens) shifts the memory's indices and, cache-relative, rotates
   its keys back like the local ring's: no output changes; run it every 24 tokens."""
   from jstream.cache import planner
@@ -157,17 +164,12 @@ def test_rebase_is_invisible(monkeypatch, positions):
   model = tiny_model(seed=12)
   tokens = random_tokens(1, 80, seed=13)
   sizes = chunk_sizes(80, [1, 3, 4], seed=14)
-  for policy in (
-    M.Retrieval(C.SinkWindow(1, 5, positions=positions), block=2, top_k=3, store_blocks=5),
-    M.Compressed(C.Window(4, positions=positions), slots=6),
-  ):
-    want, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
-    with monkeypatch.context() as m:
-      m.setattr(planner, "REBASE_AT", 24)
-      m.setattr(planner, "REBASE_SHIFT", 12)
-      got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
-    assert int(cache.local.count[0, 0]) < 40  # rebased repeatedly
-    np.testing.assert_allclose(got, want, atol=2e-5)
+  want, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  monkeypatch.setattr(planner, "REBASE_AT", 24)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 12)
+  got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  assert int(cache.local.count[0, 0]) < 40  # rebased repeatedly
+  np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_reset_row_starts_a_fresh_memory():
