@@ -216,3 +216,19 @@ def test_bad_input():
     model(random_tokens(1, 5, seed=1), cache)
   with pytest.raises(ValueError, match="cannot roll back"):
     C.rollback(cache, 1)
+
+
+def test_a_memory_cache_saves_and_restores(tmp_path):
+  """``jstream.cache.save`` / ``restore`` keep a memory cache exactly, and refuse it under another memory policy
+  (the saved description nests the local policy and the readers)."""
+  model = tiny_model(seed=15)
+  policy = M.Retrieval(C.Window(4), block=2, top_k=1, store_blocks=3, readers=(0,))
+  step = jit_step(model)
+  _, cache = stream(step, random_tokens(1, 12, seed=16), model.init_cache(policy, 1), [4, 4, 4])
+  C.save(cache, tmp_path / "mem")
+  back = C.restore(tmp_path / "mem", like=model.init_cache(policy, 1))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(a, b)
+  assert int(back.written[0]) > 0
+  with pytest.raises(ValueError, match="does not fit this stream"):
+    C.restore(tmp_path / "mem", like=model.init_cache(M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=3), 1))

@@ -216,10 +216,14 @@ class Segmented(KVPolicy):
 
 def describe(policy: Policy) -> dict:
   """A JSON-able description of ``policy`` (its class and fields, sub-policies nested): what a saved cache records."""
+  def one(value):
+    if isinstance(value, Policy):
+      return describe(value)
+    return [one(v) for v in value] if isinstance(value, tuple) else value
+
   out = {"type": type(policy).__name__}
   for f in dataclasses.fields(policy):
-    value = getattr(policy, f.name)
-    out[f.name] = [describe(p) for p in value] if isinstance(value, tuple) else value
+    out[f.name] = one(getattr(policy, f.name))
   return out
 
 
