@@ -53,11 +53,9 @@ from flax import nnx
 import jstream
 from jstream import cache as C
 from jstream import rollout
-from jstream.process_memory import rss_mib
+from jstream.process_memory import rss_mib, tree_bytes
 
-
-def _nbytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+_nbytes = tree_bytes
 
 
 def _time(fn, repeats: int) -> float:

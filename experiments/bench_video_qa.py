@@ -50,7 +50,7 @@ from jstream import memory as M
 from jstream import qa_stream, reduce
 from jstream.data import video_qa
 from jstream.models.video_lm import TEXT
-from jstream.process_memory import reset_peak_rss, rss_mib
+from jstream.process_memory import reset_peak_rss, rss_mib, tree_bytes
 from jstream.train import load_config, load_model, train
 from jstream.train.aligned import video_policy
 
@@ -189,7 +189,7 @@ def measure(
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
   cache = model.init_cache(policy, len(streams))
-  cache_mib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2**20
+  cache_mib = tree_bytes(cache) / 2**20
   s = qa_stream.score(records)
   return {
     "scores": s,

@@ -36,7 +36,7 @@ from jstream import cache as C
 from jstream import rollout
 from jstream.checks import check_int
 from jstream.models.lm import StreamingTransformer
-from jstream.process_memory import reset_peak_rss, rss_mib
+from jstream.process_memory import reset_peak_rss, rss_mib, tree_bytes
 from jstream.train.config import TrainConfig
 
 RECOMPUTE_MAX_SEGMENT = 256  # Recompute re-encodes its window per token: short segments keep its latency readable
@@ -133,7 +133,7 @@ def evaluate_stream(
     str(k): ppl(nll[: k + skip]) for k in sorted(set(prefixes)) if k + skip <= n and np.isfinite(nll[: k + skip]).any()
   }
   seconds = sum(t for _, _, t in times)
-  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if hasattr(x, "dtype"))
+  cache_bytes = tree_bytes(cache)
   return {
     "tokens": int(n),
     "ppl": ppl(nll),

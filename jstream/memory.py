@@ -51,7 +51,6 @@ import typing
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jstream._compat import is_concrete
 from jstream.cache import kv as kv_lib
@@ -59,6 +58,8 @@ from jstream.cache import planner as plan_lib
 from jstream.cache import policies as pol
 from jstream.checks import check_int
 from jstream.positions import apply_rope, rope_cos_sin
+from jstream.process_memory import tree_bytes
+from jstream.reduce import cosine_similarity
 from jstream.typing import Array, Float, Int
 
 
@@ -350,9 +351,7 @@ class MemoryCache:
       tk32 = tk.astype(jnp.float32)
       empty = mcount == 0  # [l, b, k, S]
       mk32 = mk.astype(jnp.float32)
-      cos = jnp.einsum("lbksh,lbkh->lbks", mk32, tk32) / (
-        jnp.linalg.norm(mk32, axis=-1) * jnp.linalg.norm(tk32, axis=-1)[..., None] + 1e-30
-      )
+      cos = cosine_similarity(mk32, tk32[..., None, :])  # [l, b, k, S]
       target = jnp.where(jnp.any(empty, -1), jnp.argmax(empty, -1), jnp.argmax(jnp.where(empty, -jnp.inf, cos), -1))
       hit = (jnp.arange(mcount.shape[-1]) == target[..., None]) & tvalid[None, :, None, None]  # [l, b, k, S]
       n = mcount + hit
@@ -458,9 +457,8 @@ def memory_attention(
 def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
   chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included)."""
-  leaves = jax.tree.leaves(cache.local)
-  local = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
-  store = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (cache.k, cache.v, cache.idx, cache.count))
+  local = tree_bytes(cache.local)
+  store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots
   return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store}
 

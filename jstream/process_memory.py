@@ -9,6 +9,13 @@ from __future__ import annotations
 import resource
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays in a pytree (a cache, parameters): what it holds, not what the process has allocated."""
+  import jax
+
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
 def rss_mib() -> tuple[float, float]:
   """``(current RSS, peak RSS)`` of this process in MiB; the peak is since the start or the last
   ``reset_peak_rss()``."""

@@ -216,6 +216,7 @@ class Segmented(KVPolicy):
 
 def describe(policy: Policy) -> dict:
   """A JSON-able description of ``policy`` (its class and fields, sub-policies nested): what a saved cache records."""
+
   def one(value):
     if isinstance(value, Policy):
       return describe(value)
