@@ -36,6 +36,11 @@ class TransformerConfig:
       the default). ``False`` keeps one set of weights and cache buffers per layer and unrolls the loop: on CPU,
       where XLA copies a layer's slice of stacked weights and cache on every step, single-token decode of the
       benchmark's small model was 2.7x faster that way (0.665 vs 1.797 ms/token, ``benchmarks/RESULTS.md``).
+    cond_dim: width of a per-token conditioning vector (0: none). With ``cond_dim > 0`` every block and the final
+      norm are modulated by it, DiT's adaLN-Zero: each block maps ``silu(cond)`` to a shift, scale and gate for
+      its attention and its MLP (zero-initialised, so a new block is the identity), the final norm to a shift and
+      scale; every call then takes ``cond [b, t, cond_dim]`` (a diffusion model's noise level, class, action:
+      ``jstream.models.video_dit``).
   """
 
   vocab_size: int
@@ -53,12 +58,15 @@ class TransformerConfig:
   dtype: str = "float32"
   attention_impl: str | tuple[str, ...] = "auto"
   scan_layers: bool = True
+  cond_dim: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"TransformerConfig.{name} must be a positive int, got {v!r}")
+    if not isinstance(self.cond_dim, int) or isinstance(self.cond_dim, bool) or self.cond_dim < 0:
+      raise ValueError(f"TransformerConfig.cond_dim must be an int >= 0, got {self.cond_dim!r}")
     if self.num_kv_heads is None:
       object.__setattr__(self, "num_kv_heads", self.num_heads)
     if self.head_dim is None:

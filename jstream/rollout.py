@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream import flow
 from jstream._compat import is_concrete
+from jstream.models import video_dit
 from jstream.typing import Array, ArrayLike, Float, Int, SegmentIds, TokenIds
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -398,3 +400,200 @@ def generate(
   sampling = Sampling(temperature, top_k, top_p)
   last, cache = prefill(model, prompt, cache, chunk_size=prefill_chunk, lengths=prompt_lengths)
   return decode(model, cache, last, steps=max_new_tokens, rng=rng, sampling=sampling)
+
+
+# ----------------------------------------------------------------------------------------------- video
+
+
+class VideoOutput(NamedTuple):
+  """``frames [b, n, H, W, C]`` generated frames in [0, 1] and the cache after them (holding their clean keys)."""
+
+  frames: Array
+  cache: cache_lib.Cache
+
+
+class VideoGenerator:
+  """A compiled video rollout for one ``jstream.models.video_dit.VideoDiT``: ``chunks`` chunks per call, one
+  ``lax.scan``, each chunk denoised from Gaussian noise with ``steps`` Euler steps against the cache (which those
+  steps do not change) and then committed to it at noise level 0 (CausVid / Self Forcing). The cache is donated
+  and carried, so calls can continue one rollout for ever at the memory of one call (``generate_video`` for one
+  call). Chunk ``i`` of a rollout draws its noise from ``fold_in(rng, i)``: a rollout split into several calls
+  (``start`` counting its chunks) equals the one-call rollout.
+
+  Args:
+    model: a ``VideoDiT``.
+    chunks: chunks generated per call.
+    steps: Euler steps per chunk (``jstream.flow.schedule``).
+    shift: the time grid's shift (``jstream.flow.shift_time``).
+    out_dtype: dtype of the returned frames (``uint8``: 0-255, a quarter of float32's memory for long rollouts).
+  """
+
+  def __init__(self, model, *, chunks: int, steps: int = 4, shift: float = 1.0, out_dtype=jnp.float32):
+    for name, v in (("chunks", chunks), ("steps", steps)):
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    self.model = model
+    self.chunks, self.steps, self.shift = int(chunks), int(steps), float(shift)
+    self.out_dtype = jnp.dtype(out_dtype)
+    self.graphdef, self.state = nnx.split(model)
+
+  @property
+  def frames(self) -> int:
+    """Frames generated per call."""
+    return self.chunks * self.model.config.frames_per_chunk
+
+  def _check(self, cache, labels, actions):
+    cfg = self.model.config
+    if not isinstance(cache, cache_lib.KVCache):
+      raise TypeError(f"expected a cache from VideoDiT.init_cache, got {type(cache).__name__}")
+    cache.check_model(self.model.dit.cache_geometry)
+    video_dit.check_policy(cfg, cache.policy)
+    b = cache.batch_size
+    labels, actions = self.model.check_conditioning(labels, actions, b, self.frames)
+    return labels, actions
+
+  def __call__(
+    self,
+    cache: cache_lib.KVCache,
+    rng=None,
+    *,
+    start: int | Array = 0,
+    labels: Int[ArrayLike, " b"] | None = None,
+    actions: Int[ArrayLike, "b n"] | None = None,
+  ) -> VideoOutput:
+    """Generates ``frames`` frames after the cache's.
+
+    Args:
+      cache: from ``VideoDiT.init_cache`` (donated), empty or holding earlier frames (``context_frames``).
+      rng: a PRNG key (default ``jax.random.key(0)``).
+      start: the rollout's index of this call's first chunk (noise of chunk ``i``: ``fold_in(rng, i)``).
+      labels: ``[b]`` class ids (a class-conditioned model).
+      actions: ``[b, frames]`` action ids, the action before each frame (an action-conditioned model).
+
+    Returns:
+      ``VideoOutput(frames [b, frames, H, W, C] in out_dtype, cache)``.
+    """
+    labels, actions = self._check(cache, labels, actions)
+    rng = jax.random.key(0) if rng is None else rng
+    return _video(
+      self.graphdef,
+      self.state,
+      cache,
+      rng,
+      jnp.asarray(start, jnp.int32),
+      labels,
+      actions,
+      self.chunks,
+      self.steps,
+      self.shift,
+      self.out_dtype.name,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10), donate_argnums=(2,))
+def _video(graphdef, state, cache, rng, start, labels, actions, chunks, steps, shift, out_dtype):
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  b, k = cache.batch_size, cfg.frames_per_chunk
+  shape = (b, k, *cfg.frame_size, cfg.channels)
+  times = flow.schedule(steps, shift)
+  acts = None if actions is None else jnp.moveaxis(actions.reshape(b, chunks, k), 1, 0)
+
+  def step(cache, xs):
+    i, act = xs
+    noise = jax.random.normal(jax.random.fold_in(rng, start + i), shape, jnp.float32)
+    x0 = model.denoise(cache, noise, times, labels=labels, actions=act)
+    cache = model.commit(x0, cache, labels=labels, actions=act)
+    frames = video_dit.from_model(x0)
+    if jnp.dtype(out_dtype) == jnp.uint8:
+      frames = jnp.round(frames * 255.0)
+    return cache, frames.astype(out_dtype)
+
+  idx = jnp.arange(chunks, dtype=jnp.int32)
+  cache, frames = jax.lax.scan(step, cache, (idx, acts))
+  frames = jnp.moveaxis(frames, 0, 1).reshape(b, chunks * k, *shape[2:])
+  return VideoOutput(frames, cache)
+
+
+def context_frames(
+  model,
+  frames: Float[ArrayLike, "b n H W C"],
+  cache: cache_lib.KVCache,
+  *,
+  labels: Int[ArrayLike, " b"] | None = None,
+  actions: Int[ArrayLike, "b n"] | None = None,
+) -> cache_lib.KVCache:
+  """Commits given frames (in [0, 1], whole chunks) to a ``VideoDiT`` cache, chunk by chunk in one scan: the
+  context a rollout continues (image-to-video, or a video's first frames). The cache is donated."""
+  frames = model.check_frames(jnp.asarray(frames))
+  b, n = frames.shape[:2]
+  if cache.batch_size != b:
+    raise ValueError(f"frames have batch size {b} but the cache was built for {cache.batch_size}")
+  labels, actions = model.check_conditioning(labels, actions, b, n)
+  graphdef, state = nnx.split(model)
+  return _context(graphdef, state, frames, cache, labels, actions)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def _context(graphdef, state, frames, cache, labels, actions):
+  model = nnx.merge(graphdef, state)
+  k = model.config.frames_per_chunk
+  b, n = frames.shape[:2]
+  xs = jnp.moveaxis(video_dit.to_model(frames).reshape(b, n // k, k, *frames.shape[2:]), 1, 0)
+  acts = None if actions is None else jnp.moveaxis(actions.reshape(b, n // k, k), 1, 0)
+
+  def step(cache, x):
+    chunk, act = x
+    return model.commit(chunk, cache, labels=labels, actions=act), None
+
+  cache, _ = jax.lax.scan(step, cache, (xs, acts))
+  return cache
+
+
+def generate_video(
+  model,
+  *,
+  num_frames: int,
+  policy: cache_lib.Policy | None = None,
+  cache: cache_lib.KVCache | None = None,
+  batch_size: int | None = None,
+  steps: int = 4,
+  shift: float = 1.0,
+  rng=None,
+  labels: Int[ArrayLike, " b"] | None = None,
+  actions: Int[ArrayLike, "b n"] | None = None,
+  context: Float[ArrayLike, "b c H W C"] | None = None,
+  context_actions: Int[ArrayLike, "b c"] | None = None,
+  dtype=jnp.float32,
+  out_dtype=jnp.float32,
+) -> VideoOutput:
+  """Generates ``num_frames`` frames (whole chunks) with a ``VideoDiT``: one compiled scan over the chunks
+  (``VideoGenerator``), after committing ``context`` frames if given.
+
+  Args:
+    model: a ``VideoDiT``.
+    num_frames: frames to generate (a multiple of ``frames_per_chunk``).
+    policy: cache policy for a new cache (``video_dit.rolling_policy``), with ``batch_size``; or pass ``cache``.
+    cache: an existing cache to continue (donated).
+    steps, shift: the sampler (``VideoGenerator``).
+    rng: a PRNG key (default ``jax.random.key(0)``).
+    labels: ``[b]`` class ids; actions: ``[b, num_frames]`` action ids (conditioned models).
+    context: ``[b, c, H, W, C]`` frames in [0, 1] to continue (committed first), with ``context_actions``.
+    dtype: cache dtype for a new cache; out_dtype: frames' dtype (``uint8`` for 0-255).
+
+  Returns:
+    ``VideoOutput(frames [b, num_frames, H, W, C], cache)``.
+  """
+  k = model.config.frames_per_chunk
+  if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or num_frames % k:
+    raise ValueError(f"num_frames must be a positive multiple of frames_per_chunk ({k}), got {num_frames!r}")
+  if (policy is None) == (cache is None):
+    raise ValueError("pass exactly one of policy= (with batch_size=) or cache=")
+  if cache is None:
+    if batch_size is None:
+      batch_size = 1 if labels is None else len(labels)
+    cache = model.init_cache(policy, batch_size, dtype=dtype)
+  if context is not None:
+    cache = context_frames(model, context, cache, labels=labels, actions=context_actions)
+  gen = VideoGenerator(model, chunks=num_frames // k, steps=steps, shift=shift, out_dtype=out_dtype)
+  return gen(cache, rng, labels=labels, actions=actions)

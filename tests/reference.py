@@ -71,7 +71,8 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
     segment_ids: ``[n]`` segment of each token (default all 0).
     positions: "absolute" (RoPE at stream positions: ``start`` plus the number of groups before) or
       "cache_relative" (each track's retained keys re-indexed 0..r-1 in stream order, sinks first, every key of a
-      group at the index of the group's last key; a query sits at the index of its track's latest key).
+      group at the index of the group's last key, a sink key at most at the last sink's; a query sits at the index
+      of its track's latest key).
     groups: ``[n]`` group ids: consecutive tokens with one id >= 0 are a group (one track): they share a position
       and each sees what the last of them sees.
   """
@@ -113,7 +114,8 @@ def stream_logits(model, tokens, tracks, segment_ids=None, positions="absolute",
           qpos, kpos = pos, [e[1] for e in vis]
         else:
           last_of_run = {e[4]: r for r, e in enumerate(vis)}
-          qpos, kpos = len(vis) - 1, [r if e[0] < sinks else last_of_run[e[4]] for r, e in enumerate(vis)]
+          kpos = [min(last_of_run[e[4]], sinks - 1) if e[0] < sinks else last_of_run[e[4]] for e in vis]
+          qpos = len(vis) - 1
         for j in range(len(run)):
           qr = _rope(q[j], qpos, cfg.rope_base)
           for e, kp in zip(vis, kpos):

@@ -149,8 +149,19 @@ SINGLE_TOKEN_POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("guard,scan_layers", [("check", True), ("check", False), ("mask", False)])
-@pytest.mark.parametrize("policy", SINGLE_TOKEN_POLICIES, ids=str)
+GUARDS = [("check", True), ("check", False), ("mask", False)]
+
+
+def _single_token_cases():
+  """Every policy under one (guard, layer structure) in the CI run, the three cycled over the policies; the rest of
+  the matrix in the slow sweep (each combination is a separate compile of the same check)."""
+  for i, policy in enumerate(SINGLE_TOKEN_POLICIES):
+    for j, (guard, scan) in enumerate(GUARDS):
+      marks = () if j == i % len(GUARDS) else (pytest.mark.slow,)
+      yield pytest.param(policy, guard, scan, marks=marks, id=f"{policy}-{guard}-{scan}")
+
+
+@pytest.mark.parametrize("policy,guard,scan_layers", list(_single_token_cases()))
 def test_single_token_path_equals_the_chunk_path(policy, guard, scan_layers, monkeypatch):
   """A single token (decode's read-only path: cache read as it was, every layer's key and value written after the
   last layer) gives the logits and the cache that the general chunk path gives for the same token sent as a chunk
@@ -342,7 +353,7 @@ def test_position_counters_stay_in_range_past_int32():
     rollout.generate(model, tokens[:, :8], cache=cache, max_new_tokens=16, temperature=0.0)
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+@pytest.mark.parametrize("positions", [pytest.param("absolute", marks=pytest.mark.slow), "cache_relative"])
 def test_track_index_rebase_is_invisible(positions, monkeypatch):
   """The rebase that keeps track indices bounded (every 2**29 tokens) changes no output; run it every 24."""
   model = tiny_model(seed=25)
@@ -357,7 +368,7 @@ def test_track_index_rebase_is_invisible(positions, monkeypatch):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+@pytest.mark.parametrize("positions", [pytest.param("absolute", marks=pytest.mark.slow), "cache_relative"])
 def test_segmented_rebase_with_per_layer_caches_equals_the_reference(positions, monkeypatch):
   """Segmented tracks rebase independently (every 16 tokens of a track here); with per-layer (unrolled) caches the
   stream still equals the float64 reference that knows nothing of rebases."""
@@ -497,7 +508,7 @@ def test_rollback_through_the_model_equals_never_having_streamed(positions):
   np.testing.assert_allclose(got, want, **F32)
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+@pytest.mark.parametrize("positions", [pytest.param("absolute", marks=pytest.mark.slow), "cache_relative"])
 def test_bf16_sink_window_stream_equals_f32_offline(positions):
   """bf16 compute and cache through the sink segment, the ring and (chunks longer than ``max_rollback + 1``) the
   chunk's own segment, against the f32 Python reference of the policy."""

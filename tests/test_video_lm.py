@@ -61,7 +61,7 @@ def test_streamed_ticks_equal_the_offline_forward():
   np.testing.assert_allclose(got[real], want[real], atol=5e-5, rtol=5e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed):
   """``forward(policy=...)`` / ``training_outputs(policy=...)``: the teacher-forced forward with the mask of a
   bounded ``Segmented`` policy (text sinks + text window + vision window, both windows biting) equals streaming the

@@ -46,8 +46,8 @@ class Plan(NamedTuple):
     tok_pos: ``[b, t]`` stream position of each token, -1 for padding (the tokens of a group share one).
     q_idx: ``[b, m, t]`` index of the latest token of track ``m`` that each query sees: at or before the query,
       or, inside a group, at or before the group's last token (-1: none, or padding).
-    rope_idx: ``[b, t]`` the track index a key is rotated at in ``cache_relative`` mode: its own, or its group's
-      last token's (sink keys keep their own).
+    rope_idx: ``[b, t]`` the track index a key is rotated at in ``cache_relative`` mode: its group's last token's
+      (its own outside groups); a sink key's is capped at the track's last sink index.
     sink_slots / ring_slots: ``[b, t]`` slot each token is written to in the sink phase / the ring phase (the
       trash slot ``capacity`` when the token does not go there).
     slots: ``[b, t]`` the slot each token ends in (its sink slot, else its ring slot, else the trash slot).
@@ -172,7 +172,11 @@ def plan(cache: KVCache, segment_ids: SegmentIds, chunk_len: int, groups: Int[Ar
   rope_idx = tok_idx
   if last is not None:
     group_idx = jnp.where(valid, jnp.take_along_axis(tok_idx, last, axis=1), -1)
-    rope_idx = jnp.where(sink_slots < cap, tok_idx, group_idx)
+    # A sink token of a group sits at its group's last index, or at the last sink index if the group runs on past
+    # the sinks (sinks keep indices below num_sinks): a group held whole by the sinks (a video model's frame
+    # sinks) keeps distance 0 inside, as it does in the ring.
+    track_sinks = jnp.asarray([tl.track.num_sinks for tl in lay], jnp.int32)[jnp.maximum(seg, 0)]
+    rope_idx = jnp.where(sink_slots < cap, jnp.minimum(group_idx, track_sinks - 1), group_idx)
   return Plan(cache, seg, tok_idx, tok_pos, q_idx, rope_idx, sink_slots, ring_slots, slots, poison, after, shift)
 
 

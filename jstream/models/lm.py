@@ -19,7 +19,7 @@ from jstream import cache as cache_lib
 from jstream._compat import is_concrete as _is_concrete
 from jstream.config import TransformerConfig
 from jstream.nn import cached_attention
-from jstream.nn.layers import Block, RMSNorm
+from jstream.nn.layers import Block, Modulation, RMSNorm, check_cond, modulate
 from jstream.ops import attention as attn_ops
 from jstream.typing import Array, ArrayLike, Float, Int, Logits, SegmentIds, TokenIds
 
@@ -55,6 +55,8 @@ class StreamingTransformer(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if cfg.cond_dim:
+      self.final_modulation = Modulation(cfg.cond_dim, cfg.embed_dim, 2, param_dtype=cfg.param_dtype, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(
         cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
@@ -133,8 +135,10 @@ class StreamingTransformer(nnx.Module):
     bad = (tokens < 0) | (tokens >= self.config.vocab_size)
     return jnp.where(bad[..., None], jnp.nan, x)
 
-  def _head(self, x: Float[Array, "b t d"]) -> Logits:
+  def _head(self, x: Float[Array, "b t d"], cond: Float[Array, "b t c"] | None = None) -> Logits:
     x = self.final_norm(x)
+    if cond is not None:
+      x = modulate(x, *self.final_modulation(cond))
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
     else:
@@ -176,8 +180,9 @@ class StreamingTransformer(nnx.Module):
     whose leaves have a leading layer axis; ``attend(attn, q, k, v, state) -> (out [b, t, n, h], new_state)`` gets
     a block's ``Attention`` module, its un-rotated ``q [b, t, n, h]``, ``k, v [b, t, k, h]`` and that layer's slice
     of ``layer_state``, and returns the attention output and the layer's new slice (same structure and shapes).
-    One ``lax.scan`` with ``scan_layers``, else a loop over the per-layer blocks.
+    One ``lax.scan`` with ``scan_layers``, else a loop over the per-layer blocks. Not for conditioned models.
     """
+    check_cond(self.config.cond_dim, None, x.shape[:2])
     x = x.astype(self.config.dtype)
 
     def body(block, x, state):
@@ -260,6 +265,7 @@ class StreamingTransformer(nnx.Module):
     segment_ids: SegmentIds = None,
     groups: Int[Array, "b t"] | None = None,
     extra_attention=None,
+    cond: Float[Array, "b t c"] | None = None,
   ) -> tuple[Logits, cache_lib.Cache]:
     """Runs input embeddings ``x [b, t, d]`` (token embeddings, or the patch tokens of a video frame from an
     encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``. A cache that wraps a
@@ -278,9 +284,11 @@ class StreamingTransformer(nnx.Module):
         key set every layer's un-rotated queries ``q [b, t, n, h]`` attend, merged with the cache's attention by
         log-sum-exp (a memory tier beside the cache: ``jstream.memory``). ``plan`` is this chunk's
         ``jstream.cache.Plan``; ``layer`` is traced under ``scan_layers``.
+      cond: ``[b, t, cond_dim]``, the per-token conditioning of a conditioned model (``TransformerConfig.cond_dim``;
+        required there, refused otherwise).
     """
     if not isinstance(cache, cache_lib.KVCache):
-      if extra_attention is None and hasattr(cache, "extend_embeddings"):
+      if extra_attention is None and cond is None and hasattr(cache, "extend_embeddings"):
         return cache.extend_embeddings(self, x, segment_ids=segment_ids, groups=groups)
       raise TypeError(f"extend_embeddings takes a KVCache (or a cache that wraps one), got {type(cache).__name__}")
     if x.shape[:1] != (cache.batch_size,) or x.shape[-1] != self.config.embed_dim:
@@ -289,6 +297,7 @@ class StreamingTransformer(nnx.Module):
       )
     t = x.shape[1]
     cfg = self.config
+    check_cond(cfg.cond_dim, cond, x.shape[:2])
     plan = cache_lib.plan(cache, segment_ids, t, groups)
     ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
     kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
@@ -300,9 +309,9 @@ class StreamingTransformer(nnx.Module):
       return attn_ops.merge(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     if ctx.read_only:
-      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf, sinks)
+      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf, sinks, cond)
     else:
-      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf, sinks)
+      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf, sinks, cond)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
@@ -311,7 +320,7 @@ class StreamingTransformer(nnx.Module):
       )
     return logits, plan.after.replace(k=kbuf, v=vbuf)
 
-  def _chunk_step(self, x, ctx, kbuf, vbuf, sinks):
+  def _chunk_step(self, x, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
 
     def body(block, layer, x, bufs):
@@ -321,13 +330,13 @@ class StreamingTransformer(nnx.Module):
         )
         return out, (kb, vb)
 
-      x, bufs = block(x, attend)
+      x, bufs = block(x, attend, cond)
       return x, bufs, None
 
     x, (kbuf, vbuf), _ = self._scan_blocks(x, (kbuf, vbuf), body)
-    return self._head(x), kbuf, vbuf
+    return self._head(x, cond), kbuf, vbuf
 
-  def _token_step(self, x0, ctx, kbuf, vbuf, sinks):
+  def _token_step(self, x0, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
 
     def forward(mask_values):
@@ -338,11 +347,11 @@ class StreamingTransformer(nnx.Module):
           )
           return out, (k_rot, v, out)
 
-        x, written = block(x, attend)
+        x, written = block(x, attend, cond)
         return x, carry, written
 
       x, _, (ks, vs, outs) = self._scan_blocks(x0, None, body)
-      return self._head(x), ks, vs, outs
+      return self._head(x, cond), ks, vs, outs
 
     if cached_attention.value_guard() == "check":
       logits, ks, vs, outs = forward(mask_values=False)
@@ -386,6 +395,7 @@ class StreamingTransformer(nnx.Module):
     num_sinks: int = 0,
     policy: cache_lib.Policy | None = None,
     segment_ids: Int[ArrayLike, "b t"] | None = None,
+    cond: Float[Array, "b t c"] | None = None,
   ) -> Logits:
     """``forward`` of input embeddings ``x [b, n, d]`` (see ``extend_embeddings``). Tokens that share a position
     see each other: with the positions a ``Dense`` stream's groups imply, this is that stream offline.
@@ -394,10 +404,13 @@ class StreamingTransformer(nnx.Module):
     in cached tokens of each track (``segment_ids`` pick a ``Segmented`` policy's track; -1 or position -1 is
     padding): the offline forward of that stream, e.g. to train with the inference attention pattern
     (StreamingVLM). ``Dense``, ``Window``, ``SinkWindow`` or ``Segmented`` of them, ``absolute`` positions.
+
+    ``cond``: ``[b, n, cond_dim]`` per-token conditioning of a conditioned model (see ``extend_embeddings``).
     """
     b, n = x.shape[:2]
     if x.shape[-1] != self.config.embed_dim:
       raise ValueError(f"embeddings must be [b, t, {self.config.embed_dim}], got {x.shape}")
+    check_cond(self.config.cond_dim, cond, (b, n))
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     positions = jnp.asarray(positions, jnp.int32)
@@ -444,8 +457,8 @@ class StreamingTransformer(nnx.Module):
         )
         return o, None
 
-      x, _ = block(x, attend)
+      x, _ = block(x, attend, cond)
       return x, carry, None
 
     x, _, _ = self._scan_blocks(x.astype(cfg.dtype), None, body)
-    return self._head(x)
+    return self._head(x, cond)

@@ -156,18 +156,68 @@ class Attention(nnx.Module):
 AttendFn = Callable[[Attention, Array, Array, Array], tuple[Array, object]]
 
 
+class Modulation(nnx.Module):
+  """adaLN-Zero (DiT): ``silu(cond) [..., c]`` to ``parts`` vectors of width ``d`` (shifts, scales, gates), from one
+  zero-initialised projection, so a modulated block starts as the identity and the final norm as a plain norm."""
+
+  def __init__(self, cond_dim: int, dim: int, parts: int, *, param_dtype, rngs: nnx.Rngs):
+    self.parts = parts
+    self.proj = nnx.Linear(
+      cond_dim,
+      parts * dim,
+      kernel_init=nnx.initializers.zeros,
+      bias_init=nnx.initializers.zeros,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+
+  def __call__(self, cond: Float[Array, "*lead c"]) -> list[Float[Array, "*lead d"]]:
+    return jnp.split(self.proj(jax.nn.silu(cond.astype(jnp.float32))), self.parts, axis=-1)
+
+
+def modulate(x: Float[Array, "*lead d"], shift: Array, scale: Array) -> Float[Array, "*lead d"]:
+  """``x * (1 + scale) + shift`` in float32, back in ``x``'s dtype."""
+  return (x.astype(jnp.float32) * (1.0 + scale) + shift).astype(x.dtype)
+
+
+def check_cond(cond_dim: int, cond: Array | None, lead: tuple[int, ...]) -> None:
+  """A clear error unless ``cond`` is ``[*lead, cond_dim]`` for a conditioned model and absent otherwise."""
+  if not cond_dim:
+    if cond is not None:
+      raise ValueError("cond was given, but the model has no conditioning (TransformerConfig.cond_dim = 0)")
+    return
+  if cond is None:
+    raise ValueError(f"the model is conditioned (TransformerConfig.cond_dim = {cond_dim}): pass cond [b, t, c]")
+  if tuple(cond.shape) != (*lead, cond_dim):
+    raise ValueError(f"cond must be [b, t, c] = {(*lead, cond_dim)}, got {tuple(cond.shape)}")
+
+
 class Block(nnx.Module):
-  """Pre-norm transformer block. ``attend(attn, q, k, v) -> (o, aux)`` does the attention proper."""
+  """Pre-norm transformer block. ``attend(attn, q, k, v) -> (o, aux)`` does the attention proper.
+
+  With ``cfg.cond_dim`` the block is modulated by a per-token ``cond [b, t, c]`` (adaLN-Zero, ``Modulation``).
+  """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.cond_dim:
+      self.modulation = Modulation(cfg.cond_dim, cfg.embed_dim, 6, param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def __call__(self, x: Float[Array, "b t d"], attend: AttendFn) -> tuple[Float[Array, "b t d"], object]:
-    q, k, v = self.attn.qkv(self.attn_norm(x))
+  def __call__(
+    self, x: Float[Array, "b t d"], attend: AttendFn, cond: Float[Array, "b t c"] | None = None
+  ) -> tuple[Float[Array, "b t d"], object]:
+    if cond is None:
+      q, k, v = self.attn.qkv(self.attn_norm(x))
+      o, aux = attend(self.attn, q, k, v)
+      x = x + self.attn.out(o.astype(x.dtype))
+      x = x + self.mlp(self.mlp_norm(x))
+      return x, aux
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(cond)
+    q, k, v = self.attn.qkv(modulate(self.attn_norm(x), shift_a, scale_a))
     o, aux = attend(self.attn, q, k, v)
-    x = x + self.attn.out(o.astype(x.dtype))
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + (gate_a * self.attn.out(o.astype(x.dtype))).astype(x.dtype)
+    x = x + (gate_m * self.mlp(modulate(self.mlp_norm(x), shift_m, scale_m))).astype(x.dtype)
     return x, aux
