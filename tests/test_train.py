@@ -377,3 +377,22 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     VideoTask(clip_overlap=4)
   with pytest.raises(ValueError, match="vocab_size =="):
     train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)
+
+
+def test_video_gen_training_from_the_config_file_resumes_exactly(tmp_path):
+  """``configs/video_gen.py:quick``: the video diffusion model trains (noise drawn from the seed and the step), and a
+  run stopped halfway and resumed ends bit-identical to the uninterrupted one."""
+  from jstream.models.video_dit import VideoDiT
+
+  def cfg(name):
+    return load_config(f"{CONFIG.parent / 'video_gen.py'}:quick,workdir={tmp_path / name}")
+
+  full = train(cfg("full"), progress=False)
+  assert isinstance(full.model, VideoDiT) and full.step == 6
+  half = train(cfg("half"), progress=False, stop_after=3)
+  resumed = train(cfg("half"), progress=False)
+  assert half.step == 3 and resumed.resumed_from == 3
+  for a, b in zip(_params(full.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+  losses = [m["loss"] for m in full.metrics]
+  assert all(np.isfinite(losses)) and full.metrics[-1]["tokens"] == 4 * 4 * 4  # batch x frames x tokens per frame

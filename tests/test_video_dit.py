@@ -320,3 +320,32 @@ def test_adaln_zero_conditioning_of_the_engine():
     plain.forward_embeddings(x, cond=cond)
   with pytest.raises(ValueError, match=r"cond must be \[b, t, c\]"):
     cond_model.forward_embeddings(x, cond=cond[:, :, :4])
+
+
+def test_teacher_forcing_loss_is_the_streamed_target_chunk_after_clean_context():
+  """``training_loss(objective="teacher_forcing")``: per clip one chunk is noised and scored, the chunks before it
+  clean; the loss equals the flow-matching error of the velocity the stream computes for that chunk after
+  committing the clean ones (an independent path: the cache, not the offline forward)."""
+  model = make(frames_per_chunk=2, num_classes=3)
+  cfg, b, n = model.config, 3, 6
+  frames01 = (frames(model, b, n, 11) + 1) / 2
+  labels = jnp.array([0, 1, 2])
+  rng = jax.random.key(5)
+  xt, t, noise, weight = vd.training_inputs(vd.to_model(frames01), rng, 2, objective="teacher_forcing")
+  w = np.asarray(weight)
+  assert np.all(w.sum(1) == 2) and np.all(w[:, ::2] == w[:, 1::2])  # one whole chunk per clip
+  assert np.all(np.asarray(t)[w == 0] == 0) and np.all(np.asarray(t)[w == 1] > 0)
+  loss, _ = vd.training_loss(model, frames01, rng, labels=labels, objective="teacher_forcing")
+  vel, com = jitted(model)
+  errs = []
+  for r in range(b):
+    c = int(np.argmax(w[r]))  # the target's first frame
+    cache = model.init_cache(vd.rolling_policy(cfg, None, n), 1)
+    for j in range(0, c, 2):
+      cache = com(vd.to_model(frames01[r : r + 1, j : j + 2]), cache, labels[r : r + 1], None)
+    v = vel(xt[r : r + 1, c : c + 2], t[r : r + 1, c : c + 2], cache, labels[r : r + 1], None)
+    target = noise[r : r + 1, c : c + 2] - vd.to_model(frames01[r : r + 1, c : c + 2])
+    errs.append(float(jnp.mean((v - target) ** 2)))
+  np.testing.assert_allclose(float(loss), np.mean(errs), rtol=1e-4)
+  df, m = vd.training_loss(model, frames01, rng, labels=labels)  # diffusion forcing: every frame weighs
+  assert float(m["tokens"]) == b * n * cfg.tokens_per_frame and np.isfinite(float(df))

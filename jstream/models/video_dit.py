@@ -388,3 +388,67 @@ def _check_range(what: str, ids: Array, n: int) -> None:
     arr = np.asarray(ids)
     if arr.min() < 0 or arr.max() >= n:
       raise ValueError(f"{what} ids must be in [0, {n}), got range [{arr.min()}, {arr.max()}]")
+
+
+def training_inputs(
+  x0: Float[Array, "b n H W C"],
+  rng: Array,
+  frames_per_chunk: int,
+  *,
+  objective: str = "diffusion_forcing",
+  time_sampling: str = "logit_normal",
+  time_shift: float = 1.0,
+) -> tuple[Array, Array, Array, Array]:
+  """The noised clip of a training step: ``(x_t, t [b, n], noise, weight [b, n])`` for clean frames ``x0`` in the
+  model's range (whole chunks; ``t`` and ``weight`` per frame, constant over a chunk).
+
+  ``"diffusion_forcing"``: every chunk at its own noise level, weight 1 everywhere. ``"teacher_forcing"``: one chunk
+  per clip (uniformly drawn) at a drawn level, weight 1 there and 0 elsewhere; every other chunk clean (``t = 0``):
+  those before it are the clean context a stream's cache holds, those after it cannot reach it (block-causal)."""
+  b, n = x0.shape[:2]
+  k = frames_per_chunk
+  m = n // k
+  rng_t, rng_e, rng_c = jax.random.split(rng, 3)
+  t = flow.sample_times(rng_t, (b, m), kind=time_sampling, shift=time_shift)
+  if objective == "diffusion_forcing":
+    weight = jnp.ones((b, m), jnp.float32)
+  elif objective == "teacher_forcing":
+    target = jax.random.randint(rng_c, (b,), 0, m)
+    weight = (jnp.arange(m)[None] == target[:, None]).astype(jnp.float32)
+    t = t * weight
+  else:
+    raise ValueError(f"objective must be 'diffusion_forcing' or 'teacher_forcing', got {objective!r}")
+  t, weight = jnp.repeat(t, k, axis=1), jnp.repeat(weight, k, axis=1)
+  noise = jax.random.normal(rng_e, x0.shape, jnp.float32)
+  return flow.noised(x0, noise, t), t, noise, weight
+
+
+def training_loss(
+  model: VideoDiT,
+  frames: Float[Array, "b n H W C"],
+  rng: Array,
+  *,
+  labels: Int[Array, " b"] | None = None,
+  actions: Int[Array, "b n"] | None = None,
+  objective: str = "diffusion_forcing",
+  time_sampling: str = "logit_normal",
+  time_shift: float = 1.0,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """The flow-matching loss of a clip of ``frames`` in [0, 1] (whole chunks), noised by ``training_inputs``, from
+  one block-causal forward, and metrics: ``loss``, ``loss_low_noise`` / ``loss_high_noise`` (the weighted frames
+  below / above ``t = 0.5``), ``tokens`` (weighted tokens)."""
+  cfg = model.config
+  x0 = to_model(frames)
+  xt, t, noise, weight = training_inputs(
+    x0, rng, cfg.frames_per_chunk, objective=objective, time_sampling=time_sampling, time_shift=time_shift
+  )
+  v = model.forward(xt, t, labels=labels, actions=actions)
+  loss = flow.loss(v, x0, noise, weight)
+  low = weight * (t < 0.5)
+  metrics = {
+    "loss": loss,
+    "loss_low_noise": flow.loss(v, x0, noise, low),
+    "loss_high_noise": flow.loss(v, x0, noise, weight - low),
+    "tokens": jnp.sum(weight) * cfg.tokens_per_frame,
+  }
+  return loss, metrics

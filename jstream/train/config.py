@@ -139,14 +139,105 @@ class VideoTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoGenTask:
+  """The streaming video generation task (``TrainConfig.data == "video_gen"``): the block-causal video diffusion
+  transformer (``jstream.models.video_dit``) on moving-digit clips (``jstream.data.digits``).
+
+  ``TrainConfig.model`` gives the transformer's sizes (layers, heads, widths, dtypes); its ``vocab_size`` must be
+  the patch size squared (a token's pixels: ``VideoDiTConfig.patch_dim``).
+
+  Attributes:
+    frame_size, patch_size, frames_per_chunk: the frames and their tokens (``VideoDiTConfig``).
+    digit_size, num_digits, speed, num_train: the clips (``digits_config``).
+    clip_frames: frames per training clip (a multiple of ``frames_per_chunk``).
+    class_conditioned: condition on the digit's label (one digit per clip only).
+    objective: ``"diffusion_forcing"`` (every chunk of a clip at its own noise level, one block-causal forward, the
+      loss on every chunk; Chen et al. 2024, CausVid's initialisation) or ``"teacher_forcing"`` (one chunk per
+      clip noised, the chunks before it clean at noise level 0, as a stream's cache holds them; the loss on that
+      chunk: the inference pattern exactly, at one chunk of signal per clip).
+    time_sampling, time_shift: how training noise levels are drawn (``jstream.flow.sample_times``).
+  """
+
+  frame_size: int = 32
+  patch_size: int = 8
+  frames_per_chunk: int = 1
+  digit_size: int = 16
+  num_digits: int = 1
+  speed: tuple[float, float] = (1.0, 3.0)
+  num_train: int = 2000
+  clip_frames: int = 8
+  class_conditioned: bool = True
+  objective: str = "diffusion_forcing"
+  time_sampling: str = "logit_normal"
+  time_shift: float = 1.0
+
+  OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing")
+
+  def __post_init__(self):
+    object.__setattr__(self, "speed", tuple(float(v) for v in self.speed))
+    if self.objective not in self.OBJECTIVES:
+      raise ValueError(f"VideoGenTask.objective must be one of {self.OBJECTIVES}, got {self.objective!r}")
+    if self.time_sampling not in ("uniform", "logit_normal") or self.time_shift <= 0:
+      raise ValueError(
+        f"time_sampling must be 'uniform' or 'logit_normal' and time_shift > 0, got {self.time_sampling!r}, "
+        f"{self.time_shift}"
+      )
+    if self.clip_frames < 1 or self.clip_frames % self.frames_per_chunk:
+      raise ValueError(
+        f"clip_frames ({self.clip_frames}) must be a positive multiple of frames_per_chunk ({self.frames_per_chunk})"
+      )
+    if self.class_conditioned and self.num_digits != 1:
+      raise ValueError(f"class_conditioned needs one digit per clip (its label), got num_digits={self.num_digits}")
+
+  def data_config(self):
+    """The ``DigitsConfig`` of the training clips."""
+    from jstream.data.digits import digits_config
+
+    return digits_config(
+      frame_size=self.frame_size,
+      digit_size=self.digit_size,
+      num_digits=self.num_digits,
+      num_frames=self.clip_frames,
+      speed=self.speed,
+      num_train=self.num_train,
+    )
+
+  def model_config(self, lm: TransformerConfig):
+    """The ``VideoDiTConfig`` with the transformer sizes of ``lm``."""
+    from jstream.models.video_dit import VideoDiTConfig
+
+    cfg = VideoDiTConfig(
+      frame_size=(self.frame_size, self.frame_size),
+      patch_size=self.patch_size,
+      frames_per_chunk=self.frames_per_chunk,
+      embed_dim=lm.embed_dim,
+      num_layers=lm.num_layers,
+      num_heads=lm.num_heads,
+      num_kv_heads=lm.num_kv_heads,
+      mlp_dim=lm.mlp_dim,
+      num_classes=10 if self.class_conditioned else 0,
+      rope_base=lm.rope_base,
+      dtype=lm.dtype,
+      param_dtype=lm.param_dtype,
+      attention_impl=lm.attention_impl,
+      scan_layers=lm.scan_layers,
+    )
+    if lm.vocab_size != cfg.patch_dim:
+      raise ValueError(f"video_gen needs model.vocab_size == {cfg.patch_dim} (a patch's pixels), got {lm.vocab_size}")
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs (hashable; part of every checkpoint).
 
   Attributes:
     model: the transformer (for ``video_qa``: the language model over frame and word tokens).
-    data: ``"text"`` (byte-level text streams; ``corpus``: local files / folders, empty: the default corpus) or
-      ``"video_qa"`` (moving-digit streams with questions: ``video``).
+    data: ``"text"`` (byte-level text streams; ``corpus``: local files / folders, empty: the default corpus),
+      ``"video_qa"`` (moving-digit streams with questions: ``video``) or ``"video_gen"`` (moving-digit clips to
+      generate: ``generation``).
     video: the video task (``data == "video_qa"`` only; default ``VideoTask()`` there).
+    generation: the video generation task (``data == "video_gen"`` only; default ``VideoGenTask()`` there).
     seq_len, batch_size: training sample length (tokens, before a sink token; text only) and batch size.
     steps, lr, warmup_steps, min_lr_ratio, weight_decay, clip_norm, b1, b2: AdamW with linear warmup and cosine
       decay to ``lr * min_lr_ratio``, global-norm gradient clipping.
@@ -166,6 +257,7 @@ class TrainConfig:
   model: TransformerConfig
   data: str = "text"
   video: VideoTask | None = None
+  generation: VideoGenTask | None = None
   corpus: tuple[str, ...] = ()
   seq_len: int = 256
   batch_size: int = 16
@@ -208,8 +300,15 @@ class TrainConfig:
       raise ValueError("TrainConfig.needles applies to random windows, not to overlapped chunks (overlap)")
     if self.sink_token and self.model.vocab_size < 2:
       raise ValueError("sink_token needs a vocabulary with a spare id")
-    if self.data not in ("text", "video_qa"):
-      raise ValueError(f"TrainConfig.data must be 'text' or 'video_qa', got {self.data!r}")
+    if self.data not in ("text", "video_qa", "video_gen"):
+      raise ValueError(f"TrainConfig.data must be 'text', 'video_qa' or 'video_gen', got {self.data!r}")
+    if self.data == "video_gen":
+      if self.generation is None:
+        object.__setattr__(self, "generation", VideoGenTask())
+      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
+        raise ValueError("sink_token, overlap, needles and train_window do not apply to video_gen")
+    elif self.generation is not None:
+      raise ValueError(f"TrainConfig.generation is for data='video_gen', not {self.data!r}")
     if self.data == "video_qa":
       if self.video is None:
         object.__setattr__(self, "video", VideoTask())
@@ -246,6 +345,8 @@ class TrainConfig:
     d["model"] = TransformerConfig(**d["model"])
     if d.get("video") is not None:
       d["video"] = VideoTask(**d["video"])
+    if d.get("generation") is not None:
+      d["generation"] = VideoGenTask(**d["generation"])
     d["corpus"] = tuple(d.get("corpus", ()))
     return cls(**d)
 

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jstream.models.lm import StreamingTransformer
+from jstream.models.video_dit import VideoDiT
 from jstream.models.video_lm import VideoLM
 from jstream.train import aligned
 from jstream.train.checkpoint import Checkpointer
@@ -62,7 +63,22 @@ def make_train_step(
 
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
-    if cfg.data == "video_qa":
+    if cfg.data == "video_gen":
+      from jstream.models import video_dit
+
+      task = cfg.generation
+      frames = batch["frames"][..., None]  # one channel
+      labels = batch["labels"][:, 0] if task.class_conditioned else None
+      loss, m = video_dit.training_loss(
+        model,
+        frames,
+        batch["rng"],
+        labels=labels,
+        objective=task.objective,
+        time_sampling=task.time_sampling,
+        time_shift=task.time_shift,
+      )
+      return loss, m
       from jstream.models import video_lm
 
       video = cfg.video
@@ -95,6 +111,8 @@ def make_train_step(
     return loss, {"tokens": count}
 
   def step(state: TrainState, batch):
+    if cfg.data == "video_gen":  # noise and noise levels: a function of the run's seed and the step (exact resume)
+      batch = {**batch, "rng": jax.random.fold_in(jax.random.key(cfg.seed), state.step)}
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -135,6 +153,18 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
     from jstream.data import video_qa
 
     ds = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, seed=cfg.seed, config=cfg.video.data_config())
+    return iter(ds)
+  if cfg.data == "video_gen":
+    from jstream.data import digits
+
+    ds = digits.digits_dataset(
+      split,
+      batch_size=cfg.batch_size,
+      seed=cfg.seed,
+      dtype=np.float32,
+      with_metadata=True,
+      config=cfg.generation.data_config(),
+    )
     return iter(ds)
   from jstream.data import text as text_data
 
@@ -184,16 +214,18 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class TrainResult:
-  model: StreamingTransformer | VideoLM
+  model: StreamingTransformer | VideoLM | VideoDiT
   step: int
   resumed_from: int | None
   metrics: list[dict]
   seconds: float
 
 
-def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM:
+def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM | VideoDiT:
   """A fresh model of the run: the language model, or for ``video_qa`` the video LM around it."""
   rngs = nnx.Rngs(cfg.seed)
+  if cfg.data == "video_gen":
+    return VideoDiT(cfg.generation.model_config(cfg.model), rngs=rngs)
   if cfg.data == "video_qa":
     from jstream.data.video_qa import WORDS
 
@@ -206,6 +238,8 @@ def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM:
 
 
 def _device_batch(cfg: TrainConfig, batch) -> Any:
+  if cfg.data == "video_gen":
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "labels")}
   if cfg.data == "video_qa":
     return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "objects")}
   return jnp.asarray(np.asarray(batch, np.int32))
@@ -213,6 +247,8 @@ def _device_batch(cfg: TrainConfig, batch) -> Any:
 
 def tokens_per_batch(cfg: TrainConfig) -> int:
   """Input tokens a training step processes (video: frame and slot tokens of every tick)."""
+  if cfg.data == "video_gen":
+    return cfg.batch_size * cfg.generation.clip_frames * cfg.generation.model_config(cfg.model).tokens_per_frame
   if cfg.data == "video_qa":
     per_tick = cfg.video.model_config(cfg.model).frame_len + cfg.video.data_config().text_len
     return cfg.batch_size * cfg.video.clip_frames * per_tick
@@ -293,7 +329,7 @@ def train(
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
 
 
-def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer | VideoLM, int]:
+def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer | VideoLM | VideoDiT, int]:
   """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step."""
   graphdef, _, state = init_state(cfg)
   ckpt = Checkpointer(cfg.workdir, cfg)
