@@ -52,6 +52,23 @@ def test_bench_needle_quick(in_tmp):
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
 
 
+def test_bench_video_gen_quick(in_tmp):
+  """The video generation benchmark end to end on the quick model: rollouts under both policies, the drift
+  scores, the recompute comparison, the plot and the GIF."""
+  assert cli.main(["bench", "video-gen", "--quick", "--no-progress", "--out", "gen"]) == 0
+  res = json.loads((in_tmp / "gen" / "results.json").read_text())
+  assert [r["policy"] for r in res["rows"]] == ["window", "sinks+window"] and res["model_step"] == 6
+  for r in res["rows"]:
+    assert r["frames"] == 12 and len(r["curves"]["identity"]) == 12 and r["ms_per_frame"] > 0
+    assert all(0 <= v["identity"] <= 1 and v["ink"] > 0 for v in r["summary"].values())
+  assert res["recompute"]["recompute_ms_per_chunk"] > 0 and 0 <= res["classifier_test_accuracy"] <= 1
+  from PIL import Image
+
+  with Image.open(in_tmp / "gen" / "samples.gif") as gif:
+    assert gif.n_frames == 12 and gif.size == (4 * 8, 2 * 4 * 8)  # two policies stacked, 4x upscaled 8x8 frames
+  assert (in_tmp / "gen" / "drift.png").stat().st_size > 0
+
+
 def test_train_then_eval_stream(in_tmp):
   cfg = f"{ROOT}/configs/lm_tiny.py:quick,steps=4,workdir=run"
   assert cli.main(["train", "--config", cfg, "--no-progress"]) == 0

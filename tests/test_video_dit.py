@@ -165,7 +165,10 @@ def test_rolling_rollout_with_a_window_covering_the_video_equals_dense():
 
 
 def test_rollout_is_euler_sampling_chunk_by_chunk_and_compiles_once():
-  model = make(frames_per_chunk=1)
+  model = make_fresh(frames_per_chunk=1)
+  # Parameters committed to a device, as a model restored from a checkpoint has them: a new cache must be too, or
+  # the second call (fed the first call's committed cache) compiles again.
+  nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
   cfg, b = model.config, 2
   policy = vd.rolling_policy(cfg, 2)
   rng = jax.random.key(0)

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import jax
+
+from jstream._compat import is_concrete
 from jstream.cache.kv import Geometry, KVCache, append, layer_buffer, write
 from jstream.cache.planner import INT32_MAX, REBASE_AT, Plan, group_starts_and_ends, plan, rebase, rebase_shift
 from jstream.cache.policies import Dense, KVPolicy, Policy, Segmented, SinkWindow, Track, TrackLayout, Window, layout
@@ -91,7 +94,14 @@ def init(
   check_int("batch_size", batch_size, 1)
   start = start_positions(start_position, batch_size)
   geometry = Geometry(num_layers, num_kv_heads, head_dim, stacked)
-  return policy.make_cache(geometry, batch_size=batch_size, dtype="float32" if dtype is None else dtype, start=start)
+  cache = policy.make_cache(geometry, batch_size=batch_size, dtype="float32" if dtype is None else dtype, start=start)
+  # Commit a new cache to the default device, where a compiled rollout's output cache lives: an uncommitted input
+  # makes the next call (fed the first's committed output) compile again when the parameters are committed (a
+  # model restored from a checkpoint).
+  leaves = jax.tree.leaves(cache)
+  if leaves and all(is_concrete(x) for x in leaves):
+    cache = jax.device_put(cache, jax.devices()[0])
+  return cache
 
 
 __all__ = [

@@ -170,14 +170,14 @@ def check_policy(config: VideoDiTConfig, policy: cache_lib.Policy) -> None:
     raise ValueError(f"{policy}: a video diffusion cache takes no rollback slots")
 
 
-def to_model(frames: Array) -> Array:
+def to_model(frames: ArrayLike) -> Array:
   """Frames in [0, 1] to the model's range [-1, 1]."""
-  return 2.0 * frames.astype(jnp.float32) - 1.0
+  return 2.0 * jnp.asarray(frames, jnp.float32) - 1.0
 
 
-def from_model(x: Array) -> Array:
+def from_model(x: ArrayLike) -> Array:
   """The model's range to frames in [0, 1] (clipped)."""
-  return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+  return jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def timestep_features(t: Float[Array, "*lead"], dim: int, scale: float = 1000.0) -> Float[Array, "*lead dim"]:

@@ -1,0 +1,342 @@
+"""Streaming video generation benchmark (``jstream bench video-gen``): drift, speed and memory of long rollouts.
+
+Trains the model of ``configs/video_gen.py`` (or reuses the checkpoint in ``--workdir``; ``--flags
+teacher_forcing`` for the baseline), then rolls out ``--batch`` videos of each length in ``--frames``, each
+conditioned on a digit label, under each cache policy (``video_dit.rolling_policy``, cache-relative positions):
+
+* ``window``: the last ``--window`` frames (the training clip's length by default);
+* ``sinks+window``: the first ``--sinks`` frames kept for ever plus the window (LongLive / Rolling Forcing).
+
+Drift is scored by a digit classifier trained here on the training clips' frames (a small CNN; its accuracy on
+the test split's frames is reported): per frame, whether the classifier reads the label the video was asked for
+(*identity*), and the frame's mean intensity against the data's (*ink*: 1.0 is the data's, a fading or smeared
+video drifts away from it). Per (policy, length): identity and ink over frame ranges, per-frame latency (the
+calls after the first, which compiles; ``--chunks-per-call`` chunks per call), frames/s, the cache's size and the
+process's peak RSS. Then the rolling KV cache against recomputing the context each chunk (a fresh cache filled
+with the last ``window - 1`` chunks in one call, then the same denoising steps), both continuing the same first
+``window - 1`` frames: speed per chunk (the rolling figure from the longest ``window`` row) and identity over
+``--recompute-frames`` frames. Writes ``results.json``, ``drift.png`` (identity vs frame index) and
+``samples.gif`` (one video per policy) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jstream import flow, rollout
+from jstream.data import digits
+from jstream.models import video_dit
+from jstream.process_memory import reset_peak_rss, rss_mib, tree_bytes
+from jstream.train import load_config, load_model, train
+
+CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_gen.py"
+
+
+def run_config(quick: bool, workdir: str | None, flags: str = ""):
+  parts = [f for f in flags.split(",") if f] + (["quick"] if quick else [])
+  if workdir:
+    parts.append(f"workdir={workdir}")
+  return load_config(f"{CONFIG}:{','.join(parts)}" if parts else str(CONFIG))
+
+
+# ---------------------------------------------------------------------------------------------- the classifier
+
+
+class DigitNet(nnx.Module):
+  """Three 3x3 convolutions (two with 2x2 max pooling), a global max pool and a linear layer: which digit a frame
+  shows, wherever it is."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), rngs=rngs) for a, b in ((1, 16), (16, 32), (32, 64))])
+    self.out = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):  # [n, H, W, 1] in [0, 1]
+    for i, conv in enumerate(self.convs):
+      x = jax.nn.relu(conv(x))
+      if i < 2:
+        x = nnx.max_pool(x, (2, 2), (2, 2))
+    return self.out(jnp.max(x, axis=(1, 2)))
+
+
+def train_classifier(data_config, *, steps: int, seed: int = 0):
+  """A ``DigitNet`` trained on the frames of the training clips; returns ``(predict, test accuracy)`` with
+  ``predict(frames [n, H, W] in [0, 1]) -> probabilities [n, 10]``."""
+  net = DigitNet(nnx.Rngs(seed))
+  opt = nnx.Optimizer(net, optax.adam(2e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(net, opt, x, y):
+    def loss_fn(net):
+      return optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(net)
+    opt.update(net, grads)
+    return loss
+
+  def frames_and_labels(batch):
+    f = np.asarray(batch["frames"], np.float32)  # [b, T, H, W]
+    y = np.repeat(np.asarray(batch["labels"])[:, 0], f.shape[1])
+    return f.reshape(-1, *f.shape[2:], 1), y
+
+  it = iter(digits.digits_dataset("train", batch_size=32, seed=seed, dtype=np.float32, with_metadata=True,
+                                  config=data_config))  # fmt: skip
+  for _ in range(steps):
+    x, y = frames_and_labels(next(it))
+    step(net, opt, jnp.asarray(x), jnp.asarray(y))
+  predict = nnx.jit(lambda net, x: jax.nn.softmax(net(x[..., None])))
+  test = digits.digits_dataset("test", batch_size=32, shuffle=False, num_epochs=1, dtype=np.float32,
+                               with_metadata=True, config=data_config)  # fmt: skip
+  hits = total = 0
+  for batch in test:
+    x, y = frames_and_labels(batch)
+    hits += int(np.sum(np.argmax(np.asarray(predict(net, jnp.asarray(x[..., 0]))), -1) == y))
+    total += len(y)
+  return functools.partial(predict, net), hits / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+
+def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng):
+  """Generates ``num_frames`` frames under ``policy`` in calls of ``chunks_per_call`` chunks; returns ``(frames
+  uint8 [b, n, H, W], seconds per call after the first, cache bytes, peak RSS MiB)``."""
+  k = model.config.frames_per_chunk
+  chunks = num_frames // k
+  per_call = min(chunks_per_call, chunks)
+  gen = rollout.VideoGenerator(model, chunks=per_call, steps=steps, out_dtype=jnp.uint8)
+  cache = model.init_cache(policy, len(labels))
+  cache_bytes = tree_bytes(cache)
+  out, times = [], []
+  reset_peak_rss()
+  for start in range(0, chunks, per_call):
+    t0 = time.perf_counter()
+    res = gen(cache, rng, start=start, labels=labels)
+    frames = np.asarray(res.frames)  # the host copy ends the call
+    times.append(time.perf_counter() - t0)
+    cache = res.cache
+    out.append(frames[..., 0])
+  steady = times[1:] or times
+  return np.concatenate(out, axis=1), float(np.median(steady)), cache_bytes, rss_mib()[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _recompute(graphdef, state, context, labels, chunks, steps, policy, rng):
+  """Recomputes the context every chunk: a fresh cache filled with the last ``W - 1`` chunks (``context`` holds
+  them, model range) in one call, then the denoising steps; the new chunk enters the context ring."""
+  model = nnx.merge(graphdef, state)
+  b, c = context.shape[:2]
+  k = model.config.frames_per_chunk
+  times = flow.schedule(steps)
+
+  def step(ctx, i):
+    cache = model.init_cache(policy, b)
+    h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels)
+    _, cache = model.dit.extend_embeddings(h, cache, groups=groups, cond=cond)
+    noise = jax.random.normal(jax.random.fold_in(rng, i), (b, k, *ctx.shape[2:]), jnp.float32)
+    x0 = model.denoise(cache, noise, times, labels=labels)
+    return jnp.concatenate([ctx[:, k:], x0], axis=1), x0
+
+  _, frames = jax.lax.scan(step, context, jnp.arange(chunks, dtype=jnp.int32))
+  return jnp.moveaxis(frames, 0, 1).reshape(b, chunks * k, *context.shape[2:])
+
+
+def recompute_rollout(model, context, labels, num_frames: int, *, steps: int, window: int, rng):
+  """``num_frames`` frames after ``context`` (``[b, window - k, H, W]`` in [0, 1]) with the context recomputed
+  every chunk; returns ``(frames [b, n, H, W] uint8, seconds per chunk)`` (the second call, after compiling)."""
+  k = model.config.frames_per_chunk
+  policy = video_dit.rolling_policy(model.config, None, window)
+  graphdef, state = nnx.split(model)
+  ctx = video_dit.to_model(jnp.asarray(context)[..., None])
+  args = (graphdef, state, ctx, labels, num_frames // k, steps, policy, rng)
+  jax.block_until_ready(_recompute(*args))
+  t0 = time.perf_counter()
+  frames = np.asarray(_recompute(*args))
+  seconds = (time.perf_counter() - t0) / (num_frames // k)
+  return np.round(np.asarray(video_dit.from_model(frames))[..., 0] * 255).astype(np.uint8), seconds
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def score(predict, frames: np.ndarray, labels: np.ndarray, ink_ref: float) -> dict:
+  """Per-frame identity (classifier argmax == label, mean over videos) and ink (mean intensity / the data's)."""
+  b, n = frames.shape[:2]
+  x = frames.reshape(b * n, *frames.shape[2:]).astype(np.float32) / 255.0
+  probs = np.concatenate([np.asarray(predict(jnp.asarray(x[i : i + 4096]))) for i in range(0, len(x), 4096)])
+  hit = (np.argmax(probs, -1).reshape(b, n) == labels[:, None]).mean(0)
+  ink = x.reshape(b, n, -1).mean(-1).mean(0) / ink_ref
+  return {"identity": hit.tolist(), "ink": ink.tolist()}
+
+
+def ranges(n: int, window: int) -> list[tuple[int, int]]:
+  """Frame ranges to summarise: inside the first window, then decades."""
+  edges = [0, window] + [e for e in (100, 1000, 10_000, 100_000) if window < e < n] + [n]
+  return [(a, b) for a, b in itertools.pairwise(edges) if a < b]
+
+
+def summary(curves: dict, n: int, window: int) -> dict:
+  return {f"{a}-{b}": {k: float(np.mean(v[a:b])) for k, v in curves.items()} for a, b in ranges(n, window)}
+
+
+def write_gif(path: pathlib.Path, videos: dict[str, np.ndarray], frames: int = 64, scale: int = 4) -> None:
+  """One row per policy (its first video), ``frames`` frames from the start, upscaled ``scale`` x."""
+  from PIL import Image
+
+  rows = [v[0, :frames] for v in videos.values()]  # [n, H, W] each
+  strip = np.concatenate(rows, axis=1)  # [n, rows * H, W]
+  strip = np.repeat(np.repeat(strip, scale, axis=1), scale, axis=2)
+  images = [Image.fromarray(f) for f in strip]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for r in result["rows"]:
+    ident = np.asarray(r["curves"]["identity"])
+    w = max(1, len(ident) // 100)
+    smooth = np.convolve(ident, np.ones(w) / w, mode="valid")
+    ax.plot(np.arange(len(smooth)) + w // 2, smooth, label=f"{r['policy']}, {r['frames']} frames")
+  ax.axvline(result["train_frames"], color="grey", ls=":", label="training clip")
+  ax.set_xscale("symlog", linthresh=10)
+  ax.set_xlabel("frame")
+  ax.set_ylabel("identity (classifier reads the label)")
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="jstream bench video-gen", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default="runs/bench_video_gen", help="output folder")
+  parser.add_argument("--quick", action="store_true", help="the quick model and short rollouts (smoke test)")
+  parser.add_argument("--workdir", default=None, help="training run to reuse or create (default: the config's)")
+  parser.add_argument("--flags", default="", help="flags of configs/video_gen.py, e.g. teacher_forcing")
+  parser.add_argument("--frames", default="100,1000", help="comma-separated rollout lengths")
+  parser.add_argument("--batch", type=int, default=4, help="videos per rollout (labels 0, 1, 2, ...)")
+  parser.add_argument("--steps", type=int, default=4, help="Euler steps per chunk")
+  parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
+  parser.add_argument("--sinks", type=int, default=1, help="frame sinks of the sinks+window policy")
+  parser.add_argument("--chunks-per-call", type=int, default=100)
+  parser.add_argument("--classifier-steps", type=int, default=300)
+  parser.add_argument("--recompute-frames", type=int, default=64, help="frames of the recompute comparison")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  cfg = run_config(args.quick, args.workdir, args.flags)
+  lengths = [int(x) for x in args.frames.split(",") if x]
+  if args.quick:
+    lengths, args.batch, args.classifier_steps, args.chunks_per_call = [min(lengths[0], 12)], 2, 5, 4
+    args.recompute_frames = 8
+  task = cfg.generation
+  window = args.window or task.clip_frames
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  print(f"bench_video_gen on {device}, jax {jax.__version__}; model {cfg.workdir}")
+  t0 = time.time()
+  res = train(cfg, progress=not args.no_progress)
+  model, step = load_model(cfg)
+  data_config = task.data_config()
+  predict, classifier_acc = train_classifier(data_config, steps=args.classifier_steps, seed=args.seed)
+  print(f"  digit classifier: {classifier_acc:.3f} on the test split's frames")
+  sample = next(iter(digits.digits_dataset("test", batch_size=32, shuffle=False, dtype=np.float32,
+                                           config=data_config)))  # fmt: skip
+  ink_ref = float(np.mean(sample))
+  labels = np.arange(args.batch) % 10 if task.class_conditioned else None
+  jlabels = None if labels is None else jnp.asarray(labels, jnp.int32)
+  score_labels = labels if labels is not None else np.full(args.batch, -1)
+  rng = jax.random.key(args.seed)
+  mc = model.config
+  policies = {
+    "window": video_dit.rolling_policy(mc, window),
+    "sinks+window": video_dit.rolling_policy(mc, window, sink_frames=args.sinks * mc.frames_per_chunk),
+  }
+  rows, videos = [], {}
+  for n in lengths:
+    for name, policy in policies.items():
+      frames, sec, cache_bytes, peak = rollout_policy(
+        model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng
+      )
+      per_call = min(args.chunks_per_call, n // mc.frames_per_chunk) * mc.frames_per_chunk
+      curves = score(predict, frames, score_labels, ink_ref)
+      row = {
+        "policy": name,
+        "frames": n,
+        "ms_per_frame": 1000 * sec / per_call,
+        "frames_per_s": args.batch * per_call / sec,
+        "cache_mib": cache_bytes / 2**20,
+        "peak_rss_mib": peak,
+        "summary": summary(curves, n, window),
+        "curves": curves,
+      }
+      rows.append(row)
+      videos[f"{name}, {n}"] = frames
+      s = ", ".join(f"{k} id {v['identity']:.2f} ink {v['ink']:.2f}" for k, v in row["summary"].items())
+      print(
+        f"  {name:<13} {n:>6} frames: {s}; {row['ms_per_frame']:.2f} ms/frame, {row['frames_per_s']:.0f} frames/s "
+        f"(batch {args.batch}), cache {row['cache_mib']:.2f} MiB, peak RSS {peak:.0f} MiB"
+      )
+  # The rolling KV cache against recomputing the context each chunk, from the same first window of frames.
+  k = mc.frames_per_chunk
+  rolled, _, _, _ = rollout_policy(
+    model, policies["window"], jlabels, window - k + args.recompute_frames, steps=args.steps,
+    chunks_per_call=(window - k + args.recompute_frames) // k, rng=rng,
+  )  # fmt: skip
+  context = rolled[:, : window - k].astype(np.float32) / 255.0
+  rec_frames, rec_sec = recompute_rollout(
+    model, context, jlabels, args.recompute_frames, steps=args.steps, window=window, rng=rng
+  )
+  rec = {
+    "frames": args.recompute_frames,
+    "rolling_ms_per_chunk": k * next(r["ms_per_frame"] for r in reversed(rows) if r["policy"] == "window"),
+    "recompute_ms_per_chunk": 1000 * rec_sec,
+    "identity_rolling": float(np.mean(score(predict, rolled[:, window - k :], score_labels, ink_ref)["identity"])),
+    "identity_recompute": float(np.mean(score(predict, rec_frames, score_labels, ink_ref)["identity"])),
+  }
+  rec["speedup"] = rec["recompute_ms_per_chunk"] / rec["rolling_ms_per_chunk"]
+  print(
+    f"  rolling KV {rec['rolling_ms_per_chunk']:.2f} ms/chunk vs recompute {rec['recompute_ms_per_chunk']:.2f} "
+    f"ms/chunk ({rec['speedup']:.1f}x); identity {rec['identity_rolling']:.2f} vs {rec['identity_recompute']:.2f}"
+  )
+  result = {
+    "device": device,
+    "jax": jax.__version__,
+    "args": vars(args),
+    "model_step": step,
+    "train_last_metrics": res.metrics[-1] if res.metrics else {},
+    "train_frames": task.clip_frames,
+    "window": window,
+    "classifier_test_accuracy": classifier_acc,
+    "rows": rows,
+    "recompute": rec,
+    "seconds": time.time() - t0,
+  }
+  (out / "results.json").write_text(json.dumps(result, indent=2))
+  plot(result, out / "drift.png")
+  write_gif(out / "samples.gif", {k: v for k, v in videos.items() if k.endswith(f", {lengths[-1]}")})
+  print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
