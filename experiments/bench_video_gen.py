@@ -11,7 +11,7 @@ Drift is scored by a digit classifier trained here on the training clips' frames
 the test split's frames is reported): per frame, whether the classifier reads the label the video was asked for
 (*identity*), and the frame's mean intensity against the data's (*ink*: 1.0 is the data's, a fading or smeared
 video drifts away from it). Per (policy, length): identity and ink over frame ranges, per-frame latency (the
-calls after the first, which compiles; ``--chunks-per-call`` chunks per call), frames/s, the cache's size and the
+median call, after one that compiles; ``--chunks-per-call`` chunks per call), frames/s, the cache's size and the
 process's peak RSS. Then the rolling KV cache against recomputing the context each chunk (a fresh cache filled
 with the last ``window - 1`` chunks in one call, then the same denoising steps), both continuing the same first
 ``window - 1`` frames: speed per chunk (the rolling figure from the longest ``window`` row) and identity over
@@ -111,12 +111,13 @@ def train_classifier(data_config, *, steps: int, seed: int = 0):
 
 
 def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng):
-  """Generates ``num_frames`` frames under ``policy`` in calls of ``chunks_per_call`` chunks; returns ``(frames
-  uint8 [b, n, H, W], seconds per call after the first, cache bytes, peak RSS MiB)``."""
+  """Generates ``num_frames`` frames under ``policy`` in calls of ``chunks_per_call`` chunks, after one call that
+  compiles; returns ``(frames uint8 [b, n, H, W], median seconds per call, cache bytes, peak RSS MiB)``."""
   k = model.config.frames_per_chunk
   chunks = num_frames // k
   per_call = min(chunks_per_call, chunks)
   gen = rollout.VideoGenerator(model, chunks=per_call, steps=steps, out_dtype=jnp.uint8)
+  jax.block_until_ready(gen(model.init_cache(policy, len(labels)), rng, labels=labels).frames)  # compiles
   cache = model.init_cache(policy, len(labels))
   cache_bytes = tree_bytes(cache)
   out, times = [], []
@@ -128,8 +129,7 @@ def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks
     times.append(time.perf_counter() - t0)
     cache = res.cache
     out.append(frames[..., 0])
-  steady = times[1:] or times
-  return np.concatenate(out, axis=1), float(np.median(steady)), cache_bytes, rss_mib()[1]
+  return np.concatenate(out, axis=1), float(np.median(times)), cache_bytes, rss_mib()[1]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
