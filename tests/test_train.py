@@ -369,7 +369,7 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     TrainConfig(model=model, data="video_qa", sink_token=True)
   with pytest.raises(ValueError, match="the text track's recent window"):
     TrainConfig(model=model, data="video_qa", train_window=8, train_sinks=5)
-  with pytest.raises(ValueError, match="must be 'text' or 'video_qa'"):
+  with pytest.raises(ValueError, match="must be 'text', 'video_qa' or 'video_gen'"):
     TrainConfig(model=model, data="audio")
   with pytest.raises(ValueError, match="needs patch_loss > 0"):
     VideoTask(encoder_steps=10)

@@ -79,6 +79,7 @@ def make_train_step(
         time_shift=task.time_shift,
       )
       return loss, m
+    if cfg.data == "video_qa":
       from jstream.models import video_lm
 
       video = cfg.video
