@@ -36,20 +36,18 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import bench_video_qa
 from jstream import flow, rollout
 from jstream.data import digits
 from jstream.models import video_dit
 from jstream.process_memory import reset_peak_rss, rss_mib, tree_bytes
-from jstream.train import load_config, load_model, train
+from jstream.train import load_model, train
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_gen.py"
 
 
-def run_config(quick: bool, workdir: str | None, flags: str = ""):
-  parts = [f for f in flags.split(",") if f] + (["quick"] if quick else [])
-  if workdir:
-    parts.append(f"workdir={workdir}")
-  return load_config(f"{CONFIG}:{','.join(parts)}" if parts else str(CONFIG))
+run_config = functools.partial(bench_video_qa.run_config, config=CONFIG)
+"""``run_config(quick, workdir, flags)``: the training run of ``configs/video_gen.py``."""
 
 
 # ---------------------------------------------------------------------------------------------- the classifier

@@ -57,13 +57,13 @@ from jstream.train.aligned import video_policy
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
 
 
-def run_config(quick: bool, workdir: str | None, flags: str = ""):
-  """The training run of ``configs/video_lm.py`` with ``flags`` (comma-separated; ``quick`` added if ``quick``),
-  in ``workdir`` if given."""
+def run_config(quick: bool, workdir: str | None, flags: str = "", config: pathlib.Path = CONFIG):
+  """The training run of ``config`` (default ``configs/video_lm.py``) with ``flags`` (comma-separated; ``quick``
+  added if ``quick``), in ``workdir`` if given."""
   parts = [f for f in flags.split(",") if f] + (["quick"] if quick else [])
   if workdir:
     parts.append(f"workdir={workdir}")
-  return load_config(f"{CONFIG}:{','.join(parts)}" if parts else str(CONFIG))
+  return load_config(f"{config}:{','.join(parts)}" if parts else str(config))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
