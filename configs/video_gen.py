@@ -2,13 +2,17 @@
 
   jstream train --config configs/video_gen.py                    # diffusion forcing, minutes on 2 CPU cores
   jstream train --config configs/video_gen.py:teacher_forcing    # the teacher-forcing baseline
+  jstream train --config configs/video_gen.py:self_forcing       # self-rollout training from the run above
   jstream train --config configs/video_gen.py:quick              # seconds (smoke test)
 
 The model (``jstream.models.video_dit``): 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 384, 8x8-pixel patches
 of 32x32 frames (16 tokens per frame), one frame per chunk, conditioned on the digit's label; trained with rectified
 flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, AdamW at 1e-3. Flags:
-``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``quick`` (a tiny
-model, 8x8 frames, a few steps). Any field can be overridden as ``key=value`` (``model.<field>=...``,
+``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing``
+(Self Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution
+matching against the diffusion-forcing run in ``runs/video_gen`` (the teacher, trained first) and an online critic;
+lr 1e-4, workdir suffix ``_sf``), ``quick`` (a tiny model, 8x8 frames, a few steps; with ``self_forcing``, the
+teacher is the quick diffusion-forcing run). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``generation.<field>=...``).
 """
 
@@ -19,7 +23,7 @@ from jstream.train import TrainConfig, VideoGenTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "teacher_forcing"}
+  unknown = set(flags) - {"quick", "teacher_forcing", "self_forcing"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_gen.py")
   task = VideoGenTask()
@@ -40,9 +44,15 @@ def get_config(*flags: str) -> TrainConfig:
   if "teacher_forcing" in flags:
     task = dataclasses.replace(task, objective="teacher_forcing")
     cfg = dataclasses.replace(cfg, generation=task, workdir=cfg.workdir + "_tf")
+  if "self_forcing" in flags:
+    if "teacher_forcing" in flags:
+      raise ValueError("teacher_forcing and self_forcing are two objectives: choose one")
+    task = dataclasses.replace(task, objective="self_forcing", teacher=cfg.workdir)
+    cfg = dataclasses.replace(cfg, generation=task, lr=1e-4, steps=400, warmup_steps=20, workdir=cfg.workdir + "_sf")
   if "quick" in flags:
     small = TransformerConfig(vocab_size=16, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
-    task = dataclasses.replace(task, frame_size=8, patch_size=4, digit_size=6, num_train=32, clip_frames=4)
+    teacher = {"teacher": "runs/video_gen_quick"} if task.objective == "self_forcing" else {}
+    task = dataclasses.replace(task, frame_size=8, patch_size=4, digit_size=6, num_train=32, clip_frames=4, **teacher)
     cfg = dataclasses.replace(
       cfg,
       model=small,

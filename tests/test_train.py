@@ -396,3 +396,68 @@ def test_video_gen_training_from_the_config_file_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(a, b)
   losses = [m["loss"] for m in full.metrics]
   assert all(np.isfinite(losses)) and full.metrics[-1]["tokens"] == 4 * 4 * 4  # batch x frames x tokens per frame
+
+
+def _teacher_run(tmp_path):
+  """A video_gen run's checkpoint (fresh weights: its content does not matter here), without training it."""
+  from jstream.train.checkpoint import Checkpointer
+  from jstream.train.loop import init_state
+
+  cfg = load_config(f"{CONFIG.parent / 'video_gen.py'}:quick,workdir={tmp_path / 'teacher'}")
+  _, _, state = init_state(cfg)
+  ckpt = Checkpointer(cfg.workdir, cfg)
+  ckpt.save(0, state, {})
+  ckpt.close()
+  return cfg, state
+
+
+def _self_forcing_cfg(tmp_path, name, **over):
+  extra = "".join(f",{k}={v}" for k, v in over.items())
+  teacher = tmp_path / "teacher"
+  return load_config(
+    f"{CONFIG.parent / 'video_gen.py'}:quick,self_forcing,workdir={tmp_path / name},generation.teacher={teacher}{extra}"
+  )
+
+
+def test_self_forcing_run_starts_student_critic_and_teacher_from_the_teacher_run(tmp_path):
+  from flax import nnx
+
+  from jstream.train.checkpoint import saved_config
+  from jstream.train.loop import build_model
+
+  teacher_cfg, teacher_state = _teacher_run(tmp_path)
+  saved = saved_config(tmp_path / "teacher")
+  assert saved.to_dict() == dataclasses.replace(teacher_cfg, workdir=str(tmp_path / "teacher")).to_dict()
+  model = build_model(_self_forcing_cfg(tmp_path, "sf"))
+  want = jax.tree.leaves(teacher_state.params)
+  for part in ("generator", "critic", "teacher"):
+    got = jax.tree.leaves(nnx.state(getattr(model, part)))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    saved_config(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_self_forcing_training_resumes_exactly_and_never_moves_the_teacher(tmp_path):
+  from flax import nnx
+
+  _, teacher_state = _teacher_run(tmp_path)
+  full = train(_self_forcing_cfg(tmp_path, "full", **{"generation.critic_steps": 3}), progress=False)
+  half_cfg = _self_forcing_cfg(tmp_path, "half", **{"generation.critic_steps": 3})
+  half = train(half_cfg, progress=False, stop_after=2)
+  # After two steps (the first at warmup's lr 0) the critic moved and the student did not (it updates every third).
+  for a, b in zip(jax.tree.leaves(nnx.state(half.model.generator)), jax.tree.leaves(teacher_state.params)):
+    np.testing.assert_array_equal(a, b)
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(nnx.state(half.model.critic)), jax.tree.leaves(teacher_state.params))
+  )
+  resumed = train(half_cfg, progress=False)
+  assert resumed.resumed_from == 2 and resumed.step == full.step == 6
+  for a, b in zip(_params(full.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(nnx.state(full.model.teacher)), jax.tree.leaves(teacher_state.params)):
+    np.testing.assert_array_equal(a, b)
+  assert np.isfinite([m["loss"] for m in full.metrics]).all()

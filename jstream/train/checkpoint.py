@@ -25,15 +25,15 @@ log = logging.getLogger(__name__)
 RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir"})
 
 
-__all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError"]
+__all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_config"]
 
 
 def _defaults(prefix: str) -> dict:
-  """The JSON defaults of the config fields at ``prefix`` (``""``, ``"model."`` or ``"video."``)."""
+  """The JSON defaults of the config fields at ``prefix`` (``""``, ``"model."``, ``"video."`` or ``"generation."``)."""
   from jstream.config import TransformerConfig
-  from jstream.train.config import VideoTask
+  from jstream.train.config import VideoGenTask, VideoTask
 
-  cls = {"": TrainConfig, "model.": TransformerConfig, "video.": VideoTask}.get(prefix)
+  cls = {"": TrainConfig, "model.": TransformerConfig, "video.": VideoTask, "generation.": VideoGenTask}.get(prefix)
   out = {}
   for f in dataclasses.fields(cls) if cls is not None else ():
     if f.default is not dataclasses.MISSING:
@@ -128,3 +128,18 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def saved_config(workdir: str | pathlib.Path) -> TrainConfig:
+  """The config a run's newest checkpoint was written with, its ``workdir`` set to ``workdir`` (so that a run can be
+  loaded from wherever it now lies), or a clear error when ``workdir`` holds no checkpoint."""
+  path = pathlib.Path(workdir).absolute() / "checkpoints"
+  manager = ocp.CheckpointManager(path, item_names=("state", "data", "config"))
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {path} (train that run first)")
+    saved = manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+  return dataclasses.replace(TrainConfig.from_dict(saved), workdir=str(workdir))

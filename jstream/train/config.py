@@ -154,8 +154,19 @@ class VideoGenTask:
     objective: ``"diffusion_forcing"`` (every chunk of a clip at its own noise level, one block-causal forward, the
       loss on every chunk; Chen et al. 2024, CausVid's initialisation) or ``"teacher_forcing"`` (one chunk per
       clip noised, the chunks before it clean at noise level 0, as a stream's cache holds them; the loss on that
-      chunk: the inference pattern exactly, at one chunk of signal per clip).
-    time_sampling, time_shift: how training noise levels are drawn (``jstream.flow.sample_times``).
+      chunk: the inference pattern exactly, at one chunk of signal per clip), or ``"self_forcing"`` (self-rollout
+      training, ``jstream.models.self_forcing``: the student rolls out whole clips with its own cache and sampler,
+      trained by distribution matching against the ``teacher`` run and an online critic).
+    time_sampling, time_shift: how training noise levels are drawn (``jstream.flow.sample_times``); for
+      ``self_forcing``, ``time_shift`` is also the student's sampler grid shift (``flow.schedule``).
+    teacher: ``self_forcing`` only: the workdir of a finished ``video_gen`` run with the same model and frames (the
+      real-score model; the student and the critic start from its weights).
+    rollout_steps: ``self_forcing``: the student's denoising steps per chunk (use the same at inference).
+    critic_steps: ``self_forcing``: critic updates per student update (DMD2's two time-scale rule; 1: both every
+      step).
+    dmd_time_range: ``self_forcing``: the noise levels at which the teacher and the critic score the rollout.
+    context_frames: ``self_forcing``: real frames (the first of each training clip) committed to the student's
+      cache before it rolls out the rest of the clip; 0: the student generates the whole clip from its label.
   """
 
   frame_size: int = 32
@@ -170,11 +181,17 @@ class VideoGenTask:
   objective: str = "diffusion_forcing"
   time_sampling: str = "logit_normal"
   time_shift: float = 1.0
+  teacher: str = ""
+  rollout_steps: int = 4
+  critic_steps: int = 1
+  dmd_time_range: tuple[float, float] = (0.02, 0.98)
+  context_frames: int = 0
 
-  OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing")
+  OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing", "self_forcing")
 
   def __post_init__(self):
     object.__setattr__(self, "speed", tuple(float(v) for v in self.speed))
+    object.__setattr__(self, "dmd_time_range", tuple(float(v) for v in self.dmd_time_range))
     if self.objective not in self.OBJECTIVES:
       raise ValueError(f"VideoGenTask.objective must be one of {self.OBJECTIVES}, got {self.objective!r}")
     if self.time_sampling not in ("uniform", "logit_normal") or self.time_shift <= 0:
@@ -185,6 +202,20 @@ class VideoGenTask:
     if self.clip_frames < 1 or self.clip_frames % self.frames_per_chunk:
       raise ValueError(
         f"clip_frames ({self.clip_frames}) must be a positive multiple of frames_per_chunk ({self.frames_per_chunk})"
+      )
+    if self.objective == "self_forcing":
+      lo, hi = self.dmd_time_range
+      if not self.teacher:
+        raise ValueError("objective='self_forcing' needs teacher= the workdir of a trained video_gen run")
+      if self.rollout_steps < 1 or self.critic_steps < 1 or not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(
+          f"self_forcing needs rollout_steps >= 1, critic_steps >= 1 and 0 <= dmd_time_range[0] < [1] <= 1, got "
+          f"{self.rollout_steps}, {self.critic_steps}, {self.dmd_time_range}"
+        )
+    if not 0 <= self.context_frames < self.clip_frames or self.context_frames % self.frames_per_chunk:
+      raise ValueError(
+        f"context_frames ({self.context_frames}) must be whole chunks of {self.frames_per_chunk}, fewer than "
+        f"clip_frames ({self.clip_frames})"
       )
     if self.class_conditioned and self.num_digits != 1:
       raise ValueError(f"class_conditioned needs one digit per clip (its label), got num_digits={self.num_digits}")
@@ -345,8 +376,8 @@ class TrainConfig:
     d["model"] = TransformerConfig(**d["model"])
     if d.get("video") is not None:
       d["video"] = VideoTask(**d["video"])
-    if d.get("generation") is not None:
-      d["generation"] = VideoGenTask(**d["generation"])
+    if d.get("generation") is not None:  # JSON stores tuples as lists
+      d["generation"] = VideoGenTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["generation"].items()})
     d["corpus"] = tuple(d.get("corpus", ()))
     return cls(**d)
 

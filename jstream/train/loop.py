@@ -27,10 +27,11 @@ import optax
 from flax import nnx
 
 from jstream.models.lm import StreamingTransformer
+from jstream.models.self_forcing import SelfForcing
 from jstream.models.video_dit import VideoDiT
 from jstream.models.video_lm import VideoLM
 from jstream.train import aligned
-from jstream.train.checkpoint import Checkpointer
+from jstream.train.checkpoint import Checkpointer, saved_config
 from jstream.train.config import TrainConfig
 from jstream.train.losses import next_token_loss
 from jstream.train.optim import lm_schedule, make_optimizer, schedule
@@ -69,6 +70,22 @@ def make_train_step(
       task = cfg.generation
       frames = batch["frames"][..., None]  # one channel
       labels = batch["labels"][:, 0] if task.class_conditioned else None
+      if task.objective == "self_forcing":
+        from jstream.models import self_forcing
+
+        n0 = task.context_frames
+        gen, critic, m = self_forcing.dmd_losses(
+          model,
+          batch["rng"],
+          frames.shape[0],
+          frames.shape[1] - n0,
+          steps=task.rollout_steps,
+          shift=task.time_shift,
+          time_range=task.dmd_time_range,
+          context=video_dit.to_model(frames[:, :n0]) if n0 else None,
+          labels=labels,
+        )
+        return gen + critic, m  # stop-gradients give each model its own loss's gradient
       loss, m = video_dit.training_loss(
         model,
         frames,
@@ -215,18 +232,29 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class TrainResult:
-  model: StreamingTransformer | VideoLM | VideoDiT
+  model: StreamingTransformer | VideoLM | VideoDiT | SelfForcing
   step: int
   resumed_from: int | None
   metrics: list[dict]
   seconds: float
 
 
-def build_model(cfg: TrainConfig) -> StreamingTransformer | VideoLM | VideoDiT:
-  """A fresh model of the run: the language model, or for ``video_qa`` the video LM around it."""
+def build_model(cfg: TrainConfig, *, load_teacher: bool = True) -> StreamingTransformer | VideoLM | VideoDiT | SelfForcing:
+  """A fresh model of the run: the language model, for ``video_qa`` the video LM around it, for ``video_gen`` the
+  video diffusion transformer, and for its ``self_forcing`` objective the student, critic and teacher, all three
+  with the teacher run's weights (``load_teacher``; otherwise fresh, e.g. to be restored from a checkpoint)."""
   rngs = nnx.Rngs(cfg.seed)
   if cfg.data == "video_gen":
-    return VideoDiT(cfg.generation.model_config(cfg.model), rngs=rngs)
+    config = cfg.generation.model_config(cfg.model)
+    if cfg.generation.objective != "self_forcing":
+      return VideoDiT(config, rngs=rngs)
+    model = SelfForcing(config, rngs=rngs)
+    if load_teacher:
+      teacher, _ = load_model(saved_config(cfg.generation.teacher))
+      if isinstance(teacher, SelfForcing):
+        teacher = teacher.generator
+      model.load_teacher(teacher)
+    return model
   if cfg.data == "video_qa":
     from jstream.data.video_qa import WORDS
 
@@ -256,9 +284,9 @@ def tokens_per_batch(cfg: TrainConfig) -> int:
   return cfg.batch_size * cfg.seq_len
 
 
-def init_state(cfg: TrainConfig):
+def init_state(cfg: TrainConfig, *, load_teacher: bool = True):
   """A fresh model, its graphdef, the optimizer and the initial ``TrainState``."""
-  model = build_model(cfg)
+  model = build_model(cfg, load_teacher=load_teacher)
   graphdef, params = nnx.split(model)
   optimizer = make_optimizer(cfg)
   return graphdef, optimizer, TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -330,9 +358,12 @@ def train(
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
 
 
-def load_model(cfg: TrainConfig, step: int | None = None) -> tuple[StreamingTransformer | VideoLM | VideoDiT, int]:
-  """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step."""
-  graphdef, _, state = init_state(cfg)
+def load_model(
+  cfg: TrainConfig, step: int | None = None
+) -> tuple[StreamingTransformer | VideoLM | VideoDiT | SelfForcing, int]:
+  """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step (a ``self_forcing`` run:
+  the ``SelfForcing`` triple, whose ``generator`` is the model to sample with)."""
+  graphdef, _, state = init_state(cfg, load_teacher=False)
   ckpt = Checkpointer(cfg.workdir, cfg)
   try:
     if step is None:

@@ -67,8 +67,27 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   def adamw(lr):
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask)
 
+  if cfg.data == "video_gen" and cfg.generation.objective == "self_forcing":
+    return _self_forcing_optimizer(cfg, adamw)
   if not first:
     return optax.chain(clip, adamw(schedule(cfg)))
   lm = optax.transforms.conditionally_mask(adamw(lm_schedule(cfg)), lambda step: step >= first)
   sides = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: "lm" if in_lm(path) else "frame", params)
   return optax.chain(clip, optax.multi_transform({"lm": lm, "frame": adamw(schedule(cfg))}, sides))
+
+
+def _self_forcing_optimizer(cfg: TrainConfig, adamw) -> optax.GradientTransformation:
+  """Self-rollout training (``jstream.models.self_forcing``): the student and the critic each with their own
+  clipping and AdamW; the student updated every ``critic_steps`` steps (its moments, step count and schedule count
+  its own updates only); the teacher never."""
+  every = cfg.generation.critic_steps
+
+  def chain(steps):
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw(_warmup_cosine(cfg, steps)))
+
+  generator = chain(max(cfg.steps // every, 1))
+  if every > 1:
+    generator = optax.transforms.conditionally_mask(generator, lambda step: step % every == every - 1)
+  part = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None), params)
+  parts = {"generator": generator, "critic": chain(cfg.steps), "teacher": optax.set_to_zero()}
+  return optax.multi_transform(parts, part)
