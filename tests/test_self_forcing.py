@@ -1,19 +1,21 @@
 """Self-rollout training (jstream.models.self_forcing): the student's rollout is its own sampler, differentiable
 through one denoising call per chunk and never through cache writes; DMD's direction and the optimizer's split."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_video_dit import TOL, frames, jitted, make
 
 from jstream import flow, rollout
 from jstream.models import self_forcing as sf
 from jstream.models import video_dit as vd
 from jstream.train import TrainConfig, VideoGenTask
 from jstream.train.optim import make_optimizer
-from test_video_dit import TOL, frames, jitted, make
 
 B, N, M = 2, 3, 3  # rows, chunks (one frame each), sampler steps
 
@@ -64,7 +66,7 @@ def test_an_early_exit_is_the_sampler_stopped_there_and_jumped_to_zero():
       s = int(exit_step[r, i])
       x = noise[r : r + 1, i : i + 1]
       grid = [*times[: s + 1], 0.0]
-      for t0, t1 in zip(grid[:-1], grid[1:]):
+      for t0, t1 in itertools.pairwise(grid):
         x = x + (t1 - t0) * vel(x, jnp.full((1, 1), t0), cache, None, None)
       cache = com(x, cache, None, None)
       np.testing.assert_allclose(np.asarray(got[r, i]), np.asarray(x[0, 0]), **TOL)

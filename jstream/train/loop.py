@@ -239,7 +239,9 @@ class TrainResult:
   seconds: float
 
 
-def build_model(cfg: TrainConfig, *, load_teacher: bool = True) -> StreamingTransformer | VideoLM | VideoDiT | SelfForcing:
+def build_model(
+  cfg: TrainConfig, *, load_teacher: bool = True
+) -> StreamingTransformer | VideoLM | VideoDiT | SelfForcing:
   """A fresh model of the run: the language model, for ``video_qa`` the video LM around it, for ``video_gen`` the
   video diffusion transformer, and for its ``self_forcing`` objective the student, critic and teacher, all three
   with the teacher run's weights (``load_teacher``; otherwise fresh, e.g. to be restored from a checkpoint)."""
