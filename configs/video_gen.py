@@ -11,9 +11,11 @@ flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, A
 ``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing``
 (Self Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution
 matching against the diffusion-forcing run in ``runs/video_gen`` (the teacher, trained first) and an online critic;
-lr 1e-4, workdir suffix ``_sf``), ``quick`` (a tiny model, 8x8 frames, a few steps; with ``self_forcing``, the
-teacher is the quick diffusion-forcing run). Any field can be overridden as ``key=value`` (``model.<field>=...``,
-``generation.<field>=...``).
+lr 1e-4, workdir suffix ``_sf``), ``cartpole`` (gymnasium's CartPole instead of digits: 32x64 frames, 32 tokens
+each, every frame conditioned on the action that led to it; 1000 steps, ``runs/video_gen_cartpole``; with
+``self_forcing`` the student continues 2 real frames), ``quick`` (a tiny model, 8x8 frames (CartPole 8x16), a few
+steps; with ``self_forcing``, the teacher is the quick run of the same data). Any field can be overridden as
+``key=value`` (``model.<field>=...``, ``generation.<field>=...``).
 """
 
 import dataclasses
@@ -23,7 +25,7 @@ from jstream.train import TrainConfig, VideoGenTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "teacher_forcing", "self_forcing"}
+  unknown = set(flags) - {"quick", "teacher_forcing", "self_forcing", "cartpole"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_gen.py")
   task = VideoGenTask()
@@ -41,18 +43,24 @@ def get_config(*flags: str) -> TrainConfig:
     checkpoint_every=250,
     workdir="runs/video_gen",
   )
+  if "cartpole" in flags:  # gymnasium's CartPole, 32x64 frames conditioned on the actions that led to them
+    task = dataclasses.replace(task, dataset="cartpole", frame_size=(32, 64), class_conditioned=False, num_train=500)
+    cfg = dataclasses.replace(cfg, generation=task, steps=1000, workdir="runs/video_gen_cartpole")
   if "teacher_forcing" in flags:
     task = dataclasses.replace(task, objective="teacher_forcing")
     cfg = dataclasses.replace(cfg, generation=task, workdir=cfg.workdir + "_tf")
   if "self_forcing" in flags:
     if "teacher_forcing" in flags:
       raise ValueError("teacher_forcing and self_forcing are two objectives: choose one")
-    task = dataclasses.replace(task, objective="self_forcing", teacher=cfg.workdir)
+    context = 2 if task.dataset == "cartpole" else 0  # CartPole: continue real frames under the real actions
+    task = dataclasses.replace(task, objective="self_forcing", teacher=cfg.workdir, context_frames=context)
     cfg = dataclasses.replace(cfg, generation=task, lr=1e-4, steps=400, warmup_steps=20, workdir=cfg.workdir + "_sf")
   if "quick" in flags:
     small = TransformerConfig(vocab_size=16, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
-    teacher = {"teacher": "runs/video_gen_quick"} if task.objective == "self_forcing" else {}
-    task = dataclasses.replace(task, frame_size=8, patch_size=4, digit_size=6, num_train=32, clip_frames=4, **teacher)
+    teacher = {"teacher": cfg.workdir.removesuffix("_sf") + "_quick"} if task.objective == "self_forcing" else {}
+    size = (8, 16) if task.dataset == "cartpole" else 8
+    episodes = dict(num_train=8, episode_frames=8) if task.dataset == "cartpole" else dict(num_train=32)
+    task = dataclasses.replace(task, frame_size=size, patch_size=4, digit_size=6, clip_frames=4, **episodes, **teacher)
     cfg = dataclasses.replace(
       cfg,
       model=small,

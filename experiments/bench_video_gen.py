@@ -17,6 +17,12 @@ with the last ``window - 1`` chunks in one call, then the same denoising steps),
 ``window - 1`` frames: speed per chunk (the rolling figure from the longest ``window`` row) and identity over
 ``--recompute-frames`` frames. Writes ``results.json``, ``drift.png`` (identity vs frame index) and
 ``samples.gif`` (one video per policy) to ``--out``.
+
+With ``--flags cartpole`` (gymnasium's CartPole, action-conditioned) there is no classifier: the model continues
+``--context`` real frames of held-out episodes under the actions the controller really took, for ``--horizon``
+frames (10x the training clip by default), under the ``sinks+window`` policy, and every generated frame is compared
+with the real simulator's (PSNR and SSIM, dm-pix) against a baseline that holds the last real frame; the speed and
+memory rows run the same policies under random actions. Self-forcing runs are evaluated through their student.
 """
 
 from __future__ import annotations
@@ -108,21 +114,34 @@ def train_classifier(data_config, *, steps: int, seed: int = 0):
 # ---------------------------------------------------------------------------------------------- rollouts
 
 
-def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng):
-  """Generates ``num_frames`` frames under ``policy`` in calls of ``chunks_per_call`` chunks, after one call that
-  compiles; returns ``(frames uint8 [b, n, H, W], median seconds per call, cache bytes, peak RSS MiB)``."""
+def random_actions(model, batch: int, frames: int, start: int, seed: int) -> jax.Array | None:
+  """Uniform random action ids ``[batch, frames]`` for frames ``start, start + 1, ...`` (an action-conditioned model;
+  None otherwise): the same ids for the same frames whatever the call size."""
+  n = model.config.num_actions
+  if not n:
+    return None
+  ids = np.random.default_rng([seed, start]).integers(1, n, (batch, frames))  # never "none" (0), the reset frame's
+  return jnp.asarray(ids, jnp.int32)
+
+
+def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng, batch: int):
+  """Generates ``num_frames`` frames of ``batch`` videos under ``policy`` in calls of ``chunks_per_call`` chunks (an
+  action-conditioned model under ``random_actions``), after one call that compiles; returns ``(frames uint8 [b, n,
+  H, W], median seconds per call, cache bytes, peak RSS MiB)``."""
   k = model.config.frames_per_chunk
   chunks = num_frames // k
   per_call = min(chunks_per_call, chunks)
   gen = rollout.VideoGenerator(model, chunks=per_call, steps=steps, out_dtype=jnp.uint8)
-  jax.block_until_ready(gen(model.init_cache(policy, len(labels)), rng, labels=labels).frames)  # compiles
-  cache = model.init_cache(policy, len(labels))
+  acts = functools.partial(random_actions, model, batch, per_call * k)
+  jax.block_until_ready(gen(model.init_cache(policy, batch), rng, labels=labels, actions=acts(0, 0)).frames)
+  cache = model.init_cache(policy, batch)
   cache_bytes = tree_bytes(cache)
   out, times = [], []
   reset_peak_rss()
   for start in range(0, chunks, per_call):
+    actions = acts(start, 1)
     t0 = time.perf_counter()
-    res = gen(cache, rng, start=start, labels=labels)
+    res = gen(cache, rng, start=start, labels=labels, actions=actions)
     frames = np.asarray(res.frames)  # the host copy ends the call
     times.append(time.perf_counter() - t0)
     cache = res.cache
@@ -200,6 +219,76 @@ def write_gif(path: pathlib.Path, videos: dict[str, np.ndarray], frames: int = 6
   images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)
 
 
+def cartpole_episodes(task, count: int, frames: int) -> dict[str, np.ndarray]:
+  """``count`` held-out CartPole episodes of ``frames`` frames (the test split's controller and seeds, at this
+  length): ``frames`` uint8 ``[count, frames, H, W]`` and ``actions`` int32 ``[count, frames]``."""
+  from jstream.data import cartpole
+
+  config = cartpole.cartpole_config(frame_size=task.frame_hw, episode_frames=frames, num_train=1, num_test=count)
+  eps = [cartpole.make_episode(config, "test", i) for i in range(count)]
+  return {k: np.stack([e[k] for e in eps]) for k in ("frames", "actions")}
+
+
+def image_metrics(pred: np.ndarray, real: np.ndarray) -> dict[str, list[float]]:
+  """Per-frame PSNR (dB) and SSIM (dm-pix; frames uint8 ``[b, n, H, W]``, compared in [0, 1]), mean over videos.
+  Identical frames have infinite PSNR; it is capped at 60 dB so that means stay finite."""
+  import dm_pix as pix
+
+  a = jnp.asarray(pred, jnp.float32)[..., None] / 255.0
+  b = jnp.asarray(real, jnp.float32)[..., None] / 255.0
+  psnr = jnp.minimum(jax.vmap(jax.vmap(pix.psnr))(a, b), 60.0)
+  ssim = jax.vmap(jax.vmap(lambda x, y: pix.ssim(x, y, filter_size=7)))(a, b)
+  return {"psnr": np.asarray(psnr.mean(0)).tolist(), "ssim": np.asarray(ssim.mean(0)).tolist()}
+
+
+def cartpole_eval(model, task, policy, *, batch: int, context: int, horizon: int, steps: int, rng) -> dict:
+  """Action-conditioned rollouts against the real simulator (see the module docstring): the model continues
+  ``context`` real frames under the real actions for ``horizon`` frames; per-frame PSNR / SSIM of the model and of
+  holding the last real frame, and their summaries over the training clip's length and beyond it."""
+  ep = cartpole_episodes(task, batch, context + horizon)
+  real, actions = ep["frames"], jnp.asarray(ep["actions"], jnp.int32)
+  out = rollout.generate_video(
+    model,
+    num_frames=horizon,
+    cache=model.init_cache(policy, batch),
+    context=jnp.asarray(real[:, :context, ..., None], jnp.float32) / 255.0,
+    context_actions=actions[:, :context],
+    actions=actions[:, context:],
+    steps=steps,
+    rng=rng,
+    out_dtype=jnp.uint8,
+  )
+  gen = np.asarray(out.frames)[..., 0]
+  target = real[:, context:]
+  hold = np.repeat(real[:, context - 1 : context], horizon, axis=1)
+  curves = {"model": image_metrics(gen, target), "hold_last_frame": image_metrics(hold, target)}
+  clip = task.clip_frames - context
+  spans = [(0, clip), (clip, horizon)] if clip < horizon else [(0, horizon)]
+  summ = {
+    f"{a}-{b}": {f"{who}_{m}": float(np.mean(c[m][a:b])) for who, c in curves.items() for m in c} for a, b in spans
+  }
+  return {"context": context, "horizon": horizon, "curves": curves, "summary": summ, "videos": (gen, target)}
+
+
+def plot_cartpole(ev: dict, train_frames: int, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for ax, metric in zip(axes, ("psnr", "ssim")):
+    for who, c in ev["curves"].items():
+      ax.plot(np.arange(1, len(c[metric]) + 1), c[metric], label=who.replace("_", " "))
+    ax.axvline(train_frames - ev["context"], color="grey", ls=":", label="training clip")
+    ax.set_xlabel("generated frame (after the real context)")
+    ax.set_ylabel(metric.upper() + (" (dB)" if metric == "psnr" else ""))
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib
 
@@ -237,6 +326,8 @@ def main(argv=None) -> int:
   parser.add_argument("--chunks-per-call", type=int, default=100)
   parser.add_argument("--classifier-steps", type=int, default=300)
   parser.add_argument("--recompute-frames", type=int, default=64, help="frames of the recompute comparison")
+  parser.add_argument("--context", type=int, default=2, help="CartPole: real frames the rollouts continue")
+  parser.add_argument("--horizon", type=int, default=None, help="CartPole: frames compared (default 10x the clip)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
@@ -254,12 +345,15 @@ def main(argv=None) -> int:
   t0 = time.time()
   res = train(cfg, progress=not args.no_progress)
   model, step = load_model(cfg)
+  model = getattr(model, "generator", model)  # a self-forcing run: its student
+  cartpole = task.dataset == "cartpole"
   data_config = task.data_config()
-  predict, classifier_acc = train_classifier(data_config, steps=args.classifier_steps, seed=args.seed)
-  print(f"  digit classifier: {classifier_acc:.3f} on the test split's frames")
-  sample = next(iter(digits.digits_dataset("test", batch_size=32, shuffle=False, dtype=np.float32,
-                                           config=data_config)))  # fmt: skip
-  ink_ref = float(np.mean(sample))
+  if not cartpole:
+    predict, classifier_acc = train_classifier(data_config, steps=args.classifier_steps, seed=args.seed)
+    print(f"  digit classifier: {classifier_acc:.3f} on the test split's frames")
+    sample = next(iter(digits.digits_dataset("test", batch_size=32, shuffle=False, dtype=np.float32,
+                                             config=data_config)))  # fmt: skip
+    ink_ref = float(np.mean(sample))
   labels = np.arange(args.batch) % 10 if task.class_conditioned else None
   jlabels = None if labels is None else jnp.asarray(labels, jnp.int32)
   score_labels = labels if labels is not None else np.full(args.batch, -1)
@@ -273,10 +367,10 @@ def main(argv=None) -> int:
   for n in lengths:
     for name, policy in policies.items():
       frames, sec, cache_bytes, peak = rollout_policy(
-        model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng
+        model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng, batch=args.batch
       )
       per_call = min(args.chunks_per_call, n // mc.frames_per_chunk) * mc.frames_per_chunk
-      curves = score(predict, frames, score_labels, ink_ref)
+      curves = {} if cartpole else score(predict, frames, score_labels, ink_ref)
       row = {
         "policy": name,
         "frames": n,
@@ -284,7 +378,7 @@ def main(argv=None) -> int:
         "frames_per_s": args.batch * per_call / sec,
         "cache_mib": cache_bytes / 2**20,
         "peak_rss_mib": peak,
-        "summary": summary(curves, n, window),
+        "summary": summary(curves, n, window) if curves else {},
         "curves": curves,
       }
       rows.append(row)
@@ -294,11 +388,34 @@ def main(argv=None) -> int:
         f"  {name:<13} {n:>6} frames: {s}; {row['ms_per_frame']:.2f} ms/frame, {row['frames_per_s']:.0f} frames/s "
         f"(batch {args.batch}), cache {row['cache_mib']:.2f} MiB, peak RSS {peak:.0f} MiB"
       )
+  result = {
+    "device": device,
+    "jax": jax.__version__,
+    "args": vars(args),
+    "model_step": step,
+    "train_last_metrics": res.metrics[-1] if res.metrics else {},
+    "train_frames": task.clip_frames,
+    "window": window,
+    "rows": rows,
+  }
+  if cartpole:
+    horizon = args.horizon or 10 * task.clip_frames
+    ev = cartpole_eval(model, task, policies["sinks+window"], batch=args.batch, context=args.context,
+                       horizon=horizon, steps=args.steps, rng=rng)  # fmt: skip
+    gen, target = ev.pop("videos")
+    for span, v in ev["summary"].items():
+      print("  frames " + span + ": " + ", ".join(f"{key} {val:.3f}" for key, val in v.items()))
+    result.update(cartpole=ev, seconds=time.time() - t0)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot_cartpole(ev, task.clip_frames, out / "cartpole.png")
+    write_gif(out / "samples.gif", {"model": gen, "simulator": target}, frames=horizon)
+    print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
+    return 0
   # The rolling KV cache against recomputing the context each chunk, from the same first window of frames.
   k = mc.frames_per_chunk
   rolled, _, _, _ = rollout_policy(
     model, policies["window"], jlabels, window - k + args.recompute_frames, steps=args.steps,
-    chunks_per_call=(window - k + args.recompute_frames) // k, rng=rng,
+    chunks_per_call=(window - k + args.recompute_frames) // k, rng=rng, batch=args.batch,
   )  # fmt: skip
   context = rolled[:, : window - k].astype(np.float32) / 255.0
   rec_frames, rec_sec = recompute_rollout(
@@ -316,19 +433,7 @@ def main(argv=None) -> int:
     f"  rolling KV {rec['rolling_ms_per_chunk']:.2f} ms/chunk vs recompute {rec['recompute_ms_per_chunk']:.2f} "
     f"ms/chunk ({rec['speedup']:.1f}x); identity {rec['identity_rolling']:.2f} vs {rec['identity_recompute']:.2f}"
   )
-  result = {
-    "device": device,
-    "jax": jax.__version__,
-    "args": vars(args),
-    "model_step": step,
-    "train_last_metrics": res.metrics[-1] if res.metrics else {},
-    "train_frames": task.clip_frames,
-    "window": window,
-    "classifier_test_accuracy": classifier_acc,
-    "rows": rows,
-    "recompute": rec,
-    "seconds": time.time() - t0,
-  }
+  result.update(classifier_test_accuracy=classifier_acc, recompute=rec, seconds=time.time() - t0)
   (out / "results.json").write_text(json.dumps(result, indent=2))
   plot(result, out / "drift.png")
   write_gif(out / "samples.gif", {k: v for k, v in videos.items() if k.endswith(f", {lengths[-1]}")})

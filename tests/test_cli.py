@@ -69,6 +69,38 @@ def test_bench_video_gen_quick(in_tmp):
   assert (in_tmp / "gen" / "drift.png").stat().st_size > 0
 
 
+def test_bench_video_gen_cartpole_quick(in_tmp):
+  """Action-conditioned generation on CartPole end to end (quick model): rollouts under random actions, and the
+  comparison with the real simulator (PSNR / SSIM of the model and of holding the last real frame)."""
+  args = ["bench", "video-gen", "--quick", "--flags", "cartpole", "--no-progress", "--out", "cp", "--horizon", "6"]
+  assert cli.main(args) == 0
+  res = json.loads((in_tmp / "cp" / "results.json").read_text())
+  assert [r["policy"] for r in res["rows"]] == ["window", "sinks+window"] and res["model_step"] == 6
+  ev = res["cartpole"]
+  assert ev["context"] == 2 and ev["horizon"] == 6 and set(ev["curves"]) == {"model", "hold_last_frame"}
+  assert all(len(c["psnr"]) == len(c["ssim"]) == 6 for c in ev["curves"].values())
+  assert list(ev["summary"]) == ["0-2", "2-6"]  # the training clip's 4 frames: 2 context + 2 generated, then beyond
+  assert (in_tmp / "cp" / "cartpole.png").stat().st_size > 0
+
+
+def test_image_metrics_are_psnr_and_ssim():
+  import numpy as np
+
+  from experiments.bench_video_gen import image_metrics
+
+  rng = np.random.default_rng(0)
+  real = rng.integers(0, 256, (2, 3, 16, 16)).astype(np.uint8)
+  noisy = np.clip(real.astype(int) + rng.integers(-20, 21, real.shape), 0, 255).astype(np.uint8)
+  m = image_metrics(noisy, real)
+  mse = ((noisy.astype(float) - real.astype(float)) / 255.0) ** 2
+  want = (10 * np.log10(1.0 / mse.mean(axis=(2, 3)))).mean(0)
+  np.testing.assert_allclose(m["psnr"], want, rtol=1e-4)
+  same = image_metrics(real, real)
+  np.testing.assert_allclose(same["psnr"], 60.0)  # identical frames: capped
+  np.testing.assert_allclose(same["ssim"], 1.0, atol=1e-5)
+  assert all(s < 0.99 for s in m["ssim"])
+
+
 def test_train_then_eval_stream(in_tmp):
   cfg = f"{ROOT}/configs/lm_tiny.py:quick,steps=4,workdir=run"
   assert cli.main(["train", "--config", cfg, "--no-progress"]) == 0

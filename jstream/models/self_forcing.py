@@ -189,8 +189,10 @@ def dmd_losses(
   policy = video_dit.rolling_policy(cfg, None, n)
   cache = model.generator.init_cache(policy, batch_size)
   past, future = (None, actions) if actions is None or not n0 else (actions[:, :n0], actions[:, n0:])
-  if n0:
-    cache = frozen(model.generator).velocity(context, 0.0, cache, labels=labels, actions=past)[1]
+  fixed = frozen(model.generator)
+  for i in range(0, n0, k):  # the context, chunk by chunk (clean: noise level 0)
+    act = None if past is None else past[:, i : i + k]
+    cache = fixed.commit(jax.lax.stop_gradient(context[:, i : i + k]), cache, labels=labels, actions=act)
   rng_z, rng_s, rng_g, rng_c = jax.random.split(rng, 4)
   shape = (batch_size, num_frames, *cfg.frame_size, cfg.channels)
   noise = jax.random.normal(rng_z, shape, jnp.float32)

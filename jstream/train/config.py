@@ -62,7 +62,8 @@ class VideoTask:
       budget (a clip with unusually many questions) leave the loss; the ``dropped_targets`` metric counts them.
   """
 
-  frame_size: int = 32
+  dataset: str = "digits"
+  frame_size: int | tuple[int, int] = 32
   patch_size: int = 8
   patch_window: int | None = None
   stem_channels: tuple[int, ...] = ()
@@ -147,8 +148,13 @@ class VideoGenTask:
   the patch size squared (a token's pixels: ``VideoDiTConfig.patch_dim``).
 
   Attributes:
-    frame_size, patch_size, frames_per_chunk: the frames and their tokens (``VideoDiTConfig``).
-    digit_size, num_digits, speed, num_train: the clips (``digits_config``).
+    dataset: ``"digits"`` (moving digits, ``jstream.data.digits``; optionally class-conditioned) or ``"cartpole"``
+      (gymnasium's CartPole, ``jstream.data.cartpole``: every frame conditioned on the action that led to it, 3
+      action ids; ``class_conditioned`` must be off).
+    frame_size, patch_size, frames_per_chunk: the frames and their tokens (``VideoDiTConfig``); ``frame_size`` an
+      int (square) or ``(H, W)`` (digits: square only).
+    digit_size, num_digits, speed, num_train: the digit clips (``digits_config``); ``num_train`` also counts
+      CartPole's training episodes (of ``episode_frames``).
     clip_frames: frames per training clip (a multiple of ``frames_per_chunk``).
     class_conditioned: condition on the digit's label (one digit per clip only).
     objective: ``"diffusion_forcing"`` (every chunk of a clip at its own noise level, one block-causal forward, the
@@ -169,7 +175,8 @@ class VideoGenTask:
       cache before it rolls out the rest of the clip; 0: the student generates the whole clip from its label.
   """
 
-  frame_size: int = 32
+  dataset: str = "digits"
+  frame_size: int | tuple[int, int] = 32
   patch_size: int = 8
   frames_per_chunk: int = 1
   digit_size: int = 16
@@ -186,12 +193,21 @@ class VideoGenTask:
   critic_steps: int = 1
   dmd_time_range: tuple[float, float] = (0.02, 0.98)
   context_frames: int = 0
+  episode_frames: int = 64
 
   OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing", "self_forcing")
 
   def __post_init__(self):
     object.__setattr__(self, "speed", tuple(float(v) for v in self.speed))
     object.__setattr__(self, "dmd_time_range", tuple(float(v) for v in self.dmd_time_range))
+    if not isinstance(self.frame_size, int):
+      object.__setattr__(self, "frame_size", tuple(int(v) for v in self.frame_size))
+    if self.dataset not in ("digits", "cartpole"):
+      raise ValueError(f"VideoGenTask.dataset must be 'digits' or 'cartpole', got {self.dataset!r}")
+    if self.dataset == "cartpole" and self.class_conditioned:
+      raise ValueError("CartPole clips have no class label: set class_conditioned=False (their frames take actions)")
+    if self.dataset == "digits" and self.frame_hw[0] != self.frame_hw[1]:
+      raise ValueError(f"moving digits are square: frame_size must be an int, got {self.frame_size}")
     if self.objective not in self.OBJECTIVES:
       raise ValueError(f"VideoGenTask.objective must be one of {self.OBJECTIVES}, got {self.objective!r}")
     if self.time_sampling not in ("uniform", "logit_normal") or self.time_shift <= 0:
@@ -220,12 +236,26 @@ class VideoGenTask:
     if self.class_conditioned and self.num_digits != 1:
       raise ValueError(f"class_conditioned needs one digit per clip (its label), got num_digits={self.num_digits}")
 
+  @property
+  def frame_hw(self) -> tuple[int, int]:
+    """``frame_size`` as ``(H, W)``."""
+    return (self.frame_size, self.frame_size) if isinstance(self.frame_size, int) else tuple(self.frame_size)
+
+  @property
+  def num_actions(self) -> int:
+    """Action ids the frames are conditioned on (CartPole: none, left, right; digits: 0, unconditioned)."""
+    return 3 if self.dataset == "cartpole" else 0
+
   def data_config(self):
-    """The ``DigitsConfig`` of the training clips."""
+    """The ``DigitsConfig`` or ``CartPoleConfig`` of the training clips."""
+    if self.dataset == "cartpole":
+      from jstream.data.cartpole import cartpole_config
+
+      return cartpole_config(frame_size=self.frame_hw, episode_frames=self.episode_frames, num_train=self.num_train)
     from jstream.data.digits import digits_config
 
     return digits_config(
-      frame_size=self.frame_size,
+      frame_size=self.frame_hw[0],
       digit_size=self.digit_size,
       num_digits=self.num_digits,
       num_frames=self.clip_frames,
@@ -238,7 +268,7 @@ class VideoGenTask:
     from jstream.models.video_dit import VideoDiTConfig
 
     cfg = VideoDiTConfig(
-      frame_size=(self.frame_size, self.frame_size),
+      frame_size=self.frame_hw,
       patch_size=self.patch_size,
       frames_per_chunk=self.frames_per_chunk,
       embed_dim=lm.embed_dim,
@@ -247,6 +277,7 @@ class VideoGenTask:
       num_kv_heads=lm.num_kv_heads,
       mlp_dim=lm.mlp_dim,
       num_classes=10 if self.class_conditioned else 0,
+      num_actions=self.num_actions,
       rope_base=lm.rope_base,
       dtype=lm.dtype,
       param_dtype=lm.param_dtype,

@@ -70,6 +70,7 @@ def make_train_step(
       task = cfg.generation
       frames = batch["frames"][..., None]  # one channel
       labels = batch["labels"][:, 0] if task.class_conditioned else None
+      actions = batch["actions"] if task.num_actions else None
       if task.objective == "self_forcing":
         from jstream.models import self_forcing
 
@@ -84,6 +85,7 @@ def make_train_step(
           time_range=task.dmd_time_range,
           context=video_dit.to_model(frames[:, :n0]) if n0 else None,
           labels=labels,
+          actions=actions,
         )
         return gen + critic, m  # stop-gradients give each model its own loss's gradient
       loss, m = video_dit.training_loss(
@@ -91,6 +93,7 @@ def make_train_step(
         frames,
         batch["rng"],
         labels=labels,
+        actions=actions,
         objective=task.objective,
         time_sampling=task.time_sampling,
         time_shift=task.time_shift,
@@ -171,6 +174,19 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
     from jstream.data import video_qa
 
     ds = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, seed=cfg.seed, config=cfg.video.data_config())
+    return iter(ds)
+  if cfg.data == "video_gen" and cfg.generation.dataset == "cartpole":
+    from jstream.data import cartpole
+
+    task = cfg.generation
+    ds = cartpole.cartpole_dataset(
+      split,
+      batch_size=cfg.batch_size,
+      clip_frames=task.clip_frames,
+      seed=cfg.seed,
+      dtype=np.float32,
+      config=task.data_config(),
+    )
     return iter(ds)
   if cfg.data == "video_gen":
     from jstream.data import digits
@@ -270,7 +286,7 @@ def build_model(
 
 def _device_batch(cfg: TrainConfig, batch) -> Any:
   if cfg.data == "video_gen":
-    return {k: jnp.asarray(batch[k]) for k in ("frames", "labels")}
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "labels", "actions") if k in batch}
   if cfg.data == "video_qa":
     return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "objects")}
   return jnp.asarray(np.asarray(batch, np.int32))
