@@ -247,3 +247,15 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
     assert gif.n_frames == 12 and gif.size[0] > 256
   lines = (in_tmp / "show" / "transcript.txt").read_text().splitlines()
   assert len(lines) == 12 and lines[3].startswith("frame 3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["digits", "cartpole"])
+def test_video_gen_reproductions_quick(in_tmp, data):
+  """The objectives x policies reproduction end to end on the quick runs (trains all three, the teacher first)."""
+  assert cli.main(["bench", "video-gen-repro", "--quick", "--no-progress", "--data", data, "--out", "repro"]) == 0
+  res = json.loads((in_tmp / "repro" / "results.json").read_text())
+  assert list(res["runs"]) == ["diffusion forcing", "teacher forcing", "self forcing"]
+  for run in res["runs"].values():
+    assert set(run["policies"]) == {"window", "sinks+window", "dense"} and run["model_step"] == 6
+  assert (in_tmp / "repro" / "repro.png").stat().st_size > 0

@@ -1,0 +1,183 @@
+"""Reproductions for streaming video generation (``jstream bench video-gen-repro``): training objectives and cache
+policies, judged by drift at 10x the training horizon.
+
+* **Self Forcing's claim** (Huang et al. 2025): a model trained on its own rollouts (self forcing) drifts less over
+  a long rollout than the same model trained with teacher forcing or diffusion forcing, whose training contexts
+  are always real frames. Here: the three runs of ``configs/video_gen.py`` (diffusion forcing, ``teacher_forcing``,
+  ``self_forcing``; the last distilled from the first), each rolled out for ``--horizon`` frames (10x the training
+  clip by default) under the same cache policy.
+* **LongLive / Rolling Forcing's claim**: frame sinks (the first frames kept for ever, cache-relative positions)
+  keep a long rollout anchored; a plain rolling window loses the start; a dense cache goes past the positions seen
+  in training. Here: each run under ``window``, ``sinks+window`` and ``dense``.
+
+Drift is measured as in ``jstream bench video-gen``: on moving digits, per frame, whether a digit classifier reads
+the label the video was asked for (identity) and the frame's ink against the data's; on CartPole (``--data
+cartpole``), the PSNR / SSIM of the model's continuation of real frames under the real actions against the real
+simulator's frames, beside holding the last real frame. Runs that are missing are trained first (diffusion forcing
+before self forcing, its teacher). Writes ``results.json`` and ``repro.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_video_gen as bench
+from jstream import rollout
+from jstream.data import digits
+from jstream.models import video_dit
+from jstream.train import load_model, train
+
+RUNS = {"diffusion forcing": "", "teacher forcing": "teacher_forcing", "self forcing": "self_forcing"}
+"""Run name -> flags of ``configs/video_gen.py`` (the order is the training order: self forcing's teacher first)."""
+
+
+def policies(config: video_dit.VideoDiTConfig, window: int, sinks: int, total: int) -> dict:
+  return {
+    "window": video_dit.rolling_policy(config, window),
+    "sinks+window": video_dit.rolling_policy(config, window, sink_frames=sinks),
+    "dense": video_dit.rolling_policy(config, None, total),
+  }
+
+
+def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, horizon: int, steps: int, rng) -> dict:
+  """Identity and ink per frame of ``batch`` videos (labels 0, 1, 2, ...) generated from scratch."""
+  labels = np.arange(batch) % 10
+  out = rollout.generate_video(
+    model,
+    num_frames=horizon,
+    policy=policy,
+    labels=jnp.asarray(labels, jnp.int32),
+    steps=steps,
+    rng=rng,
+    out_dtype=jnp.uint8,
+  )
+  curves = bench.score(predict, np.asarray(out.frames)[..., 0], labels, ink_ref)
+  clip = task.clip_frames
+  spans = [(0, clip), (clip, horizon)] if clip < horizon else [(0, horizon)]
+  summ = {f"{a}-{b}": {m: float(np.mean(c[a:b])) for m, c in curves.items()} for a, b in spans}
+  return {"curves": curves, "summary": summ}
+
+
+def plot(result: dict, path: pathlib.Path, metric: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(result["runs"])
+  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), sharey=True, squeeze=False)
+  for ax, name in zip(axes[0], names):
+    for pol, ev in result["runs"][name]["policies"].items():
+      c = ev["curves"]["model"][metric] if "model" in ev["curves"] else ev["curves"][metric]
+      w = max(1, len(c) // 40)
+      smooth = np.convolve(c, np.ones(w) / w, mode="valid")
+      ax.plot(np.arange(len(smooth)) + w // 2 + 1, smooth, label=pol)
+    if result["data"] == "cartpole":
+      hold = next(iter(result["runs"][name]["policies"].values()))["curves"]["hold_last_frame"][metric]
+      ax.plot(np.arange(1, len(hold) + 1), hold, color="grey", ls="--", label="hold last frame")
+    context = result["args"]["context"] if result["data"] == "cartpole" else 0  # CartPole curves start after it
+    ax.axvline(result["train_frames"] - context, color="grey", ls=":", label="training clip")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("frame")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="jstream bench video-gen-repro", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default="runs/repro_video_gen", help="output folder")
+  parser.add_argument("--data", choices=("digits", "cartpole"), default="digits")
+  parser.add_argument("--quick", action="store_true", help="the quick runs and short rollouts (smoke test)")
+  parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+  parser.add_argument("--horizon", type=int, default=None, help="frames per rollout (default: 10x the clip)")
+  parser.add_argument("--batch", type=int, default=20, help="videos per rollout")
+  parser.add_argument("--steps", type=int, default=4, help="sampler steps (self forcing: its own rollout_steps)")
+  parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
+  parser.add_argument("--sinks", type=int, default=None, help="frame sinks (default: one chunk; CartPole: context)")
+  parser.add_argument("--context", type=int, default=2, help="CartPole: real frames each rollout continues")
+  parser.add_argument("--classifier-steps", type=int, default=300)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  names = [n for n in args.runs.split(",") if n]
+  unknown = set(names) - set(RUNS)
+  if unknown:
+    raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+  if args.quick:
+    args.batch, args.classifier_steps = 2, 5
+  cartpole = args.data == "cartpole"
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  print(f"repro_video_gen ({args.data}) on {device}, jax {jax.__version__}")
+  t0 = time.time()
+  rng = jax.random.key(args.seed)
+  result = {"device": device, "jax": jax.__version__, "args": vars(args), "data": args.data, "runs": {}}
+  predict = ink_ref = None
+  for name in [n for n in RUNS if n in names or (n == "diffusion forcing" and "self forcing" in names)]:
+    flags = ",".join(f for f in (RUNS[name], "cartpole" if cartpole else "") if f)
+    cfg = bench.run_config(args.quick, None, flags)
+    res = train(cfg, progress=not args.no_progress)
+    if name not in names:  # trained only as self forcing's teacher
+      continue
+    model, step = load_model(cfg)
+    model = getattr(model, "generator", model)  # a self-forcing run: its student
+    task = cfg.generation
+    steps = task.rollout_steps if task.objective == "self_forcing" else args.steps
+    clip = task.clip_frames
+    horizon = args.horizon or (3 if args.quick else 10) * clip
+    k = model.config.frames_per_chunk
+    window = args.window or clip
+    sinks = args.sinks if args.sinks is not None else (args.context if cartpole else k)
+    if predict is None and not cartpole:
+      predict, acc = bench.train_classifier(task.data_config(), steps=args.classifier_steps, seed=args.seed)
+      result["classifier_test_accuracy"] = acc
+      sample = next(iter(digits.digits_dataset("test", batch_size=32, shuffle=False, dtype=np.float32,
+                                               config=task.data_config())))  # fmt: skip
+      ink_ref = float(np.mean(sample))
+      print(f"  digit classifier: {acc:.3f} on the test split's frames")
+    total = horizon + (args.context if cartpole else 0)
+    evals = {}
+    for pol_name, policy in policies(model.config, window, sinks, total).items():
+      if cartpole:
+        ev = bench.cartpole_eval(model, task, policy, batch=args.batch, context=args.context, horizon=horizon,
+                                 steps=steps, rng=rng)  # fmt: skip
+        ev.pop("videos")
+      else:
+        ev = digits_drift(model, task, policy, predict=predict, ink_ref=ink_ref, batch=args.batch, horizon=horizon,
+                          steps=steps, rng=rng)  # fmt: skip
+      evals[pol_name] = ev
+      cells = "; ".join(
+        f"{span}: " + ", ".join(f"{m} {v:.3f}" for m, v in vals.items() if not m.startswith("hold"))
+        for span, vals in ev["summary"].items()
+      )
+      print(f"  {name:<18} {pol_name:<13} {cells}")
+    result["runs"][name] = {
+      "flags": flags,
+      "model_step": step,
+      "sampler_steps": steps,
+      "train_last_metrics": res.metrics[-1] if res.metrics else {},
+      "policies": evals,
+    }
+    result["train_frames"], result["window"], result["sinks"], result["horizon"] = clip, window, sinks, horizon
+  result["seconds"] = time.time() - t0
+  (out / "results.json").write_text(json.dumps(result, indent=2))
+  plot(result, out / "repro.png", "psnr" if cartpole else "identity")
+  print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
