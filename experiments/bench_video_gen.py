@@ -12,11 +12,12 @@ the test split's frames is reported): per frame, whether the classifier reads th
 (*identity*), and the frame's mean intensity against the data's (*ink*: 1.0 is the data's, a fading or smeared
 video drifts away from it). Per (policy, length): identity and ink over frame ranges, per-frame latency (the
 median call, after one that compiles; ``--chunks-per-call`` chunks per call), frames/s, the cache's size and the
-process's peak RSS. Then the rolling KV cache against recomputing the context each chunk (a fresh cache filled
-with the last ``window - 1`` chunks in one call, then the same denoising steps), both continuing the same first
-``window - 1`` frames: speed per chunk (the rolling figure from the longest ``window`` row) and identity over
-``--recompute-frames`` frames. Writes ``results.json``, ``drift.png`` (identity vs frame index) and
-``samples.gif`` (one video per policy) to ``--out``.
+process's peak RSS (frames are scored as each call returns them and dropped, but for the first 64 kept for the
+GIF: host memory does not grow with the rollout). Then the rolling KV cache against recomputing the context each
+chunk (a fresh cache filled with the last ``window - 1`` chunks in one call, then the same denoising steps), both
+continuing the same first ``window - 1`` frames: speed per chunk (the rolling figure from the longest ``window``
+row) and identity over ``--recompute-frames`` frames. Writes ``results.json``, ``drift.png`` (identity vs frame
+index) and ``samples.gif`` (one video per policy) to ``--out``.
 
 With ``--flags cartpole`` (gymnasium's CartPole, action-conditioned) there is no classifier: the model continues
 ``--context`` real frames of held-out episodes under the actions the controller really took, for ``--horizon``
@@ -124,10 +125,15 @@ def random_actions(model, batch: int, frames: int, start: int, seed: int) -> jax
   return jnp.asarray(ids, jnp.int32)
 
 
-def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng, batch: int):
+def rollout_policy(
+  model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng, batch: int, on_frames=None,
+  keep: int | None = None,
+):  # fmt: skip
   """Generates ``num_frames`` frames of ``batch`` videos under ``policy`` in calls of ``chunks_per_call`` chunks (an
-  action-conditioned model under ``random_actions``), after one call that compiles; returns ``(frames uint8 [b, n,
-  H, W], median seconds per call, cache bytes, peak RSS MiB)``."""
+  action-conditioned model under ``random_actions``), after one call that compiles. Each call's frames (uint8 ``[b,
+  frames, H, W]``) go to ``on_frames`` (scoring on the fly), and only the first ``keep`` frames are kept (all by
+  default), so that host memory stays flat however long the rollout. Returns ``(kept frames, median seconds per
+  call, cache bytes, peak RSS MiB)``."""
   k = model.config.frames_per_chunk
   chunks = num_frames // k
   per_call = min(chunks_per_call, chunks)
@@ -145,7 +151,10 @@ def rollout_policy(model, policy, labels, num_frames: int, *, steps: int, chunks
     frames = np.asarray(res.frames)  # the host copy ends the call
     times.append(time.perf_counter() - t0)
     cache = res.cache
-    out.append(frames[..., 0])
+    if on_frames is not None:
+      on_frames(frames[..., 0])
+    if keep is None or start * k < keep:
+      out.append(frames[:, : None if keep is None else keep - start * k, ..., 0])
   return np.concatenate(out, axis=1), float(np.median(times)), cache_bytes, rss_mib()[1]
 
 
@@ -198,6 +207,10 @@ def score(predict, frames: np.ndarray, labels: np.ndarray, ink_ref: float) -> di
   return {"identity": hit.tolist(), "ink": ink.tolist()}
 
 
+def _score_into(parts: list, predict, labels: np.ndarray, ink_ref: float, frames: np.ndarray) -> None:
+  parts.append(score(predict, frames, labels, ink_ref))
+
+
 def ranges(n: int, window: int) -> list[tuple[int, int]]:
   """Frame ranges to summarise: inside the first window, then decades."""
   edges = [0, window] + [e for e in (100, 1000, 10_000, 100_000) if window < e < n] + [n]
@@ -208,7 +221,11 @@ def summary(curves: dict, n: int, window: int) -> dict:
   return {f"{a}-{b}": {k: float(np.mean(v[a:b])) for k, v in curves.items()} for a, b in ranges(n, window)}
 
 
-def write_gif(path: pathlib.Path, videos: dict[str, np.ndarray], frames: int = 64, scale: int = 4) -> None:
+GIF_FRAMES = 64
+"""Frames of each rollout kept for ``samples.gif`` (the rest are scored as they come and dropped)."""
+
+
+def write_gif(path: pathlib.Path, videos: dict[str, np.ndarray], frames: int = GIF_FRAMES, scale: int = 4) -> None:
   """One row per policy (its first video), ``frames`` frames from the start, upscaled ``scale`` x."""
   from PIL import Image
 
@@ -366,11 +383,14 @@ def main(argv=None) -> int:
   rows, videos = [], {}
   for n in lengths:
     for name, policy in policies.items():
+      parts = []  # per call: the identity and ink of its frames (scored as they come)
+      on_frames = None if cartpole else functools.partial(_score_into, parts, predict, score_labels, ink_ref)
       frames, sec, cache_bytes, peak = rollout_policy(
-        model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng, batch=args.batch
-      )
+        model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng,
+        batch=args.batch, on_frames=on_frames, keep=GIF_FRAMES,
+      )  # fmt: skip
       per_call = min(args.chunks_per_call, n // mc.frames_per_chunk) * mc.frames_per_chunk
-      curves = {} if cartpole else score(predict, frames, score_labels, ink_ref)
+      curves = {m: [v for p in parts for v in p[m]] for m in ("identity", "ink")} if parts else {}
       row = {
         "policy": name,
         "frames": n,
