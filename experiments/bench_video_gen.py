@@ -158,35 +158,44 @@ def rollout_policy(
   return np.concatenate(out, axis=1), float(np.median(times)), cache_bytes, rss_mib()[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _recompute(graphdef, state, context, labels, chunks, steps, policy, rng):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _recompute(graphdef, state, context, labels, context_actions, actions, chunks, steps, policy, rng):
   """Recomputes the context every chunk: a fresh cache filled with the last ``W - 1`` chunks (``context`` holds
-  them, model range) in one call, then the denoising steps; the new chunk enters the context ring."""
+  them, model range, with their ``context_actions`` for an action-conditioned model) in one call, then the
+  denoising steps (the chunk's ``actions``); the new chunk (and its actions) enter the context ring."""
   model = nnx.merge(graphdef, state)
   b, c = context.shape[:2]
   k = model.config.frames_per_chunk
   times = flow.schedule(steps)
+  acts = None if actions is None else jnp.moveaxis(actions.reshape(b, chunks, k), 1, 0)
 
-  def step(ctx, i):
+  def step(carry, xs):
+    ctx, ctx_act = carry
+    i, act = xs
     cache = model.init_cache(policy, b)
-    h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels)
+    h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels, ctx_act)
     _, cache = model.dit.extend_embeddings(h, cache, groups=groups, cond=cond)
     noise = jax.random.normal(jax.random.fold_in(rng, i), (b, k, *ctx.shape[2:]), jnp.float32)
-    x0 = model.denoise(cache, noise, times, labels=labels)
-    return jnp.concatenate([ctx[:, k:], x0], axis=1), x0
+    x0 = model.denoise(cache, noise, times, labels=labels, actions=act)
+    ctx_act = None if act is None else jnp.concatenate([ctx_act[:, k:], act], axis=1)
+    return (jnp.concatenate([ctx[:, k:], x0], axis=1), ctx_act), x0
 
-  _, frames = jax.lax.scan(step, context, jnp.arange(chunks, dtype=jnp.int32))
+  xs = (jnp.arange(chunks, dtype=jnp.int32), acts)
+  _, frames = jax.lax.scan(step, (context, context_actions), xs)
   return jnp.moveaxis(frames, 0, 1).reshape(b, chunks * k, *context.shape[2:])
 
 
-def recompute_rollout(model, context, labels, num_frames: int, *, steps: int, window: int, rng):
-  """``num_frames`` frames after ``context`` (``[b, window - k, H, W]`` in [0, 1]) with the context recomputed
-  every chunk; returns ``(frames [b, n, H, W] uint8, seconds per chunk)`` (the second call, after compiling)."""
+def recompute_rollout(
+  model, context, labels, num_frames: int, *, steps: int, window: int, rng, context_actions=None, actions=None
+):  # fmt: skip
+  """``num_frames`` frames after ``context`` (``[b, window - k, H, W]`` in [0, 1]; an action-conditioned model
+  takes ``context_actions [b, window - k]`` and ``actions [b, num_frames]``) with the context recomputed every
+  chunk; returns ``(frames [b, n, H, W] uint8, seconds per chunk)`` (the second call, after compiling)."""
   k = model.config.frames_per_chunk
   policy = video_dit.rolling_policy(model.config, None, window)
   graphdef, state = nnx.split(model)
   ctx = video_dit.to_model(jnp.asarray(context)[..., None])
-  args = (graphdef, state, ctx, labels, num_frames // k, steps, policy, rng)
+  args = (graphdef, state, ctx, labels, context_actions, actions, num_frames // k, steps, policy, rng)
   jax.block_until_ready(_recompute(*args))
   t0 = time.perf_counter()
   frames = np.asarray(_recompute(*args))
@@ -285,6 +294,43 @@ def cartpole_eval(model, task, policy, *, batch: int, context: int, horizon: int
     f"{a}-{b}": {f"{who}_{m}": float(np.mean(c[m][a:b])) for who, c in curves.items() for m in c} for a, b in spans
   }
   return {"context": context, "horizon": horizon, "curves": curves, "summary": summ, "videos": (gen, target)}
+
+
+def cartpole_recompute(model, task, window: int, *, batch: int, frames: int, steps: int, rng) -> dict:
+  """The rolling KV cache against recomputing the context each chunk, at equal context on CartPole: both continue
+  the same ``window - k`` real frames under the real actions with the same noise (a ``window``-frame cache either
+  way); speed per chunk (each timed after a compiling call) and PSNR / SSIM against the simulator."""
+  k = model.config.frames_per_chunk
+  c = window - k
+  ep = cartpole_episodes(task, batch, c + frames)
+  real, actions = ep["frames"], jnp.asarray(ep["actions"], jnp.int32)
+  ctx = jnp.asarray(real[:, :c, ..., None], jnp.float32) / 255.0
+  policy = video_dit.rolling_policy(model.config, window)
+  gen = rollout.VideoGenerator(model, chunks=frames // k, steps=steps, out_dtype=jnp.uint8)
+
+  def rolling():
+    cache = rollout.context_frames(model, ctx, model.init_cache(policy, batch), actions=actions[:, :c])
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    out = np.asarray(gen(cache, rng, actions=actions[:, c:]).frames)[..., 0]
+    return out, (time.perf_counter() - t0) / (frames // k)
+
+  rolling()  # compiles
+  rolled, roll_sec = rolling()
+  rec, rec_sec = recompute_rollout(model, ctx[..., 0], None, frames, steps=steps, window=window, rng=rng,
+                                   context_actions=actions[:, :c], actions=actions[:, c:])  # fmt: skip
+  target = real[:, c:]
+  out = {
+    "context": c,
+    "frames": frames,
+    "rolling_ms_per_chunk": 1000 * roll_sec,
+    "recompute_ms_per_chunk": 1000 * rec_sec,
+  }
+  for name, f in (("rolling", rolled), ("recompute", rec)):
+    m = image_metrics(f, target)
+    out.update({f"{name}_psnr": float(np.mean(m["psnr"])), f"{name}_ssim": float(np.mean(m["ssim"]))})
+  out["speedup"] = out["recompute_ms_per_chunk"] / out["rolling_ms_per_chunk"]
+  return out
 
 
 def plot_cartpole(ev: dict, train_frames: int, path: pathlib.Path) -> None:
@@ -425,6 +471,13 @@ def main(argv=None) -> int:
     gen, target = ev.pop("videos")
     for span, v in ev["summary"].items():
       print("  frames " + span + ": " + ", ".join(f"{key} {val:.3f}" for key, val in v.items()))
+    ev["recompute"] = rec = cartpole_recompute(model, task, window, batch=args.batch, frames=args.recompute_frames,
+                                               steps=args.steps, rng=rng)  # fmt: skip
+    print(
+      f"  rolling KV {rec['rolling_ms_per_chunk']:.2f} ms/chunk vs recompute {rec['recompute_ms_per_chunk']:.2f} "
+      f"ms/chunk ({rec['speedup']:.1f}x); PSNR {rec['rolling_psnr']:.2f} vs {rec['recompute_psnr']:.2f} dB, SSIM "
+      f"{rec['rolling_ssim']:.3f} vs {rec['recompute_ssim']:.3f}"
+    )
     result.update(cartpole=ev, seconds=time.time() - t0)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot_cartpole(ev, task.clip_frames, out / "cartpole.png")

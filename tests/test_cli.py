@@ -1,6 +1,7 @@
 """The command line and the experiments: `jstream --help`, the demo in --quick mode, train + eval-stream,
 the streaming benchmark's smoke mode, and clear errors for bad input."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -259,3 +260,42 @@ def test_video_gen_reproductions_quick(in_tmp, data):
   for run in res["runs"].values():
     assert set(run["policies"]) == {"window", "sinks+window", "dense"} and run["model_step"] == 6
   assert (in_tmp / "repro" / "repro.png").stat().st_size > 0
+
+
+def test_recompute_baseline_recomputes_the_visible_context_each_chunk():
+  """bench video-gen's baseline: each chunk runs against a fresh cache of the last ``window - 1`` frames (with their
+  actions), by hand: those frames committed one by one to a new cache, then the Euler steps."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from test_video_dit import jitted, make
+
+  from experiments.bench_video_gen import recompute_rollout
+  from jstream import flow
+  from jstream.models import video_dit as vd
+
+  model = make(num_actions=3)
+  cfg, b, window, n, steps = model.config, 2, 3, 4, 2
+  rng = jax.random.key(7)
+  gen = np.random.default_rng(0)
+  context = gen.uniform(0, 1, (b, window - 1, *cfg.frame_size)).astype(np.float32)
+  ctx_act = jnp.asarray(gen.integers(0, 3, (b, window - 1)), jnp.int32)
+  acts = jnp.asarray(gen.integers(0, 3, (b, n)), jnp.int32)
+  got, _ = recompute_rollout(model, context, None, n, steps=steps, window=window, rng=rng, context_actions=ctx_act,
+                             actions=acts)  # fmt: skip
+  vel, com = jitted(model)
+  frames = list(vd.to_model(context[..., None]).transpose(1, 0, 2, 3, 4)[:, :, None])  # [b, 1, H, W, 1] each
+  actions = [ctx_act[:, i : i + 1] for i in range(window - 1)]
+  times = np.asarray(flow.schedule(steps))
+  for i in range(n):
+    cache = model.init_cache(vd.rolling_policy(cfg, None, window), b)
+    for f, a in zip(frames[-(window - 1) :], actions[-(window - 1) :]):
+      cache = com(f, cache, None, a)
+    x = jax.random.normal(jax.random.fold_in(rng, i), (b, 1, *cfg.frame_size, 1))
+    for t0, t1 in itertools.pairwise(times):
+      x = x + (t1 - t0) * vel(x, jnp.full((b, 1), t0), cache, None, acts[:, i : i + 1])
+    frames.append(x)
+    actions.append(acts[:, i : i + 1])
+  want = np.round(np.asarray(vd.from_model(jnp.concatenate(frames[window - 1 :], axis=1)))[..., 0] * 255)
+  assert np.max(np.abs(got.astype(int) - want.astype(int))) <= 1  # uint8 rounding
+  assert np.mean(got.astype(int) != want.astype(int)) < 0.01
