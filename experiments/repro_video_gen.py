@@ -13,8 +13,9 @@ policies, judged by drift at 10x the training horizon.
 Drift is measured as in ``jstream bench video-gen``: on moving digits, per frame, whether a digit classifier reads
 the label the video was asked for (identity) and the frame's ink against the data's; on CartPole (``--data
 cartpole``), the PSNR / SSIM of the model's continuation of real frames under the real actions against the real
-simulator's frames, beside holding the last real frame. Runs that are missing are trained first (diffusion forcing
-before self forcing, its teacher). Writes ``results.json`` and ``repro.png`` to ``--out``.
+simulator's frames, beside holding the last real frame. Runs that are missing or unfinished are trained first
+(diffusion forcing before self forcing, its teacher), unless ``--no-train`` (each run's newest checkpoint as it
+is; the step is recorded). Writes ``results.json`` and ``repro.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
   parser.add_argument("--context", type=int, default=2, help="CartPole: real frames each rollout continues")
   parser.add_argument("--classifier-steps", type=int, default=300)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no-train", action="store_true", help="evaluate the runs' newest checkpoints as they are")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   names = [n for n in args.runs.split(",") if n]
@@ -129,7 +131,9 @@ def main(argv=None) -> int:
   for name in [n for n in RUNS if n in names or (n == "diffusion forcing" and "self forcing" in names)]:
     flags = ",".join(f for f in (RUNS[name], "cartpole" if cartpole else "") if f)
     cfg = bench.run_config(args.quick, None, flags)
-    res = train(cfg, progress=not args.no_progress)
+    if name not in names and args.no_train:
+      continue
+    metrics = [] if args.no_train else train(cfg, progress=not args.no_progress).metrics
     if name not in names:  # trained only as self forcing's teacher
       continue
     model, step = load_model(cfg)
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
       "flags": flags,
       "model_step": step,
       "sampler_steps": steps,
-      "train_last_metrics": res.metrics[-1] if res.metrics else {},
+      "train_last_metrics": metrics[-1] if metrics else {},
       "policies": evals,
     }
     result["train_frames"], result["window"], result["sinks"], result["horizon"] = clip, window, sinks, horizon
