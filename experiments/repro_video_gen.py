@@ -68,31 +68,37 @@ def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, ho
   return {"curves": curves, "summary": summ}
 
 
-def plot(result: dict, path: pathlib.Path, metric: str) -> None:
+def plot(result: dict, path: pathlib.Path) -> None:
+  """One column per run, one row per metric (digits: identity, ink; CartPole: PSNR, SSIM), one line per policy."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  cartpole = result["data"] == "cartpole"
+  metrics = ("psnr", "ssim") if cartpole else ("identity", "ink")
   names = list(result["runs"])
-  fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), sharey=True, squeeze=False)
-  for ax, name in zip(axes[0], names):
-    for pol, ev in result["runs"][name]["policies"].items():
-      c = ev["curves"]["model"][metric] if "model" in ev["curves"] else ev["curves"][metric]
-      w = max(1, len(c) // 40)
-      smooth = np.convolve(c, np.ones(w) / w, mode="valid")
-      ax.plot(np.arange(len(smooth)) + w // 2 + 1, smooth, label=pol)
-    if result["data"] == "cartpole":
-      hold = next(iter(result["runs"][name]["policies"].values()))["curves"]["hold_last_frame"][metric]
-      ax.plot(np.arange(1, len(hold) + 1), hold, color="grey", ls="--", label="hold last frame")
-    context = result["args"]["context"] if result["data"] == "cartpole" else 0  # CartPole curves start after it
-    ax.axvline(result["train_frames"] - context, color="grey", ls=":", label="training clip")
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel("frame")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+  fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.2 * len(names), 3.2 * len(metrics)), sharey="row",
+                           squeeze=False)  # fmt: skip
+  context = result["args"]["context"] if cartpole else 0  # CartPole curves start after the real context
+  for col, name in enumerate(names):
+    evals = result["runs"][name]["policies"]
+    for row, metric in enumerate(metrics):
+      ax = axes[row, col]
+      for pol, ev in evals.items():
+        c = ev["curves"]["model"][metric] if cartpole else ev["curves"][metric]
+        w = max(1, len(c) // 40)
+        smooth = np.convolve(c, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(len(smooth)) + w // 2 + 1, smooth, label=pol)
+      if cartpole:
+        hold = next(iter(evals.values()))["curves"]["hold_last_frame"][metric]
+        ax.plot(np.arange(1, len(hold) + 1), hold, color="grey", ls="--", label="hold last frame")
+      ax.axvline(result["train_frames"] - context, color="grey", ls=":", label="training clip")
+      ax.set_title(f"{name}: {metric}", fontsize=9)
+      ax.set_xlabel("frame")
+      ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
     result["train_frames"], result["window"], result["sinks"], result["horizon"] = clip, window, sinks, horizon
   result["seconds"] = time.time() - t0
   (out / "results.json").write_text(json.dumps(result, indent=2))
-  plot(result, out / "repro.png", "psnr" if cartpole else "identity")
+  plot(result, out / "repro.png")
   print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
   return 0
 
