@@ -8,14 +8,14 @@
 The model (``jstream.models.video_dit``): 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 384, 8x8-pixel patches
 of 32x32 frames (16 tokens per frame), one frame per chunk, conditioned on the digit's label; trained with rectified
 flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, AdamW at 1e-3. Flags:
-``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing``
-(Self Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution
-matching against the diffusion-forcing run in ``runs/video_gen`` (the teacher, trained first) and an online critic;
-lr 1e-4, workdir suffix ``_sf``), ``cartpole`` (gymnasium's CartPole instead of digits: 32x64 frames, 32 tokens
-each, every frame conditioned on the action that led to it; 1000 steps, ``runs/video_gen_cartpole``; with
-``self_forcing`` the student continues 2 real frames), ``quick`` (a tiny model, 8x8 frames (CartPole 8x16), a few
-steps; with ``self_forcing``, the teacher is the quick run of the same data). Any field can be overridden as
-``key=value`` (``model.<field>=...``, ``generation.<field>=...``).
+``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing`` (Self
+Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution matching
+against the diffusion-forcing run in ``runs/video_gen`` (the teacher, trained first) and an online critic; lr 1e-4,
+400 steps (CartPole 200), workdir suffix ``_sf``), ``cartpole`` (gymnasium's CartPole instead of digits: 32x64
+frames, 32 tokens each, every frame conditioned on the action that led to it; 1000 steps,
+``runs/video_gen_cartpole``; with ``self_forcing`` the student continues 2 real frames), ``quick`` (a tiny model,
+8x8 frames (CartPole 8x16), a few steps; with ``self_forcing``, the teacher is the quick run of the same data). Any
+field can be overridden as ``key=value`` (``model.<field>=...``, ``generation.<field>=...``).
 """
 
 import dataclasses
@@ -54,7 +54,8 @@ def get_config(*flags: str) -> TrainConfig:
       raise ValueError("teacher_forcing and self_forcing are two objectives: choose one")
     context = 2 if task.dataset == "cartpole" else 0  # CartPole: continue real frames under the real actions
     task = dataclasses.replace(task, objective="self_forcing", teacher=cfg.workdir, context_frames=context)
-    cfg = dataclasses.replace(cfg, generation=task, lr=1e-4, steps=400, warmup_steps=20, workdir=cfg.workdir + "_sf")
+    steps = 200 if task.dataset == "cartpole" else 400  # CartPole's tokens cost twice as much (the CPU budget)
+    cfg = dataclasses.replace(cfg, generation=task, lr=1e-4, steps=steps, warmup_steps=20, workdir=cfg.workdir + "_sf")
   if "quick" in flags:
     small = TransformerConfig(vocab_size=16, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     teacher = {"teacher": cfg.workdir.removesuffix("_sf") + "_quick"} if task.objective == "self_forcing" else {}
