@@ -9,8 +9,9 @@ conditioned on a digit label, under each cache policy (``video_dit.rolling_polic
 
 Drift is scored by a digit classifier trained here on the training clips' frames (a small CNN; its accuracy on
 the test split's frames is reported): per frame, whether the classifier reads the label the video was asked for
-(*identity*), and the frame's mean intensity against the data's (*ink*: 1.0 is the data's, a fading or smeared
-video drifts away from it). Per (policy, length): identity and ink over frame ranges, per-frame latency (the
+(*identity*), whether the frame shows one blob as every real frame does (*count*: a fragmented or empty frame does
+not), and the frame's mean intensity against the data's (*ink*: 1.0 is the data's, a fading or smeared video
+drifts away from it). Per (policy, length): identity and ink over frame ranges, per-frame latency (the
 median call, after one that compiles; ``--chunks-per-call`` chunks per call), frames/s, the cache's size and the
 process's peak RSS (frames are scored as each call returns them and dropped, but for the first 64 kept for the
 GIF: host memory does not grow with the rollout). Then the rolling KV cache against recomputing the context each
@@ -206,14 +207,25 @@ def recompute_rollout(
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score(predict, frames: np.ndarray, labels: np.ndarray, ink_ref: float) -> dict:
-  """Per-frame identity (classifier argmax == label, mean over videos) and ink (mean intensity / the data's)."""
+def blob_count(frame: np.ndarray, threshold: float = 0.3, min_pixels: int = 3) -> int:
+  """Connected blobs (8-neighbour) of at least ``min_pixels`` pixels at or above ``threshold`` in a frame in [0, 1]:
+  a real moving-digit frame of one digit has exactly one at these settings (every frame of the test split)."""
+  from scipy import ndimage
+
+  labels, _ = ndimage.label(frame >= threshold, structure=np.ones((3, 3)))
+  return int(np.sum(np.bincount(labels.ravel())[1:] >= min_pixels))
+
+
+def score(predict, frames: np.ndarray, labels: np.ndarray, ink_ref: float, num_digits: int = 1) -> dict:
+  """Per-frame identity (classifier argmax == label), count (the frame shows ``num_digits`` blobs: ``blob_count``;
+  a fragmented or empty frame does not) and ink (mean intensity / the data's), each a mean over the videos."""
   b, n = frames.shape[:2]
   x = frames.reshape(b * n, *frames.shape[2:]).astype(np.float32) / 255.0
   probs = np.concatenate([np.asarray(predict(jnp.asarray(x[i : i + 4096]))) for i in range(0, len(x), 4096)])
   hit = (np.argmax(probs, -1).reshape(b, n) == labels[:, None]).mean(0)
+  count = np.array([blob_count(f) == num_digits for f in x]).reshape(b, n).mean(0)
   ink = x.reshape(b, n, -1).mean(-1).mean(0) / ink_ref
-  return {"identity": hit.tolist(), "ink": ink.tolist()}
+  return {"identity": hit.tolist(), "count": count.tolist(), "ink": ink.tolist()}
 
 
 def _score_into(parts: list, predict, labels: np.ndarray, ink_ref: float, frames: np.ndarray) -> None:
@@ -436,7 +448,7 @@ def main(argv=None) -> int:
         batch=args.batch, on_frames=on_frames, keep=GIF_FRAMES,
       )  # fmt: skip
       per_call = min(args.chunks_per_call, n // mc.frames_per_chunk) * mc.frames_per_chunk
-      curves = {m: [v for p in parts for v in p[m]] for m in ("identity", "ink")} if parts else {}
+      curves = {m: [v for p in parts for v in p[m]] for m in ("identity", "count", "ink")} if parts else {}
       row = {
         "policy": name,
         "frames": n,
@@ -449,7 +461,9 @@ def main(argv=None) -> int:
       }
       rows.append(row)
       videos[f"{name}, {n}"] = frames
-      s = ", ".join(f"{k} id {v['identity']:.2f} ink {v['ink']:.2f}" for k, v in row["summary"].items())
+      s = ", ".join(
+        f"{k} id {v['identity']:.2f} count {v['count']:.2f} ink {v['ink']:.2f}" for k, v in row["summary"].items()
+      )
       print(
         f"  {name:<13} {n:>6} frames: {s}; {row['ms_per_frame']:.2f} ms/frame, {row['frames_per_s']:.0f} frames/s "
         f"(batch {args.batch}), cache {row['cache_mib']:.2f} MiB, peak RSS {peak:.0f} MiB"

@@ -11,7 +11,8 @@ policies, judged by drift at 10x the training horizon.
   in training. Here: each run under ``window``, ``sinks+window`` and ``dense``.
 
 Drift is measured as in ``jstream bench video-gen``: on moving digits, per frame, whether a digit classifier reads
-the label the video was asked for (identity) and the frame's ink against the data's; on CartPole (``--data
+the label the video was asked for (identity), whether it shows one blob as real frames do (count) and the frame's
+ink against the data's; on CartPole (``--data
 cartpole``), the PSNR / SSIM of the model's continuation of real frames under the real actions against the real
 simulator's frames, beside holding the last real frame. Runs that are missing or unfinished are trained first
 (diffusion forcing before self forcing, its teacher), unless ``--no-train`` (each run's newest checkpoint as it
@@ -69,15 +70,17 @@ def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, ho
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-  """One column per run, one row per metric (digits: identity, ink; CartPole: PSNR, SSIM), one line per policy."""
+  """One column per run, one row per metric (digits: identity, count, ink; CartPole: PSNR, SSIM), one line per
+  policy."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   cartpole = result["data"] == "cartpole"
-  metrics = ("psnr", "ssim") if cartpole else ("identity", "ink")
   names = list(result["runs"])
+  first = next(iter(result["runs"][names[0]]["policies"].values()))["curves"]
+  metrics = ("psnr", "ssim") if cartpole else tuple(m for m in ("identity", "count", "ink") if m in first)
   fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.2 * len(names), 3.2 * len(metrics)), sharey="row",
                            squeeze=False)  # fmt: skip
   context = result["args"]["context"] if cartpole else 0  # CartPole curves start after the real context

@@ -61,7 +61,7 @@ def test_bench_video_gen_quick(in_tmp):
   assert [r["policy"] for r in res["rows"]] == ["window", "sinks+window"] and res["model_step"] == 6
   for r in res["rows"]:
     assert r["frames"] == 12 and len(r["curves"]["identity"]) == 12 and r["ms_per_frame"] > 0
-    assert all(0 <= v["identity"] <= 1 and v["ink"] > 0 for v in r["summary"].values())
+    assert all(0 <= v["identity"] <= 1 and 0 <= v["count"] <= 1 and v["ink"] > 0 for v in r["summary"].values())
   assert res["recompute"]["recompute_ms_per_chunk"] > 0 and 0 <= res["classifier_test_accuracy"] <= 1
   from PIL import Image
 
@@ -82,6 +82,22 @@ def test_bench_video_gen_cartpole_quick(in_tmp):
   assert all(len(c["psnr"]) == len(c["ssim"]) == 6 for c in ev["curves"].values())
   assert list(ev["summary"]) == ["0-2", "2-6"]  # the training clip's 4 frames: 2 context + 2 generated, then beyond
   assert (in_tmp / "cp" / "cartpole.png").stat().st_size > 0
+
+
+def test_blob_count_counts_digits_not_specks():
+  import numpy as np
+
+  from experiments.bench_video_gen import blob_count
+
+  frame = np.zeros((16, 16), np.float32)
+  assert blob_count(frame) == 0
+  frame[2:6, 2:5] = 0.8  # one digit-like blob
+  frame[3, 5] = 0.4  # touching it diagonally or sideways: the same blob
+  assert blob_count(frame) == 1
+  frame[10:13, 10:12] = 0.5  # a second blob
+  frame[0, 15] = frame[1, 15] = 0.9  # a 2-pixel speck: too small to count
+  frame[8, 0] = 0.2  # below the threshold
+  assert blob_count(frame) == 2
 
 
 def test_image_metrics_are_psnr_and_ssim():
