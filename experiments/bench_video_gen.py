@@ -234,7 +234,7 @@ def _score_into(parts: list, predict, labels: np.ndarray, ink_ref: float, frames
 
 def ranges(n: int, window: int) -> list[tuple[int, int]]:
   """Frame ranges to summarise: inside the first window, then decades."""
-  edges = [0, window] + [e for e in (100, 1000, 10_000, 100_000) if window < e < n] + [n]
+  edges = [0, min(window, n)] + [e for e in (100, 1000, 10_000, 100_000) if window < e < n] + [n]
   return [(a, b) for a, b in itertools.pairwise(edges) if a < b]
 
 
@@ -301,10 +301,9 @@ def cartpole_eval(model, task, policy, *, batch: int, context: int, horizon: int
   hold = np.repeat(real[:, context - 1 : context], horizon, axis=1)
   curves = {"model": image_metrics(gen, target), "hold_last_frame": image_metrics(hold, target)}
   clip = task.clip_frames - context
-  spans = [(0, clip), (clip, horizon)] if clip < horizon else [(0, horizon)]
-  summ = {
-    f"{a}-{b}": {f"{who}_{m}": float(np.mean(c[m][a:b])) for who, c in curves.items() for m in c} for a, b in spans
-  }
+  per_source = {who: summary(c, horizon, clip) for who, c in curves.items()}
+  summ = {span: {f"{who}_{m}": v for who, sm in per_source.items() for m, v in sm[span].items()}
+          for span in per_source["model"]}  # fmt: skip
   return {"context": context, "horizon": horizon, "curves": curves, "summary": summ, "videos": (gen, target)}
 
 

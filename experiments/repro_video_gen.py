@@ -63,10 +63,7 @@ def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, ho
     out_dtype=jnp.uint8,
   )
   curves = bench.score(predict, np.asarray(out.frames)[..., 0], labels, ink_ref)
-  clip = task.clip_frames
-  spans = [(0, clip), (clip, horizon)] if clip < horizon else [(0, horizon)]
-  summ = {f"{a}-{b}": {m: float(np.mean(c[a:b])) for m, c in curves.items()} for a, b in spans}
-  return {"curves": curves, "summary": summ}
+  return {"curves": curves, "summary": bench.summary(curves, horizon, task.clip_frames)}
 
 
 def plot(result: dict, path: pathlib.Path) -> None:

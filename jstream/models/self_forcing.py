@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jstream import cache as cache_lib
-from jstream import flow
+from jstream import flow, rollout
 from jstream.models import video_dit
 from jstream.models.video_dit import VideoDiT, VideoDiTConfig
 from jstream.typing import Array, Float, Int
@@ -189,10 +189,9 @@ def dmd_losses(
   policy = video_dit.rolling_policy(cfg, None, n)
   cache = model.generator.init_cache(policy, batch_size)
   past, future = (None, actions) if actions is None or not n0 else (actions[:, :n0], actions[:, n0:])
-  fixed = frozen(model.generator)
-  for i in range(0, n0, k):  # the context, chunk by chunk (clean: noise level 0)
-    act = None if past is None else past[:, i : i + k]
-    cache = fixed.commit(jax.lax.stop_gradient(context[:, i : i + k]), cache, labels=labels, actions=act)
+  if n0:  # the clean context, chunk by chunk, without gradients
+    frames = video_dit.from_model(jax.lax.stop_gradient(context))
+    cache = rollout.context_frames(frozen(model.generator), frames, cache, labels=labels, actions=past)
   rng_z, rng_s, rng_g, rng_c = jax.random.split(rng, 4)
   shape = (batch_size, num_frames, *cfg.frame_size, cfg.channels)
   noise = jax.random.normal(rng_z, shape, jnp.float32)
