@@ -7,6 +7,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from jstream.positions import Rope, RopeScaling
+
 LearnedSink = Literal["none", "logit", "kv"]
 
 
@@ -23,6 +25,9 @@ class TransformerConfig:
     embed_dim: model width ``d``.
     mlp_dim: SwiGLU hidden width ``f``.
     rope_base: RoPE theta.
+    rope_scaling: an optional ``jstream.positions.RopeScaling`` of the RoPE frequencies (linear, Llama 3.1); a dict
+      of its fields is accepted (what a saved config holds).
+    qkv_bias: biases on the query / key / value projections (Qwen2).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: share the input embedding with the output projection.
     learned_sink: ``"none"``; ``"logit"``, a trainable per-head logit added to every softmax (a sink with a zero
@@ -59,8 +64,14 @@ class TransformerConfig:
   attention_impl: str | tuple[str, ...] = "auto"
   scan_layers: bool = True
   cond_dim: int = 0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False
 
   def __post_init__(self):
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise TypeError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
     for name in ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -94,6 +105,11 @@ class TransformerConfig:
       if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"TransformerConfig.{name} must be a floating dtype, got {dt}")
       object.__setattr__(self, name, dt.name)
+
+  @property
+  def rope(self) -> Rope:
+    """The RoPE frequencies (base and scaling) that every attention path of the model rotates with."""
+    return Rope(float(self.rope_base), self.rope_scaling)
 
   @property
   def group_size(self) -> int:

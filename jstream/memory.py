@@ -57,7 +57,7 @@ from jstream.cache import kv as kv_lib
 from jstream.cache import planner as plan_lib
 from jstream.cache import policies as pol
 from jstream.checks import check_int
-from jstream.positions import apply_rope, rope_cos_sin
+from jstream.positions import Rope, apply_rope, rope_cos_sin
 from jstream.process_memory import tree_bytes
 from jstream.reduce import cosine_similarity
 from jstream.typing import Array, Float, Int
@@ -274,11 +274,11 @@ class MemoryCache:
     k_out, v_out, idx_out, valid = _evicted(self.local, plan, policy.track)
     relative = policy.positions == "cache_relative"
     if relative:  # gathered before the model rotates the local ring back by a rebase's shift: rotate them too
-      k_out = _rotate_back(k_out, shift, cfg.rope_base)
-    mem = self._rebased(shift, cfg.rope_base)._append(k_out, v_out, idx_out, valid)
+      k_out = _rotate_back(k_out, shift, cfg.rope)
+    mem = self._rebased(shift, cfg.rope)._append(k_out, v_out, idx_out, valid)
     limit = _read_limit(plan, policy)
     q_pos = plan.q_idx[:, policy.track] if relative else plan.tok_pos  # the memory track's window's query frame
-    cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.head_dim, cfg.rope_base)
+    cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.head_dim, cfg.rope)
 
     def extra(_, layer, q):
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
@@ -300,7 +300,7 @@ class MemoryCache:
       )
     return jnp.where(over[:, None, None], jnp.nan, logits), mem.replace(local=local)
 
-  def _rebased(self, shift: Int[Array, " b"], rope_base: float) -> MemoryCache:
+  def _rebased(self, shift: Int[Array, " b"], rope_base: float | Rope) -> MemoryCache:
     """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track); in
     ``cache_relative`` mode the keys are rotated back by the shift too (in a zero-or-one-trip loop, which updates
     the memory in place when no row rebases: ``jstream.nn.cached_attention.rerotate``)."""
@@ -390,7 +390,7 @@ def _evicted(local: kv_lib.KVCache, plan: plan_lib.Plan, track: int):
   return k, v, old, valid
 
 
-def _rotate_back(k: Float[Array, "l b k s h"], shift: Int[Array, " b"], rope_base: float) -> Array:
+def _rotate_back(k: Float[Array, "l b k s h"], shift: Int[Array, " b"], rope_base: float | Rope) -> Array:
   """Keys of every layer ``[l, b, k, s, h]`` rotated by RoPE at ``-shift`` of their row."""
   cos, sin = rope_cos_sin(-shift, k.shape[-1], rope_base)  # [b, h / 2]
   return apply_rope(k, cos[None, :, None, None], sin[None, :, None, None]).astype(k.dtype)

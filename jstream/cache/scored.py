@@ -48,7 +48,7 @@ from jstream.cache import planner as plan_lib
 from jstream.cache.policies import Policy
 from jstream.checks import check_int
 from jstream.ops import attention as attn_ops
-from jstream.positions import apply_rope, check_position_mode, rope_cos_sin
+from jstream.positions import Rope, apply_rope, check_position_mode, rope_cos_sin
 from jstream.typing import Array, ArrayLike, Bool, Float, Int
 
 _PROTECTED = 3.0e38  # the priority of sinks and recent tokens (above every score)
@@ -246,7 +246,7 @@ def _rebase(cache: ScoreCache) -> ScoreCache:
   return cache.replace(idx=idx, count=cache.count - shift)
 
 
-def _chunk(cache: ScoreCache, valid: Array, head_dim: int, rope_base: float) -> _Chunk:
+def _chunk(cache: ScoreCache, valid: Array, head_dim: int, rope_base: float | Rope) -> _Chunk:
   held_before = cache.held()
   nvalid = jnp.cumsum(valid.astype(jnp.int32), axis=1)
   tok_idx = jnp.where(valid, cache.count[:, None] + nvalid - 1, -1)
@@ -290,7 +290,7 @@ def _pool(mass: Float[Array, "b k s"], order: Int[Array, "b s"], kernel: int, po
   )
 
 
-def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float, impl, sink_part):
+def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float | Rope, impl, sink_part):
   """One layer: attention of the chunk over cache + chunk, scores, eviction. ``state = (k, v, idx, score)`` of
   this layer (``[b, k, s, h]``, ``[b, k, s]``); returns ``(out [b, t, n, h], new state)``."""
   ck, cv, cidx, cscore = state
@@ -382,13 +382,11 @@ def extend(
     valid = segment_ids >= 0
   cfg = model.config
   cache = _rebase(cache)
-  ch = _chunk(cache, valid, cfg.head_dim, cfg.rope_base)
+  ch = _chunk(cache, valid, cfg.head_dim, cfg.rope)
   policy = cache.policy
 
   def attend(attn, q, k, v, state):
-    return _layer(
-      policy, ch, state, q, k, v, rope_base=cfg.rope_base, impl=cfg.attention_impl, sink_part=attn.sink_part(q)
-    )
+    return _layer(policy, ch, state, q, k, v, rope_base=cfg.rope, impl=cfg.attention_impl, sink_part=attn.sink_part(q))
 
   logits, (k, v, idx, score) = model.run_layers(x, (cache.k, cache.v, cache.idx, cache.score), attend)
   logits = jnp.where(ch.poison[:, None, None], jnp.nan, logits)

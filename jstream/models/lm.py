@@ -299,8 +299,8 @@ class StreamingTransformer(nnx.Module):
     cfg = self.config
     check_cond(cfg.cond_dim, cond, x.shape[:2])
     plan = cache_lib.plan(cache, segment_ids, t, groups)
-    ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope_base)
-    kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope_base)
+    ctx = cached_attention.build(plan, head_dim=cfg.head_dim, rope_base=cfg.rope)
+    kbuf = cached_attention.rerotate(plan, plan.cache.k, rope_base=cfg.rope)
     vbuf = plan.cache.v
     x = x.astype(cfg.dtype)
 
@@ -439,7 +439,7 @@ class StreamingTransformer(nnx.Module):
             v,
             positions,
             masks,
-            rope_base=cfg.rope_base,
+            rope_base=cfg.rope,
             impl=cfg.attention_impl,
             sink_part=attn.sink_part(q),
           )
@@ -451,7 +451,7 @@ class StreamingTransformer(nnx.Module):
           positions,
           window=window,
           num_sinks=num_sinks,
-          rope_base=cfg.rope_base,
+          rope_base=cfg.rope,
           impl=cfg.attention_impl,
           sink_part=attn.sink_part(q),
         )

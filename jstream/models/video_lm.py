@@ -196,9 +196,7 @@ class VideoLM(nnx.Module):
     lm = c.lm
 
     def attend(attn, q, k, v):
-      o = cached_attention.offline(
-        q, k, v, zeros, window=None, num_sinks=0, rope_base=lm.rope_base, impl=lm.attention_impl
-      )
+      o = cached_attention.offline(q, k, v, zeros, window=None, num_sinks=0, rope_base=lm.rope, impl=lm.attention_impl)
       return o, None
 
     for block in self.encoder:

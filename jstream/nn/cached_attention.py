@@ -53,7 +53,7 @@ import numpy as np
 
 from jstream import cache as cache_lib
 from jstream.ops import attention as attn_ops
-from jstream.positions import apply_rope, rope_cos_sin
+from jstream.positions import Rope, apply_rope, rope_cos_sin
 from jstream.typing import Array, Float, Int, KeyBuffer, Shaped, ValueBuffer
 
 READ_ONLY_TOKENS = True
@@ -98,7 +98,7 @@ def _write_first(policy, chunk_len: int) -> bool:
   return True
 
 
-def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
+def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float | Rope) -> Context:
   """Segments and RoPE tables for one chunk (shared by all layers)."""
   cache = plan.cache
   policy = cache.policy
@@ -174,7 +174,7 @@ def build(plan: cache_lib.Plan, *, head_dim: int, rope_base: float) -> Context:
   )
 
 
-def rerotate(plan: cache_lib.Plan, k: KeyBuffer, *, rope_base: float) -> KeyBuffer:
+def rerotate(plan: cache_lib.Plan, k: KeyBuffer, *, rope_base: float | Rope) -> KeyBuffer:
   """Rotates the ring keys of rebased tracks back by the rebase shift (``cache_relative`` mode only).
 
   ``k`` is the key buffer (stacked ``[l, b, k, s, h]`` or a tuple of per-layer ``[b, k, s, h]``). The rotation

@@ -103,7 +103,8 @@ class MLP(nnx.Module):
 class Attention(nnx.Module):
   """Projections of grouped-query attention, plus the optional learned sink.
 
-  q, k and v come from one fused ``[d, (n + 2k) h]`` projection (one matmul per token instead of three).
+  q, k and v come from one fused ``[d, (n + 2k) h]`` projection (one matmul per token instead of three), with a
+  bias when ``cfg.qkv_bias``.
   ``qkv(x [b, t, d])`` gives ``q [b, t, n, h]``, ``k, v [b, t, k, h]`` (before RoPE); ``out(o [b, t, n, h])``
   projects back to ``[b, t, d]``. ``sink_part(q)`` is the learned sink's contribution as an ``(out, lse)`` partial
   attention, or None.
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
     kw = dict(use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=dot_general, rngs=rngs)
-    self.qkv_proj = nnx.Linear(d, (n + 2 * k) * h, **kw)
+    self.qkv_proj = nnx.Linear(d, (n + 2 * k) * h, **{**kw, "use_bias": cfg.qkv_bias})
     self.o = nnx.Linear(n * h, d, **kw)
     self.learned_sink = cfg.learned_sink
     if cfg.learned_sink == "logit":
