@@ -28,7 +28,7 @@ import time
 
 COMMANDS = "jstream.commands"
 BENCHMARKS = "jstream.benchmarks"
-BUILTIN = ("train", "eval-stream", "bench")
+BUILTIN = ("train", "eval-stream", "generate", "export", "bench")
 PREFIXES = (1024, 4096)  # eval-stream also reports the perplexity of these prefixes
 
 
@@ -93,24 +93,122 @@ def cmd_train(args) -> int:
   return 0
 
 
+def _load_hf(directory: str, dtype: str | None, scan_layers: bool = True):
+  """A local Hugging Face checkpoint folder's model, info and tokenizer (None without ``tokenizer.json``)."""
+  from jstream import weights
+
+  model, info = weights.load(directory, dtype=dtype, scan_layers=scan_layers)
+  tok = weights.Tokenizer(directory) if (pathlib.Path(directory) / "tokenizer.json").exists() else None
+  return model, info, tok
+
+
+def _hf_stream(args, tok):
+  """The ``--text`` file's tokens (its first ``--tokens``) for ``eval-stream --hf``."""
+  if not args.text:
+    raise ValueError("eval-stream --hf needs --text FILE (the text to stream)")
+  if tok is None:
+    raise FileNotFoundError(f"{args.hf}: no tokenizer.json to encode --text with")
+  text = pathlib.Path(args.text).read_text(encoding="utf-8")
+  return tok.encode(text)[: args.tokens]
+
+
 def cmd_eval_stream(args) -> int:
   from jstream.evaluation import evaluate_stream
-  from jstream.train import heldout_tokens, load_config, load_model
 
-  cfg = load_config(args.config)
-  model, step = load_model(cfg)
   policy = parse_policy(args.policy, args.positions)
-  stream, skip = heldout_tokens(cfg, args.tokens)
+  if args.hf:
+    model, info, tok = _load_hf(args.hf, args.dtype)
+    stream, skip = _hf_stream(args, tok), 0
+    source = dict(hf=args.hf, text=args.text, model_type=info.model_type)
+    if info.sliding_window is not None and info.sliding_window < policy.capacity:
+      print(f"note: the model was trained with a sliding window of {info.sliding_window} tokens", file=sys.stderr)
+  else:
+    from jstream.train import heldout_tokens, load_config, load_model
+
+    cfg = load_config(args.config)
+    model, step = load_model(cfg)
+    stream, skip = heldout_tokens(cfg, args.tokens)
+    source = dict(checkpoint_step=step, config=args.config)
   chunk = min(args.chunk, policy.capacity)  # a chunk may not exceed the cache
   t0 = time.time()
   res = evaluate_stream(model, stream, policy, chunk=chunk, segment=args.segment, skip=skip, prefixes=PREFIXES)
-  res.update(checkpoint_step=step, policy=str(policy), config=args.config, seconds=time.time() - t0)
+  res.update(source, policy=str(policy), seconds=time.time() - t0)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(res, indent=2))
   print(
     f"{policy}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens "
     f"({res['tokens_per_s']:.0f} tokens/s, cache {res['cache_mib']:.2f} MiB); wrote {out / 'results.json'}"
+  )
+  return 0
+
+
+def cmd_export(args) -> int:
+  """A trained text run as a Hugging Face checkpoint folder (weights + config.json + a byte tokenizer)."""
+  from jstream import weights
+  from jstream.train import load_config, load_model
+  from jstream.train.checkpoint import saved_config
+
+  cfg = load_config(args.config) if args.config else saved_config(args.workdir)
+  if cfg.data != "text":
+    raise ValueError(f"export writes language models; {args.config or args.workdir} trains {cfg.data!r}")
+  model, step = load_model(cfg)
+  out = pathlib.Path(args.out)
+  if not 256 <= cfg.model.vocab_size <= 260:
+    raise ValueError(f"vocab_size {cfg.model.vocab_size}: not a byte-level model (256 bytes and a few specials)")
+  files = weights.save(model, out, model_type=args.model_type, max_shard_bytes=args.max_shard_bytes)
+  specials = ["<sink>" if i == cfg.sink_id else f"<extra_{i}>" for i in range(256, cfg.model.vocab_size)]
+  weights.byte_tokenizer(out, specials=specials)
+  print(f"exported {cfg.workdir} (step {step}) to {out}: {len(files)} weight file(s), config.json, tokenizer.json")
+  return 0
+
+
+def cmd_generate(args) -> int:
+  """Streams generated text to stdout as it is sampled: ``--block`` tokens per compiled decode call, for ever with
+  a sinks + window cache (``--max-new-tokens 0``) or up to a count; stops at EOS unless ``--ignore-eos``."""
+  import jax
+  import numpy as np
+
+  from jstream import rollout
+
+  policy = parse_policy(args.policy, args.positions)
+  model, _, tok = _load_hf(args.hf, args.dtype, scan_layers=False)  # per-layer weights: faster decode on CPU
+  if tok is None:
+    raise FileNotFoundError(f"{args.hf}: no tokenizer.json to encode --prompt with")
+  prompt = tok.encode(args.prompt)
+  if prompt.size == 0:
+    raise ValueError("the prompt encodes to no tokens")
+  sampling = rollout.Sampling(args.temperature, args.top_k, args.top_p)
+  kv = model.init_cache(policy, 1)
+  chunk = min(prompt.size, policy.capacity, 256)
+  t0 = time.perf_counter()
+  last, kv = rollout.prefill(model, prompt[None], kv, chunk_size=chunk)
+  decoder = rollout.Decoder(model, steps=args.block, sampling=sampling)
+  rng = jax.random.key(args.seed)
+  text = tok.stream()
+  sys.stdout.write(args.prompt)
+  sys.stdout.flush()
+  done, call, t1 = 0, 0, time.perf_counter()
+  while args.max_new_tokens == 0 or done < args.max_new_tokens:
+    out = decoder(kv, last, jax.random.fold_in(rng, call))
+    kv, last, call = out.cache, out.last_logits, call + 1
+    ids = np.asarray(out.tokens[0])
+    if args.max_new_tokens:
+      ids = ids[: args.max_new_tokens - done]
+    stop = not args.ignore_eos and tok.eos_id is not None and tok.eos_id in ids
+    if stop:
+      ids = ids[: list(ids).index(tok.eos_id)]
+    done += len(ids)
+    sys.stdout.write("".join(text.step(i) for i in ids))
+    sys.stdout.flush()
+    if stop:
+      break
+  sys.stdout.write(text.flush() + "\n")
+  elapsed = time.perf_counter() - t1
+  print(
+    f"[{prompt.size} prompt tokens in {t1 - t0:.2f} s; {done} new tokens in {elapsed:.2f} s, "
+    f"{done / max(elapsed, 1e-9):.1f} tokens/s (first call includes compilation); cache {policy}]",
+    file=sys.stderr,
   )
   return 0
 
@@ -126,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
   tr = sub.add_parser("train", help="train (or resume) a model from a config file")
   tr.add_argument("--config", required=True, help="configs/<file>.py[:flags,key=value,...]")
   tr.add_argument("--no-progress", action="store_true")
-  ev = sub.add_parser("eval-stream", help="stream held-out text through a trained model under a cache policy")
-  ev.add_argument("--config", required=True, help="the training config (its workdir holds the checkpoint)")
+  ev = sub.add_parser(
+    "eval-stream", help="stream text through a trained model or a local checkpoint (--hf) under a cache policy"
+  )
+  src = ev.add_mutually_exclusive_group(required=True)
+  src.add_argument("--config", help="the training config (its workdir holds the checkpoint)")
+  src.add_argument("--hf", metavar="DIR", help="a local Hugging Face checkpoint folder (Llama / Mistral / Qwen2)")
+  ev.add_argument("--text", metavar="FILE", help="with --hf: the text file to stream (its first --tokens tokens)")
+  ev.add_argument("--dtype", choices=["float32", "bfloat16"], help="with --hf: weights' dtype (default: stored)")
   ev.add_argument(
     "--policy",
     default="sinkwindow:4,128",
@@ -138,6 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--chunk", type=int, default=64)
   ev.add_argument("--segment", type=int, default=4096)
   ev.add_argument("--out", default="runs/eval_stream")
+  ex = sub.add_parser("export", help="write a trained byte-level LM as a Hugging Face checkpoint folder (--out)")
+  run = ex.add_mutually_exclusive_group(required=True)
+  run.add_argument("--config", help="the training config (its workdir holds the checkpoint)")
+  run.add_argument("--workdir", help="a run's folder (the config saved with its checkpoints is used)")
+  ex.add_argument("--out", required=True, help="the checkpoint folder to write")
+  ex.add_argument("--model-type", default="llama", choices=["llama", "mistral", "qwen2"])
+  ex.add_argument("--max-shard-bytes", type=int, default=None, help="split the weights into shards of this size")
+  gen = sub.add_parser("generate", help="stream generated text from a local checkpoint (--hf), printed as it comes")
+  gen.add_argument("--hf", metavar="DIR", required=True, help="a local Hugging Face checkpoint folder")
+  gen.add_argument("--prompt", required=True)
+  gen.add_argument("--policy", default="sinkwindow:4,1020", help="the cache policy (as eval-stream's)")
+  gen.add_argument("--positions", default="cache_relative", choices=["absolute", "cache_relative"])
+  gen.add_argument("--max-new-tokens", type=int, default=256, help="0: for ever (Ctrl-C to stop)")
+  gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--block", type=int, default=8, help="tokens per compiled decode call (printed together)")
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights' dtype (default: stored)")
+  gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the EOS token")
   benches = registered(BENCHMARKS)
   sub.add_parser("bench", help="run a benchmark: " + "; ".join(f"{k}: {summary(ep)}" for k, ep in benches.items()))
   return parser
@@ -185,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.command is None:
     parser.print_help()
     return 0
-  commands = {"train": cmd_train, "eval-stream": cmd_eval_stream}
+  commands = {"train": cmd_train, "eval-stream": cmd_eval_stream, "generate": cmd_generate, "export": cmd_export}
   if args.command not in commands:
     parser.error(f"unknown command {args.command}")
   return report(f"jstream {args.command}", lambda: commands[args.command](args))

@@ -250,6 +250,10 @@ def test_stream_decoder_equals_decode(tokenizer):
   pieces = [dec.step(i) for i in ids]
   assert "".join(pieces) == text
   assert any(p == "" for p in pieces)  # a multi-byte character split across tokens is held back
+  assert dec.flush() == ""
+  cut = tokenizer.encode("✓", add_special_tokens=False)
+  assert len(cut) > 1 and dec.step(cut[0]) == ""  # half a character ...
+  assert dec.flush() == "\ufffd"  # ... is replaced at the end of the stream
 
 
 def test_tokenizer_reads_ids_from_a_checkpoint_folder(tmp_path, tokenizer):

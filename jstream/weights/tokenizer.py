@@ -81,16 +81,32 @@ class Tokenizer:
 
 
 class StreamDecoder:
-  """Text of a growing id sequence, emitted piece by piece (``Tokenizer.stream``)."""
+  """Text of a growing id sequence, emitted piece by piece (``Tokenizer.stream``): ``step`` returns the new text
+  (``""`` while a character is incomplete), ``flush`` what is still held back, at the end of a stream."""
 
   def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
     from tokenizers.decoders import DecodeStream
 
     self._tok = tokenizer._tok
+    self._skip = skip_special_tokens
     self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+    self._pending: list[int] = []
 
   def step(self, token_id: int | np.integer) -> str:
-    return self._stream.step(self._tok, int(token_id)) or ""
+    self._pending.append(int(token_id))
+    piece = self._stream.step(self._tok, int(token_id)) or ""
+    if piece:
+      self._pending.clear()
+    return piece
+
+  def flush(self) -> str:
+    """The held-back ids' text, incomplete characters replaced (U+FFFD); the decoder starts afresh."""
+    text = self._tok.decode(self._pending, skip_special_tokens=self._skip) if self._pending else ""
+    self._pending.clear()
+    from tokenizers.decoders import DecodeStream
+
+    self._stream = DecodeStream(skip_special_tokens=self._skip)
+    return text
 
 
 def train_bpe(
@@ -119,4 +135,37 @@ def train_bpe(
   )
   tok.save(str(directory / TOKENIZER))
   (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2) + "\n")
+  return Tokenizer(directory)
+
+
+def _byte_chars() -> list[str]:
+  """The printable character byte-level BPE (GPT-2, Llama 3) writes for each byte value 0..255: printable Latin-1
+  bytes stand for themselves, the others are moved, in order, to code points 256 and up."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
+def byte_tokenizer(directory: str | pathlib.Path, *, specials: Iterable[str] = ()) -> Tokenizer:
+  """A tokenizer whose id is the byte value (0..255) of UTF-8 text, for jstream's byte-level models exported with
+  ``jstream.weights.save``; ``specials`` take ids 256, 257, ... Writes ``tokenizer.json`` into ``directory``."""
+  from tokenizers import Tokenizer as _HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers
+
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  vocab = {c: i for i, c in enumerate(_byte_chars())}
+  tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = list(specials)
+  if specials:
+    tok.add_special_tokens(specials)
+  tok.save(str(directory / TOKENIZER))
   return Tokenizer(directory)
