@@ -9,5 +9,8 @@ except ImportError:  # pragma: no cover
 
 
 def is_concrete(x) -> bool:
-  """True for a value (array or Python scalar) that is not being traced by ``jit``/``scan``/``grad``."""
-  return not isinstance(x, Tracer)
+  """True for a value (array or Python scalar) that is not being traced by ``jit``/``scan``/``grad`` and that this
+  process can read (an array spread over other processes' devices cannot be: it is checked like a traced one)."""
+  if isinstance(x, Tracer):
+    return False
+  return getattr(x, "is_fully_addressable", True)

@@ -24,6 +24,14 @@ from jstream.ops import attention as attn_ops
 from jstream.typing import Array, ArrayLike, Float, Int, Logits, SegmentIds, TokenIds
 
 
+def _mesh_of(x) -> jax.sharding.Mesh | None:
+  """The mesh of an array placed with a ``NamedSharding`` over more than one device (``jstream.sharding``)."""
+  sh = getattr(x, "sharding", None)
+  if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
+    return sh.mesh
+  return None
+
+
 class StreamingTransformer(nnx.Module):
   """Decoder-only transformer with explicit KV caches.
 
@@ -96,9 +104,10 @@ class StreamingTransformer(nnx.Module):
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, start_position=0):
     """An empty cache for ``policy`` (``Dense``, ``Window``, ``SinkWindow``, ``Segmented``, ``Recompute``, or a
-    score-evicting ``H2O`` / ``SnapKV`` / ``AgeNormalized``)."""
+    score-evicting ``H2O`` / ``SnapKV`` / ``AgeNormalized``). For a model sharded with ``jstream.sharding`` a
+    ``KVCache`` comes placed on its mesh (``sharding.cache_shardings``)."""
     g = self.cache_geometry
-    return cache_lib.init(
+    cache = cache_lib.init(
       policy,
       num_layers=g.num_layers,
       batch_size=batch_size,
@@ -108,6 +117,12 @@ class StreamingTransformer(nnx.Module):
       start_position=start_position,
       stacked=g.stacked,
     )
+    mesh = _mesh_of(self.embed.embedding[...])
+    if mesh is not None and isinstance(cache, cache_lib.KVCache):  # a sharded model makes sharded caches
+      from jstream import sharding
+
+      cache = sharding.shard_cache(cache, mesh)
+    return cache
 
   # ------------------------------------------------------------------------------------------ helpers
 

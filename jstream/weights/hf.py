@@ -249,8 +249,8 @@ _TOP = {
 }
 
 
-def _hf_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
-  """Every tensor a checkpoint of ``cfg`` holds, with its shape."""
+def tensor_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor a Hugging Face checkpoint of ``cfg`` holds, with its shape."""
   d, f, h = cfg.embed_dim, cfg.mlp_dim, cfg.head_dim
   q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
   per = {
@@ -296,27 +296,28 @@ class _Reader:
           weight_map.update(dict.fromkeys(f.keys(), file.name))
     self.weight_map = {k: v for k, v in weight_map.items() if not _IGNORED.match(k)}
     self._open = lambda name: safe_open(directory / name, framework="numpy")
-    self._handles: dict = {}
 
   def get(self, name: str) -> np.ndarray:
+    """The tensor, copied out of its file. The file is opened (memory-mapped) for this read only: mapped pages
+    that stayed open would count in the process's RSS beside the imported parameters, doubling the peak."""
     if name not in self.weight_map:
       raise ValueError(f"checkpoint has no tensor {name!r} (the config.json implies it)")
-    file = self.weight_map[name]
-    if file not in self._handles:
-      self._handles[file] = self._open(file).__enter__()
-    return self._handles[file].get_tensor(name)
-
-  def close(self):
-    for h in self._handles.values():
-      h.__exit__(None, None, None)
-    self._handles.clear()
+    with self._open(self.weight_map[name]) as f:
+      return f.get_tensor(name)
 
 
 def _combine(parts: list[np.ndarray], how: str, dtype) -> np.ndarray:
+  """HF tensors -> one of our parameters: transposed (``"t"``) and joined along the last axis, in ``dtype``."""
   if how == "t":
     parts = [p.T for p in parts]
-  out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-  return np.asarray(out, dtype=dtype)
+  if len(parts) == 1:
+    return np.asarray(parts[0], dtype=dtype)
+  out = np.empty((*parts[0].shape[:-1], sum(p.shape[-1] for p in parts)), dtype)
+  start = 0
+  for p in parts:  # written in place: no concatenated copy beside the parts
+    out[..., start : start + p.shape[-1]] = p
+    start += p.shape[-1]
+  return out
 
 
 def _param_builder(cfg: TransformerConfig, get: Callable[[str], np.ndarray], dtype) -> Callable[[tuple], np.ndarray]:
@@ -375,32 +376,29 @@ def load(
   cfg, info = config_from_hf(hf, dtype=dtype, scan_layers=scan_layers, attention_impl=attention_impl)
   np_dtype = _DTYPES[cfg.param_dtype] if cfg.param_dtype in _DTYPES else np.dtype(cfg.param_dtype)
   reader = _Reader(directory)
-  try:
-    expected = _hf_shapes(cfg)
-    extra = sorted(set(reader.weight_map) - set(expected))
-    if extra:
-      raise ValueError(f"checkpoint tensors the config does not explain: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    seen: dict[str, tuple] = {}
+  expected = tensor_shapes(cfg)
+  extra = sorted(set(reader.weight_map) - set(expected))
+  if extra:
+    raise ValueError(f"checkpoint tensors the config does not explain: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  seen: dict[str, tuple] = {}
 
-    def get(name: str) -> np.ndarray:
-      value = reader.get(name)
-      if tuple(value.shape) != expected[name]:
-        raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the config implies {expected[name]}")
-      seen[name] = value.shape
-      return value
+  def get(name: str) -> np.ndarray:
+    value = reader.get(name)
+    if tuple(value.shape) != expected[name]:
+      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, the config implies {expected[name]}")
+    seen[name] = value.shape
+    return value
 
-    build = _param_builder(cfg, get, np_dtype)
-    abstract = nnx.eval_shape(lambda: StreamingTransformer(cfg, rngs=nnx.Rngs(0)))
-    flat = []
-    for path, var in nnx.to_flat_state(nnx.state(abstract)):
-      value = build(_path(path))
-      if value.shape != tuple(var.shape):  # pragma: no cover (the mapping and the module disagree)
-        raise AssertionError(f"{path}: built {value.shape}, the module holds {var.shape}")
-      flat.append((path, var.replace(jax.device_put(value))))
-      del value
-    nnx.update(abstract, nnx.from_flat_state(flat))
-  finally:
-    reader.close()
+  build = _param_builder(cfg, get, np_dtype)
+  abstract = nnx.eval_shape(lambda: StreamingTransformer(cfg, rngs=nnx.Rngs(0)))
+  flat = []
+  for path, var in nnx.to_flat_state(nnx.state(abstract)):
+    value = build(_path(path))
+    if value.shape != tuple(var.shape):  # pragma: no cover (the mapping and the module disagree)
+      raise AssertionError(f"{path}: built {value.shape}, the module holds {var.shape}")
+    flat.append((path, var.replace(jax.device_put(value))))
+    del value
+  nnx.update(abstract, nnx.from_flat_state(flat))
   missing = sorted(set(expected) - set(seen))
   if missing:  # pragma: no cover (every expected tensor is read by some parameter)
     raise AssertionError(f"tensors never read: {missing[:5]}")
@@ -519,7 +517,7 @@ def write_checkpoint(
   dtype = _DTYPES[cfg.param_dtype]
 
   def tensors():
-    for name, shape in _hf_shapes(cfg).items():
+    for name, shape in tensor_shapes(cfg).items():
       if name.endswith("norm.weight"):
         yield name, np.ones(shape, dtype)
       else:
@@ -548,5 +546,6 @@ __all__ = [
   "load",
   "parameter_bytes",
   "save",
+  "tensor_shapes",
   "write_checkpoint",
 ]
