@@ -54,6 +54,17 @@ def test_bench_needle_quick(in_tmp):
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
 
 
+def test_bench_speculative_quick(in_tmp):
+  assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec"]) == 0
+  res = json.loads((in_tmp / "spec" / "results.json").read_text())
+  (row,) = res["rows"]
+  assert row["k"] == 2 and row["batch"] == 2 and 0 <= row["acceptance"] <= 1
+  assert 1 <= row["tokens_per_call"] <= 3 and row["speedup"] > 0 and row["cost_ratio"] > 0
+  assert row["formula_tokens_per_call"] == pytest.approx(1 + row["acceptance"] + row["acceptance"] ** 2)
+  assert res["models"]["target"]["steps"] == res["models"]["draft"]["steps"] == 30
+  assert (in_tmp / "spec" / "speculative.png").exists()
+
+
 def test_bench_video_gen_quick(in_tmp):
   """The video generation benchmark end to end on the quick model: rollouts under both policies, the drift
   scores, the recompute comparison, the plot and the GIF."""
