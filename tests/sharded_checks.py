@@ -78,7 +78,57 @@ def main() -> dict:
     nll_s = rollout.stream_nll(sharded, sharding.shard_batch(tokens, mesh), policy, chunk_size=8)
     out[f"{tag}_stream_nll"] = diff(jnp.nan_to_num(nll_p), jnp.nan_to_num(nll_s))
   out.update(train_step(mesh))
+  out.update(train_loop())
   return out
+
+
+class Batches:
+  """Random text batches ``[8, 33]`` with the iterator state ``train`` checkpoints."""
+
+  def __init__(self):
+    self.i = 0
+
+  def __next__(self):
+    self.i += 1
+    return np.random.default_rng(self.i).integers(0, 256, (8, 33)).astype(np.int32)
+
+  def get_state(self):
+    return {"i": self.i}
+
+  def set_state(self, state):
+    self.i = int(state["i"])
+
+
+def train_loop() -> dict:
+  """``jstream.train.train`` with ``TrainConfig.mesh = (4, 2)`` against the same run on one device."""
+  import tempfile
+
+  from jstream.train import config as train_config
+  from jstream.train.loop import train
+
+  results = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for mesh in (None, (4, 2)):
+      cfg = train_config.TrainConfig(
+        model=TransformerConfig(vocab_size=257, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64),
+        batch_size=8,
+        seq_len=32,
+        steps=3,
+        warmup_steps=1,
+        checkpoint_every=3,
+        workdir=f"{tmp}/{mesh}",
+        mesh=mesh,
+      )
+      res = train(cfg, data=Batches(), progress=False)
+      results[mesh] = (nnx.state(res.model), [m["loss"] for m in res.metrics])
+  (p_plain, l_plain), (p_mesh, l_mesh) = results[None], results[(4, 2)]
+  leaf = jax.tree.leaves(p_mesh)[0]
+  return {
+    "loop_params": diff(p_plain, p_mesh),
+    "loop_losses": float(np.abs(np.subtract(l_plain, l_mesh)).max()),
+    "loop_steps": len(l_mesh),
+    "loop_param_devices": len(leaf.sharding.device_set),
+  }
 
 
 def train_step(mesh) -> dict:
@@ -87,8 +137,12 @@ def train_step(mesh) -> dict:
 
   cfg = train_config.TrainConfig(
     model=TransformerConfig(vocab_size=257, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64),
-    batch_size=8, seq_len=32, steps=3, warmup_steps=1, workdir="unused",
-  )  # fmt: skip
+    batch_size=8,
+    seq_len=32,
+    steps=3,
+    warmup_steps=1,
+    workdir="unused",
+  )
   graphdef, optimizer, state = init_state(cfg)
   step = make_train_step(graphdef, optimizer, cfg)
   batches = [jnp.asarray(np.random.default_rng(i).integers(0, 256, (8, 33)), jnp.int32) for i in range(3)]

@@ -60,6 +60,12 @@ def test_sharded_training_steps_equal_unsharded(checks):
   assert checks["train_moment_specs"] == [str(P(None, None, "model"))]  # AdamW moments split like gate_up
 
 
+def test_the_training_loop_runs_sharded_from_the_config(checks):
+  """``TrainConfig.mesh = (4, 2)``: ``jstream.train.train`` shards its state and batches; same numbers."""
+  assert checks["loop_param_devices"] == 8
+  assert checks["loop_params"] < TOL and checks["loop_losses"] < TOL
+
+
 def test_specs_fall_back_to_replication_when_a_mesh_axis_does_not_divide():
   mesh = sharding.make_mesh(data=1, model=1)
   assert sharding.param_spec(("blocks", "mlp", "gate_up", "kernel"), (2, 8, 16), mesh) == P(None, None, "model")
@@ -81,3 +87,17 @@ def test_make_mesh_checks_the_device_count():
     sharding.make_mesh(data=n + 1)
   assert sharding.make_mesh().devices.shape == (n, 1)
   assert np.asarray(sharding.make_mesh().axis_names).tolist() == ["data", "model"]
+
+
+def test_train_config_mesh_parses_and_validates():
+  from jstream.train import TrainConfig, load_config
+  from jstream.train.checkpoint import RESUMABLE_FIELDS
+
+  cfg = load_config(f"{HERE.parent}/configs/lm_tiny.py:quick,mesh=4;2")
+  assert cfg.mesh == (4, 2)
+  assert TrainConfig.from_dict(json.loads(cfg.to_json())).mesh == (4, 2)  # (JSON stores a list)
+  assert "mesh" in RESUMABLE_FIELDS  # sharding does not change the numbers: a run may resume under another mesh
+  with pytest.raises(ValueError, match="two positive ints"):
+    load_config(f"{HERE.parent}/configs/lm_tiny.py:quick,mesh=4;2;1")
+  with pytest.raises((TypeError, ValueError), match="mesh"):
+    load_config(f"{HERE.parent}/configs/lm_tiny.py:quick,mesh=four;2")

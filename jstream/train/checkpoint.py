@@ -21,8 +21,9 @@ from jstream.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-# Fields that may change between a run and its resumption (the length of the run and how it is logged).
-RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir"})
+# Fields that may change between a run and its resumption (the length of the run, how it is logged, the device
+# mesh it is sharded over).
+RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "mesh"})
 
 
 __all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_config"]

@@ -314,6 +314,9 @@ class TrainConfig:
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
       (``jstream.data.text.plant_needle``): the associative recall that ``jstream bench needle`` asks for.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
+    mesh: ``(data, model)``: shard the run over a device mesh (``jstream.sharding``: parameters and optimizer
+      state by the model axis, batches by the data axis); None: one device. The numbers do not change, so a run
+      may resume under another mesh. Command line: ``mesh=4;2``.
   """
 
   model: TransformerConfig
@@ -341,6 +344,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   workdir: str = "runs/lm_tiny"
+  mesh: tuple[int, ...] | None = None
 
   # Short names accepted by command-line overrides (``configs/lm_tiny.py:quick,window=512``).
   ALIASES: ClassVar[dict[str, str]] = {"window": "train_window", "sinks": "train_sinks"}
@@ -360,6 +364,14 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.needles must be a probability in [0, 1], got {self.needles}")
     if self.needles and self.overlap:
       raise ValueError("TrainConfig.needles applies to random windows, not to overlapped chunks (overlap)")
+    if self.mesh is not None:
+      try:
+        mesh = tuple(int(x) for x in self.mesh)
+      except (TypeError, ValueError):
+        raise ValueError(f"TrainConfig.mesh must be (data, model) ints, got {self.mesh!r}") from None
+      if len(mesh) != 2 or min(mesh) < 1:
+        raise ValueError(f"TrainConfig.mesh must be two positive ints (data, model), got {self.mesh!r}")
+      object.__setattr__(self, "mesh", mesh)
     if self.sink_token and self.model.vocab_size < 2:
       raise ValueError("sink_token needs a vocabulary with a spare id")
     if self.data not in ("text", "video_qa", "video_gen"):
@@ -410,6 +422,8 @@ class TrainConfig:
     if d.get("generation") is not None:  # JSON stores tuples as lists
       d["generation"] = VideoGenTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["generation"].items()})
     d["corpus"] = tuple(d.get("corpus", ()))
+    if d.get("mesh") is not None:
+      d["mesh"] = tuple(d["mesh"])
     return cls(**d)
 
 
@@ -432,7 +446,8 @@ def _coerce(key: str, text: str, current: Any, annotation) -> Any:
       raise ValueError
     if target is tuple or typing.get_origin(target) is tuple:
       items = [p for p in text.split(";") if p]
-      args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+      tup = next((k for k in kinds if typing.get_origin(k) is tuple), annotation)  # the tuple member of a union
+      args = [a for a in typing.get_args(tup) if a is not Ellipsis]
       elem = args[0] if len(args) == 1 and args[0] in (int, float, str) else str
       return tuple(elem(p) for p in items)
     if target is int:

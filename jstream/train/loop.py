@@ -338,6 +338,12 @@ def train(
   if restored is not None:
     resumed_from, state, data_state = restored
     data.set_state(data_state)
+  mesh = None
+  if cfg.mesh is not None:
+    from jstream import sharding
+
+    mesh = sharding.make_mesh(*cfg.mesh)
+    state = sharding.shard_train_state(state, mesh)
   step_fn = make_train_step(graphdef, optimizer, cfg)
   encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
@@ -354,6 +360,8 @@ def train(
   t_log, s_log = t0, start
   for step in range(start, end):
     batch = _device_batch(cfg, next(data))
+    if mesh is not None:
+      batch = sharding.shard_batch(batch, mesh)
     state, metrics = (encoder_fn if step < encoder_steps else step_fn)(state, batch)
     done = step + 1
     if done % cfg.log_every == 0 or done == end:
