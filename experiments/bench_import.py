@@ -46,7 +46,7 @@ import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import jstream
 from jstream import weights
-from jstream.process_memory import rss_mib
+from jstream.process_memory import rss_mib, tree_bytes
 base = rss_mib()[1]  # /proc's VmHWM: this process's own peak (getrusage's survives exec: the parent's)
 t0 = time.perf_counter()
 model, info = weights.load(sys.argv[1], scan_layers=sys.argv[2] == "stacked")
@@ -56,7 +56,7 @@ seconds = time.perf_counter() - t0
 peak = rss_mib()[1]
 logits = model.forward(jnp.arange(8, dtype=jnp.int32)[None])
 print(json.dumps(dict(seconds=seconds, rss_base_mib=base, peak_rss_mib=peak,
-                      param_mib=weights.hf.parameter_bytes(model) / 2**20,
+                      param_mib=tree_bytes(nnx.state(model, nnx.Param)) / 2**20,
                       finite=bool(np.isfinite(np.asarray(logits, np.float32)).all()))))
 """
 

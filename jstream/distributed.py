@@ -82,23 +82,35 @@ def check(seed: int = 0, rows_per_device: int = 1, length: int = 48) -> dict:
   mean NLL gathered to every process, with the run's shape."""
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
   from jax.experimental import multihost_utils
 
-  import jstream
-  from jstream import cache, rollout, sharding
+  from jstream import rollout, sharding
 
-  cfg = jstream.TransformerConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64)
   mesh = sharding.make_mesh(model=1)  # every device of every process on the data axis
-  model = sharding.shard_model(jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(seed)), mesh)
+  model = sharding.shard_model(check_model(seed), mesh)
   rows = rows_per_device * jax.device_count()
-  tokens = check_tokens(seed, rows, length)
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-  local = jax.make_array_from_callback(tokens.shape, spec, lambda idx: tokens[idx])
-  nll = rollout.stream_nll(model, local, cache.SinkWindow(2, 16, positions="cache_relative"), chunk_size=8)
+  tokens = sharding.shard_batch(check_tokens(seed, rows, length), mesh)  # (the same rows in every process)
+  nll = rollout.stream_nll(model, tokens, check_policy(), chunk_size=8)
   per_row = jnp.nanmean(nll, axis=1)
   gathered = multihost_utils.process_allgather(per_row, tiled=True)
   return dict(describe(), rows=rows, mean_nll=np.asarray(gathered, np.float64).tolist())
+
+
+def check_model(seed: int):
+  """The small model of ``check`` (the same in every process, and in a single-process reference)."""
+  from flax import nnx
+
+  import jstream
+
+  cfg = jstream.TransformerConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64)
+  return jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def check_policy():
+  """The cache policy of ``check``: sinks + window, positions inside the cache."""
+  from jstream import cache
+
+  return cache.SinkWindow(2, 16, positions="cache_relative")
 
 
 def check_tokens(seed: int, rows: int, length: int):

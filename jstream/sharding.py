@@ -16,7 +16,6 @@ numbers equal the unsharded run's up to float reassociation (tested on 8 simulat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -41,13 +40,15 @@ def make_mesh(data: int | None = None, model: int = 1, devices: Sequence | None 
   return Mesh(np.asarray(devices[: data * model], dtype=object).reshape(data, model), (DATA, MODEL))
 
 
-def _fit(mesh: Mesh, shape: Sequence[int], spec: Sequence) -> P:
+def mesh_of(x) -> Mesh | None:
+  """The mesh of an array placed with a ``NamedSharding`` over more than one device, else None."""
+  sh = getattr(x, "sharding", None)
+  return sh.mesh if isinstance(sh, NamedSharding) and sh.mesh.size > 1 else None
+
+
+def _fit(mesh: Mesh, shape: Sequence[int], spec: Sequence[str | None]) -> P:
   """``spec`` with every mesh axis that does not divide its dimension replaced by None (replicated)."""
-  out = []
-  for dim, axis in zip(shape, spec, strict=True):
-    size = 1 if axis is None else math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
-    out.append(axis if axis is not None and dim % size == 0 else None)
-  return P(*out)
+  return P(*(axis if axis is not None and dim % mesh.shape[axis] == 0 else None for dim, axis in zip(shape, spec)))
 
 
 # Parameter rules: the last path names -> the spec of the parameter's own (unstacked) axes.
@@ -115,8 +116,14 @@ def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     return tuple(buf(a, 0) for a in x) if isinstance(x, tuple) else buf(x, 1)
 
   rows = lambda a: NamedSharding(mesh, _fit(mesh, a.shape, (DATA,) + (None,) * (a.ndim - 1)))
-  return KVCache(kv(cache.k), kv(cache.v), rows(cache.idx), rows(cache.pos), rows(cache.count), rows(cache.next_pos),
-                 cache.policy)  # fmt: skip
+  return cache.replace(
+    k=kv(cache.k),
+    v=kv(cache.v),
+    idx=rows(cache.idx),
+    pos=rows(cache.pos),
+    count=rows(cache.count),
+    next_pos=rows(cache.next_pos),
+  )
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
@@ -146,6 +153,7 @@ __all__ = [
   "bytes_per_device",
   "cache_shardings",
   "make_mesh",
+  "mesh_of",
   "param_spec",
   "shard_batch",
   "shard_cache",

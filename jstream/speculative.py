@@ -89,7 +89,7 @@ def _probs(logits: Array, sampling: Sampling) -> Array:
   return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
-def _check(target, draft, prompt, max_new_tokens, num_draft, policy, draft_policy) -> None:
+def _check(target, draft, max_new_tokens, num_draft, policy, draft_policy) -> None:
   if not isinstance(num_draft, (int, np.integer)) or isinstance(num_draft, bool) or num_draft < 1:
     raise ValueError(f"num_draft must be a positive int, got {num_draft!r}")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -107,8 +107,6 @@ def _check(target, draft, prompt, max_new_tokens, num_draft, policy, draft_polic
       )
     if num_draft + 1 > pol.capacity:
       raise ValueError(f"{name} {pol} holds {pol.capacity} tokens, fewer than a verification chunk ({num_draft + 1})")
-  if prompt.shape[1] < 1:
-    raise ValueError("the prompt must hold at least one token per row")
 
 
 def generate(
@@ -150,7 +148,7 @@ def generate(
   """
   draft_policy = policy if draft_policy is None else draft_policy
   prompt = target.check_tokens(prompt, "prompt")
-  _check(target, draft, prompt, max_new_tokens, num_draft, policy, draft_policy)
+  _check(target, draft, max_new_tokens, num_draft, policy, draft_policy)
   sampling = Sampling(temperature, top_k, top_p)
   b, p = prompt.shape
   lengths = jnp.full((b,), p, jnp.int32) if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)

@@ -103,22 +103,12 @@ def train_loop() -> dict:
   """``jstream.train.train`` with ``TrainConfig.mesh = (4, 2)`` against the same run on one device."""
   import tempfile
 
-  from jstream.train import config as train_config
   from jstream.train.loop import train
 
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for mesh in (None, (4, 2)):
-      cfg = train_config.TrainConfig(
-        model=TransformerConfig(vocab_size=257, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64),
-        batch_size=8,
-        seq_len=32,
-        steps=3,
-        warmup_steps=1,
-        checkpoint_every=3,
-        workdir=f"{tmp}/{mesh}",
-        mesh=mesh,
-      )
+      cfg = _train_config(checkpoint_every=3, workdir=f"{tmp}/{mesh}", mesh=mesh)
       res = train(cfg, data=Batches(), progress=False)
       results[mesh] = (nnx.state(res.model), [m["loss"] for m in res.metrics])
   (p_plain, l_plain), (p_mesh, l_mesh) = results[None], results[(4, 2)]
@@ -131,18 +121,18 @@ def train_loop() -> dict:
   }
 
 
+def _train_config(**kw):
+  """The small text run that both training checks use (3 steps of batch 8 x 32 tokens)."""
+  from jstream.train.config import TrainConfig
+
+  model = TransformerConfig(vocab_size=257, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64)
+  return TrainConfig(model=model, batch_size=8, seq_len=32, steps=3, warmup_steps=1, **{"workdir": "unused", **kw})
+
+
 def train_step(mesh) -> dict:
-  from jstream.train import config as train_config
   from jstream.train.loop import init_state, make_train_step
 
-  cfg = train_config.TrainConfig(
-    model=TransformerConfig(vocab_size=257, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64),
-    batch_size=8,
-    seq_len=32,
-    steps=3,
-    warmup_steps=1,
-    workdir="unused",
-  )
+  cfg = _train_config()
   graphdef, optimizer, state = init_state(cfg)
   step = make_train_step(graphdef, optimizer, cfg)
   batches = [jnp.asarray(np.random.default_rng(i).integers(0, 256, (8, 33)), jnp.int32) for i in range(3)]

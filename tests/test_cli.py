@@ -54,6 +54,16 @@ def test_bench_needle_quick(in_tmp):
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
 
 
+def test_bench_import_quick(in_tmp):
+  assert cli.main(["bench", "import", "--quick", "--out", "imp"]) == 0
+  res = json.loads((in_tmp / "imp" / "results.json").read_text())
+  assert [r["layout"] for r in res["rows"]] == ["stacked", "per_layer"] and res["parameters"] > 0
+  for r in res["rows"]:
+    assert r["finite"] and r["seconds"] > 0 and r["param_mib"] == pytest.approx(res["checkpoint_mib"], rel=1e-3)
+    assert r["peak_rss_mib"] >= r["rss_base_mib"] + r["param_mib"] * 0.9  # the child's own peak holds the model
+  assert not (in_tmp / "imp" / "checkpoint").exists()  # removed unless --keep
+
+
 def test_bench_speculative_quick(in_tmp):
   assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec"]) == 0
   res = json.loads((in_tmp / "spec" / "results.json").read_text())

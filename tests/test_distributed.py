@@ -12,10 +12,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import jstream
-from jstream import cache, distributed, rollout
+from jstream import distributed, rollout
 
 COMMAND = [sys.executable, "-m", "jstream.distributed"]
 
@@ -66,12 +64,8 @@ def test_two_processes_agree_with_one(tmp_path):
   res = json.loads(reports[0][0])
   assert (res["process_count"], res["global_devices"], res["local_devices"], res["rows"]) == (2, 4, 2, 4)
   # The single-process reference: the same model and rows, no mesh.
-  cfg = jstream.TransformerConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, mlp_dim=64)
-  model = jstream.StreamingTransformer(cfg, rngs=nnx.Rngs(3))
-  tokens = distributed.check_tokens(3, 4, 48)
-  nll = rollout.stream_nll(
-    model, jnp.asarray(tokens), cache.SinkWindow(2, 16, positions="cache_relative"), chunk_size=8
-  )
+  tokens = jnp.asarray(distributed.check_tokens(3, 4, 48))
+  nll = rollout.stream_nll(distributed.check_model(3), tokens, distributed.check_policy(), chunk_size=8)
   want = np.nanmean(np.asarray(nll, np.float64), axis=1)
   np.testing.assert_allclose(res["mean_nll"], want, atol=1e-5, rtol=0)
   assert np.ptp(want) > 1e-3  # rows differ: a mix-up of rows across processes would show

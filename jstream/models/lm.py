@@ -16,20 +16,13 @@ import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream import sharding
 from jstream._compat import is_concrete as _is_concrete
 from jstream.config import TransformerConfig
 from jstream.nn import cached_attention
 from jstream.nn.layers import Block, Modulation, RMSNorm, check_cond, modulate
 from jstream.ops import attention as attn_ops
 from jstream.typing import Array, ArrayLike, Float, Int, Logits, SegmentIds, TokenIds
-
-
-def _mesh_of(x) -> jax.sharding.Mesh | None:
-  """The mesh of an array placed with a ``NamedSharding`` over more than one device (``jstream.sharding``)."""
-  sh = getattr(x, "sharding", None)
-  if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
-    return sh.mesh
-  return None
 
 
 class StreamingTransformer(nnx.Module):
@@ -117,10 +110,8 @@ class StreamingTransformer(nnx.Module):
       start_position=start_position,
       stacked=g.stacked,
     )
-    mesh = _mesh_of(self.embed.embedding[...])
+    mesh = sharding.mesh_of(self.embed.embedding[...])
     if mesh is not None and isinstance(cache, cache_lib.KVCache):  # a sharded model makes sharded caches
-      from jstream import sharding
-
       cache = sharding.shard_cache(cache, mesh)
     return cache
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -532,11 +531,6 @@ def checkpoint_bytes(directory: str | pathlib.Path) -> int:
   return sum(p.stat().st_size for p in pathlib.Path(directory).glob("*.safetensors"))
 
 
-def parameter_bytes(model: StreamingTransformer) -> int:
-  """Bytes of the model's parameters."""
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 __all__ = [
   "ARCHITECTURES",
   "HFInfo",
@@ -544,7 +538,6 @@ __all__ = [
   "config_from_hf",
   "config_to_hf",
   "load",
-  "parameter_bytes",
   "save",
   "tensor_shapes",
   "write_checkpoint",
