@@ -85,12 +85,15 @@ class StreamDecoder:
   (``""`` while a character is incomplete), ``flush`` what is still held back, at the end of a stream."""
 
   def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-    from tokenizers.decoders import DecodeStream
-
     self._tok = tokenizer._tok
     self._skip = skip_special_tokens
-    self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-    self._pending: list[int] = []
+    self._restart()
+
+  def _restart(self) -> None:
+    from tokenizers.decoders import DecodeStream
+
+    self._stream = DecodeStream(skip_special_tokens=self._skip)
+    self._pending: list[int] = []  # ids since the last emitted piece
 
   def step(self, token_id: int | np.integer) -> str:
     self._pending.append(int(token_id))
@@ -102,10 +105,7 @@ class StreamDecoder:
   def flush(self) -> str:
     """The held-back ids' text, incomplete characters replaced (U+FFFD); the decoder starts afresh."""
     text = self._tok.decode(self._pending, skip_special_tokens=self._skip) if self._pending else ""
-    self._pending.clear()
-    from tokenizers.decoders import DecodeStream
-
-    self._stream = DecodeStream(skip_special_tokens=self._skip)
+    self._restart()
     return text
 
 
@@ -141,15 +141,9 @@ def train_bpe(
 def _byte_chars() -> list[str]:
   """The printable character byte-level BPE (GPT-2, Llama 3) writes for each byte value 0..255: printable Latin-1
   bytes stand for themselves, the others are moved, in order, to code points 256 and up."""
-  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
+  keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+  moved = iter(range(256, 512))
+  return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
 
 
 def byte_tokenizer(directory: str | pathlib.Path, *, specials: Iterable[str] = ()) -> Tokenizer:
