@@ -235,7 +235,8 @@ def prefill(
   *,
   chunk_size: int | None = None,
   lengths: Int[ArrayLike, " b"] | None = None,
-) -> tuple[Float[Array, "b v"], cache_lib.Cache]:
+  return_features: bool = False,
+) -> tuple[Float[Array, "b v"], cache_lib.Cache] | tuple[Float[Array, "b v"], cache_lib.Cache, Float[Array, "b d"]]:
   """Runs a prompt through the cache in chunks (one compiled scan).
 
   Args:
@@ -244,9 +245,11 @@ def prefill(
     cache: the cache (donated).
     chunk_size: tokens per step (default: the whole prompt, if it fits the cache).
     lengths: optional ``[b]`` prompt length of each row (ragged prompts; the rest is padding).
+    return_features: also return the final features after each row's last prompt token (a ``KVCache`` only).
 
   Returns:
-    ``(last_logits [b, v], cache)``: the logits after each row's last prompt token.
+    ``(last_logits [b, v], cache)``: the logits after each row's last prompt token (``(last_logits, cache,
+    last_features [b, d])`` with ``return_features``).
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   b, p = tokens.shape
@@ -255,30 +258,38 @@ def prefill(
     raise ValueError(f"chunk_size {chunk} is larger than the cache capacity {cache.capacity}")
   _check_absolute_room(cache, p + (-p) % chunk)
   lengths = jnp.full((b,), p, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  if return_features and not isinstance(cache, cache_lib.KVCache):
+    raise TypeError(f"return_features needs a KVCache, got {type(cache).__name__}")
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, tokens, lengths, cache, chunk)
+  last, cache, features = _prefill(graphdef, state, tokens, lengths, cache, chunk, bool(return_features))
+  return (last, cache, features) if return_features else (last, cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
-def _prefill(graphdef, state, tokens, lengths, cache, chunk):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(4,))
+def _prefill(graphdef, state, tokens, lengths, cache, chunk, with_features):
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   segs = jnp.where(jnp.arange(p)[None] < lengths[:, None], 0, -1).astype(jnp.int32)
   offsets = jnp.arange(0, p + (-p) % chunk, chunk)
   xs = (_chunked(tokens, chunk, 0), _chunked(segs, chunk, -1), offsets)
-  last0 = jnp.zeros((b, model.config.vocab_size), jnp.float32)
+  d = model.config.embed_dim if with_features else 0
+  last0 = (jnp.zeros((b, model.config.vocab_size), jnp.float32), jnp.zeros((b, d), jnp.float32))
 
   def step(carry, x):
     cache, last = carry
     tok, seg, off = x
-    logits, cache = model(tok, cache, segment_ids=seg)
+    if with_features:
+      logits, cache, feats = model.extend(tok, cache, segment_ids=seg, return_features=True)
+    else:
+      (logits, cache), feats = model(tok, cache, segment_ids=seg), jnp.zeros((b, chunk, 0))
     idx = lengths - 1 - off  # row's last prompt token inside this chunk?
     here = (idx >= 0) & (idx < chunk)
-    pick = jnp.take_along_axis(logits, jnp.clip(idx, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
-    return (cache, jnp.where(here[:, None], pick, last)), None
+    at = jnp.clip(idx, 0, chunk - 1)[:, None, None]
+    pick = [jnp.take_along_axis(a.astype(jnp.float32), at, axis=1)[:, 0] for a in (logits, feats)]
+    return (cache, tuple(jnp.where(here[:, None], new, old) for new, old in zip(pick, last))), None
 
-  (cache, last), _ = jax.lax.scan(step, (cache, last0), xs)
-  return last, cache
+  (cache, (last, features)), _ = jax.lax.scan(step, (cache, last0), xs)
+  return last, cache, features
 
 
 class Decoder:

@@ -141,15 +141,24 @@ class StreamingTransformer(nnx.Module):
     bad = (tokens < 0) | (tokens >= self.config.vocab_size)
     return jnp.where(bad[..., None], jnp.nan, x)
 
-  def _head(self, x: Float[Array, "b t d"], cond: Float[Array, "b t c"] | None = None) -> Logits:
+  def _features(self, x: Float[Array, "b t d"], cond: Float[Array, "b t c"] | None = None) -> Float[Array, "b t d"]:
+    """The last block's output, normalised (and modulated, in a conditioned model): the unembedding's input."""
     x = self.final_norm(x)
     if cond is not None:
       x = modulate(x, *self.final_modulation(cond))
+    return x
+
+  def unembed(self, features: Float[Array, "b t d"]) -> Logits:
+    """Float32 logits of final features (``return_features`` of ``forward`` / ``extend``): the output head, or the
+    embedding's transpose when tied."""
     if self.config.tie_embeddings:
-      logits = self.embed.attend(x)
+      logits = self.embed.attend(features)
     else:
-      logits = self.lm_head(x)
+      logits = self.lm_head(features)
     return logits.astype(jnp.float32)
+
+  def _head(self, x: Float[Array, "b t d"], cond: Float[Array, "b t c"] | None = None) -> Logits:
+    return self.unembed(self._features(x, cond))
 
   def _scan_blocks(self, x: Array, carry, body):
     """Runs ``body(block, layer, x, carry) -> (x, carry, y)`` over the blocks; returns ``(x, carry, ys)`` with the
@@ -253,15 +262,17 @@ class StreamingTransformer(nnx.Module):
     *,
     segment_ids: SegmentIds = None,
     groups: Int[Array, "b t"] | None = None,
-  ) -> tuple[Logits, cache_lib.Cache]:
+    return_features: bool = False,
+  ) -> tuple[Logits, cache_lib.Cache] | tuple[Logits, cache_lib.Cache, Float[Array, "b t d"]]:
     """Runs a chunk of checked int32 ``tokens [b, t]`` against a ``KVCache``: what ``model(tokens, cache)`` does
     for KV caches (through ``KVCache.step``). Same arguments and results as ``__call__``, which checks them, plus
-    ``groups`` (see ``extend_embeddings``).
+    ``groups`` and ``return_features`` (see ``extend_embeddings``).
 
     A single token (``t == 1``, decode) takes a read-only path: every layer reads the cache as it was, and the
     keys and values of all layers are written after the last one (``jstream.nn.cached_attention``).
     """
-    return self.extend_embeddings(self.embed_tokens(tokens), cache, segment_ids=segment_ids, groups=groups)
+    x = self.embed_tokens(tokens)
+    return self.extend_embeddings(x, cache, segment_ids=segment_ids, groups=groups, return_features=return_features)
 
   def extend_embeddings(
     self,
@@ -272,7 +283,8 @@ class StreamingTransformer(nnx.Module):
     groups: Int[Array, "b t"] | None = None,
     extra_attention=None,
     cond: Float[Array, "b t c"] | None = None,
-  ) -> tuple[Logits, cache_lib.Cache]:
+    return_features: bool = False,
+  ) -> tuple[Logits, cache_lib.Cache] | tuple[Logits, cache_lib.Cache, Float[Array, "b t d"]]:
     """Runs input embeddings ``x [b, t, d]`` (token embeddings, or the patch tokens of a video frame from an
     encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``. A cache that wraps a
     ``KVCache`` (``jstream.memory.MemoryCache``) runs the chunk through its own ``extend_embeddings``.
@@ -292,8 +304,12 @@ class StreamingTransformer(nnx.Module):
         ``jstream.cache.Plan``; ``layer`` is traced under ``scan_layers``.
       cond: ``[b, t, cond_dim]``, the per-token conditioning of a conditioned model (``TransformerConfig.cond_dim``;
         required there, refused otherwise).
+      return_features: also return the final features ``[b, t, d]`` (the unembedding's input, in the compute
+        dtype): ``(logits, cache, features)``. Extra heads read them (``jstream.speculative.DraftHeads``).
     """
     if not isinstance(cache, cache_lib.KVCache):
+      if return_features:
+        raise TypeError(f"return_features needs a KVCache, got {type(cache).__name__}")
       if extra_attention is None and cond is None and hasattr(cache, "extend_embeddings"):
         return cache.extend_embeddings(self, x, segment_ids=segment_ids, groups=groups)
       raise TypeError(f"extend_embeddings takes a KVCache (or a cache that wraps one), got {type(cache).__name__}")
@@ -314,17 +330,16 @@ class StreamingTransformer(nnx.Module):
       parts = [p for p in (attn.sink_part(q), extra_attention and extra_attention(plan, layer, q)) if p is not None]
       return attn_ops.merge(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
-    if ctx.read_only:
-      logits, kbuf, vbuf = self._token_step(x, ctx, kbuf, vbuf, sinks, cond)
-    else:
-      logits, kbuf, vbuf = self._chunk_step(x, ctx, kbuf, vbuf, sinks, cond)
-    logits = jnp.where(plan.poison[:, None, None], jnp.nan, logits)
+    step = self._token_step if ctx.read_only else self._chunk_step
+    features, kbuf, vbuf = step(x, ctx, kbuf, vbuf, sinks, cond)
+    logits = jnp.where(plan.poison[:, None, None], jnp.nan, self.unembed(features))
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
         f"stream overran the cache policy {cache.policy} (a Dense cache past max_len, or absolute positions "
         "past 2**31 - 1); use a larger cache, a sliding-window policy or positions='cache_relative'"
       )
-    return logits, plan.after.replace(k=kbuf, v=vbuf)
+    cache = plan.after.replace(k=kbuf, v=vbuf)
+    return (logits, cache, features) if return_features else (logits, cache)
 
   def _chunk_step(self, x, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
@@ -340,7 +355,7 @@ class StreamingTransformer(nnx.Module):
       return x, bufs, None
 
     x, (kbuf, vbuf), _ = self._scan_blocks(x, (kbuf, vbuf), body)
-    return self._head(x, cond), kbuf, vbuf
+    return self._features(x, cond), kbuf, vbuf
 
   def _token_step(self, x0, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
@@ -357,19 +372,19 @@ class StreamingTransformer(nnx.Module):
         return x, carry, written
 
       x, _, (ks, vs, outs) = self._scan_blocks(x0, None, body)
-      return self._head(x, cond), ks, vs, outs
+      return self._features(x, cond), ks, vs, outs
 
     if cached_attention.value_guard() == "check":
-      logits, ks, vs, outs = forward(mask_values=False)
-      logits, ks, vs = jax.lax.cond(
+      features, ks, vs, outs = forward(mask_values=False)
+      features, ks, vs = jax.lax.cond(
         jnp.all(jnp.isfinite(outs)),
-        lambda: (logits, ks, vs),
+        lambda: (features, ks, vs),
         lambda: forward(mask_values=True)[:3],
       )
     else:
-      logits, ks, vs, _ = forward(mask_values=True)
-    kbuf, vbuf = cached_attention.write_token(ctx, kbuf, vbuf, ks, vs, after=logits)
-    return logits, kbuf, vbuf
+      features, ks, vs, _ = forward(mask_values=True)
+    kbuf, vbuf = cached_attention.write_token(ctx, kbuf, vbuf, ks, vs, after=features)
+    return features, kbuf, vbuf
 
   def forward(
     self,
@@ -378,19 +393,27 @@ class StreamingTransformer(nnx.Module):
     positions: Int[ArrayLike, "b t"] | None = None,
     window: int | None = None,
     num_sinks: int = 0,
-  ) -> Logits:
+    return_features: bool = False,
+  ) -> Logits | tuple[Logits, Float[Array, "b n d"]]:
     """Offline teacher-forced forward with the mask a policy implies (the reference streaming must equal).
 
     Args:
       tokens: ``[b, n]`` token ids.
       positions: ``[b, n]`` int32 positions (default ``0..n-1``; -1 = padding).
       window, num_sinks: the banded mask (see ``jstream.ops.attention``).
+      return_features: also return the final features ``[b, n, d]`` (the unembedding's input).
 
     Returns:
-      ``[b, n, v]`` float32 logits.
+      ``[b, n, v]`` float32 logits (and the features).
     """
     tokens = self.check_tokens(tokens)
-    return self.forward_embeddings(self.embed_tokens(tokens), positions=positions, window=window, num_sinks=num_sinks)
+    return self.forward_embeddings(
+      self.embed_tokens(tokens),
+      positions=positions,
+      window=window,
+      num_sinks=num_sinks,
+      return_features=return_features,
+    )
 
   def forward_embeddings(
     self,
@@ -402,7 +425,8 @@ class StreamingTransformer(nnx.Module):
     policy: cache_lib.Policy | None = None,
     segment_ids: Int[ArrayLike, "b t"] | None = None,
     cond: Float[Array, "b t c"] | None = None,
-  ) -> Logits:
+    return_features: bool = False,
+  ) -> Logits | tuple[Logits, Float[Array, "b t d"]]:
     """``forward`` of input embeddings ``x [b, n, d]`` (see ``extend_embeddings``). Tokens that share a position
     see each other: with the positions a ``Dense`` stream's groups imply, this is that stream offline.
 
@@ -412,6 +436,7 @@ class StreamingTransformer(nnx.Module):
     (StreamingVLM). ``Dense``, ``Window``, ``SinkWindow`` or ``Segmented`` of them, ``absolute`` positions.
 
     ``cond``: ``[b, n, cond_dim]`` per-token conditioning of a conditioned model (see ``extend_embeddings``).
+    ``return_features``: return ``(logits, features [b, n, d])``, the features being the unembedding's input.
     """
     b, n = x.shape[:2]
     if x.shape[-1] != self.config.embed_dim:
@@ -467,4 +492,6 @@ class StreamingTransformer(nnx.Module):
       return x, carry, None
 
     x, _, _ = self._scan_blocks(x.astype(cfg.dtype), None, body)
-    return self._head(x, cond)
+    features = self._features(x, cond)
+    logits = self.unembed(features)
+    return (logits, features) if return_features else logits

@@ -352,7 +352,7 @@ def write_token(
     ctx: the single-token context.
     kbuf, vbuf: the cache buffers.
     ks, vs: ``[l, b, 1, k, h]`` each layer's key (rotated, from ``attend``) and value.
-    after: an array computed from every layer's attention (the logits): the writes are ordered after it.
+    after: an array computed from every layer's attention (the final features): the writes are ordered after it.
 
   Returns:
     ``(kbuf, vbuf)``.

@@ -290,6 +290,28 @@ class VideoGenTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class DraftHeadsTask:
+  """Training extra prediction heads (``jstream.speculative.DraftHeads``, Medusa-1) on a trained text LM that
+  stays frozen (``TrainConfig.draft_heads``).
+
+  Attributes:
+    base: workdir of the trained LM's run; its newest checkpoint is loaded when the run starts (the run's
+      ``model`` must be that run's model).
+    num_heads: heads (the most drafts a round can take from them).
+    decay: head ``i``'s loss weight is ``decay^(i-1)``.
+  """
+
+  base: str
+  num_heads: int = 4
+  decay: float = 0.8
+
+  def __post_init__(self):
+    check_int("DraftHeadsTask.num_heads", self.num_heads, 1)
+    if not 0.0 < self.decay <= 1.0:
+      raise ValueError(f"DraftHeadsTask.decay must be in (0, 1], got {self.decay}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs (hashable; part of every checkpoint).
 
@@ -314,6 +336,8 @@ class TrainConfig:
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
       (``jstream.data.text.plant_needle``): the associative recall that ``jstream bench needle`` asks for.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
+    draft_heads: train Medusa-style draft heads on the frozen LM of another run (text only; see
+      ``DraftHeadsTask``); the run's model is then ``jstream.speculative.TargetWithHeads``.
     mesh: ``(data, model)``: shard the run over a device mesh (``jstream.sharding``: parameters and optimizer
       state by the model axis, batches by the data axis); None: one device. The numbers do not change, so a run
       may resume under another mesh. Command line: ``mesh=4;2``.
@@ -345,6 +369,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   workdir: str = "runs/lm_tiny"
   mesh: tuple[int, ...] | None = None
+  draft_heads: DraftHeadsTask | None = None
 
   # Short names accepted by command-line overrides (``configs/lm_tiny.py:quick,window=512``).
   ALIASES: ClassVar[dict[str, str]] = {"window": "train_window", "sinks": "train_sinks"}
@@ -395,6 +420,11 @@ class TrainConfig:
         )
     elif self.video is not None:
       raise ValueError(f"TrainConfig.video is for data='video_qa', not {self.data!r}")
+    if self.draft_heads is not None:
+      if self.data != "text":
+        raise ValueError(f"TrainConfig.draft_heads trains heads on a text LM, not on data={self.data!r}")
+      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
+        raise ValueError("draft_heads trains on plain causal text samples: no sink_token, overlap, needles or window")
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property
@@ -422,6 +452,8 @@ class TrainConfig:
     if d.get("generation") is not None:  # JSON stores tuples as lists
       d["generation"] = VideoGenTask(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["generation"].items()})
     d["corpus"] = tuple(d.get("corpus", ()))
+    if d.get("draft_heads") is not None:
+      d["draft_heads"] = DraftHeadsTask(**d["draft_heads"])
     if d.get("mesh") is not None:
       d["mesh"] = tuple(d["mesh"])
     return cls(**d)

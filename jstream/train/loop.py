@@ -30,6 +30,7 @@ from jstream.models.lm import StreamingTransformer
 from jstream.models.self_forcing import SelfForcing
 from jstream.models.video_dit import VideoDiT
 from jstream.models.video_lm import VideoLM
+from jstream.speculative import DraftHeads, TargetWithHeads
 from jstream.train import aligned
 from jstream.train.checkpoint import Checkpointer, saved_config
 from jstream.train.config import TrainConfig
@@ -126,6 +127,9 @@ def make_train_step(
         loss = loss + video.patch_loss * patch
         out.update(pm)
       return loss, out
+    if cfg.draft_heads is not None:  # Medusa-1: the heads' loss, the target frozen
+      loss, m = model.heads.loss(model.target, batch, decay=cfg.draft_heads.decay)
+      return loss, {"tokens": jnp.asarray(batch[:, 2:].size, jnp.float32), **m}
     inputs, targets, mask = aligned.make_example(cfg, batch)
     logits = model.forward(inputs, **mask_kw)
     loss, count = next_token_loss(logits, targets, mask)
@@ -248,7 +252,7 @@ class MetricsWriter:
 
 @dataclasses.dataclass
 class TrainResult:
-  model: StreamingTransformer | VideoLM | VideoDiT | SelfForcing
+  model: StreamingTransformer | VideoLM | VideoDiT | SelfForcing | TargetWithHeads
   step: int
   resumed_from: int | None
   metrics: list[dict]
@@ -257,10 +261,11 @@ class TrainResult:
 
 def build_model(
   cfg: TrainConfig, *, load_teacher: bool = True
-) -> StreamingTransformer | VideoLM | VideoDiT | SelfForcing:
+) -> StreamingTransformer | VideoLM | VideoDiT | SelfForcing | TargetWithHeads:
   """A fresh model of the run: the language model, for ``video_qa`` the video LM around it, for ``video_gen`` the
   video diffusion transformer, and for its ``self_forcing`` objective the student, critic and teacher, all three
-  with the teacher run's weights (``load_teacher``; otherwise fresh, e.g. to be restored from a checkpoint)."""
+  with the teacher run's weights; for ``draft_heads`` the base run's LM and new heads (``load_teacher``; otherwise
+  fresh, e.g. to be restored from a checkpoint)."""
   rngs = nnx.Rngs(cfg.seed)
   if cfg.data == "video_gen":
     config = cfg.generation.model_config(cfg.model)
@@ -281,6 +286,20 @@ def build_model(
         f"video_qa needs model.vocab_size == {len(WORDS)} (the word vocabulary), got {cfg.model.vocab_size}"
       )
     return VideoLM(cfg.video.model_config(cfg.model), rngs=rngs)
+  if cfg.draft_heads is not None:
+    task = cfg.draft_heads
+    if not load_teacher:  # to be restored from the run's own checkpoint
+      target = StreamingTransformer(cfg.model, rngs=rngs)
+      return TargetWithHeads(target, DraftHeads(cfg.model.embed_dim, cfg.model.vocab_size, task.num_heads, rngs=rngs))
+    base = saved_config(task.base)
+    if base.model != cfg.model:
+      raise ValueError(
+        f"draft_heads: the run's model must be the base run's ({task.base}): {base.model} vs {cfg.model}"
+      )
+    target, _ = load_model(base)
+    if not isinstance(target, StreamingTransformer):
+      raise ValueError(f"draft_heads: the base run {task.base} is not a text LM")
+    return TargetWithHeads(target, DraftHeads.for_model(target, task.num_heads, rngs=rngs))
   return StreamingTransformer(cfg.model, rngs=rngs)
 
 
@@ -386,7 +405,7 @@ def train(
 
 def load_model(
   cfg: TrainConfig, step: int | None = None
-) -> tuple[StreamingTransformer | VideoLM | VideoDiT | SelfForcing, int]:
+) -> tuple[StreamingTransformer | VideoLM | VideoDiT | SelfForcing | TargetWithHeads, int]:
   """The model of the newest (or the given) checkpoint of ``cfg.workdir``, and its step (a ``self_forcing`` run:
   the ``SelfForcing`` triple, whose ``generator`` is the model to sample with)."""
   graphdef, _, state = init_state(cfg, load_teacher=False)

@@ -69,6 +69,11 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
   if cfg.data == "video_gen" and cfg.generation.objective == "self_forcing":
     return _self_forcing_optimizer(cfg, adamw)
+  if cfg.draft_heads is not None:  # the target stays frozen: no update, no optimizer state
+    part = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None), params)
+    return optax.multi_transform(
+      {"heads": optax.chain(clip, adamw(schedule(cfg))), "target": optax.set_to_zero()}, part
+    )
   if not first:
     return optax.chain(clip, adamw(schedule(cfg)))
   lm = optax.transforms.conditionally_mask(adamw(lm_schedule(cfg)), lambda step: step >= first)
