@@ -1,8 +1,10 @@
-"""The target / draft pair of ``jstream bench speculative``: two byte-level LMs on the same local text corpus.
+"""The models of ``jstream bench speculative``: byte-level LMs on the same local text corpus, and draft heads.
 
   jstream train --config configs/speculative.py:target   # the target (6 layers, width 384, 1000 steps)
   jstream train --config configs/speculative.py:draft    # the draft (1 layer, width 128, 1500 steps)
-  ...:quick                                              # both shrunk to seconds (CI)
+  jstream train --config configs/speculative.py:inner    # the draft's draft for staged speculation (width 64)
+  jstream train --config configs/speculative.py:heads    # 4 Medusa heads on the trained target (frozen), 300 steps
+  ...:quick                                              # each shrunk to seconds (CI)
 
 The draft only has to guess the target's next bytes; a byte-level model of one layer already predicts most of the
 easy ones (spaces, indentation, keyword endings). Any field can be overridden as ``key=value``.
@@ -11,31 +13,38 @@ easy ones (spaces, indentation, keyword endings). Any field can be overridden as
 import dataclasses
 
 from jstream import presets
-from jstream.train import TrainConfig
+from jstream.train import DraftHeadsTask, TrainConfig
 
 TARGET = dict(num_layers=6, num_heads=6, num_kv_heads=2, embed_dim=384, mlp_dim=1024)
 DRAFT = dict(num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=128, mlp_dim=384)
+INNER = dict(num_layers=1, num_heads=1, num_kv_heads=1, embed_dim=64, mlp_dim=192)
+ROLES = {"target": (TARGET, 1000), "draft": (DRAFT, 1500), "inner": (INNER, 1000), "heads": (TARGET, 300)}
+QUICK = {"target": {}, "draft": dict(num_layers=1, embed_dim=32, mlp_dim=64), "inner": None, "heads": {}}
+QUICK["inner"] = dict(QUICK["draft"], embed_dim=16, mlp_dim=32)
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "target", "draft"}
+  unknown = set(flags) - {"quick", *ROLES}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/speculative.py")
-  if "target" in flags and "draft" in flags:
-    raise ValueError("configs/speculative.py: pick one of target / draft")
-  role = "draft" if "draft" in flags else "target"
-  quick = "quick" in flags
-  fields = DRAFT if role == "draft" else TARGET
+  roles = [f for f in flags if f in ROLES] or ["target"]
+  if len(roles) > 1:
+    raise ValueError(f"configs/speculative.py: pick one of {sorted(ROLES)}, got {roles}")
+  role, quick = roles[0], "quick" in flags
+  suffix = "_quick" if quick else ""
+  fields, steps = ROLES[role]
   cfg = presets.byte_lm_run(
-    f"runs/speculative_{role}" + ("_quick" if quick else ""),
-    steps=1000 if role == "target" else 1500,
-    warmup_steps=100,
-    checkpoint_every=250,
-    lr=2e-3,
+    f"runs/speculative_{role}{suffix}",
+    steps=steps,
+    warmup_steps=100 if role != "heads" else 30,
+    checkpoint_every=250 if role != "heads" else 100,
+    lr=2e-3 if role != "heads" else 1e-3,
     model=presets.byte_lm(**fields),
   )
   if quick:
-    small = dict(num_layers=1, embed_dim=32, mlp_dim=64) if role == "draft" else {}
     cfg = presets.quick(cfg, steps=30, checkpoint_every=30)
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(**small)) if small else cfg
+    if QUICK[role]:
+      cfg = dataclasses.replace(cfg, model=cfg.model.replace(**QUICK[role]))
+  if role == "heads":  # trained on the frozen target of the same mode (its run must exist)
+    cfg = dataclasses.replace(cfg, draft_heads=DraftHeadsTask(f"runs/speculative_target{suffix}", num_heads=4))
   return cfg

@@ -14,6 +14,7 @@ from jstream import TransformerConfig
 from jstream.train import (
   CheckpointError,
   ConfigMismatchError,
+  DraftHeadsTask,
   TrainConfig,
   VideoTask,
   apply_overrides,
@@ -461,3 +462,41 @@ def test_self_forcing_training_resumes_exactly_and_never_moves_the_teacher(tmp_p
   for a, b in zip(jax.tree.leaves(nnx.state(full.model.teacher)), jax.tree.leaves(teacher_state.params)):
     np.testing.assert_array_equal(a, b)
   assert np.isfinite([m["loss"] for m in full.metrics]).all()
+
+
+def test_draft_heads_train_on_a_frozen_lm_and_resume(tmp_path, corpus):
+  """``TrainConfig.draft_heads``: the base run's LM is loaded and never changes, the heads' loss falls, a resumed
+  run ends where an uninterrupted one does, ``load_model`` restores the pair; a model that is not the base's is
+  refused."""
+  from flax import nnx
+
+  from jstream.speculative import TargetWithHeads
+
+  base = tiny_cfg(tmp_path / "base", corpus, steps=4)
+  lm = train(base, progress=False).model
+  task = DraftHeadsTask(str(tmp_path / "base"), num_heads=2)
+  cfg = tiny_cfg(tmp_path / "heads", corpus, steps=16, lr=1e-2, log_every=4, checkpoint_every=8, draft_heads=task)
+  res = train(cfg, progress=False)
+  assert isinstance(res.model, TargetWithHeads)
+  leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
+  for a, b in zip(leaves(lm), leaves(res.model.target), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  losses = [m["loss"] for m in res.metrics]
+  assert losses[-1] < losses[0] - 0.2, losses
+  assert {"head1_accuracy", "head2_accuracy"} <= set(res.metrics[-1])
+  assert np.abs(np.asarray(res.model.heads.w[...])).max() > 0  # the residual blocks moved off their zero init
+  again = dataclasses.replace(cfg, workdir=str(tmp_path / "again"))
+  train(again, progress=False, stop_after=8)
+  resumed = train(again, progress=False).model
+  assert resumed is not None
+  for a, b in zip(leaves(res.model.heads), leaves(resumed.heads), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  loaded, step = load_model(cfg)
+  assert step == 16
+  for a, b in zip(leaves(res.model), leaves(loaded), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = dataclasses.replace(cfg, model=cfg.model.replace(embed_dim=48), workdir=str(tmp_path / "other"))
+  with pytest.raises(ValueError, match="the base run's"):
+    train(other, progress=False)
+  with pytest.raises(ValueError, match="plain causal"):
+    dataclasses.replace(cfg, sink_token=True)
