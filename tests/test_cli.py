@@ -67,11 +67,16 @@ def test_bench_import_quick(in_tmp):
 def test_bench_speculative_quick(in_tmp):
   assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec"]) == 0
   res = json.loads((in_tmp / "spec" / "results.json").read_text())
-  (row,) = res["rows"]
-  assert row["k"] == 2 and row["batch"] == 2 and 0 <= row["acceptance"] <= 1
-  assert 1 <= row["tokens_per_call"] <= 3 and row["speedup"] > 0 and row["cost_ratio"] > 0
-  assert row["formula_tokens_per_call"] == pytest.approx(1 + row["acceptance"] + row["acceptance"] ** 2)
-  assert res["models"]["target"]["steps"] == res["models"]["draft"]["steps"] == 30
+  assert [r["draft"] for r in res["rows"]] == ["draft", "staged", "heads"]
+  for row in res["rows"]:
+    a = row["acceptance"]
+    assert row["k"] == 2 and row["batch"] == 2 and 0 <= a <= 1 and row["accepted_share"] <= a
+    assert 1 <= row["tokens_per_call"] <= 3 and row["speedup"] > 0 and row["verify_cost"] > 0
+    assert row["formula_tokens_per_call"] == pytest.approx(1 + a + a**2)
+  draft, staged, heads = res["rows"]
+  assert draft["cost_ratio"] > 0 and draft["draft_calls_per_round"] == 3 and heads["draft_calls_per_round"] == 0
+  assert staged["draft_calls_per_round"] >= 2  # at least one inner round and the call that caches the last draft
+  assert {m: r["steps"] for m, r in res["models"].items()} == {"target": 30, "draft": 30, "inner": 30, "heads": 30}
   assert (in_tmp / "spec" / "speculative.png").exists()
 
 
