@@ -42,7 +42,7 @@ def get_config(*flags: str) -> TrainConfig:
     model=presets.byte_lm(**fields),
   )
   if quick:
-    cfg = presets.quick(cfg, steps=30, checkpoint_every=30)
+    cfg = presets.quick(cfg, steps=10, checkpoint_every=10)
     if QUICK[role]:
       cfg = dataclasses.replace(cfg, model=cfg.model.replace(**QUICK[role]))
   if role == "heads":  # trained on the frozen target of the same mode (its run must exist)

@@ -15,9 +15,14 @@ Shapes never depend on what is accepted. Each row of the batch keeps its own cou
 host sync per round. Rows that have their ``max_new_tokens`` feed padding (segment id -1: nothing is cached) until
 the last row is done.
 
-Invariant of a round: both caches hold every emitted token except the last one, ``pending``. The draft reads
+Invariant of a round: every cache holds every emitted token except the last one, ``pending``. The draft reads
 ``pending`` and its own proposals one at a time (``K + 1`` single-token calls, the last only to cache ``y_K``); the
-target reads ``[pending, y_1..y_K]`` in one call. After the test, both roll back the ``K - a`` rejected tokens.
+target reads ``[pending, y_1..y_K]`` in one call. After the test, all roll back the ``K - a`` rejected tokens.
+
+Three proposers: a draft model; ``Staged`` (Spector & Re 2023), whose draft samples its ``K`` tokens by the same
+algorithm with a smaller inner draft (one inner ``while_loop`` per round; the draft's verification calls give its
+exact ``q``); ``DraftHeads`` (Medusa, Cai et al. 2024), extra heads on the target's final features that guess
+the next tokens from the last accepted token's features, so that a round is one target call and no draft call.
 """
 
 from __future__ import annotations

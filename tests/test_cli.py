@@ -76,7 +76,7 @@ def test_bench_speculative_quick(in_tmp):
   draft, staged, heads = res["rows"]
   assert draft["cost_ratio"] > 0 and draft["draft_calls_per_round"] == 3 and heads["draft_calls_per_round"] == 0
   assert staged["draft_calls_per_round"] >= 2  # at least one inner round and the call that caches the last draft
-  assert {m: r["steps"] for m, r in res["models"].items()} == {"target": 30, "draft": 30, "inner": 30, "heads": 30}
+  assert {m: r["steps"] for m, r in res["models"].items()} == {"target": 10, "draft": 10, "inner": 10, "heads": 10}
   assert (in_tmp / "spec" / "speculative.png").exists()
 
 
