@@ -10,7 +10,8 @@ text. Three ways to draft: ``draft`` (the 1-layer draft model), ``staged`` (the 
 smaller ``inner`` model, ``--inner-draft`` tokens at a time) and ``heads`` (self-speculation: the heads read the
 target's features; ``K <= 4``). For each batch size and temperature, plain decoding of the target
 (``rollout.generate``) and ``speculative.generate`` at each ``K`` run on the same prompts and the same
-``SinkWindow(4, 252, max_rollback=...)`` cache policy, each timed after compiling (median of 3 calls).
+``SinkWindow(4, 252, max_rollback=...)`` cache policy (``--positions``, cache-relative by default), each timed
+after compiling (median of 3 calls). The verification cost ``v_K`` is measured under both position modes.
 
 Reported per row: the acceptance rate ``a`` (accepted / tested drafts: a round tests its drafts up to the first
 rejection) and ``sum min(p, q)`` averaged over the tested drafts (``a`` from the distributions); tokens per target
@@ -108,7 +109,8 @@ def run(args) -> dict:
     print(f"{role}: {cfg.workdir} step {res.step} ({models[role][3]:.0f} s)")
   target = models["target"][0]
   ks = [int(k) for k in args.ks.split(",")]
-  policy = cache.SinkWindow(4, 252, max_rollback=max(ks) + args.inner_draft, positions="cache_relative")
+  room = max(ks) + args.inner_draft
+  policy = cache.SinkWindow(4, 252, max_rollback=room, positions=args.positions)
   proposers = {}
   if "draft" in drafts:
     proposers["draft"] = models["draft"][0]
@@ -126,14 +128,16 @@ def run(args) -> dict:
     )
 
   stream, _ = heldout_tokens(models["target"][1], 64 * args.prompt_len + 1)
-  rows = []
+  rows, verify_by_positions = [], {}
   for batch in [int(b) for b in args.batches.split(",")]:
     prompts = jnp.asarray(stream[: batch * args.prompt_len].reshape(batch, args.prompt_len), jnp.int32)
     verify = verify_costs(target, policy, batch, ks)
-    print(
-      f"batch {batch}: verification cost of K + 1 tokens / 1 token: "
-      + ", ".join(f"K={k} {v:.2f}" for k, v in verify.items())
-    )
+    other = "absolute" if args.positions == "cache_relative" else "cache_relative"
+    verify_other = verify_costs(target, cache.SinkWindow(4, 252, max_rollback=room, positions=other), batch, ks)
+    verify_by_positions[batch] = {args.positions: verify, other: verify_other}
+    for mode, costs in verify_by_positions[batch].items():
+      print(f"batch {batch}, {mode} positions: verification cost of K + 1 tokens / 1 token: ", end="")
+      print(", ".join(f"K={k} {v:.2f}" for k, v in costs.items()))
     for temp in [float(t) for t in args.temperatures.split(",")]:
       key = jax.random.key(0)
       base = {}
@@ -190,6 +194,7 @@ def run(args) -> dict:
     prompt_len=args.prompt_len,
     new_tokens=args.tokens,
     inner_draft=args.inner_draft,
+    verify_costs=verify_by_positions,
     rows=rows,
   )
 
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--drafts", default="draft,staged,heads", help="draft, staged and / or heads")
   parser.add_argument("--inner-draft", type=int, default=2, help="tokens the inner draft proposes (staged)")
   parser.add_argument("--tokens", type=int, default=128, help="new tokens per row")
+  parser.add_argument("--positions", default="cache_relative", choices=["cache_relative", "absolute"])
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
