@@ -32,10 +32,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
+from jstream.checks import check_int
 from jstream.rollout import Sampling, filter_logits, prefill
 from jstream.typing import Array, ArrayLike, Float, Int, TokenIds
 
@@ -125,8 +125,7 @@ class DraftHeads(nnx.Module):
   """
 
   def __init__(self, embed_dim: int, vocab_size: int, num_heads: int, *, rngs: nnx.Rngs):
-    if not isinstance(num_heads, int) or num_heads < 1:
-      raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = check_int("DraftHeads.num_heads", num_heads, 1)
     self.num_heads, self.embed_dim, self.vocab_size = num_heads, embed_dim, vocab_size
     d, v, n = embed_dim, vocab_size, num_heads
     self.w = nnx.Param(jnp.zeros((n, d, d), jnp.float32))
@@ -154,15 +153,16 @@ class DraftHeads(nnx.Module):
     """Medusa-1's loss on ``tokens [b, n]`` with ``target`` frozen (no gradient into it): head ``i``'s
     cross-entropy on the token ``i + 1`` after each position, weighted ``decay^(i-1)`` and normalised by the
     weights; also each head's top-1 accuracy (``head{i}_accuracy``)."""
+    from jstream.train.losses import next_token_loss  # (jstream.train imports this module)
+
     _, feats = target.forward(tokens, return_features=True)
     logits = self(jax.lax.stop_gradient(feats))  # [b, n, heads, v]
     n = tokens.shape[1]
     total, wsum, metrics = 0.0, 0.0, {}
     for i in range(1, self.num_heads + 1):
       lg, tgt = logits[:, : n - 1 - i, i - 1], tokens[:, 1 + i :]
-      ce = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), tgt[..., None], axis=-1)[..., 0]
       weight = decay ** (i - 1)
-      total, wsum = total + weight * ce.mean(), wsum + weight
+      total, wsum = total + weight * next_token_loss(lg, tgt)[0], wsum + weight
       metrics[f"head{i}_accuracy"] = jnp.mean(jnp.argmax(lg, axis=-1) == tgt)
     return total / wsum, metrics
 
@@ -206,11 +206,6 @@ def _probs(logits: Array, sampling: Sampling) -> Array:
   return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
 
 
-def _positive_int(name, value, minimum=1) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_policy(name: str, pol, rollback: int, chunk: int) -> None:
   if not isinstance(pol, cache_lib.Policy):
     raise TypeError(f"{name} must be a cache policy, got {pol!r}")
@@ -224,8 +219,8 @@ def _check_policy(name: str, pol, rollback: int, chunk: int) -> None:
 
 
 def _check(target, draft, max_new_tokens, num_draft, policy, draft_policy) -> None:
-  _positive_int("num_draft", num_draft)
-  _positive_int("max_new_tokens", max_new_tokens)
+  check_int("num_draft", num_draft, 1)
+  check_int("max_new_tokens", max_new_tokens, 1)
   tv = target.config.vocab_size
   if isinstance(draft, DraftHeads):
     dv = draft.vocab_size
@@ -236,7 +231,7 @@ def _check(target, draft, max_new_tokens, num_draft, policy, draft_policy) -> No
     if num_draft > draft.num_heads:
       raise ValueError(f"num_draft ({num_draft}) exceeds the DraftHeads' {draft.num_heads} heads")
   elif isinstance(draft, Staged):
-    _positive_int("Staged.inner_draft", draft.inner_draft)
+    check_int("Staged.inner_draft", draft.inner_draft, 1)
     dv, iv = draft.draft.config.vocab_size, draft.inner.config.vocab_size
     if dv != iv:
       raise ValueError(f"Staged draft and inner draft must share a vocabulary: vocab_size {dv} vs {iv}")
