@@ -1,7 +1,8 @@
 """Speculative decoding: acceptance, tokens per target call against the formula, and wall-clock speed-up.
 
   python -m experiments.bench_speculative [--quick] [--out DIR] [--ks 1,2,4,8] [--temperatures 0,1]
-      [--batches 1,8] [--tokens 128] [--drafts draft,staged,heads] [--inner-draft 2]
+      [--batches 1,8] [--tokens 128] [--drafts draft,staged,heads] [--inner-draft 2] [--layers scan|unrolled]
+  python -m experiments.bench_speculative --layout-costs [--alpha-from RESULTS_JSON] [--calls 64] [--best-of 7]
   (also: jstream bench speculative ...)
 
 The models of ``configs/speculative.py`` (byte-level LMs on the local text corpus, and four Medusa heads on the
@@ -21,6 +22,13 @@ target step (each model's plain decode time per token), and the same with the me
 ``K + 1`` tokens in one target call over one token, ``(1 - a^(K+1)) / ((1 - a) (K c + v_K))`` (the paper takes
 ``v_K = 1``: verification free on an accelerator with idle compute; on a CPU it is not). Prints a table, writes
 ``results.json`` and ``speculative.png``.
+
+``--layers unrolled`` runs every model with one set of weights per layer (``scan_layers=False``) instead of the
+layer scan its config trains. ``--layout-costs`` trains and generates nothing: it times single calls of untrained
+models of the configs' shapes under both layouts (a target call on 1 and on ``K + 1`` tokens, a draft call on 1;
+the fastest of ``--best-of`` timed scans, since this VM's run-to-run noise is larger than the effect) and
+predicts the speed-up of the cost model with those costs for the acceptance rates of an earlier run's draft rows
+(``--alpha-from``): what the baseline's layer layout does to the speed-up, in minutes. Writes ``layout_costs.json``.
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ import numpy as np
 ROLES = {"draft": ("draft",), "staged": ("draft", "inner"), "heads": ("heads",)}
 
 
-def _timed(fn, repeats: int = 3):
-  """``(result, median seconds)`` of ``fn()`` after one compiling call."""
+def _timed(fn, repeats: int = 3, stat=np.median):
+  """``(result, median seconds)`` (or another ``stat`` of the times) of ``fn()`` after one compiling call."""
   import jax
 
   jax.block_until_ready(fn())
@@ -49,7 +57,7 @@ def _timed(fn, repeats: int = 3):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return out, float(np.median(times))
+  return out, float(stat(times))
 
 
 def predicted_speedup(a: float, k: int, c: float, verify: float = 1.0) -> float:
@@ -61,8 +69,15 @@ def predicted_speedup(a: float, k: int, c: float, verify: float = 1.0) -> float:
 
 
 def verify_costs(model, policy, batch: int, ks: list[int], calls: int = 32) -> dict[int, float]:
-  """Seconds of one target call on ``K + 1`` tokens over one call on 1 token, for each ``K`` (a compiled scan of
-  ``calls`` calls, each rolled back, so that the cache stays where it started)."""
+  """Seconds of one target call on ``K + 1`` tokens over one call on 1 token, for each ``K``."""
+  sec = call_seconds(model, policy, batch, sorted({1, *(k + 1 for k in ks)}), calls)
+  return {k: sec[k + 1] / sec[1] for k in ks}
+
+
+def call_seconds(model, policy, batch: int, sizes: list[int], calls: int = 32, best_of: int = 0) -> dict[int, float]:
+  """Seconds of one call of ``model`` on ``t`` tokens per row, for each ``t`` in ``sizes`` (a compiled scan of
+  ``calls`` calls after a 64-token context, each rolled back, so that the cache stays where it started): the median
+  of 3 timed scans, or the fastest of ``best_of``."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -83,8 +98,70 @@ def verify_costs(model, policy, batch: int, ks: list[int], calls: int = 32) -> d
 
     return jax.lax.scan(step, kv, jnp.arange(calls))[1]
 
-  sec = {t: _timed(lambda t=t: run(t, state, kv0))[1] for t in sorted({1, *(k + 1 for k in ks)})}
-  return {k: sec[k + 1] / sec[1] for k in ks}
+  timing = dict(repeats=best_of, stat=np.min) if best_of else {}
+  return {t: _timed(lambda t=t: run(t, state, kv0), **timing)[1] / calls for t in sizes}
+
+
+LAYOUTS = {"scan": True, "unrolled": False}
+"""``--layers``: the models' layer layout (``TransformerConfig.scan_layers``: stacked weights in one ``lax.scan``, or
+one set of weights per layer). On CPU, XLA copies a layer's slice of stacked weights on every call."""
+
+
+def layout_costs(args) -> dict:
+  """What the cost model needs, per layer layout, from untrained models of ``configs/speculative.py``'s shapes (costs
+  do not depend on the weights): one target call on 1 token and on ``K + 1`` tokens, one draft call on 1 token, and
+  the speed-up the cost model predicts with those costs for the acceptance rates of ``--alpha-from`` (a results.json
+  of this benchmark: its draft-model rows)."""
+  import importlib.util
+
+  from flax import nnx
+
+  from jstream import StreamingTransformer, cache
+
+  spec = importlib.util.spec_from_file_location("speculative_config", args.config)
+  config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config)
+  flags = ("quick",) if args.quick else ()  # the quick runs' shapes
+  ks = [int(k) for k in args.ks.split(",")]
+  policy = cache.SinkWindow(4, 252, max_rollback=max(ks) + args.inner_draft, positions=args.positions)
+  alphas = json.loads(pathlib.Path(args.alpha_from).read_text())["rows"] if args.alpha_from else []
+  rows = []
+  for batch in [int(b) for b in args.batches.split(",")]:
+    for layout, scan in LAYOUTS.items():
+      target, draft = (
+        StreamingTransformer(config.get_config(*flags, role).model.replace(scan_layers=scan), rngs=nnx.Rngs(0))
+        for role in ("target", "draft")
+      )
+      timing = dict(calls=args.calls, best_of=args.best_of)
+      sec = call_seconds(target, policy, batch, sorted({1, *(k + 1 for k in ks)}), **timing)
+      c = call_seconds(draft, policy, batch, [1], **timing)[1] / sec[1]
+      row = dict(batch=batch, layers=layout, target_ms=1e3 * sec[1], draft_ms=1e3 * sec[1] * c, cost_ratio=c)
+      row["verify_cost"] = {k: sec[k + 1] / sec[1] for k in ks}
+      row["predicted"] = [
+        dict(
+          temperature=r["temperature"],
+          k=r["k"],
+          acceptance=r["acceptance"],
+          speedup=predicted_speedup(r["acceptance"], r["k"], c, row["verify_cost"][r["k"]]),
+        )
+        for r in alphas
+        if r["draft"] == "draft" and r["batch"] == batch and r["k"] in ks
+      ]
+      rows.append(row)
+      best = max(row["predicted"], key=lambda p: p["speedup"], default=None)
+      print(
+        f"batch {batch}, {layout:8s}: target {row['target_ms']:.3f} ms / call on 1 token, draft cost ratio {c:.3f}, "
+        + ", ".join(f"v_{k} {v:.2f}" for k, v in row["verify_cost"].items())
+        + (f"; best predicted {best['speedup']:.2f}x (K={best['k']}, T={best['temperature']:g})" if best else "")
+      )
+  ratio = {
+    b: next(r["target_ms"] for r in rows if r["batch"] == b and r["layers"] == "scan")
+    / next(r["target_ms"] for r in rows if r["batch"] == b and r["layers"] == "unrolled")
+    for b in {r["batch"] for r in rows}
+  }
+  for b, x in sorted(ratio.items()):
+    print(f"batch {b}: a target call on 1 token with scanned layers takes {x:.2f}x the unrolled one")
+  return dict(policy=str(policy), alpha_from=args.alpha_from, rows=rows, scan_over_unrolled=ratio)
 
 
 def run(args) -> dict:
@@ -107,6 +184,8 @@ def run(args) -> dict:
     res = train(cfg, progress=args.progress)
     models[role] = (res.model, cfg, res.step, time.time() - t0)
     print(f"{role}: {cfg.workdir} step {res.step} ({models[role][3]:.0f} s)")
+  if not LAYOUTS[args.layers]:  # the same weights, one set per layer
+    models = {r: (m.with_scan_layers(False) if r != "heads" else m, *rest) for r, (m, *rest) in models.items()}
   target = models["target"][0]
   ks = [int(k) for k in args.ks.split(",")]
   room = max(ks) + args.inner_draft
@@ -236,22 +315,40 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tokens", type=int, default=128, help="new tokens per row")
   parser.add_argument("--positions", default="cache_relative", choices=["cache_relative", "absolute"])
   parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--layers", default="scan", choices=list(LAYOUTS), help="the models' layer layout")
+  parser.add_argument(
+    "--layout-costs",
+    action="store_true",
+    help="only the call costs of untrained models under both layer layouts, and the cost model's speed-ups for the "
+    "acceptance rates of --alpha-from (minutes; trains nothing)",
+  )
+  parser.add_argument("--calls", type=int, default=64, help="calls per timed scan (--layout-costs)")
+  parser.add_argument(
+    "--best-of", type=int, default=7, help="timed scans per cost, the fastest counts (--layout-costs)"
+  )
+  parser.add_argument("--alpha-from", default="", help="a results.json of this benchmark (--layout-costs)")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
   if args.quick:
     args.ks, args.temperatures, args.batches, args.tokens, args.prompt_len = "2", "1", "2", 16, 16
+    args.calls, args.best_of = min(args.calls, 8), min(args.best_of, 2)
   if not pathlib.Path(args.config).exists():
     root = pathlib.Path(__file__).resolve().parent.parent
     args.config = str(root / args.config)
   t0 = time.time()
-  result = run(args)
+  result = layout_costs(args) if args.layout_costs else run(args)
   result.update(
     seconds=time.time() - t0,
     quick=args.quick,
+    layers=args.layers,
     machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
   )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.layout_costs:
+    (out / "layout_costs.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'layout_costs.json'}")
+    return 0
   (out / "results.json").write_text(json.dumps(result, indent=2))
   plot(result, out / "speculative.png")
   print(f"wrote {out / 'results.json'} and {out / 'speculative.png'}")

@@ -80,6 +80,31 @@ def test_bench_speculative_quick(in_tmp):
   assert (in_tmp / "spec" / "speculative.png").exists()
 
 
+def test_bench_speculative_layout_costs_quick(in_tmp):
+  """--layout-costs: call costs of both layer layouts, and the cost model's speed-up for an earlier run's draft-model
+  acceptance rates (only rows of the timed batch, draft model, K timed), by the formula written out here."""
+  rows = [
+    dict(draft="draft", batch=2, k=2, temperature=1.0, acceptance=0.6),
+    dict(draft="draft", batch=2, k=2, temperature=0.0, acceptance=0.9),
+    dict(draft="heads", batch=2, k=2, temperature=1.0, acceptance=0.5),  # not the draft model
+    dict(draft="draft", batch=8, k=2, temperature=1.0, acceptance=0.7),  # another batch
+  ]
+  (in_tmp / "earlier.json").write_text(json.dumps({"rows": rows}))
+  cmd = ["bench", "speculative", "--quick", "--layout-costs", "--alpha-from", "earlier.json", "--out", "lc"]
+  assert cli.main(cmd) == 0
+  res = json.loads((in_tmp / "lc" / "layout_costs.json").read_text())
+  assert [(r["batch"], r["layers"]) for r in res["rows"]] == [(2, "scan"), (2, "unrolled")]
+  for r in res["rows"]:
+    c, v = r["cost_ratio"], r["verify_cost"]["2"]
+    assert r["target_ms"] > 0 and c > 0 and v > 0
+    assert [(p["temperature"], p["acceptance"]) for p in r["predicted"]] == [(1.0, 0.6), (0.0, 0.9)]
+    for p in r["predicted"]:
+      a = p["acceptance"]
+      assert p["speedup"] == pytest.approx((1 + a + a * a) / (2 * c + v))
+  scan, unrolled = res["rows"]
+  assert res["scan_over_unrolled"]["2"] == pytest.approx(scan["target_ms"] / unrolled["target_ms"])
+
+
 def test_bench_video_gen_quick(in_tmp):
   """The video generation benchmark end to end on the quick model: rollouts under both policies, the drift
   scores, the recompute comparison, the plot and the GIF."""

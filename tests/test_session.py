@@ -1,6 +1,6 @@
-"""Session save / restore: a stream's cache saved with orbax and restored in a fresh process continues the stream
-bit-identically, for every policy and position mode; a cache saved under one policy or shape is refused under
-another."""
+"""Session save / restore: a stream's cache saved with orbax and restored continues the stream bit-identically, for
+every policy and position mode (and in a fresh process for a subset that spans both position modes and buffer
+layouts); a cache saved under one policy or shape is refused under another."""
 
 import json
 import pathlib
@@ -30,14 +30,18 @@ CASES = [(name, p, True) for name, p in POLICIES.items()] + [
   ("segmented_rel_per_layer", POLICIES["segmented_rel"], False)
 ]
 
+# The cases a fresh process also restores (every case is restored in this process): both position modes, both
+# buffer layouts, two tracks, and a cache that is not a KVCache.
+FRESH = ("sinkwindow_abs", "segmented_rel_per_layer", "recompute")
+
 # Run in a fresh process: rebuild the model from its seed, restore the cache, stream the second half.
 CONTINUE = """
 import sys, json, numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import jit_step, random_tokens, tiny_model
-from test_session import CASES, SIZES_AFTER, SIZES_BEFORE, segments
+from test_session import CASES, FRESH, SIZES_AFTER, SIZES_BEFORE, segments
 from jstream import cache as C
-for name, policy, scan in CASES:
+for name, policy, scan in [c for c in CASES if c[0] in FRESH]:
   model = tiny_model(seed=3, scan_layers=scan)
   tokens = random_tokens(2, sum(SIZES_BEFORE + SIZES_AFTER), seed=4)
   cache = C.restore({root!r} + "/" + name, like=model.init_cache(policy, 2))
@@ -77,11 +81,15 @@ def test_restored_cache_continues_the_stream_bit_identically_in_a_fresh_process(
     _, cache = _stream(step, tokens, model.init_cache(policy, 2), policy, 0, SIZES_BEFORE)
     C.save(cache, tmp_path / name)
     want[name], _ = _stream(step, tokens, cache, policy, sum(SIZES_BEFORE), SIZES_AFTER)
+    # restored here, from the files alone (the shapes and policy from a fresh cache), it continues identically
+    back = C.restore(tmp_path / name, like=model.init_cache(policy, 2))
+    got, _ = _stream(step, tokens, back, policy, sum(SIZES_BEFORE), SIZES_AFTER)
+    np.testing.assert_array_equal(got, want[name], err_msg=name)
   tests = str(pathlib.Path(__file__).resolve().parent)
   code = CONTINUE.format(tests=tests, root=str(tmp_path))
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
-  for name, _, _ in CASES:
+  for name in FRESH:
     got = np.load(tmp_path / f"{name}.npy")
     assert np.all(np.isfinite(got))
     np.testing.assert_array_equal(got, want[name], err_msg=name)
