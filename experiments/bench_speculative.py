@@ -264,7 +264,13 @@ def run(args) -> dict:
             f"{row['predicted_speedup']:.2f}x, with v_K {row['predicted_speedup_measured_verify']:.2f}x)"
           )
   info = {
-    r: dict(workdir=m[1].workdir, steps=m[2], layers=m[1].model.num_layers, width=m[1].model.embed_dim)
+    r: dict(
+      workdir=m[1].workdir,
+      steps=m[2],
+      layers=m[1].model.num_layers,
+      width=m[1].model.embed_dim,
+      scan_layers=m[0].config.scan_layers if r != "heads" else None,
+    )
     for r, m in models.items()
   }
   return dict(

@@ -65,7 +65,8 @@ def test_bench_import_quick(in_tmp):
 
 
 def test_bench_speculative_quick(in_tmp):
-  assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec"]) == 0
+  """The benchmark end to end on the quick runs, with the models unrolled (one set of weights per layer)."""
+  assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec", "--layers", "unrolled"]) == 0
   res = json.loads((in_tmp / "spec" / "results.json").read_text())
   assert [r["draft"] for r in res["rows"]] == ["draft", "staged", "heads"]
   for row in res["rows"]:
@@ -77,6 +78,13 @@ def test_bench_speculative_quick(in_tmp):
   assert draft["cost_ratio"] > 0 and draft["draft_calls_per_round"] == 3 and heads["draft_calls_per_round"] == 0
   assert staged["draft_calls_per_round"] >= 2  # at least one inner round and the call that caches the last draft
   assert {m: r["steps"] for m, r in res["models"].items()} == {"target": 10, "draft": 10, "inner": 10, "heads": 10}
+  assert res["layers"] == "unrolled"
+  assert {m: r["scan_layers"] for m, r in res["models"].items()} == {
+    "target": False,
+    "draft": False,
+    "inner": False,
+    "heads": None,
+  }
   assert (in_tmp / "spec" / "speculative.png").exists()
 
 
