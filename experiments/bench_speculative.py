@@ -112,16 +112,12 @@ def layout_costs(args) -> dict:
   do not depend on the weights): one target call on 1 token and on ``K + 1`` tokens, one draft call on 1 token, and
   the speed-up the cost model predicts with those costs for the acceptance rates of ``--alpha-from`` (a results.json
   of this benchmark: its draft-model rows)."""
-  import importlib.util
-
   from flax import nnx
 
   from jstream import StreamingTransformer, cache
+  from jstream.train import load_config
 
-  spec = importlib.util.spec_from_file_location("speculative_config", args.config)
-  config = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(config)
-  flags = ("quick",) if args.quick else ()  # the quick runs' shapes
+  suffix = ",quick" if args.quick else ""  # the quick runs' shapes
   ks = [int(k) for k in args.ks.split(",")]
   policy = cache.SinkWindow(4, 252, max_rollback=max(ks) + args.inner_draft, positions=args.positions)
   alphas = json.loads(pathlib.Path(args.alpha_from).read_text())["rows"] if args.alpha_from else []
@@ -129,7 +125,9 @@ def layout_costs(args) -> dict:
   for batch in [int(b) for b in args.batches.split(",")]:
     for layout, scan in LAYOUTS.items():
       target, draft = (
-        StreamingTransformer(config.get_config(*flags, role).model.replace(scan_layers=scan), rngs=nnx.Rngs(0))
+        StreamingTransformer(
+          load_config(f"{args.config}:{role}{suffix}").model.replace(scan_layers=scan), rngs=nnx.Rngs(0)
+        )
         for role in ("target", "draft")
       )
       timing = dict(calls=args.calls, best_of=args.best_of)
