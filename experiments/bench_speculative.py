@@ -102,6 +102,15 @@ def call_seconds(model, policy, batch: int, sizes: list[int], calls: int = 32, b
   return {t: _timed(lambda t=t: run(t, state, kv0), **timing)[1] / calls for t in sizes}
 
 
+def bench_policy(args, positions: str | None = None):
+  """The benchmark's cache policy: ``SinkWindow(4, 252)`` with rollback room for the largest ``K`` and a staged
+  draft's inner round, in ``positions`` (default ``--positions``)."""
+  from jstream import cache
+
+  room = max(int(k) for k in args.ks.split(",")) + args.inner_draft
+  return cache.SinkWindow(4, 252, max_rollback=room, positions=positions or args.positions)
+
+
 LAYOUTS = {"scan": True, "unrolled": False}
 """``--layers``: the models' layer layout (``TransformerConfig.scan_layers``: stacked weights in one ``lax.scan``, or
 one set of weights per layer). On CPU, XLA copies a layer's slice of stacked weights on every call."""
@@ -114,12 +123,12 @@ def layout_costs(args) -> dict:
   of this benchmark: its draft-model rows)."""
   from flax import nnx
 
-  from jstream import StreamingTransformer, cache
+  from jstream import StreamingTransformer
   from jstream.train import load_config
 
   suffix = ",quick" if args.quick else ""  # the quick runs' shapes
   ks = [int(k) for k in args.ks.split(",")]
-  policy = cache.SinkWindow(4, 252, max_rollback=max(ks) + args.inner_draft, positions=args.positions)
+  policy = bench_policy(args)
   alphas = json.loads(pathlib.Path(args.alpha_from).read_text())["rows"] if args.alpha_from else []
   rows = []
   for batch in [int(b) for b in args.batches.split(",")]:
@@ -166,7 +175,7 @@ def run(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from jstream import cache, rollout, speculative
+  from jstream import rollout, speculative
   from jstream.train import heldout_tokens, load_config, train
 
   suffix = ",quick" if args.quick else ""
@@ -186,8 +195,7 @@ def run(args) -> dict:
     models = {r: (m.with_scan_layers(False) if r != "heads" else m, *rest) for r, (m, *rest) in models.items()}
   target = models["target"][0]
   ks = [int(k) for k in args.ks.split(",")]
-  room = max(ks) + args.inner_draft
-  policy = cache.SinkWindow(4, 252, max_rollback=room, positions=args.positions)
+  policy = bench_policy(args)
   proposers = {}
   if "draft" in drafts:
     proposers["draft"] = models["draft"][0]
@@ -210,7 +218,7 @@ def run(args) -> dict:
     prompts = jnp.asarray(stream[: batch * args.prompt_len].reshape(batch, args.prompt_len), jnp.int32)
     verify = verify_costs(target, policy, batch, ks)
     other = "absolute" if args.positions == "cache_relative" else "cache_relative"
-    verify_other = verify_costs(target, cache.SinkWindow(4, 252, max_rollback=room, positions=other), batch, ks)
+    verify_other = verify_costs(target, bench_policy(args, other), batch, ks)
     verify_by_positions[batch] = {args.positions: verify, other: verify_other}
     for mode, costs in verify_by_positions[batch].items():
       print(f"batch {batch}, {mode} positions: verification cost of K + 1 tokens / 1 token: ", end="")
