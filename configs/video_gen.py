@@ -6,7 +6,8 @@
   jstream train --config configs/video_gen.py:quick              # seconds (smoke test)
 
 The model (``jstream.models.video_dit``): 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 384, 8x8-pixel patches
-of 32x32 frames (16 tokens per frame), one frame per chunk, conditioned on the digit's label; trained with rectified
+of 32x32 frames (16 tokens per frame), one frame per chunk, conditioned on the digit's label (dropped for 10% of the
+clips, so that it can be sampled with classifier-free guidance: ``generation.guidance=3``); trained with rectified
 flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, AdamW at 1e-3. Flags:
 ``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing`` (Self
 Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution matching
@@ -28,7 +29,7 @@ def get_config(*flags: str) -> TrainConfig:
   unknown = set(flags) - {"quick", "teacher_forcing", "self_forcing", "cartpole"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_gen.py")
-  task = VideoGenTask()
+  task = VideoGenTask(label_dropout=0.1)  # 10% of clips unlabelled: the model can be sampled with guidance
   model = TransformerConfig(vocab_size=64, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, mlp_dim=384)
   cfg = TrainConfig(
     model=model,
@@ -44,7 +45,9 @@ def get_config(*flags: str) -> TrainConfig:
     workdir="runs/video_gen",
   )
   if "cartpole" in flags:  # gymnasium's CartPole, 32x64 frames conditioned on the actions that led to them
-    task = dataclasses.replace(task, dataset="cartpole", frame_size=(32, 64), class_conditioned=False, num_train=500)
+    task = dataclasses.replace(
+      task, dataset="cartpole", frame_size=(32, 64), class_conditioned=False, label_dropout=0.0, num_train=500
+    )
     cfg = dataclasses.replace(cfg, generation=task, steps=1000, workdir="runs/video_gen_cartpole")
   if "teacher_forcing" in flags:
     task = dataclasses.replace(task, objective="teacher_forcing")

@@ -128,20 +128,22 @@ def random_actions(model, batch: int, frames: int, start: int, seed: int) -> jax
 
 def rollout_policy(
   model, policy, labels, num_frames: int, *, steps: int, chunks_per_call: int, rng, batch: int, on_frames=None,
-  keep: int | None = None,
+  keep: int | None = None, guidance: float = 1.0,
 ):  # fmt: skip
   """Generates ``num_frames`` frames of ``batch`` videos under ``policy`` in calls of ``chunks_per_call`` chunks (an
   action-conditioned model under ``random_actions``), after one call that compiles. Each call's frames (uint8 ``[b,
   frames, H, W]``) go to ``on_frames`` (scoring on the fly), and only the first ``keep`` frames are kept (all by
-  default), so that host memory stays flat however long the rollout. Returns ``(kept frames, median seconds per
+  default), so that host memory stays flat however long the rollout. ``guidance != 1``: classifier-free guidance
+  (a paired cache, ``2 * batch`` rows). Returns ``(kept frames, median seconds per
   call, cache bytes, peak RSS MiB)``."""
   k = model.config.frames_per_chunk
   chunks = num_frames // k
   per_call = min(chunks_per_call, chunks)
-  gen = rollout.VideoGenerator(model, chunks=per_call, steps=steps, out_dtype=jnp.uint8)
+  gen = rollout.VideoGenerator(model, chunks=per_call, steps=steps, out_dtype=jnp.uint8, guidance=guidance)
   acts = functools.partial(random_actions, model, batch, per_call * k)
-  jax.block_until_ready(gen(model.init_cache(policy, batch), rng, labels=labels, actions=acts(0, 0)).frames)
-  cache = model.init_cache(policy, batch)
+  new_cache = functools.partial(model.init_cache, policy, batch, guided=guidance != 1.0)
+  jax.block_until_ready(gen(new_cache(), rng, labels=labels, actions=acts(0, 0)).frames)
+  cache = new_cache()
   cache_bytes = tree_bytes(cache)
   out, times = [], []
   reset_peak_rss()
@@ -159,25 +161,48 @@ def rollout_policy(
   return np.concatenate(out, axis=1), float(np.median(times)), cache_bytes, rss_mib()[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
-def _recompute(graphdef, state, context, labels, context_actions, actions, chunks, steps, policy, rng):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 10, 11))
+def _recompute(
+  graphdef, state, context, labels, context_actions, actions, chunks, steps, policy, rng, guidance, per_step
+):  # fmt: skip
   """Recomputes the context every chunk: a fresh cache filled with the last ``W - 1`` chunks (``context`` holds
   them, model range, with their ``context_actions`` for an action-conditioned model) in one call, then the
-  denoising steps (the chunk's ``actions``); the new chunk (and its actions) enter the context ring."""
+  denoising steps (the chunk's ``actions``); the new chunk (and its actions) enter the context ring. With
+  ``guidance != 1`` the fresh cache is a paired one (both branches recomputed). ``per_step``: no cache at all, the
+  way a model without one runs: every denoising step is one offline block-causal forward over the context (at
+  noise level 0) and the noisy chunk."""
   model = nnx.merge(graphdef, state)
   b, c = context.shape[:2]
+  guided = guidance != 1.0
   k = model.config.frames_per_chunk
   times = flow.schedule(steps)
   acts = None if actions is None else jnp.moveaxis(actions.reshape(b, chunks, k), 1, 0)
 
+  def no_cache(ctx, ctx_act, noise, act):
+    def velocity(x, t):
+      clip = jnp.concatenate([ctx, x], axis=1)
+      tt = jnp.concatenate([jnp.zeros((b, c)), jnp.full((b, k), t)], axis=1)
+      clip_act = None if act is None else jnp.concatenate([ctx_act, act], axis=1)
+      return model.guided_forward(clip, tt, labels=labels, actions=clip_act, guidance=guidance)[:, c:]
+
+    return flow.euler(velocity, noise, times)
+
   def step(carry, xs):
     ctx, ctx_act = carry
     i, act = xs
-    cache = model.init_cache(policy, b)
-    h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels, ctx_act)
-    _, cache = model.dit.extend_embeddings(h, cache, groups=groups, cond=cond)
     noise = jax.random.normal(jax.random.fold_in(rng, i), (b, k, *ctx.shape[2:]), jnp.float32)
-    x0 = model.denoise(cache, noise, times, labels=labels, actions=act)
+    if per_step:
+      x0 = no_cache(ctx, ctx_act, noise, act)
+      ctx_act = None if act is None else jnp.concatenate([ctx_act[:, k:], act], axis=1)
+      return (jnp.concatenate([ctx[:, k:], x0], axis=1), ctx_act), x0
+    cache = model.init_cache(policy, b, guided=guided)
+    if guided:
+      pl, pa = video_dit.paired(labels, ctx_act)
+      h, cond, groups = model.tokens(video_dit.pair(ctx), jnp.zeros((2 * b, c)), pl, pa)
+    else:
+      h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels, ctx_act)
+    _, cache = model.dit.extend_embeddings(h, cache, groups=groups, cond=cond)
+    x0 = model.denoise(cache, noise, times, labels=labels, actions=act, guidance=guidance)
     ctx_act = None if act is None else jnp.concatenate([ctx_act[:, k:], act], axis=1)
     return (jnp.concatenate([ctx[:, k:], x0], axis=1), ctx_act), x0
 
@@ -187,16 +212,19 @@ def _recompute(graphdef, state, context, labels, context_actions, actions, chunk
 
 
 def recompute_rollout(
-  model, context, labels, num_frames: int, *, steps: int, window: int, rng, context_actions=None, actions=None
+  model, context, labels, num_frames: int, *, steps: int, window: int, rng, context_actions=None, actions=None,
+  guidance: float = 1.0, per_step: bool = False,
 ):  # fmt: skip
   """``num_frames`` frames after ``context`` (``[b, window - k, H, W]`` in [0, 1]; an action-conditioned model
   takes ``context_actions [b, window - k]`` and ``actions [b, num_frames]``) with the context recomputed every
-  chunk; returns ``(frames [b, n, H, W] uint8, seconds per chunk)`` (the second call, after compiling)."""
+  chunk (``per_step``: with every denoising step, no cache at all); returns ``(frames [b, n, H, W] uint8, seconds
+  per chunk)`` (the second call, after compiling)."""
   k = model.config.frames_per_chunk
   policy = video_dit.rolling_policy(model.config, None, window)
   graphdef, state = nnx.split(model)
   ctx = video_dit.to_model(jnp.asarray(context)[..., None])
-  args = (graphdef, state, ctx, labels, context_actions, actions, num_frames // k, steps, policy, rng)
+  args = (graphdef, state, ctx, labels, context_actions, actions, num_frames // k, steps, policy, rng, guidance,
+          per_step)  # fmt: skip
   jax.block_until_ready(_recompute(*args))
   t0 = time.perf_counter()
   frames = np.asarray(_recompute(*args))
@@ -307,40 +335,74 @@ def cartpole_eval(model, task, policy, *, batch: int, context: int, horizon: int
   return {"context": context, "horizon": horizon, "curves": curves, "summary": summ, "videos": (gen, target)}
 
 
+CONTEXT_MODES = ("rolling", "recompute", "no_cache")
+"""How a chunk sees its context in ``compare_context``: the rolling KV cache; a fresh cache of the visible frames
+recomputed once per chunk; no cache (the visible frames recomputed with every denoising step)."""
+
+
+def compare_context(
+  model, context, labels, frames: int, *, steps: int, window: int, rng, context_actions=None, actions=None,
+  guidance: float = 1.0,
+):  # fmt: skip
+  """The three ``CONTEXT_MODES`` side by side at equal context: each continues the same ``context`` (``[b, window -
+  k, H, W]`` in [0, 1], with its ``context_actions``) for ``frames`` frames with the same noise, ``window`` frames
+  visible to every chunk. Returns ``(frames per mode [b, frames, H, W] uint8, ms per chunk per mode)``, each timed
+  on the second call (the first compiles)."""
+  k = model.config.frames_per_chunk
+  b = np.shape(context)[0]
+  ctx = jnp.asarray(context)[..., None]
+  policy = video_dit.rolling_policy(model.config, window)
+  guided = guidance != 1.0
+  gen = rollout.VideoGenerator(model, chunks=frames // k, steps=steps, out_dtype=jnp.uint8, guidance=guidance)
+
+  def rolling():
+    cache = model.init_cache(policy, b, guided=guided)
+    cache = rollout.context_frames(model, ctx, cache, labels=labels, actions=context_actions, guided=guided)
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    out = np.asarray(gen(cache, rng, labels=labels, actions=actions).frames)[..., 0]
+    return out, (time.perf_counter() - t0) / (frames // k)
+
+  rolling()  # compiles
+  videos, ms = {}, {}
+  videos["rolling"], sec = rolling()
+  ms["rolling"] = 1000 * sec
+  for mode in ("recompute", "no_cache"):
+    videos[mode], sec = recompute_rollout(
+      model, context, labels, frames, steps=steps, window=window, rng=rng, context_actions=context_actions,
+      actions=actions, guidance=guidance, per_step=mode == "no_cache",
+    )  # fmt: skip
+    ms[mode] = 1000 * sec
+  return videos, ms
+
+
+def print_context(rec: dict, *metrics: str) -> None:
+  """One line of a ``compare_context`` result: ms per chunk, speed-ups over the rolling cache, ``metrics`` per mode."""
+  ms = ", ".join(f"{m} {rec[m + '_ms_per_chunk']:.2f}" for m in CONTEXT_MODES)
+  quality = "; ".join(f"{q} " + " / ".join(f"{rec[f'{m}_{q}']:.3f}" for m in CONTEXT_MODES) for q in metrics)
+  print(
+    f"  ms per chunk: {ms} (rolling {rec['speedup']:.1f}x faster than recompute, {rec['speedup_no_cache']:.1f}x than "
+    f"no cache); {quality} (rolling / recompute / no cache)"
+  )
+
+
 def cartpole_recompute(model, task, window: int, *, batch: int, frames: int, steps: int, rng) -> dict:
-  """The rolling KV cache against recomputing the context each chunk, at equal context on CartPole: both continue
-  the same ``window - k`` real frames under the real actions with the same noise (a ``window``-frame cache either
-  way); speed per chunk (each timed after a compiling call) and PSNR / SSIM against the simulator."""
+  """``compare_context`` on CartPole: the modes continue the same ``window - k`` real frames under the real
+  actions; speed per chunk and PSNR / SSIM against the simulator."""
   k = model.config.frames_per_chunk
   c = window - k
   ep = cartpole_episodes(task, batch, c + frames)
   real, actions = ep["frames"], jnp.asarray(ep["actions"], jnp.int32)
-  ctx = jnp.asarray(real[:, :c, ..., None], jnp.float32) / 255.0
-  policy = video_dit.rolling_policy(model.config, window)
-  gen = rollout.VideoGenerator(model, chunks=frames // k, steps=steps, out_dtype=jnp.uint8)
-
-  def rolling():
-    cache = rollout.context_frames(model, ctx, model.init_cache(policy, batch), actions=actions[:, :c])
-    jax.block_until_ready(cache)
-    t0 = time.perf_counter()
-    out = np.asarray(gen(cache, rng, actions=actions[:, c:]).frames)[..., 0]
-    return out, (time.perf_counter() - t0) / (frames // k)
-
-  rolling()  # compiles
-  rolled, roll_sec = rolling()
-  rec, rec_sec = recompute_rollout(model, ctx[..., 0], None, frames, steps=steps, window=window, rng=rng,
-                                   context_actions=actions[:, :c], actions=actions[:, c:])  # fmt: skip
+  ctx = jnp.asarray(real[:, :c], jnp.float32) / 255.0
+  videos, ms = compare_context(model, ctx, None, frames, steps=steps, window=window, rng=rng,
+                               context_actions=actions[:, :c], actions=actions[:, c:])  # fmt: skip
   target = real[:, c:]
-  out = {
-    "context": c,
-    "frames": frames,
-    "rolling_ms_per_chunk": 1000 * roll_sec,
-    "recompute_ms_per_chunk": 1000 * rec_sec,
-  }
-  for name, f in (("rolling", rolled), ("recompute", rec)):
+  out = {"context": c, "frames": frames, **{f"{mode}_ms_per_chunk": v for mode, v in ms.items()}}
+  for name, f in videos.items():
     m = image_metrics(f, target)
     out.update({f"{name}_psnr": float(np.mean(m["psnr"])), f"{name}_ssim": float(np.mean(m["ssim"]))})
   out["speedup"] = out["recompute_ms_per_chunk"] / out["rolling_ms_per_chunk"]
+  out["speedup_no_cache"] = out["no_cache_ms_per_chunk"] / out["rolling_ms_per_chunk"]
   return out
 
 
@@ -395,6 +457,9 @@ def main(argv=None) -> int:
   parser.add_argument("--frames", default="100,1000", help="comma-separated rollout lengths")
   parser.add_argument("--batch", type=int, default=4, help="videos per rollout (labels 0, 1, 2, ...)")
   parser.add_argument("--steps", type=int, default=4, help="Euler steps per chunk")
+  parser.add_argument(
+    "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the config's guidance)"
+  )
   parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
   parser.add_argument("--sinks", type=int, default=1, help="frame sinks of the sinks+window policy")
   parser.add_argument("--chunks-per-call", type=int, default=100)
@@ -411,6 +476,8 @@ def main(argv=None) -> int:
     lengths, args.batch, args.classifier_steps, args.chunks_per_call = [min(lengths[0], 12)], 2, 5, 4
     args.recompute_frames = 8
   task = cfg.generation
+  if args.guidance is None:
+    args.guidance = task.guidance
   window = args.window or task.clip_frames
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -444,7 +511,7 @@ def main(argv=None) -> int:
       on_frames = None if cartpole else functools.partial(_score_into, parts, predict, score_labels, ink_ref)
       frames, sec, cache_bytes, peak = rollout_policy(
         model, policy, jlabels, n, steps=args.steps, chunks_per_call=args.chunks_per_call, rng=rng,
-        batch=args.batch, on_frames=on_frames, keep=GIF_FRAMES,
+        batch=args.batch, on_frames=on_frames, keep=GIF_FRAMES, guidance=args.guidance,
       )  # fmt: skip
       per_call = min(args.chunks_per_call, n // mc.frames_per_chunk) * mc.frames_per_chunk
       curves = {m: [v for p in parts for v in p[m]] for m in ("identity", "count", "ink")} if parts else {}
@@ -486,39 +553,29 @@ def main(argv=None) -> int:
       print("  frames " + span + ": " + ", ".join(f"{key} {val:.3f}" for key, val in v.items()))
     ev["recompute"] = rec = cartpole_recompute(model, task, window, batch=args.batch, frames=args.recompute_frames,
                                                steps=args.steps, rng=rng)  # fmt: skip
-    print(
-      f"  rolling KV {rec['rolling_ms_per_chunk']:.2f} ms/chunk vs recompute {rec['recompute_ms_per_chunk']:.2f} "
-      f"ms/chunk ({rec['speedup']:.1f}x); PSNR {rec['rolling_psnr']:.2f} vs {rec['recompute_psnr']:.2f} dB, SSIM "
-      f"{rec['rolling_ssim']:.3f} vs {rec['recompute_ssim']:.3f}"
-    )
+    print_context(rec, "psnr", "ssim")
     result.update(cartpole=ev, seconds=time.time() - t0)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot_cartpole(ev, task.clip_frames, out / "cartpole.png")
     write_gif(out / "samples.gif", {"model": gen, "simulator": target}, frames=horizon)
     print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
     return 0
-  # The rolling KV cache against recomputing the context each chunk, from the same first window of frames.
+  # The rolling KV cache against recomputing the context, from the same first window of generated frames.
   k = mc.frames_per_chunk
-  rolled, _, _, _ = rollout_policy(
-    model, policies["window"], jlabels, window - k + args.recompute_frames, steps=args.steps,
-    chunks_per_call=(window - k + args.recompute_frames) // k, rng=rng, batch=args.batch,
+  first, _, _, _ = rollout_policy(
+    model, policies["window"], jlabels, window - k, steps=args.steps, chunks_per_call=(window - k) // k, rng=rng,
+    batch=args.batch, guidance=args.guidance,
   )  # fmt: skip
-  context = rolled[:, : window - k].astype(np.float32) / 255.0
-  rec_frames, rec_sec = recompute_rollout(
-    model, context, jlabels, args.recompute_frames, steps=args.steps, window=window, rng=rng
-  )
-  rec = {
-    "frames": args.recompute_frames,
-    "rolling_ms_per_chunk": k * next(r["ms_per_frame"] for r in reversed(rows) if r["policy"] == "window"),
-    "recompute_ms_per_chunk": 1000 * rec_sec,
-    "identity_rolling": float(np.mean(score(predict, rolled[:, window - k :], score_labels, ink_ref)["identity"])),
-    "identity_recompute": float(np.mean(score(predict, rec_frames, score_labels, ink_ref)["identity"])),
-  }
+  videos_c, ms = compare_context(
+    model, first.astype(np.float32) / 255.0, jlabels, args.recompute_frames, steps=args.steps, window=window,
+    rng=jax.random.fold_in(rng, 1), guidance=args.guidance,
+  )  # fmt: skip
+  rec = {"frames": args.recompute_frames, **{f"{mode}_ms_per_chunk": v for mode, v in ms.items()}}
+  for mode, f in videos_c.items():
+    rec[f"{mode}_identity"] = float(np.mean(score(predict, f, score_labels, ink_ref)["identity"]))
   rec["speedup"] = rec["recompute_ms_per_chunk"] / rec["rolling_ms_per_chunk"]
-  print(
-    f"  rolling KV {rec['rolling_ms_per_chunk']:.2f} ms/chunk vs recompute {rec['recompute_ms_per_chunk']:.2f} "
-    f"ms/chunk ({rec['speedup']:.1f}x); identity {rec['identity_rolling']:.2f} vs {rec['identity_recompute']:.2f}"
-  )
+  rec["speedup_no_cache"] = rec["no_cache_ms_per_chunk"] / rec["rolling_ms_per_chunk"]
+  print_context(rec, "identity")
   result.update(classifier_test_accuracy=classifier_acc, recompute=rec, seconds=time.time() - t0)
   (out / "results.json").write_text(json.dumps(result, indent=2))
   plot(result, out / "drift.png")

@@ -50,8 +50,11 @@ def policies(config: video_dit.VideoDiTConfig, window: int, sinks: int, total: i
   }
 
 
-def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, horizon: int, steps: int, rng) -> dict:
-  """Identity and ink per frame of ``batch`` videos (labels 0, 1, 2, ...) generated from scratch."""
+def digits_drift(
+  model, task, policy, *, predict, ink_ref: float, batch: int, horizon: int, steps: int, rng, guidance: float = 1.0
+) -> dict:
+  """Identity and ink per frame of ``batch`` videos (labels 0, 1, 2, ...) generated from scratch (classifier-free
+  ``guidance``: 1 for none)."""
   labels = np.arange(batch) % 10
   out = rollout.generate_video(
     model,
@@ -59,6 +62,7 @@ def digits_drift(model, task, policy, *, predict, ink_ref: float, batch: int, ho
     policy=policy,
     labels=jnp.asarray(labels, jnp.int32),
     steps=steps,
+    guidance=guidance,
     rng=rng,
     out_dtype=jnp.uint8,
   )
@@ -111,6 +115,9 @@ def main(argv=None) -> int:
   parser.add_argument("--horizon", type=int, default=None, help="frames per rollout (default: 10x the clip)")
   parser.add_argument("--batch", type=int, default=20, help="videos per rollout")
   parser.add_argument("--steps", type=int, default=4, help="sampler steps (self forcing: its own rollout_steps)")
+  parser.add_argument(
+    "--guidance", type=float, default=None, help="guidance scale (default: each run's; self forcing: unguided)"
+  )
   parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
   parser.add_argument("--sinks", type=int, default=None, help="frame sinks (default: one chunk; CartPole: context)")
   parser.add_argument("--context", type=int, default=2, help="CartPole: real frames each rollout continues")
@@ -146,6 +153,8 @@ def main(argv=None) -> int:
     model = getattr(model, "generator", model)  # a self-forcing run: its student
     task = cfg.generation
     steps = task.rollout_steps if task.objective == "self_forcing" else args.steps
+    # A self-forcing student has its teacher's guidance distilled in (DMD): it samples unguided, as CausVid's does.
+    guidance = 1.0 if task.objective == "self_forcing" else (args.guidance or task.guidance)
     clip = task.clip_frames
     horizon = args.horizon or (3 if args.quick else 10) * clip
     k = model.config.frames_per_chunk
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
         ev.pop("videos")
       else:
         ev = digits_drift(model, task, policy, predict=predict, ink_ref=ink_ref, batch=args.batch, horizon=horizon,
-                          steps=steps, rng=rng)  # fmt: skip
+                          steps=steps, rng=rng, guidance=guidance)  # fmt: skip
       evals[pol_name] = ev
       cells = "; ".join(
         f"{span}: " + ", ".join(f"{m} {v:.3f}" for m, v in vals.items() if not m.startswith("hold"))

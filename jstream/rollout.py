@@ -437,14 +437,20 @@ class VideoGenerator:
     steps: Euler steps per chunk (``jstream.flow.schedule``).
     shift: the time grid's shift (``jstream.flow.shift_time``).
     out_dtype: dtype of the returned frames (``uint8``: 0-255, a quarter of float32's memory for long rollouts).
+    guidance: classifier-free guidance scale (1: none) of a class-conditioned model; with ``guidance != 1`` the
+      cache is a paired one (``VideoDiT.init_cache(..., guided=True)``: ``2 b`` rows for ``b`` videos, each chunk
+      committed to both branches), and every denoising step is one call on both branches.
   """
 
-  def __init__(self, model, *, chunks: int, steps: int = 4, shift: float = 1.0, out_dtype=jnp.float32):
+  def __init__(
+    self, model, *, chunks: int, steps: int = 4, shift: float = 1.0, out_dtype=jnp.float32, guidance: float = 1.0
+  ):
     for name, v in (("chunks", chunks), ("steps", steps)):
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
+    video_dit.check_guidance(model.config, guidance)
     self.model = model
-    self.chunks, self.steps, self.shift = int(chunks), int(steps), float(shift)
+    self.chunks, self.steps, self.shift, self.guidance = int(chunks), int(steps), float(shift), float(guidance)
     self.out_dtype = jnp.dtype(out_dtype)
     self.graphdef, self.state = nnx.split(model)
 
@@ -460,6 +466,13 @@ class VideoGenerator:
     cache.check_model(self.model.dit.cache_geometry)
     video_dit.check_policy(cfg, cache.policy)
     b = cache.batch_size
+    if self.guidance != 1.0:
+      if b % 2:
+        raise ValueError(
+          f"guidance {self.guidance} needs a paired cache (init_cache(..., guided=True): 2 rows per video), got "
+          f"{b} rows"
+        )
+      b //= 2
     labels, actions = self.model.check_conditioning(labels, actions, b, self.frames)
     return labels, actions
 
@@ -478,7 +491,7 @@ class VideoGenerator:
       cache: from ``VideoDiT.init_cache`` (donated), empty or holding earlier frames (``context_frames``).
       rng: a PRNG key (default ``jax.random.key(0)``).
       start: the rollout's index of this call's first chunk (noise of chunk ``i``: ``fold_in(rng, i)``).
-      labels: ``[b]`` class ids (a class-conditioned model).
+      labels: ``[b]`` class ids (a class-conditioned model; ``b`` is half the rows of a guided cache).
       actions: ``[b, frames]`` action ids, the action before each frame (an action-conditioned model).
 
     Returns:
@@ -498,14 +511,15 @@ class VideoGenerator:
       self.steps,
       self.shift,
       self.out_dtype.name,
+      self.guidance,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10), donate_argnums=(2,))
-def _video(graphdef, state, cache, rng, start, labels, actions, chunks, steps, shift, out_dtype):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11), donate_argnums=(2,))
+def _video(graphdef, state, cache, rng, start, labels, actions, chunks, steps, shift, out_dtype, guidance):
   model = nnx.merge(graphdef, state)
   cfg = model.config
-  b, k = cache.batch_size, cfg.frames_per_chunk
+  b, k = cache.batch_size // (1 if guidance == 1.0 else 2), cfg.frames_per_chunk
   shape = (b, k, *cfg.frame_size, cfg.channels)
   times = flow.schedule(steps, shift)
   acts = None if actions is None else jnp.moveaxis(actions.reshape(b, chunks, k), 1, 0)
@@ -513,8 +527,8 @@ def _video(graphdef, state, cache, rng, start, labels, actions, chunks, steps, s
   def step(cache, xs):
     i, act = xs
     noise = jax.random.normal(jax.random.fold_in(rng, start + i), shape, jnp.float32)
-    x0 = model.denoise(cache, noise, times, labels=labels, actions=act)
-    cache = model.commit(x0, cache, labels=labels, actions=act)
+    x0 = model.denoise(cache, noise, times, labels=labels, actions=act, guidance=guidance)
+    cache = model.commit_chunk(x0, cache, labels=labels, actions=act, guidance=guidance)
     frames = video_dit.from_model(x0)
     if jnp.dtype(out_dtype) == jnp.uint8:
       frames = jnp.round(frames * 255.0)
@@ -533,14 +547,24 @@ def context_frames(
   *,
   labels: Int[ArrayLike, " b"] | None = None,
   actions: Int[ArrayLike, "b n"] | None = None,
+  guided: bool = False,
 ) -> cache_lib.KVCache:
   """Commits given frames (in [0, 1], whole chunks) to a ``VideoDiT`` cache, chunk by chunk in one scan: the
-  context a rollout continues (image-to-video, or a video's first frames). The cache is donated."""
+  context a rollout continues (image-to-video, or a video's first frames). The cache is donated. ``guided``: the
+  cache is a paired one (``init_cache(..., guided=True)``): the frames go into both branches, the labels into the
+  first and ``NULL_LABEL`` into the second."""
   frames = model.check_frames(jnp.asarray(frames))
   b, n = frames.shape[:2]
-  if cache.batch_size != b:
-    raise ValueError(f"frames have batch size {b} but the cache was built for {cache.batch_size}")
+  if cache.batch_size != (2 * b if guided else b):
+    raise ValueError(
+      f"frames have batch size {b} but the {'paired ' if guided else ''}cache has {cache.batch_size} rows"
+    )
   labels, actions = model.check_conditioning(labels, actions, b, n)
+  if guided:
+    if labels is None:
+      raise ValueError("a guided cache needs labels (a class-conditioned model)")
+    frames = video_dit.pair(frames)
+    labels, actions = video_dit.paired(labels, actions)
   graphdef, state = nnx.split(model)
   return _context(graphdef, state, frames, cache, labels, actions)
 
@@ -570,6 +594,7 @@ def generate_video(
   batch_size: int | None = None,
   steps: int = 4,
   shift: float = 1.0,
+  guidance: float = 1.0,
   rng=None,
   labels: Int[ArrayLike, " b"] | None = None,
   actions: Int[ArrayLike, "b n"] | None = None,
@@ -585,8 +610,8 @@ def generate_video(
     model: a ``VideoDiT``.
     num_frames: frames to generate (a multiple of ``frames_per_chunk``).
     policy: cache policy for a new cache (``video_dit.rolling_policy``), with ``batch_size``; or pass ``cache``.
-    cache: an existing cache to continue (donated).
-    steps, shift: the sampler (``VideoGenerator``).
+    cache: an existing cache to continue (donated; a paired one for ``guidance != 1``).
+    steps, shift, guidance: the sampler (``VideoGenerator``); a new cache for ``guidance != 1`` is a paired one.
     rng: a PRNG key (default ``jax.random.key(0)``).
     labels: ``[b]`` class ids; actions: ``[b, num_frames]`` action ids (conditioned models).
     context: ``[b, c, H, W, C]`` frames in [0, 1] to continue (committed first), with ``context_actions``.
@@ -603,8 +628,8 @@ def generate_video(
   if cache is None:
     if batch_size is None:
       batch_size = 1 if labels is None else len(labels)
-    cache = model.init_cache(policy, batch_size, dtype=dtype)
+    cache = model.init_cache(policy, batch_size, dtype=dtype, guided=guidance != 1.0)
   if context is not None:
-    cache = context_frames(model, context, cache, labels=labels, actions=context_actions)
-  gen = VideoGenerator(model, chunks=num_frames // k, steps=steps, shift=shift, out_dtype=out_dtype)
+    cache = context_frames(model, context, cache, labels=labels, actions=context_actions, guided=guidance != 1.0)
+  gen = VideoGenerator(model, chunks=num_frames // k, steps=steps, shift=shift, out_dtype=out_dtype, guidance=guidance)
   return gen(cache, rng, labels=labels, actions=actions)

@@ -122,7 +122,10 @@ def test_bench_video_gen_quick(in_tmp):
   for r in res["rows"]:
     assert r["frames"] == 12 and len(r["curves"]["identity"]) == 12 and r["ms_per_frame"] > 0
     assert all(0 <= v["identity"] <= 1 and 0 <= v["count"] <= 1 and v["ink"] > 0 for v in r["summary"].values())
-  assert res["recompute"]["recompute_ms_per_chunk"] > 0 and 0 <= res["classifier_test_accuracy"] <= 1
+  rec = res["recompute"]
+  assert all(rec[f"{m}_ms_per_chunk"] > 0 and 0 <= rec[f"{m}_identity"] <= 1 for m in ("rolling", "no_cache"))
+  assert rec["speedup_no_cache"] == pytest.approx(rec["no_cache_ms_per_chunk"] / rec["rolling_ms_per_chunk"])
+  assert rec["recompute_ms_per_chunk"] > 0 and 0 <= res["classifier_test_accuracy"] <= 1
   from PIL import Image
 
   with Image.open(in_tmp / "gen" / "samples.gif") as gif:
@@ -385,3 +388,29 @@ def test_recompute_baseline_recomputes_the_visible_context_each_chunk():
   want = np.round(np.asarray(vd.from_model(jnp.concatenate(frames[window - 1 :], axis=1)))[..., 0] * 255)
   assert np.max(np.abs(got.astype(int) - want.astype(int))) <= 1  # uint8 rounding
   assert np.mean(got.astype(int) != want.astype(int)) < 0.01
+
+
+def test_no_cache_baseline_equals_the_per_chunk_recompute_with_guidance():
+  """The no-cache baseline (every denoising step one offline block-causal forward over the visible frames) computes
+  what the per-chunk recompute does (a fresh cache of them, then the steps), here guided and action-conditioned:
+  the offline mask is the cache's."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from test_video_dit import make
+
+  from experiments.bench_video_gen import recompute_rollout
+
+  model = make(num_classes=3, num_actions=3)
+  cfg, b, window, n = model.config, 2, 3, 4
+  gen = np.random.default_rng(1)
+  context = gen.uniform(0, 1, (b, window - 1, *cfg.frame_size)).astype(np.float32)
+  ctx_act = jnp.asarray(gen.integers(0, 3, (b, window - 1)), jnp.int32)
+  acts = jnp.asarray(gen.integers(0, 3, (b, n)), jnp.int32)
+  kw = dict(steps=2, window=window, rng=jax.random.key(3), context_actions=ctx_act, actions=acts, guidance=2.5)
+  labels = jnp.array([2, 0])
+  chunk, _ = recompute_rollout(model, context, labels, n, **kw)
+  step, _ = recompute_rollout(model, context, labels, n, per_step=True, **kw)
+  assert np.max(np.abs(chunk.astype(int) - step.astype(int))) <= 1  # uint8 rounding
+  unguided, _ = recompute_rollout(model, context, labels, n, **{**kw, "guidance": 1.0})
+  assert np.mean(unguided != chunk) > 0.1

@@ -155,6 +155,28 @@ def test_generator_loss_is_zero_where_critic_equals_teacher_and_moves_the_clip_a
   np.testing.assert_allclose(float(gen), 0.5 * float(metrics["dmd_direction_rms"]) ** 2, rtol=1e-4)
 
 
+def test_a_guided_teacher_is_the_real_score():
+  """With the critic equal to the teacher the generator is at rest unguided; a guided teacher (classifier-free,
+  ``teacher_guidance``) moves the real score away from the critic's, the more the larger the scale."""
+  cfg = make(num_classes=3).config
+  model = sf.SelfForcing(cfg, rngs=nnx.Rngs(0))
+  model.load_teacher(make(num_classes=3))
+  graphdef, state = nnx.split(model)
+  labels = jnp.array([0, 2])
+
+  def losses(state, rng, w):
+    return sf.dmd_losses(nnx.merge(graphdef, state), rng, B, N, steps=M, labels=labels, teacher_guidance=w)
+
+  run = jax.jit(losses, static_argnums=2)
+  gen, _, metrics = run(state, jax.random.key(0), 1.0)
+  assert float(gen) == 0.0
+  gen, _, metrics = run(state, jax.random.key(0), 3.0)
+  assert float(gen) > 0.0
+  np.testing.assert_allclose(float(gen), 0.5 * float(metrics["dmd_direction_rms"]) ** 2, rtol=1e-4)
+  gen2, _, _ = run(state, jax.random.key(0), 5.0)
+  assert float(gen2) > float(gen)  # the guidance term grows with the scale
+
+
 def test_load_teacher_refuses_another_model():
   model = sf.SelfForcing(make().config, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="teacher's model differs"):
@@ -191,6 +213,11 @@ def test_self_forcing_task_errors_name_the_problem():
     VideoGenTask(context_frames=8, clip_frames=8)
   with pytest.raises(ValueError, match="dmd_time_range"):
     VideoGenTask(objective="self_forcing", teacher="x", dmd_time_range=(0.5, 0.5))
+  with pytest.raises(ValueError, match="label_dropout must be in"):
+    VideoGenTask(label_dropout=1.0)
+  for field in ("label_dropout", "teacher_guidance", "guidance"):
+    with pytest.raises(ValueError, match=f"{field} = .* needs class_conditioned=True"):
+      VideoGenTask(dataset="cartpole", frame_size=(8, 16), class_conditioned=False, **{field: 0.5})
 
 
 def test_context_frames_are_committed_before_the_students_rollout():

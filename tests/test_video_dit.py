@@ -352,3 +352,97 @@ def test_teacher_forcing_loss_is_the_streamed_target_chunk_after_clean_context()
   np.testing.assert_allclose(float(loss), np.mean(errs), rtol=1e-4)
   df, m = vd.training_loss(model, frames01, rng, labels=labels)  # diffusion forcing: every frame weighs
   assert float(m["tokens"]) == b * n * cfg.tokens_per_frame and np.isfinite(float(df))
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+
+
+def test_null_label_conditions_on_the_noise_level_alone():
+  model = make(frames_per_chunk=1, num_classes=3)
+  x = frames(model, 2, 2, 21)
+  t = jnp.array([[0.3, 0.7], [0.5, 0.9]])
+  _, cond, _ = model.tokens(x, t, jnp.array([vd.NULL_LABEL, 2]))
+  time_only = model.time_out(jax.nn.silu(model.time_in(vd.timestep_features(t, model.config.embed_dim))))
+  p = model.config.tokens_per_frame
+  np.testing.assert_allclose(np.asarray(cond[0]), np.repeat(np.asarray(time_only[0]), p, axis=0), **TOL)
+  want = np.asarray(time_only[1] + model.class_embed.embedding[...][2])
+  np.testing.assert_allclose(np.asarray(cond[1]), np.repeat(want, p, axis=0), **TOL)
+
+
+def test_guided_forward_combines_two_separate_forwards():
+  model = make(frames_per_chunk=2, num_classes=3)
+  b, n, w = 2, 4, 2.5
+  x = frames(model, b, n, 22)
+  t = jnp.asarray(np.random.default_rng(22).uniform(0, 1, (b, n)), jnp.float32)
+  labels = jnp.array([0, 2])
+  fwd = jax.jit(model.forward)
+  v_c = fwd(x, t, labels=labels)
+  v_u = fwd(x, t, labels=jnp.full((b,), vd.NULL_LABEL))
+  got = jax.jit(functools.partial(model.guided_forward, guidance=w))(x, t, labels=labels)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(v_u + w * (v_c - v_u)), rtol=1e-4, atol=1e-4)
+  assert float(jnp.max(jnp.abs(v_c - v_u))) > 1e-3  # the label matters, so the check above is not vacuous
+
+
+@pytest.mark.parametrize("window_frames", [None, 2], ids=["dense", "window2"])
+def test_guided_rollout_equals_two_caches_stepped_by_hand(window_frames):
+  """A guided rollout (one paired cache, one call per step on both branches) against two separate caches, one per
+  branch, each stepped and committed on its own."""
+  model = make_fresh(frames_per_chunk=1, num_classes=3)
+  cfg, b, w, n = model.config, 2, 3.0, 4
+  policy = vd.rolling_policy(cfg, window_frames, 0 if window_frames else n)
+  labels = jnp.array([1, 0])
+  null = jnp.full((b,), vd.NULL_LABEL)
+  rng = jax.random.key(5)
+  out = rollout.generate_video(model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng, guidance=w)
+  assert out.frames.shape == (b, n, *cfg.frame_size, 1) and out.cache.batch_size == 2 * b
+  vel, com = jitted(model)
+  cond, uncond = model.init_cache(policy, b), model.init_cache(policy, b)
+  by_hand = []
+  for i in range(n):
+    x = jax.random.normal(jax.random.fold_in(rng, i), (b, 1, *cfg.frame_size, 1))
+    for t0, t1 in ((1.0, 0.5), (0.5, 0.0)):
+      tt = jnp.full((b, 1), t0)
+      v_c, v_u = vel(x, tt, cond, labels, None), vel(x, tt, uncond, null, None)
+      x = x + (t1 - t0) * (v_u + w * (v_c - v_u))
+    cond, uncond = com(x, cond, labels, None), com(x, uncond, null, None)
+    by_hand.append(np.clip((np.asarray(x) + 1) / 2, 0, 1))
+  np.testing.assert_allclose(np.asarray(out.frames), np.concatenate(by_hand, axis=1), rtol=1e-4, atol=1e-4)
+  unguided = rollout.generate_video(model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng)
+  assert float(jnp.max(jnp.abs(unguided.frames - out.frames))) > 1e-3
+
+
+def test_label_dropout_trains_the_unconditional_velocity():
+  model = make(frames_per_chunk=1, num_classes=3)
+  x = (frames(model, 4, 2, 23) + 1) / 2
+  labels = jnp.array([0, 1, 2, 1])
+
+  def class_grad(p):
+    def f(m):
+      return vd.training_loss(m, x, jax.random.key(0), labels=labels, label_dropout=p)[0]
+
+    return np.asarray(nnx.grad(f)(model).class_embed.embedding[...])
+
+  assert np.abs(class_grad(0.0)).max() > 1e-6
+  np.testing.assert_array_equal(class_grad(1.0 - 1e-7), 0.0)  # every label dropped: the embedding gets nothing
+  drops = vd.drop_labels(jnp.arange(10_000) % 3, jax.random.key(1), 0.25)
+  assert abs(float(jnp.mean(drops == vd.NULL_LABEL)) - 0.25) < 0.02
+  kept = drops != vd.NULL_LABEL
+  np.testing.assert_array_equal(np.asarray(drops)[np.asarray(kept)], (np.arange(10_000) % 3)[np.asarray(kept)])
+
+
+def test_guidance_bad_input_is_a_clear_error():
+  plain = make(frames_per_chunk=1)
+  cond = make(frames_per_chunk=1, num_classes=3)
+  policy = vd.rolling_policy(cond.config, 2)
+  with pytest.raises(ValueError, match="class-conditioned"):
+    rollout.VideoGenerator(plain, chunks=1, guidance=2.0)
+  with pytest.raises(ValueError, match="class-conditioned"):
+    plain.init_cache(policy, 1, guided=True)
+  with pytest.raises(ValueError, match="finite float"):
+    rollout.VideoGenerator(cond, chunks=1, guidance=float("nan"))
+  with pytest.raises(ValueError, match="paired cache"):
+    rollout.VideoGenerator(cond, chunks=1, guidance=2.0)(cond.init_cache(policy, 3), labels=jnp.array([0, 1, 2]))
+  with pytest.raises(ValueError, match="label ids must be in"):
+    cond.forward(jnp.zeros((1, 1, 8, 8, 1)), jnp.zeros((1, 1)), labels=jnp.array([-2]))
+  with pytest.raises(ValueError, match="label_dropout"):
+    vd.training_loss(cond, jnp.zeros((1, 1, 8, 8, 1)), jax.random.key(0), labels=jnp.array([0]), label_dropout=1.0)

@@ -13,10 +13,16 @@ positions count chunks; a learned embedding of each patch's place (and of each f
 chunk holds several) tells the tokens apart. Every token is conditioned on its frame's noise level (sinusoidal
 features and an MLP), plus an optional class label per stream and an optional discrete action per frame
 (action-conditioned generation, MotionStream / NFD style). The transformer's output head maps each token back to
-its patch's pixels: the predicted velocity. Caches are the engine's: ``Dense`` while the video fits, ``Window`` /
-``SinkWindow`` of whole chunks to roll for ever (LongLive / Rolling Forcing / MotionStream: frame sinks and a
-rolling window, ``cache_relative`` positions so that positions stay in the range seen in training);
-``rolling_policy`` builds them counted in frames.
+its patch's pixels: the predicted velocity. The label ``NULL_LABEL`` (-1) means "no label": a model trained with
+label dropout (``training_loss(label_dropout=...)``) learns the unconditional velocity under it, and the samplers
+take a classifier-free ``guidance`` scale (Ho & Salimans; the guided teacher of CausVid / Self Forcing's DMD):
+``v = v(null) + w (v(label) - v(null))``, both branches run as one batch of ``2 b`` rows. Under a KV cache the
+branches' keys differ (the label conditions every layer), so a guided stream keeps a *paired* cache: rows ``[0, b)``
+committed with the labels, rows ``[b, 2 b)`` with ``NULL_LABEL`` (``VideoDiT.init_cache(..., guided=True)``).
+
+Caches are the engine's: ``Dense`` while the video fits, ``Window`` / ``SinkWindow`` of whole chunks to roll for ever
+(LongLive / Rolling Forcing / MotionStream: frame sinks and a rolling window, ``cache_relative`` positions so that
+positions stay in the range seen in training); ``rolling_policy`` builds them counted in frames.
 
 Frames are ``[b, n, H, W, C]`` floats in [0, 1]; the model works on ``2 x - 1`` (``to_model`` / ``from_model``).
 """
@@ -38,6 +44,9 @@ from jstream.config import TransformerConfig
 from jstream.models.lm import StreamingTransformer
 from jstream.typing import Array, ArrayLike, Float, Int
 
+NULL_LABEL = -1
+"""The label id of the unconditional branch: no class embedding is added (classifier-free guidance)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class VideoDiTConfig:
@@ -49,7 +58,8 @@ class VideoDiTConfig:
     patch_size: side of a square patch; ``H`` and ``W`` must be multiples. A frame is one token per patch.
     frames_per_chunk: frames denoised together (full attention among them); the unit of cache writes.
     embed_dim, num_layers, num_heads, num_kv_heads, mlp_dim: the transformer's sizes.
-    num_classes: class labels a stream may be conditioned on (0: none).
+    num_classes: class labels a stream may be conditioned on (0: none); ``NULL_LABEL`` (-1) is always accepted as
+      "no label".
     num_actions: discrete actions a frame may be conditioned on (0: none); the action of frame ``i`` is the one
       taken *before* it (the one that led to it).
     rope_base, dtype, param_dtype, attention_impl, scan_layers: as in ``TransformerConfig``.
@@ -214,11 +224,16 @@ class VideoDiT(nnx.Module):
 
   # ---------------------------------------------------------------------------------------------- caches
 
-  def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.KVCache:
+  def init_cache(
+    self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32, *, guided: bool = False
+  ) -> cache_lib.KVCache:
     """An empty cache for ``policy`` (``rolling_policy``; any ``Dense`` / ``Window`` / ``SinkWindow`` counted in
-    whole chunks)."""
+    whole chunks). ``guided``: the paired cache of ``batch_size`` guided streams (``2 * batch_size`` rows: the
+    conditioned branch, then the unconditional one; see the module docstring)."""
     check_policy(self.config, policy)
-    return self.dit.init_cache(policy, batch_size, dtype=dtype)
+    if guided and not self.config.num_classes:
+      raise ValueError("a guided cache needs a class-conditioned model (num_classes > 0)")
+    return self.dit.init_cache(policy, 2 * batch_size if guided else batch_size, dtype=dtype)
 
   # ---------------------------------------------------------------------------------------------- tokens
 
@@ -267,7 +282,7 @@ class VideoDiT(nnx.Module):
       labels = jnp.asarray(labels)
       if labels.shape != (b,) or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be int [b] = [{b}], got {labels.dtype} {labels.shape}")
-      _check_range("label", labels, c.num_classes)
+      _check_range("label", labels, c.num_classes, low=NULL_LABEL)
     if actions is not None:
       actions = jnp.asarray(actions)
       if actions.shape != (b, n) or not jnp.issubdtype(actions.dtype, jnp.integer):
@@ -295,8 +310,9 @@ class VideoDiT(nnx.Module):
     if k > 1:
       h = h + jnp.tile(self.frame_in_chunk[...], (n // k, 1))[None, :, None]
     cond = self.time_out(jax.nn.silu(self.time_in(timestep_features(t, d))))  # [b, n, d]
-    if labels is not None:
-      cond = cond + self.class_embed(labels)[:, None]
+    if labels is not None:  # NULL_LABEL adds nothing
+      emb = self.class_embed(jnp.maximum(labels, 0))
+      cond = cond + jnp.where((labels >= 0)[:, None], emb, 0.0).astype(cond.dtype)[:, None]
     if actions is not None:
       cond = cond + self.action_embed(actions)
     cond = jnp.broadcast_to(cond[:, :, None], (b, n, p, d)).reshape(b, n * p, d)
@@ -373,21 +389,88 @@ class VideoDiT(nnx.Module):
     *,
     labels: Int[Array, " b"] | None = None,
     actions: Int[Array, "b k"] | None = None,
+    guidance: float = 1.0,
   ) -> Float[Array, "b k H W C"]:
     """One chunk sampled from ``noise`` along the time grid ``times`` (``flow.schedule``) with Euler steps, each a
-    call against the (unchanged) cache; returns the clean chunk in the model's range."""
+    call against the (unchanged) cache; returns the clean chunk in the model's range. With ``guidance != 1`` the
+    cache is a paired one (``init_cache(..., guided=True)``, ``2 b`` rows for ``b`` rows of ``noise``) and each
+    step is one call on both branches."""
+    check_guidance(self.config, guidance)
 
     def v(x, t):
-      return self.velocity(x, t, cache, labels=labels, actions=actions)[0]
+      if guidance == 1.0:
+        return self.velocity(x, t, cache, labels=labels, actions=actions)[0]
+      pl, pa = paired(labels, actions)
+      return combine(self.velocity(pair(x), t, cache, labels=pl, actions=pa)[0], guidance)
 
     return flow.euler(v, noise, times)
 
+  def commit_chunk(
+    self,
+    x0: Float[Array, "b k H W C"],
+    cache: cache_lib.KVCache,
+    *,
+    labels: Int[Array, " b"] | None = None,
+    actions: Int[Array, "b k"] | None = None,
+    guidance: float = 1.0,
+  ) -> cache_lib.KVCache:
+    """``commit`` for a stream sampled with ``guidance``: with ``guidance != 1`` the clean chunk goes into both
+    halves of the paired cache, each with its branch's label."""
+    if guidance == 1.0:
+      return self.commit(x0, cache, labels=labels, actions=actions)
+    pl, pa = paired(labels, actions)
+    return self.commit(pair(x0), cache, labels=pl, actions=pa)
 
-def _check_range(what: str, ids: Array, n: int) -> None:
+  def guided_forward(
+    self,
+    x: Float[Array, "b n H W C"],
+    t: Float[ArrayLike, "..."] | float,
+    *,
+    labels: Int[Array, " b"] | None = None,
+    actions: Int[Array, "b n"] | None = None,
+    guidance: float = 1.0,
+  ) -> Float[Array, "b n H W C"]:
+    """``forward`` with classifier-free ``guidance`` (both branches in one call of ``2 b`` rows; ``guidance = 1``:
+    ``forward`` itself). The guided teacher of distribution matching (``jstream.models.self_forcing``)."""
+    check_guidance(self.config, guidance)
+    if guidance == 1.0:
+      return self.forward(x, t, labels=labels, actions=actions)
+    pl, pa = paired(labels, actions)
+    return combine(self.forward(pair(x), pair(jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:2])),
+                                labels=pl, actions=pa), guidance)  # fmt: skip
+
+
+def _check_range(what: str, ids: Array, n: int, low: int = 0) -> None:
   if is_concrete(ids) and ids.size:
     arr = np.asarray(ids)
-    if arr.min() < 0 or arr.max() >= n:
-      raise ValueError(f"{what} ids must be in [0, {n}), got range [{arr.min()}, {arr.max()}]")
+    if arr.min() < low or arr.max() >= n:
+      raise ValueError(f"{what} ids must be in [{low}, {n}), got range [{arr.min()}, {arr.max()}]")
+
+
+def check_guidance(config: VideoDiTConfig, guidance: float) -> None:
+  """A clear error unless ``guidance`` is a finite float and, when it is not 1, the model is class-conditioned."""
+  if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+    raise ValueError(f"guidance must be a finite float (1: no guidance), got {guidance!r}")
+  if guidance != 1.0 and not config.num_classes:
+    raise ValueError(f"classifier-free guidance ({guidance}) needs a class-conditioned model (num_classes > 0)")
+
+
+def pair(x: Array) -> Array:
+  """``x`` for both branches of a guided call: ``[x; x]`` along the batch axis."""
+  return jnp.concatenate([x, x], axis=0)
+
+
+def paired(labels: Array, actions: Array | None) -> tuple[Array, Array | None]:
+  """The conditioning of a guided call's ``2 b`` rows: the labels then ``NULL_LABEL``; actions for both."""
+  labels = jnp.asarray(labels)
+  null = jnp.full_like(labels, NULL_LABEL)
+  return jnp.concatenate([labels, null]), None if actions is None else pair(jnp.asarray(actions))
+
+
+def combine(v: Array, guidance: float) -> Array:
+  """The guided velocity ``v_u + w (v_c - v_u)`` of a guided call's ``2 b`` rows (conditioned rows first)."""
+  v_c, v_u = jnp.split(v, 2, axis=0)
+  return v_u + guidance * (v_c - v_u)
 
 
 def training_inputs(
@@ -423,6 +506,12 @@ def training_inputs(
   return flow.noised(x0, noise, t), t, noise, weight
 
 
+def drop_labels(labels: Int[Array, " b"], rng: Array, rate: float) -> Int[Array, " b"]:
+  """``labels`` with each replaced by ``NULL_LABEL`` with probability ``rate`` (label dropout, for guidance)."""
+  labels = jnp.asarray(labels)
+  return jnp.where(jax.random.uniform(rng, labels.shape) < rate, NULL_LABEL, labels)
+
+
 def training_loss(
   model: VideoDiT,
   frames: Float[Array, "b n H W C"],
@@ -433,11 +522,21 @@ def training_loss(
   objective: str = "diffusion_forcing",
   time_sampling: str = "logit_normal",
   time_shift: float = 1.0,
+  label_dropout: float = 0.0,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
   """The flow-matching loss of a clip of ``frames`` in [0, 1] (whole chunks), noised by ``training_inputs``, from
   one block-causal forward, and metrics: ``loss``, ``loss_low_noise`` / ``loss_high_noise`` (the weighted frames
-  below / above ``t = 0.5``), ``tokens`` (weighted tokens)."""
+  below / above ``t = 0.5``), ``tokens`` (weighted tokens). ``label_dropout``: the share of clips whose label is
+  replaced by ``NULL_LABEL`` (drawn per clip), so that the model also learns the unconditional velocity that
+  classifier-free guidance needs."""
   cfg = model.config
+  if not 0.0 <= label_dropout < 1.0:
+    raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+  if label_dropout and labels is None:
+    raise ValueError("label_dropout needs labels (a class-conditioned model)")
+  if label_dropout:
+    rng, rng_d = jax.random.split(rng)
+    labels = drop_labels(labels, rng_d, label_dropout)
   x0 = to_model(frames)
   xt, t, noise, weight = training_inputs(
     x0, rng, cfg.frames_per_chunk, objective=objective, time_sampling=time_sampling, time_shift=time_shift

@@ -157,6 +157,9 @@ class VideoGenTask:
       CartPole's training episodes (of ``episode_frames``).
     clip_frames: frames per training clip (a multiple of ``frames_per_chunk``).
     class_conditioned: condition on the digit's label (one digit per clip only).
+    label_dropout: share of training clips whose label is dropped (``video_dit.NULL_LABEL``), so that the model
+      also learns the unconditional velocity and can be sampled with classifier-free guidance (0: never; DiT
+      and the video models after it drop 10%).
     objective: ``"diffusion_forcing"`` (every chunk of a clip at its own noise level, one block-causal forward, the
       loss on every chunk; Chen et al. 2024, CausVid's initialisation) or ``"teacher_forcing"`` (one chunk per
       clip noised, the chunks before it clean at noise level 0, as a stream's cache holds them; the loss on that
@@ -173,6 +176,10 @@ class VideoGenTask:
     dmd_time_range: ``self_forcing``: the noise levels at which the teacher and the critic score the rollout.
     context_frames: ``self_forcing``: real frames (the first of each training clip) committed to the student's
       cache before it rolls out the rest of the clip; 0: the student generates the whole clip from its label.
+    teacher_guidance: ``self_forcing``: the classifier-free guidance scale of the real score (the teacher; 1:
+      unguided). DMD distils the guided teacher into the few-step student, as CausVid and Self Forcing do; needs a
+      teacher trained with ``label_dropout``.
+    guidance: the guidance scale benchmarks sample this run's model with (``jstream bench video-gen``; 1: none).
   """
 
   dataset: str = "digits"
@@ -185,6 +192,7 @@ class VideoGenTask:
   num_train: int = 2000
   clip_frames: int = 8
   class_conditioned: bool = True
+  label_dropout: float = 0.0
   objective: str = "diffusion_forcing"
   time_sampling: str = "logit_normal"
   time_shift: float = 1.0
@@ -194,6 +202,8 @@ class VideoGenTask:
   dmd_time_range: tuple[float, float] = (0.02, 0.98)
   context_frames: int = 0
   episode_frames: int = 64
+  teacher_guidance: float = 1.0
+  guidance: float = 1.0
 
   OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing", "self_forcing")
 
@@ -235,6 +245,12 @@ class VideoGenTask:
       )
     if self.class_conditioned and self.num_digits != 1:
       raise ValueError(f"class_conditioned needs one digit per clip (its label), got num_digits={self.num_digits}")
+    if not 0.0 <= self.label_dropout < 1.0:
+      raise ValueError(f"VideoGenTask.label_dropout must be in [0, 1), got {self.label_dropout}")
+    for name in ("label_dropout", "teacher_guidance", "guidance"):
+      unguided = 0.0 if name == "label_dropout" else 1.0
+      if getattr(self, name) != unguided and not self.class_conditioned:
+        raise ValueError(f"VideoGenTask.{name} = {getattr(self, name)} needs class_conditioned=True")
 
   @property
   def frame_hw(self) -> tuple[int, int]:

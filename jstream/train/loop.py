@@ -87,6 +87,7 @@ def make_train_step(
           context=video_dit.to_model(frames[:, :n0]) if n0 else None,
           labels=labels,
           actions=actions,
+          teacher_guidance=task.teacher_guidance,
         )
         return gen + critic, m  # stop-gradients give each model its own loss's gradient
       loss, m = video_dit.training_loss(
@@ -98,6 +99,7 @@ def make_train_step(
         objective=task.objective,
         time_sampling=task.time_sampling,
         time_shift=task.time_shift,
+        label_dropout=task.label_dropout,
       )
       return loss, m
     if cfg.data == "video_qa":
