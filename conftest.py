@@ -9,11 +9,19 @@ users keep XLA's defaults.
 An XLA that does not know a flag aborts the process, and flags come and go between jax releases, so the controller
 probes the flags once in a subprocess and keeps only what that XLA accepts; workers and subprocesses inherit them.
 ``JSTREAM_TEST_XLA_DEFAULTS=1`` runs the tests with XLA's default compilation instead.
+
+The same programs are compiled again and again in different processes (two xdist workers, and the CLI and notebook
+tests' subprocesses train and run the same quick models), and again in one process after ``jax.clear_caches()``.
+So a run shares JAX's persistent compilation cache: the controller makes an empty folder for it (a run starts cold,
+nothing is kept between runs) and removes it when pytest unconfigures; every process of the run inherits it.
+``JSTREAM_TEST_NO_COMPILE_CACHE=1`` switches it off.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -45,3 +53,23 @@ def _fast_compile_flags() -> None:
 
 
 _fast_compile_flags()
+
+_CACHE_OWNER = False
+
+
+def _compile_cache() -> None:
+  global _CACHE_OWNER
+  if os.environ.get("JSTREAM_TEST_NO_COMPILE_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # switched off, or chosen already (a worker or subprocess of this run, or the caller)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jstream-xla-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  _CACHE_OWNER = True
+
+
+_compile_cache()
+
+
+def pytest_unconfigure(config) -> None:
+  if _CACHE_OWNER and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
