@@ -12,7 +12,8 @@ policies, judged by drift at 10x the training horizon.
 
 Drift is measured as in ``jstream bench video-gen``: on moving digits, per frame, whether a digit classifier reads
 the label the video was asked for (identity), whether it shows one blob as real frames do (count) and the frame's
-ink against the data's; on CartPole (``--data
+ink against the data's (from scratch, or with ``--context N`` continuing the first N frames of real test clips,
+which start with the right digit and can only lose it); on CartPole (``--data
 cartpole``), the PSNR / SSIM of the model's continuation of real frames under the real actions against the real
 simulator's frames, beside holding the last real frame. Runs that are missing or unfinished are trained first
 (diffusion forcing before self forcing, its teacher), unless ``--no-train`` (each run's newest checkpoint as it
@@ -51,11 +52,18 @@ def policies(config: video_dit.VideoDiTConfig, window: int, sinks: int, total: i
 
 
 def digits_drift(
-  model, task, policy, *, predict, ink_ref: float, batch: int, horizon: int, steps: int, rng, guidance: float = 1.0
-) -> dict:
-  """Identity and ink per frame of ``batch`` videos (labels 0, 1, 2, ...) generated from scratch (classifier-free
-  ``guidance``: 1 for none)."""
-  labels = np.arange(batch) % 10
+  model, task, policy, *, predict, ink_ref: float, batch: int, horizon: int, steps: int, rng, guidance: float = 1.0,
+  context: int = 0,
+) -> dict:  # fmt: skip
+  """Identity and ink per frame of ``batch`` videos generated from scratch (labels 0, 1, 2, ...), or, with
+  ``context`` > 0, continuing the first ``context`` frames of the test split's first ``batch`` clips (their labels):
+  a rollout that starts from real digits, whose identity can only be lost. ``guidance``: classifier-free (1: none)."""
+  labels, real = np.arange(batch) % 10, None
+  if context:
+    clips = next(iter(digits.digits_dataset("test", batch_size=batch, shuffle=False, dtype=np.float32,
+                                            with_metadata=True, config=task.data_config())))  # fmt: skip
+    labels = np.asarray(clips["labels"])[:, 0]
+    real = jnp.asarray(np.asarray(clips["frames"])[:, :context, ..., None])
   out = rollout.generate_video(
     model,
     num_frames=horizon,
@@ -63,6 +71,7 @@ def digits_drift(
     labels=jnp.asarray(labels, jnp.int32),
     steps=steps,
     guidance=guidance,
+    context=real,
     rng=rng,
     out_dtype=jnp.uint8,
   )
@@ -84,7 +93,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
   metrics = ("psnr", "ssim") if cartpole else tuple(m for m in ("identity", "count", "ink") if m in first)
   fig, axes = plt.subplots(len(metrics), len(names), figsize=(4.2 * len(names), 3.2 * len(metrics)), sharey="row",
                            squeeze=False)  # fmt: skip
-  context = result["args"]["context"] if cartpole else 0  # CartPole curves start after the real context
+  context = result["args"]["context"]  # the curves start after the real context frames
   for col, name in enumerate(names):
     evals = result["runs"][name]["policies"]
     for row, metric in enumerate(metrics):
@@ -119,8 +128,10 @@ def main(argv=None) -> int:
     "--guidance", type=float, default=None, help="guidance scale (default: each run's; self forcing: unguided)"
   )
   parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
-  parser.add_argument("--sinks", type=int, default=None, help="frame sinks (default: one chunk; CartPole: context)")
-  parser.add_argument("--context", type=int, default=2, help="CartPole: real frames each rollout continues")
+  parser.add_argument("--sinks", type=int, default=None, help="frame sinks (default: the context, or one chunk)")
+  parser.add_argument(
+    "--context", type=int, default=None, help="real frames each rollout continues (default: CartPole 2, digits 0)"
+  )
   parser.add_argument("--classifier-steps", type=int, default=300)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-train", action="store_true", help="evaluate the runs' newest checkpoints as they are")
@@ -133,6 +144,8 @@ def main(argv=None) -> int:
   if args.quick:
     args.batch, args.classifier_steps = 2, 5
   cartpole = args.data == "cartpole"
+  if args.context is None:
+    args.context = 2 if cartpole else 0
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     horizon = args.horizon or (3 if args.quick else 10) * clip
     k = model.config.frames_per_chunk
     window = args.window or clip
-    sinks = args.sinks if args.sinks is not None else (args.context if cartpole else k)
+    sinks = args.sinks if args.sinks is not None else (args.context or k)  # the real frames, or the first chunk
     if predict is None and not cartpole:
       predict, acc = bench.train_classifier(task.data_config(), steps=args.classifier_steps, seed=args.seed)
       result["classifier_test_accuracy"] = acc
@@ -167,7 +180,7 @@ def main(argv=None) -> int:
                                                config=task.data_config())))  # fmt: skip
       ink_ref = float(np.mean(sample))
       print(f"  digit classifier: {acc:.3f} on the test split's frames")
-    total = horizon + (args.context if cartpole else 0)
+    total = horizon + args.context
     evals = {}
     for pol_name, policy in policies(model.config, window, sinks, total).items():
       if cartpole:
@@ -176,7 +189,7 @@ def main(argv=None) -> int:
         ev.pop("videos")
       else:
         ev = digits_drift(model, task, policy, predict=predict, ink_ref=ink_ref, batch=args.batch, horizon=horizon,
-                          steps=steps, rng=rng, guidance=guidance)  # fmt: skip
+                          steps=steps, rng=rng, guidance=guidance, context=args.context)  # fmt: skip
       evals[pol_name] = ev
       cells = "; ".join(
         f"{span}: " + ", ".join(f"{m} {v:.3f}" for m, v in vals.items() if not m.startswith("hold"))
