@@ -18,10 +18,12 @@ nothing is kept between runs) and removes it when pytest unconfigures; every pro
 """
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -59,8 +61,12 @@ _CACHE_OWNER = False
 
 def _compile_cache() -> None:
   global _CACHE_OWNER
-  if os.environ.get("JSTREAM_TEST_NO_COMPILE_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if os.environ.get("JSTREAM_TEST_NO_COMPILE_CACHE") == "1" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return  # switched off, or chosen already (a worker or subprocess of this run, or the caller)
+  temp = pathlib.Path(tempfile.gettempdir())
+  for stale in temp.glob("jstream-xla-cache-*"):  # left by a killed run (no unconfigure): a day old
+    if time.time() - stale.stat().st_mtime > 86_400:
+      shutil.rmtree(stale, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jstream-xla-cache-")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"

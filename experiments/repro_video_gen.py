@@ -167,10 +167,12 @@ def main(argv=None) -> int:
     task = cfg.generation
     steps = task.rollout_steps if task.objective == "self_forcing" else args.steps
     # A self-forcing student has its teacher's guidance distilled in (DMD): it samples unguided, as CausVid's does.
-    guidance = 1.0 if task.objective == "self_forcing" else (args.guidance or task.guidance)
+    guidance = 1.0 if task.objective == "self_forcing" else (task.guidance if args.guidance is None else args.guidance)
     clip = task.clip_frames
     horizon = args.horizon or (3 if args.quick else 10) * clip
     k = model.config.frames_per_chunk
+    if not cartpole and (args.context >= clip or args.context % k):
+      raise SystemExit(f"--context {args.context}: whole chunks of {k} frames, fewer than the {clip}-frame test clips")
     window = args.window or clip
     sinks = args.sinks if args.sinks is not None else (args.context or k)  # the real frames, or the first chunk
     if predict is None and not cartpole:

@@ -473,7 +473,15 @@ class VideoGenerator:
           f"{b} rows"
         )
       b //= 2
+    if labels is not None and np.shape(labels)[:1] != (b,):
+      kind = "a paired cache, 2 rows per video" if self.guidance != 1.0 else "an unguided cache, 1 row per video"
+      raise ValueError(
+        f"labels hold {np.shape(labels)[:1]} rows for a cache of {cache.batch_size} rows; guidance "
+        f"{self.guidance} takes {kind} (VideoDiT.init_cache(..., guided=...))"
+      )
     labels, actions = self.model.check_conditioning(labels, actions, b, self.frames)
+    if self.guidance != 1.0:
+      video_dit.check_guided_labels(labels)
     return labels, actions
 
   def __call__(

@@ -123,7 +123,8 @@ def test_bench_video_gen_quick(in_tmp):
     assert r["frames"] == 12 and len(r["curves"]["identity"]) == 12 and r["ms_per_frame"] > 0
     assert all(0 <= v["identity"] <= 1 and 0 <= v["count"] <= 1 and v["ink"] > 0 for v in r["summary"].values())
   rec = res["recompute"]
-  assert all(rec[f"{m}_ms_per_chunk"] > 0 and 0 <= rec[f"{m}_identity"] <= 1 for m in ("rolling", "no_cache"))
+  modes = ("rolling", "recompute", "no_cache")
+  assert all(rec[f"{m}_ms_per_chunk"] > 0 and 0 <= rec[f"{m}_identity"] <= 1 for m in modes)
   assert rec["speedup_no_cache"] == pytest.approx(rec["no_cache_ms_per_chunk"] / rec["rolling_ms_per_chunk"])
   assert rec["recompute_ms_per_chunk"] > 0 and 0 <= res["classifier_test_accuracy"] <= 1
   from PIL import Image

@@ -157,7 +157,7 @@ def test_generator_loss_is_zero_where_critic_equals_teacher_and_moves_the_clip_a
 
 def test_a_guided_teacher_is_the_real_score():
   """With the critic equal to the teacher the generator is at rest unguided; a guided teacher (classifier-free,
-  ``teacher_guidance``) moves the real score away from the critic's, the more the larger the scale."""
+  ``teacher_guidance``) moves the real score away from the critic's."""
   cfg = make(num_classes=3).config
   model = sf.SelfForcing(cfg, rngs=nnx.Rngs(0))
   model.load_teacher(make(num_classes=3))
@@ -173,8 +173,6 @@ def test_a_guided_teacher_is_the_real_score():
   gen, _, metrics = run(state, jax.random.key(0), 3.0)
   assert float(gen) > 0.0
   np.testing.assert_allclose(float(gen), 0.5 * float(metrics["dmd_direction_rms"]) ** 2, rtol=1e-4)
-  gen2, _, _ = run(state, jax.random.key(0), 5.0)
-  assert float(gen2) > float(gen)  # the guidance term grows with the scale
 
 
 def test_load_teacher_refuses_another_model():
@@ -215,6 +213,8 @@ def test_self_forcing_task_errors_name_the_problem():
     VideoGenTask(objective="self_forcing", teacher="x", dmd_time_range=(0.5, 0.5))
   with pytest.raises(ValueError, match="label_dropout must be in"):
     VideoGenTask(label_dropout=1.0)
+  with pytest.raises(ValueError, match="teacher_guidance is self forcing's"):
+    VideoGenTask(teacher_guidance=3.0)
   for field in ("label_dropout", "teacher_guidance", "guidance"):
     with pytest.raises(ValueError, match=f"{field} = .* needs class_conditioned=True"):
       VideoGenTask(dataset="cartpole", frame_size=(8, 16), class_conditioned=False, **{field: 0.5})

@@ -383,20 +383,29 @@ def test_guided_forward_combines_two_separate_forwards():
   assert float(jnp.max(jnp.abs(v_c - v_u))) > 1e-3  # the label matters, so the check above is not vacuous
 
 
-@pytest.mark.parametrize("window_frames", [None, 2], ids=["dense", "window2"])
+@pytest.mark.parametrize("window_frames", [None, 2], ids=["dense", "window2_with_context"])
 def test_guided_rollout_equals_two_caches_stepped_by_hand(window_frames):
-  """A guided rollout (one paired cache, one call per step on both branches) against two separate caches, one per
-  branch, each stepped and committed on its own."""
+  """A guided rollout (one paired cache, one call per step on both branches; with the window, after two context
+  frames) against two separate caches, one per branch, each given the context and stepped and committed on its
+  own."""
   model = make_fresh(frames_per_chunk=1, num_classes=3)
   cfg, b, w, n = model.config, 2, 3.0, 4
   policy = vd.rolling_policy(cfg, window_frames, 0 if window_frames else n)
   labels = jnp.array([1, 0])
   null = jnp.full((b,), vd.NULL_LABEL)
   rng = jax.random.key(5)
-  out = rollout.generate_video(model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng, guidance=w)
+  ctx = (frames(model, b, 2, 24) + 1) / 2 if window_frames else None
+  out = rollout.generate_video(
+    model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng, guidance=w, context=ctx
+  )
   assert out.frames.shape == (b, n, *cfg.frame_size, 1) and out.cache.batch_size == 2 * b
   vel, com = jitted(model)
   cond, uncond = model.init_cache(policy, b), model.init_cache(policy, b)
+  for c in range(0 if ctx is None else ctx.shape[1]):
+    cond, uncond = (
+      com(vd.to_model(ctx[:, c : c + 1]), cond, labels, None),
+      com(vd.to_model(ctx[:, c : c + 1]), uncond, null, None),
+    )
   by_hand = []
   for i in range(n):
     x = jax.random.normal(jax.random.fold_in(rng, i), (b, 1, *cfg.frame_size, 1))
@@ -407,7 +416,7 @@ def test_guided_rollout_equals_two_caches_stepped_by_hand(window_frames):
     cond, uncond = com(x, cond, labels, None), com(x, uncond, null, None)
     by_hand.append(np.clip((np.asarray(x) + 1) / 2, 0, 1))
   np.testing.assert_allclose(np.asarray(out.frames), np.concatenate(by_hand, axis=1), rtol=1e-4, atol=1e-4)
-  unguided = rollout.generate_video(model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng)
+  unguided = rollout.generate_video(model, num_frames=n, policy=policy, labels=labels, steps=2, rng=rng, context=ctx)
   assert float(jnp.max(jnp.abs(unguided.frames - out.frames))) > 1e-3
 
 
@@ -442,6 +451,14 @@ def test_guidance_bad_input_is_a_clear_error():
     rollout.VideoGenerator(cond, chunks=1, guidance=float("nan"))
   with pytest.raises(ValueError, match="paired cache"):
     rollout.VideoGenerator(cond, chunks=1, guidance=2.0)(cond.init_cache(policy, 3), labels=jnp.array([0, 1, 2]))
+  with pytest.raises(ValueError, match=r"guidance 2\.0 takes a paired cache"):  # an unguided cache of even rows
+    rollout.VideoGenerator(cond, chunks=1, guidance=2.0)(cond.init_cache(policy, 2), labels=jnp.array([0, 1]))
+  with pytest.raises(ValueError, match=r"guidance 1\.0 takes an unguided cache"):  # a paired cache, unguided
+    rollout.VideoGenerator(cond, chunks=1)(cond.init_cache(policy, 2, guided=True), labels=jnp.array([0, 1]))
+  with pytest.raises(ValueError, match="a real label per row"):
+    rollout.generate_video(cond, num_frames=1, policy=policy, labels=jnp.array([0, vd.NULL_LABEL]), guidance=2.0)
+  with pytest.raises(ValueError, match="needs labels"):
+    cond.guided_forward(jnp.zeros((1, 1, 8, 8, 1)), 0.5, guidance=2.0)
   with pytest.raises(ValueError, match="label ids must be in"):
     cond.forward(jnp.zeros((1, 1, 8, 8, 1)), jnp.zeros((1, 1)), labels=jnp.array([-2]))
   with pytest.raises(ValueError, match="label_dropout"):

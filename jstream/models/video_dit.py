@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -431,7 +432,8 @@ class VideoDiT(nnx.Module):
     guidance: float = 1.0,
   ) -> Float[Array, "b n H W C"]:
     """``forward`` with classifier-free ``guidance`` (both branches in one call of ``2 b`` rows; ``guidance = 1``:
-    ``forward`` itself). The guided teacher of distribution matching (``jstream.models.self_forcing``)."""
+    ``forward`` itself), under the full block-causal mask (no ``policy``). The guided teacher of distribution
+    matching (``jstream.models.self_forcing``) and the no-cache baseline of ``jstream bench video-gen``."""
     check_guidance(self.config, guidance)
     if guidance == 1.0:
       return self.forward(x, t, labels=labels, actions=actions)
@@ -448,11 +450,23 @@ def _check_range(what: str, ids: Array, n: int, low: int = 0) -> None:
 
 
 def check_guidance(config: VideoDiTConfig, guidance: float) -> None:
-  """A clear error unless ``guidance`` is a finite float and, when it is not 1, the model is class-conditioned."""
-  if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+  """A clear error unless ``guidance`` is a finite real number and, when it is not 1, the model is
+  class-conditioned."""
+  if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
     raise ValueError(f"guidance must be a finite float (1: no guidance), got {guidance!r}")
   if guidance != 1.0 and not config.num_classes:
     raise ValueError(f"classifier-free guidance ({guidance}) needs a class-conditioned model (num_classes > 0)")
+
+
+def check_guided_labels(labels) -> Array:
+  """``labels`` as an array, or a clear error for none, or for ``NULL_LABEL`` among them (checked when concrete):
+  both branches of that row would be the unconditional one, silently unguided."""
+  if labels is None:
+    raise ValueError("classifier-free guidance needs labels [b] (a class-conditioned model)")
+  labels = jnp.asarray(labels)
+  if is_concrete(labels) and labels.size and int(np.min(np.asarray(labels))) < 0:
+    raise ValueError(f"guided streams need a real label per row (>= 0), got {np.asarray(labels).tolist()}")
+  return labels
 
 
 def pair(x: Array) -> Array:
@@ -460,9 +474,10 @@ def pair(x: Array) -> Array:
   return jnp.concatenate([x, x], axis=0)
 
 
-def paired(labels: Array, actions: Array | None) -> tuple[Array, Array | None]:
-  """The conditioning of a guided call's ``2 b`` rows: the labels then ``NULL_LABEL``; actions for both."""
-  labels = jnp.asarray(labels)
+def paired(labels: Array | None, actions: Array | None) -> tuple[Array, Array | None]:
+  """The conditioning of a guided call's ``2 b`` rows: the labels then ``NULL_LABEL``; actions for both
+  (``check_guided_labels`` first)."""
+  labels = check_guided_labels(labels)
   null = jnp.full_like(labels, NULL_LABEL)
   return jnp.concatenate([labels, null]), None if actions is None else pair(jnp.asarray(actions))
 

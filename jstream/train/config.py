@@ -251,6 +251,10 @@ class VideoGenTask:
       unguided = 0.0 if name == "label_dropout" else 1.0
       if getattr(self, name) != unguided and not self.class_conditioned:
         raise ValueError(f"VideoGenTask.{name} = {getattr(self, name)} needs class_conditioned=True")
+    if self.teacher_guidance != 1.0 and self.objective != "self_forcing":
+      raise ValueError(
+        f"VideoGenTask.teacher_guidance is self forcing's (its DMD teacher), got objective {self.objective!r}"
+      )
 
   @property
   def frame_hw(self) -> tuple[int, int]:
