@@ -7,8 +7,8 @@
 
 The model (``jstream.models.video_dit``): 4 layers, width 128, 4 query / 2 kv heads, SwiGLU 384, 8x8-pixel patches
 of 32x32 frames (16 tokens per frame), one frame per chunk, conditioned on the digit's label (dropped for 10% of the
-clips, so that it can be sampled with classifier-free guidance: ``generation.guidance=3``); trained with rectified
-flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, AdamW at 1e-3. Flags:
+clips, so that it can be sampled with classifier-free guidance: the benchmarks' ``--guidance 3``); trained with
+rectified flow on 8-frame clips of one moving digit (``jstream.data.digits``), batch 16, AdamW at 1e-3. Flags:
 ``teacher_forcing`` (one chunk per clip noised after clean context, workdir suffix ``_tf``), ``self_forcing`` (Self
 Forcing: the student rolls out whole clips with its own cache and a 4-step sampler, trained by distribution matching
 against the diffusion-forcing run in ``runs/video_gen`` (the teacher, trained first) and an online critic; lr 1e-4,

@@ -183,26 +183,23 @@ def _recompute(
       clip = jnp.concatenate([ctx, x], axis=1)
       tt = jnp.concatenate([jnp.zeros((b, c)), jnp.full((b, k), t)], axis=1)
       clip_act = None if act is None else jnp.concatenate([ctx_act, act], axis=1)
-      return model.guided_forward(clip, tt, labels=labels, actions=clip_act, guidance=guidance)[:, c:]
+      return model.forward(clip, tt, labels=labels, actions=clip_act, guidance=guidance)[:, c:]
 
     return flow.euler(velocity, noise, times)
+
+  def per_chunk(ctx, ctx_act, noise, act):
+    x, lab, x_act = ctx, labels, ctx_act
+    if guided:  # both branches of the paired cache recomputed
+      x, (lab, x_act) = video_dit.pair(ctx), video_dit.paired(labels, ctx_act)
+    h, cond, groups = model.tokens(x, jnp.zeros(x.shape[:2]), lab, x_act)
+    _, cache = model.dit.extend_embeddings(h, model.init_cache(policy, b, guided=guided), groups=groups, cond=cond)
+    return model.denoise(cache, noise, times, labels=labels, actions=act, guidance=guidance)
 
   def step(carry, xs):
     ctx, ctx_act = carry
     i, act = xs
     noise = jax.random.normal(jax.random.fold_in(rng, i), (b, k, *ctx.shape[2:]), jnp.float32)
-    if per_step:
-      x0 = no_cache(ctx, ctx_act, noise, act)
-      ctx_act = None if act is None else jnp.concatenate([ctx_act[:, k:], act], axis=1)
-      return (jnp.concatenate([ctx[:, k:], x0], axis=1), ctx_act), x0
-    cache = model.init_cache(policy, b, guided=guided)
-    if guided:
-      pl, pa = video_dit.paired(labels, ctx_act)
-      h, cond, groups = model.tokens(video_dit.pair(ctx), jnp.zeros((2 * b, c)), pl, pa)
-    else:
-      h, cond, groups = model.tokens(ctx, jnp.zeros((b, c)), labels, ctx_act)
-    _, cache = model.dit.extend_embeddings(h, cache, groups=groups, cond=cond)
-    x0 = model.denoise(cache, noise, times, labels=labels, actions=act, guidance=guidance)
+    x0 = (no_cache if per_step else per_chunk)(ctx, ctx_act, noise, act)
     ctx_act = None if act is None else jnp.concatenate([ctx_act[:, k:], act], axis=1)
     return (jnp.concatenate([ctx[:, k:], x0], axis=1), ctx_act), x0
 
@@ -376,6 +373,15 @@ def compare_context(
   return videos, ms
 
 
+def context_record(frames: int, ms: dict[str, float], **extra) -> dict:
+  """A ``compare_context`` result as JSON: ``frames``, ms per chunk per mode, the rolling cache's speed-ups
+  (``speedup`` over the recompute, ``speedup_no_cache``), and ``extra`` fields (quality per mode)."""
+  rec = {"frames": frames, **{f"{mode}_ms_per_chunk": v for mode, v in ms.items()}, **extra}
+  rec["speedup"] = ms["recompute"] / ms["rolling"]
+  rec["speedup_no_cache"] = ms["no_cache"] / ms["rolling"]
+  return rec
+
+
 def print_context(rec: dict, *metrics: str) -> None:
   """One line of a ``compare_context`` result: ms per chunk, speed-ups over the rolling cache, ``metrics`` per mode."""
   ms = ", ".join(f"{m} {rec[m + '_ms_per_chunk']:.2f}" for m in CONTEXT_MODES)
@@ -396,14 +402,11 @@ def cartpole_recompute(model, task, window: int, *, batch: int, frames: int, ste
   ctx = jnp.asarray(real[:, :c], jnp.float32) / 255.0
   videos, ms = compare_context(model, ctx, None, frames, steps=steps, window=window, rng=rng,
                                context_actions=actions[:, :c], actions=actions[:, c:])  # fmt: skip
-  target = real[:, c:]
-  out = {"context": c, "frames": frames, **{f"{mode}_ms_per_chunk": v for mode, v in ms.items()}}
+  quality = {}
   for name, f in videos.items():
-    m = image_metrics(f, target)
-    out.update({f"{name}_psnr": float(np.mean(m["psnr"])), f"{name}_ssim": float(np.mean(m["ssim"]))})
-  out["speedup"] = out["recompute_ms_per_chunk"] / out["rolling_ms_per_chunk"]
-  out["speedup_no_cache"] = out["no_cache_ms_per_chunk"] / out["rolling_ms_per_chunk"]
-  return out
+    m = image_metrics(f, real[:, c:])
+    quality.update({f"{name}_psnr": float(np.mean(m["psnr"])), f"{name}_ssim": float(np.mean(m["ssim"]))})
+  return context_record(frames, ms, context=c, **quality)
 
 
 def plot_cartpole(ev: dict, train_frames: int, path: pathlib.Path) -> None:
@@ -457,9 +460,7 @@ def main(argv=None) -> int:
   parser.add_argument("--frames", default="100,1000", help="comma-separated rollout lengths")
   parser.add_argument("--batch", type=int, default=4, help="videos per rollout (labels 0, 1, 2, ...)")
   parser.add_argument("--steps", type=int, default=4, help="Euler steps per chunk")
-  parser.add_argument(
-    "--guidance", type=float, default=None, help="classifier-free guidance scale (default: the config's guidance)"
-  )
+  parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
   parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
   parser.add_argument("--sinks", type=int, default=1, help="frame sinks of the sinks+window policy")
   parser.add_argument("--chunks-per-call", type=int, default=100)
@@ -476,8 +477,6 @@ def main(argv=None) -> int:
     lengths, args.batch, args.classifier_steps, args.chunks_per_call = [min(lengths[0], 12)], 2, 5, 4
     args.recompute_frames = 8
   task = cfg.generation
-  if args.guidance is None:
-    args.guidance = task.guidance
   window = args.window or task.clip_frames
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -570,11 +569,9 @@ def main(argv=None) -> int:
     model, first.astype(np.float32) / 255.0, jlabels, args.recompute_frames, steps=args.steps, window=window,
     rng=jax.random.fold_in(rng, 1), guidance=args.guidance,
   )  # fmt: skip
-  rec = {"frames": args.recompute_frames, **{f"{mode}_ms_per_chunk": v for mode, v in ms.items()}}
-  for mode, f in videos_c.items():
-    rec[f"{mode}_identity"] = float(np.mean(score(predict, f, score_labels, ink_ref)["identity"]))
-  rec["speedup"] = rec["recompute_ms_per_chunk"] / rec["rolling_ms_per_chunk"]
-  rec["speedup_no_cache"] = rec["no_cache_ms_per_chunk"] / rec["rolling_ms_per_chunk"]
+  identity = {f"{m}_identity": float(np.mean(score(predict, f, score_labels, ink_ref)["identity"]))
+              for m, f in videos_c.items()}  # fmt: skip
+  rec = context_record(args.recompute_frames, ms, **identity)
   print_context(rec, "identity")
   result.update(classifier_test_accuracy=classifier_acc, recompute=rec, seconds=time.time() - t0)
   (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
   parser.add_argument("--batch", type=int, default=20, help="videos per rollout")
   parser.add_argument("--steps", type=int, default=4, help="sampler steps (self forcing: its own rollout_steps)")
   parser.add_argument(
-    "--guidance", type=float, default=None, help="guidance scale (default: each run's; self forcing: unguided)"
+    "--guidance", type=float, default=1.0, help="classifier-free guidance scale (self forcing: always unguided)"
   )
   parser.add_argument("--window", type=int, default=None, help="frames in the window (default: the training clip)")
   parser.add_argument("--sinks", type=int, default=None, help="frame sinks (default: the context, or one chunk)")
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     task = cfg.generation
     steps = task.rollout_steps if task.objective == "self_forcing" else args.steps
     # A self-forcing student has its teacher's guidance distilled in (DMD): it samples unguided, as CausVid's does.
-    guidance = 1.0 if task.objective == "self_forcing" else (task.guidance if args.guidance is None else args.guidance)
+    guidance = 1.0 if task.objective == "self_forcing" else args.guidance
     clip = task.clip_frames
     horizon = args.horizon or (3 if args.quick else 10) * clip
     k = model.config.frames_per_chunk

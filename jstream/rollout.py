@@ -467,12 +467,7 @@ class VideoGenerator:
     video_dit.check_policy(cfg, cache.policy)
     b = cache.batch_size
     if self.guidance != 1.0:
-      if b % 2:
-        raise ValueError(
-          f"guidance {self.guidance} needs a paired cache (init_cache(..., guided=True): 2 rows per video), got "
-          f"{b} rows"
-        )
-      b //= 2
+      b //= 2  # a paired cache; the labels (a guided model has them) must then count half its rows
     if labels is not None and np.shape(labels)[:1] != (b,):
       kind = "a paired cache, 2 rows per video" if self.guidance != 1.0 else "an unguided cache, 1 row per video"
       raise ValueError(
@@ -536,7 +531,7 @@ def _video(graphdef, state, cache, rng, start, labels, actions, chunks, steps, s
     i, act = xs
     noise = jax.random.normal(jax.random.fold_in(rng, start + i), shape, jnp.float32)
     x0 = model.denoise(cache, noise, times, labels=labels, actions=act, guidance=guidance)
-    cache = model.commit_chunk(x0, cache, labels=labels, actions=act, guidance=guidance)
+    cache = model.commit(x0, cache, labels=labels, actions=act, guidance=guidance)
     frames = video_dit.from_model(x0)
     if jnp.dtype(out_dtype) == jnp.uint8:
       frames = jnp.round(frames * 255.0)
@@ -569,8 +564,6 @@ def context_frames(
     )
   labels, actions = model.check_conditioning(labels, actions, b, n)
   if guided:
-    if labels is None:
-      raise ValueError("a guided cache needs labels (a class-conditioned model)")
     frames = video_dit.pair(frames)
     labels, actions = video_dit.paired(labels, actions)
   graphdef, state = nnx.split(model)

@@ -215,7 +215,7 @@ def test_self_forcing_task_errors_name_the_problem():
     VideoGenTask(label_dropout=1.0)
   with pytest.raises(ValueError, match="teacher_guidance is self forcing's"):
     VideoGenTask(teacher_guidance=3.0)
-  for field in ("label_dropout", "teacher_guidance", "guidance"):
+  for field in ("label_dropout", "teacher_guidance"):
     with pytest.raises(ValueError, match=f"{field} = .* needs class_conditioned=True"):
       VideoGenTask(dataset="cartpole", frame_size=(8, 16), class_conditioned=False, **{field: 0.5})
 

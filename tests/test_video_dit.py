@@ -378,7 +378,7 @@ def test_guided_forward_combines_two_separate_forwards():
   fwd = jax.jit(model.forward)
   v_c = fwd(x, t, labels=labels)
   v_u = fwd(x, t, labels=jnp.full((b,), vd.NULL_LABEL))
-  got = jax.jit(functools.partial(model.guided_forward, guidance=w))(x, t, labels=labels)
+  got = jax.jit(functools.partial(model.forward, guidance=w))(x, t, labels=labels)
   np.testing.assert_allclose(np.asarray(got), np.asarray(v_u + w * (v_c - v_u)), rtol=1e-4, atol=1e-4)
   assert float(jnp.max(jnp.abs(v_c - v_u))) > 1e-3  # the label matters, so the check above is not vacuous
 
@@ -458,7 +458,7 @@ def test_guidance_bad_input_is_a_clear_error():
   with pytest.raises(ValueError, match="a real label per row"):
     rollout.generate_video(cond, num_frames=1, policy=policy, labels=jnp.array([0, vd.NULL_LABEL]), guidance=2.0)
   with pytest.raises(ValueError, match="needs labels"):
-    cond.guided_forward(jnp.zeros((1, 1, 8, 8, 1)), 0.5, guidance=2.0)
+    cond.forward(jnp.zeros((1, 1, 8, 8, 1)), 0.5, guidance=2.0)
   with pytest.raises(ValueError, match="label ids must be in"):
     cond.forward(jnp.zeros((1, 1, 8, 8, 1)), jnp.zeros((1, 1)), labels=jnp.array([-2]))
   with pytest.raises(ValueError, match="label_dropout"):

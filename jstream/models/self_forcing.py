@@ -180,7 +180,8 @@ def dmd_losses(
   clip (context + rollout) is noised per chunk (``time_range``, context clean) and scored by the teacher and the
   critic for the generator's DMD surrogate; the critic's flow-matching loss is taken on the stop-gradient clip,
   noised afresh. ``actions`` cover context and rollout frames. ``teacher_guidance``: the real score is the
-  teacher's classifier-free guided velocity (``VideoDiT.guided_forward``; the fake score stays unguided, as in DMD).
+  teacher's classifier-free guided velocity (``VideoDiT.forward(guidance=)``; the fake score stays unguided, as in
+  DMD).
   """
   cfg = model.config
   n0 = 0 if context is None else context.shape[1]
@@ -204,7 +205,7 @@ def dmd_losses(
   weight = (jnp.arange(n)[None] >= n0).astype(jnp.float32) * jnp.ones((batch_size, 1))
   # the generator: DMD through the rollout
   x_t, t, _ = noise_chunks(rng_g, jax.lax.stop_gradient(clip), k, time_range, n0)
-  v_real = frozen(model.teacher).guided_forward(x_t, t, labels=labels, actions=actions, guidance=teacher_guidance)
+  v_real = frozen(model.teacher).forward(x_t, t, labels=labels, actions=actions, guidance=teacher_guidance)
   v_fake = frozen(model.critic).forward(x_t, t, labels=labels, actions=actions)
   direction = jax.lax.stop_gradient(dmd_direction(clip, x_t, t, v_real, v_fake, weight))
   target = jax.lax.stop_gradient(clip) - direction

@@ -348,8 +348,13 @@ class VideoDiT(nnx.Module):
     *,
     labels: Int[Array, " b"] | None = None,
     actions: Int[Array, "b k"] | None = None,
+    guidance: float = 1.0,
   ) -> cache_lib.KVCache:
-    """Writes a clean chunk (model range) into the cache: the model run on it at noise level 0."""
+    """Writes a clean chunk (model range) into the cache: the model run on it at noise level 0. A stream sampled
+    with ``guidance != 1`` keeps a paired cache: the chunk goes into both halves, each with its branch's label."""
+    check_guidance(self.config, guidance)
+    if guidance != 1.0:
+      (labels, actions), x0 = paired(labels, actions), pair(x0)
     return self.velocity(x0, 0.0, cache, labels=labels, actions=actions)[1]
 
   def forward(
@@ -360,16 +365,24 @@ class VideoDiT(nnx.Module):
     labels: Int[Array, " b"] | None = None,
     actions: Int[Array, "b n"] | None = None,
     policy: cache_lib.Policy | None = None,
+    guidance: float = 1.0,
   ) -> Float[Array, "b n H W C"]:
     """Offline velocities ``[b, n, H, W, C]`` of ``n`` frames (whole chunks) at per-frame noise levels ``t``, with
     the block-causal mask: each chunk sees itself and the chunks before it (under a ``Dense`` or ``Window``
     ``policy``, only those a stream under it would keep). Chunk ``c`` sits at position ``c * chunk_tokens``, a
     stream's ``cache_relative`` spacing. This is the training forward (diffusion forcing: a noise level per
     chunk), and, with clean frames at ``t = 0`` before a noisy chunk, what a stream computes for that chunk.
+    ``guidance != 1``: the classifier-free guided velocity, both branches in one call of ``2 b`` rows (the guided
+    teacher of ``jstream.models.self_forcing``; the no-cache baseline of ``jstream bench video-gen``).
 
     Raises:
       ValueError: a ``SinkWindow`` policy (cache-relative sinks sit next to the window: no offline mask has that).
     """
+    check_guidance(self.config, guidance)
+    if guidance != 1.0:
+      pl, pa = paired(labels, actions)
+      t = pair(jnp.broadcast_to(jnp.asarray(t, jnp.float32), jnp.shape(x)[:2]))
+      return combine(self.forward(pair(x), t, labels=pl, actions=pa, policy=policy), guidance)
     h, cond, groups = self.tokens(x, t, labels, actions)
     b, n = x.shape[:2]
     positions = groups * self.config.chunk_tokens  # a chunk is a group: one position, seen whole
@@ -405,41 +418,6 @@ class VideoDiT(nnx.Module):
       return combine(self.velocity(pair(x), t, cache, labels=pl, actions=pa)[0], guidance)
 
     return flow.euler(v, noise, times)
-
-  def commit_chunk(
-    self,
-    x0: Float[Array, "b k H W C"],
-    cache: cache_lib.KVCache,
-    *,
-    labels: Int[Array, " b"] | None = None,
-    actions: Int[Array, "b k"] | None = None,
-    guidance: float = 1.0,
-  ) -> cache_lib.KVCache:
-    """``commit`` for a stream sampled with ``guidance``: with ``guidance != 1`` the clean chunk goes into both
-    halves of the paired cache, each with its branch's label."""
-    if guidance == 1.0:
-      return self.commit(x0, cache, labels=labels, actions=actions)
-    pl, pa = paired(labels, actions)
-    return self.commit(pair(x0), cache, labels=pl, actions=pa)
-
-  def guided_forward(
-    self,
-    x: Float[Array, "b n H W C"],
-    t: Float[ArrayLike, "..."] | float,
-    *,
-    labels: Int[Array, " b"] | None = None,
-    actions: Int[Array, "b n"] | None = None,
-    guidance: float = 1.0,
-  ) -> Float[Array, "b n H W C"]:
-    """``forward`` with classifier-free ``guidance`` (both branches in one call of ``2 b`` rows; ``guidance = 1``:
-    ``forward`` itself), under the full block-causal mask (no ``policy``). The guided teacher of distribution
-    matching (``jstream.models.self_forcing``) and the no-cache baseline of ``jstream bench video-gen``."""
-    check_guidance(self.config, guidance)
-    if guidance == 1.0:
-      return self.forward(x, t, labels=labels, actions=actions)
-    pl, pa = paired(labels, actions)
-    return combine(self.forward(pair(x), pair(jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:2])),
-                                labels=pl, actions=pa), guidance)  # fmt: skip
 
 
 def _check_range(what: str, ids: Array, n: int, low: int = 0) -> None:

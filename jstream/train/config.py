@@ -179,7 +179,6 @@ class VideoGenTask:
     teacher_guidance: ``self_forcing``: the classifier-free guidance scale of the real score (the teacher; 1:
       unguided). DMD distils the guided teacher into the few-step student, as CausVid and Self Forcing do; needs a
       teacher trained with ``label_dropout``.
-    guidance: the guidance scale benchmarks sample this run's model with (``jstream bench video-gen``; 1: none).
   """
 
   dataset: str = "digits"
@@ -203,7 +202,6 @@ class VideoGenTask:
   context_frames: int = 0
   episode_frames: int = 64
   teacher_guidance: float = 1.0
-  guidance: float = 1.0
 
   OBJECTIVES: ClassVar[tuple[str, ...]] = ("diffusion_forcing", "teacher_forcing", "self_forcing")
 
@@ -247,7 +245,7 @@ class VideoGenTask:
       raise ValueError(f"class_conditioned needs one digit per clip (its label), got num_digits={self.num_digits}")
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"VideoGenTask.label_dropout must be in [0, 1), got {self.label_dropout}")
-    for name in ("label_dropout", "teacher_guidance", "guidance"):
+    for name in ("label_dropout", "teacher_guidance"):
       unguided = 0.0 if name == "label_dropout" else 1.0
       if getattr(self, name) != unguided and not self.class_conditioned:
         raise ValueError(f"VideoGenTask.{name} = {getattr(self, name)} needs class_conditioned=True")
