@@ -19,7 +19,9 @@ decision or announcement is trained, the model answers only when asked; in ``run
 diagnostic: every question is a where-question, at 60% of the ticks; ``runs/video_lm_where``), ``frame_pos`` (a
 learned place embedding on the frame tokens the language model reads, ``VideoLMConfig.frame_pos``; workdir suffix
 ``_pos``), ``carrier`` (VideoScan's carrier token after each frame: the frame's patches are seen by their own tick
-only and one token per frame stays in the cache, ``VideoLMConfig.carrier``; workdir suffix ``_carrier``). Flags
+only and one token per frame stays in the cache, ``VideoLMConfig.carrier``; workdir suffix ``_carrier``),
+``labels`` (the frame tokens carry the word embedding of their patch label, ``VideoLMConfig.label_words``; workdir
+suffix ``_labels``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -31,7 +33,7 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
+  known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier", "labels"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -56,6 +58,9 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frame_pos=True), workdir=cfg.workdir + "_pos")
   if "carrier" in flags:  # VideoScan: one carrier token per frame stays in the cache, the patches do not
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, carrier=True), workdir=cfg.workdir + "_carrier")
+  if "labels" in flags:  # the frame tokens carry their patch label's word embedding
+    video = dataclasses.replace(cfg.video, label_words=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_labels")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -69,6 +74,7 @@ def get_config(*flags: str) -> TrainConfig:
       encoder_steps=2,
       frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink
       carrier=cfg.video.carrier,
+      label_words=cfg.video.label_words,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -273,6 +273,33 @@ def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model
   np.testing.assert_allclose(model.forward(frames, text), plain.forward(frames, text), rtol=1e-6, atol=1e-6)
 
 
+LABEL_WORDS = tuple(V.WORD_ID[w] for w in (*V.NUMBERS, "none"))
+
+
+def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
+  """``label_words``: each frame token the language model reads is the encoder's token plus the patch head's
+  softmax over the eleven labels times the input embeddings of the words naming them (``zero`` .. ``nine``,
+  ``none``), recomputed here in NumPy; the patch logits themselves are unchanged."""
+  model = tiny_video_lm(seed=24, label_words=LABEL_WORDS)
+  frames, text = ticks(2, 3, seed=25)
+  vis = np.asarray(model.encode(frames), np.float64)
+  logits = vis @ np.asarray(model.patch_head.kernel[...], np.float64) + np.asarray(model.patch_head.bias[...])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  table = np.asarray(model.lm.embed.embedding[...], np.float64)
+  assert LABEL_WORDS[7] == V.WORD_ID["seven"] and V.WORDS[LABEL_WORDS[VL.NO_DIGIT]] == "none"
+  want = vis + probs @ table[list(LABEL_WORDS)]
+  x, _, _ = model.tick_inputs(frames, text)
+  got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
+  assert np.abs(want - vis).max() > 0.05  # the words move the tokens
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.training_outputs(frames, text)[1], logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="label_words must be 11 word ids"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, label_words=LABEL_WORDS[:10])
+  with pytest.raises(ValueError, match="label_words must be 11 word ids"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, label_words=(*LABEL_WORDS[:10], 999))
+
+
 def test_packed_training_forward_runs_the_first_real_tokens_exactly():
   """``training_outputs(packed_len=...)``: the logits of the first ``packed_len`` real tokens of each row (frame
   tokens and non-<pad> words, in stream order, counted here in a loop) equal ``forward``'s; the rest are 0 and

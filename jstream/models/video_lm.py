@@ -17,7 +17,8 @@ and Flash-VStream use SigLIP / CLIP encoders); a model trained from scratch on a
 digits from answers alone far too slowly. ``patch_logits`` is the stand-in: a linear head on the frame encoder's
 tokens, trained (``patch_loss``, a training switch) to name the digit whose centre lies in each patch
 (``centre_labels``, from the data's per-frame object list), so that the frame tokens the language model reads carry
-the digits' identities and places. It is training-only supervision; the stream never uses the head.
+the digits' identities and places. It is training-only supervision; the stream never uses the head, unless the
+model reads its patch labels as words (``VideoLMConfig.label_words``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class VideoLMConfig:
       frame, so they are seen by their own tick and leave the cache at the next frame, and only the carrier stays
       (track ``VISION``): one cached vision token per frame. The model must then be trained and run with the
       frame track in its policy (``VideoLM.tick_policy``, which ``init_cache`` and the training forward apply).
+    label_words: the frame tokens speak the language model's words: each token the language model reads gets the
+      word embedding of its patch label added, the patch head's probabilities over the ``NO_DIGIT + 1`` classes
+      times the input embeddings of the words ``label_words`` (one word id per class: the digits' names and
+      ``none``). With tied embeddings a head that copies a frame token onto an answer needs no learnt translation
+      from vision features to words, the step the language model takes longest to learn on a CPU budget
+      (``experiments/probe_video_qa.py``). ``()``: off. A soft (differentiable) label, so the answer loss also
+      trains the patch head.
   """
 
   lm: TransformerConfig
@@ -81,6 +89,7 @@ class VideoLMConfig:
   encoder_layers: int = 1
   frame_pos: bool = False
   carrier: bool = False
+  label_words: tuple[int, ...] = ()
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -95,6 +104,14 @@ class VideoLMConfig:
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
+    object.__setattr__(self, "label_words", tuple(int(i) for i in self.label_words))
+    if self.label_words and (
+      len(self.label_words) != NO_DIGIT + 1 or not all(0 <= i < self.lm.vocab_size for i in self.label_words)
+    ):
+      raise ValueError(
+        f"label_words must be {NO_DIGIT + 1} word ids in [0, {self.lm.vocab_size}) (one per patch label), "
+        f"got {self.label_words}"
+      )
 
   @property
   def window(self) -> int:
@@ -204,10 +221,18 @@ class VideoLM(nnx.Module):
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
-    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``)."""
-    return vis + self.frame_pos[...].astype(vis.dtype) if self.config.frame_pos else vis
+    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``)
+    and the word embedding of each token's patch label (``label_words``)."""
+    out = vis
+    if self.config.frame_pos:
+      out = out + self.frame_pos[...].astype(vis.dtype)
+    if self.config.label_words:
+      probs = jax.nn.softmax(self.patch_logits(vis).astype(jnp.float32), axis=-1)
+      words = self.lm.embed(jnp.asarray(self.config.label_words, jnp.int32)).astype(jnp.float32)  # [11, d]
+      out = out + (probs @ words).astype(vis.dtype)
+    return out
 
-  def patch_logits(self, vis: Float[Array, "b n p d"]) -> Float[Array, "b n p 11"]:
+  def patch_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p 11"]:
     """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""
     return self.patch_head(vis)
 

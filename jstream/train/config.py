@@ -36,6 +36,8 @@ class VideoTask:
     frame_pos: a learned place embedding on the frame tokens the language model reads
       (``VideoLMConfig.frame_pos``).
     carrier: VideoScan's carrier token after each frame (``VideoLMConfig.carrier``): only it stays in the cache.
+    label_words: the frame tokens the language model reads carry the word embedding of their patch label (the
+      digits' names and ``none``; ``VideoLMConfig.label_words``).
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
       default).
@@ -70,6 +72,7 @@ class VideoTask:
   encoder_layers: int = 1
   frame_pos: bool = False
   carrier: bool = False
+  label_words: bool = False
   digit_size: int = 12
   max_on_screen: int = 3
   enter_prob: float = 0.2
@@ -124,9 +127,11 @@ class VideoTask:
 
   def model_config(self, lm: TransformerConfig):
     """The ``VideoLMConfig`` around the language model ``lm``."""
+    from jstream.data.video_qa import NUMBERS, WORD_ID
     from jstream.models.video_lm import VideoLMConfig
 
     fs = (self.frame_size, self.frame_size)
+    labels = tuple(WORD_ID[w] for w in (*NUMBERS, "none")) if self.label_words else ()
     return VideoLMConfig(
       lm,
       frame_size=fs,
@@ -136,6 +141,7 @@ class VideoTask:
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
       carrier=self.carrier,
+      label_words=labels,
     )
 
 
