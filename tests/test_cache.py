@@ -16,11 +16,14 @@ def _empty(policy, b=2, stacked=True):
   return C.init(policy, num_layers=1, batch_size=b, num_kv_heads=1, head_dim=1, stacked=stacked)
 
 
+_jit_append = jax.jit(C.append)  # one program per shape, not dozens of op-by-op ones
+
+
 def _append(cache, values, valid=None):
   """Appends ``values [b, t]`` (floats identifying tokens) as keys and values; ``valid`` marks real tokens."""
   x = jnp.asarray(values, jnp.float32)[None, :, :, None, None]  # [l, b, t, k, h]
   seg = None if valid is None else jnp.where(jnp.asarray(valid), 0, -1).astype(jnp.int32)
-  return C.append(cache, x, x, segment_ids=seg)
+  return _jit_append(cache, x, x, segment_ids=seg)
 
 
 def _visible_contents(cache, row):
