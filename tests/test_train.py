@@ -1,6 +1,7 @@
 """Training: exact resume, checkpoint faults, config files and overrides, streaming-aligned examples."""
 
 import dataclasses
+import json
 import pathlib
 import shutil
 
@@ -70,6 +71,21 @@ def test_resume_is_bit_exact(tmp_path, corpus, aligned):
   assert step == 8
   for a, b in zip(_params(full.model), _params(reloaded)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
+  """A run stopped after its last checkpoint logged steps past it; resumed from that checkpoint it logs them again,
+  and ``metrics.jsonl`` then holds each step once, with the values of an uninterrupted run (exact resume)."""
+  cfg = tiny_cfg(tmp_path / "run", corpus, steps=6, log_every=1)
+  first = [r["loss"] for r in train(cfg, progress=False).metrics]
+  assert len(first) == 6
+  for step in (4, 6):  # as if the process had died after logging step 6 but before saving the checkpoint of step 4
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
+  resumed = train(cfg, progress=False)
+  assert resumed.resumed_from == 2
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_array_equal([r["loss"] for r in rows], first)
 
 
 def test_truncated_checkpoint_falls_back_with_a_warning(tmp_path, corpus):

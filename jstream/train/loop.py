@@ -251,6 +251,17 @@ class MetricsWriter:
       return []
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+  def drop_after(self, step: int) -> None:
+    """Removes the rows of steps after ``step``: a run resumed from the checkpoint of ``step`` logs them again (a
+    run stopped between checkpoints wrote them once already). TensorBoard event files are append-only: a viewer
+    shows the newest value of a repeated step."""
+    rows = self.read()
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) < len(rows):
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      tmp.replace(self.path)
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -370,6 +381,7 @@ def train(
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
   writer = MetricsWriter(workdir)
   start = int(state.step)
+  writer.drop_after(start)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   tokens_per_step = tokens_per_batch(cfg)
   bar = None
