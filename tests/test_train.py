@@ -75,17 +75,31 @@ def test_resume_is_bit_exact(tmp_path, corpus, aligned):
 
 def test_a_resumed_run_logs_each_step_once(tmp_path, corpus):
   """A run stopped after its last checkpoint logged steps past it; resumed from that checkpoint it logs them again,
-  and ``metrics.jsonl`` then holds each step once, with the values of an uninterrupted run (exact resume)."""
+  and ``metrics.jsonl`` then holds each step once, with the values of an uninterrupted run (exact resume), a
+  half-written last line skipped; TensorBoard, read as it reads a purge marker (events at or after the marker's
+  step in earlier files are hidden), shows the same."""
+  pytest.importorskip("tensorboardX")
   cfg = tiny_cfg(tmp_path / "run", corpus, steps=6, log_every=1)
   first = [r["loss"] for r in train(cfg, progress=False).metrics]
   assert len(first) == 6
-  for step in (4, 6):  # as if the process had died after logging step 6 but before saving the checkpoint of step 4
+  for step in (4, 6):  # only the checkpoint of step 2 survived the "crash"
     shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
+  with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 7, "lo')  # killed while writing
   resumed = train(cfg, progress=False)
   assert resumed.resumed_from == 2
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
   np.testing.assert_array_equal([r["loss"] for r in rows], first)
+  assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4, 5, 6]
+  shown: list[tuple[int, float]] = []  # the loss curve TensorBoard draws, points in file order
+  for path in sorted((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")):
+    for event in _events(path):
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        shown = [(k, v) for k, v in shown if k < event.step]
+      shown += [(event.step, v.simple_value) for v in event.summary.value if v.tag == "loss"]
+  assert [k for k, _ in shown] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([v for _, v in shown], first, rtol=1e-6)
 
 
 def test_truncated_checkpoint_falls_back_with_a_warning(tmp_path, corpus):
@@ -198,20 +212,25 @@ def test_mixed_precision_step_runs(tmp_path, corpus):
   shutil.rmtree(tmp_path / "bf16")
 
 
-def _read_events(folder: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-  """Scalars of the TensorBoard event files in ``folder`` (TFRecord framing: length, crc, payload, crc)."""
+def _events(path: pathlib.Path) -> list:
+  """The events of one TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
   import struct
 
   from tensorboardX.proto import event_pb2
 
+  data, at, events = path.read_bytes(), 0, []
+  while at < len(data):
+    (n,) = struct.unpack("<Q", data[at : at + 8])
+    events.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + n]))
+    at += 12 + n + 4
+  return events
+
+
+def _read_events(folder: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """Scalars of the TensorBoard event files in ``folder``."""
   out: dict[str, list[tuple[int, float]]] = {}
   for path in sorted(folder.glob("events.out.tfevents.*")):
-    data = path.read_bytes()
-    at = 0
-    while at < len(data):
-      (n,) = struct.unpack("<Q", data[at : at + 8])
-      event = event_pb2.Event.FromString(data[at + 12 : at + 12 + n])
-      at += 12 + n + 4
+    for event in _events(path):
       for value in event.summary.value:
         out.setdefault(value.tag, []).append((event.step, value.simple_value))
   return out

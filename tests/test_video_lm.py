@@ -1,6 +1,8 @@
 """The video-language model: ticks streamed through a cache equal the offline forward where the policy keeps
 everything; no look-ahead; the tick loss reads the right logits; bad input."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,9 @@ from conftest import library_checks_only
 from jstream import cache as C
 from jstream.data import video_qa as V
 from jstream.models import video_lm as VL
+from jstream.train import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_video_lm(seed=0, **kw):
@@ -294,6 +299,8 @@ def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
   assert np.abs(want - vis).max() > 0.05  # the words move the tokens
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.training_outputs(frames, text)[1], logits, rtol=1e-5, atol=1e-5)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:labels")  # the config flag names the same words
+  assert cfg.video.model_config(cfg.model).label_words == LABEL_WORDS and cfg.workdir.endswith("_labels")
   with pytest.raises(ValueError, match="label_words must be 11 word ids"):
     VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, label_words=LABEL_WORDS[:10])
   with pytest.raises(ValueError, match="label_words must be 11 word ids"):

@@ -127,11 +127,14 @@ class VideoTask:
 
   def model_config(self, lm: TransformerConfig):
     """The ``VideoLMConfig`` around the language model ``lm``."""
-    from jstream.data.video_qa import NUMBERS, WORD_ID
     from jstream.models.video_lm import VideoLMConfig
 
     fs = (self.frame_size, self.frame_size)
-    labels = tuple(WORD_ID[w] for w in (*NUMBERS, "none")) if self.label_words else ()
+    labels = ()
+    if self.label_words:
+      from jstream.data.video_qa import NUMBERS, WORD_ID
+
+      labels = tuple(WORD_ID[w] for w in (*NUMBERS, "none"))
     return VideoLMConfig(
       lm,
       frame_size=fs,

@@ -221,15 +221,24 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
 
 class MetricsWriter:
   """Appends JSON lines to ``workdir/metrics.jsonl``; mirrors to TensorBoard event files in
-  ``workdir/tensorboard`` if ``tensorboardX`` is installed (``pip install 'jstream[tensorboard]'``)."""
+  ``workdir/tensorboard`` if ``tensorboardX`` is installed (``pip install 'jstream[tensorboard]'``).
 
-  def __init__(self, workdir: pathlib.Path):
+  ``resume_step``: the step the run (re)starts from. The rows of later steps are dropped from the JSONL (a run
+  stopped between checkpoints logged them once already, and logs them again now; so is a run that died before its
+  first checkpoint, ``resume_step=0``), and TensorBoard gets a purge marker at ``resume_step + 1``, which hides the
+  earlier event files' values from that step on. One writer per workdir: two processes training in the same
+  workdir at once would race here as they would in the checkpoints."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int | None = None):
     self.path = workdir / "metrics.jsonl"
     self.tb = None
+    if resume_step is not None:
+      self._drop_after(resume_step)
     try:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+      purge = None if resume_step is None else resume_step + 1
+      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
     except ImportError:
       pass
 
@@ -247,17 +256,24 @@ class MetricsWriter:
       self.tb = None
 
   def read(self) -> list[dict]:
+    """The rows logged, in order; a line that is not JSON (the half-written last line of a killed process) is
+    skipped."""
     if not self.path.exists():
       return []
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in self.path.read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+    return rows
 
-  def drop_after(self, step: int) -> None:
-    """Removes the rows of steps after ``step``: a run resumed from the checkpoint of ``step`` logs them again (a
-    run stopped between checkpoints wrote them once already). TensorBoard event files are append-only: a viewer
-    shows the newest value of a repeated step."""
+  def _drop_after(self, step: int) -> None:
+    if not self.path.exists():
+      return
     rows = self.read()
-    kept = [r for r in rows if r["step"] <= step]
-    if len(kept) < len(rows):
+    kept = [r for r in rows if not isinstance(r, dict) or r.get("step", 0) <= step]
+    if len(kept) < len(self.path.read_text().splitlines()):  # rows dropped, or unreadable lines
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
       tmp.replace(self.path)
@@ -379,9 +395,8 @@ def train(
   step_fn = make_train_step(graphdef, optimizer, cfg)
   encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
-  writer = MetricsWriter(workdir)
   start = int(state.step)
-  writer.drop_after(start)
+  writer = MetricsWriter(workdir, resume_step=start)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   tokens_per_step = tokens_per_batch(cfg)
   bar = None
