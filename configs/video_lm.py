@@ -6,24 +6,24 @@
   jstream train --config configs/video_lm.py:aligned  # StreamingVLM: the inference attention pattern in training
   jstream train --config configs/video_lm.py:asked    # VideoLLM-online's baseline: answers only when asked
 
-Flags: ``quick`` (a tiny model, short clips, few steps), ``long`` (four times the joint steps, in
-``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache policy with 128 tokens
-per track and 4 text sinks, so the vision window of 8 frames bites in two thirds of each 24-tick clip; in
-``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128 --sinks 4``),
-``overlapped`` (StreamingVLM's overlapped chunks: the 2,000 training clips are 4 consecutive clips of each of 500
-streams, each sharing 8 ticks with the one before, so three in four start mid-stream; ``runs/video_lm_overlapped``),
-``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and ``count_now`` asked twice as often
-relative to the other types, 12 words per tick in the packed clips; in ``runs/video_lm_questions``; the benchmark's
-streams ask alike), ``asked`` (VideoLLM-online's baseline to its streaming objective: no ``<silent>`` / ``<speak>``
-decision or announcement is trained, the model answers only when asked; in ``runs/video_lm_asked``), ``where`` (a
-diagnostic: every question is a where-question, at 60% of the ticks; ``runs/video_lm_where``), ``frame_pos`` (a
-learned place embedding on the frame tokens the language model reads, ``VideoLMConfig.frame_pos``; workdir suffix
-``_pos``), ``carrier`` (VideoScan's carrier token after each frame: the frame's patches are seen by their own tick
-only and one token per frame stays in the cache, ``VideoLMConfig.carrier``; workdir suffix ``_carrier``),
-``labels`` (the frame tokens carry the word embedding of their patch label, ``VideoLMConfig.label_words``; workdir
-suffix ``_labels``). Flags
-combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
-``video.<field>=...``). The model and run are shared through ``jstream.presets``.
+Flags: ``quick`` (a tiny model, short clips, few steps; the workdir of the other flags + ``_quick``), ``long`` (four
+times the joint steps, in ``runs/video_lm_long``), ``aligned`` (trains under the mask of the ``sinks+window`` cache
+policy with 128 tokens per track and 4 text sinks, so the vision window of 8 frames bites in two thirds of each
+24-tick clip; in ``runs/video_lm_aligned``; compare with ``jstream bench video-qa --flags aligned --window 128
+--sinks 4``), ``overlapped`` (StreamingVLM's overlapped chunks: the 2,000 training clips are 4 consecutive clips of
+each of 500 streams, each sharing 8 ticks with the one before, so three in four start mid-stream;
+``runs/video_lm_overlapped``), ``questions`` (a question at 60% of the ticks instead of 25%, ``where`` and
+``count_now`` asked twice as often relative to the other types, 12 words per tick in the packed clips; in
+``runs/video_lm_questions``; the benchmark's streams ask alike), ``asked`` (VideoLLM-online's baseline to its
+streaming objective: no ``<silent>`` / ``<speak>`` decision or announcement is trained, the model answers only when
+asked; in ``runs/video_lm_asked``), ``where`` (a diagnostic: every question is a where-question, at 60% of the
+ticks; ``runs/video_lm_where``), ``frame_pos`` (a learned place embedding on the frame tokens the language model
+reads, ``VideoLMConfig.frame_pos``; workdir suffix ``_pos``), ``carrier`` (VideoScan's carrier token after each
+frame: the frame's patches are seen by their own tick only and one token per frame stays in the cache,
+``VideoLMConfig.carrier``; workdir suffix ``_carrier``), ``labels`` (the frame tokens carry the word embedding of
+their patch label, ``VideoLMConfig.label_words``; workdir suffix ``_labels``). Flags combine (``long,aligned``). Any
+field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are
+shared through ``jstream.presets``.
 """
 
 import dataclasses
@@ -85,6 +85,6 @@ def get_config(*flags: str) -> TrainConfig:
       checkpoint_every=3,
       warmup_steps=2,
       log_every=2,
-      workdir="runs/video_lm_quick",
+      workdir=cfg.workdir + "_quick",  # each flag combination its own quick run
     )
   return cfg

@@ -301,6 +301,8 @@ def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
   np.testing.assert_allclose(model.training_outputs(frames, text)[1], logits, rtol=1e-5, atol=1e-5)
   cfg = load_config(f"{ROOT}/configs/video_lm.py:labels")  # the config flag names the same words
   assert cfg.video.model_config(cfg.model).label_words == LABEL_WORDS and cfg.workdir.endswith("_labels")
+  quick = load_config(f"{ROOT}/configs/video_lm.py:labels,quick")  # a quick run of its own, not the plain quick one's
+  assert quick.video.label_words and quick.workdir == cfg.workdir + "_quick"
   with pytest.raises(ValueError, match="label_words must be 11 word ids"):
     VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, label_words=LABEL_WORDS[:10])
   with pytest.raises(ValueError, match="label_words must be 11 word ids"):
