@@ -442,6 +442,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
     ax.plot(np.arange(len(smooth)) + w // 2, smooth, label=f"{r['policy']}, {r['frames']} frames")
   ax.axvline(result["train_frames"], color="grey", ls=":", label="training clip")
   ax.set_xscale("symlog", linthresh=10)
+  ax.set_xlim(left=0)  # frames count from 0: no negative half of the symlog axis
   ax.set_xlabel("frame")
   ax.set_ylabel("identity (classifier reads the label)")
   ax.set_ylim(0, 1.05)
