@@ -263,8 +263,10 @@ def ranges(n: int, window: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in itertools.pairwise(edges) if a < b]
 
 
-def summary(curves: dict, n: int, window: int) -> dict:
-  return {f"{a}-{b}": {k: float(np.mean(v[a:b])) for k, v in curves.items()} for a, b in ranges(n, window)}
+def summary(curves: dict, n: int, window: int, edges: list[int] | None = None) -> dict:
+  """Mean of each per-frame curve over ``ranges(n, window)``, or between consecutive ``edges`` (clipped to ``n``)."""
+  spans = ranges(n, window) if edges is None else [(a, min(b, n)) for a, b in itertools.pairwise(edges) if a < n]
+  return {f"{a}-{b}": {k: float(np.mean(v[a:b])) for k, v in curves.items()} for a, b in spans}
 
 
 GIF_FRAMES = 64

@@ -115,6 +115,24 @@ def plot(result: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def summarize(result: dict, edges: list[int]) -> int:
+  """Prints each run's and policy's per-frame curves (identity, count, ink) averaged between ``edges``."""
+  for name, run in result["runs"].items():
+    for pol_name, ev in run["policies"].items():
+      n = len(next(iter(ev["curves"].values())))
+      print_row(name, pol_name, bench.summary(ev["curves"], n, result["train_frames"], edges))
+  return 0
+
+
+def print_row(name: str, pol_name: str, summary: dict) -> None:
+  """One line: a run's and policy's means per frame range (``bench_video_gen.summary``)."""
+  cells = "; ".join(
+    f"{span}: " + ", ".join(f"{m} {v:.3f}" for m, v in vals.items() if not m.startswith("hold"))
+    for span, vals in summary.items()
+  )
+  print(f"  {name:<18} {pol_name:<13} {cells}")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="jstream bench video-gen-repro", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="runs/repro_video_gen", help="output folder")
@@ -136,7 +154,13 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-train", action="store_true", help="evaluate the runs' newest checkpoints as they are")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument(
+    "--summarize", default=None, help="a results.json of this command: its curves' means over --edges, runs nothing"
+  )
+  parser.add_argument("--edges", default="0,1,8,20,40,80", help="--summarize: frame ranges' edges")
   args = parser.parse_args(argv)
+  if args.summarize:
+    return summarize(json.loads(pathlib.Path(args.summarize).read_text()), [int(e) for e in args.edges.split(",")])
   names = [n for n in args.runs.split(",") if n]
   unknown = set(names) - set(RUNS)
   if unknown:
@@ -193,11 +217,7 @@ def main(argv=None) -> int:
         ev = digits_drift(model, task, policy, predict=predict, ink_ref=ink_ref, batch=args.batch, horizon=horizon,
                           steps=steps, rng=rng, guidance=guidance, context=args.context)  # fmt: skip
       evals[pol_name] = ev
-      cells = "; ".join(
-        f"{span}: " + ", ".join(f"{m} {v:.3f}" for m, v in vals.items() if not m.startswith("hold"))
-        for span, vals in ev["summary"].items()
-      )
-      print(f"  {name:<18} {pol_name:<13} {cells}")
+      print_row(name, pol_name, ev["summary"])
     result["runs"][name] = {
       "flags": flags,
       "model_step": step,

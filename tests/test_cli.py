@@ -352,6 +352,21 @@ def test_video_gen_reproductions_quick(in_tmp, data):
   assert (in_tmp / "repro" / "repro.png").stat().st_size > 0
 
 
+def test_repro_summarize_averages_the_stored_curves_over_the_edges(in_tmp, capsys):
+  """``video-gen-repro --summarize``: a results.json's per-frame curves averaged between the given edges (the
+  last range clipped to the curve), computed here by hand; nothing is run."""
+  from experiments import repro_video_gen
+
+  ident = [i / 10 for i in range(10)]
+  curves = {"identity": ident, "ink": [1 - x for x in ident]}
+  res = {"train_frames": 4, "runs": {"diffusion forcing": {"policies": {"window": {"curves": curves}}}}}
+  (in_tmp / "r.json").write_text(json.dumps(res))
+  assert repro_video_gen.main(["--summarize", "r.json", "--edges", "0,1,4,20"]) == 0
+  line = capsys.readouterr().out.strip()
+  assert line.startswith("diffusion forcing  window")
+  assert "0-1: identity 0.000, ink 1.000; 1-4: identity 0.200, ink 0.800; 4-10: identity 0.650, ink 0.350" in line
+
+
 def test_recompute_baseline_recomputes_the_visible_context_each_chunk():
   """bench video-gen's baseline: each chunk runs against a fresh cache of the last ``window - 1`` frames (with their
   actions), by hand: those frames committed one by one to a new cache, then the Euler steps."""

@@ -54,7 +54,7 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   embedding on its frame tokens (``frame_pos``), which the runner must add as the offline forward does, and the
   other's has carrier tokens (``carrier``: the decision is read after the carrier, the patches go to the frame
   track) and its frame tokens carry their patch labels' word embeddings (``label_words``)."""
-  labels = tuple(V.WORD_ID[w] for w in (*V.NUMBERS, "none")) if proactive else ()
+  labels = V.LABEL_WORDS if proactive else ()
   model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)

@@ -278,7 +278,7 @@ def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model
   np.testing.assert_allclose(model.forward(frames, text), plain.forward(frames, text), rtol=1e-6, atol=1e-6)
 
 
-LABEL_WORDS = tuple(V.WORD_ID[w] for w in (*V.NUMBERS, "none"))
+LABEL_WORDS = V.LABEL_WORDS
 
 
 def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
@@ -292,7 +292,7 @@ def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   table = np.asarray(model.lm.embed.embedding[...], np.float64)
-  assert LABEL_WORDS[7] == V.WORD_ID["seven"] and V.WORDS[LABEL_WORDS[VL.NO_DIGIT]] == "none"
+  assert [V.WORDS[i] for i in LABEL_WORDS] == [*V.NUMBERS, "none"] and VL.NO_DIGIT == 10  # label c is word c
   want = vis + probs @ table[list(LABEL_WORDS)]
   x, _, _ = model.tick_inputs(frames, text)
   got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]

@@ -115,6 +115,8 @@ WORDS = _vocabulary()
 """The word vocabulary: special tokens first (``<pad>`` = 0), then answers, then the other template words."""
 WORD_ID = {w: i for i, w in enumerate(WORDS)}
 PAD, SILENT, SPEAK, QUESTION, ANSWER, EOS = (WORD_ID[w] for w in SPECIAL)
+LABEL_WORDS = tuple(WORD_ID[w] for w in (*NUMBERS, "none"))
+"""The word naming each patch label of the video model (digits 0-9, then no digit: ``VideoLMConfig.label_words``)."""
 
 
 def encode(words: str | Sequence[str]) -> np.ndarray:

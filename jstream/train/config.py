@@ -132,9 +132,7 @@ class VideoTask:
     fs = (self.frame_size, self.frame_size)
     labels = ()
     if self.label_words:
-      from jstream.data.video_qa import NUMBERS, WORD_ID
-
-      labels = tuple(WORD_ID[w] for w in (*NUMBERS, "none"))
+      from jstream.data.video_qa import LABEL_WORDS as labels
     return VideoLMConfig(
       lm,
       frame_size=fs,

@@ -258,25 +258,30 @@ class MetricsWriter:
   def read(self) -> list[dict]:
     """The rows logged, in order; a line that is not JSON (the half-written last line of a killed process) is
     skipped."""
-    if not self.path.exists():
-      return []
-    rows = []
-    for line in self.path.read_text().splitlines():
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-    return rows
+    return _json_rows(self.path.read_text().splitlines()) if self.path.exists() else []
 
   def _drop_after(self, step: int) -> None:
     if not self.path.exists():
       return
-    rows = self.read()
-    kept = [r for r in rows if not isinstance(r, dict) or r.get("step", 0) <= step]
-    if len(kept) < len(self.path.read_text().splitlines()):  # rows dropped, or unreadable lines
+    lines = self.path.read_text().splitlines()
+    kept = [r for r in _json_rows(lines) if r.get("step", 0) <= step]
+    if len(kept) < len(lines):  # rows dropped, or unreadable lines
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
       tmp.replace(self.path)
+
+
+def _json_rows(lines: list[str]) -> list[dict]:
+  """The lines that parse as JSON objects (a killed writer leaves a half-written last line)."""
+  rows = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
 
 
 @dataclasses.dataclass
