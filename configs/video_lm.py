@@ -21,9 +21,10 @@ ticks; ``runs/video_lm_where``), ``frame_pos`` (a learned place embedding on the
 reads, ``VideoLMConfig.frame_pos``; workdir suffix ``_pos``), ``carrier`` (VideoScan's carrier token after each
 frame: the frame's patches are seen by their own tick only and one token per frame stays in the cache,
 ``VideoLMConfig.carrier``; workdir suffix ``_carrier``), ``labels`` (the frame tokens carry the word embedding of
-their patch label, ``VideoLMConfig.label_words``; workdir suffix ``_labels``). Flags combine (``long,aligned``). Any
-field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are
-shared through ``jstream.presets``.
+their patch label, ``VideoLMConfig.label_words``; workdir suffix ``_labels``), ``places`` (the frame tokens carry the
+word embeddings of their quadrant, ``top`` / ``bottom`` and ``left`` / ``right``, ``VideoLMConfig.place_words``;
+workdir suffix ``_places``). Flags combine (``long,aligned``). Any field can be overridden as ``key=value``
+(``model.<field>=...``, ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
 
 import dataclasses
@@ -33,7 +34,8 @@ from jstream.train import TrainConfig, VideoTask
 
 
 def get_config(*flags: str) -> TrainConfig:
-  known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier", "labels"}
+  known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
+  known |= {"labels", "places"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -61,6 +63,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "labels" in flags:  # the frame tokens carry their patch label's word embedding
     video = dataclasses.replace(cfg.video, label_words=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_labels")
+  if "places" in flags:  # the frame tokens carry their quadrant's words (top / bottom, left / right)
+    video = dataclasses.replace(cfg.video, place_words=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_places")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -75,6 +80,7 @@ def get_config(*flags: str) -> TrainConfig:
       frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink
       carrier=cfg.video.carrier,
       label_words=cfg.video.label_words,
+      place_words=cfg.video.place_words,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -1,6 +1,7 @@
 """The video-language model: ticks streamed through a cache equal the offline forward where the policy keeps
 everything; no look-ahead; the tick loss reads the right logits; bad input."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -387,3 +388,39 @@ def test_bad_input_is_a_clear_error():
     model.forward(frames[:, :1], text)
   with pytest.raises(ValueError, match="multiples of patch_size"):
     VL.VideoLMConfig(model.config.lm, frame_size=(16, 12), patch_size=8)
+
+
+def test_place_words_add_the_words_of_each_tokens_quadrant():
+  """``place_words``: each frame token the language model reads gets the input embeddings of the two words naming
+  its quadrant added, the quadrant of the pixel at the patch's centre by the rule the where-questions' answers use
+  (``video_qa``: above the frame's middle is ``top``, left of it ``left``); on a 4 x 4 patch grid, beside
+  ``label_words``, whose term it leaves as it is."""
+  lm = jstream.TransformerConfig(
+    vocab_size=len(V.WORDS), num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64, scan_layers=False
+  )
+  both = VL.VideoLMConfig(lm, frame_size=(32, 32), patch_size=8, label_words=LABEL_WORDS, place_words=V.PLACE_WORDS)
+  model = VL.VideoLM(both, rngs=nnx.Rngs(26))
+  rng = np.random.default_rng(27)
+  frames = jnp.asarray(rng.uniform(size=(2, 3, 32, 32)), jnp.float32)
+  vis = model.encode(frames)
+  table = np.asarray(model.lm.embed.embedding[...], np.float64)
+  place = np.zeros((16, 32))
+  for i in range(16):
+    y, x = 8 * (i // 4) + 4, 8 * (i % 4) + 4  # the patch's centre pixel
+    (quadrant,) = [q for q in V.QUADRANTS if (y < 16) == (q[0] == "top") and (x < 16) == (q[1] == "left")]
+    place[i] = table[V.WORD_ID[quadrant[0]]] + table[V.WORD_ID[quadrant[1]]]
+  labels_only = VL.VideoLM(dataclasses.replace(both, place_words=()), rngs=nnx.Rngs(0))
+  nnx.update(labels_only, nnx.state(model))
+  want = np.asarray(labels_only.placed(vis), np.float64) + place
+  got = np.asarray(model.placed(vis), np.float64)
+  assert np.abs(place).max() > 0.05 and len({tuple(r) for r in place.round(6)}) == 4  # four distinct quadrants
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  x, _, _ = model.tick_inputs(frames, jnp.asarray(ticks(2, 3, seed=28)[1]))
+  np.testing.assert_allclose(np.asarray(x).reshape(2, 3, -1, 32)[:, :, :16], got, rtol=1e-6, atol=1e-6)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:places")
+  assert cfg.video.model_config(cfg.model).place_words == V.PLACE_WORDS and cfg.workdir.endswith("_places")
+  assert load_config(f"{ROOT}/configs/video_lm.py:places,quick").video.place_words
+  with pytest.raises(ValueError, match="place_words must be 4 word ids"):
+    VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, place_words=V.PLACE_WORDS[:3])
+  with pytest.raises(ValueError, match="even number of patch rows and columns"):
+    VL.VideoLMConfig(lm, frame_size=(24, 16), patch_size=8, place_words=V.PLACE_WORDS)

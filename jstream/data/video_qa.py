@@ -117,6 +117,8 @@ WORD_ID = {w: i for i, w in enumerate(WORDS)}
 PAD, SILENT, SPEAK, QUESTION, ANSWER, EOS = (WORD_ID[w] for w in SPECIAL)
 LABEL_WORDS = tuple(WORD_ID[w] for w in (*NUMBERS, "none"))
 """The word naming each patch label of the video model (digits 0-9, then no digit: ``VideoLMConfig.label_words``)."""
+PLACE_WORDS = tuple(WORD_ID[w] for w in ("top", "bottom", "left", "right"))
+"""The words naming a frame token's quadrant (``VideoLMConfig.place_words``), as where-questions name them."""
 
 
 def encode(words: str | Sequence[str]) -> np.ndarray:

@@ -28,6 +28,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jstream import cache as cache_lib
@@ -79,6 +80,13 @@ class VideoLMConfig:
       from vision features to words, the step the language model takes longest to learn on a CPU budget
       (``experiments/probe_video_qa.py``). ``()``: off. A soft (differentiable) label, so the answer loss also
       trains the patch head.
+    place_words: the frame tokens name their place in the language model's words: each token the language model
+      reads gets the input embeddings of the two words naming its quadrant added (``place_words`` = the word ids
+      of ``top``, ``bottom``, ``left``, ``right``; a patch in the upper half of the patch grid is ``top``, in the
+      left half ``left``), the words a where-question names its quadrant by. With tied embeddings, a head that
+      picks the frame tokens of the asked quadrant needs only match a question's words against the tokens' words,
+      not learn where the encoder's features keep the place. ``()``: off. Needs an even number of patch rows and
+      columns.
   """
 
   lm: TransformerConfig
@@ -90,6 +98,7 @@ class VideoLMConfig:
   frame_pos: bool = False
   carrier: bool = False
   label_words: tuple[int, ...] = ()
+  place_words: tuple[int, ...] = ()
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -112,6 +121,16 @@ class VideoLMConfig:
         f"label_words must be {NO_DIGIT + 1} word ids in [0, {self.lm.vocab_size}) (one per patch label), "
         f"got {self.label_words}"
       )
+    object.__setattr__(self, "place_words", tuple(int(i) for i in self.place_words))
+    if self.place_words:
+      if len(self.place_words) != 4 or not all(0 <= i < self.lm.vocab_size for i in self.place_words):
+        raise ValueError(
+          f"place_words must be 4 word ids in [0, {self.lm.vocab_size}) (top, bottom, left, right), "
+          f"got {self.place_words}"
+        )
+      rows, cols = h // self.patch_size, w // self.patch_size
+      if rows % 2 or cols % 2:
+        raise ValueError(f"place_words needs an even number of patch rows and columns, got {rows} x {cols}")
 
   @property
   def window(self) -> int:
@@ -221,16 +240,27 @@ class VideoLM(nnx.Module):
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
-    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``)
-    and the word embedding of each token's patch label (``label_words``)."""
+    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``),
+    the word embedding of each token's patch label (``label_words``) and those of its quadrant (``place_words``)."""
     out = vis
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
+    if self.config.place_words:
+      out = out + self.lm.embed(self.quadrant_words()).sum(-2).astype(vis.dtype)
     if self.config.label_words:
       probs = jax.nn.softmax(self.patch_logits(vis).astype(jnp.float32), axis=-1)
       words = self.lm.embed(jnp.asarray(self.config.label_words, jnp.int32)).astype(jnp.float32)  # [11, d]
       out = out + (probs @ words).astype(vis.dtype)
     return out
+
+  def quadrant_words(self) -> Int[Array, "p 2"]:
+    """The two words naming each patch token's quadrant (``place_words``): ``[tokens_per_frame, 2]`` word ids,
+    the row's (``top`` / ``bottom``) then the column's (``left`` / ``right``), patches in row-major order."""
+    c = self.config
+    top, bottom, left, right = c.place_words
+    rows, cols = c.frame_size[0] // c.patch_size, c.frame_size[1] // c.patch_size
+    r, k = np.divmod(np.arange(rows * cols), cols)
+    return jnp.asarray(np.stack([np.where(r < rows // 2, top, bottom), np.where(k < cols // 2, left, right)], -1))
 
   def patch_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p 11"]:
     """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""

@@ -38,6 +38,8 @@ class VideoTask:
     carrier: VideoScan's carrier token after each frame (``VideoLMConfig.carrier``): only it stays in the cache.
     label_words: the frame tokens the language model reads carry the word embedding of their patch label (the
       digits' names and ``none``; ``VideoLMConfig.label_words``).
+    place_words: the frame tokens the language model reads carry the word embeddings of their quadrant (``top`` /
+      ``bottom``, ``left`` / ``right``; ``VideoLMConfig.place_words``).
     digit_size, max_on_screen, enter_prob, question_prob: the streams (``video_qa_config``).
     question_weights: relative frequency of each question type in ``video_qa.QTYPES`` order (``None``: the data's
       default).
@@ -73,6 +75,7 @@ class VideoTask:
   frame_pos: bool = False
   carrier: bool = False
   label_words: bool = False
+  place_words: bool = False
   digit_size: int = 12
   max_on_screen: int = 3
   enter_prob: float = 0.2
@@ -130,9 +133,8 @@ class VideoTask:
     from jstream.models.video_lm import VideoLMConfig
 
     fs = (self.frame_size, self.frame_size)
-    labels = ()
-    if self.label_words:
-      from jstream.data.video_qa import LABEL_WORDS as labels
+    from jstream.data.video_qa import LABEL_WORDS, PLACE_WORDS
+
     return VideoLMConfig(
       lm,
       frame_size=fs,
@@ -142,7 +144,8 @@ class VideoTask:
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
       carrier=self.carrier,
-      label_words=labels,
+      label_words=LABEL_WORDS if self.label_words else (),
+      place_words=PLACE_WORDS if self.place_words else (),
     )
 
 
