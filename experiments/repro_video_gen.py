@@ -43,6 +43,19 @@ RUNS = {"diffusion forcing": "", "teacher forcing": "teacher_forcing", "self for
 """Run name -> flags of ``configs/video_gen.py`` (the order is the training order: self forcing's teacher first)."""
 
 
+def run_flags(name: str, cartpole: bool, sets: list[str]) -> str:
+  """The ``configs/video_gen.py`` flags of run ``name``: its objective's flag, ``cartpole``, then the ``key=value``
+  overrides of every ``--set NAME:key=value,...`` naming it (e.g. another workdir and step count)."""
+  extra = []
+  for item in sets:
+    run, sep, over = item.partition(":")
+    if not sep or run not in RUNS or not over:
+      raise SystemExit(f"--set {item!r}: expected RUN:key=value[,key=value...] with RUN one of {list(RUNS)}")
+    if run == name:
+      extra.append(over)
+  return ",".join(f for f in (RUNS[name], "cartpole" if cartpole else "", *extra) if f)
+
+
 def policies(config: video_dit.VideoDiTConfig, window: int, sinks: int, total: int) -> dict:
   return {
     "window": video_dit.rolling_policy(config, window),
@@ -150,6 +163,13 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--context", type=int, default=None, help="real frames each rollout continues (default: CartPole 2, digits 0)"
   )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="RUN:KEY=VALUE,...",
+    help="config overrides of one run, e.g. 'self forcing:steps=1200,workdir=runs/sf1200' (repeatable)",
+  )
   parser.add_argument("--classifier-steps", type=int, default=300)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-train", action="store_true", help="evaluate the runs' newest checkpoints as they are")
@@ -179,7 +199,7 @@ def main(argv=None) -> int:
   result = {"device": device, "jax": jax.__version__, "args": vars(args), "data": args.data, "runs": {}}
   predict = ink_ref = None
   for name in [n for n in RUNS if n in names or (n == "diffusion forcing" and "self forcing" in names)]:
-    flags = ",".join(f for f in (RUNS[name], "cartpole" if cartpole else "") if f)
+    flags = run_flags(name, cartpole, args.set)
     cfg = bench.run_config(args.quick, None, flags)
     if name not in names and args.no_train:
       continue

@@ -430,3 +430,22 @@ def test_no_cache_baseline_equals_the_per_chunk_recompute_with_guidance():
   assert np.max(np.abs(chunk.astype(int) - step.astype(int))) <= 1  # uint8 rounding
   unguided, _ = recompute_rollout(model, context, labels, n, **{**kw, "guidance": 1.0})
   assert np.mean(unguided != chunk) > 0.1
+
+
+def test_repro_set_overrides_only_the_named_run():
+  """``video-gen-repro --set 'RUN:key=value,...'``: the overrides reach that run's config (another workdir and step
+  count for the self-forcing student) and no other run's; a malformed one is refused before anything runs."""
+  from experiments import repro_video_gen as R
+  from jstream.train import load_config
+
+  sets = ["self forcing:steps=1200,workdir=runs/sf1200", "teacher forcing:lr=0.0005"]
+  config = pathlib.Path(R.__file__).parents[1] / "configs" / "video_gen.py"
+  sf = load_config(f"{config}:{R.run_flags('self forcing', False, sets)}")
+  assert (sf.steps, sf.workdir, sf.generation.objective) == (1200, "runs/sf1200", "self_forcing")
+  tf = load_config(f"{config}:{R.run_flags('teacher forcing', True, sets)}")
+  assert (tf.lr, tf.generation.objective, tf.generation.dataset) == (5e-4, "teacher_forcing", "cartpole")
+  df = load_config(f"{config}:{R.run_flags('diffusion forcing', False, sets)}")
+  assert df == load_config(str(config))
+  for bad in ("self forcing", "selfforcing:steps=3", "self forcing:"):
+    with pytest.raises(SystemExit, match="expected RUN:key=value"):
+      R.main(["--no-train", "--out", "x", "--set", bad])
