@@ -181,6 +181,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.summarize:
     return summarize(json.loads(pathlib.Path(args.summarize).read_text()), [int(e) for e in args.edges.split(",")])
+  for name in RUNS:  # a malformed --set is refused before anything is run or written
+    run_flags(name, False, args.set)
   names = [n for n in args.runs.split(",") if n]
   unknown = set(names) - set(RUNS)
   if unknown:

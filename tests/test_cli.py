@@ -432,7 +432,7 @@ def test_no_cache_baseline_equals_the_per_chunk_recompute_with_guidance():
   assert np.mean(unguided != chunk) > 0.1
 
 
-def test_repro_set_overrides_only_the_named_run():
+def test_repro_set_overrides_only_the_named_run(in_tmp):
   """``video-gen-repro --set 'RUN:key=value,...'``: the overrides reach that run's config (another workdir and step
   count for the self-forcing student) and no other run's; a malformed one is refused before anything runs."""
   from experiments import repro_video_gen as R
@@ -449,3 +449,4 @@ def test_repro_set_overrides_only_the_named_run():
   for bad in ("self forcing", "selfforcing:steps=3", "self forcing:"):
     with pytest.raises(SystemExit, match="expected RUN:key=value"):
       R.main(["--no-train", "--out", "x", "--set", bad])
+  assert not (in_tmp / "x").exists()

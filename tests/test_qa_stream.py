@@ -51,11 +51,13 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
   positions. ``proactive=False``: every decision is ``<silent>`` (the same model speaks at some ticks otherwise),
   and the slots fed back are ``video_lm.answers_only`` of the training layout; that case's model has a place
-  embedding on its frame tokens (``frame_pos``), which the runner must add as the offline forward does, and the
-  other's has carrier tokens (``carrier``: the decision is read after the carrier, the patches go to the frame
-  track) and its frame tokens carry their patch labels' word embeddings (``label_words``)."""
+  embedding on its frame tokens (``frame_pos``) and its quadrant's words (``place_words``), which the runner must
+  add as the offline forward does, and the other's has carrier tokens (``carrier``: the decision is read after the
+  carrier, the patches go to the frame track) and its frame tokens carry their patch labels' word embeddings
+  (``label_words``)."""
   labels = V.LABEL_WORDS if proactive else ()
-  model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels)
+  places = () if proactive else V.PLACE_WORDS
+  model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places)
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
   n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question

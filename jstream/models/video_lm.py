@@ -113,24 +113,19 @@ class VideoLMConfig:
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
-    object.__setattr__(self, "label_words", tuple(int(i) for i in self.label_words))
-    if self.label_words and (
-      len(self.label_words) != NO_DIGIT + 1 or not all(0 <= i < self.lm.vocab_size for i in self.label_words)
-    ):
-      raise ValueError(
-        f"label_words must be {NO_DIGIT + 1} word ids in [0, {self.lm.vocab_size}) (one per patch label), "
-        f"got {self.label_words}"
-      )
-    object.__setattr__(self, "place_words", tuple(int(i) for i in self.place_words))
+    self._word_ids("label_words", NO_DIGIT + 1, "one per patch label")
+    self._word_ids("place_words", 4, "top, bottom, left, right")
     if self.place_words:
-      if len(self.place_words) != 4 or not all(0 <= i < self.lm.vocab_size for i in self.place_words):
-        raise ValueError(
-          f"place_words must be 4 word ids in [0, {self.lm.vocab_size}) (top, bottom, left, right), "
-          f"got {self.place_words}"
-        )
       rows, cols = h // self.patch_size, w // self.patch_size
       if rows % 2 or cols % 2:
         raise ValueError(f"place_words needs an even number of patch rows and columns, got {rows} x {cols}")
+
+  def _word_ids(self, name: str, count: int, meaning: str) -> None:
+    """Normalises the word-id field ``name`` to a tuple of ints: empty (off) or ``count`` ids in the vocabulary."""
+    ids = tuple(int(i) for i in getattr(self, name))
+    object.__setattr__(self, name, ids)
+    if ids and (len(ids) != count or not all(0 <= i < self.lm.vocab_size for i in ids)):
+      raise ValueError(f"{name} must be {count} word ids in [0, {self.lm.vocab_size}) ({meaning}), got {ids}")
 
   @property
   def window(self) -> int:
