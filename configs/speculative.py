@@ -2,25 +2,35 @@
 
   jstream train --config configs/speculative.py:target   # the target (6 layers, width 384, 1000 steps)
   jstream train --config configs/speculative.py:draft    # the draft (1 layer, width 128, 1500 steps)
+  jstream train --config configs/speculative.py:distilled  # the draft's shape, distilled from the trained target
   jstream train --config configs/speculative.py:inner    # the draft's draft for staged speculation (width 64)
   jstream train --config configs/speculative.py:heads    # 4 Medusa heads on the trained target (frozen), 300 steps
   ...:quick                                              # each shrunk to seconds (CI)
 
 The draft only has to guess the target's next bytes; a byte-level model of one layer already predicts most of the
-easy ones (spaces, indentation, keyword endings). Any field can be overridden as ``key=value``.
+easy ones (spaces, indentation, keyword endings). ``distilled`` trains the same shape on the target's next-byte
+distributions instead (DistillSpec: forward KL at temperature 1 by default; ``distill.divergence=tvd`` minimises
+one minus the acceptance rate itself). Any field can be overridden as ``key=value``.
 """
 
 import dataclasses
 
 from jstream import presets
-from jstream.train import DraftHeadsTask, TrainConfig
+from jstream.train import DistillTask, DraftHeadsTask, TrainConfig
 
 TARGET = dict(num_layers=6, num_heads=6, num_kv_heads=2, embed_dim=384, mlp_dim=1024)
 DRAFT = dict(num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=128, mlp_dim=384)
 INNER = dict(num_layers=1, num_heads=1, num_kv_heads=1, embed_dim=64, mlp_dim=192)
-ROLES = {"target": (TARGET, 1000), "draft": (DRAFT, 1500), "inner": (INNER, 1000), "heads": (TARGET, 300)}
+ROLES = {
+  "target": (TARGET, 1000),
+  "draft": (DRAFT, 1500),
+  "distilled": (DRAFT, 1500),
+  "inner": (INNER, 1000),
+  "heads": (TARGET, 300),
+}
 QUICK = {"target": {}, "draft": dict(num_layers=1, embed_dim=32, mlp_dim=64), "inner": None, "heads": {}}
 QUICK["inner"] = dict(QUICK["draft"], embed_dim=16, mlp_dim=32)
+QUICK["distilled"] = QUICK["draft"]
 
 
 def get_config(*flags: str) -> TrainConfig:
@@ -47,4 +57,6 @@ def get_config(*flags: str) -> TrainConfig:
       cfg = dataclasses.replace(cfg, model=cfg.model.replace(**QUICK[role]))
   if role == "heads":  # trained on the frozen target of the same mode (its run must exist)
     cfg = dataclasses.replace(cfg, draft_heads=DraftHeadsTask(f"runs/speculative_target{suffix}", num_heads=4))
+  if role == "distilled":  # learns the trained target's distributions (its run must exist)
+    cfg = dataclasses.replace(cfg, distill=DistillTask(f"runs/speculative_target{suffix}"))
   return cfg

@@ -1,13 +1,15 @@
 """Speculative decoding: acceptance, tokens per target call against the formula, and wall-clock speed-up.
 
   python -m experiments.bench_speculative [--quick] [--out DIR] [--ks 1,2,4,8] [--temperatures 0,1]
-      [--batches 1,8] [--tokens 128] [--drafts draft,staged,heads] [--inner-draft 2] [--layers scan|unrolled]
+      [--batches 1,8] [--tokens 128] [--drafts draft,distilled,staged,heads] [--inner-draft 2]
+      [--layers scan|unrolled]
   python -m experiments.bench_speculative --layout-costs [--alpha-from RESULTS_JSON] [--calls 64] [--best-of 7]
   (also: jstream bench speculative ...)
 
 The models of ``configs/speculative.py`` (byte-level LMs on the local text corpus, and four Medusa heads on the
 frozen target; each trained here if its checkpoint is missing, resumed otherwise) continue prompts of held-out
-text. Three ways to draft: ``draft`` (the 1-layer draft model), ``staged`` (the draft itself speculated by the
+text. Four ways to draft: ``draft`` (the 1-layer draft model, trained on the corpus), ``distilled`` (the same shape
+trained on the target's next-byte distributions, DistillSpec), ``staged`` (the draft itself speculated by the
 smaller ``inner`` model, ``--inner-draft`` tokens at a time) and ``heads`` (self-speculation: the heads read the
 target's features; ``K <= 4``). For each batch size and temperature, plain decoding of the target
 (``rollout.generate``) and ``speculative.generate`` at each ``K`` run on the same prompts and the same
@@ -44,7 +46,8 @@ import time
 
 import numpy as np
 
-ROLES = {"draft": ("draft",), "staged": ("draft", "inner"), "heads": ("heads",)}
+ROLES = {"draft": ("draft",), "distilled": ("distilled",), "staged": ("draft", "inner"), "heads": ("heads",)}
+DRAFT_MODELS = ("draft", "distilled")  # drafts with one cost ratio: a model of their own
 
 
 def _timed(fn, repeats: int = 3, stat=np.median):
@@ -183,7 +186,8 @@ def run(args) -> dict:
   unknown = set(drafts) - set(ROLES)
   if unknown:
     raise SystemExit(f"unknown drafts {sorted(unknown)}; choose from {sorted(ROLES)}")
-  roles = ["target", *sorted({r for d in drafts for r in ROLES[d]}, key=["draft", "inner", "heads"].index)]
+  order = ["draft", "distilled", "inner", "heads"]
+  roles = ["target", *sorted({r for d in drafts for r in ROLES[d]}, key=order.index)]
   models = {}
   for role in roles:  # heads after the target: they load its checkpoint
     cfg = load_config(f"{args.config}:{role}{suffix}")
@@ -197,8 +201,9 @@ def run(args) -> dict:
   ks = [int(k) for k in args.ks.split(",")]
   policy = bench_policy(args)
   proposers = {}
-  if "draft" in drafts:
-    proposers["draft"] = models["draft"][0]
+  for name in DRAFT_MODELS:
+    if name in drafts:
+      proposers[name] = models[name][0]
   if "staged" in drafts:
     proposers["staged"] = speculative.Staged(models["draft"][0], models["inner"][0], inner_draft=args.inner_draft)
   if "heads" in drafts:
@@ -226,13 +231,14 @@ def run(args) -> dict:
     for temp in [float(t) for t in args.temperatures.split(",")]:
       key = jax.random.key(0)
       base = {}
-      for role in ("target", "draft", "inner"):
+      for role in ("target", *DRAFT_MODELS, "inner"):
         if role in models:
           _, base[role] = _timed(functools.partial(plain, models[role][0], prompts, temp, key))
-      c = base["draft"] / base["target"] if "draft" in base else 0.0
+      ratios = {name: base[name] / base["target"] for name in DRAFT_MODELS if name in base}
       row0 = dict(batch=batch, temperature=temp, plain_tokens_per_s=batch * args.tokens / base["target"])
       print(
-        f"batch {batch}, temperature {temp}: plain {row0['plain_tokens_per_s']:.0f} tokens/s, draft cost ratio {c:.3f}"
+        f"batch {batch}, temperature {temp}: plain {row0['plain_tokens_per_s']:.0f} tokens/s"
+        + "".join(f", {name} cost ratio {c:.3f}" for name, c in ratios.items())
       )
       for name, proposer in proposers.items():
         for k in ks:
@@ -244,7 +250,7 @@ def run(args) -> dict:
           beta = total(out.accept_prob) / max(total(out.tested), 1.0)
           measured = total(out.emitted) / total(out.rounds)
           formula = speculative.expected_tokens_per_call(a, k)
-          cost = c if name == "draft" else 0.0  # staged / heads: no single cost ratio (the draft calls are reported)
+          cost = ratios.get(name, 0.0)  # staged / heads: no single cost ratio (the draft calls are reported)
           row = dict(
             row0,
             draft=name,
@@ -322,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ks", default="1,2,4,8")
   parser.add_argument("--temperatures", default="0,1")
   parser.add_argument("--batches", default="1,8")
-  parser.add_argument("--drafts", default="draft,staged,heads", help="draft, staged and / or heads")
+  parser.add_argument(
+    "--drafts", default="draft,distilled,staged,heads", help="draft, distilled, staged and / or heads"
+  )
   parser.add_argument("--inner-draft", type=int, default=2, help="tokens the inner draft proposes (staged)")
   parser.add_argument("--tokens", type=int, default=128, help="new tokens per row")
   parser.add_argument("--positions", default="cache_relative", choices=["cache_relative", "absolute"])

@@ -15,6 +15,7 @@ from jstream import TransformerConfig
 from jstream.train import (
   CheckpointError,
   ConfigMismatchError,
+  DistillTask,
   DraftHeadsTask,
   TrainConfig,
   VideoTask,
@@ -24,6 +25,7 @@ from jstream.train import (
   load_model,
   make_example,
   train,
+  train_iterator,
 )
 
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "lm_tiny.py"
@@ -535,3 +537,111 @@ def test_draft_heads_train_on_a_frozen_lm_and_resume(tmp_path, corpus):
     train(other, progress=False)
   with pytest.raises(ValueError, match="plain causal"):
     dataclasses.replace(cfg, sink_token=True)
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_distill_loss_against_numpy(divergence, temperature):
+  """Each divergence and the acceptance rate ``sum min(p, q)``, both at ``temperature``, averaged over the mask, as
+  NumPy computes them from the definitions; no gradient reaches the teacher's logits."""
+  from jstream.train.losses import distill_loss
+
+  rng = np.random.default_rng(3)
+  s, t = (rng.normal(size=(2, 5, 7)).astype(np.float32) * 2 for _ in range(2))
+  mask = rng.random((2, 5)) < 0.7
+  logq, logp = _np_log_softmax(s / temperature), _np_log_softmax(t / temperature)
+  p, q = np.exp(logp), np.exp(logq)
+  m = (p + q) / 2
+  per = {
+    "fkl": (p * (logp - logq)).sum(-1),
+    "rkl": (q * (logq - logp)).sum(-1),
+    "jsd": 0.5 * (p * np.log(p / m) + q * np.log(q / m)).sum(-1),
+    "tvd": 0.5 * np.abs(p - q).sum(-1),
+  }[divergence]
+  loss, metrics = distill_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask), divergence=divergence,
+                               temperature=temperature)  # fmt: skip
+  np.testing.assert_allclose(float(loss), per[mask].mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["acceptance"]), np.minimum(p, q).sum(-1)[mask].mean(), rtol=1e-5)
+  assert int(metrics["tokens"]) == mask.sum()
+  grad_t = jax.grad(lambda t: distill_loss(jnp.asarray(s), t, divergence=divergence, temperature=temperature)[0])
+  assert not np.any(np.asarray(grad_t(jnp.asarray(t))))
+  if divergence == "tvd":  # one minus the acceptance rate
+    np.testing.assert_allclose(float(loss), 1 - float(metrics["acceptance"]), rtol=1e-5)
+
+
+def test_distilled_student_learns_the_teachers_distributions_not_the_data(tmp_path, corpus):
+  """``TrainConfig.distill``: a teacher trained on other text (digits and punctuation), a student reading the usual
+  corpus. Distilled, the student's KL from the teacher on the corpus falls far below both its start and a student
+  trained on the corpus' own bytes for as many steps; the run's checkpoints hold the student alone
+  (``load_model``); a resumed run ends where an uninterrupted one does."""
+  from flax import nnx
+
+  from jstream import StreamingTransformer
+
+  other = tmp_path / "other"
+  other.mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(12):
+    (other / f"n{i}.txt").write_text(" ".join(rng.choice(["0,1;", "22.", "3-4!", "(5)"], size=300)) + "\n")
+  teacher_cfg = tiny_cfg(tmp_path / "teacher", str(other), steps=30, lr=1e-2)
+  teacher = train(teacher_cfg, progress=False).model
+  task = DistillTask(str(tmp_path / "teacher"))
+  kw = dict(steps=16, lr=1e-2, log_every=4, checkpoint_every=8)
+  student_cfg = tiny_cfg(tmp_path / "student", corpus, distill=task, **kw)
+  distilled = train(student_cfg, progress=False)
+  on_data = train(tiny_cfg(tmp_path / "plain", corpus, **kw), progress=False).model
+  fresh = StreamingTransformer(student_cfg.model, rngs=nnx.Rngs(student_cfg.seed))
+
+  batch = jnp.asarray(np.asarray(next(train_iterator(student_cfg))), jnp.int32)[:, :-1]
+  logp = jax.nn.log_softmax(teacher.forward(batch), -1)
+
+  def kl(model):
+    logq = jax.nn.log_softmax(model.forward(batch), -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+
+  k_distilled, k_data, k_fresh = kl(distilled.model), kl(on_data), kl(fresh)
+  assert k_distilled < 0.5 * k_fresh and k_distilled < 0.5 * k_data, (k_distilled, k_data, k_fresh)
+  rows = distilled.metrics
+  assert {"fkl", "acceptance", "data_loss"} <= set(rows[-1]) and rows[-1]["acceptance"] > rows[0]["acceptance"]
+  np.testing.assert_allclose([r["loss"] for r in rows], [r["fkl"] for r in rows], rtol=1e-6)  # data_weight 0
+
+  loaded, step = load_model(student_cfg)
+  assert isinstance(loaded, StreamingTransformer) and step == 16
+  for a, b in zip(_params(distilled.model), _params(loaded), strict=True):
+    np.testing.assert_array_equal(a, b)
+  again = dataclasses.replace(student_cfg, workdir=str(tmp_path / "again"))
+  train(again, progress=False, stop_after=8)
+  resumed = train(again, progress=False)
+  assert resumed.resumed_from == 8
+  for a, b in zip(_params(distilled.model), _params(resumed.model), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_distill_errors_name_the_problem(tmp_path, corpus):
+  """Bad distillation settings are refused at construction; a teacher over another vocabulary when the run
+  starts, before any step."""
+  with pytest.raises(ValueError, match="divergence"):
+    DistillTask("t", divergence="kl")
+  with pytest.raises(ValueError, match="temperature"):
+    DistillTask("t", temperature=0.0)
+  with pytest.raises(ValueError, match="data_weight"):
+    DistillTask("t", data_weight=-1.0)
+  with pytest.raises(ValueError, match="plain causal"):
+    tiny_cfg(tmp_path / "s", corpus, distill=DistillTask("t"), sink_token=True)
+  with pytest.raises(ValueError, match="pick one"):
+    tiny_cfg(tmp_path / "s", corpus, distill=DistillTask("t"), draft_heads=DraftHeadsTask("t"))
+  with pytest.raises(ValueError, match="text LM"):
+    TrainConfig(model=tiny_cfg(tmp_path, corpus).model, data="video_gen", distill=DistillTask("t"))
+  small = tiny_cfg(tmp_path / "t", corpus, steps=1)
+  train(dataclasses.replace(small, model=small.model.replace(vocab_size=64)), progress=False)
+  student = tiny_cfg(tmp_path / "s", corpus, distill=DistillTask(str(tmp_path / "t")))
+  with pytest.raises(ValueError, match="vocabulary"):
+    train(student, progress=False)
+  assert not list((tmp_path / "s").glob("checkpoints/*/"))  # refused before any step
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train(dataclasses.replace(student, distill=DistillTask(str(tmp_path / "none"))), progress=False)

@@ -2,7 +2,15 @@
 
 from jstream.train.aligned import forward_mask, make_example
 from jstream.train.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError
-from jstream.train.config import DraftHeadsTask, TrainConfig, VideoGenTask, VideoTask, apply_overrides, load_config
+from jstream.train.config import (
+  DistillTask,
+  DraftHeadsTask,
+  TrainConfig,
+  VideoGenTask,
+  VideoTask,
+  apply_overrides,
+  load_config,
+)
 from jstream.train.loop import (
   TrainResult,
   TrainState,
@@ -18,6 +26,7 @@ __all__ = [
   "CheckpointError",
   "Checkpointer",
   "ConfigMismatchError",
+  "DistillTask",
   "DraftHeadsTask",
   "TrainConfig",
   "TrainResult",

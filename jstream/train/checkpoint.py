@@ -30,13 +30,13 @@ __all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_conf
 
 
 def _defaults(prefix: str) -> dict:
-  """The JSON defaults of the config fields at ``prefix`` (``""``, ``"model."``, ``"video."``, ``"generation."`` or
-  ``"draft_heads."``)."""
+  """The JSON defaults of the config fields at ``prefix`` (``""``, ``"model."``, ``"video."``, ``"generation."``,
+  ``"draft_heads."`` or ``"distill."``)."""
   from jstream.config import TransformerConfig
-  from jstream.train.config import DraftHeadsTask, VideoGenTask, VideoTask
+  from jstream.train.config import DistillTask, DraftHeadsTask, VideoGenTask, VideoTask
 
   classes = {"": TrainConfig, "model.": TransformerConfig, "video.": VideoTask, "generation.": VideoGenTask}
-  cls = {**classes, "draft_heads.": DraftHeadsTask}.get(prefix)
+  cls = {**classes, "draft_heads.": DraftHeadsTask, "distill.": DistillTask}.get(prefix)
   out = {}
   for f in dataclasses.fields(cls) if cls is not None else ():
     if f.default is not dataclasses.MISSING:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 
 from jstream.checks import check_int
 from jstream.config import TransformerConfig
+from jstream.train.losses import DIVERGENCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +342,36 @@ class DraftHeadsTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillTask:
+  """Training a text LM (a speculative draft) on another trained LM's next-token distributions instead of the
+  corpus' next bytes (``TrainConfig.distill``; DistillSpec, Zhou et al. 2024): the teacher is loaded from its run
+  when training starts and stays out of the run's state and checkpoints.
+
+  Attributes:
+    teacher: workdir of the teacher's run (a text LM with the same vocabulary); its newest checkpoint is used.
+    divergence: ``fkl``, ``rkl``, ``jsd`` or ``tvd`` (``jstream.train.losses.DIVERGENCES``); ``tvd`` is one minus
+      the acceptance rate at ``temperature``, the quantity speculative decoding's speed rests on.
+    temperature: both distributions at this temperature: the one the draft will be sampled at (> 0).
+    data_weight: weight of the ordinary next-byte loss on the corpus added to the divergence (0: pure distillation).
+  """
+
+  teacher: str
+  divergence: str = "fkl"
+  temperature: float = 1.0
+  data_weight: float = 0.0
+
+  def __post_init__(self):
+    if not self.teacher:
+      raise ValueError("DistillTask.teacher must name the teacher run's workdir")
+    if self.divergence not in DIVERGENCES:
+      raise ValueError(f"DistillTask.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+    if not (math.isfinite(self.temperature) and self.temperature > 0):
+      raise ValueError(f"DistillTask.temperature must be a finite number > 0, got {self.temperature}")
+    if not (math.isfinite(self.data_weight) and self.data_weight >= 0):
+      raise ValueError(f"DistillTask.data_weight must be a finite number >= 0, got {self.data_weight}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs (hashable; part of every checkpoint).
 
@@ -366,6 +398,7 @@ class TrainConfig:
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
     draft_heads: train Medusa-style draft heads on the frozen LM of another run (text only; see
       ``DraftHeadsTask``); the run's model is then ``jstream.speculative.TargetWithHeads``.
+    distill: train the model on another run's next-token distributions (text only; see ``DistillTask``).
     mesh: ``(data, model)``: shard the run over a device mesh (``jstream.sharding``: parameters and optimizer
       state by the model axis, batches by the data axis); None: one device. The numbers do not change, so a run
       may resume under another mesh. Command line: ``mesh=4;2``.
@@ -398,6 +431,7 @@ class TrainConfig:
   workdir: str = "runs/lm_tiny"
   mesh: tuple[int, ...] | None = None
   draft_heads: DraftHeadsTask | None = None
+  distill: DistillTask | None = None
 
   # Short names accepted by command-line overrides (``configs/lm_tiny.py:quick,window=512``).
   ALIASES: ClassVar[dict[str, str]] = {"window": "train_window", "sinks": "train_sinks"}
@@ -453,6 +487,13 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.draft_heads trains heads on a text LM, not on data={self.data!r}")
       if self.sink_token or self.overlap or self.needles or self.train_window is not None:
         raise ValueError("draft_heads trains on plain causal text samples: no sink_token, overlap, needles or window")
+    if self.distill is not None:
+      if self.data != "text":
+        raise ValueError(f"TrainConfig.distill distils a text LM, not data={self.data!r}")
+      if self.draft_heads is not None:
+        raise ValueError("TrainConfig.distill and draft_heads are two ways to train a draft: pick one")
+      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
+        raise ValueError("distill trains on plain causal text samples: no sink_token, overlap, needles or window")
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property
@@ -482,6 +523,8 @@ class TrainConfig:
     d["corpus"] = tuple(d.get("corpus", ()))
     if d.get("draft_heads") is not None:
       d["draft_heads"] = DraftHeadsTask(**d["draft_heads"])
+    if d.get("distill") is not None:
+      d["distill"] = DistillTask(**d["distill"])
     if d.get("mesh") is not None:
       d["mesh"] = tuple(d["mesh"])
     return cls(**d)

@@ -34,7 +34,7 @@ from jstream.speculative import DraftHeads, TargetWithHeads
 from jstream.train import aligned
 from jstream.train.checkpoint import Checkpointer, saved_config
 from jstream.train.config import TrainConfig
-from jstream.train.losses import next_token_loss
+from jstream.train.losses import distill_loss, next_token_loss
 from jstream.train.optim import lm_schedule, make_optimizer, schedule
 
 
@@ -51,10 +51,18 @@ class TrainState:
 
 
 def make_train_step(
-  graphdef, optimizer: optax.GradientTransformation, cfg: TrainConfig, *, encoder_only: bool = False
+  graphdef,
+  optimizer: optax.GradientTransformation,
+  cfg: TrainConfig,
+  *,
+  encoder_only: bool = False,
+  teacher: StreamingTransformer | None = None,
 ) -> Callable:
   """``step(state, batch) -> (state, metrics)``, jit-compiled, state donated. ``batch``: tokens ``[b, L + 1]``
   (text) or a dict of clips (``video_qa``: ``frames``, ``text``, ``targets``).
+
+  ``teacher`` (``cfg.distill`` runs, required there): the frozen LM whose next-token distributions the model
+  learns; its weights are an argument of the compiled step, not part of the state.
 
   ``encoder_only`` (video QA, the first ``VideoTask.encoder_steps`` steps): the loss is the patch-label loss of
   the frame encoder alone; the language model is not run, and the optimizer (``make_optimizer``) leaves its
@@ -62,8 +70,11 @@ def make_train_step(
   """
   mask_kw = aligned.forward_mask(cfg)
   lr, lm_lr = schedule(cfg), lm_schedule(cfg)
+  if (cfg.distill is None) != (teacher is None):
+    raise ValueError("make_train_step: a distill run needs its teacher, and only a distill run takes one")
+  teacher_graph, teacher_params = nnx.split(teacher) if teacher is not None else (None, None)
 
-  def loss_fn(params, batch):
+  def loss_fn(params, batch, teacher_params=None):
     model = nnx.merge(graphdef, params)
     if cfg.data == "video_gen":
       from jstream.models import video_dit
@@ -135,12 +146,18 @@ def make_train_step(
     inputs, targets, mask = aligned.make_example(cfg, batch)
     logits = model.forward(inputs, **mask_kw)
     loss, count = next_token_loss(logits, targets, mask)
+    if cfg.distill is not None:  # DistillSpec: the teacher's distributions are the targets
+      task = cfg.distill
+      teacher_logits = nnx.merge(teacher_graph, teacher_params).forward(inputs)
+      div, m = distill_loss(logits, teacher_logits, mask, divergence=task.divergence, temperature=task.temperature)
+      out = {"tokens": count, "data_loss": loss, task.divergence: div, "acceptance": m["acceptance"]}
+      return div + task.data_weight * loss, out
     return loss, {"tokens": count}
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, teacher_params=None):
     if cfg.data == "video_gen":  # noise and noise levels: a function of the run's seed and the step (exact resume)
       batch = {**batch, "rng": jax.random.fold_in(jax.random.key(cfg.seed), state.step)}
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
@@ -149,7 +166,10 @@ def make_train_step(
       metrics["lm_lr"] = jnp.where(state.step < cfg.encoder_steps, 0.0, lm_lr(state.step - cfg.encoder_steps))
     return TrainState(params, opt_state, state.step + 1), metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  compiled = jax.jit(step, donate_argnums=(0,))
+  if teacher is None:
+    return compiled
+  return lambda state, batch: compiled(state, batch, teacher_params)
 
 
 def _text_config(cfg: TrainConfig):
@@ -397,7 +417,10 @@ def train(
 
     mesh = sharding.make_mesh(*cfg.mesh)
     state = sharding.shard_train_state(state, mesh)
-  step_fn = make_train_step(graphdef, optimizer, cfg)
+  teacher = load_teacher_lm(cfg) if cfg.distill else None
+  if teacher is not None and mesh is not None:  # sharded like the model it is (Megatron-style by the model axis)
+    teacher = sharding.shard_model(teacher, mesh)
+  step_fn = make_train_step(graphdef, optimizer, cfg, teacher=teacher)
   encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
   start = int(state.step)
@@ -435,6 +458,23 @@ def train(
   writer.close()
   model = nnx.merge(graphdef, state.params)
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
+
+
+def load_teacher_lm(cfg: TrainConfig) -> StreamingTransformer:
+  """The teacher of a ``cfg.distill`` run: the newest checkpoint of its run, a text LM over the same vocabulary."""
+  task = cfg.distill
+  teacher_cfg = saved_config(task.teacher)
+  if teacher_cfg.data != "text" or teacher_cfg.draft_heads is not None:
+    raise ValueError(f"distill: the teacher run {task.teacher} is not a text LM")
+  if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
+    raise ValueError(
+      f"distill: the teacher's vocabulary ({teacher_cfg.model.vocab_size} ids) is not the student's "
+      f"({cfg.model.vocab_size})"
+    )
+  if teacher_cfg.sink_token:
+    raise ValueError(f"distill: the teacher run {task.teacher} was trained with a sink token; the student reads none")
+  teacher, _ = load_model(teacher_cfg)
+  return teacher
 
 
 def load_model(
