@@ -10,7 +10,8 @@
 The draft only has to guess the target's next bytes; a byte-level model of one layer already predicts most of the
 easy ones (spaces, indentation, keyword endings). ``distilled`` trains the same shape on the target's next-byte
 distributions instead (DistillSpec: forward KL at temperature 1 by default; ``distill.divergence=tvd`` minimises
-one minus the acceptance rate itself). Any field can be overridden as ``key=value``.
+one minus the acceptance rate itself: give such a variant its own ``workdir=...``, since a run refuses to resume
+under another config). Any field can be overridden as ``key=value``.
 """
 
 import dataclasses

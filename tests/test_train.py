@@ -588,7 +588,7 @@ def test_distilled_student_learns_the_teachers_distributions_not_the_data(tmp_pa
   rng = np.random.default_rng(1)
   for i in range(12):
     (other / f"n{i}.txt").write_text(" ".join(rng.choice(["0,1;", "22.", "3-4!", "(5)"], size=300)) + "\n")
-  teacher_cfg = tiny_cfg(tmp_path / "teacher", str(other), steps=30, lr=1e-2)
+  teacher_cfg = tiny_cfg(tmp_path / "teacher", str(other), steps=30, lr=1e-2, checkpoint_every=10)
   teacher = train(teacher_cfg, progress=False).model
   task = DistillTask(str(tmp_path / "teacher"))
   kw = dict(steps=16, lr=1e-2, log_every=4, checkpoint_every=8)
@@ -614,12 +614,21 @@ def test_distilled_student_learns_the_teachers_distributions_not_the_data(tmp_pa
   assert isinstance(loaded, StreamingTransformer) and step == 16
   for a, b in zip(_params(distilled.model), _params(loaded), strict=True):
     np.testing.assert_array_equal(a, b)
+  # Resumed after the teacher run trained on: still exact (the run keeps the teacher step it started from).
   again = dataclasses.replace(student_cfg, workdir=str(tmp_path / "again"))
   train(again, progress=False, stop_after=8)
+  train(dataclasses.replace(teacher_cfg, steps=40), progress=False)  # the teacher's checkpoints: 20, 30, 40
   resumed = train(again, progress=False)
   assert resumed.resumed_from == 8
   for a, b in zip(_params(distilled.model), _params(resumed.model), strict=True):
     np.testing.assert_array_equal(a, b)
+  late = dataclasses.replace(student_cfg, workdir=str(tmp_path / "late"))
+  train(late, progress=False, stop_after=4)
+  train(dataclasses.replace(teacher_cfg, steps=70), progress=False)  # step 40 gone
+  with pytest.raises(FileNotFoundError, match="started from step 40"):
+    train(late, progress=False)
+  with pytest.raises(ConfigMismatchError):
+    train(dataclasses.replace(again, distill=DistillTask(task.teacher, divergence="tvd")), progress=False)
 
 
 def test_distill_errors_name_the_problem(tmp_path, corpus):
@@ -638,10 +647,15 @@ def test_distill_errors_name_the_problem(tmp_path, corpus):
   with pytest.raises(ValueError, match="text LM"):
     TrainConfig(model=tiny_cfg(tmp_path, corpus).model, data="video_gen", distill=DistillTask("t"))
   small = tiny_cfg(tmp_path / "t", corpus, steps=1)
-  train(dataclasses.replace(small, model=small.model.replace(vocab_size=64)), progress=False)
+  train(dataclasses.replace(small, model=small.model.replace(vocab_size=300)), progress=False)
+  train(dataclasses.replace(small, workdir=str(tmp_path / "sink"), sink_token=True), progress=False)
   student = tiny_cfg(tmp_path / "s", corpus, distill=DistillTask(str(tmp_path / "t")))
   with pytest.raises(ValueError, match="vocabulary"):
     train(student, progress=False)
-  assert not list((tmp_path / "s").glob("checkpoints/*/"))  # refused before any step
+  with pytest.raises(ValueError, match="sink token or a window"):
+    train(dataclasses.replace(student, distill=DistillTask(str(tmp_path / "sink"))), progress=False)
+  with pytest.raises(ValueError, match="own workdir"):
+    train(dataclasses.replace(student, distill=DistillTask(str(tmp_path / "s"))), progress=False)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train(dataclasses.replace(student, distill=DistillTask(str(tmp_path / "none"))), progress=False)
+  assert not (tmp_path / "s").exists()  # refused before anything is written

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "mesh"})
 
 
-__all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_config"]
+__all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_config", "saved_run"]
 
 
 def _defaults(prefix: str) -> dict:
@@ -136,6 +136,11 @@ class Checkpointer:
 def saved_config(workdir: str | pathlib.Path) -> TrainConfig:
   """The config a run's newest checkpoint was written with, its ``workdir`` set to ``workdir`` (so that a run can be
   loaded from wherever it now lies), or a clear error when ``workdir`` holds no checkpoint."""
+  return saved_run(workdir)[0]
+
+
+def saved_run(workdir: str | pathlib.Path) -> tuple[TrainConfig, list[int]]:
+  """``saved_config(workdir)`` and the steps of the run's checkpoints, oldest first."""
   path = pathlib.Path(workdir).absolute() / "checkpoints"
   manager = ocp.CheckpointManager(path, item_names=("state", "data", "config"))
   try:
@@ -145,4 +150,4 @@ def saved_config(workdir: str | pathlib.Path) -> TrainConfig:
     saved = manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   finally:
     manager.close()
-  return dataclasses.replace(TrainConfig.from_dict(saved), workdir=str(workdir))
+  return dataclasses.replace(TrainConfig.from_dict(saved), workdir=str(workdir)), steps

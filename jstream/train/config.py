@@ -363,6 +363,10 @@ class DistillTask:
   def __post_init__(self):
     if not self.teacher:
       raise ValueError("DistillTask.teacher must name the teacher run's workdir")
+    for name in ("temperature", "data_weight"):  # an int from Python must not make overrides expect ints
+      value = getattr(self, name)
+      if isinstance(value, int) and not isinstance(value, bool):
+        object.__setattr__(self, name, float(value))
     if self.divergence not in DIVERGENCES:
       raise ValueError(f"DistillTask.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
     if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -482,18 +486,15 @@ class TrainConfig:
         )
     elif self.video is not None:
       raise ValueError(f"TrainConfig.video is for data='video_qa', not {self.data!r}")
-    if self.draft_heads is not None:
+    if self.draft_heads is not None and self.distill is not None:
+      raise ValueError("TrainConfig.distill and draft_heads are two ways to train a draft: pick one")
+    for name in ("draft_heads", "distill"):  # both read plain causal text samples through another run's LM
+      if getattr(self, name) is None:
+        continue
       if self.data != "text":
-        raise ValueError(f"TrainConfig.draft_heads trains heads on a text LM, not on data={self.data!r}")
+        raise ValueError(f"TrainConfig.{name} trains on a text LM, not on data={self.data!r}")
       if self.sink_token or self.overlap or self.needles or self.train_window is not None:
-        raise ValueError("draft_heads trains on plain causal text samples: no sink_token, overlap, needles or window")
-    if self.distill is not None:
-      if self.data != "text":
-        raise ValueError(f"TrainConfig.distill distils a text LM, not data={self.data!r}")
-      if self.draft_heads is not None:
-        raise ValueError("TrainConfig.distill and draft_heads are two ways to train a draft: pick one")
-      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
-        raise ValueError("distill trains on plain causal text samples: no sink_token, overlap, needles or window")
+        raise ValueError(f"{name} trains on plain causal text samples: no sink_token, overlap, needles or window")
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property

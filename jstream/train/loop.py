@@ -32,7 +32,7 @@ from jstream.models.video_dit import VideoDiT
 from jstream.models.video_lm import VideoLM
 from jstream.speculative import DraftHeads, TargetWithHeads
 from jstream.train import aligned
-from jstream.train.checkpoint import Checkpointer, saved_config
+from jstream.train.checkpoint import Checkpointer, saved_config, saved_run
 from jstream.train.config import TrainConfig
 from jstream.train.losses import distill_loss, next_token_loss
 from jstream.train.optim import lm_schedule, make_optimizer, schedule
@@ -74,7 +74,7 @@ def make_train_step(
     raise ValueError("make_train_step: a distill run needs its teacher, and only a distill run takes one")
   teacher_graph, teacher_params = nnx.split(teacher) if teacher is not None else (None, None)
 
-  def loss_fn(params, batch, teacher_params=None):
+  def loss_fn(params, batch, teacher_logits=None):
     model = nnx.merge(graphdef, params)
     if cfg.data == "video_gen":
       from jstream.models import video_dit
@@ -148,7 +148,6 @@ def make_train_step(
     loss, count = next_token_loss(logits, targets, mask)
     if cfg.distill is not None:  # DistillSpec: the teacher's distributions are the targets
       task = cfg.distill
-      teacher_logits = nnx.merge(teacher_graph, teacher_params).forward(inputs)
       div, m = distill_loss(logits, teacher_logits, mask, divergence=task.divergence, temperature=task.temperature)
       out = {"tokens": count, "data_loss": loss, task.divergence: div, "acceptance": m["acceptance"]}
       return div + task.data_weight * loss, out
@@ -157,7 +156,10 @@ def make_train_step(
   def step(state: TrainState, batch, teacher_params=None):
     if cfg.data == "video_gen":  # noise and noise levels: a function of the run's seed and the step (exact resume)
       batch = {**batch, "rng": jax.random.fold_in(jax.random.key(cfg.seed), state.step)}
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params)
+    teacher_logits = None
+    if teacher_params is not None:  # outside the differentiated function: nothing of it is kept for the backward
+      teacher_logits = nnx.merge(teacher_graph, teacher_params).forward(aligned.make_example(cfg, batch)[0])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_logits)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree_utils.tree_norm(grads)  # optax >= 0.2.5
@@ -401,6 +403,7 @@ def train(
   Returns:
     ``TrainResult`` with the trained model (parameters merged back into an NNX module).
   """
+  teacher_run = distill_teacher_run(cfg) if cfg.distill is not None else None  # checked before anything is written
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   graphdef, optimizer, state = init_state(cfg)
@@ -417,15 +420,19 @@ def train(
 
     mesh = sharding.make_mesh(*cfg.mesh)
     state = sharding.shard_train_state(state, mesh)
-  teacher = load_teacher_lm(cfg) if cfg.distill else None
-  if teacher is not None and mesh is not None:  # sharded like the model it is (Megatron-style by the model axis)
-    teacher = sharding.shard_model(teacher, mesh)
-  step_fn = make_train_step(graphdef, optimizer, cfg, teacher=teacher)
+  start = int(state.step)
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  teacher = None
+  if teacher_run is not None and start < end:  # a finished run does not need its teacher
+    teacher = load_distill_teacher(cfg, *teacher_run, resumed=resumed_from is not None)
+    if mesh is not None:  # sharded like the model it is (Megatron-style by the model axis)
+      teacher = sharding.shard_model(teacher, mesh)
+  step_fn = (
+    None if teacher_run is not None and teacher is None else make_train_step(graphdef, optimizer, cfg, teacher=teacher)
+  )
   encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
-  start = int(state.step)
   writer = MetricsWriter(workdir, resume_step=start)
-  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   tokens_per_step = tokens_per_batch(cfg)
   bar = None
   if progress:
@@ -460,10 +467,17 @@ def train(
   return TrainResult(model, int(state.step), resumed_from, writer.read(), time.perf_counter() - t0)
 
 
-def load_teacher_lm(cfg: TrainConfig) -> StreamingTransformer:
-  """The teacher of a ``cfg.distill`` run: the newest checkpoint of its run, a text LM over the same vocabulary."""
+TEACHER_RECORD = "distill_teacher.json"
+"""In a ``distill`` run's workdir: the teacher run and checkpoint step the run started from."""
+
+
+def distill_teacher_run(cfg: TrainConfig) -> tuple[TrainConfig, list[int]]:
+  """The teacher run of ``cfg.distill`` (its config and checkpoint steps), checked: a plain causal text LM over the
+  student's vocabulary, not the run itself."""
   task = cfg.distill
-  teacher_cfg = saved_config(task.teacher)
+  if pathlib.Path(task.teacher).resolve() == pathlib.Path(cfg.workdir).resolve():
+    raise ValueError(f"distill: the teacher run {task.teacher} is this run's own workdir")
+  teacher_cfg, steps = saved_run(task.teacher)
   if teacher_cfg.data != "text" or teacher_cfg.draft_heads is not None:
     raise ValueError(f"distill: the teacher run {task.teacher} is not a text LM")
   if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
@@ -471,9 +485,30 @@ def load_teacher_lm(cfg: TrainConfig) -> StreamingTransformer:
       f"distill: the teacher's vocabulary ({teacher_cfg.model.vocab_size} ids) is not the student's "
       f"({cfg.model.vocab_size})"
     )
-  if teacher_cfg.sink_token:
-    raise ValueError(f"distill: the teacher run {task.teacher} was trained with a sink token; the student reads none")
-  teacher, _ = load_model(teacher_cfg)
+  if teacher_cfg.sink_token or teacher_cfg.train_window is not None:
+    raise ValueError(
+      f"distill: the teacher run {task.teacher} was trained with a sink token or a window mask; distillation "
+      "reads it on plain causal samples"
+    )
+  return teacher_cfg, steps
+
+
+def load_distill_teacher(cfg: TrainConfig, teacher_cfg: TrainConfig, steps: list[int], *, resumed: bool):
+  """The teacher's LM at the step the run distils from: a resumed run keeps the step it started from (recorded in
+  ``TEACHER_RECORD``; a clear error when that checkpoint is gone), so that resuming stays exact while the teacher
+  run trains on; a fresh run takes the newest and records it."""
+  record = pathlib.Path(cfg.workdir) / TEACHER_RECORD
+  step = steps[-1]
+  if resumed and record.exists():
+    step = json.loads(record.read_text())["step"]
+    if step not in steps:
+      raise FileNotFoundError(
+        f"distill: this run started from step {step} of the teacher {cfg.distill.teacher}, whose checkpoints are now "
+        f"{steps}; restore that step or start the run afresh in another workdir"
+      )
+  else:
+    record.write_text(json.dumps({"teacher": cfg.distill.teacher, "step": step}))
+  teacher, _ = load_model(teacher_cfg, step)
   return teacher
 
 
