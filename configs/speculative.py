@@ -2,7 +2,7 @@
 
   jstream train --config configs/speculative.py:target   # the target (6 layers, width 384, 1000 steps)
   jstream train --config configs/speculative.py:draft    # the draft (1 layer, width 128, 1500 steps)
-  jstream train --config configs/speculative.py:distilled  # the draft's shape, distilled from the trained target
+  jstream train --config configs/speculative.py:distilled  # the draft's shape distilled from the target, 1000 steps
   jstream train --config configs/speculative.py:inner    # the draft's draft for staged speculation (width 64)
   jstream train --config configs/speculative.py:heads    # 4 Medusa heads on the trained target (frozen), 300 steps
   ...:quick                                              # each shrunk to seconds (CI)
@@ -25,7 +25,7 @@ INNER = dict(num_layers=1, num_heads=1, num_kv_heads=1, embed_dim=64, mlp_dim=19
 ROLES = {
   "target": (TARGET, 1000),
   "draft": (DRAFT, 1500),
-  "distilled": (DRAFT, 1500),
+  "distilled": (DRAFT, 1000),  # each step also runs the target: 1,000 steps cost more than the draft's 1,500
   "inner": (INNER, 1000),
   "heads": (TARGET, 300),
 }
