@@ -256,6 +256,8 @@ def test_notebook_runs_in_a_jupyter_kernel(name, tmp_path):
   import nbclient
   import nbformat
 
+  raw = json.loads((ROOT / "notebooks" / name).read_text())
+  assert all(c.get("id") for c in raw["cells"]), f"{name}: every cell needs an id (nbformat 4.5)"
   nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
   assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: strip its outputs"
   env_keys = {"JSTREAM_NOTEBOOK_QUICK": "1", "JAX_PLATFORMS": "cpu"}
