@@ -48,6 +48,7 @@ import numpy as np
 
 ROLES = {"draft": ("draft",), "distilled": ("distilled",), "staged": ("draft", "inner"), "heads": ("heads",)}
 DRAFT_MODELS = ("draft", "distilled")  # drafts with one cost ratio: a model of their own
+MODEL_ORDER = list(dict.fromkeys(r for roles in ROLES.values() for r in roles))  # training order after the target
 
 
 def _timed(fn, repeats: int = 3, stat=np.median):
@@ -186,8 +187,7 @@ def run(args) -> dict:
   unknown = set(drafts) - set(ROLES)
   if unknown:
     raise SystemExit(f"unknown drafts {sorted(unknown)}; choose from {sorted(ROLES)}")
-  order = ["draft", "distilled", "inner", "heads"]
-  roles = ["target", *sorted({r for d in drafts for r in ROLES[d]}, key=order.index)]
+  roles = ["target", *sorted({r for d in drafts for r in ROLES[d]}, key=MODEL_ORDER.index)]
   models = {}
   for role in roles:  # heads after the target: they load its checkpoint
     cfg = load_config(f"{args.config}:{role}{suffix}")

@@ -348,7 +348,8 @@ class DistillTask:
   when training starts and stays out of the run's state and checkpoints.
 
   Attributes:
-    teacher: workdir of the teacher's run (a text LM with the same vocabulary); its newest checkpoint is used.
+    teacher: workdir of the teacher's run (a text LM with the same vocabulary): its newest checkpoint when the run
+      starts; a resumed run keeps that step (``jstream.train.loop.TEACHER_RECORD``).
     divergence: ``fkl``, ``rkl``, ``jsd`` or ``tvd`` (``jstream.train.losses.DIVERGENCES``); ``tvd`` is one minus
       the acceptance rate at ``temperature``, the quantity speculative decoding's speed rests on.
     temperature: both distributions at this temperature: the one the draft will be sampled at (> 0).

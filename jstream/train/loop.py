@@ -423,13 +423,11 @@ def train(
   start = int(state.step)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   teacher = None
-  if teacher_run is not None and start < end:  # a finished run does not need its teacher
+  if teacher_run is not None:
     teacher = load_distill_teacher(cfg, *teacher_run, resumed=resumed_from is not None)
     if mesh is not None:  # sharded like the model it is (Megatron-style by the model axis)
       teacher = sharding.shard_model(teacher, mesh)
-  step_fn = (
-    None if teacher_run is not None and teacher is None else make_train_step(graphdef, optimizer, cfg, teacher=teacher)
-  )
+  step_fn = make_train_step(graphdef, optimizer, cfg, teacher=teacher)
   encoder_steps = cfg.encoder_steps
   encoder_fn = make_train_step(graphdef, optimizer, cfg, encoder_only=True) if encoder_steps else None
   writer = MetricsWriter(workdir, resume_step=start)
