@@ -15,6 +15,10 @@ tests' subprocesses train and run the same quick models), and again in one proce
 So a run shares JAX's persistent compilation cache: the controller makes an empty folder for it (a run starts cold,
 nothing is kept between runs) and removes it when pytest unconfigures; every process of the run inherits it.
 ``JSTREAM_TEST_NO_COMPILE_CACHE=1`` switches it off.
+
+``-n auto`` starts two xdist workers per core (at most one per 4 GiB of memory): a test process keeps a core busy
+only about half its time (compiling single-threaded, starting subprocesses and kernels), and on the 2-core VM four
+workers ran the suite in 18.7 min against 22.7 with two, at the same CPU time. ``-n N`` chooses.
 """
 
 import os
@@ -74,6 +78,15 @@ def _compile_cache() -> None:
 
 
 _compile_cache()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  try:
+    memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+  except (ValueError, OSError, AttributeError):
+    memory_gib = 8.0
+  return max(1, min(2 * cores, int(memory_gib // 4)))
 
 
 def pytest_unconfigure(config) -> None:

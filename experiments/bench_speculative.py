@@ -2,19 +2,20 @@
 
   python -m experiments.bench_speculative [--quick] [--out DIR] [--ks 1,2,4,8] [--temperatures 0,1]
       [--batches 1,8] [--tokens 128] [--drafts draft,distilled,staged,heads] [--inner-draft 2]
-      [--layers scan|unrolled]
+      [--layers scan|unrolled] [--repeats 3] [--stat median|min]
   python -m experiments.bench_speculative --layout-costs [--alpha-from RESULTS_JSON] [--calls 64] [--best-of 7]
   (also: jstream bench speculative ...)
 
 The models of ``configs/speculative.py`` (byte-level LMs on the local text corpus, and four Medusa heads on the
 frozen target; each trained here if its checkpoint is missing, resumed otherwise) continue prompts of held-out
-text. Four ways to draft: ``draft`` (the 1-layer draft model, trained on the corpus), ``distilled`` (the same shape
-trained on the target's next-byte distributions, DistillSpec), ``staged`` (the draft itself speculated by the
+text. Ways to draft: ``draft`` (the 1-layer draft model, trained on the corpus), ``distilled`` (the same shape
+trained on the target's next-byte distributions, DistillSpec; ``onpolicy`` and ``targetsamples``: the same on rows
+continued by the draft's own samples or by the target's, ``configs/speculative.py``), ``staged`` (the draft itself speculated by the
 smaller ``inner`` model, ``--inner-draft`` tokens at a time) and ``heads`` (self-speculation: the heads read the
 target's features; ``K <= 4``). For each batch size and temperature, plain decoding of the target
 (``rollout.generate``) and ``speculative.generate`` at each ``K`` run on the same prompts and the same
 ``SinkWindow(4, 252, max_rollback=...)`` cache policy (``--positions``, cache-relative by default), each timed
-after compiling (median of 3 calls). The verification cost ``v_K`` is measured under both position modes.
+after compiling (median of 3 calls; ``--repeats``, ``--stat min`` for the fastest). The verification cost ``v_K`` is measured under both position modes.
 
 Reported per row: the acceptance rate ``a`` (accepted / tested drafts: a round tests its drafts up to the first
 rejection) and ``sum min(p, q)`` averaged over the tested drafts (``a`` from the distributions); tokens per target
@@ -46,8 +47,9 @@ import time
 
 import numpy as np
 
-ROLES = {"draft": ("draft",), "distilled": ("distilled",), "staged": ("draft", "inner"), "heads": ("heads",)}
-DRAFT_MODELS = ("draft", "distilled")  # drafts with one cost ratio: a model of their own
+DRAFT_MODELS = ("draft", "distilled", "onpolicy", "targetsamples")  # drafts with one cost ratio: a model of their own
+ROLES = {**{d: (d,) for d in DRAFT_MODELS}, "staged": ("draft", "inner"), "heads": ("heads",)}
+STATS = {"median": np.median, "min": np.min}  # of the timed calls (--stat)
 MODEL_ORDER = list(dict.fromkeys(r for roles in ROLES.values() for r in roles))  # training order after the target
 
 
@@ -218,6 +220,7 @@ def run(args) -> dict:
     )
 
   stream, _ = heldout_tokens(models["target"][1], 64 * args.prompt_len + 1)
+  timing = dict(repeats=args.repeats, stat=STATS[args.stat])
   rows, verify_by_positions = [], {}
   for batch in [int(b) for b in args.batches.split(",")]:
     prompts = jnp.asarray(stream[: batch * args.prompt_len].reshape(batch, args.prompt_len), jnp.int32)
@@ -233,7 +236,7 @@ def run(args) -> dict:
       base = {}
       for role in ("target", *DRAFT_MODELS, "inner"):
         if role in models:
-          _, base[role] = _timed(functools.partial(plain, models[role][0], prompts, temp, key))
+          _, base[role] = _timed(functools.partial(plain, models[role][0], prompts, temp, key), **timing)
       ratios = {name: base[name] / base["target"] for name in DRAFT_MODELS if name in base}
       row0 = dict(batch=batch, temperature=temp, plain_tokens_per_s=batch * args.tokens / base["target"])
       print(
@@ -244,7 +247,7 @@ def run(args) -> dict:
         for k in ks:
           if name == "heads" and k > proposer.num_heads:
             continue
-          out, sec = _timed(functools.partial(spec, proposer, k, prompts, temp, key))
+          out, sec = _timed(functools.partial(spec, proposer, k, prompts, temp, key), **timing)
           total = lambda x: float(jnp.sum(x))
           a = total(out.accepted) / max(total(out.tested), 1.0)
           beta = total(out.accept_prob) / max(total(out.tested), 1.0)
@@ -290,6 +293,7 @@ def run(args) -> dict:
     policy=str(policy),
     prompt_len=args.prompt_len,
     new_tokens=args.tokens,
+    timing=dict(repeats=args.repeats, stat=args.stat),
     inner_draft=args.inner_draft,
     verify_costs=verify_by_positions,
     rows=rows,
@@ -329,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--temperatures", default="0,1")
   parser.add_argument("--batches", default="1,8")
   parser.add_argument(
-    "--drafts", default="draft,distilled,staged,heads", help="draft, distilled, staged and / or heads"
+    "--drafts", default="draft,distilled,staged,heads", help=f"any of {', '.join(ROLES)}"
   )
   parser.add_argument("--inner-draft", type=int, default=2, help="tokens the inner draft proposes (staged)")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after compiling")
+  parser.add_argument("--stat", default="median", choices=list(STATS), help="of the timed calls")
   parser.add_argument("--tokens", type=int, default=128, help="new tokens per row")
   parser.add_argument("--positions", default="cache_relative", choices=["cache_relative", "absolute"])
   parser.add_argument("--prompt-len", type=int, default=64)
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--alpha-from", default="", help="a results.json of this benchmark (--layout-costs)")
   parser.add_argument("--no-progress", dest="progress", action="store_false")
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
   if args.quick:
     args.ks, args.temperatures, args.batches, args.tokens, args.prompt_len = "2", "1", "2", 16, 16
     args.calls, args.best_of = min(args.calls, 8), min(args.best_of, 2)

@@ -65,26 +65,31 @@ def test_bench_import_quick(in_tmp):
 
 
 def test_bench_speculative_quick(in_tmp):
-  """The benchmark end to end on the quick runs, with the models unrolled (one set of weights per layer)."""
-  assert cli.main(["bench", "speculative", "--quick", "--no-progress", "--out", "spec", "--layers", "unrolled"]) == 0
+  """The benchmark end to end on the quick runs, with the models unrolled (one set of weights per layer), the
+  draft distilled on its own samples among the drafts, each time the fastest of 2 calls."""
+  cmd = ["bench", "speculative", "--quick", "--no-progress", "--out", "spec", "--layers", "unrolled"]
+  with pytest.raises(SystemExit):
+    cli.main([*cmd, "--repeats", "0"])
+  assert cli.main([*cmd, "--drafts", "draft,onpolicy,staged,heads", "--repeats", "2", "--stat", "min"]) == 0
   res = json.loads((in_tmp / "spec" / "results.json").read_text())
-  assert [r["draft"] for r in res["rows"]] == ["draft", "distilled", "staged", "heads"]
+  assert [r["draft"] for r in res["rows"]] == ["draft", "onpolicy", "staged", "heads"]
+  assert res["timing"] == {"repeats": 2, "stat": "min"}
   for row in res["rows"]:
     a = row["acceptance"]
     assert row["k"] == 2 and row["batch"] == 2 and 0 <= a <= 1 and row["accepted_share"] <= a
     assert 1 <= row["tokens_per_call"] <= 3 and row["speedup"] > 0 and row["verify_cost"] > 0
     assert row["formula_tokens_per_call"] == pytest.approx(1 + a + a**2)
-  draft, distilled, staged, heads = res["rows"]
+  draft, onpolicy, staged, heads = res["rows"]
   assert draft["cost_ratio"] > 0 and draft["draft_calls_per_round"] == 3 and heads["draft_calls_per_round"] == 0
-  assert distilled["cost_ratio"] > 0 and distilled["draft_calls_per_round"] == 3
+  assert onpolicy["cost_ratio"] > 0 and onpolicy["draft_calls_per_round"] == 3
   assert staged["draft_calls_per_round"] >= 2  # at least one inner round and the call that caches the last draft
   steps = {m: r["steps"] for m, r in res["models"].items()}
-  assert steps == {"target": 10, "draft": 10, "distilled": 10, "inner": 10, "heads": 10}
+  assert steps == {"target": 10, "draft": 10, "onpolicy": 10, "inner": 10, "heads": 10}
   assert res["layers"] == "unrolled"
   assert {m: r["scan_layers"] for m, r in res["models"].items()} == {
     "target": False,
     "draft": False,
-    "distilled": False,
+    "onpolicy": False,
     "inner": False,
     "heads": None,
   }

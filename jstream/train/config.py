@@ -341,6 +341,10 @@ class DraftHeadsTask:
       raise ValueError(f"DraftHeadsTask.decay must be in (0, 1], got {self.decay}")
 
 
+DISTILL_SAMPLES = ("data", "student", "teacher")
+"""Where the text of a distillation step comes from (``DistillTask.samples``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillTask:
   """Training a text LM (a speculative draft) on another trained LM's next-token distributions instead of the
@@ -353,13 +357,23 @@ class DistillTask:
     divergence: ``fkl``, ``rkl``, ``jsd`` or ``tvd`` (``jstream.train.losses.DIVERGENCES``); ``tvd`` is one minus
       the acceptance rate at ``temperature``, the quantity speculative decoding's speed rests on.
     temperature: both distributions at this temperature: the one the draft will be sampled at (> 0).
-    data_weight: weight of the ordinary next-byte loss on the corpus added to the divergence (0: pure distillation).
+    data_weight: weight of the ordinary next-byte loss on the text the student reads, added to the divergence (0:
+      pure distillation); with ``samples="teacher"`` that is sequence-level distillation (Kim and Rush, 2016).
+    samples: the text both models read. ``"data"``: the corpus' samples. ``"student"`` (on-policy, DistillSpec's
+      best setting) or ``"teacher"``: each row keeps its first ``prompt_len`` corpus tokens and continues them with
+      tokens sampled at ``temperature`` from the student (its weights at that step) or the teacher, inside the
+      compiled step (one decode scan; noise ``fold_in(key(seed), step)``, so resume stays exact). The teacher's
+      samples are the text a speculative draft meets when it verifies against it; the student's cost a fraction
+      of a step.
+    prompt_len: corpus tokens kept at the start of each row when ``samples`` is not ``"data"`` (1 to ``seq_len``).
   """
 
   teacher: str
   divergence: str = "fkl"
   temperature: float = 1.0
   data_weight: float = 0.0
+  samples: str = "data"
+  prompt_len: int = 32
 
   def __post_init__(self):
     if not self.teacher:
@@ -374,6 +388,14 @@ class DistillTask:
       raise ValueError(f"DistillTask.temperature must be a finite number > 0, got {self.temperature}")
     if not (math.isfinite(self.data_weight) and self.data_weight >= 0):
       raise ValueError(f"DistillTask.data_weight must be a finite number >= 0, got {self.data_weight}")
+    if self.samples not in DISTILL_SAMPLES:
+      raise ValueError(f"DistillTask.samples must be one of {DISTILL_SAMPLES}, got {self.samples!r}")
+    check_int("DistillTask.prompt_len", self.prompt_len, 1)
+    if self.samples == "student" and self.data_weight:
+      raise ValueError(
+        "DistillTask: data_weight > 0 with samples='student' would train the student on its own samples; use "
+        "samples='data' or 'teacher' for a data loss"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,6 +511,11 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.video is for data='video_qa', not {self.data!r}")
     if self.draft_heads is not None and self.distill is not None:
       raise ValueError("TrainConfig.distill and draft_heads are two ways to train a draft: pick one")
+    if self.distill is not None and self.distill.samples != "data" and self.distill.prompt_len > self.seq_len:
+      raise ValueError(
+        f"DistillTask.prompt_len ({self.distill.prompt_len}) must be <= seq_len ({self.seq_len}): a row is "
+        f"seq_len + 1 tokens, and at least one of them is sampled"
+      )
     for name in ("draft_heads", "distill"):  # both read plain causal text samples through another run's LM
       if getattr(self, name) is None:
         continue

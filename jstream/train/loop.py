@@ -158,7 +158,13 @@ def make_train_step(
       batch = {**batch, "rng": jax.random.fold_in(jax.random.key(cfg.seed), state.step)}
     teacher_logits = None
     if teacher_params is not None:  # outside the differentiated function: nothing of it is kept for the backward
-      teacher_logits = nnx.merge(teacher_graph, teacher_params).forward(aligned.make_example(cfg, batch)[0])
+      teacher = nnx.merge(teacher_graph, teacher_params)
+      task = cfg.distill
+      if task.samples != "data":  # on-policy text: the corpus prompt continued by the student or the teacher
+        sampler = teacher if task.samples == "teacher" else nnx.merge(graphdef, state.params)
+        rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        batch = continue_rows(sampler, batch, task.prompt_len, rng, task.temperature)
+      teacher_logits = teacher.forward(aligned.make_example(cfg, batch)[0])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_logits)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -172,6 +178,26 @@ def make_train_step(
   if teacher is None:
     return compiled
   return lambda state, batch: compiled(state, batch, teacher_params)
+
+
+def continue_rows(model: StreamingTransformer, tokens, prompt_len: int, rng, temperature: float):
+  """``tokens [b, n]`` with everything after each row's first ``prompt_len`` tokens replaced by tokens that
+  ``model`` samples at ``temperature`` (one prefill and one decode scan on a ``Dense`` cache; traceable, as the
+  distillation step runs it). Step ``i`` of the decode draws from ``fold_in(rng, i)``."""
+  from jstream import rollout
+  from jstream.cache import Dense
+
+  b, n = tokens.shape
+  if not 1 <= prompt_len < n:
+    raise ValueError(f"continue_rows: prompt_len must be in [1, {n - 1}] for rows of {n} tokens, got {prompt_len}")
+  prompt = tokens[:, :prompt_len]
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(Dense(n), b)
+  lengths = jnp.full((b,), prompt_len, jnp.int32)
+  last, cache, _ = rollout._prefill(graphdef, state, prompt, lengths, cache, prompt_len, False)
+  sampling = rollout.Sampling(temperature)
+  out = rollout._decode(graphdef, state, cache, last, rng, n - prompt_len, sampling)
+  return jnp.concatenate([prompt, out.tokens.astype(tokens.dtype)], axis=1)
 
 
 def _text_config(cfg: TrainConfig):
