@@ -40,7 +40,11 @@ ROLES = {
 QUICK = {"target": {}, "draft": dict(num_layers=1, embed_dim=32, mlp_dim=64), "inner": None, "heads": {}}
 QUICK["inner"] = dict(QUICK["draft"], embed_dim=16, mlp_dim=32)
 QUICK["distilled"] = QUICK["onpolicy"] = QUICK["targetsamples"] = QUICK["draft"]
-DISTILL = {"distilled": {}, "onpolicy": dict(samples="student"), "targetsamples": dict(samples="teacher", prompt_len=128)}
+DISTILL = {  # DistillTask fields of the distilled drafts
+  "distilled": {},
+  "onpolicy": dict(samples="student"),
+  "targetsamples": dict(samples="teacher", prompt_len=128),
+}
 
 
 def get_config(*flags: str) -> TrainConfig:

@@ -10,12 +10,13 @@ The models of ``configs/speculative.py`` (byte-level LMs on the local text corpu
 frozen target; each trained here if its checkpoint is missing, resumed otherwise) continue prompts of held-out
 text. Ways to draft: ``draft`` (the 1-layer draft model, trained on the corpus), ``distilled`` (the same shape
 trained on the target's next-byte distributions, DistillSpec; ``onpolicy`` and ``targetsamples``: the same on rows
-continued by the draft's own samples or by the target's, ``configs/speculative.py``), ``staged`` (the draft itself speculated by the
-smaller ``inner`` model, ``--inner-draft`` tokens at a time) and ``heads`` (self-speculation: the heads read the
-target's features; ``K <= 4``). For each batch size and temperature, plain decoding of the target
+continued by the draft's own samples or by the target's, ``configs/speculative.py``), ``staged`` (the draft itself
+speculated by the smaller ``inner`` model, ``--inner-draft`` tokens at a time) and ``heads`` (self-speculation: the
+heads read the target's features; ``K <= 4``). For each batch size and temperature, plain decoding of the target
 (``rollout.generate``) and ``speculative.generate`` at each ``K`` run on the same prompts and the same
 ``SinkWindow(4, 252, max_rollback=...)`` cache policy (``--positions``, cache-relative by default), each timed
-after compiling (median of 3 calls; ``--repeats``, ``--stat min`` for the fastest). The verification cost ``v_K`` is measured under both position modes.
+after compiling (median of 3 calls; ``--repeats``, and ``--stat min`` for the fastest). The verification cost
+``v_K`` is measured under both position modes.
 
 Reported per row: the acceptance rate ``a`` (accepted / tested drafts: a round tests its drafts up to the first
 rejection) and ``sum min(p, q)`` averaged over the tested drafts (``a`` from the distributions); tokens per target
@@ -332,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ks", default="1,2,4,8")
   parser.add_argument("--temperatures", default="0,1")
   parser.add_argument("--batches", default="1,8")
-  parser.add_argument(
-    "--drafts", default="draft,distilled,staged,heads", help=f"any of {', '.join(ROLES)}"
-  )
+  parser.add_argument("--drafts", default="draft,distilled,staged,heads", help=f"any of {', '.join(ROLES)}")
   parser.add_argument("--inner-draft", type=int, default=2, help="tokens the inner draft proposes (staged)")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, after compiling")
   parser.add_argument("--stat", default="median", choices=list(STATS), help="of the timed calls")
