@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jstream import cache as C
@@ -94,6 +95,21 @@ def test_bench_speculative_quick(in_tmp):
     "heads": None,
   }
   assert (in_tmp / "spec" / "speculative.png").exists()
+  # experiments/draft_acceptance.py on the same quick runs: acceptance of each draft over rows of text
+  from experiments import draft_acceptance
+
+  assert draft_acceptance.main(["--quick", "--drafts", "draft,onpolicy", "--out", "acc"]) == 0
+  acc = json.loads((in_tmp / "acc" / "acceptance.json").read_text())
+  assert [(r["text"][:6], r["draft"]) for r in acc["rows"]] == [
+    (t, d) for t in ("target", "target", "corpus") for d in ("draft", "onpolicy")
+  ]
+  assert all(0 < r["acceptance"] <= 1 and r["standard_error"] >= 0 for r in acc["rows"])
+  greedy = [r["acceptance"] * 4 * 16 for r in acc["rows"] if r["temperature"] == 0]  # matches of 4 x 16 positions
+  np.testing.assert_allclose(greedy, np.round(greedy), atol=1e-4)
+  rng = np.random.default_rng(0)
+  t, q = rng.normal(size=(2, 3, 5)) * 2
+  p_, q_ = (np.exp(x / 0.7) / np.exp(x / 0.7).sum(-1, keepdims=True) for x in (t, q))
+  np.testing.assert_allclose(draft_acceptance.sum_min(t, q, 0.7), np.minimum(p_, q_).sum(-1), rtol=1e-5)
 
 
 def test_bench_speculative_layout_costs_quick(in_tmp):
