@@ -18,7 +18,8 @@ nothing is kept between runs) and removes it when pytest unconfigures; every pro
 
 ``-n auto`` starts two xdist workers per core (at most one per 4 GiB of memory): a test process keeps a core busy
 only about half its time (compiling single-threaded, starting subprocesses and kernels), and on the 2-core VM four
-workers ran the suite in 18.7 min against 22.7 with two, at the same CPU time. ``-n N`` chooses.
+workers ran the suite in 18.7 min against 22.7 with two, at the same CPU time (a rough comparison: the runs'
+background load differed in their first minutes; ``benchmarks/RESULTS.md``). ``-n N`` chooses.
 """
 
 import os

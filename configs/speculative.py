@@ -73,7 +73,7 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, draft_heads=DraftHeadsTask(f"runs/speculative_target{suffix}", num_heads=4))
   if role in DISTILL:  # learns the trained target's distributions (its run must exist)
     kw = DISTILL[role]
-    if quick and role != "distilled":  # quick rows are 65 bytes
+    if quick and "samples" in kw:  # quick rows are 65 bytes
       kw = {**kw, "prompt_len": 16}
     cfg = dataclasses.replace(cfg, distill=DistillTask(f"runs/speculative_target{suffix}", **kw))
   return cfg

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import platform
 import sys
 import time
 
@@ -27,15 +29,15 @@ import numpy as np
 
 
 def sum_min(target_logits, draft_logits, temperature: float):
-  """Per position: ``sum min(p, q)`` at ``temperature`` (> 0), or argmax agreement (0)."""
-  import jax
+  """Per position: ``sum min(p, q)`` at ``temperature`` (> 0; ``jstream.train.losses.acceptance``), or argmax
+  agreement (0)."""
   import jax.numpy as jnp
+
+  from jstream.train.losses import acceptance
 
   if temperature == 0:
     return (jnp.argmax(target_logits, -1) == jnp.argmax(draft_logits, -1)).astype(jnp.float32)
-  p = jax.nn.softmax(target_logits / temperature, -1)
-  q = jax.nn.softmax(draft_logits / temperature, -1)
-  return jnp.minimum(p, q).sum(-1)
+  return acceptance(jnp.asarray(target_logits), jnp.asarray(draft_logits), temperature)
 
 
 def run(args) -> dict:
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args.config = str(pathlib.Path(__file__).resolve().parent.parent / args.config)
   t0 = time.time()
   result = run(args)
-  result["seconds"] = time.time() - t0
+  result["seconds"] = time.time() - t0  # training included where a run was missing or unfinished
+  result["machine"] = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count())
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "acceptance.json").write_text(json.dumps(result, indent=2))

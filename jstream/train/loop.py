@@ -182,21 +182,18 @@ def make_train_step(
 
 def continue_rows(model: StreamingTransformer, tokens, prompt_len: int, rng, temperature: float):
   """``tokens [b, n]`` with everything after each row's first ``prompt_len`` tokens replaced by tokens that
-  ``model`` samples at ``temperature`` (one prefill and one decode scan on a ``Dense`` cache; traceable, as the
-  distillation step runs it). Step ``i`` of the decode draws from ``fold_in(rng, i)``."""
+  ``model`` samples at ``temperature`` (``rollout.generate`` on a ``Dense`` cache of the row's length; traceable,
+  as the distillation step runs it). Step ``i`` of the decode draws from ``fold_in(rng, i)``."""
   from jstream import rollout
   from jstream.cache import Dense
 
-  b, n = tokens.shape
+  n = tokens.shape[1]
   if not 1 <= prompt_len < n:
     raise ValueError(f"continue_rows: prompt_len must be in [1, {n - 1}] for rows of {n} tokens, got {prompt_len}")
   prompt = tokens[:, :prompt_len]
-  graphdef, state = nnx.split(model)
-  cache = model.init_cache(Dense(n), b)
-  lengths = jnp.full((b,), prompt_len, jnp.int32)
-  last, cache, _ = rollout._prefill(graphdef, state, prompt, lengths, cache, prompt_len, False)
-  sampling = rollout.Sampling(temperature)
-  out = rollout._decode(graphdef, state, cache, last, rng, n - prompt_len, sampling)
+  out = rollout.generate(
+    model, prompt, max_new_tokens=n - prompt_len, policy=Dense(n), rng=rng, temperature=temperature
+  )
   return jnp.concatenate([prompt, out.tokens.astype(tokens.dtype)], axis=1)
 
 

@@ -27,6 +27,15 @@ DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 speculative draft sampled from ``q`` and verified against ``p``."""
 
 
+def acceptance(teacher_logits: Array, student_logits: Array, temperature: float = 1.0) -> Array:
+  """Per position, ``sum_v min(p_v, q_v)`` for ``p = softmax(teacher / T)`` and ``q = softmax(student / T)``: the
+  probability that the target (teacher) accepts a single draft sampled from ``q`` (Leviathan et al.'s ``beta``);
+  float32."""
+  p = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  q = jax.nn.softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.minimum(p, q), axis=-1)
+
+
 def distill_loss(
   student_logits: Array,
   teacher_logits: Array,
@@ -70,5 +79,5 @@ def distill_loss(
   mask = jnp.ones(d.shape, bool) if mask is None else mask.astype(bool)
   count = jnp.sum(mask)
   mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(count, 1)
-  accept = jnp.sum(jnp.minimum(p, q), axis=-1)
+  accept = jnp.sum(jnp.minimum(p, q), axis=-1)  # acceptance(), from the log-probabilities already here
   return mean(d), {"acceptance": jax.lax.stop_gradient(mean(accept)), "tokens": count}
