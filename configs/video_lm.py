@@ -23,8 +23,11 @@ frame: the frame's patches are seen by their own tick only and one token per fra
 ``VideoLMConfig.carrier``; workdir suffix ``_carrier``), ``labels`` (the frame tokens carry the word embedding of
 their patch label, ``VideoLMConfig.label_words``; workdir suffix ``_labels``), ``places`` (the frame tokens carry the
 word embeddings of their quadrant, ``top`` / ``bottom`` and ``left`` / ``right``, ``VideoLMConfig.place_words``;
-workdir suffix ``_places``). Flags combine (``long,aligned``). Any field can be overridden as ``key=value``
-(``model.<field>=...``, ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
+workdir suffix ``_places``), ``state`` (the scene-state loss: a head on the language model's features after each
+frame names the digit in each quadrant, the count, the entering digit, the first in / out, each digit's entries and
+order, ``VideoTask.state_loss``; workdir suffix ``_state``). Flags combine (``long,aligned``). Any field can be
+overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are shared through
+``jstream.presets``.
 """
 
 import dataclasses
@@ -35,7 +38,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places"}
+  known |= {"labels", "places", "state"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -66,6 +69,8 @@ def get_config(*flags: str) -> TrainConfig:
   if "places" in flags:  # the frame tokens carry their quadrant's words (top / bottom, left / right)
     video = dataclasses.replace(cfg.video, place_words=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_places")
+  if "state" in flags:  # dense supervision of the scene state the answers are read from
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, state_loss=1.0), workdir=cfg.workdir + "_state")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -81,6 +86,7 @@ def get_config(*flags: str) -> TrainConfig:
       carrier=cfg.video.carrier,
       label_words=cfg.video.label_words,
       place_words=cfg.video.place_words,
+      state_loss=cfg.video.state_loss,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -8,7 +8,10 @@ for ``where``). This probe reads the model's distribution over the answer word i
 the test split (unseen handwriting) of the run's own data: per type, accuracy, the majority answer's share (chance),
 the mean probability of the right answer, and on the questions whose answer is *not* the majority one, how often
 the right answer is the model's first choice once the majority answer is set aside (``minority_top``), with the
-mean probability the model still gives the majority answer there. Writes ``DIR/results.json``.
+mean probability the model still gives the majority answer there. For a model with a scene-state head (``flags
+state``) it also scores the head on the same clips, per group of ``video_lm.STATE_NAMES``: accuracy, the group's
+majority share and the accuracy on the targets that are not the majority class (what the state holds beyond the
+obvious guess). Writes ``DIR/results.json``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,30 @@ def answer_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray) -> dict[
   return out
 
 
+def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
+  """Per scene-state group (``video_lm.STATE_NAMES``): ``targets`` (defined ones), ``accuracy``, ``chance`` (the
+  majority class's share) and ``minority_accuracy`` (on the targets that are not the majority class).
+
+  Args:
+    pred: ``[b, n, groups]`` the head's predicted classes.
+    truth: ``[b, n, groups]`` ``video_lm.scene_state`` (-1: undefined).
+  """
+  out = {}
+  for g, name in enumerate(video_lm.STATE_NAMES):
+    y, p = truth[..., g].ravel(), pred[..., g].ravel()
+    p, y = p[y >= 0], y[y >= 0]
+    ids, counts = np.unique(y, return_counts=True)
+    minor = y != ids[np.argmax(counts)]
+    out[name] = {
+      "targets": int(y.size),
+      "accuracy": float((p == y).mean()),
+      "chance": float(counts.max() / counts.sum()),
+      "minority_targets": int(minor.sum()),
+      "minority_accuracy": float((p == y)[minor].mean()) if minor.any() else None,
+    }
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="probe_video_qa", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder")
@@ -81,17 +108,29 @@ def main(argv=None) -> int:
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
   p = model.config.frame_len
-  forward = jax.jit(lambda f, t: model.training_outputs(f, t)[0])
+  has_state = model.config.state_head
+
+  @jax.jit
+  def forward(frames, text):
+    if not has_state:
+      return model.training_outputs(frames, text)[0], None
+    logits, feats, _, _ = model.training_outputs(frames, text, return_features=True)
+    return logits, jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
+
   it = train_iterator(cfg, "test")
-  preds, texts, qtypes = [], [], []
+  preds, texts, qtypes, states, truths = [], [], [], [], []
   for _ in range(args.batches):
     batch = next(it)
     text = np.asarray(batch["text"])
-    logits = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
+    logits, state = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
     preds.append(np.asarray(video_lm.slot_logits(logits, text.shape[1], p)))
     texts.append(text)
     qtypes.append(np.asarray(batch["qtype"]))
+    if has_state:
+      states.append(np.asarray(state))
+      truths.append(np.asarray(video_lm.scene_state(jnp.asarray(batch["objects"]), model.config, cfg.video.digit_size)))
   stats = answer_stats(np.concatenate(preds), np.concatenate(texts), np.concatenate(qtypes))
+  state_scores = state_stats(np.concatenate(states), np.concatenate(truths)) if has_state else None
   print(f"probe_video_qa: {cfg.workdir} at step {step}, {sum(s['questions'] for s in stats.values())} questions")
   print(
     f"  {'type':10s} {'n':>5s} {'acc':>6s} {'chance':>7s} {'p(right)':>9s}   not-majority: {'n':>5s} "
@@ -105,6 +144,11 @@ def main(argv=None) -> int:
       else "    0"
     )
     print(f"  {name:10s} {s['questions']:5d} {s['accuracy']:6.2f} {s['chance']:7.2f} {s['p_right']:9.2f}   {m}")
+  if state_scores:
+    print(f"  scene state (head on the language model): {'group':18s} {'acc':>6s} {'chance':>7s} {'not-majority':>13s}")
+    for name, r in state_scores.items():
+      minor = "" if r["minority_accuracy"] is None else f"{r['minority_accuracy']:6.2f} of {r['minority_targets']}"
+      print(f"  {'':42s} {name:18s} {r['accuracy']:6.2f} {r['chance']:7.2f} {minor:>13s}")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   res = {
@@ -112,6 +156,7 @@ def main(argv=None) -> int:
     "step": step,
     "batches": args.batches,
     "types": stats,
+    "state": state_scores,
     "seconds": time.perf_counter() - t0,
   }
   (out / "results.json").write_text(json.dumps(res, indent=2))

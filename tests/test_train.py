@@ -401,6 +401,26 @@ def test_language_model_adam_state_starts_at_the_first_joint_step():
   np.testing.assert_allclose(params["patch"]["kernel"], expect_patch, rtol=1e-5, atol=1e-5)
 
 
+def test_video_qa_state_loss_trains_the_state_head_and_the_language_model(tmp_path, monkeypatch):
+  """``configs/video_lm.py:quick,state``: the joint steps add the scene-state loss to the answer and patch losses
+  (the logged loss is their sum) and its gradient reaches the language model's blocks through the state head."""
+  from flax import nnx
+
+  from jstream.train.loop import init_state
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,state,workdir={tmp_path / 'state'},log_every=1")
+  assert cfg.video.state_loss == 1.0 and cfg.video.model_config(cfg.model).state_head
+  result = train(cfg, progress=False)
+  last = result.metrics[-1]
+  assert {"state_loss", "state_accuracy", "state_where_accuracy", "state_history_accuracy"} <= set(last)
+  np.testing.assert_allclose(last["loss"], last["answer_loss"] + last["patch_loss"] + last["state_loss"], rtol=1e-5)
+  graphdef, _, initial = init_state(cfg)
+  before = nnx.merge(graphdef, initial.params)
+  for part in ("state_head", "lm"):
+    assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(result.model, part))))
+
+
 def test_video_qa_config_errors_name_the_problem(tmp_path):
   model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
   with pytest.raises(ValueError, match="text-only switches"):
@@ -413,6 +433,10 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     VideoTask(encoder_steps=10)
   with pytest.raises(ValueError, match="clip_overlap needs clips_per_stream > 1"):
     VideoTask(clip_overlap=4)
+  with pytest.raises(ValueError, match="state_loss must be >= 0"):
+    VideoTask(state_loss=-1.0)
+  with pytest.raises(ValueError, match="state_loss needs clips that start"):
+    VideoTask(state_loss=1.0, clips_per_stream=2)
   with pytest.raises(ValueError, match="vocab_size =="):
     train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)
 

@@ -424,3 +424,130 @@ def test_place_words_add_the_words_of_each_tokens_quadrant():
     VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, place_words=V.PLACE_WORDS[:3])
   with pytest.raises(ValueError, match="even number of patch rows and columns"):
     VL.VideoLMConfig(lm, frame_size=(24, 16), patch_size=8, place_words=V.PLACE_WORDS)
+
+
+def replayed_state(chunk, config) -> np.ndarray:
+  """The scene state after each tick, replayed from the stream's event log and drawn digits with loops: the
+  independent reference of ``scene_state``."""
+  h, w = config.frame_size
+  half = config.digit_size / 2
+  first_in = first_out = VL.NO_DIGIT
+  entries, first_seen, out = np.zeros(10, int), [], []
+  for t in range(len(chunk.frames)):
+    frame = chunk.start + t
+    entering = VL.NO_DIGIT
+    for f, kind, _, label in chunk.events:
+      if f != frame:
+        continue
+      if kind == V.ENTER:
+        entering, first_in = label, label if first_in == VL.NO_DIGIT else first_in
+        entries[label] += 1
+        if label not in first_seen:
+          first_seen.append(label)
+      elif first_out == VL.NO_DIGIT:
+        first_out = label
+    drawn = [(lab, y, x) for obj, lab, _, y, x in chunk.objects[t] if obj >= 0]
+    quads = []
+    for v, u in V.QUADRANTS:
+      inside = [
+        lab for lab, y, x in drawn if (y + half < h / 2) == (v == "top") and (x + half < w / 2) == (u == "left")
+      ]
+      quads.append(VL.NO_DIGIT if not inside else inside[0] if len(inside) == 1 else -1)
+    ranks = [first_seen.index(d) if d in first_seen else VL.NO_DIGIT for d in range(10)]
+    row = [*quads, len(drawn), entering, first_in, first_out, *np.minimum(entries, 10), *ranks]
+    out.append(row)
+  return np.array(out)
+
+
+def test_scene_state_matches_a_replay_of_the_event_log():
+  """``scene_state`` from the drawn digits alone equals the state replayed from the stream's event log (entries,
+  exits) for crowded streams from their first frame, every group in ``STATE_NAMES`` order; the streams exercise
+  two centres in a quadrant, exits and repeated entries."""
+  config = V.video_qa_config(max_on_screen=4, enter_prob=0.5, stay=(4, 12))
+  model_config = VL.VideoLMConfig(tiny_video_lm().config.lm, frame_size=config.frame_size)
+  chunks = [V.VideoQAStream(config, "train", i).take(80) for i in range(3)]
+  got = np.asarray(VL.scene_state(jnp.asarray(np.stack([c.objects for c in chunks])), model_config, 12))
+  assert got.shape == (3, 80, VL.STATE_GROUPS) and VL.STATE_GROUPS == 28
+  for row, chunk in enumerate(chunks):
+    np.testing.assert_array_equal(got[row], replayed_state(chunk, config))
+  assert (got[:, :, :4] == -1).any() and (got[:, :, VL.STATE_NAMES.index("first_out")] != VL.NO_DIGIT).any()
+  assert (got[:, :, 8:18] >= 2).any() and (got[:, :, 18:] >= 3).any()
+
+
+def test_scene_state_answers_every_question_of_the_streams():
+  """What the questions of a stream ask is read off the scene state of their tick: the state holds each answer."""
+  config = V.video_qa_config(question_prob=0.8)
+  model_config = VL.VideoLMConfig(tiny_video_lm().config.lm, frame_size=config.frame_size)
+  chunks = [V.VideoQAStream(config, "test", i).take(60) for i in range(3)]
+  state = np.asarray(VL.scene_state(jnp.asarray(np.stack([c.objects for c in chunks])), model_config, 12))
+  g = {name: i for i, name in enumerate(VL.STATE_NAMES)}
+
+  def word(k):  # class 10 is "none" for a label, "many" for a count
+    return V.NUMBERS[k] if k < 10 else "many" if q.qtype == "count" else "none"
+
+  asked = set()
+  for row, chunk in enumerate(chunks):
+    for q in chunk.questions:
+      s, w = state[row, q.frame - chunk.start], q.words.split()
+      if q.qtype == "where":
+        got = word(s[V.QUADRANTS.index((w[5], w[6]))])
+      elif q.qtype == "count_now":
+        got = word(s[g["count_now"]])
+      elif q.qtype in ("first_in", "first_out"):
+        got = word(s[g[q.qtype]])
+      elif q.qtype == "count":
+        got = word(s[g[f"count_{V.NUMBERS.index(w[5])}"]])
+      elif q.qtype == "order":
+        a, b = (s[g[f"rank_{V.NUMBERS.index(x)}"]] for x in (w[1], w[4]))
+        got = "yes" if a < b else "no"
+      else:
+        continue
+      assert got == q.answer, (q, got)
+      asked.add(q.qtype)
+  assert asked == set(V.QTYPES) - {"proactive"}
+
+
+def test_state_head_reads_each_ticks_decision_position_and_packing_keeps_its_features():
+  """``state_logits`` of tick ``t`` depend on frames up to ``t`` and not on tick ``t``'s words (they come after
+  its decision position); ``training_outputs(return_features=True)`` packed gives the unpacked features at every
+  token it ran."""
+  model = tiny_video_lm(seed=21, state_head=True)
+  frames, text = ticks(2, 3, seed=22)
+  logits, feats, _, kept = model.training_outputs(frames, text, return_features=True)
+  assert kept.all() and feats.shape == (*logits.shape[:2], 32)
+  np.testing.assert_allclose(logits, model.forward(frames, text), rtol=1e-6, atol=1e-6)
+  state = np.asarray(model.state_logits(feats, 3))
+  assert state.shape == (2, 3, VL.STATE_GROUPS, VL.STATE_CLASSES)
+  words = text.at[:, 1, 0].set((text[:, 1, 0] % (len(V.WORDS) - 1)) + 1)  # tick 1's words (never <pad>)
+  other = np.asarray(model.state_logits(model.training_outputs(frames, words, return_features=True)[1], 3))
+  np.testing.assert_allclose(other[:, :2], state[:, :2], rtol=1e-6, atol=1e-6)
+  assert np.abs(other[:, 2] - state[:, 2]).max() > 1e-4  # tick 2 saw the changed words
+  moved = frames.at[:, 1].set(0.5)
+  moved = np.asarray(model.state_logits(model.training_outputs(moved, text, return_features=True)[1], 3))
+  np.testing.assert_allclose(moved[:, 0], state[:, 0], rtol=1e-6, atol=1e-6)
+  assert np.abs(moved[:, 1] - state[:, 1]).max() > 1e-4
+  p, budget = 4, 3 * 4 + 6
+  packed = np.asarray(model.training_outputs(frames, text, packed_len=budget, return_features=True)[1])
+  real = np.concatenate([np.ones((2, 3, p), bool), np.asarray(text) != V.PAD], -1).reshape(2, -1)
+  ran = real & (np.cumsum(real, axis=1) <= budget)  # the first `budget` real tokens, in stream order
+  np.testing.assert_allclose(packed[ran], np.asarray(feats)[ran], rtol=2e-5, atol=2e-5)
+  assert not packed[~ran].any() and (~ran & real).any()
+  with pytest.raises(ValueError, match="state_head=True"):
+    tiny_video_lm().state_logits(feats, 3)
+
+
+def test_state_loss_ignores_undefined_targets_and_scores_the_groups():
+  rng = np.random.default_rng(23)
+  logits = rng.normal(size=(1, 2, VL.STATE_GROUPS, VL.STATE_CLASSES)).astype(np.float32)
+  state = rng.integers(0, VL.STATE_CLASSES, size=(1, 2, VL.STATE_GROUPS)).astype(np.int32)
+  state[0, 0, 0], state[0, 1, 2] = -1, 4  # an undefined quadrant; a quadrant holding a four
+  logits[0, 1, 2, 4] = 50.0
+  loss, m = VL.state_loss(jnp.asarray(logits), jnp.asarray(state))
+  logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+  known = [(t, g) for t in range(2) for g in range(VL.STATE_GROUPS) if state[0, t, g] >= 0]
+  np.testing.assert_allclose(float(loss), -np.mean([logp[0, t, g, state[0, t, g]] for t, g in known]), rtol=1e-5)
+  hits = [logits[0, t, g].argmax() == state[0, t, g] for t, g in known]
+  np.testing.assert_allclose(float(m["state_accuracy"]), np.mean(hits), rtol=1e-6)
+  where = [(t, g) for t, g in known if g < 4 and state[0, t, g] != VL.NO_DIGIT]
+  want = np.mean([logits[0, t, g].argmax() == state[0, t, g] for t, g in where])
+  np.testing.assert_allclose(float(m["state_where_accuracy"]), want, rtol=1e-6)

@@ -48,6 +48,20 @@ SILENT, SPEAK = 1, 2
 """The ids of the ``<silent>`` / ``<speak>`` decisions (``jstream.data.video_qa``)."""
 NO_DIGIT = 10
 """The patch label of a patch that holds no digit's centre (labels 0-9 name a digit; -1: two centres, ignored)."""
+STATE_NAMES = (
+  *(f"where_{v}_{h}" for v in ("top", "bottom") for h in ("left", "right")),
+  "count_now",
+  "entered",
+  "first_in",
+  "first_out",
+  *(f"count_{d}" for d in range(10)),
+  *(f"rank_{d}" for d in range(10)),
+)
+"""The scene-state targets of a tick (``scene_state``), each a class in ``0 .. STATE_CLASSES - 1``: the digit in
+each quadrant (``NO_DIGIT``: none), the digits on screen, the digit that entered in this frame, the first digit to
+enter and the first to leave so far (``NO_DIGIT``: none yet), how many times each digit has entered (10: ten or
+more, the answer ``many``) and each digit's rank in the order of first entries (``NO_DIGIT``: not seen yet)."""
+STATE_GROUPS, STATE_CLASSES = len(STATE_NAMES), NO_DIGIT + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +101,9 @@ class VideoLMConfig:
       picks the frame tokens of the asked quadrant needs only match a question's words against the tokens' words,
       not learn where the encoder's features keep the place. ``()``: off. Needs an even number of patch rows and
       columns.
+    state_head: a linear head on the language model's final features at each tick's decision position (the
+      frame's last token, where the ``<silent>`` / ``<speak>`` decision is read) that names the scene state the
+      questions ask about (``scene_state``): training-only supervision (``state_loss``), like the patch head.
   """
 
   lm: TransformerConfig
@@ -99,6 +116,7 @@ class VideoLMConfig:
   carrier: bool = False
   label_words: tuple[int, ...] = ()
   place_words: tuple[int, ...] = ()
+  state_head: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -185,6 +203,9 @@ class VideoLM(nnx.Module):
     self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
     self.patch_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    if config.state_head:
+      width = STATE_GROUPS * STATE_CLASSES
+      self.state_head = nnx.Linear(d, width, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
@@ -311,9 +332,14 @@ class VideoLM(nnx.Module):
     *,
     packed_len: int | None = None,
     policy: cache_lib.Policy | None = None,
-  ) -> tuple[Logits, Float[Array, "b n p 11"], Bool[Array, "b n l"]]:
+    return_features: bool = False,
+  ) -> (
+    tuple[Logits, Float[Array, "b n p 11"], Bool[Array, "b n l"]]
+    | tuple[Logits, Float[Array, "b s d"], Float[Array, "b n p 11"], Bool[Array, "b n l"]]
+  ):
     """The training forward: ``forward``'s logits, the frames' ``patch_logits`` (one encoder pass) and which slot
-    words were run (``kept``).
+    words were run (``kept``); with ``return_features``, ``(logits, features [b, s, d], patch_logits, kept)``,
+    the features being the language model's final ones (the unembedding's input; zeros where not run).
 
     ``packed_len``: run only the first ``packed_len`` non-padding tokens of each row, packed together (``<pad>``
     words take no compute; a slot is mostly padding). Attention depends on positions alone, so the logits of the
@@ -335,17 +361,33 @@ class VideoLM(nnx.Module):
     if packed_len is None or packed_len >= x.shape[1]:
       kept = jnp.ones(text.shape, bool)
       mask = {} if policy is None else {"policy": policy, "segment_ids": segs}
-      return self.lm.forward_embeddings(x, positions=positions, **mask), self.patch_logits(vis), kept
+      out = self.lm.forward_embeddings(x, positions=positions, return_features=return_features, **mask)
+      return (*out, self.patch_logits(vis), kept) if return_features else (out, self.patch_logits(vis), kept)
     order = jnp.argsort(~valid, axis=1, stable=True)[:, :packed_len]  # real tokens first, in stream order
     xp = jnp.take_along_axis(x, order[..., None], axis=1)
     pos = jnp.take_along_axis(positions, order, axis=1)
     mask = {} if policy is None else {"policy": policy, "segment_ids": jnp.take_along_axis(segs, order, axis=1)}
-    logits = self.lm.forward_embeddings(xp, positions=pos, **mask)
+    out = self.lm.forward_embeddings(xp, positions=pos, return_features=return_features, **mask)
     rows = jnp.arange(b)[:, None]
     run = jnp.zeros(valid.shape, bool).at[rows, order].set(pos >= 0)
-    full = jnp.zeros((*x.shape[:2], logits.shape[-1]), logits.dtype).at[rows, order].set(logits)
+
+    def unpack(y):  # back to stream order, zeros where a token was not run
+      return jnp.zeros((*x.shape[:2], y.shape[-1]), y.dtype).at[rows, order].set(y)
+
     kept = run.reshape(b, n, -1)[:, :, -ln:]
-    return full, self.patch_logits(vis), kept
+    if return_features:
+      return unpack(out[0]), unpack(out[1]), self.patch_logits(vis), kept
+    return unpack(out), self.patch_logits(vis), kept
+
+  def state_logits(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n g c"]:
+    """The scene-state logits ``[b, n, STATE_GROUPS, STATE_CLASSES]`` of ``n`` ticks from the language model's
+    final features of their tokens (``training_outputs(return_features=True)``), read at each tick's decision
+    position (the frame's last token). Needs ``VideoLMConfig.state_head``."""
+    if not self.config.state_head:
+      raise ValueError("state_logits needs a model built with VideoLMConfig(state_head=True)")
+    b, s, d = features.shape
+    at = features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
+    return self.state_head(at).reshape(b, num_ticks, STATE_GROUPS, STATE_CLASSES).astype(jnp.float32)
 
 
 def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
@@ -377,6 +419,71 @@ def patch_loss(
   digit = known & (labels != NO_DIGIT)
   hit = (jnp.argmax(logp, axis=-1) == labels) & digit
   return loss, {"patch_accuracy": hit.sum() / jnp.maximum(digit.sum(), 1)}
+
+
+def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n g"]:
+  """The scene state ``[b, n, STATE_GROUPS]`` after each frame of clips that start at their stream's first frame,
+  from the digits drawn in each frame (``Chunk.objects``, as ``centre_labels``): what the questions of
+  ``jstream.data.video_qa`` ask, in ``STATE_NAMES`` order, each a class id, -1 where undefined (a quadrant with two
+  centres). Quadrants follow the where-answers' rule (a digit's centre against the frame's middle); an object is
+  entering in the first frame it is drawn in and leaving in the first frame after its last."""
+  n = objects.shape[1]
+  h, w = config.frame_size
+  valid = objects[..., 0] >= 0
+  labels = objects[..., 1]
+  half = digit_size / 2
+  top, left = objects[..., 3] + half < h / 2, objects[..., 4] + half < w / 2
+  groups = []
+  for v in (True, False):  # top, bottom
+    for u in (True, False):  # left, right
+      inside = valid & (top == v) & (left == u)
+      count, label = inside.sum(-1), jnp.sum(jnp.where(inside, labels, 0), -1)
+      groups.append(jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)))
+  groups.append(valid.sum(-1))
+  # objects by id: ids count entries from the stream's start, at most one a frame, so a clip of n frames has < n
+  slot = (objects[..., 0:1] == jnp.arange(n)) & valid[..., None]  # [b, n, m, ids]
+  present = slot.any(2)
+  label_of = jnp.max(jnp.where(slot, labels[..., None], -1), axis=(1, 2))  # [b, ids]
+  before = jnp.pad(present[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  entered, left_now = present & ~before, before & ~present  # at most one of each a frame
+
+  def label_in(event):  # the label of the frame's one event, NO_DIGIT without one
+    return jnp.where(event.any(-1), jnp.sum(jnp.where(event, label_of[:, None], 0), -1), NO_DIGIT)
+
+  entry = label_in(entered)
+  groups.append(entry)
+  groups.append(jnp.where(jnp.cumsum(present[..., 0], axis=1) > 0, label_of[:, :1], NO_DIGIT))  # object 0
+  exits = label_in(left_now)
+  first_exit = jnp.take_along_axis(exits, jnp.argmax(exits != NO_DIGIT, axis=1)[:, None], axis=1)
+  groups.append(jnp.where(jnp.cumsum(exits != NO_DIGIT, axis=1) > 0, first_exit, NO_DIGIT))
+  onehot = jax.nn.one_hot(entry, 10, dtype=jnp.int32)  # NO_DIGIT: no entry, all zeros
+  counts = jnp.minimum(jnp.cumsum(onehot, axis=1), 10)  # [b, n, 10]
+  first = jnp.min(jnp.where(onehot > 0, jnp.arange(n)[None, :, None], n), axis=1)  # [b, 10] frame of first entry
+  rank = (first[:, None, :] < first[:, :, None]).sum(-1)  # [b, 10]: digits that first entered earlier
+  seen = first[:, None, :] <= jnp.arange(n)[None, :, None]  # [b, n, 10]
+  ranks = jnp.where(seen, rank[:, None, :], NO_DIGIT)
+  out = jnp.concatenate([jnp.stack(groups, -1), counts, ranks], axis=-1)
+  return out.astype(jnp.int32)
+
+
+def state_loss(logits: Float[Array, "b n g c"], state: Int[Array, "b n g"]) -> tuple[Float[Array, ""], dict]:
+  """Mean cross-entropy of the scene-state targets (``scene_state``; -1 ignored) and metrics: ``state_accuracy``
+  over every known target, ``state_where_accuracy`` over the quadrants that hold a digit (``where``'s digit
+  answers) and ``state_history_accuracy`` over the first-in / first-out / count / rank targets."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  known = state >= 0
+  nll = -jnp.take_along_axis(logp, jnp.maximum(state, 0)[..., None], axis=-1)[..., 0]
+  loss = jnp.sum(jnp.where(known, nll, 0.0)) / jnp.maximum(known.sum(), 1)
+  hit = (jnp.argmax(logp, axis=-1) == state) & known
+  g = jnp.arange(STATE_GROUPS)
+  where = known & (g < 4) & (state != NO_DIGIT)
+  history = known & (g >= STATE_NAMES.index("first_in"))
+  metrics = {
+    "state_accuracy": hit.sum() / jnp.maximum(known.sum(), 1),
+    "state_where_accuracy": (hit & where).sum() / jnp.maximum(where.sum(), 1),
+    "state_history_accuracy": (hit & history).sum() / jnp.maximum(history.sum(), 1),
+  }
+  return loss, metrics
 
 
 def slot_logits(logits: Float[Array, "b s v"], num_ticks: int, tokens_per_frame: int) -> Float[Array, "b n l v"]:

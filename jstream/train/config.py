@@ -66,6 +66,12 @@ class VideoTask:
     text_budget: pack each clip's tokens without the slots' ``<pad>`` words, into ``clip_frames * (tokens per
       frame + text_budget)`` tokens (``VideoLM.training_outputs``); ``None``: run whole slots. Words past the
       budget (a clip with unusually many questions) leave the loss; the ``dropped_targets`` metric counts them.
+    state_loss: weight of the scene-state loss (``video_lm.state_loss``): a head on the language model's features
+      at each tick's decision position is trained to name what the questions ask about after that frame (the
+      digit in each quadrant, the digits on screen, the one entering, the first in and out, each digit's entries
+      and order of first entry; ``video_lm.scene_state``, from the clip's drawn digits). Dense supervision of
+      the state the answers are read from: every tick has ~28 targets where a question gives one answer word in
+      four ticks. Needs clips from their stream's start (``clips_per_stream == 1``); 0 turns it off.
   """
 
   dataset: str = "digits"
@@ -92,9 +98,17 @@ class VideoTask:
   text_budget: int | None = None
   encoder_steps: int = 0
   streaming_objective: bool = True
+  state_loss: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+    if self.state_loss < 0:
+      raise ValueError(f"state_loss must be >= 0, got {self.state_loss}")
+    if self.state_loss and self.clips_per_stream > 1:
+      raise ValueError(
+        "state_loss needs clips that start at their stream's first frame (clips_per_stream == 1): the state of a "
+        "clip cut mid-stream depends on frames it does not show"
+      )
     if self.question_weights is not None:
       object.__setattr__(self, "question_weights", tuple(float(x) for x in self.question_weights))
     if self.patch_loss < 0 or self.speak_weight <= 0:
@@ -148,6 +162,7 @@ class VideoTask:
       carrier=self.carrier,
       label_words=LABEL_WORDS if self.label_words else (),
       place_words=PLACE_WORDS if self.place_words else (),
+      state_head=self.state_loss > 0,
     )
 
 

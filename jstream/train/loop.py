@@ -130,7 +130,9 @@ def make_train_step(
       text, targets = batch["text"], batch["targets"]
       if not video.streaming_objective:
         text, targets = video_lm.answers_only(text, targets)
-      logits, patches, kept = model.training_outputs(batch["frames"], text, packed_len=packed, **mask_kw)
+      state = video.state_loss > 0
+      outputs = model.training_outputs(batch["frames"], text, packed_len=packed, return_features=state, **mask_kw)
+      logits, patches, kept = outputs[0], outputs[-2], outputs[-1]
       loss, m = video_lm.tick_loss(logits, text, targets & kept, p, speak_weight=video.speak_weight)
       dropped = 1.0 - (targets & kept).sum() / jnp.maximum(targets.sum(), 1)
       out = {"tokens": m["targets"], "answer_loss": loss, "dropped_targets": dropped}
@@ -139,6 +141,12 @@ def make_train_step(
         patch, pm = patch_term(patches)
         loss = loss + video.patch_loss * patch
         out.update(pm)
+      if state:  # a tick whose decision word was run had its frame run (ticks past the budget leave the loss)
+        truth = video_lm.scene_state(batch["objects"], model.config, video.digit_size)
+        truth = jnp.where(kept[:, :, :1], truth, -1)
+        sl, sm = video_lm.state_loss(model.state_logits(outputs[1], text.shape[1]), truth)
+        loss = loss + video.state_loss * sl
+        out.update({"state_loss": sl, **sm})
       return loss, out
     if cfg.draft_heads is not None:  # Medusa-1: the heads' loss, the target frozen
       loss, m = model.heads.loss(model.target, batch, decay=cfg.draft_heads.decay)
