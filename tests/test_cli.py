@@ -55,6 +55,33 @@ def test_bench_needle_quick(in_tmp):
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
 
 
+def test_bench_eviction_times_every_policy_at_the_same_capacity(in_tmp):
+  """``experiments.bench_eviction``: every policy's cache holds the requested tokens per layer and kv head (the
+  comparison is at equal capacity); the quick run times each against ``SinkWindow``; bad input is refused."""
+  from flax import nnx
+
+  from experiments import bench_eviction as B
+  from jstream import presets
+  from jstream.models.lm import StreamingTransformer
+  from jstream.train import load_config
+
+  model = StreamingTransformer(presets.quick(load_config(f"{ROOT}/configs/lm_tiny.py")).model, rngs=nnx.Rngs(0))
+  for name in B.POLICIES:
+    for positions in ("cache_relative", "absolute"):
+      policy = B.make_policy(name, 48, positions)
+      assert model.init_cache(policy, 1).capacity == 48 and policy.positions == positions
+  with pytest.raises(ValueError, match="capacity must be >= 10"):
+    B.make_policy("h2o", 8, "cache_relative")
+  with pytest.raises(ValueError, match="unknown policy"):
+    B.make_policy("lru", 48, "cache_relative")
+  assert B.main(["--quick", "--out", "bev"]) == 0
+  res = json.loads((in_tmp / "bev" / "results.json").read_text())
+  assert [(r["batch"], r["policy"]) for r in res["rows"]] == [(2, p) for p in B.POLICIES]
+  for r in res["rows"]:
+    assert 0 < r["ms_per_token"] <= r["median_ms_per_token"] and r["first_call_s"] > 0
+    assert r["vs_sinkwindow"] == pytest.approx(r["ms_per_token"] / res["rows"][0]["ms_per_token"])
+
+
 def test_bench_import_quick(in_tmp):
   assert cli.main(["bench", "import", "--quick", "--out", "imp"]) == 0
   res = json.loads((in_tmp / "imp" / "results.json").read_text())
