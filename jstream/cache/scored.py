@@ -290,6 +290,18 @@ def _pool(mass: Float[Array, "b k s"], order: Int[Array, "b s"], kernel: int, po
   )
 
 
+def _drop_one(priority: Float[Array, "b k c"], stream: Int[Array, "b c"]) -> Int[Array, "b k s"]:
+  """The candidates kept when one of ``c = budget + 1`` goes (a one-token chunk): all but the last of lowest
+  priority in stream order (``stream``: the candidates in stream order, empty slots last), in stream order. What
+  ``top_k`` and a sort pick, ties included (``top_k`` keeps the lower index), at the cost of one ``argmin``."""
+  c = priority.shape[-1]
+  perm = jnp.broadcast_to(stream[:, None], priority.shape)
+  ranked = jnp.take_along_axis(priority, perm, axis=-1)[..., ::-1]
+  drop = c - 1 - jnp.argmin(ranked, axis=-1)[..., None]  # the last minimum in stream order
+  i = jnp.arange(c - 1, dtype=jnp.int32)
+  return jnp.take_along_axis(perm, i + (i >= drop), axis=-1)
+
+
 def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float | Rope, impl, sink_part):
   """One layer: attention of the chunk over cache + chunk, scores, eviction. ``state = (k, v, idx, score)`` of
   this layer (``[b, k, s, h]``, ``[b, k, s]``); returns ``(out [b, t, n, h], new state)``."""
@@ -344,10 +356,13 @@ def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float 
   keep_always = (cand_idx < policy.num_sinks) | (cand_idx >= count - policy.recent)
   rank = cand_score / jnp.maximum(count - cand_idx, 1).astype(jnp.float32) if policy.score == "mean" else cand_score
   priority = jnp.where(live, jnp.where(keep_always, _PROTECTED, rank), -jnp.inf)
-  top_priority, top = jax.lax.top_k(priority, s)  # [b, k, s] candidates to keep
-  # Back into stream order (candidates are in stream order), the picks of empty candidates last.
-  order = jnp.sort(jnp.where(top_priority > -jnp.inf, top, s + t + top), axis=-1)
-  order = jnp.where(order >= s + t, order - s - t, order)
+  if t == 1:  # decode: one of the budget + 1 candidates goes, no ranking needed
+    order = _drop_one(priority, ch.order)
+  else:
+    top_priority, top = jax.lax.top_k(priority, s)  # [b, k, s] candidates to keep
+    # Back into stream order (candidates are in stream order), the picks of empty candidates last.
+    order = jnp.sort(jnp.where(top_priority > -jnp.inf, top, s + t + top), axis=-1)
+    order = jnp.where(order >= s + t, order - s - t, order)
   keep = jnp.take_along_axis(live, order, axis=-1)
   new_idx = jnp.where(keep, jnp.take_along_axis(cand_idx, order, axis=-1), -1)
   new_score = jnp.where(keep, jnp.take_along_axis(cand_score, order, axis=-1), 0.0)
