@@ -202,3 +202,30 @@ def test_greedy_generate_equals_a_manual_argmax_loop():
     want.append(tok)
     logits, cache = step(tok, cache)
   np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
+
+
+def test_one_token_chunks_drop_what_the_ranking_drops():
+  """``scored._drop_one`` (the decode step's argmin) keeps what ranking all ``budget + 1`` candidates keeps: all but
+  the lowest priority, ties dropping the later candidate (``top_k`` keeps the earlier), live ones in stream order,
+  empty slots and a padding token last. Against a NumPy sort, on random priorities with ties, protected tokens,
+  caches not yet full and padding tokens."""
+  from jstream.cache.scored import _PROTECTED, _drop_one
+
+  rng = np.random.default_rng(31)
+  s, cases = 6, []
+  for _ in range(200):
+    held, valid = int(rng.integers(0, s + 1)), bool(rng.random() < 0.8)
+    pr = rng.choice([0.1, 0.2, 0.3, _PROTECTED], size=2 * (s + 1), p=[0.3, 0.3, 0.2, 0.2]).reshape(2, s + 1)
+    live = np.array([j < held for j in range(s)] + [valid])
+    pr = np.where(live, pr, -np.inf).astype(np.float32)
+    stream = [*range(held), *([s] if valid else []), *range(held, s), *([] if valid else [s])]
+    cases.append((pr, np.array(stream)))
+  got = np.asarray(
+    _drop_one(jnp.asarray(np.stack([c[0] for c in cases])), jnp.asarray(np.stack([c[1] for c in cases])))
+  )
+  for (pr, stream), order in zip(cases, got, strict=True):
+    for head in range(2):
+      by_rank = sorted(range(s + 1), key=lambda j, p=pr[head]: (-p[j], j))  # top_k: higher first, earlier first
+      kept = by_rank[:s]
+      want = sorted(kept, key=lambda j, p=pr[head], st=list(stream): (p[j] == -np.inf, st.index(j)))
+      np.testing.assert_array_equal(order[head], want)

@@ -518,6 +518,10 @@ def test_state_head_reads_each_ticks_decision_position_and_packing_keeps_its_fea
   np.testing.assert_allclose(logits, model.forward(frames, text), rtol=1e-6, atol=1e-6)
   state = np.asarray(model.state_logits(feats, 3))
   assert state.shape == (2, 3, VL.STATE_GROUPS, VL.STATE_CLASSES)
+  per_tick = feats.shape[1] // 3  # the frame's 4 tokens, then the slot: the decision is read at the 4th
+  at = feats[:, 4 - 1 :: per_tick]
+  want = model.state_head(at).reshape(2, 3, VL.STATE_GROUPS, VL.STATE_CLASSES)
+  np.testing.assert_allclose(state, want, rtol=1e-6, atol=1e-6)
   words = text.at[:, 1, 0].set((text[:, 1, 0] % (len(V.WORDS) - 1)) + 1)  # tick 1's words (never <pad>)
   other = np.asarray(model.state_logits(model.training_outputs(frames, words, return_features=True)[1], 3))
   np.testing.assert_allclose(other[:, :2], state[:, :2], rtol=1e-6, atol=1e-6)
