@@ -85,6 +85,8 @@ def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
   for g, name in enumerate(video_lm.STATE_NAMES):
     y, p = truth[..., g].ravel(), pred[..., g].ravel()
     p, y = p[y >= 0], y[y >= 0]
+    if not y.size:
+      continue
     ids, counts = np.unique(y, return_counts=True)
     minor = y != ids[np.argmax(counts)]
     out[name] = {

@@ -426,7 +426,8 @@ def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_siz
   from the digits drawn in each frame (``Chunk.objects``, as ``centre_labels``): what the questions of
   ``jstream.data.video_qa`` ask, in ``STATE_NAMES`` order, each a class id, -1 where undefined (a quadrant with two
   centres). Quadrants follow the where-answers' rule (a digit's centre against the frame's middle); an object is
-  entering in the first frame it is drawn in and leaving in the first frame after its last."""
+  entering in the first frame it is drawn in and leaving in the first frame after its last. For training clips:
+  objects are matched by id over ``[b, n, m, n]``, quadratic in the clip length."""
   n = objects.shape[1]
   h, w = config.frame_size
   valid = objects[..., 0] >= 0
