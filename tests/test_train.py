@@ -421,6 +421,34 @@ def test_video_qa_state_loss_trains_the_state_head_and_the_language_model(tmp_pa
     assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(result.model, part))))
 
 
+def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, monkeypatch):
+  """With clips packed to a budget that cuts their last ticks, a joint step's ``state_loss`` is the state loss of
+  the ticks whose decision was run only: the ticks past the budget (zero features) are not scored."""
+  from flax import nnx
+
+  from jstream.models import video_lm
+  from jstream.train.loop import init_state, make_train_step, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,state,workdir={tmp_path / 'packed'},video.text_budget=1")
+  graphdef, optimizer, state = init_state(cfg)
+  batch = next(train_iterator(cfg))
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
+  _, metrics = make_train_step(graphdef, optimizer, cfg)(state, batch)
+  n, p = batch["text"].shape[1], model.config.frame_len
+  _, feats, _, kept = model.training_outputs(
+    jnp.asarray(batch["frames"]), jnp.asarray(batch["text"]), packed_len=n * (p + 1), return_features=True
+  )
+  run = np.asarray(kept[:, :, 0])
+  assert run.any() and not run.all()  # the budget cut some ticks
+  truth = np.asarray(video_lm.scene_state(jnp.asarray(batch["objects"]), model.config, cfg.video.digit_size))
+  logits = model.state_logits(feats, n)
+  want, _ = video_lm.state_loss(logits, jnp.asarray(np.where(run[..., None], truth, -1)))
+  unmasked, _ = video_lm.state_loss(logits, jnp.asarray(truth))
+  np.testing.assert_allclose(float(metrics["state_loss"]), float(want), rtol=1e-4)
+  assert abs(float(unmasked) - float(want)) > 1e-3
+
+
 def test_video_qa_config_errors_name_the_problem(tmp_path):
   model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
   with pytest.raises(ValueError, match="text-only switches"):
