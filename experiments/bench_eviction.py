@@ -19,31 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
+
+from experiments.machine import device_line, machine
 
 POLICIES = ("sinkwindow", "h2o", "snapkv", "agenorm")
 SINKS = 4
 
 
 def make_policy(name: str, capacity: int, positions: str):
-  """The cache policy ``name`` (in ``POLICIES``) at ``capacity`` tokens per layer and kv head."""
-  from jstream import cache as C
+  """The cache policy ``name`` (in ``POLICIES``) at ``capacity`` tokens per layer and kv head, built by the command
+  line's ``jstream.cli.parse_policy``."""
+  from jstream.cli import parse_policy
 
   if capacity < 2 * SINKS + 2:
     raise ValueError(f"capacity must be >= {2 * SINKS + 2} (sinks, a recent window, scored slots), got {capacity}")
-  recent = capacity // 2
-  makers = {
-    "sinkwindow": lambda: C.SinkWindow(SINKS, capacity - SINKS, positions=positions),
-    "h2o": lambda: C.H2O(capacity, recent, SINKS, positions=positions),
-    "snapkv": lambda: C.SnapKV(capacity, recent, SINKS, positions=positions),
-    "agenorm": lambda: C.AgeNormalized(capacity, recent, SINKS, positions=positions),
-  }
-  if name not in makers:
+  if name not in POLICIES:
     raise ValueError(f"unknown policy {name!r}; one of {POLICIES}")
-  return makers[name]()
+  args = f"{SINKS},{capacity - SINKS}" if name == "sinkwindow" else f"{capacity},{capacity // 2},{SINKS}"
+  return parse_policy(f"{name}:{args}", positions)
 
 
 def time_policies(model, policies: dict, *, batch: int, prompt_len: int, steps: int, rounds: int, seed: int) -> dict:
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
   batches = [int(b) for b in args.batches.split(",") if b]
   policies = {name: make_policy(name, args.capacity, args.positions) for name in POLICIES}
   model = StreamingTransformer(cfg_model, rngs=nnx.Rngs(args.seed))
-  device = f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs"
+  device = device_line()
   print(f"bench_eviction on {device}, jax {jax.__version__}; capacity {args.capacity}, {args.positions} positions")
   t0 = time.perf_counter()
   rows = []
@@ -133,7 +128,7 @@ def main(argv=None) -> int:
   result = {
     "device": device,
     "jax": jax.__version__,
-    "machine": dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+    "machine": machine(),
     "args": vars(args),
     "model": {k: getattr(cfg_model, k) for k in ("num_layers", "num_heads", "num_kv_heads", "embed_dim", "mlp_dim")},
     "rows": rows,

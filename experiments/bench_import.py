@@ -21,10 +21,11 @@ import json
 import math
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
+
+from experiments.machine import machine
 
 SIZES = {
   # Llama 3.2 1B's shapes.
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     shards=len(files),
     write_s=write_s,
     rows=rows,
-    machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+    machine=machine(),
   )
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(result, indent=2))

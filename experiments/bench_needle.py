@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
 
 import numpy as np
+
+from experiments.machine import device_line
 
 LEAD = 64  # text bytes before the needle (it is not in the sinks)
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"bench_needle on {device}, jax {jax.__version__}")
   t0 = time.time()
   res = run(args)

@@ -19,10 +19,11 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
+
+from experiments.machine import machine
 
 MESHES = ((1, 1), (8, 1), (4, 2), (2, 4), (1, 8))
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
       f"| {r['mesh']} | {r['stream_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
       f"{r['max_diff_vs_1x1']:.1e} | {r['param_mib_per_device']:.2f} | {r['cache_mib_per_device']:.2f} |"
     )
-  result["machine"] = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count())
+  result["machine"] = machine()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -40,13 +40,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
+
+from experiments.machine import machine
 
 DRAFT_MODELS = ("draft", "distilled", "onpolicy", "targetsamples")  # drafts with one cost ratio: a model of their own
 ROLES = {**{d: (d,) for d in DRAFT_MODELS}, "staged": ("draft", "inner"), "heads": ("heads",)}
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds=time.time() - t0,
     quick=args.quick,
     layers=args.layers,
-    machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count()),
+    machine=machine(),
   )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

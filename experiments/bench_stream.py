@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -51,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 import jstream
+from experiments.machine import device_line
 from jstream import cache as C
 from jstream import rollout
 from jstream.process_memory import rss_mib, tree_bytes
@@ -561,7 +560,7 @@ def main(argv=None) -> int:
     args.window, args.chunk = min(args.window, 64), min(args.chunk, 32)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"bench_stream on {device}, jax {jax.__version__}")
   t0 = time.time()
   with tempfile.TemporaryDirectory() as scratch:

@@ -33,9 +33,7 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -45,6 +43,7 @@ import optax
 from flax import nnx
 
 from experiments import bench_video_qa
+from experiments.machine import device_line
 from jstream import flow, rollout
 from jstream.data import digits
 from jstream.models import video_dit
@@ -483,7 +482,7 @@ def main(argv=None) -> int:
   window = args.window or task.clip_frames
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"bench_video_gen on {device}, jax {jax.__version__}; model {cfg.workdir}")
   t0 = time.time()
   res = train(cfg, progress=not args.no_progress)

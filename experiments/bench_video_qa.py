@@ -37,14 +37,13 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
 import numpy as np
 
+from experiments.machine import device_line
 from jstream import cache as C
 from jstream import memory as M
 from jstream import qa_stream, reduce
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     args.speed_batches, args.speed_frames, args.memory_frames = "1,2", 20, min(args.memory_frames, 20)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"bench_video_qa on {device}, jax {jax.__version__}; model {cfg.workdir}")
   t0 = time.time()
   model, step, train_log = trained_model(cfg, progress=not args.no_progress)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
+
+from experiments.machine import machine
 
 
 def sum_min(target_logits, draft_logits, temperature: float):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.time()
   result = run(args)
   result["seconds"] = time.time() - t0  # training included where a run was missing or unfinished
-  result["machine"] = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count())
+  result["machine"] = machine()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "acceptance.json").write_text(json.dumps(result, indent=2))

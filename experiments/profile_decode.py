@@ -25,9 +25,7 @@ import functools
 import glob
 import gzip
 import json
-import os
 import pathlib
-import platform
 import re
 import tempfile
 import time
@@ -39,6 +37,7 @@ from flax import nnx
 
 import jstream
 from experiments import bench_stream
+from experiments.machine import device_line
 from jstream import cache as C
 from jstream import rollout
 
@@ -460,7 +459,7 @@ def main(argv=None) -> int:
   cfg = bench_stream.model_config(cfg_name)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"profile_decode on {device}, jax {jax.__version__}; model {cfg_name}: {cfg}, batch {args.batch}")
   res = dict(device=device, jax=jax.__version__, args=vars(args), model=str(cfg), profiles=[], variants={})
   for mode in args.modes:

@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
+
+from experiments.machine import machine
 
 VARIANTS = {
   "XLA defaults": "",
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name:<18}" + "".join(f"{1e3 * sec[t]:11.3f}" for t in rows) + f"   {ratios}")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  machine = dict(platform=platform.platform(), cpus=os.cpu_count())
-  (out / "profile_rows.json").write_text(json.dumps(dict(args=vars(args), machine=machine, variants=results), indent=2))
+  result = dict(args=vars(args), machine=machine(), variants=results)
+  (out / "profile_rows.json").write_text(json.dumps(result, indent=2))
   print(f"wrote {out / 'profile_rows.json'}")
   return 0
 

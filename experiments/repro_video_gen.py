@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -34,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_video_gen as bench
+from experiments.machine import device_line
 from jstream import rollout
 from jstream.data import digits
 from jstream.models import video_dit
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
     args.context = 2 if cartpole else 0
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, {platform.machine()}"
+  device = device_line()
   print(f"repro_video_gen ({args.data}) on {device}, jax {jax.__version__}")
   t0 = time.time()
   rng = jax.random.key(args.seed)
