@@ -8,10 +8,10 @@ Each policy keeps ``capacity`` tokens per layer and kv head: ``SinkWindow(4, cap
 ``H2O``, ``SnapKV`` and ``AgeNormalized`` with 4 sinks and half the budget a recent window (``jstream.cache``),
 cache-relative positions (``--positions`` for absolute). The model is the config's byte LM with fresh weights (what a
 step costs does not depend on them). A batch of random prompts of ``2 * capacity`` tokens is prefilled, so every
-cache is full and evicting, then ``rollout.Decoder`` samples ``--steps`` tokens per call, one compiled scan; after
-one compiling call per policy the policies are timed in ``--rounds`` interleaved rounds (each round calls every
-policy once, continuing its own stream) and each policy's time is the fastest round (on a shared VM the median
-moves more than the policies differ). Prints ms per token and the ratio to ``SinkWindow`` per batch size, writes
+cache is full and evicting, then greedy decode calls of ``--steps`` tokens (``bench_stream.decode_latency``: one
+compiled scan, a warm-up call before each timed one) are timed in ``--rounds`` interleaved rounds (each round calls
+every policy once, continuing its own stream) and each policy's time is the fastest round (on a shared VM the
+median moves more than the policies differ). Prints ms per token and the ratio to ``SinkWindow`` per batch size, writes
 ``DIR/results.json``.
 """
 
@@ -42,36 +42,32 @@ def make_policy(name: str, capacity: int, positions: str):
 
 
 def time_policies(model, policies: dict, *, batch: int, prompt_len: int, steps: int, rounds: int, seed: int) -> dict:
-  """Per policy: the fastest of ``rounds`` interleaved decode calls of ``steps`` tokens, in ms per token, after a
-  prefill of ``prompt_len`` random tokens and one compiling call."""
-  import jax
+  """Per policy: the fastest of ``rounds`` interleaved decode calls of ``steps`` tokens
+  (``bench_stream.decode_latency``, one call a round, each continuing its policy's stream), in ms per token, after a
+  prefill of ``prompt_len`` random tokens; ``first_call_s``: the first round's wall time (compilation included)."""
   import numpy as np
 
+  from experiments.bench_stream import decode_latency
   from jstream import rollout
 
   rng = np.random.default_rng(seed)
   prompt = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
-  decoder = rollout.Decoder(model, steps=steps)
   state = {}
   for name, policy in policies.items():
-    cache = model.init_cache(policy, batch)
-    last, cache = rollout.prefill(model, prompt, cache, chunk_size=16)
-    t0 = time.perf_counter()
-    out = decoder(cache, last, jax.random.key(seed))
-    jax.block_until_ready(out.tokens)
-    state[name] = {"cache": out.cache, "last": out.last_logits, "compile_s": time.perf_counter() - t0, "times": []}
+    last, cache = rollout.prefill(model, prompt, model.init_cache(policy, batch), chunk_size=16)
+    state[name] = {"cache": cache, "last": last, "times": []}
   for r in range(rounds):
     for s in state.values():
       t0 = time.perf_counter()
-      out = decoder(s["cache"], s["last"], jax.random.key(seed + 1 + r))
-      jax.block_until_ready(out.tokens)
-      s["times"].append(time.perf_counter() - t0)
-      s["cache"], s["last"] = out.cache, out.last_logits
+      per_step, s["cache"], s["last"] = decode_latency(model, s["cache"], s["last"], steps, repeats=1)
+      s["times"].append(per_step)
+      if r == 0:  # its warm-up call compiled the policy's decode loop
+        s["first_call_s"] = time.perf_counter() - t0
   return {
     name: {
-      "ms_per_token": 1e3 * min(s["times"]) / steps,
-      "median_ms_per_token": 1e3 * float(np.median(s["times"])) / steps,
-      "first_call_s": s["compile_s"],
+      "ms_per_token": 1e3 * min(s["times"]),
+      "median_ms_per_token": 1e3 * float(np.median(s["times"])),
+      "first_call_s": s["first_call_s"],
     }
     for name, s in state.items()
   }
