@@ -129,6 +129,36 @@ def test_key_mass_is_the_attention_received():
   np.testing.assert_allclose(res.key_mass.sum(), t * n, rtol=1e-5)
 
 
+def test_key_mass_of_a_part_is_its_share_of_the_merged_attention():
+  """``key_mass`` with the merged log-sum-exp of disjoint key sets gives each part's keys their mass in the
+  attention over the union (the float64 reference over all keys), in both key layouts; with the part's own lse
+  it is the part's ``key_mass``. A query that sees nothing anywhere gives zero mass."""
+  b, t, s, n, kh, h = 2, 3, 12, 4, 2, 8
+  q, k, v = _rand((b, t, n, h), 31), _rand((b, s, kh, h), 32), _rand((b, s, kh, h), 33)
+  qp = jnp.array([[9, 10, 11], [-1, 4, 6]], jnp.int32)
+  kp = jnp.broadcast_to(jnp.where(jnp.arange(s) == 3, -1, jnp.arange(s, dtype=jnp.int32)), (b, s))
+  kw = dict(window=6, num_sinks=2)
+  want = numpy_reference(q, k, v, qp, kp, return_key_mass=True, **kw).key_mass  # [b, s, k]
+  cuts = ((0, 5), (5, 12))
+  parts = [
+    A.attention(q, k[:, lo:hi], v[:, lo:hi], q_positions=qp, k_positions=kp[:, lo:hi], return_lse=True,
+                return_key_mass=True, **kw)
+    for lo, hi in cuts
+  ]  # fmt: skip
+  lse = A.merge([(p.out.astype(jnp.float32), p.lse) for p in parts])[1]
+  for (lo, hi), part in zip(cuts, parts, strict=True):
+    got = A.key_mass(q, k[:, lo:hi], lse, q_positions=qp, k_positions=kp[:, lo:hi], **kw)
+    np.testing.assert_allclose(got, want[:, lo:hi], atol=1e-5)
+    heads_first = A.key_mass(
+      q, jnp.swapaxes(k[:, lo:hi], 1, 2), lse, q_positions=qp, k_positions=kp[:, lo:hi], kv_layout="bksh", **kw
+    )
+    np.testing.assert_allclose(heads_first, np.swapaxes(want[:, lo:hi], 1, 2), atol=1e-5)
+    own = A.key_mass(q, k[:, lo:hi], part.lse, q_positions=qp, k_positions=kp[:, lo:hi], **kw)
+    np.testing.assert_allclose(own, part.key_mass, atol=1e-5)
+  with library_checks_only(), pytest.raises(ValueError, match="lse must be"):
+    A.key_mass(q, k, lse[:, :1], q_positions=qp, k_positions=kp)
+
+
 def test_nan_in_unused_slots_never_leaks():
   b, t, s, n, kh, h = 1, 2, 8, 2, 1, 4
   q, k, v = _rand((b, t, n, h), 18), _rand((b, s, kh, h), 19), _rand((b, s, kh, h), 20)

@@ -204,28 +204,45 @@ def test_greedy_generate_equals_a_manual_argmax_loop():
   np.testing.assert_array_equal(got, np.concatenate(want, axis=1))
 
 
-def test_one_token_chunks_drop_what_the_ranking_drops():
-  """``scored._drop_one`` (the decode step's argmin) keeps what ranking all ``budget + 1`` candidates keeps: all but
-  the lowest priority, ties dropping the later candidate (``top_k`` keeps the earlier), live ones in stream order,
-  empty slots and a padding token last. Against a NumPy sort, on random priorities with ties, protected tokens,
-  caches not yet full and padding tokens."""
-  from jstream.cache.scored import _PROTECTED, _drop_one
+def test_a_single_token_takes_the_slot_the_ranking_frees():
+  """``scored._token_slot`` (the decode step's choice): an empty slot while the head is not full, else the slot of
+  the lowest priority, ties evicting the later token in stream order (what ranking all candidates keeps: the
+  reference keeps the earlier of equal priorities). Against NumPy on heads whose slots are not in stream order,
+  with tied priorities, protected tokens and heads not yet full."""
+  from jstream.cache.scored import _PROTECTED, _token_slot
 
   rng = np.random.default_rng(31)
-  s, cases = 6, []
-  for _ in range(200):
-    held, valid = int(rng.integers(0, s + 1)), bool(rng.random() < 0.8)
-    pr = rng.choice([0.1, 0.2, 0.3, _PROTECTED], size=2 * (s + 1), p=[0.3, 0.3, 0.2, 0.2]).reshape(2, s + 1)
-    live = np.array([j < held for j in range(s)] + [valid])
-    pr = np.where(live, pr, -np.inf).astype(np.float32)
-    stream = [*range(held), *([s] if valid else []), *range(held, s), *([] if valid else [s])]
-    cases.append((pr, np.array(stream)))
-  got = np.asarray(
-    _drop_one(jnp.asarray(np.stack([c[0] for c in cases])), jnp.asarray(np.stack([c[1] for c in cases])))
-  )
-  for (pr, stream), order in zip(cases, got, strict=True):
-    for head in range(2):
-      by_rank = sorted(range(s + 1), key=lambda j, p=pr[head]: (-p[j], j))  # top_k: higher first, earlier first
-      kept = by_rank[:s]
-      want = sorted(kept, key=lambda j, p=pr[head], st=list(stream): (p[j] == -np.inf, st.index(j)))
-      np.testing.assert_array_equal(order[head], want)
+  s, cases = 7, []
+  for _ in range(300):
+    held = int(rng.integers(1, s + 1))
+    rank = np.full(s, -1)
+    rank[rng.permutation(s)[:held]] = np.arange(held)  # held tokens at random slots
+    pr = rng.choice([0.1, 0.2, 0.3, _PROTECTED], size=s, p=[0.3, 0.3, 0.2, 0.2])
+    cases.append((np.where(rank >= 0, pr, -np.inf).astype(np.float32), rank))
+  pr, rank = (jnp.asarray(np.stack(a).reshape(100, 3, s)) for a in zip(*cases, strict=True))
+  got = np.asarray(_token_slot(pr, rank.astype(jnp.int32))).reshape(-1)
+  for (p, r), slot in zip(cases, got, strict=True):
+    if (r < 0).any():
+      assert r[slot] == -1
+    else:
+      assert slot == max(range(s), key=lambda j, p=p, r=r: (-p[j], r[j]))
+
+
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_a_single_token_moves_no_cached_key(positions):
+  """Decode on a full cache rewrites one slot per (layer, kv head), the evicted token's, with the new token's key
+  and value; every other slot's key and value stay bit for bit (no compaction, no re-rotation). A padding token
+  changes nothing at all."""
+  model = tiny_model(seed=41)
+  policy = C.H2O(8, 2, 1, positions)
+  tokens = random_tokens(2, 14, seed=42)
+  step = jit_step(model)
+  _, before = stream(step, tokens[:, :13], model.init_cache(policy, 2), [6, 4, 1, 1, 1])
+  _, after = step(tokens[:, 13:], before)
+  changed = np.any(np.asarray(after.k) != np.asarray(before.k), axis=-1)  # [l, b, k, s]
+  np.testing.assert_array_equal(changed.sum(-1), 1)
+  np.testing.assert_array_equal(np.any(np.asarray(after.v) != np.asarray(before.v), axis=-2), changed)  # slots last
+  np.testing.assert_array_equal(np.asarray(after.idx)[changed], 13)
+  _, padded = step(tokens[:, 13:], before, segment_ids=jnp.full((2, 1), -1, jnp.int32))
+  for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -17,21 +17,34 @@ One chunk (any length up to the budget, a single decode token included), per lay
    score so far, SnapKV replaces the score by the mass of the chunk's last ``observation`` queries, max- or
    average-pooled over ``kernel`` neighbouring keys;
 3. of the cached tokens and the chunk's tokens, the ``budget`` of highest priority stay (sinks and recent tokens
-   first, then by score), compacted into the first slots in stream order.
+   first, then by score; of equal priorities the later token goes).
 
-The cache is therefore always a prefix of valid slots in stream order, and a row holds ``min(tokens since the
-reset, budget)`` tokens in every layer and head. Keys are stored before RoPE and rotated when read: at their
-stream position (``positions="absolute"``) or at their slot, i.e. their index among the tokens this head keeps
-(``"cache_relative"``: StreamingLLM's re-indexing, which the sinks + recent window of a ``SinkWindow`` cache is
-a special case of). With ``budget == num_sinks + recent`` nothing is scored and a token-by-token stream equals
-``SinkWindow(num_sinks, recent + 1)`` (tested): the recent window holds the tokens before the query, and the query
-sees itself too.
+A row holds ``min(tokens since the reset, budget)`` tokens in every layer and head; ``rank`` is each slot's place
+among the tokens its head keeps, in stream order. Two paths, one rule:
+
+* a chunk (``t > 1``) rewrites each layer's slice, the kept tokens compacted into the first slots in stream order;
+* a single token (decode) reads every layer's cache in place and writes nothing while the layers run (its own key
+  is one more partial attention, merged by log-sum-exp, and its key mass is normalised over both:
+  ``jstream.ops.attention.key_mass``); after the last layer its key and value go, per layer and head, into an empty
+  slot or the slot of the token it evicts, and only the ``[l, b, k, s]`` indices, ranks and scores are rewritten.
+  No key or value moves, so the bookkeeping per decoded token is small next to the attention it rides on
+  (``experiments/bench_eviction.py``).
+
+Positions. ``positions="absolute"``: keys are stored rotated by RoPE at their stream position, once, as they are
+written (as H2O, SnapKV and TOVA keep them). ``"cache_relative"`` (StreamingLLM's re-indexing, of which the sinks +
+recent window of a ``SinkWindow`` cache is a special case): a key's position is its rank, which drops by one for
+every token evicted before it, so keys are stored un-rotated and rotated at their rank when read (re-rotating
+stored keys on every eviction would accumulate rounding error in bf16 caches); this costs a pass over the keys per
+layer and token that absolute positions do not pay. With ``budget == num_sinks + recent`` nothing is scored and a
+token-by-token stream equals ``SinkWindow(num_sinks, recent + 1)`` (tested): the recent window holds the tokens
+before the query, and the query sees itself too.
 
 Decode under SnapKV rescores every step from its single query (the observation window of a one-token chunk is
 that token): TOVA's rule (Oren et al., 2024). The mass of a learned sink (``TransformerConfig.learned_sink``) is not
 a key and is not counted. Dropped tokens cannot come back, so these caches cannot roll back (``rollback`` raises).
-A cache is ``[l, b, k, budget, h]`` keys and values plus ``[l, b, k, budget]`` indices and scores: every layer of
-the model reads and rewrites its slice once per chunk, so the cost per token is that of attending the budget.
+A padding token (``segment_ids`` -1) changes nothing. A cache is ``[l, b, k, budget, h]`` keys, values slots last
+(``[l, b, k, h, budget]``, what the attention's weighted sum reads without a transpose) plus
+``[l, b, k, budget]`` indices, ranks and scores.
 """
 
 from __future__ import annotations
@@ -90,8 +103,9 @@ class ScorePolicy(Policy):
     shape = (geometry.num_layers, batch_size, geometry.num_kv_heads, self.budget)
     return ScoreCache(
       k=jnp.zeros((*shape, geometry.head_dim), dtype),
-      v=jnp.zeros((*shape, geometry.head_dim), dtype),
+      v=jnp.zeros((*shape[:-1], geometry.head_dim, self.budget), dtype),
       idx=jnp.full(shape, -1, jnp.int32),
+      rank=jnp.full(shape, -1, jnp.int32),
       score=jnp.zeros(shape, jnp.float32),
       count=jnp.zeros((batch_size,), jnp.int32),
       next_pos=start,
@@ -154,9 +168,12 @@ class ScoreCache:
   """The cache of a ``ScorePolicy`` (see the module docstring).
 
   Attributes:
-    k, v: ``[l, b, k, s, h]`` keys (before RoPE) and values; the valid slots of a (layer, row, head) are a prefix
-      in stream order.
+    k: ``[l, b, k, s, h]`` keys, in no particular slot order, rotated by RoPE at their stream position
+      (``absolute``) or not at all (``cache_relative``: rotated at their rank when read). Empty slots hold zeros.
+    v: ``[l, b, k, h, s]`` values, slots last. Empty slots hold zeros.
     idx: ``[l, b, k, s]`` int32 index of the slot's token since the reset (-1: empty).
+    rank: ``[l, b, k, s]`` int32 the slot's place among the tokens its (layer, head) keeps, in stream order (-1:
+      empty); the RoPE position of a ``cache_relative`` key.
     score: ``[l, b, k, s]`` float32 score of the slot's token (accumulated or observed attention mass).
     count: ``[b]`` int32 tokens since the reset.
     next_pos: ``[b]`` int32 stream position of the next token (a token's position is
@@ -167,6 +184,7 @@ class ScoreCache:
   k: Array
   v: Array
   idx: Array
+  rank: Array
   score: Array
   count: Array
   next_pos: Array
@@ -211,6 +229,7 @@ class ScoreCache:
       k=jnp.where(row[..., None], jnp.zeros((), self.k.dtype), self.k),
       v=jnp.where(row[..., None], jnp.zeros((), self.v.dtype), self.v),
       idx=jnp.where(row, -1, self.idx),
+      rank=jnp.where(row, -1, self.rank),
       score=jnp.where(row, 0.0, self.score),
       count=jnp.where(sel, 0, self.count),
       next_pos=jnp.where(sel, start, self.next_pos),
@@ -229,15 +248,16 @@ class _Chunk(typing.NamedTuple):
   valid: Array  # [b, t] a real token
   tok_idx: Array  # [b, t] index since the reset, -1 padding
   count: Array  # [b] tokens since the reset after the chunk
-  q_rope: tuple[Array, Array]  # cos/sin [b, t, h/2] of the chunk's queries and keys
-  offset: Array  # [b] stream position of index 0 (absolute RoPE of cached keys)
+  held: Array  # [b] tokens each (layer, head) holds before the chunk
+  q_pos: Array  # [b, t] the chunk's RoPE positions (stream position, or rank among the kept tokens)
+  q_rope: tuple[Array, Array]  # cos/sin [b, t, h/2] at q_pos
   poison: Array  # [b] rows whose absolute positions overran int32
-  order: Array  # [b, s + t] the candidates (cache slots, then the chunk) with the tokens first, in stream order
 
 
 def _rebase(cache: ScoreCache) -> ScoreCache:
   """Shifts indices down before ``count`` can overflow int32 (every ``2**29`` tokens); sinks keep theirs, and a
-  kept token older than the shift is clamped to the first non-sink index (its order among such tokens is lost)."""
+  kept token older than the shift is clamped to the first non-sink index. Only indices move: a token's order is
+  its ``rank`` and its absolute position is in its stored key, so the clamp changes neither."""
   do = cache.count >= plan_lib.REBASE_AT  # [b]
   shift = jnp.where(do, plan_lib.REBASE_SHIFT, 0)
   sinks = cache.policy.num_sinks
@@ -247,77 +267,82 @@ def _rebase(cache: ScoreCache) -> ScoreCache:
 
 
 def _chunk(cache: ScoreCache, valid: Array, head_dim: int, rope_base: float | Rope) -> _Chunk:
-  held_before = cache.held()
+  held = cache.held()
   nvalid = jnp.cumsum(valid.astype(jnp.int32), axis=1)
   tok_idx = jnp.where(valid, cache.count[:, None] + nvalid - 1, -1)
   count = cache.count + nvalid[:, -1]
-  offset = cache.next_pos - cache.count
   if cache.policy.positions == "absolute":
     q_pos = cache.next_pos[:, None] + nvalid - 1
     poison = cache.next_pos > plan_lib.INT32_MAX - nvalid[:, -1]
-  else:  # after the held tokens, which sit at their slots 0 .. held - 1
-    q_pos = held_before[:, None] + nvalid - 1
+  else:  # after the held tokens, which sit at their ranks 0 .. held - 1
+    q_pos = held[:, None] + nvalid - 1
     poison = jnp.zeros_like(valid[:, 0])
-  q_rope = rope_cos_sin(jnp.maximum(q_pos, 0), head_dim, rope_base)
-  # Empty cache slots sit between the held tokens and the chunk, padding inside the chunk: both go last.
-  s, t = cache.capacity, valid.shape[1]
-  slot = jnp.arange(s, dtype=jnp.int32)[None]
+  q_pos = jnp.maximum(q_pos, 0)
+  return _Chunk(valid, tok_idx, count, held, q_pos, rope_cos_sin(q_pos, head_dim, rope_base), poison)
+
+
+def _stream_order(rank: Int[Array, "b k s"], ch: _Chunk) -> Int[Array, "b k c"]:
+  """The candidates (cache slots, then the chunk's tokens) of every head in stream order, empty slots and padding
+  last: the held tokens by rank, then the chunk's tokens, which follow them."""
+  b, heads, s = rank.shape
+  t = ch.valid.shape[1]
+  big = 2 * (s + t)
+  slot = jnp.arange(s, dtype=jnp.int32)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  chunk_rank = ch.held[:, None] + jnp.cumsum(ch.valid.astype(jnp.int32), axis=1) - 1
   key = jnp.concatenate(
     [
-      jnp.where(slot < held_before[:, None], slot, 2 * (s + t) + slot),
-      jnp.where(valid, held_before[:, None] + nvalid - 1, 3 * (s + t) + jnp.arange(t, dtype=jnp.int32)[None]),
+      jnp.where(rank >= 0, rank, big + slot),
+      jnp.broadcast_to(jnp.where(ch.valid, chunk_rank, 2 * big + pos)[:, None], (b, heads, t)),
     ],
-    axis=1,
+    axis=2,
   )
-  return _Chunk(valid, tok_idx, count, q_rope, offset, poison, jnp.argsort(key, axis=1))
+  return jnp.argsort(key, axis=-1)
 
 
-def _pool(mass: Float[Array, "b k s"], order: Int[Array, "b s"], kernel: int, pooling: str) -> Float[Array, "b k s"]:
+def _pool(mass: Float[Array, "b k c"], order: Int[Array, "b k c"], kernel: int, pooling: str) -> Float[Array, "b k c"]:
   """Pools ``mass`` over ``kernel`` neighbouring tokens in stream order (``order`` puts the candidates in it)."""
   if kernel == 1:
     return mass
-  perm = jnp.broadcast_to(order[:, None], mass.shape)
-  m = jnp.take_along_axis(mass, perm, axis=-1)
+  m = jnp.take_along_axis(mass, order, axis=-1)
   pad = [(0, 0), (0, 0), (kernel // 2, kernel // 2)]
   if pooling == "max":
     m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 1, kernel), (1, 1, 1), pad)
   else:
     m = jax.lax.reduce_window(m, 0.0, jax.lax.add, (1, 1, kernel), (1, 1, 1), pad) / kernel
-  return (
-    jnp.zeros_like(mass)
-    .at[jnp.arange(mass.shape[0])[:, None, None], jnp.arange(mass.shape[1])[None, :, None], perm]
-    .set(m)
-  )
+  b, k, _ = mass.shape
+  return jnp.zeros_like(mass).at[jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], order].set(m)
 
 
-def _drop_one(priority: Float[Array, "b k c"], stream: Int[Array, "b c"]) -> Int[Array, "b k s"]:
-  """The candidates kept when one of ``c = budget + 1`` goes (a one-token chunk): all but the last of lowest
-  priority in stream order (``stream``: the candidates in stream order, empty slots last), in stream order. What
-  ``top_k`` and a sort pick, ties included (``top_k`` keeps the lower index), at the cost of one ``argmin``."""
-  c = priority.shape[-1]
-  perm = jnp.broadcast_to(stream[:, None], priority.shape)
-  ranked = jnp.take_along_axis(priority, perm, axis=-1)[..., ::-1]
-  drop = c - 1 - jnp.argmin(ranked, axis=-1)[..., None]  # the last minimum in stream order
-  i = jnp.arange(c - 1, dtype=jnp.int32)
-  return jnp.take_along_axis(perm, i + (i >= drop), axis=-1)
+def _priority(policy: ScorePolicy, cand_idx, cand_score, count: Int[Array, " b"]) -> Float[Array, "b k c"]:
+  """Sinks and recent tokens first, then the score (per age for ``"mean"``); empty slots and padding last."""
+  count = count[:, None, None]
+  keep_always = (cand_idx < policy.num_sinks) | (cand_idx >= count - policy.recent)
+  rank = cand_score / jnp.maximum(count - cand_idx, 1).astype(jnp.float32) if policy.score == "mean" else cand_score
+  return jnp.where(cand_idx >= 0, jnp.where(keep_always, _PROTECTED, rank), -jnp.inf)
 
 
-def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float | Rope, impl, sink_part):
-  """One layer: attention of the chunk over cache + chunk, scores, eviction. ``state = (k, v, idx, score)`` of
-  this layer (``[b, k, s, h]``, ``[b, k, s]``); returns ``(out [b, t, n, h], new state)``."""
-  ck, cv, cidx, cscore = state
-  b, t, _, h = q.shape
-  heads, s = cidx.shape[1], cidx.shape[2]
-  # RoPE at read: cached keys at their stream position or their slot, the chunk at its queries' positions.
+def _read_keys(policy: ScorePolicy, ck, crank, q_dtype, rope_base: float | Rope):
+  """The cached keys as attention reads them: stored rotated (``absolute``), or rotated now at their rank."""
   if policy.positions == "absolute":
-    kcos, ksin = rope_cos_sin(jnp.maximum(cidx + ch.offset[:, None, None], 0), h, rope_base)
-  else:
-    kcos, ksin = (a[None, None] for a in rope_cos_sin(jnp.arange(s, dtype=jnp.int32), h, rope_base))
-  qcos, qsin = ch.q_rope
-  q_rot = apply_rope(q, qcos[:, :, None], qsin[:, :, None])
-  chunk_k = apply_rope(k, qcos[:, :, None], qsin[:, :, None]).swapaxes(1, 2)  # [b, k, t, h]
-  keys = jnp.concatenate([apply_rope(ck.astype(q.dtype), kcos, ksin), chunk_k.astype(q.dtype)], axis=2)
-  values = jnp.concatenate([cv.astype(q.dtype), v.swapaxes(1, 2).astype(q.dtype)], axis=2)
+    return ck.astype(q_dtype)
+  kcos, ksin = rope_cos_sin(jnp.maximum(crank, 0), ck.shape[-1], rope_base, bound=crank.shape[-1])
+  return apply_rope(ck.astype(q_dtype), kcos, ksin)
+
+
+def _chunk_layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float | Rope, impl, sink_part):
+  """One layer of a chunk (``t > 1``): attention over cache + chunk, scores, eviction, and the kept tokens
+  compacted into the first slots in stream order. ``state = (k, v, idx, rank, score)`` of this layer (keys
+  ``[b, k, s, h]``, values ``[b, k, h, s]``, the rest ``[b, k, s]``); returns ``(out [b, t, n, h], new state)``."""
+  ck, cv, cidx, crank, cscore = state
+  b, t = q.shape[:2]
+  heads, s = cidx.shape[1], cidx.shape[2]
+  qcos, qsin = (a[:, :, None] for a in ch.q_rope)
+  q_rot = apply_rope(q, qcos, qsin)
+  chunk_k = apply_rope(k, qcos, qsin).swapaxes(1, 2)  # [b, k, t, h] rotated at the chunk's positions
+  keys = jnp.concatenate([_read_keys(policy, ck, crank, q.dtype, rope_base), chunk_k.astype(q.dtype)], axis=2)
+  chunk_v = jnp.transpose(v, (0, 2, 3, 1))  # [b, k, h, t]: values slots last, as the cache keeps them
+  values = jnp.concatenate([cv.astype(q.dtype), chunk_v.astype(q.dtype)], axis=3)
   cand_idx = jnp.concatenate([cidx, jnp.broadcast_to(ch.tok_idx[:, None], (b, heads, t))], axis=2)  # [b, k, s+t]
   res = attn_ops.attention(
     q_rot,
@@ -326,6 +351,7 @@ def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float 
     q_positions=ch.tok_idx,
     k_positions=cand_idx,
     kv_layout="bksh",
+    v_layout="bkhs",
     out_dtype=jnp.float32,
     return_lse=True,
     return_key_mass=True,
@@ -333,7 +359,7 @@ def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float 
   )
   out = res.out if sink_part is None else attn_ops.merge([(res.out, res.lse), sink_part])[0]
   mass = res.key_mass.astype(jnp.float32)  # [b, k, s+t]
-  cand_score = jnp.concatenate([cscore, jnp.zeros((b, heads, t), jnp.float32)], axis=2)
+  order = _stream_order(crank, ch)  # [b, k, s+t]
   if policy.score == "observation":
     if t > policy.observation:  # the mass of the last `observation` queries only
       observe = ch.tok_idx >= (ch.count - policy.observation)[:, None]
@@ -344,33 +370,101 @@ def _layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: float 
         q_positions=jnp.where(observe, ch.tok_idx, -1),
         k_positions=cand_idx,
         kv_layout="bksh",
+        v_layout="bkhs",
         return_key_mass=True,
         impl=impl,
       ).key_mass.astype(jnp.float32)
-    cand_score = _pool(mass, ch.order, policy.kernel, policy.pooling)
+    cand_score = _pool(mass, order, policy.kernel, policy.pooling)
   else:
-    cand_score = cand_score + mass
-  # Priority: sinks and recent tokens first, then the score; empty slots and padding last.
-  live = cand_idx >= 0
-  count = ch.count[:, None, None]
-  keep_always = (cand_idx < policy.num_sinks) | (cand_idx >= count - policy.recent)
-  rank = cand_score / jnp.maximum(count - cand_idx, 1).astype(jnp.float32) if policy.score == "mean" else cand_score
-  priority = jnp.where(live, jnp.where(keep_always, _PROTECTED, rank), -jnp.inf)
-  if t == 1:  # decode: one of the budget + 1 candidates goes, no ranking needed
-    order = _drop_one(priority, ch.order)
-  else:
-    top_priority, top = jax.lax.top_k(priority, s)  # [b, k, s] candidates to keep
-    # Back into stream order (candidates are in stream order), the picks of empty candidates last.
-    order = jnp.sort(jnp.where(top_priority > -jnp.inf, top, s + t + top), axis=-1)
-    order = jnp.where(order >= s + t, order - s - t, order)
-  keep = jnp.take_along_axis(live, order, axis=-1)
+    cand_score = jnp.concatenate([cscore, jnp.zeros((b, heads, t), jnp.float32)], axis=2) + mass
+  priority = _priority(policy, cand_idx, cand_score, ch.count)
+  top_priority, top = jax.lax.top_k(priority, s)  # [b, k, s] candidates to keep
+  # Into stream order (the candidates' place in `order`), the picks of empty candidates last.
+  place = jnp.argsort(order, axis=-1)  # [b, k, s+t] each candidate's place in stream order
+  key = jnp.where(top_priority > -jnp.inf, jnp.take_along_axis(place, top, axis=-1), s + t + top)
+  order = jnp.take_along_axis(top, jnp.argsort(key, axis=-1), axis=-1)
+  keep = jnp.take_along_axis(cand_idx >= 0, order, axis=-1)
   new_idx = jnp.where(keep, jnp.take_along_axis(cand_idx, order, axis=-1), -1)
+  new_rank = jnp.where(keep, jnp.arange(s, dtype=jnp.int32), -1)
   new_score = jnp.where(keep, jnp.take_along_axis(cand_score, order, axis=-1), 0.0)
-  raw_k = jnp.concatenate([ck, k.swapaxes(1, 2).astype(ck.dtype)], axis=2)
-  raw_v = jnp.concatenate([cv, v.swapaxes(1, 2).astype(cv.dtype)], axis=2)
-  new_k = jnp.take_along_axis(raw_k, order[..., None], axis=2)
-  new_v = jnp.take_along_axis(raw_v, order[..., None], axis=2)
-  return out.astype(q.dtype), (new_k, new_v, new_idx, new_score)
+  stored_k = chunk_k if policy.positions == "absolute" else k.swapaxes(1, 2)  # how the cache keeps keys
+  raw_k = jnp.concatenate([ck, stored_k.astype(ck.dtype)], axis=2)
+  raw_v = jnp.concatenate([cv, chunk_v.astype(cv.dtype)], axis=3)
+  zero = jnp.zeros((), ck.dtype)  # empty slots hold zeros: single tokens read the values unmasked
+  new_k = jnp.where(keep[..., None], jnp.take_along_axis(raw_k, order[..., None], axis=2), zero)
+  new_v = jnp.where(keep[:, :, None], jnp.take_along_axis(raw_v, order[:, :, None], axis=3), zero)
+  return out.astype(q.dtype), (new_k, new_v, new_idx, new_rank, new_score)
+
+
+def _token_slot(priority: Float[Array, "b k s"], rank: Int[Array, "b k s"]) -> Int[Array, "b k"]:
+  """The slot a single token takes: an empty one (priority -inf) if there is one, else that of the token it
+  evicts, the lowest priority, of equal priorities the latest in stream order (the highest rank)."""
+  lowest = priority == jnp.min(priority, axis=-1, keepdims=True)
+  return jnp.argmax(jnp.where(lowest, rank, -2), axis=-1).astype(jnp.int32)
+
+
+def _token_layer(policy: ScorePolicy, ch: _Chunk, bufs, layer, q, k, v, *, rope_base: float | Rope, impl, sink_part):
+  """One layer of a single token (decode), reading this layer's cache in place: attention over the cache and the
+  token's own key, scores, and the slot the token takes (an empty one, or the evicted token's when the head is
+  full). Writes nothing; returns ``(out [b, 1, n, h], (slot, key, value, idx, rank, score))`` with ``slot``
+  ``[b, k]`` (``s``: no write, a padding token), the key and value ``[b, k, h]`` as the cache stores them and the
+  new ``[b, k, s]`` index, rank and score of every slot."""
+  kbuf, vbuf, ibuf, rbuf, sbuf = bufs
+  ck, cv, cidx, crank, cscore = (a[layer] for a in (kbuf, vbuf, ibuf, rbuf, sbuf))
+  b, _, n, h = q.shape
+  heads, s = cidx.shape[1], cidx.shape[2]
+  g = n // heads
+  qcos, qsin = (a[:, :, None] for a in ch.q_rope)
+  q_rot = apply_rope(q, qcos, qsin)
+  keys = _read_keys(policy, ck, crank, q.dtype, rope_base)
+  res = attn_ops.attention(
+    q_rot,
+    keys,
+    cv.astype(q.dtype),
+    q_positions=ch.tok_idx,
+    k_positions=cidx,
+    kv_layout="bksh",
+    v_layout="bkhs",
+    mask_values=False,  # empty slots hold zeros (see _chunk_layer)
+    out_dtype=jnp.float32,
+    return_lse=True,
+    impl=impl,
+  )
+  # The token's own key: RoPE at equal positions cancels, so its score is q . k before rotation.
+  qf = q.astype(jnp.float32).reshape(b, 1, heads, g, h)
+  own = jnp.einsum("btkgh,btkh->btkg", qf, k.astype(jnp.float32)).reshape(b, 1, n) * (h**-0.5)
+  own = jnp.where(ch.valid[:, :, None], own, -jnp.inf)
+  own_v = jnp.broadcast_to(v.astype(jnp.float32)[:, :, :, None], (b, 1, heads, g, h)).reshape(b, 1, n, h)
+  out, lse = attn_ops.merge([(res.out, res.lse), (own_v, own)])
+  if sink_part is not None:  # the sink takes its share of the output; key mass stays that of the keys
+    out = attn_ops.merge([(out, lse), sink_part])[0]
+  mass = attn_ops.key_mass(q_rot, keys, lse, q_positions=ch.tok_idx, k_positions=cidx, kv_layout="bksh")
+  own_mass = jnp.sum(jnp.exp(own - jnp.where(jnp.isfinite(lse), lse, 0.0)).reshape(b, heads, g), axis=-1)
+  if policy.score == "observation":  # TOVA: this token's attention, pooled in stream order
+    pooled = _pool(jnp.concatenate([mass, own_mass[..., None]], axis=2), _stream_order(crank, ch), policy.kernel,
+                   policy.pooling)  # fmt: skip
+    score, own_score = pooled[..., :s], pooled[..., s]
+  else:
+    score, own_score = cscore + mass, own_mass
+  # The token is always kept (recent >= 1); of the held tokens, the last in stream order of lowest priority goes
+  # when the head is full, else the token takes an empty slot (priority -inf).
+  slot = _token_slot(_priority(policy, cidx, score, ch.count), crank)
+  full = (ch.held >= s)[:, None]
+  gone = jnp.where(full, jnp.take_along_axis(crank, slot[..., None], axis=-1)[..., 0], s)  # the evicted rank
+  here = jnp.arange(s, dtype=jnp.int32) == slot[..., None]
+  live = ch.valid[:, 0, None, None]
+  new_idx = jnp.where(here, ch.tok_idx[:, :, None], cidx)
+  new_rank = jnp.where(here, jnp.minimum(ch.held, s - 1)[:, None, None], crank - (crank > gone[..., None]))
+  new_score = jnp.where(here, own_score[..., None], score)
+  stored_k = apply_rope(k, qcos, qsin) if policy.positions == "absolute" else k  # [b, 1, k, h]
+  return out.astype(q.dtype), (
+    jnp.where(live[..., 0], slot, s),
+    stored_k[:, 0],
+    v[:, 0],
+    jnp.where(live, new_idx, cidx),
+    jnp.where(live, new_rank, crank),
+    jnp.where(live, new_score, cscore),
+  )
 
 
 def extend(
@@ -400,15 +494,33 @@ def extend(
   ch = _chunk(cache, valid, cfg.head_dim, cfg.rope)
   policy = cache.policy
 
-  def attend(attn, q, k, v, state):
-    return _layer(policy, ch, state, q, k, v, rope_base=cfg.rope, impl=cfg.attention_impl, sink_part=attn.sink_part(q))
+  kw = dict(rope_base=cfg.rope, impl=cfg.attention_impl)
+  bufs = (cache.k, cache.v, cache.idx, cache.rank, cache.score)
+  if t > 1:
 
-  logits, (k, v, idx, score) = model.run_layers(x, (cache.k, cache.v, cache.idx, cache.score), attend)
+    def attend(attn, q, k, v, state):
+      return _chunk_layer(policy, ch, state, q, k, v, sink_part=attn.sink_part(q), **kw)
+
+    logits, (k, v, idx, rank, score) = model.run_layers(x, bufs, attend)
+  else:  # every layer reads its cache in place; the keys and values are written after the last layer
+    layers, b, heads, _, h = cache.k.shape
+
+    def attend(attn, q, k, v, state):
+      out, new = _token_layer(policy, ch, bufs, state[0], q, k, v, sink_part=attn.sink_part(q), **kw)
+      return out, (state[0], *new)
+
+    head = (layers, b, heads)
+    outs = (jnp.arange(layers, dtype=jnp.int32), jnp.zeros(head, jnp.int32), jnp.zeros((*head, h)),
+            jnp.zeros((*head, h)), cache.idx, cache.rank, cache.score)  # fmt: skip
+    logits, (_, slot, ks, vs, idx, rank, score) = model.run_layers(x, outs, attend)
+    at = (*jnp.ix_(*(jnp.arange(n) for n in head)), slot)  # slot s (a padding token) is dropped
+    k = cache.k.at[at].set(ks.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[at[0], at[1], at[2], :, at[3]].set(vs.astype(cache.v.dtype), mode="drop")
   logits = jnp.where(ch.poison[:, None, None], jnp.nan, logits)
   if is_concrete(ch.poison) and bool(jnp.any(ch.poison)):
     raise ValueError(f"absolute positions past 2**31 - 1 under {policy}; use positions='cache_relative'")
   added = jnp.sum(valid, axis=1, dtype=jnp.int32)
-  new = cache.replace(k=k, v=v, idx=idx, score=score, count=ch.count, next_pos=cache.next_pos + added)
+  new = cache.replace(k=k, v=v, idx=idx, rank=rank, score=score, count=ch.count, next_pos=cache.next_pos + added)
   return logits, new
 
 

@@ -544,3 +544,46 @@ def merge(
   out = sum(o.astype(jnp.float32) * (w * inv)[..., None] for (o, _), w in zip(parts, weights))
   lse = jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), NEG_INF)
   return out.astype(out_dtype or parts[0][0].dtype), lse
+
+
+def key_mass(
+  q: Queries,
+  k: Keys,
+  lse: Float[Array, "b t n"],
+  *,
+  q_positions: QueryPositions,
+  k_positions: KeyPositions,
+  window: int | None = None,
+  num_sinks: int = 0,
+  scale: float | None = None,
+  kv_layout: KVLayout = "bskh",
+) -> Float[Array, "b _ _"]:
+  """The attention mass each key receives when these keys are one part of a larger attention whose log-sum-exp is
+  ``lse [b, t, n]`` (e.g. ``merge`` of this part and the query's own key kept outside the buffer): the
+  probability ``exp(q . k * scale - lse)`` summed over the queries and over the query heads of the key's kv head, in
+  float32. With this call's own ``lse`` it equals ``attention(..., return_key_mass=True).key_mass``.
+
+  Arguments as for ``attention`` (no values); ``[b, s, k]`` for ``kv_layout="bskh"``, ``[b, k, s]`` for ``"bksh"``.
+  XLA only: under ``jit`` the scores it recomputes are the ones an ``impl="xla"`` attention call over the same
+  inputs computes, which XLA computes once.
+
+  Raises:
+    ValueError: ``lse`` not ``[b, t, n]``, or inputs ``attention`` would refuse.
+  """
+  spec = AttentionSpec(window=window, num_sinks=num_sinks, scale=scale, kv_layout=kv_layout)
+  q_positions, k_positions = jnp.asarray(q_positions), jnp.asarray(k_positions)
+  spec.check_inputs(q, k, k, q_positions, k_positions)  # the keys stand in for the values it does not take
+  if tuple(lse.shape) != tuple(q.shape[:3]):
+    raise ValueError(f"lse must be [b, t, n] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+  spec = spec.resolved(q)
+  b, t, n, h = q.shape
+  kv_heads = layout_dims(k, spec.kv_layout)["k"]
+  g = n // kv_heads
+  qg = q.reshape(b, t, kv_heads, g, h)
+  scores = jnp.einsum(f"btkgh,{spec.kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * jnp.float32(spec.scale)
+  mask = spec.mask(q_positions, k_positions)[:, :, None]  # [b, 1|k, 1, t, s]
+  total = jnp.moveaxis(lse.astype(jnp.float32), 1, 2).reshape(b, kv_heads, g, t)[..., None]  # [b, k, g, t, 1]
+  p = jnp.where(mask & jnp.isfinite(total), jnp.exp(scores - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
+  mass = jnp.sum(p, axis=(2, 3))  # [b, k, s]
+  return jnp.moveaxis(mass, 1, 2) if spec.kv_layout == "bskh" else mass
