@@ -300,18 +300,35 @@ def _stream_order(rank: Int[Array, "b k s"], ch: _Chunk) -> Int[Array, "b k c"]:
   return jnp.argsort(key, axis=-1)
 
 
+def _window_pool(m: Float[Array, "b k c"], kernel: int, pooling: str) -> Float[Array, "b k c"]:
+  """Max- or average-pools the last axis over ``kernel`` neighbours (centred; outside counts as nothing)."""
+  pad = [(0, 0), (0, 0), (kernel // 2, kernel // 2)]
+  if pooling == "max":
+    return jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 1, kernel), (1, 1, 1), pad)
+  return jax.lax.reduce_window(m, 0.0, jax.lax.add, (1, 1, kernel), (1, 1, 1), pad) / kernel
+
+
 def _pool(mass: Float[Array, "b k c"], order: Int[Array, "b k c"], kernel: int, pooling: str) -> Float[Array, "b k c"]:
   """Pools ``mass`` over ``kernel`` neighbouring tokens in stream order (``order`` puts the candidates in it)."""
   if kernel == 1:
     return mass
-  m = jnp.take_along_axis(mass, order, axis=-1)
-  pad = [(0, 0), (0, 0), (kernel // 2, kernel // 2)]
-  if pooling == "max":
-    m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 1, kernel), (1, 1, 1), pad)
-  else:
-    m = jax.lax.reduce_window(m, 0.0, jax.lax.add, (1, 1, kernel), (1, 1, 1), pad) / kernel
+  m = _window_pool(jnp.take_along_axis(mass, order, axis=-1), kernel, pooling)
   b, k, _ = mass.shape
   return jnp.zeros_like(mass).at[jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], order].set(m)
+
+
+def _pool_token(mass, own_mass, rank, held, kernel: int, pooling: str):
+  """``_pool`` for a single token: ``mass [b, k, s]`` of the held tokens at their ``rank`` and ``own_mass [b, k]``
+  of the token, which follows them (rank ``held [b]``); empty slots count as zero mass after it."""
+  if kernel == 1:
+    return mass, own_mass
+  b, k, s = mass.shape
+  bi, ki = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+  ranked = jnp.zeros((b, k, s + 1), jnp.float32).at[bi, ki, jnp.where(rank >= 0, rank, s + 1)].set(mass, mode="drop")
+  at_own = jnp.broadcast_to(held[:, None, None], (b, k, 1))
+  ranked = _window_pool(ranked.at[bi, ki, at_own].set(own_mass[..., None]), kernel, pooling)
+  own_pooled = jnp.take_along_axis(ranked, at_own, axis=-1)[..., 0]
+  return jnp.take_along_axis(ranked, jnp.maximum(rank, 0), axis=-1), own_pooled
 
 
 def _priority(policy: ScorePolicy, cand_idx, cand_score, count: Int[Array, " b"]) -> Float[Array, "b k c"]:
@@ -441,9 +458,7 @@ def _token_layer(policy: ScorePolicy, ch: _Chunk, bufs, layer, q, k, v, *, rope_
   mass = attn_ops.key_mass(q_rot, keys, lse, q_positions=ch.tok_idx, k_positions=cidx, kv_layout="bksh")
   own_mass = jnp.sum(jnp.exp(own - jnp.where(jnp.isfinite(lse), lse, 0.0)).reshape(b, heads, g), axis=-1)
   if policy.score == "observation":  # TOVA: this token's attention, pooled in stream order
-    pooled = _pool(jnp.concatenate([mass, own_mass[..., None]], axis=2), _stream_order(crank, ch), policy.kernel,
-                   policy.pooling)  # fmt: skip
-    score, own_score = pooled[..., :s], pooled[..., s]
+    score, own_score = _pool_token(mass, own_mass, crank, ch.held, policy.kernel, policy.pooling)
   else:
     score, own_score = cscore + mass, own_mass
   # The token is always kept (recent >= 1); of the held tokens, the last in stream order of lowest priority goes
