@@ -14,15 +14,15 @@ length in ``--frames`` under each cache policy, with the model speaking for itse
 ``--memory 64,128,256`` runs the memory sweep instead (issue 11): at one stream length (``--memory-frames``), for
 each budget of vision tokens per stream, ``window`` (a vision window of the whole budget: recency), ``retrieval``
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
-a question's words retrieve from the store of every evicted frame) and ``compressed`` (``jstream.memory.
-Compressed``, Flash-VStream-style: half the window, half merged memory slots read by the question's words); the
-text track is the same in all. Per (method, budget): accuracy per question type, the kept-token share (vision
-tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the retrieval store
-apart), and ``memory.png`` (accuracy per question category against the budget). ``--drop 0.9,0.99`` (also
-issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with TimeChat-Online's differential
-token drop (``jstream.reduce.DifferentialDrop``: a frame token whose encoder features are more similar than the
-threshold to the same place's in the previous frame is not cached) and reports the share of frame tokens dropped
-and the accuracy relative to no drop.
+a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
+``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
+the question's words); the text track is the same in all. Per (method, budget): accuracy per question type, the
+kept-token share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size
+(the retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
+``--drop 0.9,0.99`` (also issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with
+TimeChat-Online's differential token drop (``jstream.reduce.DifferentialDrop``: a frame token whose encoder features
+are more similar than the threshold to the same place's in the previous frame is not cached) and reports the share
+of frame tokens dropped and the accuracy relative to no drop.
 
 Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
 that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
@@ -89,9 +89,14 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   }
 
 
-def memory_policies(budget: int, text: C.Policy, tokens_per_frame: int, frames: int) -> dict[str, C.Policy]:
+def memory_policies(
+  budget: int, text: C.Policy, tokens_per_frame: int, frames: int, store_frames: int = 0
+) -> dict[str, C.Policy]:
   """The memory sweep's methods at ``budget`` vision tokens per stream (see the module docstring); ``text``: the
-  text track's policy; ``frames``: the stream length (the retrieval store holds every evicted frame)."""
+  text track's policy; ``frames``: the stream length. The retrieval store holds every evicted frame, or the latest
+  ``store_frames`` (a ring) when that is positive."""
+  if store_frames < 0:
+    raise ValueError(f"store_frames must be >= 0 (0: every frame), got {store_frames}")
   p = tokens_per_frame
   blocks = max(budget // 2 // p, 1)
   slots = budget // 2
@@ -101,7 +106,7 @@ def memory_policies(budget: int, text: C.Policy, tokens_per_frame: int, frames: 
       C.Segmented((text, C.Window(budget - blocks * p))),
       block=p,
       top_k=blocks,
-      store_blocks=max(frames, blocks),
+      store_blocks=max(store_frames or frames, blocks),
       readers=(TEXT,),
     ),
     "compressed": M.Compressed(C.Segmented((text, C.Window(budget - slots))), slots=slots, readers=(TEXT,)),
@@ -114,7 +119,7 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   text = video_policy(args.window, args.sinks).segments[TEXT]
   rows = []
   for budget in [int(x) for x in args.memory.split(",") if x]:
-    for name, policy in memory_policies(budget, text, p, frames).items():
+    for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
       r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive)
       cache = model.init_cache(policy, len(streams))
       if isinstance(cache, M.MemoryCache):
@@ -217,6 +222,12 @@ def main(argv=None) -> int:
   parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
   parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
   parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory / drop sweeps")
+  parser.add_argument(
+    "--store-frames",
+    type=int,
+    default=0,
+    help="frames the retrieval store keeps, the latest (a ring); 0 (default): every frame of the stream",
+  )
   parser.add_argument("--drop", default="", help="comma-separated drop thresholds: run the token drop sweep instead")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)

@@ -55,6 +55,20 @@ def test_bench_needle_quick(in_tmp):
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
 
 
+def test_memory_sweep_store_holds_every_frame_or_the_latest_store_frames():
+  """``bench_video_qa.memory_policies``: the retrieval store holds the stream's frames (one block a frame) unless
+  ``--store-frames`` bounds it (a ring of the latest frames: what keeps the per-frame cost flat); bad input."""
+  from experiments import bench_video_qa as B
+  from jstream import cache as C
+
+  text = C.SinkWindow(4, 60)
+  assert B.memory_policies(64, text, 16, 1000)["retrieval"].store_blocks == 1000
+  bounded = B.memory_policies(64, text, 16, 1000, store_frames=300)
+  assert bounded["retrieval"].store_blocks == 300 and bounded["retrieval"].top_k == 2
+  with pytest.raises(ValueError, match="store_frames must be >= 0"):
+    B.memory_policies(64, text, 16, 1000, store_frames=-1)
+
+
 def test_bench_eviction_times_every_policy_at_the_same_capacity(in_tmp):
   """``experiments.bench_eviction``: every policy's cache holds the requested tokens per layer and kv head (the
   comparison is at equal capacity); the quick run times each against ``SinkWindow``; bad input is refused."""
