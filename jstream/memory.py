@@ -128,6 +128,7 @@ class MemoryPolicy(pol.Policy):
     local = self.local.make_cache(geometry, batch_size=batch_size, dtype=dtype, start=start)
     num_layers, heads, head_dim, _ = geometry
     shape = (num_layers, batch_size, heads, self.slots)
+    blocks = self.store_blocks if isinstance(self, Retrieval) else 0
     return MemoryCache(
       local=local,
       k=jnp.zeros((*shape, head_dim), local.dtype),
@@ -135,6 +136,8 @@ class MemoryPolicy(pol.Policy):
       idx=jnp.full(shape, -1, jnp.int32),
       count=jnp.zeros(shape, jnp.float32),
       written=jnp.zeros((batch_size,), jnp.int32),
+      summary=jnp.zeros((num_layers, batch_size, heads, blocks, head_dim), jnp.float32),
+      filled=jnp.zeros((batch_size, blocks), jnp.int32),
       policy=self,
     )
 
@@ -205,6 +208,10 @@ class MemoryCache:
     idx: ``[l, b, k, S]`` int32 track index of the entry's token (``Compressed``: the latest merged), -1 empty.
     count: ``[l, b, k, S]`` float32 tokens the entry stands for (0 empty).
     written: ``[b]`` int32 tokens appended since the reset (``Retrieval``'s write pointer).
+    summary: ``Retrieval``: ``[l, b, k, store_blocks, h]`` float32 mean key of each block's stored tokens (its
+      summary key), kept up to date as blocks are written, so that choosing blocks reads the summaries and not the
+      store; ``Compressed``: empty (no blocks).
+    filled: ``[b, store_blocks]`` int32 tokens stored in each block (``Compressed``: empty).
     policy: the ``MemoryPolicy`` (static).
   """
 
@@ -214,6 +221,8 @@ class MemoryCache:
   idx: Array
   count: Array
   written: Array
+  summary: Array
+  filled: Array
   policy: MemoryPolicy = dataclasses.field(metadata=dict(static=True))
 
   @property
@@ -247,6 +256,8 @@ class MemoryCache:
       idx=jnp.where(keep, self.idx, -1),
       count=jnp.where(keep, self.count, 0.0),
       written=jnp.where(sel, 0, self.written),
+      summary=jnp.where(keep[..., None], self.summary, 0.0),
+      filled=jnp.where(sel[:, None], 0, self.filled),
     )
 
   def rollback_rows(self, n: Array, sel: Array) -> MemoryCache:
@@ -284,7 +295,7 @@ class MemoryCache:
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
       k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
       if isinstance(policy, Retrieval):
-        k, v, idx, count = _retrieve(policy, q_rot, limit, k, v, idx, count)
+        k, v, idx, count = _retrieve(policy, q_rot, limit, mem.summary[layer], mem.filled, k, v, idx, count)
       return memory_attention(q_rot, k, v, idx, count, limit)
 
     logits, local = model.extend_embeddings(
@@ -306,14 +317,14 @@ class MemoryCache:
     the memory in place when no row rebases: ``jstream.nn.cached_attention.rerotate``)."""
     s = shift[None, :, None, None]
     idx = jnp.where(self.idx >= 0, jnp.maximum(self.idx - s, 0), -1)
-    k = self.k
-    if self.policy.positions == "cache_relative":
+    k, summary = self.k, self.summary
+    if self.policy.positions == "cache_relative":  # a block's mean key rotates with its keys (RoPE is linear)
 
       def body(state):
-        return jnp.array(False), _rotate_back(state[1], shift, rope_base)
+        return jnp.array(False), tuple(_rotate_back(a, shift, rope_base) for a in state[1])
 
-      k = jax.lax.while_loop(lambda state: state[0], body, (jnp.any(shift != 0), k))[1]
-    return self.replace(idx=idx, k=k)
+      k, summary = jax.lax.while_loop(lambda state: state[0], body, (jnp.any(shift != 0), (k, summary)))[1]
+    return self.replace(idx=idx, k=k, summary=summary)
 
   def _append(self, k, v, idx, valid) -> MemoryCache:
     """Adds the evicted tokens ``k, v [l, b, k, t, h]``, ``idx [b, t]`` where ``valid [b, t]`` (in stream order)."""
@@ -333,12 +344,32 @@ class MemoryCache:
 
     num_layers, heads = self.k.shape[0], self.k.shape[2]
     per_token = (b, t, num_layers, heads)
-    return self.replace(
+    new = self.replace(
       k=put(self.k, jnp.moveaxis(k, (0, 2), (2, 3))),
       v=put(self.v, jnp.moveaxis(v, (0, 2), (2, 3))),
       idx=put(self.idx, jnp.broadcast_to(idx[:, :, None, None], per_token)),
       count=put(self.count, jnp.ones(per_token, jnp.float32)),
       written=self.written + valid.sum(axis=1).astype(jnp.int32),
+    )
+    return new._summarize(self.written, t)
+
+  def _summarize(self, start: Int[Array, " b"], t: int) -> MemoryCache:
+    """Recomputes the summary key and fill of the blocks that up to ``t`` tokens appended from write pointer
+    ``start`` touched (at most ``t // block + 2`` consecutive blocks of the ring), from the stored tokens."""
+    blk, nb = self.policy.block, self.policy.store_blocks
+    n = min(nb, t // blk + 2)
+    b = start.shape[0]
+    touched = (start[:, None] // blk + jnp.arange(n, dtype=jnp.int32)) % nb  # [b, n]
+    entries = (touched[:, :, None] * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(b, n * blk)
+    rows = jnp.arange(b)[:, None]
+    keys = self.k[:, rows, :, entries].astype(jnp.float32)  # [b, n * blk, l, k, h]
+    full = self.idx[0, :, 0][rows, entries] >= 0  # [b, n * blk] (every layer and head stores the same tokens)
+    fill = full.reshape(b, n, blk).sum(-1)  # [b, n]
+    total = jnp.where(full[:, :, None, None, None], keys, 0.0).reshape(b, n, blk, *keys.shape[2:]).sum(2)
+    mean = total / jnp.maximum(fill, 1)[:, :, None, None, None].astype(jnp.float32)  # [b, n, l, k, h]
+    return self.replace(
+      summary=self.summary.at[:, rows, :, touched].set(mean),
+      filled=self.filled.at[rows, touched].set(fill.astype(jnp.int32)),
     )
 
   def _merge(self, k, v, idx, valid) -> MemoryCache:
@@ -405,18 +436,17 @@ def _read_limit(plan: plan_lib.Plan, policy: MemoryPolicy) -> Int[Array, "b t"]:
   return jnp.where(reads, c - policy.window, -2)
 
 
-def _retrieve(policy: Retrieval, q_rot, limit, k, v, idx, count):
+def _retrieve(policy: Retrieval, q_rot, limit, summary, filled, k, v, idx, count):
   """The ``top_k`` blocks of one layer's store ``[b, k, S, ...]`` that the chunk's reading queries score highest
-  (mean query . block mean key, summed over a kv head's query heads)."""
+  (mean query . block mean key ``summary [b, k, store_blocks, h]``, summed over a kv head's query heads); blocks
+  with nothing stored (``filled [b, store_blocks]``) are not chosen while others are. Reads the summaries and the
+  chosen blocks, not the store."""
   b, _, n, h = q_rot.shape
   heads, nb, blk = k.shape[1], policy.store_blocks, policy.block
   reads = (limit >= 0)[..., None, None]
   q_mean = jnp.sum(jnp.where(reads, q_rot.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(reads.sum(axis=1), 1)
   q_mean = q_mean.reshape(b, heads, n // heads, h).sum(axis=2)  # [b, k, h]
-  filled = (idx >= 0).reshape(b, heads, nb, blk)
-  kb = k.astype(jnp.float32).reshape(b, heads, nb, blk, h)
-  summary = jnp.sum(jnp.where(filled[..., None], kb, 0.0), axis=3) / jnp.maximum(filled.sum(-1), 1)[..., None]
-  score = jnp.where(filled.any(-1), jnp.einsum("bkh,bkjh->bkj", q_mean, summary), -jnp.inf)
+  score = jnp.where(filled[:, None] > 0, jnp.einsum("bkh,bkjh->bkj", q_mean, summary), -jnp.inf)
   _, top = jax.lax.top_k(score, policy.top_k)  # [b, k, top_k]
 
   def pick(a):  # [b, k, S, ...] -> [b, k, top_k * block, ...]

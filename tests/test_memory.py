@@ -77,6 +77,36 @@ def test_equals_the_python_reference(case):
     assert float(cache.count.max()) > 1  # slots merged several tokens
 
 
+def test_block_summaries_are_the_mean_of_what_each_block_stores():
+  """``Retrieval`` keeps each block's summary key (mean of its stored keys) and fill up to date as it writes,
+  through chunks longer than a block and not aligned to blocks, a store that wraps several times, and a row
+  reset: equal to a NumPy recomputation from the store."""
+  model = tiny_model(seed=21)
+  policy = M.Retrieval(C.SinkWindow(1, 5), block=3, top_k=1, store_blocks=4)
+  tokens = random_tokens(2, 60, seed=22)
+  step = jit_step(model)
+  nb, blk = policy.store_blocks, policy.block
+
+  def check(cache):
+    k, idx = np.asarray(cache.k, np.float64), np.asarray(cache.idx)
+    full = (idx >= 0).reshape(*idx.shape[:3], nb, blk)
+    blocks = np.where(full[..., None], k.reshape(*k.shape[:3], nb, blk, -1), 0.0)
+    want = blocks.sum(-2) / np.maximum(full.sum(-1), 1)[..., None]
+    np.testing.assert_allclose(cache.summary, want, atol=1e-6)
+    np.testing.assert_array_equal(cache.filled, full[0, :, 0].sum(-1))
+    return np.asarray(cache.filled)
+
+  _, cache = stream(step, tokens[:, :30], model.init_cache(policy, 2), [5, 5, 1, 1, 5, 4, 1, 5, 3])
+  check(cache)
+  cache = C.reset(cache, rows=np.array([True, False]))
+  _, cache = stream(step, tokens[:, 30:37], cache, [2, 5])
+  filled = check(cache)
+  assert filled[0].sum() == 1 and filled[1].sum() == policy.slots  # a fresh row with a partly filled block
+  _, cache = stream(step, tokens[:, 37:], cache, [1, 4, 5, 1, 1, 5, 1, 5])
+  check(cache)
+  assert int(cache.written[1]) > 3 * policy.slots  # the ring wrapped
+
+
 def test_merged_slot_attends_like_its_tokens():
   """Proportional attention: a slot holding the mean of n equal keys (count n) gets the mass of those n tokens."""
   rng = np.random.default_rng(0)
