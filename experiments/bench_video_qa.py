@@ -126,7 +126,8 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
         parts = M.memory_bytes(cache)
         read = policy.read_tokens
         r["store_mib"] = (parts["store"] - parts["read"]) / 2**20
-        r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk
+        r["index_mib"] = parts["index"] / 2**20  # retrieval's block summaries (grow with the store, 1/block of it)
+        r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk + the index
       else:
         read = 0
       vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).segments[1].window

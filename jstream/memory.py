@@ -10,7 +10,8 @@ cache):
   queries (rotated at their positions) against each block's mean key (its summary key), summed over the query
   heads of a kv head; the ``top_k`` best blocks per (row, layer, kv head) are gathered into a retrieved segment of
   ``top_k * block`` tokens that the chunk attends beside the local cache. Only the retrieved segment is read by
-  attention: the cost per chunk is the window plus ``top_k * block`` tokens, plus one pass over the summary keys.
+  attention: the cost per chunk is the window plus ``top_k * block`` tokens, plus one pass over the summary keys,
+  which are kept up to date as blocks are written (``MemoryCache.summary``), so no chunk reads the whole store.
 * ``Compressed`` (Flash-VStream, Zhang et al., 2024; StreamChat's memory): ``slots`` memory slots per (layer, kv
   head). An evicted token fills an empty slot while there is one; after that it is merged into the slot whose mean
   key is the most similar (cosine), whose key and value become the running means of the tokens merged into it.
@@ -486,11 +487,13 @@ def memory_attention(
 
 def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
-  chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included)."""
+  chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included),
+  ``index`` (``Retrieval``'s block summary keys and fills, read at every chunk; 0 for ``Compressed``)."""
   local = tree_bytes(cache.local)
   store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots
-  return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store}
+  index = tree_bytes((cache.summary, cache.filled))
+  return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store, "index": index}
 
 
 __all__ = ["Compressed", "MemoryCache", "MemoryPolicy", "Retrieval", "memory_attention", "memory_bytes"]

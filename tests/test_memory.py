@@ -223,6 +223,7 @@ def test_memory_bytes_and_compiles_once():
   cache = model.init_cache(policy, 2)
   sizes = M.memory_bytes(cache)
   assert sizes["read"] * 8 == sizes["store"]  # 2 of 16 blocks are read per chunk
+  assert sizes["index"] == (2 * 2 * 2 * 16 * 8 + 2 * 16) * 4  # a float32 summary key per (layer, row, head, block)
   jax.clear_caches()
   with compilations() as n:
     nll = rollout.stream_nll(model, random_tokens(2, 80, seed=9), policy, chunk_size=4)  # 20 chunks, one scan
