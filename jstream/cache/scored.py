@@ -524,6 +524,8 @@ def extend(
       out, new = _token_layer(policy, ch, bufs, state[0], q, k, v, sink_part=attn.sink_part(q), **kw)
       return out, (state[0], *new)
 
+    # run_layers maps each layer's slice of `outs` to a result of the same shape: here the slice only carries the
+    # layer's index (the layer reads the whole buffers in place) and the shapes of what the layer returns.
     head = (layers, b, heads)
     outs = (jnp.arange(layers, dtype=jnp.int32), jnp.zeros(head, jnp.int32), jnp.zeros((*head, h)),
             jnp.zeros((*head, h)), cache.idx, cache.rank, cache.score)  # fmt: skip

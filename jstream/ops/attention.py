@@ -236,6 +236,21 @@ def attention_mask(
   return AttentionSpec(window=window, num_sinks=num_sinks).mask(q_positions, k_positions)
 
 
+def _grouped_scores(q, k, q_positions, k_positions, spec: AttentionSpec) -> tuple[Array, Array]:
+  """Scaled float32 scores ``[b, k, g, t, s]`` (queries grouped by kv head) and the mask ``[b, 1|k, 1, t, s]``: one
+  definition for ``xla_attention`` and ``key_mass``, so that XLA computes the scores once when both run."""
+  b, t, n, h = q.shape
+  kv_heads = layout_dims(k, spec.kv_layout)["k"]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum(f"btkgh,{spec.kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
+  return scores * jnp.float32(spec.scale), spec.mask(q_positions, k_positions)[:, :, None]
+
+
+def _key_layout(mass: Float[Array, "b k s"], spec: AttentionSpec) -> Float[Array, "b _ _"]:
+  """Per-key mass ``[b, k, s]`` in the keys' layout (``[b, s, k]`` for ``"bskh"``)."""
+  return jnp.moveaxis(mass, 1, 2) if spec.kv_layout == "bskh" else mass
+
+
 def xla_attention(
   q: Float[Array, "b t n h"],
   k: Keys,
@@ -259,13 +274,8 @@ def xla_attention(
     An ``AttentionResult``.
   """
   spec = spec.resolved(q)
-  b, t, n, h = q.shape
-  kv_heads = layout_dims(k, spec.kv_layout)["k"]
-  g = n // kv_heads
-  qg = q.reshape(b, t, kv_heads, g, h)
-  scores = jnp.einsum(f"btkgh,{spec.kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * jnp.float32(spec.scale)
-  mask = spec.mask(q_positions, k_positions)[:, :, None]  # [b, 1|k, 1, t, s]
+  b, t, n, _ = q.shape
+  scores, mask = _grouped_scores(q, k, q_positions, k_positions, spec)
   scores = jnp.where(mask, scores, NEG_INF)
   m = jnp.max(scores, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -289,8 +299,7 @@ def xla_attention(
     lse = jnp.moveaxis(lse_.reshape(b, n, t), 1, 2)  # [b, t, n]
   key_mass = None
   if return_key_mass:
-    mass = jnp.sum(probs, axis=(2, 3))  # [b, k, s]
-    key_mass = jnp.moveaxis(mass, 1, 2) if spec.kv_layout == "bskh" else mass
+    key_mass = _key_layout(jnp.sum(probs, axis=(2, 3)), spec)
   return AttentionResult(out, lse, key_mass)
 
 
@@ -576,14 +585,8 @@ def key_mass(
   if tuple(lse.shape) != tuple(q.shape[:3]):
     raise ValueError(f"lse must be [b, t, n] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
   spec = spec.resolved(q)
-  b, t, n, h = q.shape
-  kv_heads = layout_dims(k, spec.kv_layout)["k"]
-  g = n // kv_heads
-  qg = q.reshape(b, t, kv_heads, g, h)
-  scores = jnp.einsum(f"btkgh,{spec.kv_layout}->bkgts", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * jnp.float32(spec.scale)
-  mask = spec.mask(q_positions, k_positions)[:, :, None]  # [b, 1|k, 1, t, s]
+  scores, mask = _grouped_scores(q, k, q_positions, k_positions, spec)
+  b, kv_heads, g, t, _ = scores.shape
   total = jnp.moveaxis(lse.astype(jnp.float32), 1, 2).reshape(b, kv_heads, g, t)[..., None]  # [b, k, g, t, 1]
   p = jnp.where(mask & jnp.isfinite(total), jnp.exp(scores - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
-  mass = jnp.sum(p, axis=(2, 3))  # [b, k, s]
-  return jnp.moveaxis(mass, 1, 2) if spec.kv_layout == "bskh" else mass
+  return _key_layout(jnp.sum(p, axis=(2, 3)), spec)
