@@ -120,7 +120,8 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   rows = []
   for budget in [int(x) for x in args.memory.split(",") if x]:
     for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
-      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive)
+      speak = args.speak_threshold
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, speak_threshold=speak)
       cache = model.init_cache(policy, len(streams))
       if isinstance(cache, M.MemoryCache):
         parts = M.memory_bytes(cache)
@@ -149,7 +150,8 @@ def drop_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   rows = []
   for threshold in [None] + [float(x) for x in args.drop.split(",") if x]:
     drop = None if threshold is None else reduce.DifferentialDrop(threshold=threshold)
-    r = measure(model, policy, data_config, streams, args.memory_frames, args.ticks_per_call, proactive, drop)
+    frames, speak = args.memory_frames, args.speak_threshold
+    r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, drop, speak)
     r["mean_accuracy"] = float(np.mean([v["accuracy"] for t, v in r["scores"].items() if t != "proactive"]))
     r["dropped"] = 1.0 - r["frame_tokens_kept"]
     r["relative_accuracy"] = r["mean_accuracy"] / max(rows[0]["mean_accuracy"], 1e-9) if rows else 1.0
@@ -181,15 +183,24 @@ def measure(
   ticks_per_call: int,
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
+  speak_threshold: float = 0.5,
 ) -> dict:
   """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them.
-  ``proactive=False``: the model answers only when asked; ``drop``: a token drop before the cache
-  (``qa_stream.run``)."""
+  ``proactive=False``: the model answers only when asked; ``drop``: a token drop before the cache;
+  ``speak_threshold``: when the model speaks unprompted (``qa_stream.run``)."""
   qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
   times: list[float] = []
   reset_peak_rss()
   records = qa_stream.answer_streams(
-    model, policy, qs, frames, ticks_per_call=ticks_per_call, call_seconds=times, proactive=proactive, drop=drop
+    model,
+    policy,
+    qs,
+    frames,
+    ticks_per_call=ticks_per_call,
+    call_seconds=times,
+    proactive=proactive,
+    drop=drop,
+    speak_threshold=speak_threshold,
   )
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
@@ -213,6 +224,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="runs/bench_video_qa", help="output folder")
   add_model_arguments(parser, "the quick model and short streams (smoke test)")
   parser.add_argument("--seed", type=int, default=0, help="evaluation streams start at test index 1000 * (seed + 1)")
+  parser.add_argument(
+    "--speak-threshold",
+    type=float,
+    default=0.5,
+    help="the model speaks unprompted where <speak>'s share of P(<speak>) + P(<silent>) exceeds this (qa_stream.run)",
+  )
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
   parser.add_argument("--window", type=int, default=256, help="tokens per track window")
@@ -265,7 +282,8 @@ def main(argv=None) -> int:
       if name == "dense" and sum(dense.values()) > args.dense_max_tokens:
         rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
         continue
-      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive)
+      speak = args.speak_threshold
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, speak_threshold=speak)
       rows.append({"policy": name, "frames": frames, **r})
       acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
       p = r["scores"]["proactive"]
@@ -278,7 +296,8 @@ def main(argv=None) -> int:
   bounded = policies(args.window, args.sinks, 1, 1)["sinks+window"]
   for b in [int(x) for x in args.speed_batches.split(",") if x]:
     ids = [1000 * (args.seed + 1) + 500 + i for i in range(b)]
-    r = measure(model, bounded, data_config, ids, args.speed_frames, args.ticks_per_call, proactive)
+    n, speak = args.speed_frames, args.speak_threshold
+    r = measure(model, bounded, data_config, ids, n, args.ticks_per_call, proactive, speak_threshold=speak)
     speed.append({"batch": b, "frames": args.speed_frames, **{k: r[k] for k in ("ms_per_frame", "frames_per_s")}})
     print(f"  speed, sinks+window, batch {b}: {r['ms_per_frame']:.2f} ms per tick, {r['frames_per_s']:.0f} frames/s")
   result = {

@@ -37,13 +37,16 @@ class TickOutputs:
   """What the model said at each tick, ``[b, n]`` int32 word ids each: ``decision`` (``SILENT`` / ``SPEAK``),
   ``announced`` (the label word when it spoke, else ``PAD``), ``answer`` (the answer word when an answer was due,
   else ``PAD``); ``kept``: ``[b, n]`` frame tokens that entered the cache (all of them without a token drop);
-  ``drop_state``: the token drop's state after the last tick, for the next call (``None`` without a drop)."""
+  ``drop_state``: the token drop's state after the last tick, for the next call (``None`` without a drop);
+  ``speak_margin``: ``[b, n]`` float32 the ``<speak>`` logit minus the ``<silent>`` logit after the frame (the model
+  speaks where it is above ``log(t / (1 - t))`` for the call's ``speak_threshold`` ``t``)."""
 
   decision: np.ndarray
   announced: np.ndarray
   answer: np.ndarray
   kept: np.ndarray | None = None
   drop_state: reduce.DropState | None = None
+  speak_margin: np.ndarray | None = None
 
 
 def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
@@ -91,6 +94,7 @@ def _tick(
   question: Int[Array, "b q"],
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
+  speak_bias: Float[Array, ""] | float = 0.0,
 ):
   """One tick in two calls of the model, three when a row speaks.
 
@@ -101,7 +105,8 @@ def _tick(
      the question; the answer is read after its last word and carried to the next tick's first call.
 
   ``proactive=False``: the decision is always ``<silent>`` (a model that speaks only when asked). ``drop``: a
-  token drop before the cache (``_frame_tokens``).
+  token drop before the cache (``_frame_tokens``). ``speak_bias``: the row speaks where its ``<speak>`` logit
+  exceeds its ``<silent>`` logit by more than this (0: the likelier of the two).
   """
   cache, left, drop_state = carry
   lm = model.lm
@@ -121,7 +126,8 @@ def _tick(
   groups = jnp.concatenate([jnp.full(left.shape, -1), group_f], axis=1).astype(jnp.int32)
   logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
   after = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  speak = (after[:, vqa.SPEAK] > after[:, vqa.SILENT]) & proactive
+  margin = (after[:, vqa.SPEAK] - after[:, vqa.SILENT]).astype(jnp.float32)
+  speak = (margin > speak_bias) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
 
   def announce(cache):
@@ -144,16 +150,16 @@ def _tick(
   at = jnp.take_along_axis(logits, (head.shape[1] + jnp.maximum(n_q - 1, 0))[:, None, None], axis=1)[:, 0]
   answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
   left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
-  outs = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad), jnp.sum(kept, axis=1).astype(jnp.int32))
-  return (cache, left, drop_state), outs
+  said = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
+  return (cache, left, drop_state), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state):
+def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
-    return _tick(model, carry, *xs, proactive=proactive, drop=drop)
+    return _tick(model, carry, *xs, proactive=proactive, drop=drop, speak_bias=speak_bias)
 
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
@@ -172,13 +178,21 @@ def run(
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
   drop_state: reduce.DropState | None = None,
+  speak_threshold: float = 0.5,
 ) -> tuple[cache_lib.Cache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
   ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained
   to answer only when asked (``VideoTask.streaming_objective=False``). ``drop``: TimeChat-Online's differential
   token drop before the cache (dropped frame tokens are padding: not cached, no compute for a new shape);
-  ``drop_state``: the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's)."""
+  ``drop_state``: the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's). ``speak_threshold``:
+  the model speaks unprompted where ``<speak>``'s share of the ``<speak>`` / ``<silent>`` probabilities exceeds it
+  (0.5: the likelier of the two; lower speaks more readily, VideoLLM-online's response threshold); a traced value,
+  so changing it does not recompile.
+
+  Raises:
+    ValueError: frames not floats or not the model's frame size, frames and questions of different ``[b, n]``, or
+      ``speak_threshold`` outside (0, 1)."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -188,9 +202,13 @@ def run(
     raise ValueError(f"frames must be {model.config.frame_size}, got {frames.shape[2:]}")
   if drop is not None and drop_state is None:
     drop_state = reduce.init_drop_state(frames.shape[0], model.config.tokens_per_frame, model.config.lm.embed_dim)
+  if not 0.0 < float(speak_threshold) < 1.0:
+    raise ValueError(f"speak_threshold must be in (0, 1), got {speak_threshold}")
+  bias = jnp.float32(np.log(speak_threshold) - np.log1p(-speak_threshold))
   graphdef, state = nnx.split(model)
-  cache, drop_state, outs = _run(graphdef, state, cache, frames, questions, bool(proactive), drop, drop_state)
-  return cache, TickOutputs(*(np.asarray(x) for x in outs), drop_state=drop_state)
+  cache, drop_state, outs = _run(graphdef, state, cache, frames, questions, bool(proactive), drop, drop_state, bias)
+  decision, announced, answer, kept, margin = (np.asarray(x) for x in outs)
+  return cache, TickOutputs(decision, announced, answer, kept, drop_state=drop_state, speak_margin=margin)
 
 
 def track_tokens(num_ticks: int, tokens_per_frame: int, question_len: int | None = None) -> dict[str, int]:
@@ -222,7 +240,8 @@ def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: i
 @dataclasses.dataclass
 class StreamRecord:
   """A stream's ground truth (its questions and due announcements) and what the model said, tick by tick;
-  ``kept``: the frame tokens cached at each tick (``TickOutputs.kept``)."""
+  ``kept``: the frame tokens cached at each tick (``TickOutputs.kept``); ``speak_margin``: the ``<speak>`` minus
+  ``<silent>`` logit at each tick (``TickOutputs.speak_margin``)."""
 
   questions: list[vqa.Question]
   announcements: list[tuple[int, int, int]]
@@ -230,6 +249,7 @@ class StreamRecord:
   announced: np.ndarray
   answer: np.ndarray
   kept: np.ndarray | None = None
+  speak_margin: np.ndarray | None = None
 
 
 def answer_streams(
@@ -244,11 +264,13 @@ def answer_streams(
   call_seconds: list[float] | None = None,
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
+  speak_threshold: float = 0.5,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
   per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
-  wall time of each call of ``run`` (the first includes compilation). ``proactive``, ``drop``: see ``run``."""
+  wall time of each call of ``run`` (the first includes compilation). ``proactive``, ``drop``, ``speak_threshold``:
+  see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -257,7 +279,10 @@ def answer_streams(
   # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
   # parameters (a restored checkpoint's) would make the second call compile again.
   cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])
-  records = [StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4))) for _ in streams]
+  records = [
+    StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32))
+    for _ in streams
+  ]
   drop_state = None
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
@@ -268,7 +293,16 @@ def answer_streams(
         questions[row, q.frame - c.start] = question_ids(q, qlen)
     t0 = time.perf_counter()
     # NumPy outputs: the call has finished when it returns
-    cache, out = run(model, cache, frames, questions, proactive=proactive, drop=drop, drop_state=drop_state)
+    cache, out = run(
+      model,
+      cache,
+      frames,
+      questions,
+      proactive=proactive,
+      drop=drop,
+      drop_state=drop_state,
+      speak_threshold=speak_threshold,
+    )
     drop_state = out.drop_state
     if call_seconds is not None:
       call_seconds.append(time.perf_counter() - t0)
@@ -279,6 +313,7 @@ def answer_streams(
       rec.announced = np.concatenate([rec.announced, out.announced[row]])
       rec.answer = np.concatenate([rec.answer, out.answer[row]])
       rec.kept = np.concatenate([rec.kept, out.kept[row]])
+      rec.speak_margin = np.concatenate([rec.speak_margin, out.speak_margin[row]])
   return records
 
 

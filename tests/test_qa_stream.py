@@ -45,7 +45,7 @@ def slots_said(record, n, length):
 
 
 @pytest.mark.parametrize("proactive", [True, False])
-def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
+def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(proactive):
   """Feeding the runner's own slots back (frames and the training layout, ``VideoLM.__call__`` on a fresh cache
   that keeps everything) gives, at every tick, the decision, the announced label and the answer it produced; and
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
@@ -54,7 +54,8 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   embedding on its frame tokens (``frame_pos``) and its quadrant's words (``place_words``), which the runner must
   add as the offline forward does, and the other's has carrier tokens (``carrier``: the decision is read after the
   carrier, the patches go to the frame track) and its frame tokens carry their patch labels' word embeddings
-  (``label_words``)."""
+  (``label_words``), and it speaks at a ``speak_threshold`` other than 0.5: where ``<speak>``'s share of the two
+  probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares)."""
   labels = V.LABEL_WORDS if proactive else ()
   places = () if proactive else V.PLACE_WORDS
   model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places)
@@ -66,7 +67,10 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   questions = np.zeros((1, n, qlen), np.int32)
   for q in asked:
     questions[0, q.frame] = Q.question_ids(q, qlen)
-  cache, out = Q.run(model, model.init_cache(POLICY, 1), frames, questions, proactive=proactive)
+  threshold = 0.35 if proactive else 0.5
+  cache, out = Q.run(
+    model, model.init_cache(POLICY, 1), frames, questions, proactive=proactive, speak_threshold=threshold
+  )
   rec = Q.StreamRecord(asked, [], out.decision[0], out.announced[0], out.answer[0])
   assert any(q.qtype != "proactive" for q in rec.questions)
   if proactive:
@@ -80,8 +84,10 @@ def test_the_runner_says_the_argmax_and_caches_exactly_what_it_said(proactive):
   logits, want = model(jnp.asarray(frames), jnp.asarray(text[None]), model.init_cache(POLICY, 1))
   logits = np.asarray(VL.slot_logits(logits, n, model.config.frame_len)[0])
   by_frame = {q.frame: q for q in asked}
+  margin = logits[:, 0, V.SPEAK] - logits[:, 0, V.SILENT]
+  np.testing.assert_allclose(out.speak_margin[0], margin, atol=1e-4)
   for f in range(n):
-    dec = V.SPEAK if logits[f, 0, V.SPEAK] > logits[f, 0, V.SILENT] and proactive else V.SILENT
+    dec = V.SPEAK if margin[f] > np.log(threshold / (1 - threshold)) and proactive else V.SILENT
     assert rec.decision[f] == dec
     j = 1
     if dec == V.SPEAK:
@@ -176,6 +182,8 @@ def test_bad_input_is_a_clear_error():
     Q.run(model, cache, np.zeros((1, 3, 16, 16)), np.zeros((1, 2, 12), np.int32))
   with pytest.raises(ValueError, match="multiple of ticks_per_call"):
     Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG)], 10, ticks_per_call=4)
+  with pytest.raises(ValueError, match="speak_threshold must be in"):
+    Q.run(model, cache, np.zeros((1, 2, 16, 16)), np.zeros((1, 2, 12), np.int32), speak_threshold=1.0)
   with pytest.raises(ValueError, match="floats in"):
     Q.run(model, cache, np.zeros((1, 2, 16, 16), np.uint8), np.zeros((1, 2, 12), np.int32))
   with pytest.raises(ValueError, match="vision track, but its policy"):
