@@ -324,10 +324,14 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
   events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
   ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
-  of the announced events)."""
+  of the announced events) and, when the records keep their speak margins, ``margin_auc``: how well the margin
+  separates the events from those silent ticks whatever the threshold (the probability that an event's highest
+  margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no separation; the
+  margins are those of this run, whose own decisions shaped the context)."""
   out: dict = {}
   events = announced = alarms = silent_ticks = 0
-  late = []
+  late, event_margins, silent_margins = [], [], []
+  with_margins = all(rec.speak_margin is not None for rec in records)
   for rec in records:
     for q in rec.questions:
       if q.qtype == "proactive":
@@ -350,6 +354,9 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
           break
     alarms += int(np.sum(spoke & ~near))
     silent_ticks += int(np.sum(~near))
+    if with_margins:
+      event_margins += [float(np.max(rec.speak_margin[f : f + tolerance + 1])) for f in due]
+      silent_margins.append(rec.speak_margin[~near])
   for o in out.values():
     o["accuracy"] = o["correct"] / max(o["asked"], 1)
   out["proactive"] = {
@@ -358,4 +365,16 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
   }
+  if with_margins and event_margins and silent_margins:
+    out["proactive"]["margin_auc"] = _auc(np.asarray(event_margins), np.concatenate(silent_margins))
   return out
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+  """P(a positive score > a negative one), ties half (the Mann-Whitney statistic); None without both."""
+  if not len(pos) or not len(neg):
+    return None
+  neg = np.sort(neg)
+  below = np.searchsorted(neg, pos, side="left")
+  ties = np.searchsorted(neg, pos, side="right") - below
+  return float(np.sum(below + 0.5 * ties) / (len(pos) * len(neg)))

@@ -172,6 +172,13 @@ def test_score_counts_answers_announcements_and_false_alarms():
   p = s["proactive"]
   assert p["events"] == 1 and p["announced"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
+  assert "margin_auc" not in p  # a record without margins
+  # With margins: the event's best margin within 2 frames (1.5 at tick 6) against the 9 silent ticks' margins, a
+  # pair by pair count (one silent tick above it, two tied).
+  rec.speak_margin = np.array([0.1, -1, -2, 1.5, 3.0, -0.5, 1.5, 0.2, -1, 0.0, 1.5, -3])
+  silent = rec.speak_margin[[0, 1, 2, 3, 4, 8, 9, 10, 11]]
+  want = sum(1.0 if 1.5 > m else 0.5 if 1.5 == m else 0.0 for m in silent) / len(silent)
+  assert Q.score([rec])["proactive"]["margin_auc"] == pytest.approx(want) == pytest.approx(7 / 9)
 
 
 @library_checks_only()
