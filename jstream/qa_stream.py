@@ -324,12 +324,13 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
   events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
   ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
-  of the announced events) and, when the records keep their speak margins, ``margin_auc``: how well the margin
-  separates the events from those silent ticks whatever the threshold (the probability that an event's highest
-  margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no separation; the
-  margins are those of this run, whose own decisions shaped the context)."""
+  of the announced events), ``spoke_in_time`` (events within ``tolerance`` frames of which the model spoke, right
+  label or not: the decision without the label) and, when the records keep their speak margins, ``margin_auc``:
+  how well the margin separates the events from those silent ticks whatever the threshold (the probability that an
+  event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no
+  separation; the margins are those of this run, whose own decisions shaped the context)."""
   out: dict = {}
-  events = announced = alarms = silent_ticks = 0
+  events = announced = in_time = alarms = silent_ticks = 0
   late, event_margins, silent_margins = [], [], []
   with_margins = all(rec.speak_margin is not None for rec in records)
   for rec in records:
@@ -348,6 +349,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
       events += 1
       for d in range(tolerance + 1):
         if f + d < len(spoke) and spoke[f + d]:
+          in_time += 1
           if rec.announced[f + d] == vqa.WORD_ID[vqa.NUMBERS[label]]:
             announced += 1
             late.append(d)
@@ -362,6 +364,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   out["proactive"] = {
     "events": events,
     "announced": announced / max(events, 1),
+    "spoke_in_time": in_time / max(events, 1),
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
   }

@@ -170,9 +170,12 @@ def test_score_counts_answers_announcements_and_false_alarms():
   s = Q.score([rec])
   assert s["count_now"]["accuracy"] == 1.0 and s["order"]["accuracy"] == 0.0
   p = s["proactive"]
-  assert p["events"] == 1 and p["announced"] == 1.0 and p["timing"] == 1.0
+  assert p["events"] == 1 and p["announced"] == 1.0 and p["spoke_in_time"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
   assert "margin_auc" not in p  # a record without margins
+  rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
+  p = Q.score([rec])["proactive"]
+  assert p["announced"] == 0.0 and p["spoke_in_time"] == 1.0 and p["timing"] is None
   # With margins: the event's best margin within 2 frames (1.5 at tick 6) against the 9 silent ticks' margins, a
   # pair by pair count (one silent tick above it, two tied).
   rec.speak_margin = np.array([0.1, -1, -2, 1.5, 3.0, -0.5, 1.5, 0.2, -1, 0.0, 1.5, -3])
