@@ -142,12 +142,21 @@ def test_stream_nll_compiles_once_and_equals_the_chunked_stream():
   np.testing.assert_allclose(nll[:, 1:], want, atol=1e-4)
 
 
-def test_bf16_cache_keeps_float32_scores():
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_bf16_cache_keeps_float32_scores(positions):
+  """A bf16 cache through a chunk and single tokens that evict: bf16 keys and values, float32 scores, and logits
+  within bf16 tolerance of the float32 cache's (the same tokens kept: the scores are float32 in both)."""
   model = tiny_model(seed=22)
-  cache = model.init_cache(C.H2O(8, 2, 1), 1, dtype=jnp.bfloat16)
-  _, cache = jit_step(model)(random_tokens(1, 5, seed=23), cache)
-  assert cache.k.dtype == jnp.bfloat16 and cache.score.dtype == jnp.float32
-  assert float(jnp.sum(cache.score)) > 0
+  tokens = random_tokens(1, 16, seed=23)
+  sizes = [5] + [1] * 11
+  got, cache = stream(
+    jit_step(model), tokens, model.init_cache(C.H2O(8, 2, 1, positions), 1, dtype=jnp.bfloat16), sizes
+  )
+  assert cache.k.dtype == cache.v.dtype == jnp.bfloat16 and cache.score.dtype == jnp.float32
+  assert float(jnp.sum(cache.score)) > 0 and int(cache.count[0]) == 16
+  want, ref = stream(jit_step(model), tokens, model.init_cache(C.H2O(8, 2, 1, positions), 1), sizes)
+  np.testing.assert_array_equal(np.sort(cache.idx, axis=-1), np.sort(ref.idx, axis=-1))
+  np.testing.assert_allclose(got, want, **tol(jnp.bfloat16))
 
 
 def test_bad_input_is_a_clear_error():
