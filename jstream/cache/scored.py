@@ -518,18 +518,12 @@ def extend(
 
     logits, (k, v, idx, rank, score) = model.run_layers(x, bufs, attend)
   else:  # every layer reads its cache in place; the keys and values are written after the last layer
-    layers, b, heads, _, h = cache.k.shape
+    head = cache.k.shape[:3]  # [l, b, k]
 
-    def attend(attn, q, k, v, state):
-      out, new = _token_layer(policy, ch, bufs, state[0], q, k, v, sink_part=attn.sink_part(q), **kw)
-      return out, (state[0], *new)
+    def attend(attn, q, k, v, layer):
+      return _token_layer(policy, ch, bufs, layer, q, k, v, sink_part=attn.sink_part(q), **kw)
 
-    # run_layers maps each layer's slice of `outs` to a result of the same shape: here the slice only carries the
-    # layer's index (the layer reads the whole buffers in place) and the shapes of what the layer returns.
-    head = (layers, b, heads)
-    outs = (jnp.arange(layers, dtype=jnp.int32), jnp.zeros(head, jnp.int32), jnp.zeros((*head, h)),
-            jnp.zeros((*head, h)), cache.idx, cache.rank, cache.score)  # fmt: skip
-    logits, (_, slot, ks, vs, idx, rank, score) = model.run_layers(x, outs, attend)
+    logits, (slot, ks, vs, idx, rank, score) = model.map_layers(x, attend)
     at = (*jnp.ix_(*(jnp.arange(n) for n in head)), slot)  # slot s (a padding token) is dropped
     k = cache.k.at[at].set(ks.astype(cache.k.dtype), mode="drop")
     v = cache.v.at[at[0], at[1], at[2], :, at[3]].set(vs.astype(cache.v.dtype), mode="drop")

@@ -218,6 +218,24 @@ class StreamingTransformer(nnx.Module):
     x, new_state = jax.lax.scan(step, x, (params, layer_state))
     return self._head(x), new_state
 
+  def map_layers(self, x: Float[Array, "b t d"], attend) -> tuple[Logits, object]:
+    """Runs input embeddings ``x [b, t, d]`` through the blocks with a caller's attention that reads what it needs
+    itself; returns ``(logits [b, t, v], ys)``, each layer's ``y`` stacked along a leading layer axis.
+
+    ``attend(attn, q, k, v, layer) -> (out [b, t, n, h], y)`` gets a block's ``Attention`` module, its un-rotated
+    ``q``, ``k``, ``v`` and the layer index (traced under ``scan_layers``, a Python int otherwise). The extension
+    point of caches whose layers read shared buffers in place and write after the last layer (the single-token
+    step of ``jstream.cache.scored``). Not for conditioned models.
+    """
+    check_cond(self.config.cond_dim, None, x.shape[:2])
+
+    def body(block, layer, x, carry):
+      x, y = block(x, lambda attn, q, k, v: attend(attn, q, k, v, layer))
+      return x, carry, y
+
+    x, _, ys = self._scan_blocks(x.astype(self.config.dtype), None, body)
+    return self._head(x), ys
+
   # ------------------------------------------------------------------------------------------ calls
 
   def __call__(
