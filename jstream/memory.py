@@ -211,7 +211,8 @@ class MemoryCache:
     written: ``[b]`` int32 tokens appended since the reset (``Retrieval``'s write pointer).
     summary: ``Retrieval``: ``[l, b, k, store_blocks, h]`` float32 mean key of each block's stored tokens (its
       summary key), kept up to date as blocks are written, so that choosing blocks reads the summaries and not the
-      store; ``Compressed``: empty (no blocks).
+      store (a ``cache_relative`` rebase rotates them with the keys, in float32: equal to the mean of a low-precision
+      store up to its rounding until the block is rewritten); ``Compressed``: empty (no blocks).
     filled: ``[b, store_blocks]`` int32 tokens stored in each block (``Compressed``: empty).
     policy: the ``MemoryPolicy`` (static).
   """

@@ -75,6 +75,22 @@ def test_equals_the_python_reference(case):
   assert not all(np.array_equal(idx[0, 0, 0], idx[li, 0, h]) for li in range(2) for h in range(2))
 
 
+@pytest.mark.parametrize("seed", [2, 3])
+def test_chunks_between_single_tokens_keep_the_earlier_of_equal_scores(seed):
+  """Single tokens leave the slots out of stream order; a chunk after them must still keep the earlier of tokens
+  with equal priority, as the reference does. SnapKV's max pooling makes exact ties common; chunks and single
+  tokens alternate with evictions in both."""
+  model = tiny_model(seed=seed)
+  policy = C.SnapKV(6, 1, 0, observation=2, kernel=3)
+  sizes = [2] + [1] * 12 + [2, 2, 2] + [1] * 4 + [2] * 4
+  tokens = random_tokens(1, sum(sizes), seed=100 + seed)
+  got, _ = stream(jit_step(model), tokens, model.init_cache(policy, 1), sizes)
+  want = scored_stream_logits(
+    model, tokens[0], sizes, budget=6, recent=1, num_sinks=0, score="observation", observation=2, kernel=3
+  )
+  np.testing.assert_allclose(got[0], want, atol=5e-5, rtol=5e-5)
+
+
 def test_score_eviction_differs_from_recency():
   """A guard on the reference test: with scored slots, H2O and the window keep different tokens (the outputs
   differ), so an H2O that silently kept the most recent tokens would fail."""

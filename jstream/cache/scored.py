@@ -75,7 +75,7 @@ class ScorePolicy(Policy):
     budget: tokens kept per layer and kv head (sinks and the recent window included): the cache capacity.
     recent: the latest tokens always kept (>= 1).
     num_sinks: the first tokens since a reset, always kept.
-    positions: ``"absolute"`` or ``"cache_relative"`` (keys re-indexed by their slot among the kept tokens).
+    positions: ``"absolute"`` or ``"cache_relative"`` (keys re-indexed by their rank among the kept tokens).
   """
 
   score: ClassVar[str] = ""
@@ -328,7 +328,7 @@ def _pool_token(mass, own_mass, rank, held, kernel: int, pooling: str):
   at_own = jnp.broadcast_to(held[:, None, None], (b, k, 1))
   ranked = _window_pool(ranked.at[bi, ki, at_own].set(own_mass[..., None]), kernel, pooling)
   own_pooled = jnp.take_along_axis(ranked, at_own, axis=-1)[..., 0]
-  return jnp.take_along_axis(ranked, jnp.maximum(rank, 0), axis=-1), own_pooled
+  return jnp.where(rank >= 0, jnp.take_along_axis(ranked, jnp.maximum(rank, 0), axis=-1), 0.0), own_pooled
 
 
 def _priority(policy: ScorePolicy, cand_idx, cand_score, count: Int[Array, " b"]) -> Float[Array, "b k c"]:
@@ -395,11 +395,11 @@ def _chunk_layer(policy: ScorePolicy, ch: _Chunk, state, q, k, v, *, rope_base: 
   else:
     cand_score = jnp.concatenate([cscore, jnp.zeros((b, heads, t), jnp.float32)], axis=2) + mass
   priority = _priority(policy, cand_idx, cand_score, ch.count)
-  top_priority, top = jax.lax.top_k(priority, s)  # [b, k, s] candidates to keep
-  # Into stream order (the candidates' place in `order`), the picks of empty candidates last.
-  place = jnp.argsort(order, axis=-1)  # [b, k, s+t] each candidate's place in stream order
-  key = jnp.where(top_priority > -jnp.inf, jnp.take_along_axis(place, top, axis=-1), s + t + top)
-  order = jnp.take_along_axis(top, jnp.argsort(key, axis=-1), axis=-1)
+  # Ranked in stream order, so that of equal priorities top_k keeps the earlier token (the slots are not in stream
+  # order after single tokens); the kept places sorted back into stream order, those of empty candidates last.
+  top_priority, top = jax.lax.top_k(jnp.take_along_axis(priority, order, axis=-1), s)  # [b, k, s] places to keep
+  top = jnp.sort(jnp.where(top_priority > -jnp.inf, top, s + t + top), axis=-1)
+  order = jnp.take_along_axis(order, jnp.where(top >= s + t, top - s - t, top), axis=-1)  # candidates to keep
   keep = jnp.take_along_axis(cand_idx >= 0, order, axis=-1)
   new_idx = jnp.where(keep, jnp.take_along_axis(cand_idx, order, axis=-1), -1)
   new_rank = jnp.where(keep, jnp.arange(s, dtype=jnp.int32), -1)
