@@ -513,10 +513,11 @@ def extend(
   bufs = (cache.k, cache.v, cache.idx, cache.rank, cache.score)
   if t > 1:
 
-    def attend(attn, q, k, v, state):
+    def attend(attn, q, k, v, layer):
+      state = tuple(a[layer] for a in bufs)
       return _chunk_layer(policy, ch, state, q, k, v, sink_part=attn.sink_part(q), **kw)
 
-    logits, (k, v, idx, rank, score) = model.run_layers(x, bufs, attend)
+    logits, (k, v, idx, rank, score) = model.map_layers(x, attend)
   else:  # every layer reads its cache in place; the keys and values are written after the last layer
     head = cache.k.shape[:3]  # [l, b, k]
 

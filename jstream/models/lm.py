@@ -187,45 +187,15 @@ class StreamingTransformer(nnx.Module):
     (x, carry), ys = jax.lax.scan(step, (x, carry), (params, layers))
     return x, carry, ys
 
-  def run_layers(self, x: Float[Array, "b t d"], layer_state, attend) -> tuple[Logits, object]:
-    """Runs input embeddings ``x [b, t, d]`` through the blocks with a caller's attention; returns ``(logits
-    [b, t, v], new layer_state)``.
-
-    The extension point of caches that are not ``KVCache`` (``jstream.cache.scored``): ``layer_state`` is a pytree
-    whose leaves have a leading layer axis; ``attend(attn, q, k, v, state) -> (out [b, t, n, h], new_state)`` gets
-    a block's ``Attention`` module, its un-rotated ``q [b, t, n, h]``, ``k, v [b, t, k, h]`` and that layer's slice
-    of ``layer_state``, and returns the attention output and the layer's new slice (same structure and shapes).
-    One ``lax.scan`` with ``scan_layers``, else a loop over the per-layer blocks. Not for conditioned models.
-    """
-    check_cond(self.config.cond_dim, None, x.shape[:2])
-    x = x.astype(self.config.dtype)
-
-    def body(block, x, state):
-      return block(x, lambda attn, q, k, v: attend(attn, q, k, v, state))
-
-    if not self.config.scan_layers:
-      new = []
-      for layer, block in enumerate(self.blocks):
-        x, out = body(block, x, jax.tree.map(lambda a, i=layer: a[i], layer_state))
-        new.append(out)
-      return self._head(x), jax.tree.map(lambda *a: jnp.stack(a), *new)
-    graphdef, params = nnx.split(self.blocks)
-
-    def step(x, xs):
-      p, state = xs
-      return body(nnx.merge(graphdef, p), x, state)
-
-    x, new_state = jax.lax.scan(step, x, (params, layer_state))
-    return self._head(x), new_state
-
   def map_layers(self, x: Float[Array, "b t d"], attend) -> tuple[Logits, object]:
     """Runs input embeddings ``x [b, t, d]`` through the blocks with a caller's attention that reads what it needs
     itself; returns ``(logits [b, t, v], ys)``, each layer's ``y`` stacked along a leading layer axis.
 
     ``attend(attn, q, k, v, layer) -> (out [b, t, n, h], y)`` gets a block's ``Attention`` module, its un-rotated
     ``q``, ``k``, ``v`` and the layer index (traced under ``scan_layers``, a Python int otherwise). The extension
-    point of caches whose layers read shared buffers in place and write after the last layer (the single-token
-    step of ``jstream.cache.scored``). Not for conditioned models.
+    point of caches that are not ``KVCache`` (``jstream.cache.scored``): a layer reads its slice of the cache
+    buffers (or, for a single token, reads them in place and the caller writes after the last layer). One
+    ``lax.scan`` with ``scan_layers``, else a loop over the per-layer blocks. Not for conditioned models.
     """
     check_cond(self.config.cond_dim, None, x.shape[:2])
 
