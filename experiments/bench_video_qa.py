@@ -16,7 +16,10 @@ each budget of vision tokens per stream, ``window`` (a vision window of the whol
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
 a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
 ``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
-the question's words); the text track is the same in all. Per (method, budget): accuracy per question type, the
+the question's words), ``h2o`` and ``agenorm`` (``jstream.memory.Scored``, score-based eviction: half the window,
+half the evicted frame tokens of highest attention mass, H2O's sum or the mass per reading query of Evict3R /
+StreamMem, scored and read by every query, frames and words); the text track is the same in all; ``--methods``
+picks some. Per (method, budget): accuracy per question type, the
 kept-token share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size
 (the retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
 ``--drop 0.9,0.99`` (also issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with
@@ -89,6 +92,9 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   }
 
 
+MEMORY_METHODS = ("window", "retrieval", "compressed", "h2o", "agenorm")
+
+
 def memory_policies(
   budget: int, text: C.Policy, tokens_per_frame: int, frames: int, store_frames: int = 0
 ) -> dict[str, C.Policy]:
@@ -110,6 +116,8 @@ def memory_policies(
       readers=(TEXT,),
     ),
     "compressed": M.Compressed(C.Segmented((text, C.Window(budget - slots))), slots=slots, readers=(TEXT,)),
+    "h2o": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="sum"),
+    "agenorm": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="mean"),
   }
 
 
@@ -117,9 +125,15 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   """The ``--memory`` sweep: one row per (budget, method)."""
   frames, p = args.memory_frames, model.config.tokens_per_frame
   text = video_policy(args.window, args.sinks).segments[TEXT]
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = set(methods) - set(MEMORY_METHODS)
+  if unknown:
+    raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {', '.join(MEMORY_METHODS)}")
   rows = []
   for budget in [int(x) for x in args.memory.split(",") if x]:
     for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
+      if name not in methods:
+        continue
       speak = args.speak_threshold
       r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, speak_threshold=speak)
       cache = model.init_cache(policy, len(streams))
@@ -240,6 +254,7 @@ def main(argv=None) -> int:
   parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
   parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
   parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory / drop sweeps")
+  parser.add_argument("--methods", default=",".join(MEMORY_METHODS), help="the memory sweep's methods")
   parser.add_argument(
     "--store-frames",
     type=int,

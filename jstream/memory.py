@@ -1,6 +1,6 @@
 """Memory beyond the window: tokens leaving a bounded cache go to a memory tier that queries still attend.
 
-A sliding-window cache forgets every token that leaves its window. The two memories here keep them, at a fixed
+A sliding-window cache forgets every token that leaves its window. The three memories here keep some, at a fixed
 size, beside the cache (a ``KVCache`` of any ``Window`` / ``SinkWindow`` / ``Segmented`` policy, the *local*
 cache):
 
@@ -17,6 +17,17 @@ cache):
   key is the most similar (cosine), whose key and value become the running means of the tokens merged into it.
   Every slot is attended with its logit raised by ``log(count)`` (proportional attention, as in token merging): a
   slot of ``n`` equal keys receives exactly the attention mass its ``n`` tokens would.
+* ``Scored`` (score-based eviction: H2O, Zhang et al., 2023; the age-normalised score of Evict3R and StreamMem):
+  ``slots`` memory entries per (layer, kv head) hold the evicted tokens that received the most attention. The
+  window is H2O's recent window and the entries its heavy hitters: the tokens a chunk evicts join the entries, the
+  chunk's reading queries attend them all, each entry adds the attention mass it received (the query's softmax
+  over everything it attends, the window, the chunk and the memory, summed over the chunk's queries and the query
+  heads of its kv head, in float32) to its score, and the ``slots`` of highest score stay (``score="mean"``: the
+  score per reading query that could attend the entry since it left the window). A token's mass while it was in
+  the window is not counted: it enters the memory with the mass of the chunk that evicts it, so an entry's score
+  is what it received as a memory entry. The mass needs each query's log-sum-exp over everything it attends,
+  which the model passes to the memory (``extend_embeddings(extra_outputs=True)``). Scores and counts are kept per
+  (layer, kv head) (``MemoryCache.score`` / ``seen``): each head keeps its own tokens.
 
 Which tokens, which queries. ``track`` (default: the policy's last track, the vision track of
 ``Segmented((text, vision))``) is the track whose evicted tokens enter the memory; tokens of other tracks are
@@ -25,8 +36,9 @@ forgotten as before. ``readers`` (default: every track) are the tracks whose que
 attend their window only; a question's words retrieve). A query of track index ``c`` in the memory track sees the
 memory tokens of index ``<= c - window``, exactly those its window no longer holds: a token evicted by a chunk
 enters the memory before that chunk's attention, so nothing is seen twice and nothing falls between the window and
-the memory. With ``top_k`` covering every stored block (or ``slots`` at least the evicted tokens) the local cache
-plus the memory is the full past, and a stream equals one under a ``Dense`` cache (tested).
+the memory. ``Scored`` memories are scored by their readers' attention only. With ``top_k`` covering every stored
+block (or ``slots`` at least the evicted tokens) the local cache plus the memory is the full past, and a stream
+equals one under a ``Dense`` cache (tested).
 
 Positions. Keys are stored as the local cache stores them, rotated by RoPE: at their stream position
 (``absolute``) or at their index within the memory track (``cache_relative``: StreamingVLM's contiguous positions
@@ -40,7 +52,7 @@ any length is one compiled program at fixed memory. The store of ``Retrieval`` i
 the cache on every platform so far: on CPU host and device memory are one; on GPU / TPU placing the store in host
 memory (JAX memory kinds, ``pinned_host``) with the gather of the chosen blocks as the only transfer is the
 design's intent and is not built or measured yet. ``memory_bytes`` reports the local cache, the memory read by
-attention (retrieved segment / slots) and the store apart.
+attention (retrieved segment / slots / entries) and the store apart.
 
 A memory cache cannot roll back (evicted tokens have left the local cache): ``rollback`` raises.
 """
@@ -61,7 +73,7 @@ from jstream.checks import check_int
 from jstream.positions import Rope, apply_rope, rope_cos_sin
 from jstream.process_memory import tree_bytes
 from jstream.reduce import cosine_similarity
-from jstream.typing import Array, Float, Int
+from jstream.typing import Array, Bool, Float, Int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +142,7 @@ class MemoryPolicy(pol.Policy):
     num_layers, heads, head_dim, _ = geometry
     shape = (num_layers, batch_size, heads, self.slots)
     blocks = self.store_blocks if isinstance(self, Retrieval) else 0
+    scored = (*shape[:3], self.slots if isinstance(self, Scored) else 0)
     return MemoryCache(
       local=local,
       k=jnp.zeros((*shape, head_dim), local.dtype),
@@ -139,6 +152,8 @@ class MemoryPolicy(pol.Policy):
       written=jnp.zeros((batch_size,), jnp.int32),
       summary=jnp.zeros((num_layers, batch_size, heads, blocks, head_dim), jnp.float32),
       filled=jnp.zeros((batch_size, blocks), jnp.int32),
+      score=jnp.zeros(scored, jnp.float32),
+      seen=jnp.zeros(scored, jnp.float32),
       policy=self,
     )
 
@@ -194,6 +209,31 @@ class Compressed(MemoryPolicy):
     return self.slots
 
 
+@dataclasses.dataclass(frozen=True)
+class Scored(MemoryPolicy):
+  """Score-based eviction beyond the window (see the module docstring): H2O's heavy hitters (``score="sum"``) or the
+  age-normalised score of Evict3R / StreamMem (``"mean"``) on the memory track.
+
+  Attributes:
+    slots: evicted tokens kept per (row, layer, kv head).
+    score: ``"sum"``, the attention mass an entry received since it left the window (H2O), or ``"mean"``, that
+      mass per reading query that could attend it (old entries are not kept merely for having been seen more).
+  """
+
+  slots: int = 64
+  score: str = "sum"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_int("Scored.slots", self.slots, 1)
+    if self.score not in ("sum", "mean"):
+      raise ValueError(f"Scored.score must be 'sum' or 'mean', got {self.score!r}")
+
+  @property
+  def read_tokens(self) -> int:
+    return self.slots
+
+
 # A pytree node (see jstream.cache.kv.KVCache on why field shapes are documentation only).
 @typing.no_type_check
 @jax.tree_util.register_dataclass
@@ -214,6 +254,9 @@ class MemoryCache:
       store (a ``cache_relative`` rebase rotates them with the keys, in float32: equal to the mean of a low-precision
       store up to its rounding until the block is rewritten); ``Compressed``: empty (no blocks).
     filled: ``[b, store_blocks]`` int32 tokens stored in each block (``Compressed``: empty).
+    score: ``Scored``: ``[l, b, k, slots]`` float32 attention mass each entry received since it left the window
+      (the others: empty).
+    seen: ``Scored``: ``[l, b, k, slots]`` float32 reading queries that could attend each entry since then.
     policy: the ``MemoryPolicy`` (static).
   """
 
@@ -225,6 +268,8 @@ class MemoryCache:
   written: Array
   summary: Array
   filled: Array
+  score: Array
+  seen: Array
   policy: MemoryPolicy = dataclasses.field(metadata=dict(static=True))
 
   @property
@@ -260,6 +305,8 @@ class MemoryCache:
       written=jnp.where(sel, 0, self.written),
       summary=jnp.where(keep[..., None], self.summary, 0.0),
       filled=jnp.where(sel[:, None], 0, self.filled),
+      score=jnp.where(keep, self.score, 0.0),
+      seen=jnp.where(keep, self.seen, 0.0),
     )
 
   def rollback_rows(self, n: Array, sel: Array) -> MemoryCache:
@@ -293,16 +340,23 @@ class MemoryCache:
     q_pos = plan.q_idx[:, policy.track] if relative else plan.tok_pos  # the memory track's window's query frame
     cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), cfg.head_dim, cfg.rope)
 
+    scored = isinstance(policy, Scored)
+
     def extra(_, layer, q):
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
       k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
       if isinstance(policy, Retrieval):
         k, v, idx, count = _retrieve(policy, q_rot, limit, mem.summary[layer], mem.filled, k, v, idx, count)
-      return memory_attention(q_rot, k, v, idx, count, limit)
+      part = memory_attention(q_rot, k, v, idx, count, limit)
+      if not scored:
+        return part
+      return part, lambda lse: memory_key_mass(q_rot, k, idx, count, limit, lse)
 
-    logits, local = model.extend_embeddings(
-      x, self.local, segment_ids=segment_ids, groups=groups, extra_attention=extra
+    logits, local, *mass = model.extend_embeddings(
+      x, self.local, segment_ids=segment_ids, groups=groups, extra_attention=extra, extra_outputs=scored
     )
+    if scored:
+      mem = mem._keep(*mass[0])
     # A chunk with more tokens of the memory track than its window evicts some of its own tokens, which never were
     # in the cache to be moved to the memory: those rows get NaN logits (an error when the chunk is concrete).
     over = jnp.sum(plan.seg == policy.track, axis=1) > policy.window
@@ -332,7 +386,49 @@ class MemoryCache:
     """Adds the evicted tokens ``k, v [l, b, k, t, h]``, ``idx [b, t]`` where ``valid [b, t]`` (in stream order)."""
     if isinstance(self.policy, Retrieval):
       return self._store(k, v, idx, valid)
+    if isinstance(self.policy, Scored):
+      return self._candidates(k, v, idx, valid)
     return self._merge(k, v, idx, valid)
+
+  def _candidates(self, k, v, idx, valid) -> MemoryCache:
+    """``Scored``: the entries followed by the evicted tokens (no mass yet), ``slots + t`` entries that the chunk
+    attends; ``_keep`` brings them back to ``slots``."""
+    shape = (*self.idx.shape[:3], idx.shape[1])  # [l, b, k, t]
+    new = jnp.broadcast_to(jnp.where(valid, idx, -1)[None, :, None], shape)
+    zero = jnp.zeros(shape, jnp.float32)
+
+    def cat(old, add):
+      return jnp.concatenate([old, add.astype(old.dtype)], axis=3)
+
+    return self.replace(
+      k=cat(self.k, k),
+      v=cat(self.v, v),
+      idx=cat(self.idx, new),
+      count=cat(self.count, jnp.broadcast_to(valid[None, :, None], shape)),
+      score=cat(self.score, zero),
+      seen=cat(self.seen, zero),
+    )
+
+  def _keep(self, mass: Float[Array, "l b k m"], seen: Float[Array, "l b k m"]) -> MemoryCache:
+    """``Scored``: adds a chunk's attention mass and reading queries to the candidates' and keeps the ``slots`` of
+    highest priority per (layer, row, kv head) (the score, or the score per reading query for ``"mean"``; of equal
+    priorities the earlier candidate: the entries before the evicted tokens)."""
+    policy = self.policy
+    score, seen = self.score + mass, self.seen + seen
+    priority = score / jnp.maximum(seen, 1.0) if policy.score == "mean" else score
+    _, top = jax.lax.top_k(jnp.where(self.count > 0, priority, -jnp.inf), policy.slots)  # [l, b, k, slots]
+
+    def take(a):
+      return jnp.take_along_axis(a, top if a.ndim == 4 else top[..., None], axis=3)
+
+    return self.replace(
+      k=take(self.k),
+      v=take(self.v),
+      idx=take(self.idx),
+      count=take(self.count),
+      score=take(score),
+      seen=take(seen),
+    )
 
   def _store(self, k, v, idx, valid) -> MemoryCache:
     slots = self.policy.slots
@@ -470,13 +566,7 @@ def memory_attention(
   """The partial attention ``(out f32, lse)`` of rotated queries over memory entries: entry ``j`` is seen by
   query ``i`` iff ``0 <= idx[j] <= limit[i]`` and ``count[j] > 0``, with its logit raised by ``log(count[j])``."""
   b, t, n, h = q_rot.shape
-  heads = k.shape[1]
-  qf = q_rot.astype(jnp.float32).reshape(b, t, heads, n // heads, h)
-  s = jnp.einsum("btkgh,bkmh->btkgm", qf, k.astype(jnp.float32)) * h**-0.5
-  s = s + jnp.log(jnp.maximum(count, 1.0))[:, None, :, None, :]
-  seen = (idx >= 0) & (count > 0)
-  seen = seen[:, None, :, None, :] & (idx[:, None, :, None, :] <= limit[:, :, None, None, None])
-  s = jnp.where(seen, s, -jnp.inf)
+  s = _memory_logits(q_rot, k, idx, count, limit)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(s - m)
@@ -486,15 +576,62 @@ def memory_attention(
   return out.reshape(b, t, n, h), lse.reshape(b, t, n)
 
 
+def _memory_logits(q_rot, k, idx, count, limit) -> Float[Array, "b t k g m"]:
+  """Float32 logits of rotated queries ``[b, t, n, h]`` over memory entries ``[b, k, m, h]`` grouped by kv head,
+  ``log(count)`` added, ``-inf`` where a query does not see an entry (see ``memory_attention``)."""
+  b, t, n, h = q_rot.shape
+  heads = k.shape[1]
+  qf = q_rot.astype(jnp.float32).reshape(b, t, heads, n // heads, h)
+  s = jnp.einsum("btkgh,bkmh->btkgm", qf, k.astype(jnp.float32)) * h**-0.5
+  s = s + jnp.log(jnp.maximum(count, 1.0))[:, None, :, None, :]
+  return jnp.where(_memory_seen(idx, count, limit)[:, :, :, None], s, -jnp.inf)
+
+
+def _memory_seen(idx, count, limit) -> Bool[Array, "b t k m"]:
+  """Which memory entry ``[b, k, m]`` each query ``[b, t]`` sees: ``0 <= idx <= limit`` and ``count > 0``."""
+  return ((idx >= 0) & (count > 0))[:, None] & (idx[:, None] <= limit[:, :, None, None])
+
+
+def memory_key_mass(
+  q_rot: Float[Array, "b t n h"],
+  k: Float[Array, "b k m h"],
+  idx: Int[Array, "b k m"],
+  count: Float[Array, "b k m"],
+  limit: Int[Array, "b t"],
+  lse: Float[Array, "b t n"],
+) -> tuple[Float[Array, "b k m"], Float[Array, "b k m"]]:
+  """The attention mass each memory entry received from a chunk's queries and the number of queries that could
+  attend it: ``(mass, seen)``, ``mass`` summed over the queries and the query heads of its kv head, each query's
+  logits normalised by ``lse [b, t, n]``, its log-sum-exp over everything it attends (the memory's share of a
+  larger attention: ``extend_embeddings(extra_outputs=True)`` passes it)."""
+  b, t, n, _ = q_rot.shape
+  heads = k.shape[1]
+  s = _memory_logits(q_rot, k, idx, count, limit)
+  lse = lse.astype(jnp.float32).reshape(b, t, heads, n // heads)
+  p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])  # exp(-inf) = 0 where a query sees nothing
+  seen = jnp.sum(_memory_seen(idx, count, limit), axis=1, dtype=jnp.float32)
+  return jnp.sum(p, axis=(1, 3)), seen
+
+
 def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
   chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included),
-  ``index`` (``Retrieval``'s block summary keys and fills, read at every chunk; 0 for ``Compressed``)."""
+  ``index`` (``Retrieval``'s block summary keys and fills, read at every chunk; ``Scored``'s scores; 0 for
+  ``Compressed``)."""
   local = tree_bytes(cache.local)
   store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots
-  index = tree_bytes((cache.summary, cache.filled))
+  index = tree_bytes((cache.summary, cache.filled, cache.score, cache.seen))
   return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store, "index": index}
 
 
-__all__ = ["Compressed", "MemoryCache", "MemoryPolicy", "Retrieval", "memory_attention", "memory_bytes"]
+__all__ = [
+  "Compressed",
+  "MemoryCache",
+  "MemoryPolicy",
+  "Retrieval",
+  "Scored",
+  "memory_attention",
+  "memory_bytes",
+  "memory_key_mass",
+]

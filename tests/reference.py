@@ -231,7 +231,18 @@ def scored_stream_logits(
 
 
 def memory_stream_logits(
-  model, tokens, chunks, *, window, num_sinks=0, kind="retrieval", block=1, top_k=1, store_blocks=1, slots=1
+  model,
+  tokens,
+  chunks,
+  *,
+  window,
+  num_sinks=0,
+  kind="retrieval",
+  block=1,
+  top_k=1,
+  store_blocks=1,
+  slots=1,
+  score="sum",
 ):
   """Logits ``[n, v]`` of one single-track stream under a sinks + window cache with a memory of the tokens that
   leave the window (``jstream.memory``), chunk by chunk, absolute positions, every query a reader.
@@ -243,8 +254,13 @@ def memory_stream_logits(
   the kv head's query heads) scores each non-empty block by its mean rotated key, and the ``top_k`` best blocks'
   tokens are attended. ``"compressed"``: a token opens a new slot while there are fewer than ``slots``, else joins
   the slot whose mean rotated key has the largest cosine with its rotated key (running means of key and value, count
-  + 1, latest index); a slot is attended with ``log(count)`` added to its logit. A query at index ``i`` sees its
-  window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and memory entries of index ``<= i - window``.
+  + 1, latest index); a slot is attended with ``log(count)`` added to its logit. ``"scored"``: a token joins the
+  end of the list of entries with no mass; after the chunk's attention, each entry adds the attention weight every
+  query head of its kv head gave it (the softmax over everything the query sees) to its score and the number of
+  queries that saw it to its count of readers, and the ``slots`` entries of highest priority stay, in priority order
+  (the score, or for ``score="mean"`` the score per reader; a stable sort: of equal priorities, the one earlier in
+  the list). A query at index ``i`` sees its window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and
+  memory entries of index ``<= i - window``.
   """
   cfg = model.config
   flat, layers = _params(model)
@@ -274,6 +290,8 @@ def memory_stream_logits(
           kr = rot(ki[head], i)
           if kind == "retrieval":
             mem[r % (block * store_blocks)] = (i, kr, vi[head])
+          elif kind == "scored":
+            mem.append([kr, vi[head], 1.0, i, 0.0, 0.0])  # + score, readers
           elif len(mem) < slots:
             mem.append([kr, vi[head], 1.0, i])
           else:
@@ -293,19 +311,28 @@ def memory_stream_logits(
           chosen = sorted(scores, key=lambda b_: -scores[b_])[:top_k]
           picked = [s for b_ in chosen for s in range(b_ * block, (b_ + 1) * block) if s in mem]
           entries = [(*mem[s], 1.0) for s in picked]
-        else:
+        else:  # compressed and scored entries: (idx, k_rot, v, count)
           entries = [(e[3], e[0], e[1], e[2]) for e in mem]
         for j, i in enumerate(ids):
           local = [(c, kk[head], vv[head]) for c, kk, vv in hist[li] if c <= i and (i - c < window or c < num_sinks)]
-          seen = [e for e in entries if e[0] <= i - window]
+          seen = [m for m, e in enumerate(entries) if e[0] <= i - window]
+          for m in seen:
+            if kind == "scored":
+              mem[m][5] += 1.0
           for a in range(head * g, (head + 1) * g):
             qr = rot(q[j, a], i)
             s = [qr @ rot(kk, c) / np.sqrt(hd) for c, kk, _ in local]
-            s += [qr @ e[1] / np.sqrt(hd) + np.log(e[3]) for e in seen]
+            s += [qr @ entries[m][1] / np.sqrt(hd) + np.log(entries[m][3]) for m in seen]
             s = np.array(s)
             w = np.exp(s - s.max())
             w /= w.sum()
-            o[j, a] = w @ np.stack([vv for _, _, vv in local] + [e[2] for e in seen])
+            o[j, a] = w @ np.stack([vv for _, _, vv in local] + [entries[m][2] for m in seen])
+            if kind == "scored":
+              for m, wm in zip(seen, w[len(local) :]):
+                mem[m][4] += wm
+        if kind == "scored":
+          priority = [e[4] / max(e[5], 1.0) if score == "mean" else e[4] for e in mem]
+          memory[li][head] = [mem[m] for m in sorted(range(len(mem)), key=lambda m: -priority[m])[:slots]]
       x = x + o.reshape(size, -1) @ p[("attn", "o", "kernel")]
       x = _mlp_residual(x, p, cfg)
     pushed += len(gone)

@@ -21,8 +21,9 @@ F32 = tol(jnp.float32)
   [
     (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12), False),
     (lambda local: M.Compressed(local, slots=36), True),
+    (lambda local: M.Scored(local, slots=32, score="mean"), False),
   ],
-  ids=["retrieval-per-layer", "compressed-stacked"],
+  ids=["retrieval-per-layer", "compressed-stacked", "scored-per-layer"],
 )
 def test_memory_of_everything_is_dense(memory, scan_layers):
   """A memory that keeps every evicted token as it is (all blocks retrieved; a slot per token) plus the window is
@@ -44,12 +45,14 @@ CASES = [
   (M.Retrieval(C.Window(6), block=3, top_k=1, store_blocks=8), dict(kind="retrieval")),
   (M.Compressed(C.SinkWindow(2, 5), slots=3), dict(kind="compressed")),
   (M.Compressed(C.Window(4), slots=5), dict(kind="compressed")),
+  (M.Scored(C.SinkWindow(1, 5), slots=3), dict(kind="scored", score="sum")),
+  (M.Scored(C.Window(4), slots=4, score="mean"), dict(kind="scored", score="mean")),
 ]
 
 
 @pytest.mark.parametrize(
   "case",
-  [c if c in (0, 2) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],  # CI: one of each
+  [c if c in (0, 2, 4, 5) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],  # CI: each rule
   ids=[str(c[0]) for c in CASES],
 )
 def test_equals_the_python_reference(case):
@@ -128,9 +131,10 @@ def test_merged_slot_attends_like_its_tokens():
   assert np.isneginf(np.asarray(lse)).all()
 
 
-def test_video_stream_with_retrieval_matches_a_dense_vision_track():
+def test_video_stream_with_a_memory_matches_a_dense_vision_track():
   """The compiled video-QA runner with a retrieval memory on the vision track (blocks of one frame, every block
-  retrieved, frames and words reading) answers exactly as with a vision track that keeps every frame, cache-relative
+  retrieved, frames and words reading), or a scored memory with a slot for every frame token, answers exactly as
+  with a vision track that keeps every frame, cache-relative
   (memory tokens keep their distance in vision tokens, which is not the stream's; the text tests cover absolute
   positions)."""
   positions = "cache_relative"
@@ -150,13 +154,15 @@ def test_video_stream_with_retrieval_matches_a_dense_vision_track():
   text = C.SinkWindow(2, 40)
   local = C.Segmented((text, C.Window(3 * p)), positions=positions)
   retrieval = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION)
+  scored = M.Scored(local, slots=n * p, track=VISION)  # room for every frame: nothing is evicted
   dense = C.Segmented((text, C.Dense(n * p)), positions=positions)
   out = {}
-  for name, policy in {"retrieval": retrieval, "dense": dense}.items():
+  for name, policy in {"retrieval": retrieval, "scored": scored, "dense": dense}.items():
     _, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
     out[name] = said
-  np.testing.assert_array_equal(out["retrieval"].answer, out["dense"].answer)
-  np.testing.assert_array_equal(out["retrieval"].decision, out["dense"].decision)
+  for name in ("retrieval", "scored"):
+    np.testing.assert_array_equal(out[name].answer, out["dense"].answer)
+    np.testing.assert_array_equal(out[name].decision, out["dense"].decision)
   assert TEXT == 0 and (out["dense"].answer != vqa.PAD).any()
 
 
@@ -183,8 +189,9 @@ def test_only_reader_tracks_attend_the_memory():
   [
     M.Retrieval(C.SinkWindow(1, 5, positions="cache_relative"), block=2, top_k=3, store_blocks=5),
     M.Compressed(C.Window(4), slots=6),
+    M.Scored(C.Window(4, positions="cache_relative"), slots=5, score="mean"),
   ],
-  ids=["retrieval-cache_relative", "compressed-absolute"],
+  ids=["retrieval-cache_relative", "compressed-absolute", "scored-cache_relative"],
 )
 def test_rebase_is_invisible(monkeypatch, policy):
   """The index rebase of endless streams (every 2**29 tokens) shifts the memory's indices and, cache-relative, rotates
@@ -202,14 +209,22 @@ def test_rebase_is_invisible(monkeypatch, policy):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_reset_row_starts_a_fresh_memory():
+@pytest.mark.parametrize(
+  "policy",
+  [M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=6), M.Scored(C.Window(4), slots=3)],
+  ids=["retrieval", "scored"],
+)
+def test_reset_row_starts_a_fresh_memory(policy):
   model = tiny_model(seed=4)
   tokens = random_tokens(2, 30, seed=5)
-  policy = M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=6)
   step = jit_step(model)
   _, cache = stream(step, tokens, model.init_cache(policy, 2), [4] * 5)
   cache = C.reset(cache, jnp.asarray([True, False]))
-  assert int(cache.written[0]) == 0 and int(cache.written[1]) > 0
+  assert int(cache.written[0]) == 0 and (np.asarray(cache.idx[:, 0]) == -1).all()
+  assert (np.asarray(cache.idx[:, 1]) >= 0).any()
+  if isinstance(policy, M.Scored):
+    assert not np.asarray(cache.score[:, 0]).any() and not np.asarray(cache.seen[:, 0]).any()
+    assert np.asarray(cache.score[:, 1]).all() and np.asarray(cache.seen[:, 1]).all()
   got, _ = stream(step, tokens[:, 20:], cache, [4, 4, 2])
   fresh, _ = stream(step, tokens[:1, 20:], model.init_cache(policy, 1), [4, 4, 2])
   np.testing.assert_allclose(got[:1], fresh, **F32)
@@ -241,6 +256,10 @@ def test_bad_input():
     M.Retrieval(C.Window(8), top_k=5, store_blocks=4)
   with pytest.raises(ValueError, match="readers"):
     M.Retrieval(C.Window(8), readers=(1,))
+  with pytest.raises(ValueError, match="slots"):
+    M.Scored(C.Window(8), slots=0)
+  with pytest.raises(ValueError, match="'sum' or 'mean'"):
+    M.Scored(C.Window(8), score="max")
   model = tiny_model(seed=0)
   cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
   with pytest.raises(ValueError, match="more tokens of the memory track than its window"):
@@ -249,17 +268,30 @@ def test_bad_input():
     C.rollback(cache, 1)
 
 
-def test_a_memory_cache_saves_and_restores(tmp_path):
-  """``jstream.cache.save`` / ``restore`` keep a memory cache exactly, and refuse it under another memory policy
-  (the saved description nests the local policy and the readers)."""
+@pytest.mark.parametrize(
+  "policy",
+  [
+    M.Retrieval(C.Window(4), block=2, top_k=1, store_blocks=3, readers=(0,)),
+    M.Compressed(C.Window(4), slots=3),
+    M.Scored(C.Window(4), slots=3),
+  ],
+  ids=["retrieval", "compressed", "scored"],
+)
+def test_a_memory_cache_saves_and_restores(tmp_path, policy):
+  """``jstream.cache.save`` / ``restore`` keep a memory cache exactly (the fields of the other memory kinds are
+  empty arrays, which orbax does not store), and refuse it under another memory policy (the saved description
+  nests the local policy and the readers)."""
   model = tiny_model(seed=15)
-  policy = M.Retrieval(C.Window(4), block=2, top_k=1, store_blocks=3, readers=(0,))
   step = jit_step(model)
   _, cache = stream(step, random_tokens(1, 12, seed=16), model.init_cache(policy, 1), [4, 4, 4])
   C.save(cache, tmp_path / "mem")
   back = C.restore(tmp_path / "mem", like=model.init_cache(policy, 1))
+  assert jax.tree.structure(back) == jax.tree.structure(cache)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
+    assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
-  assert int(back.written[0]) > 0
+  assert int(back.idx.max()) >= 0
+  if not isinstance(policy, M.Retrieval):
+    return
   with pytest.raises(ValueError, match="does not fit this stream"):
     C.restore(tmp_path / "mem", like=model.init_cache(M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=3), 1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -32,8 +33,11 @@ def describe(cache) -> dict:
   }
 
 
-def _arrays(cache) -> dict:
-  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]}
+def _arrays(cache, *, stored: bool = False) -> dict:
+  """The cache's arrays by path; ``stored``: those with data (orbax refuses arrays of size 0, which a memory cache
+  has for the fields of other memory kinds; ``restore`` rebuilds them from ``like``)."""
+  out = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(cache)[0]}
+  return {k: x for k, x in out.items() if x.size > 0} if stored else out
 
 
 def save(cache, directory) -> pathlib.Path:
@@ -48,7 +52,9 @@ def save(cache, directory) -> pathlib.Path:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(
       path,
-      args=ocp.args.Composite(arrays=ocp.args.StandardSave(_arrays(cache)), meta=ocp.args.JsonSave(describe(cache))),
+      args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(_arrays(cache, stored=True)), meta=ocp.args.JsonSave(describe(cache))
+      ),
     )
   return path
 
@@ -88,7 +94,8 @@ def restore(directory, like):
     diffs = _differences(saved, want)
     if diffs:
       raise ValueError(f"the cache saved in {path} does not fit this stream: " + "; ".join(diffs))
-    abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in _arrays(like).items()}
+    abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in _arrays(like, stored=True).items()}
     arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
   treedef = jax.tree.structure(like)
-  return jax.tree.unflatten(treedef, [arrays[k] for k in _arrays(like)])
+  leaves = [arrays[k] if k in arrays else jnp.zeros(x.shape, x.dtype) for k, x in _arrays(like).items()]
+  return jax.tree.unflatten(treedef, leaves)

@@ -270,9 +270,10 @@ class StreamingTransformer(nnx.Module):
     segment_ids: SegmentIds = None,
     groups: Int[Array, "b t"] | None = None,
     extra_attention=None,
+    extra_outputs: bool = False,
     cond: Float[Array, "b t c"] | None = None,
     return_features: bool = False,
-  ) -> tuple[Logits, cache_lib.Cache] | tuple[Logits, cache_lib.Cache, Float[Array, "b t d"]]:
+  ) -> tuple[Logits, cache_lib.Cache] | tuple[Logits, cache_lib.Cache, object]:
     """Runs input embeddings ``x [b, t, d]`` (token embeddings, or the patch tokens of a video frame from an
     encoder) against a ``KVCache``; returns ``(logits [b, t, v], cache)`` like ``extend``. A cache that wraps a
     ``KVCache`` (``jstream.memory.MemoryCache``) runs the chunk through its own ``extend_embeddings``.
@@ -290,11 +291,18 @@ class StreamingTransformer(nnx.Module):
         key set every layer's un-rotated queries ``q [b, t, n, h]`` attend, merged with the cache's attention by
         log-sum-exp (a memory tier beside the cache: ``jstream.memory``). ``plan`` is this chunk's
         ``jstream.cache.Plan``; ``layer`` is traced under ``scan_layers``.
+      extra_outputs: ``extra_attention`` returns ``((out, lse), finish)`` instead, and ``finish(lse [b, t, n])``
+        is called with the log-sum-exp of every query's logits over all it attends (cache, chunk, sink and the
+        extra key set) and returns any pytree of arrays, stacked over the layers and returned third: ``(logits,
+        cache, outputs)``. What a memory that scores its keys by the attention mass they receive reads
+        (``jstream.memory.Scored``).
       cond: ``[b, t, cond_dim]``, the per-token conditioning of a conditioned model (``TransformerConfig.cond_dim``;
         required there, refused otherwise).
       return_features: also return the final features ``[b, t, d]`` (the unembedding's input, in the compute
         dtype): ``(logits, cache, features)``. Extra heads read them (``jstream.speculative.DraftHeads``).
     """
+    if extra_outputs and (extra_attention is None or return_features):
+      raise ValueError("extra_outputs needs an extra_attention and excludes return_features")
     if not isinstance(cache, cache_lib.KVCache):
       if return_features:
         raise TypeError(f"return_features needs a KVCache, got {type(cache).__name__}")
@@ -314,12 +322,15 @@ class StreamingTransformer(nnx.Module):
     vbuf = plan.cache.v
     x = x.astype(cfg.dtype)
 
-    def sinks(attn, layer, q):  # the learned sink and the extra key set, as one partial attention
-      parts = [p for p in (attn.sink_part(q), extra_attention and extra_attention(plan, layer, q)) if p is not None]
-      return attn_ops.merge(parts) if len(parts) > 1 else (parts[0] if parts else None)
+    def sinks(attn, layer, q):  # the learned sink and the extra key set as one partial attention, and `finish`
+      extra, finish = extra_attention and extra_attention(plan, layer, q), None
+      if extra_outputs:
+        extra, finish = extra
+      parts = [p for p in (attn.sink_part(q), extra) if p is not None]
+      return (attn_ops.merge(parts) if len(parts) > 1 else (parts[0] if parts else None)), finish
 
     step = self._token_step if ctx.read_only else self._chunk_step
-    features, kbuf, vbuf = step(x, ctx, kbuf, vbuf, sinks, cond)
+    features, kbuf, vbuf, outputs = step(x, ctx, kbuf, vbuf, sinks, cond)
     logits = jnp.where(plan.poison[:, None, None], jnp.nan, self.unembed(features))
     if _is_concrete(plan.poison) and bool(jnp.any(plan.poison)):
       raise ValueError(
@@ -327,23 +338,31 @@ class StreamingTransformer(nnx.Module):
         "past 2**31 - 1); use a larger cache, a sliding-window policy or positions='cache_relative'"
       )
     cache = plan.after.replace(k=kbuf, v=vbuf)
+    if extra_outputs:
+      return logits, cache, outputs
     return (logits, cache, features) if return_features else (logits, cache)
+
+  @staticmethod
+  def _attend(ctx, kbuf, vbuf, layer, q, k, v, attn, sinks, **kw):
+    """``cached_attention.attend`` with the sink / extra partial of ``sinks``; returns ``(out, kbuf, vbuf, k_rot,
+    outputs)``, ``outputs`` the extra key set's ``finish(lse)`` (None without one)."""
+    part, finish = sinks(attn, layer, q)
+    res = cached_attention.attend(ctx, kbuf, vbuf, layer, q, k, v, sink_part=part, return_lse=finish is not None, **kw)
+    return (*res[:4], None if finish is None else finish(res[4]))
 
   def _chunk_step(self, x, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
 
     def body(block, layer, x, bufs):
       def attend(attn, q, k, v):
-        out, kb, vb, _ = cached_attention.attend(
-          ctx, bufs[0], bufs[1], layer, q, k, v, impl=impl, sink_part=sinks(attn, layer, q)
-        )
-        return out, (kb, vb)
+        out, kb, vb, _, outputs = self._attend(ctx, bufs[0], bufs[1], layer, q, k, v, attn, sinks, impl=impl)
+        return out, (kb, vb, outputs)
 
-      x, bufs = block(x, attend, cond)
-      return x, bufs, None
+      x, (kb, vb, outputs) = block(x, attend, cond)
+      return x, (kb, vb), outputs
 
-    x, (kbuf, vbuf), _ = self._scan_blocks(x, (kbuf, vbuf), body)
-    return self._features(x, cond), kbuf, vbuf
+    x, (kbuf, vbuf), outputs = self._scan_blocks(x, (kbuf, vbuf), body)
+    return self._features(x, cond), kbuf, vbuf, outputs
 
   def _token_step(self, x0, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl
@@ -351,28 +370,28 @@ class StreamingTransformer(nnx.Module):
     def forward(mask_values):
       def body(block, layer, x, carry):
         def attend(attn, q, k, v):
-          out, _, _, k_rot = cached_attention.attend(
-            ctx, kbuf, vbuf, layer, q, k, v, impl=impl, sink_part=sinks(attn, layer, q), mask_values=mask_values
+          out, _, _, k_rot, outputs = self._attend(
+            ctx, kbuf, vbuf, layer, q, k, v, attn, sinks, impl=impl, mask_values=mask_values
           )
-          return out, (k_rot, v, out)
+          return out, (k_rot, v, out, outputs)
 
         x, written = block(x, attend, cond)
         return x, carry, written
 
-      x, _, (ks, vs, outs) = self._scan_blocks(x0, None, body)
-      return self._features(x, cond), ks, vs, outs
+      x, _, (ks, vs, outs, outputs) = self._scan_blocks(x0, None, body)
+      return self._features(x, cond), ks, vs, outputs, outs
 
     if cached_attention.value_guard() == "check":
-      features, ks, vs, outs = forward(mask_values=False)
-      features, ks, vs = jax.lax.cond(
+      features, ks, vs, outputs, outs = forward(mask_values=False)
+      features, ks, vs, outputs = jax.lax.cond(
         jnp.all(jnp.isfinite(outs)),
-        lambda: (features, ks, vs),
-        lambda: forward(mask_values=True)[:3],
+        lambda: (features, ks, vs, outputs),
+        lambda: forward(mask_values=True)[:4],
       )
     else:
-      features, ks, vs, _ = forward(mask_values=True)
+      features, ks, vs, outputs, _ = forward(mask_values=True)
     kbuf, vbuf = cached_attention.write_token(ctx, kbuf, vbuf, ks, vs, after=features)
-    return features, kbuf, vbuf
+    return features, kbuf, vbuf, outputs
 
   def forward(
     self,

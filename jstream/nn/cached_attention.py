@@ -253,11 +253,12 @@ def _partials(ctx: Context, kbuf, vbuf, layer, q: Array, k: Array, v: Array, *, 
   return parts
 
 
-def _merge(parts: list, sink_part, dtype) -> Array:
+def _merge(parts: list, sink_part, dtype) -> tuple[Array, Array]:
+  """The merged ``(out in dtype, lse)`` of the partials and the sink's."""
   if sink_part is not None:
     parts = [*parts, sink_part]
-  out = parts[0][0] if len(parts) == 1 else attn_ops.merge(parts)[0]
-  return out.astype(dtype)
+  out, lse = parts[0] if len(parts) == 1 else attn_ops.merge(parts)
+  return out.astype(dtype), lse
 
 
 def rotate_keys(ctx: Context, k: Float[Array, "b t k h"]) -> Float[Array, "b t k h"]:
@@ -278,7 +279,8 @@ def attend(
   impl,
   sink_part: tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None = None,
   mask_values: bool = True,
-) -> tuple[Float[Array, "b t n h"], KeyBuffer, ValueBuffer, Float[Array, "b t k h"]]:
+  return_lse: bool = False,
+) -> tuple[Float[Array, "b t n h"], KeyBuffer, ValueBuffer, Float[Array, "b t k h"]] | tuple:
   """Attention of one layer over cache + chunk.
 
   A chunk (``t > 1``) writes its keys and values into this layer's cache buffers. A single token (a read-only
@@ -294,9 +296,11 @@ def attend(
     sink_part: optional ``(out, lse)`` partial of a learned sink.
     mask_values: zero the values of empty slots as they are read (single tokens may turn it off: see
       ``value_guard``); chunks always do.
+    return_lse: also return the log-sum-exp ``[b, t, n]`` of every query's logits over all it attends (cache,
+      chunk, the sink part): what normalises the attention mass a key set received.
 
   Returns:
-    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf, k)``, ``k`` rotated as the cache stores it.
+    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf, k)``, ``k`` rotated as the cache stores it (and ``lse``).
 
   Raises:
     ValueError: ``mask_values=False`` for a chunk.
@@ -311,7 +315,8 @@ def attend(
     score = jnp.einsum("btkgh,btkh->btkg", qf, k.astype(jnp.float32)).reshape(b, t, n) * (h**-0.5)
     own_v = jnp.broadcast_to(v.astype(jnp.float32)[:, :, :, None], (b, t, k.shape[2], g, h)).reshape(b, t, n, h)
     parts.append((own_v, jnp.where(ctx.valid[:, :, None], score, -jnp.inf)))
-    return _merge(parts, sink_part, q.dtype), kbuf, vbuf, k_rot
+    out, lse = _merge(parts, sink_part, q.dtype)
+    return (out, kbuf, vbuf, k_rot, lse) if return_lse else (out, kbuf, vbuf, k_rot)
   if not mask_values:
     raise ValueError("chunks always mask the values of empty slots; mask_values=False is for single tokens")
   if ctx.write_first:
@@ -320,11 +325,12 @@ def attend(
   elif ctx.has_sinks:
     kbuf = cache_lib.write(kbuf, layer, ctx.sink_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.sink_slots, v, slots_last=True)
-  out = _merge(_partials(ctx, kbuf, vbuf, layer, q, k_rot, v, impl=impl, mask_values=True), sink_part, q.dtype)
+  parts = _partials(ctx, kbuf, vbuf, layer, q, k_rot, v, impl=impl, mask_values=True)
+  out, lse = _merge(parts, sink_part, q.dtype)
   if not ctx.write_first:
     kbuf = cache_lib.write(kbuf, layer, ctx.ring_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.ring_slots, v, slots_last=True)
-  return out, kbuf, vbuf, k_rot
+  return (out, kbuf, vbuf, k_rot, lse) if return_lse else (out, kbuf, vbuf, k_rot)
 
 
 def ordered_after(slots: Int[Array, "b t"], probe: Shaped[Array, "b ..."]) -> Int[Array, "b t"]:
