@@ -153,6 +153,12 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
         f"  {name:<10} budget {budget:>5} ({r['kept_share']:.3f} kept) {frames} frames: {acc}; "
         f"{r['ms_per_frame']:.2f} ms/frame, cache {r['cache_mib']:.2f} MiB"
       )
+      if "memory_frames" in r:
+        h = r["memory_frames"]
+        print(
+          f"    its entries hold frames {h['q10']:.0f} / {h['median']:.0f} / {h['q90']:.0f} (10% / 50% / 90%), "
+          f"{h['first_tenth_share']:.2f} from the first tenth of the stream"
+        )
   return rows
 
 
@@ -201,9 +207,11 @@ def measure(
 ) -> dict:
   """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them.
   ``proactive=False``: the model answers only when asked; ``drop``: a token drop before the cache;
-  ``speak_threshold``: when the model speaks unprompted (``qa_stream.run``)."""
+  ``speak_threshold``: when the model speaks unprompted (``qa_stream.run``). A ``memory.Scored`` policy's rows
+  also report which frames its entries hold at the end (``memory_frames``)."""
   qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
   times: list[float] = []
+  last: list = []
   reset_peak_rss()
   records = qa_stream.answer_streams(
     model,
@@ -215,13 +223,17 @@ def measure(
     proactive=proactive,
     drop=drop,
     speak_threshold=speak_threshold,
+    final_cache=last,
   )
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
   cache = model.init_cache(policy, len(streams))
   cache_mib = tree_bytes(cache) / 2**20
   s = qa_stream.score(records)
+  held = memory_frames(last[0], model.config.tokens_per_frame, frames)
+  extra = {"memory_frames": held} if held else {}
   return {
+    **extra,
     "scores": s,
     "chance": chance(records),
     "ms_per_frame": per_frame * 1e3,
@@ -230,6 +242,26 @@ def measure(
     "cache_mib": cache_mib,
     "peak_rss_mib": rss_mib()[1],
     "frame_tokens_kept": float(np.mean([r.kept for r in records])) / model.config.tokens_per_frame,
+  }
+
+
+def memory_frames(cache, tokens_per_frame: int, frames: int) -> dict | None:
+  """For a ``memory.Scored`` cache: the stream frames (track index // tokens per frame) its entries hold, over
+  every (layer, row, kv head): quantiles, and the share from the stream's first 10% of frames (H2O keeps early
+  tokens, which the accumulated mass favours); None for other caches."""
+  if not isinstance(cache, M.MemoryCache) or not isinstance(cache.policy, M.Scored):
+    return None
+  idx = np.asarray(cache.idx)
+  held = idx[idx >= 0] // tokens_per_frame
+  if not held.size:
+    return None
+  q = np.quantile(held, [0.1, 0.5, 0.9])
+  return {
+    "entries": int(held.size),
+    "q10": float(q[0]),
+    "median": float(q[1]),
+    "q90": float(q[2]),
+    "first_tenth_share": float(np.mean(held < frames / 10)),
   }
 
 

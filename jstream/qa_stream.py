@@ -265,12 +265,13 @@ def answer_streams(
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
   speak_threshold: float = 0.5,
+  final_cache: list | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
   per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
-  wall time of each call of ``run`` (the first includes compilation). ``proactive``, ``drop``, ``speak_threshold``:
-  see ``run``."""
+  wall time of each call of ``run`` (the first includes compilation); ``final_cache``, if given, the cache after
+  the last tick (what a memory kept). ``proactive``, ``drop``, ``speak_threshold``: see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -314,6 +315,8 @@ def answer_streams(
       rec.answer = np.concatenate([rec.answer, out.answer[row]])
       rec.kept = np.concatenate([rec.kept, out.kept[row]])
       rec.speak_margin = np.concatenate([rec.speak_margin, out.speak_margin[row]])
+  if final_cache is not None:
+    final_cache.append(cache)
   return records
 
 

@@ -393,6 +393,8 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   mem = mem_res["memory_rows"]
   assert [r["method"] for r in mem] == ["window", "retrieval", "compressed", "h2o", "agenorm"]
   assert {r["budget"] for r in mem} == {16}
+  held = [r["memory_frames"] for r in mem if "memory_frames" in r]  # the scored memories' entries, by frame
+  assert len(held) == 2 and all(0 <= h["q10"] <= h["median"] <= h["q90"] < 20 and h["entries"] > 0 for h in held)
   assert all(0 < r["kept_share"] <= 1 and r["ms_per_frame"] > 0 for r in mem)
   assert mem[1]["store_mib"] > 0 and (in_tmp / "mem" / "memory.png").exists()
   drop = mem_res["drop_rows"]  # and the token drop sweep: no drop, then threshold 0.9
