@@ -12,7 +12,8 @@ length in ``--frames`` under each cache policy, with the model speaking for itse
 * ``sinks+window, cache_relative``: the same with StreamingVLM's contiguous positions inside each track.
 
 ``--memory 64,128,256`` runs the memory sweep instead (issue 11): at one stream length (``--memory-frames``), for
-each budget of vision tokens per stream, ``window`` (a vision window of the whole budget: recency), ``retrieval``
+each budget of vision tokens per stream, ``window`` (a vision window of the whole budget: recency), ``sinks`` (the
+stream's first frame tokens, half the budget, kept for good beside a window of the other half), ``retrieval``
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
 a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
 ``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
@@ -92,7 +93,7 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   }
 
 
-MEMORY_METHODS = ("window", "retrieval", "compressed", "h2o", "agenorm")
+MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", "h2o", "agenorm")
 
 
 def memory_policies(
@@ -108,6 +109,7 @@ def memory_policies(
   slots = budget // 2
   return {
     "window": C.Segmented((text, C.Window(budget))),
+    "sinks": C.Segmented((text, C.SinkWindow(slots, budget - slots))),
     "retrieval": M.Retrieval(
       C.Segmented((text, C.Window(budget - blocks * p))),
       block=p,
@@ -145,7 +147,7 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
         r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk + the index
       else:
         read = 0
-      vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).segments[1].window
+      vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).tracks()[1].size  # sinks too
       r["kept_share"] = min(1.0, (vision + read) / (frames * p))
       rows.append({"method": name, "budget": budget, "frames": frames, **r})
       acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")

@@ -391,11 +391,12 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   assert cli.main([*sweep, "--no-progress"]) == 0
   mem_res = json.loads((in_tmp / "mem" / "results.json").read_text())
   mem = mem_res["memory_rows"]
-  assert [r["method"] for r in mem] == ["window", "retrieval", "compressed", "h2o", "agenorm"]
+  assert [r["method"] for r in mem] == ["window", "sinks", "retrieval", "compressed", "h2o", "agenorm"]
   assert {r["budget"] for r in mem} == {16}
   held = [r["memory_frames"] for r in mem if "memory_frames" in r]  # the scored memories' entries, by frame
   assert len(held) == 2 and all(0 <= h["q10"] <= h["median"] <= h["q90"] < 20 and h["entries"] > 0 for h in held)
   assert all(0 < r["kept_share"] <= 1 and r["ms_per_frame"] > 0 for r in mem)
+  assert len({r["kept_share"] for r in mem}) == 1  # equal budgets: every method keeps as many vision tokens
   assert mem[1]["store_mib"] > 0 and (in_tmp / "mem" / "memory.png").exists()
   drop = mem_res["drop_rows"]  # and the token drop sweep: no drop, then threshold 0.9
   assert [r["threshold"] for r in drop] == [None, 0.9] and drop[0]["dropped"] == 0 and 0 < drop[1]["dropped"] < 1

@@ -5,6 +5,7 @@ Small corpora are built into temporary data dirs; every test reads what the buil
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -179,6 +180,13 @@ def test_text_dataset_plants_needles_and_their_recall(text_builder, text_cfg, da
     assert len(found) >= 2 and found[0] == found[-1]  # the needle, and later its recall with the same value
   plain = np.concatenate(_take(iter(D.text_dataset(seed=0, **kw)), 3))
   assert not any(line.search(bytes(r.astype(np.uint8))) for r in plain)
+  # several needles per window: three lines, each twice (the line and its recall), none overwriting another
+  kw = {**kw, "seq_len": 128}
+  for row in np.concatenate(_take(iter(D.text_dataset(seed=1, needles=1.0, needle_pairs=3, **kw)), 3)):
+    found = [m.groups() for m in line.finditer(bytes(row.astype(np.uint8)))]
+    assert sorted(collections.Counter(found).values()) == [2, 2, 2], found
+  with pytest.raises(ValueError, match="needle_pairs"):
+    D.text_dataset(seed=0, needles=0.5, needle_pairs=0, **kw)
   with pytest.raises(ValueError, match="needles"):
     D.text_dataset(seed=0, needles=0.5, **{**kw, "sampling": "chunks"})
 

@@ -370,18 +370,25 @@ def needle_lines(name: bytes, value: bytes) -> tuple[bytes, bytes]:
   return b"\n" + name + b' = "' + value + b'"\n', b"\n" + name + b' = "'
 
 
-def plant_needle(window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """``window`` with a random needle line written over it and, later, its recall followed by the value (the
-  associative recall of ``TrainConfig.needles``); windows shorter than two needle lines are returned as they are."""
+def plant_needle(window: np.ndarray, rng: np.random.Generator, pairs: int = 1) -> np.ndarray:
+  """``window`` with ``pairs`` random needle lines written over it, each followed later by its recall and the value
+  (the associative recall of ``TrainConfig.needles``), at random places that do not overlap; the lines and recalls
+  interleave, so recalling a value means finding its name. Windows shorter than the lines are returned as they
+  are."""
   n = len(window)
-  if n < 2 * NEEDLE_BYTES:
+  pairs = min(pairs, n // (2 * NEEDLE_BYTES))
+  if pairs < 1:
     return window
-  line, _ = needle_lines(*random_needle(rng))  # the recall is the cue followed by the value: the line again
-  at = int(rng.integers(0, n - 2 * NEEDLE_BYTES + 1))
-  later = int(rng.integers(at + NEEDLE_BYTES, n - NEEDLE_BYTES + 1))
+  # 2 * pairs non-overlapping line starts, uniformly arranged: sorted draws in the room left by the lines, shifted
+  starts = np.sort(rng.integers(0, n - 2 * pairs * NEEDLE_BYTES + 1, size=2 * pairs)) + NEEDLE_BYTES * np.arange(
+    2 * pairs
+  )
+  order = rng.permutation(2 * pairs).reshape(pairs, 2)  # each needle's two places: the earlier has the line
   out = window.copy()
-  out[at : at + NEEDLE_BYTES] = np.frombuffer(line, np.uint8)
-  out[later : later + NEEDLE_BYTES] = np.frombuffer(line, np.uint8)
+  for places in order:
+    line = np.frombuffer(needle_lines(*random_needle(rng))[0], np.uint8)  # the recall is the line again
+    for at in starts[places]:
+      out[at : at + NEEDLE_BYTES] = line
   return out
 
 
@@ -393,12 +400,13 @@ class _RandomWindow:
   stream: np.ndarray
   seq_len: int
   needles: float = 0.0
+  needle_pairs: int = 1
 
   def __call__(self, _: int, rng: np.random.Generator) -> np.ndarray:
     start = int(rng.integers(0, len(self.stream) - self.seq_len + 1))
     window = self.stream[start : start + self.seq_len].astype(np.int32)
     if self.needles and rng.random() < self.needles:
-      window = plant_needle(window, rng)
+      window = plant_needle(window, rng, self.needle_pairs)
     return window
 
 
@@ -412,6 +420,7 @@ def text_dataset(
   stride: int | None = None,
   num_epochs: int | None = None,
   needles: float = 0.0,
+  needle_pairs: int = 1,
   worker_count: int = 0,
   read_options: grain.ReadOptions | None = None,
   config: TextConfig | None = None,
@@ -438,6 +447,7 @@ def text_dataset(
     num_epochs: ``None`` repeats forever.
     needles: with ``"random"`` sampling, the probability that a window carries a planted needle line
       ``name = "value"`` and, later in the window, its recall (``plant_needle``): associative recall to learn.
+    needle_pairs: needles (and recalls) planted in such a window, each with its own name and value.
     worker_count: grain worker processes (0: in this process, with reader threads).
     read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
     config: the corpus (default: stdlib + pydoc).
@@ -457,6 +467,8 @@ def text_dataset(
     raise ValueError(f"needles must be a probability in [0, 1], got {needles}")
   if needles and sampling != "random":
     raise ValueError("needles apply to sampling='random' only")
+  if not isinstance(needle_pairs, int) or needle_pairs < 1:
+    raise ValueError(f"needle_pairs must be an int >= 1, got {needle_pairs!r}")
   stream = split_bytes(split, config=config, data_dir=data_dir)
   if len(stream) < seq_len:
     raise ValueError(f"split {split!r} has {len(stream)} bytes, fewer than seq_len={seq_len}")
@@ -465,7 +477,7 @@ def text_dataset(
   if sampling == "chunks":
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len, stride))
   elif sampling == "random":
-    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len, needles), seed=seed)
+    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len, needles, needle_pairs), seed=seed)
   else:
     raise ValueError(f"sampling must be 'random' or 'chunks', got {sampling!r}")
   return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)

@@ -437,6 +437,7 @@ class TrainConfig:
       tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
       (``jstream.data.text.plant_needle``): the associative recall that ``jstream bench needle`` asks for.
+    needle_pairs: needles (each with its recall) planted in such a sample, each with its own name and value.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
     draft_heads: train Medusa-style draft heads on the frozen LM of another run (text only; see
       ``DraftHeadsTask``); the run's model is then ``jstream.speculative.TargetWithHeads``.
@@ -466,6 +467,7 @@ class TrainConfig:
   train_sinks: int = 0
   overlap: int = 0
   needles: float = 0.0
+  needle_pairs: int = 1
   seed: int = 0
   log_every: int = 10
   checkpoint_every: int = 100
@@ -491,6 +493,7 @@ class TrainConfig:
       raise ValueError(f"train_window ({self.train_window}) must be >= max(1, train_sinks={self.train_sinks})")
     if not 0.0 <= self.needles <= 1.0:
       raise ValueError(f"TrainConfig.needles must be a probability in [0, 1], got {self.needles}")
+    check_int("TrainConfig.needle_pairs", self.needle_pairs, 1)
     if self.needles and self.overlap:
       raise ValueError("TrainConfig.needles applies to random windows, not to overlapped chunks (overlap)")
     if self.mesh is not None:
