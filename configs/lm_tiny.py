@@ -7,7 +7,8 @@
 Flags: ``quick`` (tiny and short), ``sink`` (learned sink token), ``windowed`` (train under a sink + window mask),
 ``overlap`` (overlapped-chunk training), ``needle`` (half the samples carry a planted ``name = "value"`` line and its
 recall: the model ``jstream bench needle`` reads), ``recall`` (every sample carries 4 needles and their recalls,
-interleaved: name lookup and copying to learn; ``runs/lm_tiny_recall``). Any field can be overridden as
+interleaved: name lookup and copying to learn; ``runs/lm_tiny_recall``), ``copy`` (a quarter of the samples are a
+random string repeated, a copying curriculum; combine as ``copy,recall``). Any field can be overridden as
 ``key=value`` (``model.<field>=...``).
 The model and the quick shrink are shared with ``configs/streaming_llm.py`` (``jstream.presets``).
 """
@@ -17,7 +18,7 @@ from jstream.train import TrainConfig
 
 
 def get_config(*flags: str) -> TrainConfig:
-  unknown = set(flags) - {"quick", "sink", "windowed", "overlap", "needle", "recall"}
+  unknown = set(flags) - {"quick", "sink", "windowed", "overlap", "needle", "recall", "copy"}
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/lm_tiny.py")
   quick, windowed, overlap = "quick" in flags, "windowed" in flags, "overlap" in flags
@@ -32,6 +33,7 @@ def get_config(*flags: str) -> TrainConfig:
     overlap=64 if overlap else 0,
     needles=1.0 if "recall" in flags else 0.5 if "needle" in flags else 0.0,
     needle_pairs=4 if "recall" in flags else 1,
+    copies=0.25 if "copy" in flags else 0.0,
   )
   if quick:
     cfg = presets.quick(

@@ -27,7 +27,10 @@ cache):
   the window is not counted: it enters the memory with the mass of the chunk that evicts it, so an entry's score
   is what it received as a memory entry. The mass needs each query's log-sum-exp over everything it attends,
   which the model passes to the memory (``extend_embeddings(extra_outputs=True)``). Scores and counts are kept per
-  (layer, kv head) (``MemoryCache.score`` / ``seen``): each head keeps its own tokens.
+  (layer, kv head) (``MemoryCache.score`` / ``seen``): each head keeps its own tokens. Only reader queries score:
+  with ``readers`` that leave out the memory track (``readers=(0,)`` on a video stream), an evicted token gets no
+  mass until a reader comes, and once the entries are full it loses to every entry with mass (of equal priorities
+  the older entry stays), so the memory holds the earliest evicted tokens until questions arrive.
 
 Which tokens, which queries. ``track`` (default: the policy's last track, the vision track of
 ``Segmented((text, vision))``) is the track whose evicted tokens enter the memory; tokens of other tracks are

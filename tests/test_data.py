@@ -187,6 +187,25 @@ def test_text_dataset_plants_needles_and_their_recall(text_builder, text_cfg, da
     assert sorted(collections.Counter(found).values()) == [2, 2, 2], found
   with pytest.raises(ValueError, match="needle_pairs"):
     D.text_dataset(seed=0, needles=0.5, needle_pairs=0, **kw)
+
+
+def test_text_dataset_mixes_in_repeated_strings(text_builder, text_cfg, data_dir):
+  """``copies``: that share of the windows is one random string of letters and digits repeated (the rest is text)."""
+  import re
+
+  kw = dict(seq_len=128, batch_size=8, sampling="random", config=text_cfg, data_dir=data_dir)
+  rows = np.concatenate(_take(iter(D.text_dataset(seed=0, copies=0.5, **kw)), 4))
+  repeated = 0
+  for row in rows:
+    b = bytes(row.astype(np.uint8))
+    m = re.fullmatch(rb"([a-z0-9]{8,64}?)\1+[a-z0-9]*", b)
+    if m:
+      period = len(m.group(1))
+      assert all(b[i] == b[i % period] for i in range(len(b)))
+      repeated += 1
+  assert 8 <= repeated <= 24  # about half of 32
+  with pytest.raises(ValueError, match="copies"):
+    D.text_dataset(seed=0, copies=1.5, **kw)
   with pytest.raises(ValueError, match="needles"):
     D.text_dataset(seed=0, needles=0.5, **{**kw, "sampling": "chunks"})
 

@@ -291,6 +291,13 @@ def test_a_memory_cache_saves_and_restores(tmp_path, policy):
     assert a.shape == b.shape and a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   assert int(back.idx.max()) >= 0
+  # a cache saved before a field was added (the scored memory's, empty in other memories) still restores; a
+  # missing field that holds data does not
+  from jstream.cache import session
+
+  want = session.describe(model.init_cache(policy, 1))
+  older = {**want, "arrays": {k: v for k, v in want["arrays"].items() if k not in (".score", ".seen")}}
+  assert bool(session._differences(older, want)) == isinstance(policy, M.Scored)
   if not isinstance(policy, M.Retrieval):
     return
   with pytest.raises(ValueError, match="does not fit this stream"):

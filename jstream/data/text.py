@@ -401,13 +401,23 @@ class _RandomWindow:
   seq_len: int
   needles: float = 0.0
   needle_pairs: int = 1
+  copies: float = 0.0
 
   def __call__(self, _: int, rng: np.random.Generator) -> np.ndarray:
     start = int(rng.integers(0, len(self.stream) - self.seq_len + 1))
     window = self.stream[start : start + self.seq_len].astype(np.int32)
+    if self.copies and rng.random() < self.copies:
+      return repeated_string(self.seq_len, rng)
     if self.needles and rng.random() < self.needles:
       window = plant_needle(window, rng, self.needle_pairs)
     return window
+
+
+def repeated_string(n: int, rng: np.random.Generator, length: tuple[int, int] = (8, 64)) -> np.ndarray:
+  """``n`` bytes of one random string of letters and digits (its length uniform in ``length``) repeated: all but
+  its first occurrence is predictable by copying (the induction task of ``TrainConfig.copies``)."""
+  s = rng.choice(VALUE_CHARS, int(rng.integers(length[0], length[1] + 1))).astype(np.int32)
+  return np.resize(s, n)
 
 
 def text_dataset(
@@ -421,6 +431,7 @@ def text_dataset(
   num_epochs: int | None = None,
   needles: float = 0.0,
   needle_pairs: int = 1,
+  copies: float = 0.0,
   worker_count: int = 0,
   read_options: grain.ReadOptions | None = None,
   config: TextConfig | None = None,
@@ -448,6 +459,8 @@ def text_dataset(
     needles: with ``"random"`` sampling, the probability that a window carries a planted needle line
       ``name = "value"`` and, later in the window, its recall (``plant_needle``): associative recall to learn.
     needle_pairs: needles (and recalls) planted in such a window, each with its own name and value.
+    copies: with ``"random"`` sampling, the probability that a window is a random string repeated instead
+      (``repeated_string``): copying to learn.
     worker_count: grain worker processes (0: in this process, with reader threads).
     read_options: grain reader threads / prefetch (default 2 threads, 16 batches).
     config: the corpus (default: stdlib + pydoc).
@@ -467,6 +480,10 @@ def text_dataset(
     raise ValueError(f"needles must be a probability in [0, 1], got {needles}")
   if needles and sampling != "random":
     raise ValueError("needles apply to sampling='random' only")
+  if not 0.0 <= copies <= 1.0:
+    raise ValueError(f"copies must be a probability in [0, 1], got {copies}")
+  if copies and sampling != "random":
+    raise ValueError("copies apply to sampling='random' only")
   if not isinstance(needle_pairs, int) or needle_pairs < 1:
     raise ValueError(f"needle_pairs must be an int >= 1, got {needle_pairs!r}")
   stream = split_bytes(split, config=config, data_dir=data_dir)
@@ -477,7 +494,7 @@ def text_dataset(
   if sampling == "chunks":
     ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_Chunk(stream, seq_len, stride))
   elif sampling == "random":
-    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len, needles, needle_pairs), seed=seed)
+    ds = ds.repeat(num_epochs).random_map(_RandomWindow(stream, seq_len, needles, needle_pairs, copies), seed=seed)
   else:
     raise ValueError(f"sampling must be 'random' or 'chunks', got {sampling!r}")
   return finish_pipeline(ds, batch_size, worker_count=worker_count, read_options=read_options)

@@ -438,6 +438,8 @@ class TrainConfig:
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
       (``jstream.data.text.plant_needle``): the associative recall that ``jstream bench needle`` asks for.
     needle_pairs: needles (each with its recall) planted in such a sample, each with its own name and value.
+    copies: the probability that a text sample is a random string repeated instead
+      (``jstream.data.text.repeated_string``): a copying curriculum.
     seed, log_every, checkpoint_every, keep_checkpoints, workdir: the run.
     draft_heads: train Medusa-style draft heads on the frozen LM of another run (text only; see
       ``DraftHeadsTask``); the run's model is then ``jstream.speculative.TargetWithHeads``.
@@ -468,6 +470,7 @@ class TrainConfig:
   overlap: int = 0
   needles: float = 0.0
   needle_pairs: int = 1
+  copies: float = 0.0
   seed: int = 0
   log_every: int = 10
   checkpoint_every: int = 100
@@ -494,6 +497,10 @@ class TrainConfig:
     if not 0.0 <= self.needles <= 1.0:
       raise ValueError(f"TrainConfig.needles must be a probability in [0, 1], got {self.needles}")
     check_int("TrainConfig.needle_pairs", self.needle_pairs, 1)
+    if not 0.0 <= self.copies <= 1.0:
+      raise ValueError(f"TrainConfig.copies must be a probability in [0, 1], got {self.copies}")
+    if self.copies and self.overlap:
+      raise ValueError("TrainConfig.copies applies to random windows, not to overlapped chunks (overlap)")
     if self.needles and self.overlap:
       raise ValueError("TrainConfig.needles applies to random windows, not to overlapped chunks (overlap)")
     if self.mesh is not None:
@@ -511,15 +518,15 @@ class TrainConfig:
     if self.data == "video_gen":
       if self.generation is None:
         object.__setattr__(self, "generation", VideoGenTask())
-      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
-        raise ValueError("sink_token, overlap, needles and train_window do not apply to video_gen")
+      if self.sink_token or self.overlap or self.needles or self.copies or self.train_window is not None:
+        raise ValueError("sink_token, overlap, needles, copies and train_window do not apply to video_gen")
     elif self.generation is not None:
       raise ValueError(f"TrainConfig.generation is for data='video_gen', not {self.data!r}")
     if self.data == "video_qa":
       if self.video is None:
         object.__setattr__(self, "video", VideoTask())
-      if self.sink_token or self.overlap or self.needles:
-        raise ValueError("sink_token, overlap and needles are text-only switches; video_qa does not take them")
+      if self.sink_token or self.overlap or self.needles or self.copies:
+        raise ValueError("sink_token, overlap, needles and copies are text-only switches; video_qa does not take them")
       if self.train_window is not None and self.train_sinks > self.train_window - self.train_sinks:
         raise ValueError(
           f"video_qa: train_sinks ({self.train_sinks}) must be <= train_window - train_sinks "
@@ -539,8 +546,10 @@ class TrainConfig:
         continue
       if self.data != "text":
         raise ValueError(f"TrainConfig.{name} trains on a text LM, not on data={self.data!r}")
-      if self.sink_token or self.overlap or self.needles or self.train_window is not None:
-        raise ValueError(f"{name} trains on plain causal text samples: no sink_token, overlap, needles or window")
+      if self.sink_token or self.overlap or self.needles or self.copies or self.train_window is not None:
+        raise ValueError(
+          f"{name} trains on plain causal text samples: no sink_token, overlap, needles, copies or window"
+        )
     object.__setattr__(self, "corpus", tuple(self.corpus))
 
   @property

@@ -265,7 +265,7 @@ def train_iterator(cfg: TrainConfig, split: str = "train") -> Iterator:
   if cfg.overlap:  # overlapped chunks of the stream: each target is learnt in exactly one chunk (see aligned.py)
     sampling = dict(sampling="chunks", stride=cfg.seq_len - cfg.overlap)
   else:
-    sampling = dict(sampling="random", needles=cfg.needles, needle_pairs=cfg.needle_pairs)
+    sampling = dict(sampling="random", needles=cfg.needles, needle_pairs=cfg.needle_pairs, copies=cfg.copies)
   ds = text_data.text_dataset(
     split, seq_len=cfg.seq_len + 1, batch_size=cfg.batch_size, seed=cfg.seed, config=config, **sampling
   )
