@@ -10,7 +10,9 @@ line (a random 5-letter name and 6-character value, ``jstream.data.text.needle_l
 bytes of text later the stream repeats ``name = "`` and the benchmark scores the model's prediction of the value's
 bytes (teacher-forced, from ``jstream.rollout.stream_nll``): bits per value byte and *recall*, the share of value
 bytes the model gives probability > 0.5 (so they are its first choice). A *control* row scores values the stream
-never showed (the needle line holds another value): what the model knows without the needle.
+never showed (the needle line holds another value): what the model knows without the needle. First, a *copy probe*
+(``copy_probe``): bits per byte of a random string repeated, over its first occurrence and over the repeats; a
+model that does not copy there cannot recall a needle either.
 
 Policies at one KV budget (tokens kept per layer and kv head, sinks included): ``SinkWindow`` (recency,
 StreamingLLM), ``H2O``, ``SnapKV`` and ``AgeNormalized`` (``jstream.cache.scored``: half the budget a recent
@@ -70,6 +72,26 @@ def make_streams(text: np.ndarray, distance: int, trials: int, seed: int, *, con
   return np.stack(rows).astype(np.int32), np.stack(where)
 
 
+def copy_probe(model, *, periods=(16, 32, 48), length: int = 256, seed: int = 0) -> list[dict]:
+  """Does the model copy at all? Bits per byte of a random string of letters and digits repeated to ``length``
+  bytes (``jstream.data.text.repeated_string``'s alphabet), per period: over its first occurrence (nothing to copy:
+  about log2(36) = 5.17) and over the repeats (near 0 for a model that copies; an induction circuit), offline
+  forward with every byte in view."""
+  import jax
+  import jax.numpy as jnp
+
+  from jstream.data.text import VALUE_CHARS
+
+  rng = np.random.default_rng(seed)
+  rows = np.stack([np.resize(rng.choice(VALUE_CHARS, p), length) for p in periods]).astype(np.int32)
+  logp = jax.nn.log_softmax(model.forward(jnp.asarray(rows)), axis=-1)
+  bits = -np.asarray(jnp.take_along_axis(logp[:, :-1], jnp.asarray(rows)[:, 1:, None], axis=-1)[..., 0]) / np.log(2)
+  return [
+    {"period": p, "first_bits": float(bits[i, : p - 1].mean()), "repeat_bits": float(bits[i, p - 1 :].mean())}
+    for i, p in enumerate(periods)
+  ]
+
+
 def run(args) -> dict:
   import jax
 
@@ -84,6 +106,12 @@ def run(args) -> dict:
   text, skip = heldout_tokens(cfg, args.text_bytes)
   if skip:
     raise ValueError(f"{spec}: the needle benchmark reads models trained without a sink token")
+  probe = copy_probe(trained.model)
+  for r in probe:
+    print(
+      f"  copy probe: a string of {r['period']} bytes repeated: {r['first_bits']:.2f} bits per byte the first "
+      f"time, {r['repeat_bits']:.2f} on the repeats"
+    )
   rows = []
   for distance in args.distances:
     streams, where = make_streams(text, distance, args.trials, args.seed + distance)
@@ -122,7 +150,7 @@ def run(args) -> dict:
         f"  {row['seconds']:5.1f} s" + (f"  {row['tokens_per_s']:7.0f} tok/s" if "tokens_per_s" in row else ""),
         flush=True,
       )
-  return {"model": {"workdir": cfg.workdir, "steps": trained.step}, "rows": rows}
+  return {"model": {"workdir": cfg.workdir, "steps": trained.step}, "copy_probe": probe, "rows": rows}
 
 
 def plot(results: dict, out: pathlib.Path) -> None:

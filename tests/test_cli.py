@@ -53,6 +53,29 @@ def test_bench_needle_quick(in_tmp):
   assert all(0 <= r["recall"] <= 1 and r["value_bits"] > 0 for r in res["rows"])
   assert all("tokens_per_s" in r for r in res["rows"] if r["policy"] != "dense")
   assert (in_tmp / "needle" / "recall.png").stat().st_size > 0
+  assert [r["period"] for r in res["copy_probe"]] == [16, 32, 48]
+
+
+def test_needle_copy_probe_scores_the_repeats():
+  """``bench_needle.copy_probe``: bits per byte over a repeated string's first occurrence and its repeats, equal to
+  the same strings streamed through a dense cache in chunks (``rollout.stream_nll``)."""
+  import numpy as np
+
+  from conftest import tiny_model
+  from experiments import bench_needle as B
+  from jstream import cache as C
+  from jstream import rollout
+  from jstream.data.text import VALUE_CHARS
+
+  model = tiny_model(seed=3, vocab_size=256)
+  got = B.copy_probe(model, periods=(8, 12), length=40, seed=5)
+  rng = np.random.default_rng(5)
+  rows = np.stack([np.resize(rng.choice(VALUE_CHARS, p), 40) for p in (8, 12)]).astype(np.int32)
+  nll = np.asarray(rollout.stream_nll(model, rows, C.Dense(40), chunk_size=8)) / np.log(2)  # nll[:, i]: byte i
+  for r, row in zip(got, nll):
+    p = r["period"]
+    np.testing.assert_allclose(r["first_bits"], row[1:p].mean(), rtol=1e-4)
+    np.testing.assert_allclose(r["repeat_bits"], row[p:].mean(), rtol=1e-4)
 
 
 def test_memory_sweep_store_holds_every_frame_or_the_latest_store_frames():
