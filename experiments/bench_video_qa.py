@@ -17,12 +17,12 @@ stream's first frame tokens, half the budget, kept for good beside a window of t
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
 a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
 ``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
-the question's words), ``h2o`` and ``agenorm`` (``jstream.memory.Scored``, score-based eviction: half the window,
-half the evicted frame tokens of highest attention mass, H2O's sum or the mass per reading query of Evict3R /
-StreamMem, scored and read by every query, frames and words); the text track is the same in all; ``--methods``
-picks some. Per (method, budget): accuracy per question type, the
-kept-token share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size
-(the retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
+the question's words), ``h2o``, ``agenorm`` and ``tova`` (``jstream.memory.Scored``, score-based eviction: half the
+window, half the evicted frame tokens of highest attention mass, H2O's sum, the mass per reading query of Evict3R /
+StreamMem, or the latest chunk's mass (TOVA), scored and read by every query, frames and words); the text track
+is the same in all; ``--methods`` picks some. Per (method, budget): accuracy per question type, the kept-token
+share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the
+retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
 ``--drop 0.9,0.99`` (also issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with
 TimeChat-Online's differential token drop (``jstream.reduce.DifferentialDrop``: a frame token whose encoder features
 are more similar than the threshold to the same place's in the previous frame is not cached) and reports the share
@@ -93,7 +93,7 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   }
 
 
-MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", "h2o", "agenorm")
+MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", "h2o", "agenorm", "tova")
 
 
 def memory_policies(
@@ -120,6 +120,7 @@ def memory_policies(
     "compressed": M.Compressed(C.Segmented((text, C.Window(budget - slots))), slots=slots, readers=(TEXT,)),
     "h2o": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="sum"),
     "agenorm": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="mean"),
+    "tova": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="last"),
   }
 
 

@@ -214,13 +214,16 @@ class Compressed(MemoryPolicy):
 
 @dataclasses.dataclass(frozen=True)
 class Scored(MemoryPolicy):
-  """Score-based eviction beyond the window (see the module docstring): H2O's heavy hitters (``score="sum"``) or the
-  age-normalised score of Evict3R / StreamMem (``"mean"``) on the memory track.
+  """Score-based eviction beyond the window (see the module docstring): H2O's heavy hitters (``score="sum"``), the
+  age-normalised score of Evict3R / StreamMem (``"mean"``) or the latest chunk's attention (``"last"``) on the
+  memory track.
 
   Attributes:
     slots: evicted tokens kept per (row, layer, kv head).
-    score: ``"sum"``, the attention mass an entry received since it left the window (H2O), or ``"mean"``, that
-      mass per reading query that could attend it (old entries are not kept merely for having been seen more).
+    score: ``"sum"``, the attention mass an entry received since it left the window (H2O); ``"mean"``, that mass
+      per reading query that could attend it (old entries are not kept merely for having been seen more);
+      ``"last"``, the mass it received from the latest chunk that read it (TOVA's rule: what the current queries
+      attend stays; SnapKV's observation window without its pooling).
   """
 
   slots: int = 64
@@ -229,8 +232,8 @@ class Scored(MemoryPolicy):
   def __post_init__(self):
     super().__post_init__()
     check_int("Scored.slots", self.slots, 1)
-    if self.score not in ("sum", "mean"):
-      raise ValueError(f"Scored.score must be 'sum' or 'mean', got {self.score!r}")
+    if self.score not in ("sum", "mean", "last"):
+      raise ValueError(f"Scored.score must be 'sum', 'mean' or 'last', got {self.score!r}")
 
   @property
   def read_tokens(self) -> int:
@@ -415,9 +418,14 @@ class MemoryCache:
   def _keep(self, mass: Float[Array, "l b k m"], seen: Float[Array, "l b k m"]) -> MemoryCache:
     """``Scored``: adds a chunk's attention mass and reading queries to the candidates' and keeps the ``slots`` of
     highest priority per (layer, row, kv head) (the score, or the score per reading query for ``"mean"``; of equal
-    priorities the earlier candidate: the entries before the evicted tokens)."""
+    priorities the earlier candidate: the entries before the evicted tokens). ``"last"`` replaces the score of
+    every candidate this chunk's queries could read by this chunk's mass."""
     policy = self.policy
-    score, seen = self.score + mass, self.seen + seen
+    if policy.score == "last":
+      score = jnp.where(seen > 0, mass, self.score)
+    else:
+      score = self.score + mass
+    seen = self.seen + seen
     priority = score / jnp.maximum(seen, 1.0) if policy.score == "mean" else score
     _, top = jax.lax.top_k(jnp.where(self.count > 0, priority, -jnp.inf), policy.slots)  # [l, b, k, slots]
 

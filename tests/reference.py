@@ -258,9 +258,10 @@ def memory_stream_logits(
   end of the list of entries with no mass; after the chunk's attention, each entry adds the attention weight every
   query head of its kv head gave it (the softmax over everything the query sees) to its score and the number of
   queries that saw it to its count of readers, and the ``slots`` entries of highest priority stay, in priority order
-  (the score, or for ``score="mean"`` the score per reader; a stable sort: of equal priorities, the one earlier in
-  the list). A query at index ``i`` sees its window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and
-  memory entries of index ``<= i - window``.
+  (the score, or for ``score="mean"`` the score per reader; for ``score="last"`` an entry read in this chunk
+  scores this chunk's mass only; a stable sort: of equal priorities, the one earlier in the list). A query at
+  index ``i`` sees its window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and memory entries of index
+  ``<= i - window``.
   """
   cfg = model.config
   flat, layers = _params(model)
@@ -285,6 +286,7 @@ def memory_stream_logits(
       o = np.zeros((size, n_h, hd))
       for head in range(k_h):
         mem = memory[li][head]
+        before = [(e[4], e[5]) for e in mem] if kind == "scored" else []
         for r, i in enumerate(gone, start=pushed - num_sinks):
           _, ki, vi = hist[li][i]
           kr = rot(ki[head], i)
@@ -331,6 +333,9 @@ def memory_stream_logits(
               for m, wm in zip(seen, w[len(local) :]):
                 mem[m][4] += wm
         if kind == "scored":
+          for e, (old_score, old_seen) in zip(mem, before + [(0.0, 0.0)] * (len(mem) - len(before))):
+            if score == "last" and e[5] > old_seen:  # read this chunk: its score is this chunk's mass
+              e[4] -= old_score
           priority = [e[4] / max(e[5], 1.0) if score == "mean" else e[4] for e in mem]
           memory[li][head] = [mem[m] for m in sorted(range(len(mem)), key=lambda m: -priority[m])[:slots]]
       x = x + o.reshape(size, -1) @ p[("attn", "o", "kernel")]

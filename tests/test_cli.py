@@ -414,10 +414,10 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   assert cli.main([*sweep, "--no-progress"]) == 0
   mem_res = json.loads((in_tmp / "mem" / "results.json").read_text())
   mem = mem_res["memory_rows"]
-  assert [r["method"] for r in mem] == ["window", "sinks", "retrieval", "compressed", "h2o", "agenorm"]
+  assert [r["method"] for r in mem] == ["window", "sinks", "retrieval", "compressed", "h2o", "agenorm", "tova"]
   assert {r["budget"] for r in mem} == {16}
   held = [r["memory_frames"] for r in mem if "memory_frames" in r]  # the scored memories' entries, by frame
-  assert len(held) == 2 and all(0 <= h["q10"] <= h["median"] <= h["q90"] < 20 and h["entries"] > 0 for h in held)
+  assert len(held) == 3 and all(0 <= h["q10"] <= h["median"] <= h["q90"] < 20 and h["entries"] > 0 for h in held)
   assert all(0 < r["kept_share"] <= 1 and r["ms_per_frame"] > 0 for r in mem)
   assert len({r["kept_share"] for r in mem}) == 1  # equal budgets: every method keeps as many vision tokens
   assert (

@@ -47,12 +47,13 @@ CASES = [
   (M.Compressed(C.Window(4), slots=5), dict(kind="compressed")),
   (M.Scored(C.SinkWindow(1, 5), slots=3), dict(kind="scored", score="sum")),
   (M.Scored(C.Window(4), slots=4, score="mean"), dict(kind="scored", score="mean")),
+  (M.Scored(C.SinkWindow(2, 4), slots=3, score="last"), dict(kind="scored", score="last")),
 ]
 
 
 @pytest.mark.parametrize(
   "case",
-  [c if c in (0, 2, 4, 5) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],  # CI: each rule
+  [c if c in (0, 2, 4, 5, 6) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],  # CI: each rule
   ids=[str(c[0]) for c in CASES],
 )
 def test_equals_the_python_reference(case):
@@ -258,7 +259,7 @@ def test_bad_input():
     M.Retrieval(C.Window(8), readers=(1,))
   with pytest.raises(ValueError, match="slots"):
     M.Scored(C.Window(8), slots=0)
-  with pytest.raises(ValueError, match="'sum' or 'mean'"):
+  with pytest.raises(ValueError, match="'sum', 'mean' or 'last'"):
     M.Scored(C.Window(8), score="max")
   model = tiny_model(seed=0)
   cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
