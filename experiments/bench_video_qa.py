@@ -93,7 +93,8 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
   }
 
 
-MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", "h2o", "agenorm", "tova")
+SCORE_RULES = {"h2o": "sum", "agenorm": "mean", "tova": "last"}  # memory.Scored's rules by method name
+MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", *SCORE_RULES)
 
 
 def memory_policies(
@@ -107,6 +108,7 @@ def memory_policies(
   p = tokens_per_frame
   blocks = max(budget // 2 // p, 1)
   slots = budget // 2
+  half = C.Segmented((text, C.Window(budget - slots)))  # a window of half the budget beside a memory of the rest
   return {
     "window": C.Segmented((text, C.Window(budget))),
     "sinks": C.Segmented((text, C.SinkWindow(slots, budget - slots))),
@@ -117,10 +119,8 @@ def memory_policies(
       store_blocks=max(store_frames or frames, blocks),
       readers=(TEXT,),
     ),
-    "compressed": M.Compressed(C.Segmented((text, C.Window(budget - slots))), slots=slots, readers=(TEXT,)),
-    "h2o": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="sum"),
-    "agenorm": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="mean"),
-    "tova": M.Scored(C.Segmented((text, C.Window(budget - slots))), slots=slots, score="last"),
+    "compressed": M.Compressed(half, slots=slots, readers=(TEXT,)),
+    **{name: M.Scored(half, slots=slots, score=rule) for name, rule in SCORE_RULES.items()},
   }
 
 

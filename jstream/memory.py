@@ -73,6 +73,7 @@ from jstream.cache import kv as kv_lib
 from jstream.cache import planner as plan_lib
 from jstream.cache import policies as pol
 from jstream.checks import check_int
+from jstream.ops import attention as attn_ops
 from jstream.positions import Rope, apply_rope, rope_cos_sin
 from jstream.process_memory import tree_bytes
 from jstream.reduce import cosine_similarity
@@ -222,8 +223,8 @@ class Scored(MemoryPolicy):
     slots: evicted tokens kept per (row, layer, kv head).
     score: ``"sum"``, the attention mass an entry received since it left the window (H2O); ``"mean"``, that mass
       per reading query that could attend it (old entries are not kept merely for having been seen more);
-      ``"last"``, the mass it received from the latest chunk that read it (TOVA's rule: what the current queries
-      attend stays; SnapKV's observation window without its pooling).
+      ``"last"``, the mass it received from the latest chunk (TOVA's rule: what the current queries attend stays;
+      SnapKV's observation window without its pooling).
   """
 
   slots: int = 64
@@ -418,13 +419,11 @@ class MemoryCache:
   def _keep(self, mass: Float[Array, "l b k m"], seen: Float[Array, "l b k m"]) -> MemoryCache:
     """``Scored``: adds a chunk's attention mass and reading queries to the candidates' and keeps the ``slots`` of
     highest priority per (layer, row, kv head) (the score, or the score per reading query for ``"mean"``; of equal
-    priorities the earlier candidate: the entries before the evicted tokens). ``"last"`` replaces the score of
-    every candidate this chunk's queries could read by this chunk's mass."""
+    priorities the earlier candidate: the entries before the evicted tokens). ``"last"`` replaces every score by
+    this chunk's mass (a chunk reads every entry or, without reader queries, none: then all score 0 and, tied, the
+    entries stay and the evicted tokens go)."""
     policy = self.policy
-    if policy.score == "last":
-      score = jnp.where(seen > 0, mass, self.score)
-    else:
-      score = self.score + mass
+    score = mass if policy.score == "last" else self.score + mass
     seen = self.seen + seen
     priority = score / jnp.maximum(seen, 1.0) if policy.score == "mean" else score
     _, top = jax.lax.top_k(jnp.where(self.count > 0, priority, -jnp.inf), policy.slots)  # [l, b, k, slots]
@@ -611,17 +610,21 @@ def memory_key_mass(
   limit: Int[Array, "b t"],
   lse: Float[Array, "b t n"],
 ) -> tuple[Float[Array, "b k m"], Float[Array, "b k m"]]:
-  """The attention mass each memory entry received from a chunk's queries and the number of queries that could
-  attend it: ``(mass, seen)``, ``mass`` summed over the queries and the query heads of its kv head, each query's
-  logits normalised by ``lse [b, t, n]``, its log-sum-exp over everything it attends (the memory's share of a
-  larger attention: ``extend_embeddings(extra_outputs=True)`` passes it)."""
-  b, t, n, _ = q_rot.shape
-  heads = k.shape[1]
-  s = _memory_logits(q_rot, k, idx, count, limit)
-  lse = lse.astype(jnp.float32).reshape(b, t, heads, n // heads)
-  p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])  # exp(-inf) = 0 where a query sees nothing
-  seen = jnp.sum(_memory_seen(idx, count, limit), axis=1, dtype=jnp.float32)
-  return jnp.sum(p, axis=(1, 3)), seen
+  """The attention mass each memory entry of one token (``count`` 0 or 1: ``Scored``'s) received from a chunk's
+  queries and the number of queries that could attend it: ``(mass, seen)``, ``mass`` summed over the queries and
+  the query heads of its kv head, each query's logits normalised by ``lse [b, t, n]``, its log-sum-exp over
+  everything it attends (``extend_embeddings(extra_outputs=True)`` passes it): ``ops.attention.key_mass`` with the
+  memory's visibility as positions (entry ``idx`` to query ``limit``, causal)."""
+  seen = _memory_seen(idx, count, limit)  # [b, t, k, m]
+  mass = attn_ops.key_mass(
+    q_rot.astype(jnp.float32),
+    k.astype(jnp.float32),
+    lse,
+    q_positions=limit,
+    k_positions=idx,  # an empty entry has idx -1
+    kv_layout="bksh",
+  )
+  return mass, jnp.sum(seen, axis=1, dtype=jnp.float32)
 
 
 def memory_bytes(cache: MemoryCache) -> dict[str, int]:

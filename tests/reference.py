@@ -258,8 +258,8 @@ def memory_stream_logits(
   end of the list of entries with no mass; after the chunk's attention, each entry adds the attention weight every
   query head of its kv head gave it (the softmax over everything the query sees) to its score and the number of
   queries that saw it to its count of readers, and the ``slots`` entries of highest priority stay, in priority order
-  (the score, or for ``score="mean"`` the score per reader; for ``score="last"`` an entry read in this chunk
-  scores this chunk's mass only; a stable sort: of equal priorities, the one earlier in the list). A query at
+  (the score, or for ``score="mean"`` the score per reader; for ``score="last"`` an entry scores this chunk's
+  mass only; a stable sort: of equal priorities, the one earlier in the list). A query at
   index ``i`` sees its window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and memory entries of index
   ``<= i - window``.
   """
@@ -333,8 +333,8 @@ def memory_stream_logits(
               for m, wm in zip(seen, w[len(local) :]):
                 mem[m][4] += wm
         if kind == "scored":
-          for e, (old_score, old_seen) in zip(mem, before + [(0.0, 0.0)] * (len(mem) - len(before))):
-            if score == "last" and e[5] > old_seen:  # read this chunk: its score is this chunk's mass
+          for e, (old_score, _) in zip(mem, before + [(0.0, 0.0)] * (len(mem) - len(before))):
+            if score == "last":  # its score is this chunk's mass
               e[4] -= old_score
           priority = [e[4] / max(e[5], 1.0) if score == "mean" else e[4] for e in mem]
           memory[li][head] = [mem[m] for m in sorted(range(len(mem)), key=lambda m: -priority[m])[:slots]]

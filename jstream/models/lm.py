@@ -347,8 +347,8 @@ class StreamingTransformer(nnx.Module):
     """``cached_attention.attend`` with the sink / extra partial of ``sinks``; returns ``(out, kbuf, vbuf, k_rot,
     outputs)``, ``outputs`` the extra key set's ``finish(lse)`` (None without one)."""
     part, finish = sinks(attn, layer, q)
-    res = cached_attention.attend(ctx, kbuf, vbuf, layer, q, k, v, sink_part=part, return_lse=finish is not None, **kw)
-    return (*res[:4], None if finish is None else finish(res[4]))
+    *res, lse = cached_attention.attend(ctx, kbuf, vbuf, layer, q, k, v, sink_part=part, **kw)
+    return (*res, None if finish is None else finish(lse))
 
   def _chunk_step(self, x, ctx, kbuf, vbuf, sinks, cond=None):
     impl = self.config.attention_impl

@@ -279,8 +279,7 @@ def attend(
   impl,
   sink_part: tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None = None,
   mask_values: bool = True,
-  return_lse: bool = False,
-) -> tuple[Float[Array, "b t n h"], KeyBuffer, ValueBuffer, Float[Array, "b t k h"]] | tuple:
+) -> tuple[Float[Array, "b t n h"], KeyBuffer, ValueBuffer, Float[Array, "b t k h"], Float[Array, "b t n"]]:
   """Attention of one layer over cache + chunk.
 
   A chunk (``t > 1``) writes its keys and values into this layer's cache buffers. A single token (a read-only
@@ -296,11 +295,11 @@ def attend(
     sink_part: optional ``(out, lse)`` partial of a learned sink.
     mask_values: zero the values of empty slots as they are read (single tokens may turn it off: see
       ``value_guard``); chunks always do.
-    return_lse: also return the log-sum-exp ``[b, t, n]`` of every query's logits over all it attends (cache,
-      chunk, the sink part): what normalises the attention mass a key set received.
 
   Returns:
-    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf, k)``, ``k`` rotated as the cache stores it (and ``lse``).
+    ``(out [b, t, n, h] in q.dtype, kbuf, vbuf, k, lse)``, ``k`` rotated as the cache stores it, ``lse [b, t, n]``
+    the log-sum-exp of every query's logits over all it attends (cache, chunk, the sink part): what normalises the
+    attention mass a key set received.
 
   Raises:
     ValueError: ``mask_values=False`` for a chunk.
@@ -316,7 +315,7 @@ def attend(
     own_v = jnp.broadcast_to(v.astype(jnp.float32)[:, :, :, None], (b, t, k.shape[2], g, h)).reshape(b, t, n, h)
     parts.append((own_v, jnp.where(ctx.valid[:, :, None], score, -jnp.inf)))
     out, lse = _merge(parts, sink_part, q.dtype)
-    return (out, kbuf, vbuf, k_rot, lse) if return_lse else (out, kbuf, vbuf, k_rot)
+    return out, kbuf, vbuf, k_rot, lse
   if not mask_values:
     raise ValueError("chunks always mask the values of empty slots; mask_values=False is for single tokens")
   if ctx.write_first:
@@ -330,7 +329,7 @@ def attend(
   if not ctx.write_first:
     kbuf = cache_lib.write(kbuf, layer, ctx.ring_slots, k_rot)
     vbuf = cache_lib.write(vbuf, layer, ctx.ring_slots, v, slots_last=True)
-  return (out, kbuf, vbuf, k_rot, lse) if return_lse else (out, kbuf, vbuf, k_rot)
+  return out, kbuf, vbuf, k_rot, lse
 
 
 def ordered_after(slots: Int[Array, "b t"], probe: Shaped[Array, "b ..."]) -> Int[Array, "b t"]:
