@@ -25,9 +25,12 @@ their patch label, ``VideoLMConfig.label_words``; workdir suffix ``_labels``), `
 word embeddings of their quadrant, ``top`` / ``bottom`` and ``left`` / ``right``, ``VideoLMConfig.place_words``;
 workdir suffix ``_places``), ``state`` (the scene-state loss: a head on the language model's features after each
 frame names the digit in each quadrant, the count, the entering digit, the first in / out, each digit's entries and
-order, ``VideoTask.state_loss``; workdir suffix ``_state``). Flags combine (``long,aligned``). Any field can be
-overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are shared through
-``jstream.presets``.
+order, ``VideoTask.state_loss``; workdir suffix ``_state``), ``delta`` (the frame encoder sees the frame minus the
+previous one, and an entry head names the digit entering in each frame, ``VideoTask.frame_delta``; workdir suffix
+``_delta``), ``request`` (a head on the language model's features after each frame names the digit of the pending
+proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``). Flags combine (``long,aligned``).
+Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are
+shared through ``jstream.presets``.
 """
 
 import dataclasses
@@ -38,7 +41,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places", "state"}
+  known |= {"labels", "places", "state", "delta", "request"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -71,6 +74,12 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_places")
   if "state" in flags:  # dense supervision of the scene state the answers are read from
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, state_loss=1.0), workdir=cfg.workdir + "_state")
+  if "delta" in flags:  # the encoder sees what changed since the previous frame, and names the digit entering
+    video = dataclasses.replace(cfg.video, frame_delta=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_delta")
+  if "request" in flags:  # dense supervision of the pending proactive request
+    video = dataclasses.replace(cfg.video, request_loss=1.0)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_request")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -87,6 +96,8 @@ def get_config(*flags: str) -> TrainConfig:
       label_words=cfg.video.label_words,
       place_words=cfg.video.place_words,
       state_loss=cfg.video.state_loss,
+      frame_delta=cfg.video.frame_delta,
+      request_loss=cfg.video.request_loss,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -73,6 +73,68 @@ def answer_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray) -> dict[
   return out
 
 
+def pending_requests(text: np.ndarray, qtype: np.ndarray) -> np.ndarray:
+  """``[b, n]`` the label of the proactive request pending at each tick's decision (-1: none), from the slots of
+  clips that start at their stream's first tick: a request asked in tick ``f`` is pending from tick ``f + 1`` up to
+  and including the tick that announces it (whose slot starts with ``<speak>``)."""
+  ask = video_qa.QTYPES.index("proactive")
+  digit = {video_qa.WORD_ID[w]: d for d, w in enumerate(video_qa.NUMBERS)}
+  out = np.full(qtype.shape, -1, np.int64)
+  for b in range(qtype.shape[0]):
+    pending = -1
+    for t in range(qtype.shape[1]):
+      out[b, t] = pending
+      if text[b, t, 0] == video_qa.SPEAK:
+        pending = -1
+      if qtype[b, t] == ask:
+        pending = next(digit[w] for w in text[b, t] if w in digit)
+  return out
+
+
+def proactive_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray, entered: np.ndarray) -> dict[str, dict]:
+  """Teacher-forced speak decisions and announced labels, by kind of tick: ``due`` (the requested digit enters:
+  the model should speak), ``other_entry`` (a request is pending and another digit enters), ``pending`` (a request
+  is pending, nothing enters), ``idle_entry`` (a digit enters, no request pending) and ``idle`` (neither). Per kind:
+  ``ticks``, the mean two-way probability of ``<speak>`` against ``<silent>`` and how often it exceeds 0.5 and 0.2;
+  for ``due`` ticks also the accuracy and mean probability of the announced label (``<speak>`` given), and how often
+  the model's label names a digit other than the requested one.
+
+  Args:
+    pred: ``[b, n, L, v]`` logits that predict each slot word (``video_lm.slot_logits``).
+    text, qtype: the clips' slots and question types.
+    entered: ``[b, n]`` the label of the digit entering in each frame (``video_lm.NO_DIGIT``: none).
+  """
+  pending = pending_requests(text, qtype)
+  decision = np.asarray(jax.nn.log_softmax(jnp.asarray(pred[:, :, 0, [video_qa.SILENT, video_qa.SPEAK]], jnp.float32)))
+  p_speak = np.exp(decision[..., 1])
+  due = text[:, :, 0] == video_qa.SPEAK
+  enters = entered != video_lm.NO_DIGIT
+  kinds = {
+    "due": due,
+    "other_entry": (pending >= 0) & enters & ~due,
+    "pending": (pending >= 0) & ~enters,
+    "idle_entry": (pending < 0) & enters,
+    "idle": (pending < 0) & ~enters,
+  }
+  out = {}
+  for name, m in kinds.items():
+    out[name] = {
+      "ticks": int(m.sum()),
+      "p_speak": float(p_speak[m].mean()) if m.any() else None,
+      "speak_0.5": float((p_speak[m] > 0.5).mean()) if m.any() else None,
+      "speak_0.2": float((p_speak[m] > 0.2).mean()) if m.any() else None,
+    }
+  if due.any():
+    labels = np.asarray(jax.nn.log_softmax(jnp.asarray(pred[:, :, 1][due], jnp.float32)))
+    want = text[:, :, 1][due]
+    got = np.argmax(labels, axis=-1)
+    digits = set(video_qa.WORD_ID[w] for w in video_qa.NUMBERS)
+    out["due"]["label_accuracy"] = float((got == want).mean())
+    out["due"]["p_label"] = float(np.exp(labels[np.arange(len(want)), want]).mean())
+    out["due"]["label_other_digit"] = float(np.mean([g != w and int(g) in digits for g, w in zip(got, want)]))
+  return out
+
+
 def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
   """Per scene-state group (``video_lm.STATE_NAMES``): ``targets`` (defined ones), ``accuracy``, ``chance`` (the
   majority class's share) and ``minority_accuracy`` (on the targets that are not the majority class).
@@ -120,7 +182,7 @@ def main(argv=None) -> int:
     return logits, jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
 
   it = train_iterator(cfg, "test")
-  preds, texts, qtypes, states, truths = [], [], [], [], []
+  preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
   for _ in range(args.batches):
     batch = next(it)
     text = np.asarray(batch["text"])
@@ -128,10 +190,14 @@ def main(argv=None) -> int:
     preds.append(np.asarray(video_lm.slot_logits(logits, text.shape[1], p)))
     texts.append(text)
     qtypes.append(np.asarray(batch["qtype"]))
+    truth = np.asarray(video_lm.scene_state(jnp.asarray(batch["objects"]), model.config, cfg.video.digit_size))
+    entered.append(truth[..., video_lm.STATE_NAMES.index("entered")])
     if has_state:
       states.append(np.asarray(state))
-      truths.append(np.asarray(video_lm.scene_state(jnp.asarray(batch["objects"]), model.config, cfg.video.digit_size)))
-  stats = answer_stats(np.concatenate(preds), np.concatenate(texts), np.concatenate(qtypes))
+      truths.append(truth)
+  pred, text, qtype = np.concatenate(preds), np.concatenate(texts), np.concatenate(qtypes)
+  stats = answer_stats(pred, text, qtype)
+  proactive = proactive_stats(pred, text, qtype, np.concatenate(entered)) if cfg.video.streaming_objective else None
   state_scores = state_stats(np.concatenate(states), np.concatenate(truths)) if has_state else None
   print(f"probe_video_qa: {cfg.workdir} at step {step}, {sum(s['questions'] for s in stats.values())} questions")
   print(
@@ -146,6 +212,18 @@ def main(argv=None) -> int:
       else "    0"
     )
     print(f"  {name:10s} {s['questions']:5d} {s['accuracy']:6.2f} {s['chance']:7.2f} {s['p_right']:9.2f}   {m}")
+  if proactive:
+    head = f"{'tick kind':12s} {'ticks':>6s} {'p(speak)':>9s} {'>0.5':>6s} {'>0.2':>6s}"
+    print(f"  speak decisions (teacher-forced): {head}")
+    for name, r in proactive.items():
+      if r["ticks"]:
+        print(f"  {'':34s} {name:12s} {r['ticks']:6d} {r['p_speak']:9.3f} {r['speak_0.5']:6.2f} {r['speak_0.2']:6.2f}")
+    if "label_accuracy" in proactive["due"]:
+      d = proactive["due"]
+      print(
+        f"  announced label after <speak> at due ticks: accuracy {d['label_accuracy']:.2f}, p(label) "
+        f"{d['p_label']:.2f}, another digit named {d['label_other_digit']:.2f}"
+      )
   if state_scores:
     print(f"  scene state (head on the language model): {'group':18s} {'acc':>6s} {'chance':>7s} {'not-majority':>13s}")
     for name, r in state_scores.items():
@@ -159,6 +237,7 @@ def main(argv=None) -> int:
     "batches": args.batches,
     "types": stats,
     "state": state_scores,
+    "proactive": proactive,
     "seconds": time.perf_counter() - t0,
   }
   (out / "results.json").write_text(json.dumps(res, indent=2))

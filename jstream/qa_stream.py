@@ -39,7 +39,9 @@ class TickOutputs:
   else ``PAD``); ``kept``: ``[b, n]`` frame tokens that entered the cache (all of them without a token drop);
   ``drop_state``: the token drop's state after the last tick, for the next call (``None`` without a drop);
   ``speak_margin``: ``[b, n]`` float32 the ``<speak>`` logit minus the ``<silent>`` logit after the frame (the model
-  speaks where it is above ``log(t / (1 - t))`` for the call's ``speak_threshold`` ``t``)."""
+  speaks where it is above ``log(t / (1 - t))`` for the call's ``speak_threshold`` ``t``); ``last_frame``: ``[b, H,
+  W]`` the last tick's frame, for the next call's ``previous_frame`` (what a ``frame_delta`` model's encoder
+  subtracts)."""
 
   decision: np.ndarray
   announced: np.ndarray
@@ -47,6 +49,7 @@ class TickOutputs:
   kept: np.ndarray | None = None
   drop_state: reduce.DropState | None = None
   speak_margin: np.ndarray | None = None
+  last_frame: Array | None = None
 
 
 def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
@@ -69,14 +72,15 @@ def _say(lm, ids: Array, say: Array, cache):
   return lm.extend(ids, cache, segment_ids=seg)
 
 
-def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], drop, drop_state):
+def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], previous: Float[Array, "b _ _"], drop, drop_state):
   """The frame's tokens for the cache ``[b, p, d]``, whether each is kept ``[b, p]``, and the drop state.
 
   With a token drop (``reduce.DifferentialDrop``, TimeChat-Online) the rule reads the frame encoder's tokens; the
   kept tokens move to the front in place order (their place is in their features: the encoder's and the
   ``frame_pos`` embeddings) and the dropped ones become padding. A frame keeps at least one token (its last place
-  when the rule keeps none): the decision is read after the frame's last kept token."""
-  vis = model.encode(frame[:, None])  # [b, 1, p, d]
+  when the rule keeps none): the decision is read after the frame's last kept token. ``previous``: the frame
+  before (a ``frame_delta`` encoder's reference)."""
+  vis = model.encode(frame[:, None], previous)  # [b, 1, p, d]
   if drop is None:
     return model.placed(vis[:, 0]), jnp.ones(vis.shape[:1] + vis.shape[2:3], bool), drop_state
   keep, drop_state = drop(vis, drop_state)
@@ -108,11 +112,11 @@ def _tick(
   token drop before the cache (``_frame_tokens``). ``speak_bias``: the row speaks where its ``<speak>`` logit
   exceeds its ``<silent>`` logit by more than this (0: the likelier of the two).
   """
-  cache, left, drop_state = carry
+  cache, left, drop_state, previous = carry
   lm = model.lm
   b = frame.shape[0]
   every = jnp.ones((b,), bool)
-  vis, kept, drop_state = _frame_tokens(model, frame, drop, drop_state)
+  vis, kept, drop_state = _frame_tokens(model, frame, previous, drop, drop_state)
   carrier = model.config.carrier
   seg_f, group_f = jnp.where(kept, FRAME if carrier else VISION, -1), jnp.where(kept, 0, -1)
   last = left.shape[1] + jnp.sum(kept, axis=1) - 1  # the frame's last kept token ...
@@ -151,11 +155,11 @@ def _tick(
   answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
   left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
   said = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
-  return (cache, left, drop_state), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
+  return (cache, left, drop_state, frame), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias):
+def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias, previous):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
@@ -164,9 +168,9 @@ def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state,
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
   xs = (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1))
-  (cache, left, drop_state), outs = jax.lax.scan(step, (cache, left, drop_state), xs)
+  (cache, left, drop_state, previous), outs = jax.lax.scan(step, (cache, left, drop_state, previous), xs)
   _, cache = _say(model.lm, left, jnp.ones((b,), bool), cache)  # the last tick's answer
-  return cache, drop_state, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
+  return cache, drop_state, previous, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
 
 
 def run(
@@ -179,6 +183,7 @@ def run(
   drop: reduce.DifferentialDrop | None = None,
   drop_state: reduce.DropState | None = None,
   speak_threshold: float = 0.5,
+  previous_frame: Float[ArrayLike, "b _ _"] | None = None,
 ) -> tuple[cache_lib.Cache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
@@ -188,11 +193,13 @@ def run(
   ``drop_state``: the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's). ``speak_threshold``:
   the model speaks unprompted where ``<speak>``'s share of the ``<speak>`` / ``<silent>`` probabilities exceeds it
   (0.5: the likelier of the two; lower speaks more readily, VideoLLM-online's response threshold); a traced value,
-  so changing it does not recompile.
+  so changing it does not recompile. ``previous_frame``: ``[b, H, W]`` the frame before ``frames[:, 0]``, the
+  previous call's ``TickOutputs.last_frame`` (default zeros: streams that start here; set a row to zeros where it
+  resets); only a ``VideoLMConfig.frame_delta`` model's encoder reads it.
 
   Raises:
-    ValueError: frames not floats or not the model's frame size, frames and questions of different ``[b, n]``, or
-      ``speak_threshold`` outside (0, 1)."""
+    ValueError: frames not floats or not the model's frame size, frames and questions of different ``[b, n]``,
+      ``previous_frame`` not ``[b, H, W]``, or ``speak_threshold`` outside (0, 1)."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -204,11 +211,20 @@ def run(
     drop_state = reduce.init_drop_state(frames.shape[0], model.config.tokens_per_frame, model.config.lm.embed_dim)
   if not 0.0 < float(speak_threshold) < 1.0:
     raise ValueError(f"speak_threshold must be in (0, 1), got {speak_threshold}")
+  b = frames.shape[0]
+  if previous_frame is None:
+    previous_frame = jnp.zeros((b, *model.config.frame_size), jnp.float32)
+  previous_frame = jnp.asarray(previous_frame, jnp.float32)
+  if previous_frame.shape != (b, *model.config.frame_size):
+    raise ValueError(f"previous_frame must be [{b}, *{model.config.frame_size}], got {previous_frame.shape}")
   bias = jnp.float32(np.log(speak_threshold) - np.log1p(-speak_threshold))
   graphdef, state = nnx.split(model)
-  cache, drop_state, outs = _run(graphdef, state, cache, frames, questions, bool(proactive), drop, drop_state, bias)
+  args = (frames, questions, bool(proactive), drop, drop_state, bias, previous_frame)
+  cache, drop_state, last, outs = _run(graphdef, state, cache, *args)
   decision, announced, answer, kept, margin = (np.asarray(x) for x in outs)
-  return cache, TickOutputs(decision, announced, answer, kept, drop_state=drop_state, speak_margin=margin)
+  return cache, TickOutputs(
+    decision, announced, answer, kept, drop_state=drop_state, speak_margin=margin, last_frame=last
+  )
 
 
 def track_tokens(num_ticks: int, tokens_per_frame: int, question_len: int | None = None) -> dict[str, int]:
@@ -284,7 +300,7 @@ def answer_streams(
     StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32))
     for _ in streams
   ]
-  drop_state = None
+  drop_state = last_frame = None
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
     frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
@@ -303,8 +319,9 @@ def answer_streams(
       drop=drop,
       drop_state=drop_state,
       speak_threshold=speak_threshold,
+      previous_frame=last_frame,
     )
-    drop_state = out.drop_state
+    drop_state, last_frame = out.drop_state, out.last_frame
     if call_seconds is not None:
       call_seconds.append(time.perf_counter() - t0)
     for row, (c, rec) in enumerate(zip(chunks, records)):

@@ -54,11 +54,14 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(proacti
   embedding on its frame tokens (``frame_pos``) and its quadrant's words (``place_words``), which the runner must
   add as the offline forward does, and the other's has carrier tokens (``carrier``: the decision is read after the
   carrier, the patches go to the frame track) and its frame tokens carry their patch labels' word embeddings
-  (``label_words``), and it speaks at a ``speak_threshold`` other than 0.5: where ``<speak>``'s share of the two
-  probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares)."""
+  (``label_words``), its encoder reads each frame minus the one before (``frame_delta``, the runner carrying the
+  last frame from tick to tick), and it speaks at a ``speak_threshold`` other than 0.5: where ``<speak>``'s share
+  of the two probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares)."""
   labels = V.LABEL_WORDS if proactive else ()
   places = () if proactive else V.PLACE_WORDS
-  model = tiny_video_lm(seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places)
+  model = tiny_video_lm(
+    seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places, frame_delta=proactive
+  )
   qlen = V.MAX_QUESTION_WORDS + 2
   chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
   n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question
@@ -139,6 +142,32 @@ def test_token_drop_caches_what_the_rule_keeps_across_calls():
   qs = np.zeros((2, 4, V.MAX_QUESTION_WORDS + 2), np.int32)  # the shapes above: no new compilation
   cache, out = Q.run(model, model.init_cache(policy, 2), jnp.asarray(frames[:, :4]), qs, drop=drop)
   np.testing.assert_array_equal(np.asarray(cache.count)[:, 1], out.kept.sum(axis=1))
+
+
+def test_the_runner_carries_the_last_frame_across_calls():
+  """A ``frame_delta`` model streamed in calls of 4 ticks (``TickOutputs.last_frame`` passed on as the next call's
+  ``previous_frame``) says what one call over all 12 ticks says, speak margins included; starting a call from a
+  blank previous frame instead changes its first tick (streams with digits on screen at the calls' boundaries)."""
+  model = tiny_video_lm(seed=8, frame_delta=True)
+  config = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.6, enter_prob=0.6)
+  streams = lambda: [V.VideoQAStream(config, "test", i) for i in (10, 11)]
+  frames = np.stack([s.take(12).frames for s in streams()]).astype(np.float32) / 255.0
+  assert frames[:, 3].max() > 0 and frames[:, 7].max() > 0
+  one, split = (Q.answer_streams(model, POLICY, streams(), 12, ticks_per_call=k) for k in (12, 4))
+  for a, b in zip(one, split):
+    np.testing.assert_allclose(b.speak_margin, a.speak_margin, atol=1e-4)
+    for name in ("decision", "announced", "answer"):
+      np.testing.assert_array_equal(getattr(b, name), getattr(a, name))
+  qs = np.zeros((2, 4, V.MAX_QUESTION_WORDS + 2), np.int32)
+  margins = []
+  for previous in (True, False):
+    cache, first = Q.run(model, model.init_cache(POLICY, 2), frames[:, :4], qs)
+    np.testing.assert_array_equal(first.last_frame, frames[:, 3])
+    _, second = Q.run(model, cache, frames[:, 4:8], qs, previous_frame=first.last_frame if previous else None)
+    margins.append(second.speak_margin[:, 0])
+  assert np.abs(margins[0] - margins[1]).max() > 1e-4
+  with library_checks_only(), pytest.raises(ValueError, match="previous_frame must be"):
+    Q.run(model, model.init_cache(POLICY, 2), frames[:, :4], qs, previous_frame=np.zeros((1, 16, 16)))
 
 
 def test_a_long_stream_compiles_once():

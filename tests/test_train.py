@@ -421,6 +421,50 @@ def test_video_qa_state_loss_trains_the_state_head_and_the_language_model(tmp_pa
     assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(result.model, part))))
 
 
+def test_video_qa_frame_delta_and_request_losses_train_their_heads(tmp_path, monkeypatch):
+  """``configs/video_lm.py:quick,delta,request``: the encoder reads two channels (the frame and its difference from
+  the one before); a step's ``entry_loss`` is the entry head's loss on ``video_lm.entry_labels``, weighted like the
+  patch loss; its ``request_loss`` is the request head's loss on the pending request of each tick, recomputed here
+  from the slots by the probe's own loop (``experiments.probe_video_qa.pending_requests``); the logged loss is
+  answer + patch + entry + request; the entry and request heads and the first convolution learn."""
+  from flax import nnx
+
+  from experiments.probe_video_qa import pending_requests
+  from jstream.models import video_lm
+  from jstream.train.loop import init_state, make_train_step, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,request,workdir={tmp_path / 'dr'},log_every=1")
+  mc = cfg.video.model_config(cfg.model)
+  assert mc.frame_delta and mc.request_head and cfg.video.request_loss == 1.0
+  graphdef, optimizer, state = init_state(cfg)
+  before = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
+  assert before.patch.kernel.shape[2] == 2  # the frame and its difference
+  batch = next(train_iterator(cfg))
+  step = make_train_step(graphdef, optimizer, cfg)
+  for _ in range(cfg.video.encoder_steps):
+    state, _ = step(state, batch)
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
+  state, m = step(state, batch)
+  text, n = np.asarray(batch["text"]), batch["text"].shape[1]
+  vis = model.encode(jnp.asarray(batch["frames"]))
+  entry = video_lm.entry_labels(jnp.asarray(batch["objects"]), mc, cfg.video.digit_size)
+  want_entry, _ = video_lm.digit_loss(model.entry_logits(vis), entry)
+  np.testing.assert_allclose(float(m["entry_loss"]), float(want_entry), rtol=1e-4)
+  pending = pending_requests(text, np.asarray(batch["qtype"]))
+  pending = np.where(pending < 0, video_lm.NO_DIGIT, pending)
+  assert (pending != video_lm.NO_DIGIT).any()
+  assert cfg.video.text_budget is None  # whole slots: every decision is run
+  _, feats, _, _ = model.training_outputs(jnp.asarray(batch["frames"]), jnp.asarray(text), return_features=True)
+  want, _ = video_lm.digit_loss(model.request_logits(feats, n), jnp.asarray(pending))
+  np.testing.assert_allclose(float(m["request_loss"]), float(want), rtol=1e-4)
+  total = m["answer_loss"] + m["patch_loss"] + m["entry_loss"] + m["request_loss"]
+  np.testing.assert_allclose(float(m["loss"]), float(total), rtol=1e-5)
+  after = nnx.merge(graphdef, state.params)
+  for part in ("entry_head", "request_head", "patch"):
+    assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(after, part))))
+
+
 def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, monkeypatch):
   """With clips packed to a budget that cuts their last ticks, a joint step's ``state_loss`` is the state loss of
   the ticks whose decision was run only: the ticks past the budget (zero features) are not scored."""
@@ -461,10 +505,16 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     VideoTask(encoder_steps=10)
   with pytest.raises(ValueError, match="clip_overlap needs clips_per_stream > 1"):
     VideoTask(clip_overlap=4)
-  with pytest.raises(ValueError, match="state_loss must be >= 0"):
+  with pytest.raises(ValueError, match="state_loss and request_loss must be >= 0"):
     VideoTask(state_loss=-1.0)
   with pytest.raises(ValueError, match="state_loss needs clips that start"):
     VideoTask(state_loss=1.0, clips_per_stream=2)
+  with pytest.raises(ValueError, match="frame_delta needs clips that start"):
+    VideoTask(frame_delta=True, patch_loss=1.0, clips_per_stream=2)
+  with pytest.raises(ValueError, match="frame_delta trains its entry head"):
+    VideoTask(frame_delta=True)
+  with pytest.raises(ValueError, match="request_loss needs clips"):
+    VideoTask(request_loss=1.0, streaming_objective=False)
   with pytest.raises(ValueError, match="vocab_size =="):
     train(TrainConfig(model=model, data="video_qa", workdir=str(tmp_path / "bad")), progress=False)
 

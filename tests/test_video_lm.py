@@ -555,3 +555,85 @@ def test_state_loss_ignores_undefined_targets_and_scores_the_groups():
   where = [(t, g) for t, g in known if g < 4 and state[0, t, g] != VL.NO_DIGIT]
   want = np.mean([logits[0, t, g].argmax() == state[0, t, g] for t, g in where])
   np.testing.assert_allclose(float(m["state_where_accuracy"]), want, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ what changed: frame_delta and requests
+
+
+def test_entry_labels_name_the_entering_digit_at_its_centre_patch_from_the_event_log():
+  """``entry_labels``: per frame, the label of the digit whose entry the event log records in that frame, at the
+  patch of its drawn centre, ``NO_DIGIT`` everywhere else; crowded streams from their first frame (entries beside
+  digits on screen, repeated labels, exits)."""
+  config = V.video_qa_config(max_on_screen=4, enter_prob=0.5, stay=(4, 12))
+  model_config = VL.VideoLMConfig(tiny_video_lm().config.lm, frame_size=config.frame_size)
+  chunks = [V.VideoQAStream(config, "train", i).take(60) for i in range(3)]
+  got = np.asarray(VL.entry_labels(jnp.asarray(np.stack([c.objects for c in chunks])), model_config, 12))
+  cols = config.frame_size[1] // model_config.patch_size
+  entries = 0
+  for row, chunk in enumerate(chunks):
+    want = np.full(got.shape[1:], VL.NO_DIGIT)
+    for frame, kind, obj, label in chunk.events:
+      if kind != V.ENTER:
+        continue
+      (drawn,) = [r for r in chunk.objects[frame] if r[0] == obj]
+      y, x = (int(v) + 6 for v in drawn[3:5])
+      want[frame, (y // 8) * cols + x // 8] = label
+      entries += 1
+    np.testing.assert_array_equal(got[row], want)
+  assert entries > 20
+
+
+def test_pending_requests_follow_the_streams_requests_and_announcements():
+  """``pending_requests``: from tick ``f + 1`` after a proactive request up to its announcement, the requested
+  digit, else ``NO_DIGIT``; recomputed from the streams' question and announcement records (requests announced
+  and requests still pending at the end)."""
+  weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 6.0)  # requests often; entries often, so that some are fulfilled
+  config = V.video_qa_config(question_prob=0.7, question_weights=weights, enter_prob=0.5, stay=(4, 12))
+  chunks = [V.VideoQAStream(config, "test", i).take(80) for i in range(6)]
+  text = np.stack([c.text for c in chunks])
+  asked = np.stack([c.qtype for c in chunks]) == V.QTYPES.index("proactive")
+  digits = [V.WORD_ID[w] for w in V.NUMBERS]
+  got = np.asarray(VL.pending_requests(jnp.asarray(text), jnp.asarray(asked), digits))
+  pending_ticks = open_requests = 0
+  for row, chunk in enumerate(chunks):
+    want = np.full(80, VL.NO_DIGIT)
+    done = {qf: f for f, qf, _ in chunk.announcements}
+    open_requests += sum(q.qtype == "proactive" and q.frame not in done for q in chunk.questions)
+    for q in chunk.questions:
+      if q.qtype == "proactive":
+        want[q.frame + 1 : done.get(q.frame, 79) + 1] = V.NUMBERS.index(q.answer)
+    np.testing.assert_array_equal(got[row], want)
+    pending_ticks += int((want != VL.NO_DIGIT).sum())
+  assert sum(len(c.announcements) for c in chunks) >= 3 and open_requests >= 2 and pending_ticks > 100
+
+
+def test_frame_delta_encoder_reads_the_previous_frame_and_streams_in_chunks():
+  """A ``frame_delta`` model's frame tokens depend on the frame before: encoding ticks in pieces, each given the
+  last frame of the piece before, equals encoding them at once; a different previous frame changes the first
+  tick's tokens only; a model without it ignores ``previous``; the streamed ticks (``__call__(previous=)``) equal
+  the offline forward."""
+  model = tiny_video_lm(seed=31, frame_delta=True)
+  frames, text = ticks(2, 5, seed=32)
+  whole = np.asarray(model.encode(frames))
+  parts = [model.encode(frames[:, :2]), model.encode(frames[:, 2:], frames[:, 1])]
+  np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-5, atol=1e-5)
+  other = np.asarray(model.encode(frames, frames[:, 3]))
+  assert np.abs(other[:, 0] - whole[:, 0]).max() > 1e-3
+  np.testing.assert_allclose(other[:, 1:], whole[:, 1:], rtol=1e-6, atol=1e-6)
+  plain = tiny_video_lm(seed=31)
+  np.testing.assert_array_equal(plain.encode(frames, frames[:, 3]), plain.encode(frames))
+  policy = C.Segmented((C.Dense(64), C.Dense(64)))
+  cache, got = model.init_cache(policy, 2), []
+  for a, b in ((0, 2), (2, 5)):
+    logits, cache = model(frames[:, a:b], text[:, a:b], cache, None if a == 0 else frames[:, a - 1])
+    got.append(np.asarray(logits))
+  want = np.asarray(model.forward(frames, text))
+  p = model.config.tokens_per_frame
+  real = np.concatenate([np.ones((2, 5, p), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
+  np.testing.assert_allclose(np.concatenate(got, axis=1)[real], want[real], atol=5e-5, rtol=5e-5)
+  with library_checks_only(), pytest.raises(ValueError, match="previous must be the frame before"):
+    model.encode(frames, frames[:1, 0])
+  with pytest.raises(ValueError, match="frame_delta=True"):
+    plain.entry_logits(jnp.asarray(whole))
+  with pytest.raises(ValueError, match="request_head=True"):
+    plain.request_logits(jnp.zeros((2, 5 * 10, 32)), 5)

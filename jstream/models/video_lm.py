@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,16 @@ class VideoLMConfig:
     state_head: a linear head on the language model's final features at each tick's decision position (the
       frame's last token, where the ``<silent>`` / ``<speak>`` decision is read) that names the scene state the
       questions ask about (``scene_state``): training-only supervision (``state_loss``), like the patch head.
+    frame_delta: the encoder sees what changed: its input is two channels, the frame and the frame minus the
+      previous one (zeros before a stream's first frame; the stream runner carries the last frame from tick to
+      tick, ``qa_stream.run(previous_frame=)``), and a second patch head, the entry head, names the digit that
+      *entered* in this frame at the patch holding its centre (``entry_labels``; training-only). A digit that
+      enters appears whole in the difference, one that moves only at its edges, so telling which digit is new
+      (what a proactive request waits for) is local to the encoder instead of a comparison the language model has
+      to learn across frames.
+    request_head: a linear head on the language model's features at each tick's decision position that names the
+      digit of the proactive request pending then (``pending_requests``; ``NO_DIGIT``: none): training-only
+      supervision that the request, asked in the text many ticks earlier, is held where the decision is made.
   """
 
   lm: TransformerConfig
@@ -117,6 +128,8 @@ class VideoLMConfig:
   label_words: tuple[int, ...] = ()
   place_words: tuple[int, ...] = ()
   state_head: bool = False
+  frame_delta: bool = False
+  request_head: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -175,7 +188,7 @@ class VideoLM(nnx.Module):
     lm = config.lm
     d, p = lm.embed_dim, config.window
     self.lm = StreamingTransformer(lm, rngs=rngs)
-    channels = (1, *config.stem_channels)
+    channels = (1 + int(config.frame_delta), *config.stem_channels)
     self.stem = nnx.List(
       [
         nnx.Conv(c_in, c_out, (3, 3), padding="SAME", dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
@@ -206,6 +219,10 @@ class VideoLM(nnx.Module):
     if config.state_head:
       width = STATE_GROUPS * STATE_CLASSES
       self.state_head = nnx.Linear(d, width, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    if config.frame_delta:
+      self.entry_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    if config.request_head:
+      self.request_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
@@ -232,15 +249,28 @@ class VideoLM(nnx.Module):
 
   # ---------------------------------------------------------------------------------------------- inputs
 
-  def encode(self, frames: Float[Array, "b n _ _"]) -> Float[Array, "b n p d"]:
-    """Patch tokens ``[b, n, tokens_per_frame, d]`` of frames ``[b, n, H, W]`` (values in [0, 1])."""
+  def encode(
+    self, frames: Float[Array, "b n _ _"], previous: Float[Array, "b _ _"] | None = None
+  ) -> Float[Array, "b n p d"]:
+    """Patch tokens ``[b, n, tokens_per_frame, d]`` of frames ``[b, n, H, W]`` (values in [0, 1]). ``previous``:
+    for a ``frame_delta`` model, the frame before ``frames[:, 0]`` (``None``: zeros, streams that start here);
+    ignored otherwise."""
     c = self.config
     b, n, h, w = frames.shape
     if (h, w) != c.frame_size:
       raise ValueError(f"frames must be [b, n, {c.frame_size[0]}, {c.frame_size[1]}], got {frames.shape}")
     if not jnp.issubdtype(frames.dtype, jnp.floating):
       raise ValueError(f"frames must be floats in [0, 1], got {frames.dtype} (divide uint8 frames by 255)")
-    x = frames.astype(jnp.float32).reshape(b * n, h, w, 1)
+    x = frames.astype(jnp.float32)
+    if c.frame_delta:
+      if previous is None:
+        previous = jnp.zeros((b, h, w), jnp.float32)
+      elif previous.shape != (b, h, w):
+        raise ValueError(f"previous must be the frame before frames, [{b}, {h}, {w}], got {previous.shape}")
+      before = jnp.concatenate([previous.astype(jnp.float32)[:, None], x[:, :-1]], axis=1)
+      x = jnp.stack([x, x - before], axis=-1).reshape(b * n, h, w, 2)
+    else:
+      x = x.reshape(b * n, h, w, 1)
     for conv in self.stem:
       x = jax.nn.gelu(conv(x))
     x = self.patch(x).reshape(b * n, c.tokens_per_frame, -1) + self.patch_pos[...]
@@ -282,6 +312,13 @@ class VideoLM(nnx.Module):
     """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""
     return self.patch_head(vis)
 
+  def entry_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p 11"]:
+    """The entry-head logits (``entry_labels``' ``NO_DIGIT + 1`` classes) of frame tokens from ``encode``. Needs
+    ``VideoLMConfig.frame_delta``."""
+    if not self.config.frame_delta:
+      raise ValueError("entry_logits needs a model built with VideoLMConfig(frame_delta=True)")
+    return self.entry_head(vis)
+
   def tick_inputs(
     self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], vis: Float[Array, "b n p d"] | None = None
   ) -> tuple[Float[Array, "b s d"], Int[Array, "b s"], Int[Array, "b s"]]:
@@ -311,11 +348,16 @@ class VideoLM(nnx.Module):
   # ------------------------------------------------------------------------------------------------ calls
 
   def __call__(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], cache: cache_lib.Cache
+    self,
+    frames: Float[Array, "b n _ _"],
+    text: Int[Array, "b n l"],
+    cache: cache_lib.Cache,
+    previous: Float[Array, "b _ _"] | None = None,
   ) -> tuple[Logits, cache_lib.Cache]:
     """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
-    returns ``(logits [b, n * (F + L), v], cache)`` (``F = frame_len``). Compiles once per ``(n, L)``."""
-    x, segs, groups = self.tick_inputs(frames, text)
+    returns ``(logits [b, n * (F + L), v], cache)`` (``F = frame_len``). Compiles once per ``(n, L)``.
+    ``previous``: the frame before ``frames[:, 0]`` for a ``frame_delta`` model (``encode``)."""
+    x, segs, groups = self.tick_inputs(frames, text, self.encode(frames, previous))
     return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
 
   def forward(
@@ -333,6 +375,7 @@ class VideoLM(nnx.Module):
     packed_len: int | None = None,
     policy: cache_lib.Policy | None = None,
     return_features: bool = False,
+    vis: Float[Array, "b n p d"] | None = None,
   ) -> (
     tuple[Logits, Float[Array, "b n p 11"], Bool[Array, "b n l"]]
     | tuple[Logits, Float[Array, "b s d"], Float[Array, "b n p 11"], Bool[Array, "b n l"]]
@@ -350,8 +393,10 @@ class VideoLM(nnx.Module):
     forward_embeddings``; e.g. ``Segmented((SinkWindow(4, 252), Window(256)))``), StreamingVLM's training with the
     inference attention pattern; ``None``: full causal attention (with carriers: full attention to the text and
     the carriers, and to the patch tokens of the tick's own frame only).
+
+    ``vis``: the frames' ``encode``, if already computed (for other frame heads on the same pass).
     """
-    vis = self.encode(frames)
+    vis = self.encode(frames) if vis is None else vis
     x, segs, groups = self.tick_inputs(frames, text, vis)
     policy = self.tick_policy(policy, x.shape[1])  # with carriers, the frame track's window even offline
     valid = segs >= 0
@@ -389,6 +434,15 @@ class VideoLM(nnx.Module):
     at = features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
     return self.state_head(at).reshape(b, num_ticks, STATE_GROUPS, STATE_CLASSES).astype(jnp.float32)
 
+  def request_logits(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n 11"]:
+    """The pending-request logits ``[b, n, NO_DIGIT + 1]`` (``pending_requests``' classes) of ``n`` ticks, read
+    like ``state_logits``. Needs ``VideoLMConfig.request_head``."""
+    if not self.config.request_head:
+      raise ValueError("request_logits needs a model built with VideoLMConfig(request_head=True)")
+    b, s, d = features.shape
+    at = features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
+    return self.request_head(at).astype(jnp.float32)
+
 
 def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
   """The patch labels of frames from their drawn digits (``jstream.data.video_qa.Chunk.objects``: rows
@@ -407,18 +461,61 @@ def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_s
   return jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)).astype(jnp.int32)
 
 
-def patch_loss(
-  patch_logits: Float[Array, "b n p c"], labels: Int[Array, "b n p"]
-) -> tuple[Float[Array, ""], dict[str, Array]]:
-  """Mean cross-entropy of the patch labels (labels -1 ignored) and ``patch_accuracy`` over the patches that hold
-  a digit's centre."""
-  logp = jax.nn.log_softmax(patch_logits.astype(jnp.float32), axis=-1)
+def entry_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
+  """The entry head's labels ``[b, n, tokens_per_frame]`` (``VideoLMConfig.frame_delta``) of clips that start at
+  their stream's first frame: ``centre_labels`` of the digits drawn for the first time in each frame (an object id
+  not drawn in the frame before; at most one a frame), ``NO_DIGIT`` at every other patch."""
+  ids = objects[..., 0]
+  before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)  # [b, n, m]
+  old = (ids[..., :, None] == before[..., None, :]).any(-1)
+  new = jnp.where(((ids >= 0) & ~old)[..., None], objects, -1)
+  return centre_labels(new, config, digit_size)
+
+
+def pending_requests(
+  text: Int[Array, "b n l"], asked: Bool[Array, "b n"], digit_words: Sequence[int]
+) -> Int[Array, "b n"]:
+  """The digit of the proactive request pending at each tick's decision (``NO_DIGIT``: none), the request head's
+  target (``VideoLMConfig.request_head``), from the slots of clips that start at their stream's first tick: a
+  request asked in tick ``f`` (``asked``; its digit is the last of ``digit_words``, the ids of the words ``zero``
+  .. ``nine``, in the slot) is pending from tick ``f + 1`` through the tick that announces it (whose slot starts
+  with ``<speak>``)."""
+  words = jnp.asarray(digit_words, jnp.int32)
+  is_digit = text[..., None] == words  # [b, n, l, 10]
+  places = jnp.where(is_digit.any(-1), jnp.arange(text.shape[-1]), -1)
+  last = jnp.take_along_axis(is_digit, jnp.argmax(places, -1)[..., None, None], axis=2)[:, :, 0]
+  label = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [b, n]
+  spoke = text[..., 0] == SPEAK
+
+  def tick(pending, xs):
+    ask, lab, said = xs
+    nxt = jnp.where(ask, lab, jnp.where(said, NO_DIGIT, pending))
+    return nxt, pending
+
+  start = jnp.full(text.shape[:1], NO_DIGIT, jnp.int32)
+  _, out = jax.lax.scan(tick, start, (asked.T, label.T, spoke.T))
+  return out.T
+
+
+def digit_loss(logits: Float[Array, "*b c"], labels: Int[Array, "*b"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+  """Mean cross-entropy of class labels in ``0 .. NO_DIGIT`` (-1 ignored) and the accuracy over the labels that
+  name a digit (not ``NO_DIGIT``): the loss of the patch, entry and request heads."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   known = labels >= 0
   nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
   loss = jnp.sum(jnp.where(known, nll, 0.0)) / jnp.maximum(known.sum(), 1)
   digit = known & (labels != NO_DIGIT)
   hit = (jnp.argmax(logp, axis=-1) == labels) & digit
-  return loss, {"patch_accuracy": hit.sum() / jnp.maximum(digit.sum(), 1)}
+  return loss, hit.sum() / jnp.maximum(digit.sum(), 1)
+
+
+def patch_loss(
+  patch_logits: Float[Array, "b n p c"], labels: Int[Array, "b n p"]
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """Mean cross-entropy of the patch labels (labels -1 ignored) and ``patch_accuracy`` over the patches that hold
+  a digit's centre (``digit_loss``)."""
+  loss, accuracy = digit_loss(patch_logits, labels)
+  return loss, {"patch_accuracy": accuracy}
 
 
 def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n g"]:

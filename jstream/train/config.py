@@ -72,6 +72,14 @@ class VideoTask:
       and order of first entry; ``video_lm.scene_state``, from the clip's drawn digits). Dense supervision of
       the state the answers are read from: every tick has ~28 targets where a question gives one answer word in
       four ticks. Needs clips from their stream's start (``clips_per_stream == 1``); 0 turns it off.
+    frame_delta: the frame encoder sees the frame minus the previous one beside it, and an entry head on it is
+      trained (with the patch loss's weight) to name the digit that entered in each frame at its centre's patch
+      (``VideoLMConfig.frame_delta``, ``video_lm.entry_labels``). Needs clips from their stream's start and
+      ``patch_loss`` > 0.
+    request_loss: weight of the request loss: a head on the language model's features at each tick's decision
+      position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
+      ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
+      it off.
   """
 
   dataset: str = "digits"
@@ -99,16 +107,26 @@ class VideoTask:
   encoder_steps: int = 0
   streaming_objective: bool = True
   state_loss: float = 0.0
+  frame_delta: bool = False
+  request_loss: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
-    if self.state_loss < 0:
-      raise ValueError(f"state_loss must be >= 0, got {self.state_loss}")
-    if self.state_loss and self.clips_per_stream > 1:
+    if self.state_loss < 0 or self.request_loss < 0:
+      raise ValueError(f"state_loss and request_loss must be >= 0, got {self.state_loss}, {self.request_loss}")
+    for name, on in (("state_loss", self.state_loss), ("frame_delta", self.frame_delta)):
+      if on and self.clips_per_stream > 1:
+        raise ValueError(
+          f"{name} needs clips that start at their stream's first frame (clips_per_stream == 1): the targets of a "
+          "clip cut mid-stream depend on frames it does not show"
+        )
+    if self.request_loss and (self.clips_per_stream > 1 or not self.streaming_objective):
       raise ValueError(
-        "state_loss needs clips that start at their stream's first frame (clips_per_stream == 1): the state of a "
-        "clip cut mid-stream depends on frames it does not show"
+        "request_loss needs clips from their stream's start (clips_per_stream == 1: a request may be pending from "
+        "before a clip cut mid-stream) and the streaming objective (requests are announced)"
       )
+    if self.frame_delta and self.patch_loss == 0:
+      raise ValueError("frame_delta trains its entry head with the patch loss: it needs patch_loss > 0")
     if self.question_weights is not None:
       object.__setattr__(self, "question_weights", tuple(float(x) for x in self.question_weights))
     if self.patch_loss < 0 or self.speak_weight <= 0:
@@ -163,6 +181,8 @@ class VideoTask:
       label_words=LABEL_WORDS if self.label_words else (),
       place_words=PLACE_WORDS if self.place_words else (),
       state_head=self.state_loss > 0,
+      frame_delta=self.frame_delta,
+      request_head=self.request_loss > 0,
     )
 
 

@@ -118,27 +118,36 @@ def make_train_step(
 
       video = cfg.video
 
-      def patch_term(patches):
+      def patch_term(vis):  # the frame heads: patch labels, and entry labels with frame_delta
         labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
-        patch, pm = video_lm.patch_loss(patches, labels)
-        return patch, {"patch_loss": patch, **pm}
+        patch, pm = video_lm.patch_loss(model.patch_logits(vis), labels)
+        out = {"patch_loss": patch, **pm}
+        if video.frame_delta:
+          entry = video_lm.entry_labels(batch["objects"], model.config, video.digit_size)
+          el, ea = video_lm.digit_loss(model.entry_logits(vis), entry)
+          patch = patch + el
+          out.update({"entry_loss": el, "entry_accuracy": ea})
+        return patch, out
 
+      vis = model.encode(batch["frames"])
       if encoder_only:
-        return patch_term(model.patch_logits(model.encode(batch["frames"])))
+        return patch_term(vis)
       p = model.config.frame_len
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
       text, targets = batch["text"], batch["targets"]
       if not video.streaming_objective:
         text, targets = video_lm.answers_only(text, targets)
-      state = video.state_loss > 0
-      outputs = model.training_outputs(batch["frames"], text, packed_len=packed, return_features=state, **mask_kw)
-      logits, patches, kept = outputs[0], outputs[-2], outputs[-1]
+      state, request = video.state_loss > 0, video.request_loss > 0
+      outputs = model.training_outputs(
+        batch["frames"], text, packed_len=packed, return_features=state or request, vis=vis, **mask_kw
+      )
+      logits, kept = outputs[0], outputs[-1]
       loss, m = video_lm.tick_loss(logits, text, targets & kept, p, speak_weight=video.speak_weight)
       dropped = 1.0 - (targets & kept).sum() / jnp.maximum(targets.sum(), 1)
       out = {"tokens": m["targets"], "answer_loss": loss, "dropped_targets": dropped}
       out.update({k: m[k] for k in ("accuracy", "decision_accuracy", "speak_recall", "word_accuracy")})
       if video.patch_loss > 0:
-        patch, pm = patch_term(patches)
+        patch, pm = patch_term(vis)
         loss = loss + video.patch_loss * patch
         out.update(pm)
       if state:  # a tick whose decision word was run had its frame run (ticks past the budget leave the loss)
@@ -147,6 +156,15 @@ def make_train_step(
         sl, sm = video_lm.state_loss(model.state_logits(outputs[1], text.shape[1]), truth)
         loss = loss + video.state_loss * sl
         out.update({"state_loss": sl, **sm})
+      if request:  # the pending request's digit at each decision
+        from jstream.data import video_qa
+
+        asked = batch["qtype"] == video_qa.QTYPES.index("proactive")
+        pending = video_lm.pending_requests(text, asked, [video_qa.WORD_ID[w] for w in video_qa.NUMBERS])
+        pending = jnp.where(kept[:, :, 0], pending, -1)
+        rl, ra = video_lm.digit_loss(model.request_logits(outputs[1], text.shape[1]), pending)
+        loss = loss + video.request_loss * rl
+        out.update({"request_loss": rl, "request_accuracy": ra})
       return loss, out
     if cfg.draft_heads is not None:  # Medusa-1: the heads' loss, the target frozen
       loss, m = model.heads.loss(model.target, batch, decay=cfg.draft_heads.decay)
@@ -394,7 +412,7 @@ def _device_batch(cfg: TrainConfig, batch) -> Any:
   if cfg.data == "video_gen":
     return {k: jnp.asarray(batch[k]) for k in ("frames", "labels", "actions") if k in batch}
   if cfg.data == "video_qa":
-    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "objects")}
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "qtype", "objects")}
   return jnp.asarray(np.asarray(batch, np.int32))
 
 
