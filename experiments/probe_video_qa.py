@@ -172,21 +172,39 @@ def main(argv=None) -> int:
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
   p = model.config.frame_len
-  has_state = model.config.state_head
+  mc = model.config
+  has_state = mc.state_head
 
   @jax.jit
   def forward(frames, text):
-    if not has_state:
-      return model.training_outputs(frames, text)[0], None
-    logits, feats, _, _ = model.training_outputs(frames, text, return_features=True)
-    return logits, jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
+    vis = model.encode(frames)
+    logits, feats, _, _ = model.training_outputs(frames, text, return_features=True, vis=vis)
+    heads = {}
+    if has_state:
+      heads["state"] = jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
+    if mc.frame_delta:
+      heads["entry"] = jnp.argmax(model.entry_logits(vis), axis=-1)
+    if mc.request_head:
+      heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
+    return logits, heads
 
   it = train_iterator(cfg, "test")
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
+  entry_hits, request_hits = [], []
   for _ in range(args.batches):
     batch = next(it)
     text = np.asarray(batch["text"])
-    logits, state = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
+    logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
+    state = heads.get("state")
+    if "entry" in heads:  # the entry head at the patches where a digit enters
+      want = np.asarray(video_lm.entry_labels(jnp.asarray(batch["objects"]), mc, cfg.video.digit_size))
+      entry_hits.append(
+        np.asarray(heads["entry"])[(want >= 0) & (want != video_lm.NO_DIGIT)]
+        == want[(want >= 0) & (want != video_lm.NO_DIGIT)]
+      )
+    if "request" in heads:  # the request head at the ticks where a request is pending
+      want = pending_requests(text, np.asarray(batch["qtype"]))
+      request_hits.append(np.asarray(heads["request"])[want >= 0] == want[want >= 0])
     preds.append(np.asarray(video_lm.slot_logits(logits, text.shape[1], p)))
     texts.append(text)
     qtypes.append(np.asarray(batch["qtype"]))
@@ -224,6 +242,13 @@ def main(argv=None) -> int:
         f"  announced label after <speak> at due ticks: accuracy {d['label_accuracy']:.2f}, p(label) "
         f"{d['p_label']:.2f}, another digit named {d['label_other_digit']:.2f}"
       )
+  frame_heads = {}
+  for name, hits in (("entry", entry_hits), ("request", request_hits)):
+    if hits:
+      h = np.concatenate(hits)
+      frame_heads[name] = {"targets": int(h.size), "accuracy": float(h.mean()) if h.size else None}
+      what = "patches where a digit enters" if name == "entry" else "ticks with a request pending"
+      print(f"  {name} head: accuracy {frame_heads[name]['accuracy']:.2f} at {h.size} {what}")
   if state_scores:
     print(f"  scene state (head on the language model): {'group':18s} {'acc':>6s} {'chance':>7s} {'not-majority':>13s}")
     for name, r in state_scores.items():
@@ -238,6 +263,7 @@ def main(argv=None) -> int:
     "types": stats,
     "state": state_scores,
     "proactive": proactive,
+    "heads": frame_heads,
     "seconds": time.perf_counter() - t0,
   }
   (out / "results.json").write_text(json.dumps(res, indent=2))

@@ -267,3 +267,33 @@ def test_the_probe_reads_the_answer_word_distribution_per_question_type():
   assert s["minority_p_majority"] == pytest.approx(probs[2, w["none"]], rel=1e-5)
   c = stats["count_now"]
   assert (c["questions"], c["accuracy"], c["minority_questions"], c["minority_top"]) == (1, 1.0, 0, None)
+
+
+def test_the_probe_sorts_speak_decisions_by_tick_kind():
+  """``experiments.probe_video_qa.proactive_stats`` on a hand-made clip: a request for a seven asked in tick 0,
+  nothing in tick 1, a three entering in tick 2, the seven entering (announced) in tick 3, a five entering with no
+  request pending in tick 4, nothing in tick 5; the speak probabilities and the announced label set by hand."""
+  from experiments.probe_video_qa import pending_requests, proactive_stats
+
+  w = V.WORD_ID
+  ask = [V.QUESTION, *V.encode("tell me when a seven appears")]
+  slots = [[V.SILENT, *ask], [V.SILENT], [V.SILENT], [V.SPEAK, w["seven"], V.EOS], [V.SILENT], [V.SILENT]]
+  text = np.zeros((1, 6, 10), np.int32)
+  for t, slot in enumerate(slots):
+    text[0, t, : len(slot)] = slot
+  qtype = np.array([[V.QTYPES.index("proactive"), -1, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(pending_requests(text, qtype), [[-1, 7, 7, 7, -1, -1]])
+  entered = np.array([[VL.NO_DIGIT, VL.NO_DIGIT, 3, 7, 5, VL.NO_DIGIT]])
+  p_speak = np.array([0.1, 0.3, 0.6, 0.4, 0.25, 0.05])
+  pred = np.zeros((1, 6, 10, len(V.WORDS)), np.float32)
+  pred[0, :, 0, V.SPEAK] = np.log(p_speak / (1 - p_speak))  # two-way probability p_speak against <silent> at 0
+  pred[0, 3, 1, w["three"]] = 5.0  # after <speak> it names a three
+  got = proactive_stats(pred, text, qtype, entered)
+  want = {"due": [3], "other_entry": [2], "pending": [1], "idle_entry": [4], "idle": [0, 5]}
+  for kind, ticks in want.items():
+    assert got[kind]["ticks"] == len(ticks), kind
+    np.testing.assert_allclose(got[kind]["p_speak"], p_speak[ticks].mean(), rtol=1e-5)
+    np.testing.assert_allclose(got[kind]["speak_0.5"], np.mean(p_speak[ticks] > 0.5))
+    np.testing.assert_allclose(got[kind]["speak_0.2"], np.mean(p_speak[ticks] > 0.2))
+  assert got["due"]["label_accuracy"] == 0.0 and got["due"]["label_other_digit"] == 1.0
+  np.testing.assert_allclose(got["due"]["p_label"], 1 / (len(V.WORDS) - 1 + np.exp(5.0)), rtol=1e-5)
