@@ -27,10 +27,11 @@ workdir suffix ``_places``), ``state`` (the scene-state loss: a head on the lang
 frame names the digit in each quadrant, the count, the entering digit, the first in / out, each digit's entries and
 order, ``VideoTask.state_loss``; workdir suffix ``_state``), ``delta`` (the frame encoder sees the frame minus the
 previous one, and an entry head names the digit entering in each frame, ``VideoTask.frame_delta``; workdir suffix
-``_delta``), ``request`` (a head on the language model's features after each frame names the digit of the pending
-proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``). Flags combine (``long,aligned``).
-Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The model and run are
-shared through ``jstream.presets``.
+``_delta``), ``entries`` (with ``delta``: the frame tokens also carry the word embedding of the digit the entry
+head sees entering, ``VideoTask.entry_words``; workdir suffix ``_entries``), ``request`` (a head on the language
+model's features after each frame names the digit of the pending proactive request, ``VideoTask.request_loss``;
+workdir suffix ``_request``). Flags combine (``long,aligned``). Any field can be overridden as ``key=value``
+(``model.<field>=...``, ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
 
 import dataclasses
@@ -41,7 +42,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places", "state", "delta", "request"}
+  known |= {"labels", "places", "state", "delta", "entries", "request"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -77,6 +78,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "delta" in flags:  # the encoder sees what changed since the previous frame, and names the digit entering
     video = dataclasses.replace(cfg.video, frame_delta=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_delta")
+  if "entries" in flags:  # the frame tokens name the digit entering in words
+    video = dataclasses.replace(cfg.video, entry_words=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_entries")
   if "request" in flags:  # dense supervision of the pending proactive request
     video = dataclasses.replace(cfg.video, request_loss=1.0)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_request")
@@ -97,6 +101,7 @@ def get_config(*flags: str) -> TrainConfig:
       place_words=cfg.video.place_words,
       state_loss=cfg.video.state_loss,
       frame_delta=cfg.video.frame_delta,
+      entry_words=cfg.video.entry_words,
       request_loss=cfg.video.request_loss,
     )
     cfg = dataclasses.replace(

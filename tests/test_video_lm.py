@@ -637,3 +637,27 @@ def test_frame_delta_encoder_reads_the_previous_frame_and_streams_in_chunks():
     plain.entry_logits(jnp.asarray(whole))
   with pytest.raises(ValueError, match="request_head=True"):
     plain.request_logits(jnp.zeros((2, 5 * 10, 32)), 5)
+
+
+def test_entry_words_add_the_entry_heads_word_embedding_to_the_frame_tokens():
+  """``entry_words``: each frame token the language model reads is the encoder's token (of the frame and its
+  difference from the one before) plus the entry head's softmax over the eleven classes times the input
+  embeddings of the words naming them, recomputed here in NumPy; the config flag names the same words; without
+  ``frame_delta`` it is an error."""
+  model = tiny_video_lm(seed=26, frame_delta=True, entry_words=LABEL_WORDS)
+  frames, text = ticks(2, 3, seed=27)
+  vis = np.asarray(model.encode(frames), np.float64)
+  logits = vis @ np.asarray(model.entry_head.kernel[...], np.float64) + np.asarray(model.entry_head.bias[...])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  table = np.asarray(model.lm.embed.embedding[...], np.float64)
+  want = vis + probs @ table[list(LABEL_WORDS)]
+  x, _, _ = model.tick_inputs(frames, text)
+  got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
+  assert np.abs(want - vis).max() > 0.05
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:delta,entries")
+  mc = cfg.video.model_config(cfg.model)
+  assert mc.entry_words == LABEL_WORDS and mc.frame_delta and cfg.workdir.endswith("_delta_entries")
+  with pytest.raises(ValueError, match="entry_words needs frame_delta"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, entry_words=LABEL_WORDS)

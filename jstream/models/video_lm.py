@@ -112,6 +112,11 @@ class VideoLMConfig:
       enters appears whole in the difference, one that moves only at its edges, so telling which digit is new
       (what a proactive request waits for) is local to the encoder instead of a comparison the language model has
       to learn across frames.
+    entry_words: the frame tokens name the digit entering in the words of the language model, as ``label_words``
+      name their patch label: each token the language model reads gets the entry head's probabilities over its
+      ``NO_DIGIT + 1`` classes times the input embeddings of the words ``entry_words`` (the digits' names and
+      ``none``), so that the identity of a new digit, which the entry head reads off the frame difference, reaches
+      the decision as the word a request names. ``()``: off. Needs ``frame_delta``.
     request_head: a linear head on the language model's features at each tick's decision position that names the
       digit of the proactive request pending then (``pending_requests``; ``NO_DIGIT``: none): training-only
       supervision that the request, asked in the text many ticks earlier, is held where the decision is made.
@@ -129,6 +134,7 @@ class VideoLMConfig:
   place_words: tuple[int, ...] = ()
   state_head: bool = False
   frame_delta: bool = False
+  entry_words: tuple[int, ...] = ()
   request_head: bool = False
 
   def __post_init__(self):
@@ -146,6 +152,9 @@ class VideoLMConfig:
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
     self._word_ids("label_words", NO_DIGIT + 1, "one per patch label")
     self._word_ids("place_words", 4, "top, bottom, left, right")
+    self._word_ids("entry_words", NO_DIGIT + 1, "one per entry label")
+    if self.entry_words and not self.frame_delta:
+      raise ValueError("entry_words needs frame_delta (the entry head reads the frame difference)")
     if self.place_words:
       rows, cols = h // self.patch_size, w // self.patch_size
       if rows % 2 or cols % 2:
@@ -287,7 +296,8 @@ class VideoLM(nnx.Module):
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
     """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``),
-    the word embedding of each token's patch label (``label_words``) and those of its quadrant (``place_words``)."""
+    the word embedding of each token's patch label (``label_words``), those of its quadrant (``place_words``) and
+    that of the digit entering there (``entry_words``)."""
     out = vis
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
@@ -296,6 +306,10 @@ class VideoLM(nnx.Module):
     if self.config.label_words:
       probs = jax.nn.softmax(self.patch_logits(vis).astype(jnp.float32), axis=-1)
       words = self.lm.embed(jnp.asarray(self.config.label_words, jnp.int32)).astype(jnp.float32)  # [11, d]
+      out = out + (probs @ words).astype(vis.dtype)
+    if self.config.entry_words:
+      probs = jax.nn.softmax(self.entry_logits(vis).astype(jnp.float32), axis=-1)
+      words = self.lm.embed(jnp.asarray(self.config.entry_words, jnp.int32)).astype(jnp.float32)
       out = out + (probs @ words).astype(vis.dtype)
     return out
 

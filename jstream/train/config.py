@@ -76,6 +76,8 @@ class VideoTask:
       trained (with the patch loss's weight) to name the digit that entered in each frame at its centre's patch
       (``VideoLMConfig.frame_delta``, ``video_lm.entry_labels``). Needs clips from their stream's start and
       ``patch_loss`` > 0.
+    entry_words: the frame tokens the language model reads carry the word embedding of the digit the entry head
+      sees entering there (``VideoLMConfig.entry_words``). Needs ``frame_delta``.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
@@ -108,6 +110,7 @@ class VideoTask:
   streaming_objective: bool = True
   state_loss: float = 0.0
   frame_delta: bool = False
+  entry_words: bool = False
   request_loss: float = 0.0
 
   def __post_init__(self):
@@ -125,6 +128,8 @@ class VideoTask:
         "request_loss needs clips from their stream's start (clips_per_stream == 1: a request may be pending from "
         "before a clip cut mid-stream) and the streaming objective (requests are announced)"
       )
+    if self.entry_words and not self.frame_delta:
+      raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
     if self.frame_delta and self.patch_loss == 0:
       raise ValueError("frame_delta trains its entry head with the patch loss: it needs patch_loss > 0")
     if self.question_weights is not None:
@@ -182,6 +187,7 @@ class VideoTask:
       place_words=PLACE_WORDS if self.place_words else (),
       state_head=self.state_loss > 0,
       frame_delta=self.frame_delta,
+      entry_words=LABEL_WORDS if self.entry_words else (),
       request_head=self.request_loss > 0,
     )
 
