@@ -27,11 +27,14 @@ workdir suffix ``_places``), ``state`` (the scene-state loss: a head on the lang
 frame names the digit in each quadrant, the count, the entering digit, the first in / out, each digit's entries and
 order, ``VideoTask.state_loss``; workdir suffix ``_state``), ``delta`` (the frame encoder sees the frame minus the
 previous one, and an entry head names the digit entering in each frame, ``VideoTask.frame_delta``; workdir suffix
-``_delta``), ``entries`` (with ``delta``: the frame tokens also carry the word embedding of the digit the entry
-head sees entering, ``VideoTask.entry_words``; workdir suffix ``_entries``), ``request`` (a head on the language
-model's features after each frame names the digit of the pending proactive request, ``VideoTask.request_loss``;
-workdir suffix ``_request``). Flags combine (``long,aligned``). Any field can be overridden as ``key=value``
-(``model.<field>=...``, ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
+``_delta``), ``fulfil`` (a training curriculum: a digit entering while a proactive request is pending is the
+requested one with probability 0.3, so that clips hold about four times the announcements; evaluation streams keep
+uniform entries; ``VideoTask.fulfil_prob``; workdir suffix ``_fulfil``), ``entries`` (with ``delta``: the frame
+tokens also carry the word embedding of the digit the entry head sees entering, ``VideoTask.entry_words``; workdir
+suffix ``_entries``), ``request`` (a head on the language model's features after each frame names the digit of the
+pending proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``). Flags combine
+(``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
+model and run are shared through ``jstream.presets``.
 """
 
 import dataclasses
@@ -42,7 +45,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places", "state", "delta", "entries", "request"}
+  known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -78,6 +81,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "delta" in flags:  # the encoder sees what changed since the previous frame, and names the digit entering
     video = dataclasses.replace(cfg.video, frame_delta=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_delta")
+  if "fulfil" in flags:  # a curriculum: requests fulfilled sooner and more often in the training clips
+    video = dataclasses.replace(cfg.video, fulfil_prob=0.3)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_fulfil")
   if "entries" in flags:  # the frame tokens name the digit entering in words
     video = dataclasses.replace(cfg.video, entry_words=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_entries")
@@ -102,6 +108,7 @@ def get_config(*flags: str) -> TrainConfig:
       state_loss=cfg.video.state_loss,
       frame_delta=cfg.video.frame_delta,
       entry_words=cfg.video.entry_words,
+      fulfil_prob=cfg.video.fulfil_prob,
       request_loss=cfg.video.request_loss,
     )
     cfg = dataclasses.replace(

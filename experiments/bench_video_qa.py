@@ -310,7 +310,7 @@ def main(argv=None) -> int:
   print(f"bench_video_qa on {device}, jax {jax.__version__}; model {cfg.workdir}")
   t0 = time.time()
   model, step, train_log = trained_model(cfg, progress=not args.no_progress)
-  data_config = cfg.video.data_config()
+  data_config = cfg.video.data_config(curriculum=False)
   proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
   streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
   if args.memory or args.drop:

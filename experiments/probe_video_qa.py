@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import pathlib
 import time
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
       heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
     return logits, heads
 
-  it = train_iterator(cfg, "test")
+  # test clips of the streams as evaluated: without a training curriculum (VideoTask.fulfil_prob)
+  it = train_iterator(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, fulfil_prob=0.0)), "test")
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
   entry_hits, request_hits = [], []
   for _ in range(args.batches):

@@ -87,7 +87,7 @@ def show(argv) -> int:
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
-  data_config = cfg.video.data_config()
+  data_config = cfg.video.data_config(curriculum=False)
   dense = qa_stream.track_tokens(args.frames, model.config.tokens_per_frame)
   choices = policies(args.window, 4, dense["text"], dense["vision"])
   if args.policy not in choices:

@@ -157,6 +157,10 @@ class VideoQAConfig(LocalConfig):
     num_train: clips in the train split.
     num_test: clips in the test split.
     seed: base seed of the stream generator.
+    fulfil_prob: probability that a digit entering while a proactive request is pending shows the requested digit
+      (an image of that label instead of a uniform draw from the pool): a training curriculum in which requests
+      are fulfilled sooner and more often, so that a clip holds more announcements to learn from. 0 (the
+      default): every entry is a uniform draw, and the streams are those of a config without this field.
   """
 
   frame_size: tuple[int, int] = (32, 32)
@@ -174,6 +178,7 @@ class VideoQAConfig(LocalConfig):
   num_train: int = 2000
   num_test: int = 200
   seed: int = 0
+  fulfil_prob: float = 0.0
 
 
 def video_qa_config(
@@ -193,6 +198,7 @@ def video_qa_config(
   num_train: int = 2000,
   num_test: int = 200,
   seed: int = 0,
+  fulfil_prob: float = 0.0,
 ) -> VideoQAConfig:
   """Checks and names a video-QA config (arguments as the ``VideoQAConfig`` attributes).
 
@@ -230,6 +236,7 @@ def video_qa_config(
       0 <= clip_overlap < clip_frames and (clips_per_stream > 1 or clip_overlap == 0)
     ),
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
+    "fulfil_prob must be in [0, 1]": 0 <= fulfil_prob <= 1,
   }
   check_params(
     checks,
@@ -248,6 +255,7 @@ def video_qa_config(
     num_train=num_train,
     num_test=num_test,
     seed=seed,
+    fulfil_prob=fulfil_prob,
   )
   config = VideoQAConfig(
     name="pending",
@@ -266,6 +274,7 @@ def video_qa_config(
     num_train=int(num_train),
     num_test=int(num_test),
     seed=int(seed),
+    fulfil_prob=float(fulfil_prob),
   )
   name = f"{h}x{w}_d{digit_size}_m{max_on_screen}_t{clip_frames}_{config.signature()}"
   return config.named(name, f"Streaming video QA on moving digits: {config.params()}")
@@ -348,6 +357,7 @@ class VideoQAStream:
     self.config = config or video_qa_config()
     self.split, self.index = split, int(index)
     self._images, self._labels = digit_pool(split, self.config.digit_size)
+    self._by_label = [np.flatnonzero(self._labels == d) for d in range(10)]
     self._rng = np.random.default_rng([self.config.seed, SPLITS.index(split), self.index])
     self.frame = 0  # the next tick's frame
     self._next_obj = 0
@@ -430,6 +440,9 @@ class VideoQAStream:
     enter = rng.random() < c.enter_prob
     if enter and len(self._active) < c.max_on_screen:
       image = int(rng.integers(len(self._images)))
+      if c.fulfil_prob > 0 and self._pending is not None and rng.random() < c.fulfil_prob:
+        pool = self._by_label[self._pending[1]]  # the requested digit, an image drawn as uniformly
+        image = int(pool[image % len(pool)])
       label = int(self._labels[image])
       corner = rng.uniform(0.0, 1.0, size=2) * self._limit
       speed, angle = rng.uniform(*c.speed), rng.uniform(0.0, 2.0 * np.pi)

@@ -78,6 +78,9 @@ class VideoTask:
       ``patch_loss`` > 0.
     entry_words: the frame tokens the language model reads carry the word embedding of the digit the entry head
       sees entering there (``VideoLMConfig.entry_words``). Needs ``frame_delta``.
+    fulfil_prob: a training curriculum for proactive requests: the probability that a digit entering while a
+      request is pending in a training clip is the requested one (``video_qa.VideoQAConfig.fulfil_prob``). The
+      evaluation streams (``data_config(curriculum=False)``) keep uniform entries.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
@@ -111,6 +114,7 @@ class VideoTask:
   state_loss: float = 0.0
   frame_delta: bool = False
   entry_words: bool = False
+  fulfil_prob: float = 0.0
   request_loss: float = 0.0
 
   def __post_init__(self):
@@ -150,8 +154,9 @@ class VideoTask:
     if self.text_budget is not None and self.text_budget < 1:
       raise ValueError(f"text_budget must be >= 1 word per tick (or None), got {self.text_budget}")
 
-  def data_config(self):
-    """The ``VideoQAConfig`` of the training clips."""
+  def data_config(self, *, curriculum: bool = True):
+    """The ``VideoQAConfig`` of the training clips; ``curriculum=False``: of the evaluation streams (without the
+    training-only ``fulfil_prob``)."""
     from jstream.data import video_qa
 
     return video_qa.video_qa_config(
@@ -165,6 +170,7 @@ class VideoTask:
       clips_per_stream=self.clips_per_stream,
       clip_overlap=self.clip_overlap,
       num_train=self.num_train,
+      fulfil_prob=self.fulfil_prob if curriculum else 0.0,
     )
 
   def model_config(self, lm: TransformerConfig):
