@@ -211,3 +211,39 @@ def test_bad_input_is_a_clear_error():
     V.VideoQAStream(split="valid")
   with pytest.raises(ValueError, match="positive int"):
     V.VideoQAStream().take(0)
+
+
+def test_fulfil_prob_shows_the_requested_digit_at_entries_while_a_request_is_pending():
+  """``fulfil_prob=1``: the first digit to enter after a proactive request is the requested one, announced in that
+  tick, its image one of that label's; at 0.3 streams hold more announcements than with uniform entries;
+  the training task's curriculum stays out of the evaluation streams (``data_config(curriculum=False)``)."""
+  from jstream.train import VideoTask
+
+  config = V.video_qa_config(fulfil_prob=1.0, question_weights={"proactive": 1.0, "count_now": 1.0})
+  requests = 0
+  for i in range(4):
+    stream = V.VideoQAStream(config, "train", i)
+    chunk = stream.take(120)
+    announced = {qf: f for f, qf, _ in chunk.announcements}
+    for q in chunk.questions:
+      if q.qtype != "proactive":
+        continue
+      later = [e for e in chunk.events if e[0] > q.frame and e[1] == V.ENTER]
+      if not later:
+        continue
+      f, _, obj, label = later[0]
+      assert V.NUMBERS[label] == q.answer and announced[q.frame] == f
+      (row,) = [r for r in chunk.objects[f] if r[0] == obj]
+      assert stream._labels[row[2]] == label
+      requests += 1
+  assert requests >= 8
+
+  def announcements(p):
+    c = V.video_qa_config(fulfil_prob=p)
+    return sum(len(V.VideoQAStream(c, "train", i).take(48).announcements) for i in range(60))
+
+  assert announcements(0.3) > 1.5 * announcements(0.0)
+  task = VideoTask(fulfil_prob=0.3)
+  assert task.data_config().fulfil_prob == 0.3 and task.data_config(curriculum=False).fulfil_prob == 0.0
+  with pytest.raises(ValueError, match="fulfil_prob must be in"):
+    V.video_qa_config(fulfil_prob=1.5)
