@@ -212,8 +212,8 @@ def run(
   if not 0.0 < float(speak_threshold) < 1.0:
     raise ValueError(f"speak_threshold must be in (0, 1), got {speak_threshold}")
   b = frames.shape[0]
-  if previous_frame is None:
-    previous_frame = jnp.zeros((b, *model.config.frame_size), jnp.float32)
+  if previous_frame is None:  # committed, as the next call's (an output) will be: no second compilation
+    previous_frame = jax.device_put(jnp.zeros((b, *model.config.frame_size), jnp.float32), jax.devices()[0])
   previous_frame = jnp.asarray(previous_frame, jnp.float32)
   if previous_frame.shape != (b, *model.config.frame_size):
     raise ValueError(f"previous_frame must be [{b}, *{model.config.frame_size}], got {previous_frame.shape}")
