@@ -261,7 +261,8 @@ def memory_stream_logits(
   (the score, or for ``score="mean"`` the score per reader; for ``score="last"`` an entry scores this chunk's
   mass only; a stable sort: of equal priorities, the one earlier in the list). A query at
   index ``i`` sees its window (``j <= i`` and ``i - j < window`` or ``j < num_sinks``) and memory entries of index
-  ``<= i - window``.
+  ``<= i - window``. A learned sink (``TransformerConfig.learned_sink``) is one more key in every query's softmax,
+  so the mass a scored entry receives is normalised over it too.
   """
   cfg = model.config
   flat, layers = _params(model)
@@ -325,10 +326,17 @@ def memory_stream_logits(
             qr = rot(q[j, a], i)
             s = [qr @ rot(kk, c) / np.sqrt(hd) for c, kk, _ in local]
             s += [qr @ entries[m][1] / np.sqrt(hd) + np.log(entries[m][3]) for m in seen]
+            vals = [vv for _, _, vv in local] + [entries[m][2] for m in seen]
+            if cfg.learned_sink == "logit":  # a key of its own in the softmax, after the memory's
+              s.append(p[("attn", "sink_logit")][a])
+              vals.append(np.zeros(hd))
+            elif cfg.learned_sink == "kv":  # matched against the un-rotated query
+              s.append(q[j, a] @ p[("attn", "sink_k")][head] / np.sqrt(hd))
+              vals.append(p[("attn", "sink_v")][head])
             s = np.array(s)
             w = np.exp(s - s.max())
             w /= w.sum()
-            o[j, a] = w @ np.stack([vv for _, _, vv in local] + [entries[m][2] for m in seen])
+            o[j, a] = w @ np.stack(vals)
             if kind == "scored":
               for m, wm in zip(seen, w[len(local) :]):
                 mem[m][4] += wm

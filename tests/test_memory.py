@@ -48,19 +48,25 @@ CASES = [
   (M.Scored(C.SinkWindow(1, 5), slots=3), dict(kind="scored", score="sum")),
   (M.Scored(C.Window(4), slots=4, score="mean"), dict(kind="scored", score="mean")),
   (M.Scored(C.SinkWindow(2, 4), slots=3, score="last"), dict(kind="scored", score="last")),
+  (M.Scored(C.Window(5), slots=3), dict(kind="scored", score="sum", learned_sink="kv")),
+  (M.Compressed(C.SinkWindow(1, 4), slots=2), dict(kind="compressed", learned_sink="logit")),
 ]
 
 
 @pytest.mark.parametrize(
   "case",
-  [c if c in (0, 2, 4, 5, 6) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],  # CI: each rule
+  # CI: each rule, and a learned sink
+  [c if c in (0, 2, 4, 5, 6, 7) else pytest.param(c, marks=pytest.mark.slow) for c in range(len(CASES))],
   ids=[str(c[0]) for c in CASES],
 )
 def test_equals_the_python_reference(case):
   """Chunked prefill then decode, two layers, two kv heads that retrieve / merge on their own; stacked and
-  per-layer blocks alternate between cases."""
+  per-layer blocks alternate between cases; the last two models have a learned sink (a key every query attends,
+  which a scored entry's mass is normalised over too)."""
   policy, rule = CASES[case]
-  model = tiny_model(seed=6 + case, scan_layers=case % 2 == 0)
+  rule = dict(rule)
+  sink = rule.pop("learned_sink", "none")
+  model = tiny_model(seed=6 + case, scan_layers=case % 2 == 0, learned_sink=sink)
   n = 34
   tokens = random_tokens(2, n, seed=7 + case)
   sizes = [4, 1, 3, 2, 1, 3] + [1] * (n - 14)
