@@ -282,19 +282,25 @@ def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model
 LABEL_WORDS = V.LABEL_WORDS
 
 
+def head_words_added(model, head, frames):
+  """NumPy float64: the encoder's tokens, a frame head's logits on them, and the tokens plus the head's softmax
+  times the input embeddings of ``LABEL_WORDS`` (what ``label_words`` / ``entry_words`` add)."""
+  vis = np.asarray(model.encode(frames), np.float64)
+  logits = vis @ np.asarray(head.kernel[...], np.float64) + np.asarray(head.bias[...])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  table = np.asarray(model.lm.embed.embedding[...], np.float64)
+  return vis, logits, vis + probs @ table[list(LABEL_WORDS)]
+
+
 def test_label_words_add_the_patch_labels_word_embedding_to_the_frame_tokens():
   """``label_words``: each frame token the language model reads is the encoder's token plus the patch head's
   softmax over the eleven labels times the input embeddings of the words naming them (``zero`` .. ``nine``,
   ``none``), recomputed here in NumPy; the patch logits themselves are unchanged."""
   model = tiny_video_lm(seed=24, label_words=LABEL_WORDS)
   frames, text = ticks(2, 3, seed=25)
-  vis = np.asarray(model.encode(frames), np.float64)
-  logits = vis @ np.asarray(model.patch_head.kernel[...], np.float64) + np.asarray(model.patch_head.bias[...])
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  table = np.asarray(model.lm.embed.embedding[...], np.float64)
   assert [V.WORDS[i] for i in LABEL_WORDS] == [*V.NUMBERS, "none"] and VL.NO_DIGIT == 10  # label c is word c
-  want = vis + probs @ table[list(LABEL_WORDS)]
+  vis, logits, want = head_words_added(model, model.patch_head, frames)
   x, _, _ = model.tick_inputs(frames, text)
   got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
   assert np.abs(want - vis).max() > 0.05  # the words move the tokens
@@ -646,12 +652,7 @@ def test_entry_words_add_the_entry_heads_word_embedding_to_the_frame_tokens():
   ``frame_delta`` it is an error."""
   model = tiny_video_lm(seed=26, frame_delta=True, entry_words=LABEL_WORDS)
   frames, text = ticks(2, 3, seed=27)
-  vis = np.asarray(model.encode(frames), np.float64)
-  logits = vis @ np.asarray(model.entry_head.kernel[...], np.float64) + np.asarray(model.entry_head.bias[...])
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  table = np.asarray(model.lm.embed.embedding[...], np.float64)
-  want = vis + probs @ table[list(LABEL_WORDS)]
+  vis, _, want = head_words_added(model, model.entry_head, frames)
   x, _, _ = model.tick_inputs(frames, text)
   got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
   assert np.abs(want - vis).max() > 0.05
