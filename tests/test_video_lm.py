@@ -619,21 +619,26 @@ def test_frame_delta_encoder_reads_the_previous_frame_and_streams_in_chunks():
   tick's tokens only; a model without it ignores ``previous``; the streamed ticks (``__call__(previous=)``) equal
   the offline forward."""
   model = tiny_video_lm(seed=31, frame_delta=True)
+  graphdef, state = nnx.split(model)
+  encode = jax.jit(lambda f, p: nnx.merge(graphdef, state).encode(f, p))
   frames, text = ticks(2, 5, seed=32)
-  whole = np.asarray(model.encode(frames))
-  parts = [model.encode(frames[:, :2]), model.encode(frames[:, 2:], frames[:, 1])]
+  blank = jnp.zeros((2, 16, 16))
+  whole = np.asarray(encode(frames, blank))
+  np.testing.assert_allclose(model.encode(frames[:, :1]), whole[:, :1], rtol=1e-5, atol=1e-5)  # none: a blank one
+  parts = [whole[:, :2], encode(frames[:, 2:], frames[:, 1])]
   np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-5, atol=1e-5)
-  other = np.asarray(model.encode(frames, frames[:, 3]))
+  other = np.asarray(encode(frames, frames[:, 3]))
   assert np.abs(other[:, 0] - whole[:, 0]).max() > 1e-3
   np.testing.assert_allclose(other[:, 1:], whole[:, 1:], rtol=1e-6, atol=1e-6)
   plain = tiny_video_lm(seed=31)
-  np.testing.assert_array_equal(plain.encode(frames, frames[:, 3]), plain.encode(frames))
+  np.testing.assert_array_equal(plain.encode(frames[:, :1], frames[:, 3]), plain.encode(frames[:, :1]))
   policy = C.Segmented((C.Dense(64), C.Dense(64)))
+  step = jax.jit(lambda f, t, c, p: nnx.merge(graphdef, state)(f, t, c, p))
   cache, got = model.init_cache(policy, 2), []
   for a, b in ((0, 2), (2, 5)):
-    logits, cache = model(frames[:, a:b], text[:, a:b], cache, None if a == 0 else frames[:, a - 1])
+    logits, cache = step(frames[:, a:b], text[:, a:b], cache, blank if a == 0 else frames[:, a - 1])
     got.append(np.asarray(logits))
-  want = np.asarray(model.forward(frames, text))
+  want = np.asarray(jax.jit(lambda f, t: nnx.merge(graphdef, state).forward(f, t))(frames, text))
   p = model.config.tokens_per_frame
   real = np.concatenate([np.ones((2, 5, p), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
   np.testing.assert_allclose(np.concatenate(got, axis=1)[real], want[real], atol=5e-5, rtol=5e-5)
