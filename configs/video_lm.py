@@ -28,7 +28,7 @@ frame names the digit in each quadrant, the count, the entering digit, the first
 order, ``VideoTask.state_loss``; workdir suffix ``_state``), ``delta`` (the frame encoder sees the frame minus the
 previous one, and an entry head names the digit entering in each frame, ``VideoTask.frame_delta``; workdir suffix
 ``_delta``), ``fulfil`` (a training curriculum: a digit entering while a proactive request is pending is the
-requested one with probability 0.3, so that clips hold about four times the announcements; evaluation streams keep
+requested one with probability 0.3, so that clips hold more announcements; evaluation streams keep
 uniform entries; ``VideoTask.fulfil_prob``; workdir suffix ``_fulfil``), ``entries`` (with ``delta``: the frame
 tokens also carry the word embedding of the digit the entry head sees entering, ``VideoTask.entry_words``; workdir
 suffix ``_entries``), ``request`` (a head on the language model's features after each frame names the digit of the

@@ -200,10 +200,8 @@ def main(argv=None) -> int:
     state = heads.get("state")
     if "entry" in heads:  # the entry head at the patches where a digit enters
       want = np.asarray(video_lm.entry_labels(jnp.asarray(batch["objects"]), mc, cfg.video.digit_size))
-      entry_hits.append(
-        np.asarray(heads["entry"])[(want >= 0) & (want != video_lm.NO_DIGIT)]
-        == want[(want >= 0) & (want != video_lm.NO_DIGIT)]
-      )
+      entering = (want >= 0) & (want != video_lm.NO_DIGIT)
+      entry_hits.append(np.asarray(heads["entry"])[entering] == want[entering])
     if "request" in heads:  # the request head at the ticks where a request is pending
       want = pending_requests(text, np.asarray(batch["qtype"]))
       request_hits.append(np.asarray(heads["request"])[want >= 0] == want[want >= 0])

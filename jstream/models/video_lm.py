@@ -444,18 +444,21 @@ class VideoLM(nnx.Module):
     position (the frame's last token). Needs ``VideoLMConfig.state_head``."""
     if not self.config.state_head:
       raise ValueError("state_logits needs a model built with VideoLMConfig(state_head=True)")
+    at = self.decision_features(features, num_ticks)
+    return self.state_head(at).reshape(*at.shape[:2], STATE_GROUPS, STATE_CLASSES).astype(jnp.float32)
+
+  def decision_features(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n d"]:
+    """The language model's features at each tick's decision position (the frame's last token): what the state
+    and request heads read."""
     b, s, d = features.shape
-    at = features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
-    return self.state_head(at).reshape(b, num_ticks, STATE_GROUPS, STATE_CLASSES).astype(jnp.float32)
+    return features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
 
   def request_logits(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n 11"]:
     """The pending-request logits ``[b, n, NO_DIGIT + 1]`` (``pending_requests``' classes) of ``n`` ticks, read
     like ``state_logits``. Needs ``VideoLMConfig.request_head``."""
     if not self.config.request_head:
       raise ValueError("request_logits needs a model built with VideoLMConfig(request_head=True)")
-    b, s, d = features.shape
-    at = features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
-    return self.request_head(at).astype(jnp.float32)
+    return self.request_head(self.decision_features(features, num_ticks)).astype(jnp.float32)
 
 
 def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
