@@ -32,7 +32,10 @@ requested one with probability 0.3, so that clips hold more announcements; evalu
 uniform entries; ``VideoTask.fulfil_prob``; workdir suffix ``_fulfil``), ``entries`` (with ``delta``: the frame
 tokens also carry the word embedding of the digit the entry head sees entering, ``VideoTask.entry_words``; workdir
 suffix ``_entries``), ``request`` (a head on the language model's features after each frame names the digit of the
-pending proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``). Flags combine
+pending proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``), ``activation``
+(StreamBridge's activation model of width 64 decides when to speak from the standing request and the frame,
+``VideoTask.activation``; workdir suffix ``_activation``), ``encoder`` (3,000 encoder-only steps instead of 600,
+the joint steps unchanged; workdir suffix ``_encoder``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -45,7 +48,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil"}
+  known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -90,6 +93,13 @@ def get_config(*flags: str) -> TrainConfig:
   if "request" in flags:  # dense supervision of the pending proactive request
     video = dataclasses.replace(cfg.video, request_loss=1.0)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_request")
+  if "activation" in flags:  # StreamBridge: a small model beside the language model decides when to speak
+    video = dataclasses.replace(cfg.video, activation=64)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_activation")
+  if "encoder" in flags:  # five times the encoder-only steps (about 0.1 s each), the joint steps unchanged
+    extra = 3000 - cfg.video.encoder_steps
+    video = dataclasses.replace(cfg.video, encoder_steps=3000)
+    cfg = dataclasses.replace(cfg, video=video, steps=cfg.steps + extra, workdir=cfg.workdir + "_encoder")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -110,6 +120,7 @@ def get_config(*flags: str) -> TrainConfig:
       entry_words=cfg.video.entry_words,
       fulfil_prob=cfg.video.fulfil_prob,
       request_loss=cfg.video.request_loss,
+      activation=8 if cfg.video.activation else 0,
     )
     cfg = dataclasses.replace(
       cfg,

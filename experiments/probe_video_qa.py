@@ -92,7 +92,9 @@ def pending_requests(text: np.ndarray, qtype: np.ndarray) -> np.ndarray:
   return out
 
 
-def proactive_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray, entered: np.ndarray) -> dict[str, dict]:
+def proactive_stats(
+  pred: np.ndarray, text: np.ndarray, qtype: np.ndarray, entered: np.ndarray, p_speak: np.ndarray | None = None
+) -> dict[str, dict]:
   """Teacher-forced speak decisions and announced labels, by kind of tick: ``due`` (the requested digit enters:
   the model should speak), ``other_entry`` (a request is pending and another digit enters), ``pending`` (a request
   is pending, nothing enters), ``idle_entry`` (a digit enters, no request pending) and ``idle`` (neither). Per kind:
@@ -104,10 +106,13 @@ def proactive_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray, enter
     pred: ``[b, n, L, v]`` logits that predict each slot word (``video_lm.slot_logits``).
     text, qtype: the clips' slots and question types.
     entered: ``[b, n]`` the label of the digit entering in each frame (``video_lm.NO_DIGIT``: none).
+    p_speak: ``[b, n]`` the probability of speaking at each tick, if not the language model's (an activation
+      model's, ``VideoLMConfig.activation``).
   """
   pending = pending_requests(text, qtype)
-  decision = np.asarray(jax.nn.log_softmax(jnp.asarray(pred[:, :, 0, [video_qa.SILENT, video_qa.SPEAK]], jnp.float32)))
-  p_speak = np.exp(decision[..., 1])
+  if p_speak is None:
+    two = jnp.asarray(pred[:, :, 0, [video_qa.SILENT, video_qa.SPEAK]], jnp.float32)
+    p_speak = np.exp(np.asarray(jax.nn.log_softmax(two))[..., 1])
   due = text[:, :, 0] == video_qa.SPEAK
   enters = entered != video_lm.NO_DIGIT
   kinds = {
@@ -187,12 +192,15 @@ def main(argv=None) -> int:
       heads["entry"] = jnp.argmax(model.entry_logits(vis), axis=-1)
     if mc.request_head:
       heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
+    if mc.activation:  # the activation model's probability of speaking where a request stands, else 0
+      standing = model.activation.standing(text)
+      heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation.logits(vis, standing.vector)), 0)
     return logits, heads
 
   # test clips of the streams as evaluated: without a training curriculum (VideoTask.fulfil_prob)
   it = train_iterator(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, fulfil_prob=0.0)), "test")
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
-  entry_hits, request_hits = [], []
+  entry_hits, request_hits, activation = [], [], []
   for _ in range(args.batches):
     batch = next(it)
     text = np.asarray(batch["text"])
@@ -205,6 +213,8 @@ def main(argv=None) -> int:
     if "request" in heads:  # the request head at the ticks where a request is pending
       want = pending_requests(text, np.asarray(batch["qtype"]))
       request_hits.append(np.asarray(heads["request"])[want >= 0] == want[want >= 0])
+    if "activation" in heads:
+      activation.append(np.asarray(heads["activation"]))
     preds.append(np.asarray(video_lm.slot_logits(logits, text.shape[1], p)))
     texts.append(text)
     qtypes.append(np.asarray(batch["qtype"]))
@@ -215,7 +225,10 @@ def main(argv=None) -> int:
       truths.append(truth)
   pred, text, qtype = np.concatenate(preds), np.concatenate(texts), np.concatenate(qtypes)
   stats = answer_stats(pred, text, qtype)
-  proactive = proactive_stats(pred, text, qtype, np.concatenate(entered)) if cfg.video.streaming_objective else None
+  proactive = None
+  if cfg.video.streaming_objective:
+    p_speak = np.concatenate(activation) if activation else None
+    proactive = proactive_stats(pred, text, qtype, np.concatenate(entered), p_speak)
   state_scores = state_stats(np.concatenate(states), np.concatenate(truths)) if has_state else None
   print(f"probe_video_qa: {cfg.workdir} at step {step}, {sum(s['questions'] for s in stats.values())} questions")
   print(
@@ -232,7 +245,8 @@ def main(argv=None) -> int:
     print(f"  {name:10s} {s['questions']:5d} {s['accuracy']:6.2f} {s['chance']:7.2f} {s['p_right']:9.2f}   {m}")
   if proactive:
     head = f"{'tick kind':12s} {'ticks':>6s} {'p(speak)':>9s} {'>0.5':>6s} {'>0.2':>6s}"
-    print(f"  speak decisions (teacher-forced): {head}")
+    who = "activation model" if activation else "teacher-forced"
+    print(f"  speak decisions ({who}): {head}")
     for name, r in proactive.items():
       if r["ticks"]:
         print(f"  {'':34s} {name:12s} {r['ticks']:6d} {r['p_speak']:9.3f} {r['speak_0.5']:6.2f} {r['speak_0.2']:6.2f}")
@@ -263,6 +277,7 @@ def main(argv=None) -> int:
     "types": stats,
     "state": state_scores,
     "proactive": proactive,
+    "speak_decider": "activation" if activation else "language_model",
     "heads": frame_heads,
     "seconds": time.perf_counter() - t0,
   }

@@ -1,10 +1,11 @@
 """Streaming video question answering: a whole stream of ticks as jit-compiled scans, the model speaking for itself.
 
-At every tick the model (``jstream.models.video_lm.VideoLM``) sees the frame, decides ``<silent>`` or ``<speak>``
-(the higher of the two logits after the frame's last token), announces a label when it speaks (the argmax word
-after ``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and ``<a>`` when
-an answer is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says goes into
-its cache, as in training; words that a row does not say this tick are padding (not cached, no position), so
+At every tick the model (``jstream.models.video_lm.VideoLM``) sees the frame, decides ``<silent>`` or ``<speak>`` (the
+higher of the two logits after the frame's last token; for a model with StreamBridge's activation model,
+``VideoLMConfig.activation``, that model's probability where a request stands), announces a label when it speaks (the
+argmax word after ``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and
+``<a>`` when an answer is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says
+goes into its cache, as in training; words that a row does not say this tick are padding (not cached, no position), so
 rows of a batch can have questions at different ticks. One tick is two fixed-shape calls of the model inside one
 ``lax.scan`` step (three when a row speaks: ``_tick``); ``run`` compiles once per (ticks per call, batch, question
 length) and donates the cache, so a stream of any length runs at flat memory in calls of ``ticks`` ticks.
@@ -28,7 +29,7 @@ from jstream import cache as cache_lib
 from jstream import reduce
 from jstream.data import video_qa as vqa
 from jstream.memory import MemoryPolicy
-from jstream.models.video_lm import FRAME, TEXT, VISION, VideoLM
+from jstream.models.video_lm import FRAME, TEXT, VISION, RequestState, VideoLM
 from jstream.typing import Array, ArrayLike, Float, Int
 
 
@@ -39,9 +40,11 @@ class TickOutputs:
   else ``PAD``); ``kept``: ``[b, n]`` frame tokens that entered the cache (all of them without a token drop);
   ``drop_state``: the token drop's state after the last tick, for the next call (``None`` without a drop);
   ``speak_margin``: ``[b, n]`` float32 the ``<speak>`` logit minus the ``<silent>`` logit after the frame (the model
-  speaks where it is above ``log(t / (1 - t))`` for the call's ``speak_threshold`` ``t``); ``last_frame``: ``[b, H,
-  W]`` the last tick's frame, for the next call's ``previous_frame`` (what a ``frame_delta`` model's encoder
-  subtracts)."""
+  speaks where it is above ``log(t / (1 - t))`` for the call's ``speak_threshold`` ``t``), or for a model with an
+  activation model its log-odds, ``CLOSED`` where no request stands; ``last_frame``: ``[b, H, W]`` the last tick's
+  frame, for the next call's ``previous_frame`` (what a ``frame_delta`` model's encoder subtracts);
+  ``request_state``: the standing requests after the last tick, for the next call's ``request_state`` (a model
+  with an activation model; a placeholder otherwise)."""
 
   decision: np.ndarray
   announced: np.ndarray
@@ -50,6 +53,11 @@ class TickOutputs:
   drop_state: reduce.DropState | None = None
   speak_margin: np.ndarray | None = None
   last_frame: Array | None = None
+  request_state: RequestState | None = None
+
+
+CLOSED = -1e4
+"""The speak margin of a tick at which no request stands, for a model with an activation model (it cannot speak)."""
 
 
 def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
@@ -65,15 +73,18 @@ def question_ids(question: vqa.Question | None, length: int) -> np.ndarray:
   return out
 
 
-def _say(lm, ids: Array, say: Array, cache):
+def _say(lm, ids: Array, say: Array, cache, cue: Array | None = None):
   """Feeds words ``ids [b, t]`` on the rows where ``say [b]``; ``PAD`` words and other rows are padding (not
-  cached, no position). Returns ``(logits, cache)``."""
+  cached, no position). ``cue``: ``[b, t, d]`` added to the words' embeddings. Returns ``(logits, cache)``."""
   seg = jnp.where(say[:, None] & (ids != vqa.PAD), TEXT, -1).astype(jnp.int32)
-  return lm.extend(ids, cache, segment_ids=seg)
+  if cue is None:
+    return lm.extend(ids, cache, segment_ids=seg)
+  return lm.extend_embeddings(lm.embed(ids) + cue.astype(lm.embed(ids).dtype), cache, segment_ids=seg)
 
 
 def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], previous: Float[Array, "b _ _"], drop, drop_state):
-  """The frame's tokens for the cache ``[b, p, d]``, whether each is kept ``[b, p]``, and the drop state.
+  """The frame's tokens for the cache ``[b, p, d]``, whether each is kept ``[b, p]``, the drop state, and the
+  encoder's tokens of the whole frame ``[b, p, d]`` (what an activation model reads).
 
   With a token drop (``reduce.DifferentialDrop``, TimeChat-Online) the rule reads the frame encoder's tokens; the
   kept tokens move to the front in place order (their place is in their features: the encoder's and the
@@ -82,13 +93,13 @@ def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], previous: Float[
   before (a ``frame_delta`` encoder's reference)."""
   vis = model.encode(frame[:, None], previous)  # [b, 1, p, d]
   if drop is None:
-    return model.placed(vis[:, 0]), jnp.ones(vis.shape[:1] + vis.shape[2:3], bool), drop_state
+    return model.placed(vis[:, 0]), jnp.ones(vis.shape[:1] + vis.shape[2:3], bool), drop_state, vis[:, 0]
   keep, drop_state = drop(vis, drop_state)
   keep = keep[:, 0]
   keep = keep.at[:, -1].set(keep[:, -1] | ~jnp.any(keep, axis=1))
   order = jnp.argsort(~keep, axis=1, stable=True)
-  vis = jnp.take_along_axis(model.placed(vis[:, 0]), order[..., None], axis=1)
-  return vis, jnp.take_along_axis(keep, order, axis=1), drop_state
+  placed = jnp.take_along_axis(model.placed(vis[:, 0]), order[..., None], axis=1)
+  return placed, jnp.take_along_axis(keep, order, axis=1), drop_state, vis[:, 0]
 
 
 def _tick(
@@ -110,13 +121,17 @@ def _tick(
 
   ``proactive=False``: the decision is always ``<silent>`` (a model that speaks only when asked). ``drop``: a
   token drop before the cache (``_frame_tokens``). ``speak_bias``: the row speaks where its ``<speak>`` logit
-  exceeds its ``<silent>`` logit by more than this (0: the likelier of the two).
+  exceeds its ``<silent>`` logit by more than this (0: the likelier of the two). A model with an activation model
+  (``VideoLMConfig.activation``) speaks where a request stands and the activation model's log-odds on the whole
+  frame exceed ``speak_bias``; its ``<speak>`` carries the request's prompt, and the tick's question (a standing
+  request if no ``<a>`` follows it) and decision update the standing request.
   """
-  cache, left, drop_state, previous = carry
+  cache, left, drop_state, previous, request = carry
   lm = model.lm
   b = frame.shape[0]
   every = jnp.ones((b,), bool)
-  vis, kept, drop_state = _frame_tokens(model, frame, previous, drop, drop_state)
+  activation = model.activation if model.config.activation else None
+  vis, kept, drop_state, whole = _frame_tokens(model, frame, previous, drop, drop_state)
   carrier = model.config.carrier
   seg_f, group_f = jnp.where(kept, FRAME if carrier else VISION, -1), jnp.where(kept, 0, -1)
   last = left.shape[1] + jnp.sum(kept, axis=1) - 1  # the frame's last kept token ...
@@ -131,11 +146,16 @@ def _tick(
   logits, cache = lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
   after = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   margin = (after[:, vqa.SPEAK] - after[:, vqa.SILENT]).astype(jnp.float32)
+  if activation is not None:
+    margin = jnp.where(request.open, activation.logits(whole, request.vector), CLOSED)
   speak = (margin > speak_bias) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
 
   def announce(cache):
-    logits, cache = _say(lm, decision[:, None], every, cache)
+    cue = None
+    if activation is not None:  # the request re-posed at the <speak> (VideoLM.tick_inputs)
+      cue = jnp.where(speak[:, None, None], activation.prompt(request.vector)[:, None], 0.0)
+    logits, cache = _say(lm, decision[:, None], every, cache, cue)
     return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
   def keep_silent(cache):
@@ -155,11 +175,13 @@ def _tick(
   answer = jnp.argmax(at, axis=-1).astype(jnp.int32)
   left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
   said = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
-  return (cache, left, drop_state, frame), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
+  if activation is not None:
+    request = activation.advance(request, question, speak)
+  return (cache, left, drop_state, frame, request), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias, previous):
+def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias, previous, request):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
@@ -168,9 +190,10 @@ def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state,
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
   xs = (jnp.swapaxes(frames, 0, 1), jnp.swapaxes(questions, 0, 1))
-  (cache, left, drop_state, previous), outs = jax.lax.scan(step, (cache, left, drop_state, previous), xs)
+  carry = (cache, left, drop_state, previous, request)
+  (cache, left, drop_state, previous, request), outs = jax.lax.scan(step, carry, xs)
   _, cache = _say(model.lm, left, jnp.ones((b,), bool), cache)  # the last tick's answer
-  return cache, drop_state, previous, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
+  return cache, drop_state, previous, request, tuple(jnp.swapaxes(o, 0, 1) for o in outs)
 
 
 def run(
@@ -184,6 +207,7 @@ def run(
   drop_state: reduce.DropState | None = None,
   speak_threshold: float = 0.5,
   previous_frame: Float[ArrayLike, "b _ _"] | None = None,
+  request_state: RequestState | None = None,
 ) -> tuple[cache_lib.Cache, TickOutputs]:
   """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
   as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
@@ -195,11 +219,14 @@ def run(
   (0.5: the likelier of the two; lower speaks more readily, VideoLLM-online's response threshold); a traced value,
   so changing it does not recompile. ``previous_frame``: ``[b, H, W]`` the frame before ``frames[:, 0]``, the
   previous call's ``TickOutputs.last_frame`` (default zeros: streams that start here; set a row to zeros where it
-  resets); only a ``VideoLMConfig.frame_delta`` model's encoder reads it.
+  resets); only a ``VideoLMConfig.frame_delta`` model's encoder reads it. ``request_state``: the previous call's
+  ``TickOutputs.request_state`` (default: no request standing; close a row's where it resets); only a model with
+  an activation model (``VideoLMConfig.activation``) reads it.
 
   Raises:
     ValueError: frames not floats or not the model's frame size, frames and questions of different ``[b, n]``,
-      ``previous_frame`` not ``[b, H, W]``, or ``speak_threshold`` outside (0, 1)."""
+      ``previous_frame`` not ``[b, H, W]``, ``request_state`` not ``[b]`` rows of the model's activation width, or
+      ``speak_threshold`` outside (0, 1)."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -217,13 +244,29 @@ def run(
   previous_frame = jnp.asarray(previous_frame, jnp.float32)
   if previous_frame.shape != (b, *model.config.frame_size):
     raise ValueError(f"previous_frame must be [{b}, *{model.config.frame_size}], got {previous_frame.shape}")
+  if request_state is None:  # no request standing (a placeholder for a model without an activation model)
+    width = model.config.activation or 1
+    request_state = RequestState(jnp.zeros((b, width), jnp.float32), jnp.zeros((b,), bool))
+    request_state = jax.device_put(request_state, jax.devices()[0])
+  elif request_state.vector.shape != (b, model.config.activation or 1) or request_state.open.shape != (b,):
+    raise ValueError(
+      f"request_state must be the previous call's TickOutputs.request_state for {b} rows, got vector "
+      f"{request_state.vector.shape} and open {request_state.open.shape}"
+    )
   bias = jnp.float32(np.log(speak_threshold) - np.log1p(-speak_threshold))
   graphdef, state = nnx.split(model)
-  args = (frames, questions, bool(proactive), drop, drop_state, bias, previous_frame)
-  cache, drop_state, last, outs = _run(graphdef, state, cache, *args)
+  args = (frames, questions, bool(proactive), drop, drop_state, bias, previous_frame, request_state)
+  cache, drop_state, last, request_state, outs = _run(graphdef, state, cache, *args)
   decision, announced, answer, kept, margin = (np.asarray(x) for x in outs)
   return cache, TickOutputs(
-    decision, announced, answer, kept, drop_state=drop_state, speak_margin=margin, last_frame=last
+    decision,
+    announced,
+    answer,
+    kept,
+    drop_state=drop_state,
+    speak_margin=margin,
+    last_frame=last,
+    request_state=request_state,
   )
 
 
@@ -300,7 +343,7 @@ def answer_streams(
     StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32))
     for _ in streams
   ]
-  drop_state = last_frame = None
+  drop_state = last_frame = request_state = None
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
     frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
@@ -320,8 +363,9 @@ def answer_streams(
       drop_state=drop_state,
       speak_threshold=speak_threshold,
       previous_frame=last_frame,
+      request_state=request_state,
     )
-    drop_state, last_frame = out.drop_state, out.last_frame
+    drop_state, last_frame, request_state = out.drop_state, out.last_frame, out.request_state
     if call_seconds is not None:
       call_seconds.append(time.perf_counter() - t0)
     for row, (c, rec) in enumerate(zip(chunks, records)):

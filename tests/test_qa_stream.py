@@ -44,8 +44,19 @@ def slots_said(record, n, length):
   return text
 
 
-@pytest.mark.parametrize("proactive", [True, False])
-def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(proactive):
+def standing_requests(record, n):
+  """``[n]`` whether a proactive request stands at each tick's decision, from the record alone: from the tick after
+  it is asked through the first tick the model speaks."""
+  asked = {q.frame for q in record.questions if q.qtype == "proactive"}
+  out, pending = np.zeros(n, bool), False
+  for f in range(n):
+    out[f] = pending
+    pending = (pending and record.decision[f] != V.SPEAK) or f in asked
+  return out
+
+
+@pytest.mark.parametrize("case", ["proactive", "asked", "activation"])
+def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   """Feeding the runner's own slots back (frames and the training layout, ``VideoLM.__call__`` on a fresh cache
   that keeps everything) gives, at every tick, the decision, the announced label and the answer it produced; and
   the cache after ``run`` equals the one that feeding builds: no word fed twice, none missing, the same
@@ -56,21 +67,33 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(proacti
   carrier, the patches go to the frame track) and its frame tokens carry their patch labels' word embeddings
   (``label_words``), its encoder reads each frame minus the one before (``frame_delta``, the runner carrying the
   last frame from tick to tick), and it speaks at a ``speak_threshold`` other than 0.5: where ``<speak>``'s share
-  of the two probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares)."""
-  labels = V.LABEL_WORDS if proactive else ()
+  of the two probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares).
+  ``activation``: a model with StreamBridge's activation model decides instead: its log-odds on the frame (offline:
+  ``Activation.logits`` of the fed-back slots' standing request) where a request stands by the record's own
+  account (asked, not yet answered by speaking), ``CLOSED`` elsewhere; its announced labels are those of the
+  offline forward whose ``<speak>`` carries the request's prompt."""
+  proactive = case != "asked"
+  labels = V.LABEL_WORDS if case == "proactive" else ()
   places = () if proactive else V.PLACE_WORDS
-  model = tiny_video_lm(
-    seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places, frame_delta=proactive
-  )
+  if case == "activation":
+    model = tiny_video_lm(seed=4, frame_delta=True, activation=8)
+  else:
+    model = tiny_video_lm(
+      seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places, frame_delta=proactive
+    )
   qlen = V.MAX_QUESTION_WORDS + 2
-  chunk = V.VideoQAStream(CONFIG, "test", 6).take(20)
+  chunk = V.VideoQAStream(CONFIG, "test", 0 if case == "activation" else 6).take(20)
   n = 1 + max(q.frame for q in chunk.questions if q.qtype != "proactive")  # the last tick answers a question
   asked = [q for q in chunk.questions if q.frame < n]
   frames = chunk.frames[:n].astype(np.float32)[None] / 255.0
   questions = np.zeros((1, n, qlen), np.int32)
   for q in asked:
     questions[0, q.frame] = Q.question_ids(q, qlen)
-  threshold = 0.35 if proactive else 0.5
+  threshold = 0.35 if case == "proactive" else 0.5
+  if case == "activation":  # a threshold at which the untrained model speaks at some of the standing ticks
+    _, mute = Q.run(model, model.init_cache(POLICY, 1), frames, questions, speak_threshold=0.999)
+    margins = mute.speak_margin[0][mute.speak_margin[0] > Q.CLOSED]
+    threshold = float(jax.nn.sigmoid(np.sort(margins)[-2] - 1e-3))  # speaks at the second highest, if it stands
   cache, out = Q.run(
     model, model.init_cache(POLICY, 1), frames, questions, proactive=proactive, speak_threshold=threshold
   )
@@ -88,6 +111,12 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(proacti
   logits = np.asarray(VL.slot_logits(logits, n, model.config.frame_len)[0])
   by_frame = {q.frame: q for q in asked}
   margin = logits[:, 0, V.SPEAK] - logits[:, 0, V.SILENT]
+  if case == "activation":
+    stands = standing_requests(rec, n)
+    offline = model.activation.standing(jnp.asarray(text[None]))
+    act = model.activation.logits(model.encode(jnp.asarray(frames)), offline.vector)[0]
+    margin = np.where(stands, np.asarray(act), Q.CLOSED)
+    assert stands.any() and (~stands).any() and np.any(stands & (rec.decision == V.SILENT))
   np.testing.assert_allclose(out.speak_margin[0], margin, atol=1e-4)
   for f in range(n):
     dec = V.SPEAK if margin[f] > np.log(threshold / (1 - threshold)) and proactive else V.SILENT
@@ -168,6 +197,39 @@ def test_the_runner_carries_the_last_frame_across_calls():
   assert np.abs(margins[0] - margins[1]).max() > 1e-4
   with library_checks_only(), pytest.raises(ValueError, match="previous_frame must be"):
     Q.run(model, model.init_cache(POLICY, 2), frames[:, :4], qs, previous_frame=np.zeros((1, 16, 16)))
+
+
+def test_the_runner_carries_the_standing_request_across_calls():
+  """A model with an activation model streamed in calls of 4 ticks (``TickOutputs.request_state`` passed on as the
+  next call's ``request_state``) says what one call over all 12 ticks says, speak margins included, whether it
+  speaks or not; a call started without the request standing from the call before cannot speak until a new
+  request comes (``CLOSED`` margins); a state of the wrong batch is a clear error."""
+  model = tiny_video_lm(seed=9, frame_delta=True, activation=8)
+  streams = lambda: [V.VideoQAStream(CONFIG, "test", i) for i in (0, 1)]
+  spoke = {}
+  for threshold in (0.999, 0.5):
+    one, split = (
+      Q.answer_streams(model, POLICY, streams(), 12, ticks_per_call=k, speak_threshold=threshold) for k in (12, 4)
+    )
+    for a, b in zip(one, split):
+      np.testing.assert_allclose(b.speak_margin, a.speak_margin, atol=1e-4)
+      for name in ("decision", "announced", "answer"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(a, name))
+    spoke[threshold] = [np.flatnonzero(r.decision == V.SPEAK) for r in one]
+    if threshold == 0.999:  # stream 0's request (asked at tick 0) still stands at tick 4
+      assert one[0].speak_margin[4] > Q.CLOSED
+  assert not any(map(len, spoke[0.999])) and all(map(len, spoke[0.5])), spoke
+  frames = np.stack([s.take(8).frames for s in streams()]).astype(np.float32) / 255.0
+  qs = np.zeros((2, 4, V.MAX_QUESTION_WORDS + 2), np.int32)
+  qs[0, 0] = Q.question_ids(V.VideoQAStream(CONFIG, "test", 0).take(1).questions[0], qs.shape[-1])
+  cache, first = Q.run(model, model.init_cache(POLICY, 2), frames[:, :4], qs, speak_threshold=0.999)
+  kw = dict(previous_frame=first.last_frame, speak_threshold=0.999)
+  _, carried = Q.run(model, cache, frames[:, 4:8], 0 * qs, request_state=first.request_state, **kw)
+  assert np.all(carried.speak_margin[0] > Q.CLOSED) and np.all(carried.speak_margin[1] == Q.CLOSED)
+  _, fresh = Q.run(model, model.init_cache(POLICY, 2), frames[:, 4:8], 0 * qs, **kw)
+  assert np.all(fresh.speak_margin == Q.CLOSED)
+  with library_checks_only(), pytest.raises(ValueError, match="request_state must be"):
+    Q.run(model, model.init_cache(POLICY, 1), frames[:1, :4], qs[:1], request_state=first.request_state)
 
 
 def test_a_long_stream_compiles_once():

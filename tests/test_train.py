@@ -465,6 +465,52 @@ def test_video_qa_frame_delta_and_request_losses_train_their_heads(tmp_path, mon
     assert any(np.any(a != b) for a, b in zip(_params(getattr(before, part)), _params(getattr(after, part))))
 
 
+def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, monkeypatch):
+  """``configs/video_lm.py:quick,delta,activation``: from the encoder-only steps on, a step's ``activation_loss`` is
+  the binary cross-entropy of the activation model's log-odds at the ticks where a request is pending by the
+  probe's own loop (``experiments.probe_video_qa.pending_requests``), ``<speak>`` ticks weighing ``speak_weight``,
+  recomputed here in NumPy; it adds to the logged loss; the encoder-only steps train the activation model and leave
+  the language model as it was."""
+  from flax import nnx
+
+  from experiments.probe_video_qa import pending_requests
+  from jstream.models import video_lm
+  from jstream.train.loop import init_state, make_train_step, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,activation,workdir={tmp_path / 'act'},log_every=1")
+  cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, speak_weight=4.0))
+  assert cfg.video.model_config(cfg.model).activation == 8
+  graphdef, optimizer, state = init_state(cfg)
+  before = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
+  it = train_iterator(cfg)
+  batch = next(it)
+  while not (pending_requests(np.asarray(batch["text"]), np.asarray(batch["qtype"])) >= 0).any():
+    batch = next(it)
+  steps = {only: make_train_step(graphdef, optimizer, cfg, encoder_only=only) for only in (True, False)}
+
+  def want_loss(model):
+    text = np.asarray(batch["text"])
+    pending = pending_requests(text, np.asarray(batch["qtype"])) >= 0
+    standing = model.activation.standing(jnp.asarray(text))
+    x = np.asarray(model.activation.logits(model.encode(jnp.asarray(batch["frames"])), standing.vector), np.float64)
+    y = text[:, :, 0] == video_lm.SPEAK
+    nll = np.where(y, np.log1p(np.exp(-x)), np.log1p(np.exp(x)))
+    w = np.where(pending, np.where(y, cfg.video.speak_weight, 1.0), 0.0)
+    return (nll * w).sum() / w.sum()
+
+  for only in (True, True, False):  # the first step's learning rate is 0 (warmup)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
+    state, m = steps[only](state, batch)
+    np.testing.assert_allclose(float(m["activation_loss"]), want_loss(model), rtol=1e-4)
+    parts = ("patch_loss", "entry_loss", "activation_loss") + (() if only else ("answer_loss",))
+    np.testing.assert_allclose(float(m["loss"]), float(sum(m[k] for k in parts)), rtol=1e-5)
+    if only:
+      after = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
+  assert any(np.any(a != b) for a, b in zip(_params(before.activation), _params(after.activation)))
+  assert all(np.all(a == b) for a, b in zip(_params(before.lm), _params(after.lm)))
+
+
 def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, monkeypatch):
   """With clips packed to a budget that cuts their last ticks, a joint step's ``state_loss`` is the state loss of
   the ticks whose decision was run only: the ticks past the budget (zero features) are not scored."""

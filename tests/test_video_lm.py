@@ -345,7 +345,7 @@ def test_packed_training_forward_runs_the_first_real_tokens_exactly():
 
 
 def test_constants_match_the_data():
-  assert (VL.PAD, VL.SILENT, VL.SPEAK) == (V.PAD, V.SILENT, V.SPEAK)
+  assert (VL.PAD, VL.SILENT, VL.SPEAK, VL.QUESTION, VL.ANSWER) == (V.PAD, V.SILENT, V.SPEAK, V.QUESTION, V.ANSWER)
   assert VL.NO_DIGIT == len(V.NUMBERS)
 
 
@@ -667,3 +667,79 @@ def test_entry_words_add_the_entry_heads_word_embedding_to_the_frame_tokens():
   assert mc.entry_words == LABEL_WORDS and mc.frame_delta and cfg.workdir.endswith("_delta_entries")
   with pytest.raises(ValueError, match="entry_words needs frame_delta"):
     VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, entry_words=LABEL_WORDS)
+
+
+def test_the_activation_model_holds_the_standing_request_and_pools_its_words():
+  """``Activation.standing``: a request stands from the tick after a proactive question up to its announcement
+  (the streams' question and announcement records), and no other question stands; its vector is the attention pool
+  of the question's words alone, recomputed in NumPy from the word table and the score layer (the slot's decision,
+  announcement and ``<q>`` left out); ``tick_inputs`` adds the request's prompt to a ``<speak>`` that opens a slot
+  and to nothing else."""
+  weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 6.0)
+  config = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.7, question_weights=weights, enter_prob=0.5)
+  chunks = [V.VideoQAStream(config, "test", i).take(40) for i in range(3)]
+  text = np.stack([c.text for c in chunks])
+  model = tiny_video_lm(seed=2, activation=8)
+  act = model.activation
+  got = act.standing(jnp.asarray(text))
+  table, score = np.asarray(act.words.embedding[...]), np.asarray(act.score.kernel[...])[:, 0]
+
+  def pooled(words):  # the question's words, without <q>
+    e = table[[V.WORD_ID[w] for w in words.split()]]
+    s = e @ score + float(act.score.bias[...][0])
+    w = np.exp(s - s.max())
+    return (w / w.sum()) @ e
+
+  announced = 0
+  for row, chunk in enumerate(chunks):
+    want = np.zeros(40, bool)
+    vectors = np.zeros((40, 8))
+    done = {qf: f for f, qf, _ in chunk.announcements}
+    announced += len(done)
+    for q in chunk.questions:
+      if q.qtype == "proactive":
+        end = done.get(q.frame, 39) + 1
+        want[q.frame + 1 : end] = True
+        vectors[q.frame + 1 : end] = pooled(q.words)
+    np.testing.assert_array_equal(np.asarray(got.open[row]), want)
+    np.testing.assert_allclose(np.asarray(got.vector[row])[want], vectors[want], rtol=1e-5, atol=1e-6)
+  assert announced >= 2 and np.asarray(got.open).mean() > 0.2
+  frames = jnp.zeros((3, 40, 16, 16))
+  x, _, _ = model.tick_inputs(frames, jnp.asarray(text))
+  words = np.asarray(x).reshape(3, 40, -1, x.shape[-1])[:, :, model.config.frame_len :]
+  embed = np.asarray(model.lm.embed(jnp.asarray(text)))
+  cue = np.asarray(act.prompt(got.vector))
+  speak = text[:, :, 0] == V.SPEAK
+  assert speak.sum() >= 2
+  np.testing.assert_allclose(words[:, :, 0][speak], (embed[:, :, 0] + cue)[speak], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(words[:, :, 0][~speak], embed[:, :, 0][~speak], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(words[:, :, 1:], embed[:, :, 1:], rtol=1e-5, atol=1e-6)
+
+
+def test_activation_loss_is_a_weighted_cross_entropy_at_standing_ticks():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 9)).astype(np.float32) * 3
+  stands = rng.uniform(size=(2, 9)) < 0.6
+  speak = (rng.uniform(size=(2, 9)) < 0.3) & stands
+  state = VL.RequestState(jnp.zeros((2, 9, 4)), jnp.asarray(stands))
+  loss, m = VL.activation_loss(jnp.asarray(logits), state, jnp.asarray(speak), speak_weight=5.0)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  nll = np.where(speak, -np.log(p), -np.log1p(-p))
+  w = np.where(stands, np.where(speak, 5.0, 1.0), 0.0)
+  np.testing.assert_allclose(float(loss), (nll * w).sum() / w.sum(), rtol=1e-5)
+  assert float(m["activation_recall"]) == pytest.approx((logits > 0)[speak].mean())
+  assert float(m["activation_false"]) == pytest.approx((logits > 0)[stands & ~speak].mean())
+
+
+def test_activation_config_errors():
+  lm = tiny_video_lm().config.lm
+  with pytest.raises(ValueError, match="activation must be a width"):
+    VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, activation=-1)
+  from jstream.train import VideoTask
+
+  with pytest.raises(ValueError, match="activation must be a width"):
+    VideoTask(activation=-2)
+  with pytest.raises(ValueError, match="activation needs clips from their stream's start"):
+    VideoTask(activation=8, clips_per_stream=2, clip_overlap=4)
+  with pytest.raises(ValueError, match="activation needs clips from their stream's start"):
+    VideoTask(activation=8, streaming_objective=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,9 @@ PAD = 0
 """The id of the ``<pad>`` word (``jstream.data.video_qa.PAD``)."""
 SILENT, SPEAK = 1, 2
 """The ids of the ``<silent>`` / ``<speak>`` decisions (``jstream.data.video_qa``)."""
+QUESTION, ANSWER = 3, 4
+"""The ids of the ``<q>`` / ``<a>`` markers (``jstream.data.video_qa``): a question that no ``<a>`` follows in its slot
+asks for a later answer, a *standing request* (``Activation``)."""
 NO_DIGIT = 10
 """The patch label of a patch that holds no digit's centre (labels 0-9 name a digit; -1: two centres, ignored)."""
 STATE_NAMES = (
@@ -120,6 +124,13 @@ class VideoLMConfig:
     request_head: a linear head on the language model's features at each tick's decision position that names the
       digit of the proactive request pending then (``pending_requests``; ``NO_DIGIT``: none): training-only
       supervision that the request, asked in the text many ticks earlier, is held where the decision is made.
+    activation: width of StreamBridge's activation model (``Activation``; 0: off): a small model beside the
+      language model that decides when to speak. It holds the standing request (the words of the last question
+      that no ``<a>`` follows, until the model speaks) and scores each frame's encoder tokens against it; the
+      stream runner speaks where the request stands and its probability exceeds the threshold, instead of reading
+      the language model's ``<silent>`` / ``<speak>`` logits. The language model still says the announcement: the
+      ``<speak>`` word it reads carries the request's encoding (``Activation.prompt``), the query re-posed to the
+      responder as StreamBridge does when its activation model fires.
   """
 
   lm: TransformerConfig
@@ -136,6 +147,7 @@ class VideoLMConfig:
   frame_delta: bool = False
   entry_words: tuple[int, ...] = ()
   request_head: bool = False
+  activation: int = 0
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -147,6 +159,8 @@ class VideoLMConfig:
       )
     if self.encoder_layers < 0:
       raise ValueError(f"encoder_layers must be >= 0, got {self.encoder_layers}")
+    if self.activation < 0:
+      raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
@@ -182,6 +196,105 @@ class VideoLMConfig:
   def frame_len(self) -> int:
     """Tokens a frame puts in a tick: its patch tokens, and the carrier if there is one."""
     return self.tokens_per_frame + int(self.carrier)
+
+
+class RequestState(NamedTuple):
+  """The standing request of each row (``Activation``): its encoding ``vector [..., width]`` and whether it stands
+  (``open [...]``, bool). A fresh stream's is ``Activation.empty``'s: no request."""
+
+  vector: Float[Array, "*b a"]
+  open: Bool[Array, "*b"]
+
+
+class Activation(nnx.Module):
+  """StreamBridge's activation model: a small model beside the language model that decides when to respond.
+
+  A question that no ``<a>`` follows in its slot (``<q> tell me when a seven appears``) asks for a later answer: it
+  becomes the row's *standing request* (``RequestState``), its words encoded by an attention pool over a word table
+  of its own (``encode``: each word scores itself, the softmax of the scores weighs the words' vectors), and stands
+  until the row speaks (``advance``, after each tick's slot). At each frame the model scores the frame encoder's
+  tokens against the request (``logits``: an MLP of each token, dotted with a projection of the request, pooled
+  over the tokens by log-sum-exp, plus a bias): the log-odds that the request is fulfilled now. It reads the
+  frame, not the language model, so it trains with the frame encoder from the first step
+  (``VideoTask.activation``) at the encoder-only steps' cost. ``prompt`` maps the request into the language
+  model's embedding space, added to the ``<speak>`` word that opens an announcement.
+
+  Args:
+    vocab_size: the language model's word vocabulary.
+    embed_dim: width of the frame encoder's tokens and of the language model's embeddings.
+    width: width of the request encoding and of the token scores.
+  """
+
+  def __init__(self, vocab_size: int, embed_dim: int, width: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.width = width
+    self.words = nnx.Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
+    self.score = nnx.Linear(width, 1, param_dtype=param_dtype, rngs=rngs)
+    self.query = nnx.Linear(width, width, param_dtype=param_dtype, rngs=rngs)
+    self.key_in = nnx.Linear(embed_dim, width, param_dtype=param_dtype, rngs=rngs)
+    self.key_out = nnx.Linear(width, width, param_dtype=param_dtype, rngs=rngs)
+    self.bias = nnx.Param(jnp.zeros((), param_dtype))
+    self.prompt = nnx.Linear(width, embed_dim, param_dtype=param_dtype, rngs=rngs)
+
+  def empty(self, batch_size: int) -> RequestState:
+    """No standing request, for ``batch_size`` rows."""
+    return RequestState(jnp.zeros((batch_size, self.width), jnp.float32), jnp.zeros((batch_size,), bool))
+
+  def encode(self, words: Int[Array, "*b l"]) -> tuple[Float[Array, "*b a"], Bool[Array, "*b"]]:
+    """The encoding of the question in each slot ``words`` (the words after ``<q>`` and before any ``<a>``; zeros
+    without one) and whether it is a standing request (a ``<q>`` and no ``<a>``)."""
+    asked = jnp.cumsum(words == QUESTION, axis=-1) > 0
+    before = jnp.cumsum(words == ANSWER, axis=-1) == 0
+    inside = asked & before & (words != QUESTION) & (words != PAD)
+    e = self.words(words).astype(jnp.float32)
+    s = jnp.where(inside, self.score(e)[..., 0], -jnp.inf)
+    w = jnp.where(inside, jax.nn.softmax(jnp.where(inside.any(-1, keepdims=True), s, 0.0), axis=-1), 0.0)
+    standing = asked[..., -1] & before[..., -1]
+    return jnp.einsum("...l,...la->...a", w, e), standing
+
+  def advance(self, state: RequestState, words: Int[Array, "b l"], spoke: Bool[Array, " b"]) -> RequestState:
+    """The standing request after a tick whose decision was ``spoke`` (speaking answers the request) and whose
+    slot (or question) words are ``words`` (a standing request asked there replaces the one before)."""
+    vector, standing = self.encode(words)
+    return RequestState(jnp.where(standing[:, None], vector, state.vector), (state.open & ~spoke) | standing)
+
+  def standing(self, text: Int[Array, "b n l"], start: RequestState | None = None) -> RequestState:
+    """The request standing at each tick's decision ``[b, n]`` of teacher-forced slots (the decision is each slot's
+    first word), from ``start`` (default: none) before the first tick."""
+    start = self.empty(text.shape[0]) if start is None else start
+
+    def tick(state, words):
+      return self.advance(state, words, words[:, 0] == SPEAK), state
+
+    _, states = jax.lax.scan(tick, start, jnp.swapaxes(text, 0, 1))
+    return RequestState(jnp.swapaxes(states.vector, 0, 1), jnp.swapaxes(states.open, 0, 1))
+
+  def logits(self, vis: Float[Array, "*b p d"], vector: Float[Array, "*b a"]) -> Float[Array, "*b"]:
+    """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``)."""
+    k = self.key_out(jax.nn.gelu(self.key_in(vis.astype(jnp.float32))))
+    q = self.query(vector)
+    s = jnp.einsum("...pa,...a->...p", k, q) / np.sqrt(self.width)
+    return jax.nn.logsumexp(s, axis=-1) + self.bias[...]
+
+
+def activation_loss(
+  logits: Float[Array, "b n"], state: RequestState, speak: Bool[Array, "b n"], *, speak_weight: float = 1.0
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """Weighted binary cross-entropy of the activation model's log-odds at the ticks where a request stands (target:
+  the tick's decision is ``<speak>``, weighing ``speak_weight``; ``tick_loss``' rule) and metrics:
+  ``activation_recall`` (of the ``<speak>`` ticks, those with log-odds above 0) and ``activation_false`` (of the
+  other standing ticks, those above 0)."""
+  x = logits.astype(jnp.float32)
+  y = speak.astype(jnp.float32)
+  nll = jax.nn.softplus(x) - y * x  # -log sigmoid(x) for y = 1, -log(1 - sigmoid(x)) for y = 0
+  weight = state.open * (1.0 + (speak_weight - 1.0) * y)
+  loss = (nll * weight).sum() / jnp.maximum(weight.sum(), 1e-9)
+  pos, neg = state.open & speak, state.open & ~speak
+  said = x > 0
+  metrics = {
+    "activation_recall": (said & pos).sum() / jnp.maximum(pos.sum(), 1),
+    "activation_false": (said & neg).sum() / jnp.maximum(neg.sum(), 1),
+  }
+  return loss, metrics
 
 
 class VideoLM(nnx.Module):
@@ -232,6 +345,8 @@ class VideoLM(nnx.Module):
       self.entry_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
     if config.request_head:
       self.request_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    if config.activation:
+      self.activation = Activation(lm.vocab_size, d, config.activation, param_dtype=lm.param_dtype, rngs=rngs)
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
@@ -334,12 +449,18 @@ class VideoLM(nnx.Module):
     return self.entry_head(vis)
 
   def tick_inputs(
-    self, frames: Float[Array, "b n _ _"], text: Int[Array, "b n l"], vis: Float[Array, "b n p d"] | None = None
+    self,
+    frames: Float[Array, "b n _ _"],
+    text: Int[Array, "b n l"],
+    vis: Float[Array, "b n p d"] | None = None,
+    request: RequestState | None = None,
   ) -> tuple[Float[Array, "b s d"], Int[Array, "b s"], Int[Array, "b s"]]:
     """The token sequence of ``n`` ticks: ``(x [b, n * (P + L), d], segment_ids, groups)``.
 
     Each tick is its frame's ``P`` patch tokens (track ``VISION``, one group per frame) then its ``L`` words (track
-    ``TEXT``; ``<pad>`` words are padding, segment -1). ``vis``: the frames' ``encode``, if already computed.
+    ``TEXT``; ``<pad>`` words are padding, segment -1). ``vis``: the frames' ``encode``, if already computed. With
+    an ``Activation``, a slot's opening ``<speak>`` carries the standing request's ``prompt``; ``request``: the
+    request standing before the first tick (default: none, streams that start here).
     """
     b, n, ln = text.shape
     if frames.shape[:2] != (b, n):
@@ -353,6 +474,10 @@ class VideoLM(nnx.Module):
       seg_v = jnp.concatenate([seg_v, jnp.full((b, n, 1), VISION, jnp.int32)], axis=2)
       group_v = jnp.concatenate([group_v, jnp.full((b, n, 1), -1, jnp.int32)], axis=2)
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
+    if self.config.activation:  # the request re-posed at the <speak> that opens an announcement
+      standing = self.activation.standing(text, request)
+      cue = jnp.where((text[:, :, 0] == SPEAK)[..., None], self.activation.prompt(standing.vector), 0.0)
+      words = words.at[:, :, 0].add(cue.astype(words.dtype))
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (f + ln), -1)
     seg_t = jnp.where(text != PAD, TEXT, -1).astype(jnp.int32)
     segs = jnp.concatenate([seg_v, seg_t], axis=2).reshape(b, -1)
@@ -367,11 +492,13 @@ class VideoLM(nnx.Module):
     text: Int[Array, "b n l"],
     cache: cache_lib.Cache,
     previous: Float[Array, "b _ _"] | None = None,
+    request: RequestState | None = None,
   ) -> tuple[Logits, cache_lib.Cache]:
     """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
     returns ``(logits [b, n * (F + L), v], cache)`` (``F = frame_len``). Compiles once per ``(n, L)``.
-    ``previous``: the frame before ``frames[:, 0]`` for a ``frame_delta`` model (``encode``)."""
-    x, segs, groups = self.tick_inputs(frames, text, self.encode(frames, previous))
+    ``previous``: the frame before ``frames[:, 0]`` for a ``frame_delta`` model (``encode``); ``request``: the
+    request standing before the first tick for a model with an ``Activation`` (``tick_inputs``)."""
+    x, segs, groups = self.tick_inputs(frames, text, self.encode(frames, previous), request)
     return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
 
   def forward(

@@ -85,6 +85,11 @@ class VideoTask:
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
       it off.
+    activation: width of StreamBridge's activation model (``VideoLMConfig.activation``, ``video_lm.Activation``;
+      0: off): it decides when to speak from the standing request and the frame encoder's tokens, trained with a
+      binary cross-entropy at the ticks where a request stands (``video_lm.activation_loss``, ``<speak>`` ticks
+      weighing ``speak_weight``) from the first step, the encoder-only steps included. Needs clips from their
+      stream's start and the streaming objective.
   """
 
   dataset: str = "digits"
@@ -116,6 +121,7 @@ class VideoTask:
   entry_words: bool = False
   fulfil_prob: float = 0.0
   request_loss: float = 0.0
+  activation: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
@@ -131,6 +137,13 @@ class VideoTask:
       raise ValueError(
         "request_loss needs clips from their stream's start (clips_per_stream == 1: a request may be pending from "
         "before a clip cut mid-stream) and the streaming objective (requests are announced)"
+      )
+    if self.activation < 0:
+      raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
+    if self.activation and (self.clips_per_stream > 1 or not self.streaming_objective):
+      raise ValueError(
+        "activation needs clips from their stream's start (clips_per_stream == 1: a request may stand from before a "
+        "clip cut mid-stream) and the streaming objective (requests are announced)"
       )
     if self.entry_words and not self.frame_delta:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
@@ -195,6 +208,7 @@ class VideoTask:
       frame_delta=self.frame_delta,
       entry_words=LABEL_WORDS if self.entry_words else (),
       request_head=self.request_loss > 0,
+      activation=self.activation,
     )
 
 

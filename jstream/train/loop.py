@@ -129,9 +129,18 @@ def make_train_step(
           out.update({"entry_loss": el, "entry_accuracy": ea})
         return patch, out
 
+      def activation_term(loss, out):  # StreamBridge's activation model, on the frame side
+        if not video.activation:
+          return loss, out
+        standing = model.activation.standing(batch["text"])
+        act = model.activation.logits(vis, standing.vector)
+        speak = batch["text"][:, :, 0] == video_lm.SPEAK
+        al, am = video_lm.activation_loss(act, standing, speak, speak_weight=video.speak_weight)
+        return loss + al, {**out, "activation_loss": al, **am}
+
       vis = model.encode(batch["frames"])
       if encoder_only:
-        return patch_term(vis)
+        return activation_term(*patch_term(vis))
       p = model.config.frame_len
       packed = None if video.text_budget is None else video.clip_frames * (p + video.text_budget)
       text, targets = batch["text"], batch["targets"]
@@ -165,7 +174,7 @@ def make_train_step(
         rl, ra = video_lm.digit_loss(model.request_logits(outputs[1], text.shape[1]), pending)
         loss = loss + video.request_loss * rl
         out.update({"request_loss": rl, "request_accuracy": ra})
-      return loss, out
+      return activation_term(loss, out)
     if cfg.draft_heads is not None:  # Medusa-1: the heads' loss, the target frozen
       loss, m = model.heads.loss(model.target, batch, decay=cfg.draft_heads.decay)
       return loss, {"tokens": jnp.asarray(batch[:, 2:].size, jnp.float32), **m}
