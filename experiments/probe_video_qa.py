@@ -194,7 +194,7 @@ def main(argv=None) -> int:
       heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
     if mc.activation:  # the activation model's probability of speaking where a request stands, else 0
       standing = model.activation.standing(text)
-      heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation.logits(vis, standing.vector)), 0)
+      heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation_logits(vis, standing.vector)), 0)
     return logits, heads
 
   # test clips of the streams as evaluated: without a training curriculum (VideoTask.fulfil_prob)

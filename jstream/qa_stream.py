@@ -147,7 +147,7 @@ def _tick(
   after = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   margin = (after[:, vqa.SPEAK] - after[:, vqa.SILENT]).astype(jnp.float32)
   if activation is not None:
-    margin = jnp.where(request.open, activation.logits(whole, request.vector), CLOSED)
+    margin = jnp.where(request.open, model.activation_logits(whole, request.vector), CLOSED)
   speak = (margin > speak_bias) & proactive
   decision = jnp.where(speak, vqa.SPEAK, vqa.SILENT).astype(jnp.int32)
 

@@ -493,7 +493,7 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
     text = np.asarray(batch["text"])
     pending = pending_requests(text, np.asarray(batch["qtype"])) >= 0
     standing = model.activation.standing(jnp.asarray(text))
-    x = np.asarray(model.activation.logits(model.encode(jnp.asarray(batch["frames"])), standing.vector), np.float64)
+    x = np.asarray(model.activation_logits(model.encode(jnp.asarray(batch["frames"])), standing.vector), np.float64)
     y = text[:, :, 0] == video_lm.SPEAK
     nll = np.where(y, np.log1p(np.exp(-x)), np.log1p(np.exp(x)))
     w = np.where(pending, np.where(y, cfg.video.speak_weight, 1.0), 0.0)

@@ -743,3 +743,24 @@ def test_activation_config_errors():
     VideoTask(activation=8, clips_per_stream=2, clip_overlap=4)
   with pytest.raises(ValueError, match="activation needs clips from their stream's start"):
     VideoTask(activation=8, streaming_objective=False)
+
+
+def test_activation_logits_read_the_frame_tokens_behind_a_stop_gradient():
+  """``VideoLM.activation_logits`` reads the tokens the language model reads (``placed``: here with the entry
+  head's digit words) and passes no gradient back to the frame encoder or the heads under it: the activation
+  model's loss leaves them to their labels."""
+  model = tiny_video_lm(seed=3, frame_delta=True, entry_words=V.LABEL_WORDS, activation=8)
+  frames, _ = ticks(2, 3, seed=1)
+  vector = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 8)), jnp.float32)
+  vis = model.encode(frames)
+  want = model.activation.logits(model.placed(vis), vector)
+  np.testing.assert_allclose(np.asarray(model.activation_logits(vis, vector)), np.asarray(want), rtol=1e-6)
+  assert np.abs(np.asarray(want) - np.asarray(model.activation.logits(vis, vector))).max() > 1e-4
+
+  def total(m):
+    return m.activation_logits(m.encode(frames), vector).sum()
+
+  grads = nnx.grad(total)(model)
+  for part in ("patch", "encoder", "entry_head", "lm"):
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(getattr(grads, part))), part
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads.activation))

@@ -215,9 +215,10 @@ class Activation(nnx.Module):
   until the row speaks (``advance``, after each tick's slot). At each frame the model scores the frame encoder's
   tokens against the request (``logits``: an MLP of each token, dotted with a projection of the request, pooled
   over the tokens by log-sum-exp, plus a bias): the log-odds that the request is fulfilled now. It reads the
-  frame, not the language model, so it trains with the frame encoder from the first step
-  (``VideoTask.activation``) at the encoder-only steps' cost. ``prompt`` maps the request into the language
-  model's embedding space, added to the ``<speak>`` word that opens an announcement.
+  frame encoder's tokens, not the language model's features, so it trains from the first step
+  (``VideoTask.activation``) at the encoder-only steps' cost; ``VideoLM.activation_logits`` is what the model
+  decides by. ``prompt`` maps the request into the language model's embedding space, added to the ``<speak>`` word
+  that opens an announcement.
 
   Args:
     vocab_size: the language model's word vocabulary.
@@ -579,6 +580,15 @@ class VideoLM(nnx.Module):
     and request heads read."""
     b, s, d = features.shape
     return features.reshape(b, num_ticks, s // num_ticks, d)[:, :, self.config.frame_len - 1]
+
+  def activation_logits(self, vis: Float[Array, "*b p d"], vector: Float[Array, "*b a"]) -> Float[Array, "*b"]:
+    """The activation model's log-odds that the standing request ``vector`` is fulfilled in the frame of encoder
+    tokens ``vis`` (``encode``): it reads the tokens the language model reads (``placed``: with ``entry_words``,
+    the entry head's digit among them), behind a stop-gradient, so that its loss leaves the frame encoder to its
+    labels (a separate model over frozen features, as StreamBridge's). Needs ``VideoLMConfig.activation``."""
+    if not self.config.activation:
+      raise ValueError("activation_logits needs a model built with VideoLMConfig(activation=width)")
+    return self.activation.logits(jax.lax.stop_gradient(self.placed(vis)), vector)
 
   def request_logits(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n 11"]:
     """The pending-request logits ``[b, n, NO_DIGIT + 1]`` (``pending_requests``' classes) of ``n`` ticks, read

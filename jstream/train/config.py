@@ -85,11 +85,11 @@ class VideoTask:
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
       it off.
-    activation: width of StreamBridge's activation model (``VideoLMConfig.activation``, ``video_lm.Activation``;
-      0: off): it decides when to speak from the standing request and the frame encoder's tokens, trained with a
-      binary cross-entropy at the ticks where a request stands (``video_lm.activation_loss``, ``<speak>`` ticks
-      weighing ``speak_weight``) from the first step, the encoder-only steps included. Needs clips from their
-      stream's start and the streaming objective.
+    activation: width of StreamBridge's activation model (``VideoLMConfig.activation``, ``video_lm.Activation``; 0:
+      off): it decides when to speak from the standing request and the frame encoder's tokens (behind a stop-gradient:
+      ``VideoLM.activation_logits``), trained with a binary cross-entropy at the ticks where a request stands
+      (``video_lm.activation_loss``, ``<speak>`` ticks weighing ``speak_weight``) from the first step, the encoder-only
+      steps included. Needs clips from their stream's start and the streaming objective.
   """
 
   dataset: str = "digits"

@@ -133,7 +133,7 @@ def make_train_step(
         if not video.activation:
           return loss, out
         standing = model.activation.standing(batch["text"])
-        act = model.activation.logits(vis, standing.vector)
+        act = model.activation_logits(vis, standing.vector)
         speak = batch["text"][:, :, 0] == video_lm.SPEAK
         al, am = video_lm.activation_loss(act, standing, speak, speak_weight=video.speak_weight)
         return loss + al, {**out, "activation_loss": al, **am}
