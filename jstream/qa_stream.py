@@ -79,7 +79,8 @@ def _say(lm, ids: Array, say: Array, cache, cue: Array | None = None):
   seg = jnp.where(say[:, None] & (ids != vqa.PAD), TEXT, -1).astype(jnp.int32)
   if cue is None:
     return lm.extend(ids, cache, segment_ids=seg)
-  return lm.extend_embeddings(lm.embed(ids) + cue.astype(lm.embed(ids).dtype), cache, segment_ids=seg)
+  x = lm.embed(ids)
+  return lm.extend_embeddings(x + cue.astype(x.dtype), cache, segment_ids=seg)
 
 
 def _frame_tokens(model: VideoLM, frame: Float[Array, "b _ _"], previous: Float[Array, "b _ _"], drop, drop_state):
