@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     if mc.request_head:
       heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
     if mc.activation:  # the activation model's probability of speaking where a request stands, else 0
-      standing = model.activation.standing(text)
+      standing, _ = model.activation.standing(text)
       heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation_logits(vis, standing.vector)), 0)
     return logits, heads
 

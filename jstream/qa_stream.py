@@ -246,9 +246,10 @@ def run(
   if previous_frame.shape != (b, *model.config.frame_size):
     raise ValueError(f"previous_frame must be [{b}, *{model.config.frame_size}], got {previous_frame.shape}")
   if request_state is None:  # no request standing (a placeholder for a model without an activation model)
-    width = model.config.activation or 1
-    request_state = RequestState(jnp.zeros((b, width), jnp.float32), jnp.zeros((b,), bool))
-    request_state = jax.device_put(request_state, jax.devices()[0])
+    empty = (
+      model.activation.empty(b) if model.config.activation else RequestState(jnp.zeros((b, 1)), jnp.zeros(b, bool))
+    )
+    request_state = jax.device_put(empty, jax.devices()[0])
   elif request_state.vector.shape != (b, model.config.activation or 1) or request_state.open.shape != (b,):
     raise ValueError(
       f"request_state must be the previous call's TickOutputs.request_state for {b} rows, got vector "

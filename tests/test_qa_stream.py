@@ -113,7 +113,7 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   margin = logits[:, 0, V.SPEAK] - logits[:, 0, V.SILENT]
   if case == "activation":
     stands = standing_requests(rec, n)
-    offline = model.activation.standing(jnp.asarray(text[None]))
+    offline, _ = model.activation.standing(jnp.asarray(text[None]))
     act = model.activation_logits(model.encode(jnp.asarray(frames)), offline.vector)[0]
     margin = np.where(stands, np.asarray(act), Q.CLOSED)
     assert stands.any() and (~stands).any() and np.any(stands & (rec.decision == V.SILENT))

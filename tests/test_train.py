@@ -492,7 +492,7 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
   def want_loss(model):
     text = np.asarray(batch["text"])
     pending = pending_requests(text, np.asarray(batch["qtype"])) >= 0
-    standing = model.activation.standing(jnp.asarray(text))
+    standing, _ = model.activation.standing(jnp.asarray(text))
     x = np.asarray(model.activation_logits(model.encode(jnp.asarray(batch["frames"])), standing.vector), np.float64)
     y = text[:, :, 0] == video_lm.SPEAK
     nll = np.where(y, np.log1p(np.exp(-x)), np.log1p(np.exp(x)))

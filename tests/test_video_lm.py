@@ -681,7 +681,7 @@ def test_the_activation_model_holds_the_standing_request_and_pools_its_words():
   text = np.stack([c.text for c in chunks])
   model = tiny_video_lm(seed=2, activation=8)
   act = model.activation
-  got = act.standing(jnp.asarray(text))
+  got, _ = act.standing(jnp.asarray(text))
   table, score = np.asarray(act.words.embedding[...]), np.asarray(act.score.kernel[...])[:, 0]
 
   def pooled(words):  # the question's words, without <q>
@@ -764,3 +764,28 @@ def test_activation_logits_read_the_frame_tokens_behind_a_stop_gradient():
   for part in ("patch", "encoder", "entry_head", "lm"):
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(getattr(grads, part))), part
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads.activation))
+
+
+def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
+  """A model with an activation model fed in two chunks, the second from the request standing after the first
+  (``Activation.standing(first chunk)[1]`` as ``__call__(request=)``), gives the offline forward's logits over the
+  whole stream; the second chunk started without it differs where a ``<speak>`` carries the request's prompt."""
+  weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 6.0)
+  config = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.7, question_weights=weights, enter_prob=0.5)
+  model = tiny_video_lm(seed=6, activation=8)
+  for i in range(20):  # a stream whose request, asked in the first chunk, is announced in the second
+    chunk = V.VideoQAStream(config, "test", i).take(24)
+    if any(f >= 12 > qf for f, qf, _ in chunk.announcements):
+      break
+  frames = jnp.asarray(chunk.frames[None].astype(np.float32) / 255.0)
+  text = jnp.asarray(chunk.text[None])
+  want = np.asarray(model.forward(frames, text))
+  policy = C.Segmented((C.Dense(400), C.Dense(400)))
+  first, cache = model(frames[:, :12], text[:, :12], model.init_cache(policy, 1))
+  _, after = model.activation.standing(text[:, :12])
+  assert bool(after.open[0])
+  second, _ = model(frames[:, 12:], text[:, 12:], cache, request=after)
+  np.testing.assert_allclose(np.concatenate([first, second], axis=1), want, rtol=2e-4, atol=2e-4)
+  _, cache = model(frames[:, :12], text[:, :12], model.init_cache(policy, 1))
+  fresh, _ = model(frames[:, 12:], text[:, 12:], cache)
+  assert np.abs(np.asarray(fresh) - np.asarray(second)).max() > 1e-3

@@ -247,8 +247,7 @@ class Activation(nnx.Module):
     before = jnp.cumsum(words == ANSWER, axis=-1) == 0
     inside = asked & before & (words != QUESTION) & (words != PAD)
     e = self.words(words).astype(jnp.float32)
-    s = jnp.where(inside, self.score(e)[..., 0], -jnp.inf)
-    w = jnp.where(inside, jax.nn.softmax(jnp.where(inside.any(-1, keepdims=True), s, 0.0), axis=-1), 0.0)
+    w = jnp.where(inside, jax.nn.softmax(jnp.where(inside, self.score(e)[..., 0], -1e30), axis=-1), 0.0)
     standing = asked[..., -1] & before[..., -1]
     return jnp.einsum("...l,...la->...a", w, e), standing
 
@@ -258,16 +257,17 @@ class Activation(nnx.Module):
     vector, standing = self.encode(words)
     return RequestState(jnp.where(standing[:, None], vector, state.vector), (state.open & ~spoke) | standing)
 
-  def standing(self, text: Int[Array, "b n l"], start: RequestState | None = None) -> RequestState:
+  def standing(self, text: Int[Array, "b n l"], start: RequestState | None = None) -> tuple[RequestState, RequestState]:
     """The request standing at each tick's decision ``[b, n]`` of teacher-forced slots (the decision is each slot's
-    first word), from ``start`` (default: none) before the first tick."""
+    first word), from ``start`` (default: none) before the first tick, and the one standing after the last tick
+    ``[b]`` (the next chunk's ``start``: ``VideoLM.__call__(request=)``)."""
     start = self.empty(text.shape[0]) if start is None else start
 
     def tick(state, words):
       return self.advance(state, words, words[:, 0] == SPEAK), state
 
-    _, states = jax.lax.scan(tick, start, jnp.swapaxes(text, 0, 1))
-    return RequestState(jnp.swapaxes(states.vector, 0, 1), jnp.swapaxes(states.open, 0, 1))
+    after, states = jax.lax.scan(tick, start, jnp.swapaxes(text, 0, 1))
+    return RequestState(jnp.swapaxes(states.vector, 0, 1), jnp.swapaxes(states.open, 0, 1)), after
 
   def logits(self, vis: Float[Array, "*b p d"], vector: Float[Array, "*b a"]) -> Float[Array, "*b"]:
     """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``)."""
@@ -476,7 +476,7 @@ class VideoLM(nnx.Module):
       group_v = jnp.concatenate([group_v, jnp.full((b, n, 1), -1, jnp.int32)], axis=2)
     words = self.lm.embed(text).astype(vis.dtype)  # [b, n, l, d]
     if self.config.activation:  # the request re-posed at the <speak> that opens an announcement
-      standing = self.activation.standing(text, request)
+      standing, _ = self.activation.standing(text, request)
       cue = jnp.where((text[:, :, 0] == SPEAK)[..., None], self.activation.prompt(standing.vector), 0.0)
       words = words.at[:, :, 0].add(cue.astype(words.dtype))
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (f + ln), -1)
@@ -498,7 +498,8 @@ class VideoLM(nnx.Module):
     """Runs ``n`` ticks (frames ``[b, n, H, W]`` in [0, 1] and their text slots ``[b, n, L]``) against the cache;
     returns ``(logits [b, n * (F + L), v], cache)`` (``F = frame_len``). Compiles once per ``(n, L)``.
     ``previous``: the frame before ``frames[:, 0]`` for a ``frame_delta`` model (``encode``); ``request``: the
-    request standing before the first tick for a model with an ``Activation`` (``tick_inputs``)."""
+    request standing before the first tick for a model with an ``Activation`` (``tick_inputs``; the previous
+    chunk's is ``Activation.standing(its text)[1]``)."""
     x, segs, groups = self.tick_inputs(frames, text, self.encode(frames, previous), request)
     return self.lm.extend_embeddings(x, cache, segment_ids=segs, groups=groups)
 

@@ -132,7 +132,7 @@ def make_train_step(
       def activation_term(loss, out):  # StreamBridge's activation model, on the frame side
         if not video.activation:
           return loss, out
-        standing = model.activation.standing(batch["text"])
+        standing, _ = model.activation.standing(batch["text"])
         act = model.activation_logits(vis, standing.vector)
         speak = batch["text"][:, :, 0] == video_lm.SPEAK
         al, am = video_lm.activation_loss(act, standing, speak, speak_weight=video.speak_weight)
