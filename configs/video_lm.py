@@ -35,7 +35,9 @@ suffix ``_entries``), ``request`` (a head on the language model's features after
 pending proactive request, ``VideoTask.request_loss``; workdir suffix ``_request``), ``activation``
 (StreamBridge's activation model of width 64 decides when to speak from the standing request and the frame,
 ``VideoTask.activation``; workdir suffix ``_activation``), ``encoder`` (3,000 encoder-only steps instead of 600,
-the joint steps unchanged; workdir suffix ``_encoder``). Flags combine
+the joint steps unchanged; workdir suffix ``_encoder``), ``augment`` (the training clips draw their digits from a
+pool that also holds 9 random affine variants of each training image, ``VideoTask.augment``; workdir suffix
+``_augment``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -48,7 +50,7 @@ from jstream.train import TrainConfig, VideoTask
 
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
-  known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder"}
+  known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -100,6 +102,9 @@ def get_config(*flags: str) -> TrainConfig:
     extra = 3000 - cfg.video.encoder_steps
     video = dataclasses.replace(cfg.video, encoder_steps=3000)
     cfg = dataclasses.replace(cfg, video=video, steps=cfg.steps + extra, workdir=cfg.workdir + "_encoder")
+  if "augment" in flags:  # more handwriting: 9 affine variants of each training digit
+    video = dataclasses.replace(cfg.video, augment=9)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_augment")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -121,6 +126,7 @@ def get_config(*flags: str) -> TrainConfig:
       fulfil_prob=cfg.video.fulfil_prob,
       request_loss=cfg.video.request_loss,
       activation=8 if cfg.video.activation else 0,
+      augment=cfg.video.augment,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -356,6 +356,43 @@ def test_digit_pools():
   assert set(train_labels) == set(test_labels) == set(range(10))
 
 
+def test_warp_is_the_plain_resize_at_the_identity_and_moves_pixels_exactly():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0, 16, (5, 8, 8))
+  n = len(images)
+  eye, zero = np.tile(np.eye(2), (n, 1, 1)), np.zeros((n, 2))
+  m = DG._resize_matrix(8, 12)
+  np.testing.assert_allclose(DG.warp(images, 12, eye, zero), np.einsum("ai,nij,bj->nab", m, images, m), atol=1e-12)
+  # at the input's own size, a quarter turn and whole-pixel shifts map pixel centres onto pixel centres
+  turn = np.tile(np.array([[0.0, -1.0], [1.0, 0.0]]), (n, 1, 1))
+  np.testing.assert_allclose(DG.warp(images, 8, turn, zero), np.rot90(images, -1, axes=(1, 2)), atol=1e-12)
+  shifted = np.zeros_like(images)
+  shifted[:, :, :-2] = images[:, :, 2:]  # reading 2 pixels to the right moves the image 2 pixels left; 0 enters
+  np.testing.assert_allclose(DG.warp(images, 8, eye, np.tile([0.0, 2.0], (n, 1))), shifted, atol=1e-12)
+  half = DG.warp(images, 8, eye, np.tile([0.5, 0.0], (n, 1)))  # half a pixel down: the mean of two rows
+  np.testing.assert_allclose(half[:, :-1], (images[:, :-1] + images[:, 1:]) / 2, atol=1e-12)
+
+
+def test_augmented_pool_adds_variants_after_the_plain_images():
+  plain, plain_labels = DG.digit_pool("train", 12)
+  pool, labels = DG.digit_pool("train", 12, 2)
+  m = len(plain)
+  assert pool.shape == (3 * m, 12, 12) and pool.dtype == np.uint8
+  np.testing.assert_array_equal(pool[:m], plain)
+  np.testing.assert_array_equal(labels, np.tile(plain_labels, 3))
+  for k in (1, 2):  # each variant moves ink (and differs from the other variant) but keeps most of it
+    variant = pool[k * m : (k + 1) * m].astype(float)
+    moved = np.abs(variant - plain).mean(axis=(1, 2))
+    assert (moved > 1).mean() > 0.95
+    assert 0.6 < variant.sum() / plain.sum() < 1.1
+  assert (pool[m : 2 * m] != pool[2 * m :]).any(axis=(1, 2)).all()
+  DG.digit_pool.cache_clear()
+  np.testing.assert_array_equal(DG.digit_pool("train", 12, 2)[0], pool)  # the same variants every call
+  np.testing.assert_array_equal(DG.digit_pool("test", 12, 2)[0], DG.digit_pool("test", 12)[0])
+  with pytest.raises(ValueError, match="augment"):
+    DG.digit_pool("train", 12, -1)
+
+
 def test_digits_builder_matches_make_clip(digits_builder, digits_cfg):
   for split, count in (("train", 32), ("test", 8)):
     records = _records(digits_builder, split)

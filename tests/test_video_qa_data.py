@@ -111,10 +111,12 @@ def test_text_slots_follow_the_documented_layout():
     np.testing.assert_array_equal(mask, np.array(target + [False] * pad))
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_frames_are_the_logged_digits_drawn_from_the_split_pool(split):
-  config, chunk = long_stream(ticks=120, split=split, index=1)
-  images, labels = digits.digit_pool(split, config.digit_size)
+@pytest.mark.parametrize("split,augment", [("train", 0), ("test", 0), ("train", 3)])
+def test_frames_are_the_logged_digits_drawn_from_the_split_pool(split, augment):
+  config, chunk = long_stream(ticks=120, split=split, index=1, augment=augment)
+  images, labels = digits.digit_pool(split, config.digit_size, augment)
+  if augment:  # the stream draws the augmented variants too
+    assert (chunk.objects[..., 2] >= len(digits.digit_pool(split, config.digit_size)[0])).any()
   s = config.digit_size
   on_screen = {}  # object -> label, from the events
   for i, frame in enumerate(chunk.frames):
@@ -135,6 +137,15 @@ def test_frames_are_the_logged_digits_drawn_from_the_split_pool(split):
     np.testing.assert_array_equal(redrawn, frame)
   per_frame = collections.Counter((e[0], e[1]) for e in chunk.events)
   assert max(per_frame.values()) == 1  # at most one entry and one exit per frame
+
+
+def test_augment_leaves_the_test_streams_as_they_are():
+  plain, augmented = V.video_qa_config(), V.video_qa_config(augment=2)
+  for split, same in (("test", True), ("train", False)):
+    a, b = (V.VideoQAStream(c, split, 5).take(80) for c in (plain, augmented))
+    assert np.array_equal(a.frames, b.frames) == same
+  with pytest.raises(ValueError, match="augment"):
+    V.video_qa_config(augment=-1)
 
 
 def test_a_stream_does_not_depend_on_how_it_is_cut():

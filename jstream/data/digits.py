@@ -149,22 +149,85 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
   return m
 
 
+AUGMENT_SEED = 7  # the generator of the training pool's affine variants (``digit_pool(augment=)``)
+AUGMENT_ROTATION = 12.0  # degrees, either way
+AUGMENT_SCALE = (0.95, 1.25)  # inverse scale per axis: source pixels per output pixel relative to the plain resize
+AUGMENT_SHEAR = 0.2
+AUGMENT_SHIFT = 0.5  # source pixels, either way
+
+
 @functools.lru_cache(maxsize=8)
-def digit_pool(split: str, digit_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The digit images of a split's pool: (uint8 ``[n, s, s]`` in 0..255, int32 labels ``[n]``)."""
+def digit_pool(split: str, digit_size: int, augment: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The digit images of a split's pool: (uint8 ``[n, s, s]`` in 0..255, int32 labels ``[n]``).
+
+  ``augment`` (train split only): the pool also holds this many random affine variants of each image (rotation,
+  per-axis scale, shear and a sub-pixel shift about the digit's centre; ``warp``), after the plain images: image
+  ``i + k * m`` is variant ``k`` of image ``i`` (``m`` plain images), the same for every call. The test pool is
+  never augmented: test clips show the held-out handwriting as written.
+  """
   check_split(split, SPLITS)
+  if not isinstance(augment, (int, np.integer)) or augment < 0:
+    raise ValueError(f"augment must be an int >= 0 (affine variants per training digit), got {augment!r}")
   from sklearn.datasets import load_digits  # Slow import (~1.5 s): only when digits are needed.
 
   data = load_digits()
   test = np.arange(len(data.images)) % TEST_EVERY == TEST_EVERY - 1
   keep = test if split == "test" else ~test
+  source = data.images[keep]
   m = _resize_matrix(SOURCE_SIZE, digit_size)
-  images = np.einsum("ai,nij,bj->nab", m, data.images[keep], m) * (255.0 / 16.0)
-  images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+  images = [np.einsum("ai,nij,bj->nab", m, source, m)]
+  if split == "train" and augment:
+    rng = np.random.default_rng(AUGMENT_SEED)
+    for _ in range(augment):
+      n = len(source)
+      angle = np.deg2rad(rng.uniform(-AUGMENT_ROTATION, AUGMENT_ROTATION, n))
+      cos, sin = np.cos(angle), np.sin(angle)
+      rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+      shape = np.zeros((n, 2, 2))
+      shape[:, 0, 0], shape[:, 1, 1] = rng.uniform(*AUGMENT_SCALE, (2, n))
+      shape[:, 0, 1] = rng.uniform(-AUGMENT_SHEAR, AUGMENT_SHEAR, n)
+      shift = rng.uniform(-AUGMENT_SHIFT, AUGMENT_SHIFT, (n, 2))
+      images.append(warp(source, digit_size, rotation @ shape, shift))
+  images = np.clip(np.rint(np.concatenate(images) * (255.0 / 16.0)), 0, 255).astype(np.uint8)
   images.flags.writeable = False
-  labels = data.target[keep].astype(np.int32)
+  labels = np.tile(data.target[keep].astype(np.int32), 1 + (augment if split == "train" else 0))
   labels.flags.writeable = False
   return images, labels
+
+
+def warp(images: np.ndarray, size: int, inverse: np.ndarray, shift: np.ndarray) -> np.ndarray:
+  """Resamples square images ``[n, k, k]`` to ``[n, size, size]`` under an affine map about their centre.
+
+  Output pixel ``(a, b)`` reads the input, bilinearly, at ``centre + inverse @ (c(a, b) - centre) + shift``, where
+  ``c`` is the input coordinate the plain resize reads (``_resize_matrix``: pixel centres aligned); points inside
+  the input's pixel area are clamped to its outermost pixel centres as the plain resize does, points outside read
+  0. With ``inverse`` the identity and ``shift`` 0 this is the plain bilinear resize.
+
+  Args:
+    images: ``[n, k, k]`` input images.
+    size: the output side.
+    inverse: ``[n, 2, 2]`` the map from output to input offsets, ``(y, x)`` order.
+    shift: ``[n, 2]`` input-pixel offsets added after it.
+  """
+  k = images.shape[-1]
+  centre = (k - 1) / 2
+  nominal = (np.arange(size) + 0.5) * k / size - 0.5
+  grid = np.stack(np.meshgrid(nominal, nominal, indexing="ij"), -1) - centre  # [s, s, 2]
+  src = np.einsum("nij,abj->nabi", inverse, grid) + centre + shift[:, None, None]
+  inside = np.all((src >= -0.5) & (src <= k - 0.5), axis=-1)
+  src = np.clip(src, 0, k - 1)
+  lo = np.floor(src).astype(int)
+  hi = np.minimum(lo + 1, k - 1)
+  fy, fx = (src - lo)[..., 0], (src - lo)[..., 1]
+  n = np.arange(len(images))[:, None, None]
+
+  def at(y, x):
+    return images[n, y[..., 0], x[..., 1]]
+
+  value = (
+    at(lo, lo) * (1 - fy) * (1 - fx) + at(lo, hi) * (1 - fy) * fx + at(hi, lo) * fy * (1 - fx) + at(hi, hi) * fy * fx
+  )
+  return np.where(inside, value, 0.0)
 
 
 def bounce(start: np.ndarray, velocity: np.ndarray, num_frames: int, limit: np.ndarray) -> np.ndarray:

@@ -161,6 +161,9 @@ class VideoQAConfig(LocalConfig):
       (an image of that label instead of a uniform draw from the pool): a training curriculum in which requests
       are fulfilled sooner and more often, so that a clip holds more announcements to learn from. 0 (the
       default): every entry is a uniform draw, and the streams are those of a config without this field.
+    augment: the train split's digit pool also holds this many random affine variants of each training image
+      (``digits.digit_pool(augment=)``): more handwriting for the frame encoder to learn from. The test split is
+      unchanged (its pool is never augmented). 0 (the default): the streams of a config without this field.
   """
 
   frame_size: tuple[int, int] = (32, 32)
@@ -179,6 +182,7 @@ class VideoQAConfig(LocalConfig):
   num_test: int = 200
   seed: int = 0
   fulfil_prob: float = 0.0
+  augment: int = 0
 
 
 def video_qa_config(
@@ -199,6 +203,7 @@ def video_qa_config(
   num_test: int = 200,
   seed: int = 0,
   fulfil_prob: float = 0.0,
+  augment: int = 0,
 ) -> VideoQAConfig:
   """Checks and names a video-QA config (arguments as the ``VideoQAConfig`` attributes).
 
@@ -237,6 +242,7 @@ def video_qa_config(
     ),
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
     "fulfil_prob must be in [0, 1]": 0 <= fulfil_prob <= 1,
+    "augment must be an int >= 0": isinstance(augment, (int, np.integer)) and augment >= 0,
   }
   check_params(
     checks,
@@ -256,6 +262,7 @@ def video_qa_config(
     num_test=num_test,
     seed=seed,
     fulfil_prob=fulfil_prob,
+    augment=augment,
   )
   config = VideoQAConfig(
     name="pending",
@@ -275,6 +282,7 @@ def video_qa_config(
     num_test=int(num_test),
     seed=int(seed),
     fulfil_prob=float(fulfil_prob),
+    augment=int(augment),
   )
   name = f"{h}x{w}_d{digit_size}_m{max_on_screen}_t{clip_frames}_{config.signature()}"
   return config.named(name, f"Streaming video QA on moving digits: {config.params()}")
@@ -356,7 +364,7 @@ class VideoQAStream:
       raise ValueError(f"index must be a non-negative int, got {index!r}")
     self.config = config or video_qa_config()
     self.split, self.index = split, int(index)
-    self._images, self._labels = digit_pool(split, self.config.digit_size)
+    self._images, self._labels = digit_pool(split, self.config.digit_size, self.config.augment)
     self._by_label = [np.flatnonzero(self._labels == d) for d in range(10)]
     self._rng = np.random.default_rng([self.config.seed, SPLITS.index(split), self.index])
     self.frame = 0  # the next tick's frame

@@ -90,6 +90,9 @@ class VideoTask:
       ``VideoLM.activation_logits``), trained with a binary cross-entropy at the ticks where a request stands
       (``video_lm.activation_loss``, ``<speak>`` ticks weighing ``speak_weight``) from the first step, the encoder-only
       steps included. Needs clips from their stream's start and the streaming objective.
+    augment: random affine variants of each training digit added to the training clips' digit pool
+      (``video_qa.VideoQAConfig.augment``): more handwriting for the frame encoder to generalise from. The evaluation
+      streams (the test split) are unchanged.
   """
 
   dataset: str = "digits"
@@ -122,6 +125,7 @@ class VideoTask:
   fulfil_prob: float = 0.0
   request_loss: float = 0.0
   activation: int = 0
+  augment: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
@@ -184,6 +188,7 @@ class VideoTask:
       clip_overlap=self.clip_overlap,
       num_train=self.num_train,
       fulfil_prob=self.fulfil_prob if curriculum else 0.0,
+      augment=self.augment,
     )
 
   def model_config(self, lm: TransformerConfig):
