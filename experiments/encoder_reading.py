@@ -30,6 +30,8 @@ from experiments.bench_video_qa import run_config, trained_model
 from jstream.models import video_lm
 from jstream.train import train_iterator
 
+KINDS = ("digit_patch", "empty_patch", "entry")
+
 
 def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int]:
   """The frame heads' accuracy on ``batches`` batches of ``split`` clips (without the training curriculum)."""
@@ -44,7 +46,7 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
     return out
 
   it = train_iterator(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, fulfil_prob=0.0)), split)
-  hits = {"digit_patch": [], "empty_patch": [], "entry": []}
+  hits = {k: [] for k in KINDS}
   for _ in range(batches):
     batch = next(it)
     objects = jnp.asarray(batch["objects"])
@@ -98,9 +100,8 @@ def main(argv=None) -> int:
   }
   print(f"{'split':<6} {'digit patches':>14} {'empty patches':>14} {'entries':>10}")
   for split, r in rows.items():
-    cells = [f"{r.get(k + '_accuracy', float('nan')):.3f} ({r.get(k + '_n', 0)})" for k in ("digit_patch", "empty_patch")]
-    entry = f"{r['entry_accuracy']:.3f} ({r['entry_n']})" if "entry_accuracy" in r else "-"
-    print(f"{split:<6} {cells[0]:>14} {cells[1]:>14} {entry:>10}")
+    cells = [f"{r[k + '_accuracy']:.3f} ({r[k + '_n']})" if k + "_accuracy" in r else "-" for k in KINDS]
+    print(f"{split:<6} {cells[0]:>14} {cells[1]:>14} {cells[2]:>10}")
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(result, indent=1))
   return 0
