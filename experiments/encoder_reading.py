@@ -17,7 +17,7 @@ close. Writes ``DIR/results.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import itertools
 import json
 import pathlib
 import time
@@ -27,14 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_video_qa import run_config, trained_model
+from experiments.probe_video_qa import test_batches
+from jstream.data import video_qa
 from jstream.models import video_lm
-from jstream.train import train_iterator
 
 KINDS = ("digit_patch", "empty_patch", "entry")
 
 
 def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int]:
-  """The frame heads' accuracy on ``batches`` batches of ``split`` clips (without the training curriculum)."""
+  """The frame heads' accuracy on the first ``batches`` batches of ``split`` clips, in order, each clip once
+  (without the training curriculum; test: ``probe_video_qa.test_batches``)."""
   mc, size = model.config, cfg.video.digit_size
 
   @jax.jit
@@ -45,10 +47,16 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
       out["entry"] = jnp.argmax(model.entry_logits(vis), axis=-1)
     return out
 
-  it = train_iterator(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, fulfil_prob=0.0)), split)
+  if split == "test":
+    data = test_batches(cfg, batches)
+  else:
+    config = cfg.video.data_config(curriculum=False)
+    data = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)
+    data = itertools.islice(iter(data), batches)
   hits = {k: [] for k in KINDS}
-  for _ in range(batches):
-    batch = next(it)
+  clips = 0
+  for batch in data:
+    clips += len(batch["frames"])
     objects = jnp.asarray(batch["objects"])
     pred = jax.device_get(heads(jnp.asarray(batch["frames"])))
     want = np.asarray(video_lm.centre_labels(objects, mc, size))
@@ -59,7 +67,7 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
       entry = np.asarray(video_lm.entry_labels(objects, mc, size))
       entering = entry != video_lm.NO_DIGIT
       hits["entry"].append(pred["entry"][entering] == entry[entering])
-  out: dict[str, float | int] = {}
+  out: dict[str, float | int] = {"clips": clips}
   for name, parts in hits.items():
     if parts:
       h = np.concatenate(parts)
@@ -75,7 +83,7 @@ def main(argv=None) -> int:
   parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
   parser.add_argument("--steps", type=int, default=3000, help="encoder-only steps")
   parser.add_argument("--workdir", default=None, help="the run's workdir (default: runs/encoder_reading_<out name>)")
-  parser.add_argument("--batches", type=int, default=32, help="batches of each split to score")
+  parser.add_argument("--batches", type=int, default=64, help="batches of each split to score")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)

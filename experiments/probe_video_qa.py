@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
+import itertools
 import json
 import pathlib
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,6 @@ import numpy as np
 from experiments.bench_video_qa import add_model_arguments, run_config, trained_model
 from jstream.data import video_qa
 from jstream.models import video_lm
-from jstream.train import train_iterator
 
 
 def answer_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray) -> dict[str, dict]:
@@ -167,11 +167,23 @@ def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
   return out
 
 
+def test_batches(cfg, batches: int) -> Iterator[dict]:
+  """``batches`` batches of the run's batch size of distinct test-split clips: the first clips of test streams
+  ``0, 1, ...`` in order, each once, as the benchmark evaluates them (without a training curriculum,
+  ``VideoTask.fulfil_prob``). The split is built with as many clips as asked for (at least its default 200), so
+  asking for more reads more streams, never a clip twice."""
+  params = cfg.video.data_config(curriculum=False).params()
+  params["num_test"] = max(params["num_test"], batches * cfg.batch_size)
+  config = video_qa.video_qa_config(**params)
+  data = video_qa.video_qa_dataset("test", batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)
+  return itertools.islice(iter(data), batches)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="probe_video_qa", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder")
   add_model_arguments(parser, "the quick model (smoke test)")
-  parser.add_argument("--batches", type=int, default=4, help="test-split batches of the run's batch size")
+  parser.add_argument("--batches", type=int, default=4, help="batches of distinct test clips (the run's batch size)")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   t0 = time.perf_counter()
@@ -197,12 +209,9 @@ def main(argv=None) -> int:
       heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation_logits(vis, standing.vector)), 0)
     return logits, heads
 
-  # test clips of the streams as evaluated: without a training curriculum (VideoTask.fulfil_prob)
-  it = train_iterator(dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, fulfil_prob=0.0)), "test")
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
   entry_hits, request_hits, activation = [], [], []
-  for _ in range(args.batches):
-    batch = next(it)
+  for batch in test_batches(cfg, args.batches):
     text = np.asarray(batch["text"])
     logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
     state = heads.get("state")

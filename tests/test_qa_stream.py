@@ -359,3 +359,23 @@ def test_the_probe_sorts_speak_decisions_by_tick_kind():
     np.testing.assert_allclose(got[kind]["speak_0.2"], np.mean(p_speak[ticks] > 0.2))
   assert got["due"]["label_accuracy"] == 0.0 and got["due"]["label_other_digit"] == 1.0
   np.testing.assert_allclose(got["due"]["p_label"], 1 / (len(V.WORDS) - 1 + np.exp(5.0)), rtol=1e-5)
+
+
+def test_the_probe_reads_each_test_clip_once_in_stream_order():
+  """``experiments.probe_video_qa.test_batches``: past the split's 200 clips it reads further test streams, never
+  a clip twice; the clips are the first ticks of test streams 0, 1, ... without the training curriculum."""
+  from experiments.bench_video_qa import run_config
+  from experiments.probe_video_qa import test_batches
+
+  cfg = run_config(True, None, "fulfil")  # a curriculum in training that the test clips must not have
+  batches = list(test_batches(cfg, 51))  # 204 clips of 4
+  assert len(batches) == 51
+  frames = np.concatenate([b["frames"] for b in batches])
+  text = np.concatenate([b["text"] for b in batches])
+  assert len(frames) == 204
+  config = cfg.video.data_config(curriculum=False)
+  assert config.fulfil_prob == 0.0 and cfg.video.fulfil_prob > 0
+  for i in range(204):  # clip i is stream i's start: each stream once, in order
+    want = V.VideoQAStream(config, "test", i).take(cfg.video.clip_frames)
+    np.testing.assert_array_equal(np.rint(frames[i] * 255), want.frames)
+    np.testing.assert_array_equal(text[i], want.text)
