@@ -37,7 +37,9 @@ pending proactive request, ``VideoTask.request_loss``; workdir suffix ``_request
 ``VideoTask.activation``; workdir suffix ``_activation``), ``encoder`` (3,000 encoder-only steps instead of 600,
 the joint steps unchanged; workdir suffix ``_encoder``), ``augment`` (the training clips draw their digits from a
 pool that also holds 9 random affine variants of each training image, ``VideoTask.augment``; workdir suffix
-``_augment``). Flags combine
+``_augment``), ``data`` (16,000 training clips instead of 2,000; workdir suffix ``_data``), ``heads`` (with
+``activation``: the activation model also reads the frame heads' class log-probabilities,
+``VideoTask.activation_heads``; workdir suffix ``_heads``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -51,6 +53,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
+  known |= {"heads", "data"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -105,6 +108,12 @@ def get_config(*flags: str) -> TrainConfig:
   if "augment" in flags:  # more handwriting: 9 affine variants of each training digit
     video = dataclasses.replace(cfg.video, augment=9)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_augment")
+  if "data" in flags:  # 8x the training clips (16,000): the encoder sees each clip about once
+    video = dataclasses.replace(cfg.video, num_train=16000)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_data")
+  if "heads" in flags:  # the activation model reads the frame heads' class probabilities
+    video = dataclasses.replace(cfg.video, activation_heads=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_heads")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -127,6 +136,7 @@ def get_config(*flags: str) -> TrainConfig:
       request_loss=cfg.video.request_loss,
       activation=8 if cfg.video.activation else 0,
       augment=cfg.video.augment,
+      activation_heads=cfg.video.activation_heads,
     )
     cfg = dataclasses.replace(
       cfg,

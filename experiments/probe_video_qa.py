@@ -11,7 +11,9 @@ the right answer is the model's first choice once the majority answer is set asi
 mean probability the model still gives the majority answer there. For a model with a scene-state head (``flags
 state``) it also scores the head on the same clips, per group of ``video_lm.STATE_NAMES``: accuracy, the group's
 majority share and the accuracy on the targets that are not the majority class (what the state holds beyond the
-obvious guess). Writes ``DIR/results.json``.
+obvious guess). With an entry head (``flags delta``) it also scores a speak decision read off that head alone
+(``proactive_entry_head``: its largest probability, over the frame's patches, of the requested digit), beside the
+model's own. Writes ``DIR/results.json``.
 """
 
 from __future__ import annotations
@@ -201,7 +203,9 @@ def main(argv=None) -> int:
     if has_state:
       heads["state"] = jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
     if mc.frame_delta:
-      heads["entry"] = jnp.argmax(model.entry_logits(vis), axis=-1)
+      entry = jax.nn.softmax(model.entry_logits(vis).astype(jnp.float32), axis=-1)
+      heads["entry"] = jnp.argmax(entry, axis=-1)
+      heads["entry_probs"] = entry.max(axis=-2)  # [b, n, 11]: each class's largest probability over the patches
     if mc.request_head:
       heads["request"] = jnp.argmax(model.request_logits(feats, text.shape[1]), axis=-1)
     if mc.activation:  # the activation model's probability of speaking where a request stands, else 0
@@ -210,7 +214,7 @@ def main(argv=None) -> int:
     return logits, heads
 
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
-  entry_hits, request_hits, activation = [], [], []
+  entry_hits, request_hits, activation, entry_rule = [], [], [], []
   for batch in test_batches(cfg, args.batches):
     text = np.asarray(batch["text"])
     logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
@@ -219,6 +223,9 @@ def main(argv=None) -> int:
       want = np.asarray(video_lm.entry_labels(jnp.asarray(batch["objects"]), mc, cfg.video.digit_size))
       entering = (want >= 0) & (want != video_lm.NO_DIGIT)
       entry_hits.append(np.asarray(heads["entry"])[entering] == want[entering])
+      pending = pending_requests(text, np.asarray(batch["qtype"]))  # the entry head's probability of the request
+      probs = np.take_along_axis(np.asarray(heads["entry_probs"]), np.maximum(pending, 0)[..., None], -1)[..., 0]
+      entry_rule.append(np.where(pending >= 0, probs, 0.0))
     if "request" in heads:  # the request head at the ticks where a request is pending
       want = pending_requests(text, np.asarray(batch["qtype"]))
       request_hits.append(np.asarray(heads["request"])[want >= 0] == want[want >= 0])
@@ -234,10 +241,12 @@ def main(argv=None) -> int:
       truths.append(truth)
   pred, text, qtype = np.concatenate(preds), np.concatenate(texts), np.concatenate(qtypes)
   stats = answer_stats(pred, text, qtype)
-  proactive = None
+  proactive = entry_decision = None
   if cfg.video.streaming_objective:
     p_speak = np.concatenate(activation) if activation else None
     proactive = proactive_stats(pred, text, qtype, np.concatenate(entered), p_speak)
+    if entry_rule:  # a decision that reads the entry head alone: its largest probability of the requested digit
+      entry_decision = proactive_stats(pred, text, qtype, np.concatenate(entered), np.concatenate(entry_rule))
   state_scores = state_stats(np.concatenate(states), np.concatenate(truths)) if has_state else None
   print(f"probe_video_qa: {cfg.workdir} at step {step}, {sum(s['questions'] for s in stats.values())} questions")
   print(
@@ -256,9 +265,15 @@ def main(argv=None) -> int:
     head = f"{'tick kind':12s} {'ticks':>6s} {'p(speak)':>9s} {'>0.5':>6s} {'>0.2':>6s}"
     who = "activation model" if activation else "teacher-forced"
     print(f"  speak decisions ({who}): {head}")
-    for name, r in proactive.items():
-      if r["ticks"]:
-        print(f"  {'':34s} {name:12s} {r['ticks']:6d} {r['p_speak']:9.3f} {r['speak_0.5']:6.2f} {r['speak_0.2']:6.2f}")
+    rows = [(name, r) for name, r in proactive.items() if r["ticks"]]
+    if entry_decision:
+      rows.append(("read off the entry head (its largest probability of the requested digit):", None))
+      rows += [(name, entry_decision[name]) for name in ("due", "other_entry") if entry_decision[name]["ticks"]]
+    for name, r in rows:
+      if r is None:
+        print(f"  speak decisions {name}")
+        continue
+      print(f"  {'':34s} {name:12s} {r['ticks']:6d} {r['p_speak']:9.3f} {r['speak_0.5']:6.2f} {r['speak_0.2']:6.2f}")
     if "label_accuracy" in proactive["due"]:
       d = proactive["due"]
       print(
@@ -287,6 +302,7 @@ def main(argv=None) -> int:
     "state": state_scores,
     "proactive": proactive,
     "speak_decider": "activation" if activation else "language_model",
+    "proactive_entry_head": entry_decision,
     "heads": frame_heads,
     "seconds": time.perf_counter() - t0,
   }

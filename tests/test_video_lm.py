@@ -766,6 +766,53 @@ def test_activation_logits_read_the_frame_tokens_behind_a_stop_gradient():
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads.activation))
 
 
+def test_activation_heads_add_a_bilinear_match_of_the_request_with_the_frame_heads():
+  """``activation_heads``: each token's score gains the frame heads' log-probabilities (patch head, then entry head)
+  weighted by ``match(request)``; checked against a NumPy computation from the module's own weights, with the
+  heads behind the stop-gradient; config errors."""
+  model = tiny_video_lm(seed=4, frame_delta=True, activation=8, activation_heads=True)
+  frames, _ = ticks(2, 3, seed=5)
+  vector = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 8)), jnp.float32)
+  vis = model.encode(frames)
+  act = model.activation
+
+  def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+  heads = np.concatenate([log_softmax(model.patch_logits(vis)), log_softmax(model.entry_logits(vis))], -1)
+  assert heads.shape[-1] == 22
+  np.testing.assert_allclose(np.asarray(model.frame_head_logprobs(vis)), heads, rtol=1e-5, atol=1e-5)
+  tokens = np.asarray(model.placed(vis), np.float64)
+  hidden = tokens @ np.asarray(act.key_in.kernel[...]) + np.asarray(act.key_in.bias[...])
+  hidden = np.asarray(jax.nn.gelu(jnp.asarray(hidden)), np.float64)
+  k = hidden @ np.asarray(act.key_out.kernel[...]) + np.asarray(act.key_out.bias[...])
+  v = np.asarray(vector, np.float64)
+  q = v @ np.asarray(act.query.kernel[...]) + np.asarray(act.query.bias[...])
+  w = v @ np.asarray(act.match.kernel[...]) + np.asarray(act.match.bias[...])
+  scores = np.einsum("bnpa,bna->bnp", k, q) / np.sqrt(8) + np.einsum("bnpc,bnc->bnp", heads, w)
+  top = scores.max(-1)
+  want = top + np.log(np.exp(scores - top[..., None]).sum(-1)) + float(act.bias[...])
+  np.testing.assert_allclose(np.asarray(model.activation_logits(vis, vector)), want, rtol=1e-4, atol=1e-4)
+
+  def total(m):
+    return m.activation_logits(m.encode(frames), vector).sum()
+
+  grads = nnx.grad(total)(model)
+  for part in ("patch", "encoder", "patch_head", "entry_head"):
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(getattr(grads, part))), part
+  assert np.abs(np.asarray(grads.activation.match.kernel[...])).max() > 0
+  with library_checks_only():
+    with pytest.raises(ValueError, match="heads must be"):
+      act.logits(vis, vector)
+    with pytest.raises(ValueError, match="activation_heads needs an activation model"):
+      VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, activation_heads=True)
+    from jstream.train import VideoTask
+
+    with pytest.raises(ValueError, match="activation_heads needs"):
+      VideoTask(activation_heads=True, patch_loss=1.0)
+
+
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
   """A model with an activation model fed in two chunks, the second from the request standing after the first
   (``Activation.standing(first chunk)[1]`` as ``__call__(request=)``), gives the offline forward's logits over the

@@ -131,6 +131,10 @@ class VideoLMConfig:
       the language model's ``<silent>`` / ``<speak>`` logits. The language model still says the announcement: the
       ``<speak>`` word it reads carries the request's encoding (``Activation.prompt``), the query re-posed to the
       responder as StreamBridge does when its activation model fires.
+    activation_heads: the activation model also reads the frame heads' class log-probabilities at each token (the
+      patch head's, and the entry head's with ``frame_delta``), through a bilinear match with the request
+      (``Activation.logits(heads=)``): a request for a digit can then weigh the heads' probability of that digit
+      directly, where the token MLP has to learn the match from the tokens. Needs ``activation``.
   """
 
   lm: TransformerConfig
@@ -148,6 +152,7 @@ class VideoLMConfig:
   entry_words: tuple[int, ...] = ()
   request_head: bool = False
   activation: int = 0
+  activation_heads: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -161,6 +166,8 @@ class VideoLMConfig:
       raise ValueError(f"encoder_layers must be >= 0, got {self.encoder_layers}")
     if self.activation < 0:
       raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
+    if self.activation_heads and not self.activation:
+      raise ValueError("activation_heads needs an activation model (activation = its width)")
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
@@ -224,10 +231,15 @@ class Activation(nnx.Module):
     vocab_size: the language model's word vocabulary.
     embed_dim: width of the frame encoder's tokens and of the language model's embeddings.
     width: width of the request encoding and of the token scores.
+    head_classes: the number of frame-head classes whose log-probabilities ``logits`` also reads (0: none).
   """
 
-  def __init__(self, vocab_size: int, embed_dim: int, width: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.width = width
+  def __init__(
+    self, vocab_size: int, embed_dim: int, width: int, *, head_classes: int = 0, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
+    self.width, self.head_classes = width, head_classes
+    if head_classes:  # the request's weight on each head class
+      self.match = nnx.Linear(width, head_classes, param_dtype=param_dtype, rngs=rngs)
     self.words = nnx.Embed(vocab_size, width, param_dtype=param_dtype, rngs=rngs)
     self.score = nnx.Linear(width, 1, param_dtype=param_dtype, rngs=rngs)
     self.query = nnx.Linear(width, width, param_dtype=param_dtype, rngs=rngs)
@@ -269,11 +281,20 @@ class Activation(nnx.Module):
     after, states = jax.lax.scan(tick, start, jnp.swapaxes(text, 0, 1))
     return RequestState(jnp.swapaxes(states.vector, 0, 1), jnp.swapaxes(states.open, 0, 1)), after
 
-  def logits(self, vis: Float[Array, "*b p d"], vector: Float[Array, "*b a"]) -> Float[Array, "*b"]:
-    """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``)."""
+  def logits(
+    self, vis: Float[Array, "*b p d"], vector: Float[Array, "*b a"], heads: Float[Array, "*b p c"] | None = None
+  ) -> Float[Array, "*b"]:
+    """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``).
+    ``heads`` (a model built with ``head_classes``, required there): each token's frame-head log-probabilities,
+    whose sum weighted by ``match(vector)`` adds to the token's score."""
+    if (heads is None) != (not self.head_classes) or (heads is not None and heads.shape[-1] != self.head_classes):
+      got = None if heads is None else heads.shape
+      raise ValueError(f"heads must be [..., tokens, {self.head_classes}] log-probabilities (None: 0), got {got}")
     k = self.key_out(jax.nn.gelu(self.key_in(vis.astype(jnp.float32))))
     q = self.query(vector)
     s = jnp.einsum("...pa,...a->...p", k, q) / np.sqrt(self.width)
+    if heads is not None:
+      s = s + jnp.einsum("...pc,...c->...p", heads.astype(jnp.float32), self.match(vector))
     return jax.nn.logsumexp(s, axis=-1) + self.bias[...]
 
 
@@ -347,7 +368,10 @@ class VideoLM(nnx.Module):
     if config.request_head:
       self.request_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
     if config.activation:
-      self.activation = Activation(lm.vocab_size, d, config.activation, param_dtype=lm.param_dtype, rngs=rngs)
+      classes = (NO_DIGIT + 1) * (1 + config.frame_delta) if config.activation_heads else 0
+      self.activation = Activation(
+        lm.vocab_size, d, config.activation, head_classes=classes, param_dtype=lm.param_dtype, rngs=rngs
+      )
 
   def init_cache(self, policy: cache_lib.Policy, batch_size: int, dtype=jnp.float32) -> cache_lib.Cache:
     """A cache for ``policy`` (a ``Segmented((text, vision))`` policy, or any single-track policy when ticks are
@@ -586,10 +610,19 @@ class VideoLM(nnx.Module):
     """The activation model's log-odds that the standing request ``vector`` is fulfilled in the frame of encoder
     tokens ``vis`` (``encode``): it reads the tokens the language model reads (``placed``: with ``entry_words``,
     the entry head's digit among them), behind a stop-gradient, so that its loss leaves the frame encoder to its
-    labels (a separate model over frozen features, as StreamBridge's). Needs ``VideoLMConfig.activation``."""
+    labels (a separate model over frozen features, as StreamBridge's). With ``activation_heads`` it also reads the
+    frame heads' log-probabilities (``frame_head_logprobs``), behind the same stop-gradient. Needs
+    ``VideoLMConfig.activation``."""
     if not self.config.activation:
       raise ValueError("activation_logits needs a model built with VideoLMConfig(activation=width)")
-    return self.activation.logits(jax.lax.stop_gradient(self.placed(vis)), vector)
+    heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None
+    return self.activation.logits(jax.lax.stop_gradient(self.placed(vis)), vector, heads)
+
+  def frame_head_logprobs(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p c"]:
+    """The frame heads' class log-probabilities at each token: the patch head's ``NO_DIGIT + 1``, then with
+    ``frame_delta`` the entry head's."""
+    heads = [self.patch_logits(vis)] + ([self.entry_logits(vis)] if self.config.frame_delta else [])
+    return jnp.concatenate([jax.nn.log_softmax(h.astype(jnp.float32), axis=-1) for h in heads], axis=-1)
 
   def request_logits(self, features: Float[Array, "b s d"], num_ticks: int) -> Float[Array, "b n 11"]:
     """The pending-request logits ``[b, n, NO_DIGIT + 1]`` (``pending_requests``' classes) of ``n`` ticks, read

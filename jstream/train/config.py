@@ -90,6 +90,8 @@ class VideoTask:
       ``VideoLM.activation_logits``), trained with a binary cross-entropy at the ticks where a request stands
       (``video_lm.activation_loss``, ``<speak>`` ticks weighing ``speak_weight``) from the first step, the encoder-only
       steps included. Needs clips from their stream's start and the streaming objective.
+    activation_heads: the activation model also reads the frame heads' class log-probabilities, matched bilinearly
+      against the request (``VideoLMConfig.activation_heads``). Needs ``activation``.
     augment: random affine variants of each training digit added to the training clips' digit pool
       (``video_qa.VideoQAConfig.augment``): more handwriting for the frame encoder to generalise from. The evaluation
       streams (the test split) are unchanged.
@@ -125,6 +127,7 @@ class VideoTask:
   fulfil_prob: float = 0.0
   request_loss: float = 0.0
   activation: int = 0
+  activation_heads: bool = False
   augment: int = 0
 
   def __post_init__(self):
@@ -151,6 +154,8 @@ class VideoTask:
       )
     if self.entry_words and not self.frame_delta:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
+    if self.activation_heads and not (self.activation and self.patch_loss > 0):
+      raise ValueError("activation_heads needs an activation model (activation > 0) and trained heads (patch_loss > 0)")
     if self.frame_delta and self.patch_loss == 0:
       raise ValueError("frame_delta trains its entry head with the patch loss: it needs patch_loss > 0")
     if self.question_weights is not None:
@@ -214,6 +219,7 @@ class VideoTask:
       entry_words=LABEL_WORDS if self.entry_words else (),
       request_head=self.request_loss > 0,
       activation=self.activation,
+      activation_heads=self.activation_heads,
     )
 
 
