@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     "steps": step,
     "batch_size": cfg.batch_size,
     "num_train": cfg.video.num_train,
-    "train_seconds": train_s,
+    "train_call_seconds": train_s,  # training, or only loading where the finished run was reused
     "last_training_metrics": {k: float(v) for k, v in last.items() if np.isscalar(v)},
     "splits": rows,
   }
