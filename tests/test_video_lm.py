@@ -811,6 +811,12 @@ def test_activation_heads_add_a_bilinear_match_of_the_request_with_the_frame_hea
 
     with pytest.raises(ValueError, match="activation_heads needs"):
       VideoTask(activation_heads=True, patch_loss=1.0)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,heads,augment,data")
+  mc = cfg.video.model_config(cfg.model)
+  assert mc.activation_heads and cfg.video.data_config().augment == 9 and cfg.video.data_config().num_train == 16000
+  assert cfg.workdir.endswith("_augment_data_heads")
+  quick = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,heads,augment,quick").video
+  assert quick.activation_heads and quick.augment == 9  # the switches survive the quick shrink
 
 
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
