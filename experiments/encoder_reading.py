@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_video_qa import run_config, trained_model
-from experiments.probe_video_qa import test_batches
+from experiments.probe_video_qa import heldout_batches
 from jstream.data import video_qa
 from jstream.models import video_lm
 
@@ -36,7 +36,7 @@ KINDS = ("digit_patch", "empty_patch", "entry")
 
 def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int]:
   """The frame heads' accuracy on the first ``batches`` batches of ``split`` clips, in order, each clip once
-  (without the training curriculum; test: ``probe_video_qa.test_batches``)."""
+  (without the training curriculum; test: ``probe_video_qa.heldout_batches``)."""
   mc, size = model.config, cfg.video.digit_size
 
   @jax.jit
@@ -48,7 +48,7 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
     return out
 
   if split == "test":
-    data = test_batches(cfg, batches)
+    data = heldout_batches(cfg, batches)
   else:
     config = cfg.video.data_config(curriculum=False)
     data = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)

@@ -169,7 +169,7 @@ def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
   return out
 
 
-def test_batches(cfg, batches: int) -> Iterator[dict]:
+def heldout_batches(cfg, batches: int) -> Iterator[dict]:
   """``batches`` batches of the run's batch size of distinct test-split clips: the first clips of test streams
   ``0, 1, ...`` in order, each once, as the benchmark evaluates them (without a training curriculum,
   ``VideoTask.fulfil_prob``). The split is built with as many clips as asked for (at least its default 200), so
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
   entry_hits, request_hits, activation, entry_rule = [], [], [], []
-  for batch in test_batches(cfg, args.batches):
+  for batch in heldout_batches(cfg, args.batches):
     text = np.asarray(batch["text"])
     logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
     state = heads.get("state")

@@ -362,13 +362,13 @@ def test_the_probe_sorts_speak_decisions_by_tick_kind():
 
 
 def test_the_probe_reads_each_test_clip_once_in_stream_order():
-  """``experiments.probe_video_qa.test_batches``: past the split's 200 clips it reads further test streams, never
+  """``experiments.probe_video_qa.heldout_batches``: past the split's 200 clips it reads further test streams, never
   a clip twice; the clips are the first ticks of test streams 0, 1, ... without the training curriculum."""
   from experiments.bench_video_qa import run_config
-  from experiments.probe_video_qa import test_batches
+  from experiments.probe_video_qa import heldout_batches
 
   cfg = run_config(True, None, "fulfil")  # a curriculum in training that the test clips must not have
-  batches = list(test_batches(cfg, 51))  # 204 clips of 4
+  batches = list(heldout_batches(cfg, 51))  # 204 clips of 4
   assert len(batches) == 51
   frames = np.concatenate([b["frames"] for b in batches])
   text = np.concatenate([b["text"] for b in batches])
