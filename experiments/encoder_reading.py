@@ -17,7 +17,6 @@ close. Writes ``DIR/results.json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import pathlib
 import time
@@ -27,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_video_qa import run_config, trained_model
-from experiments.probe_video_qa import heldout_batches
-from jstream.data import video_qa
+from experiments.probe_video_qa import clip_batches, entry_hits
 from jstream.models import video_lm
 
 KINDS = ("digit_patch", "empty_patch", "entry")
@@ -36,7 +34,7 @@ KINDS = ("digit_patch", "empty_patch", "entry")
 
 def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int]:
   """The frame heads' accuracy on the first ``batches`` batches of ``split`` clips, in order, each clip once
-  (without the training curriculum; test: ``probe_video_qa.heldout_batches``)."""
+  (without the training curriculum; ``probe_video_qa.clip_batches``)."""
   mc, size = model.config, cfg.video.digit_size
 
   @jax.jit
@@ -47,15 +45,9 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
       out["entry"] = jnp.argmax(model.entry_logits(vis), axis=-1)
     return out
 
-  if split == "test":
-    data = heldout_batches(cfg, batches)
-  else:
-    config = cfg.video.data_config(curriculum=False)
-    data = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)
-    data = itertools.islice(iter(data), batches)
   hits = {k: [] for k in KINDS}
   clips = 0
-  for batch in data:
+  for batch in clip_batches(cfg, batches, split):
     clips += len(batch["frames"])
     objects = jnp.asarray(batch["objects"])
     pred = jax.device_get(heads(jnp.asarray(batch["frames"])))
@@ -64,9 +56,7 @@ def head_accuracy(model, cfg, split: str, batches: int) -> dict[str, float | int
     hits["digit_patch"].append(pred["patch"][digit] == want[digit])
     hits["empty_patch"].append(pred["patch"][empty] == want[empty])
     if "entry" in pred:
-      entry = np.asarray(video_lm.entry_labels(objects, mc, size))
-      entering = entry != video_lm.NO_DIGIT
-      hits["entry"].append(pred["entry"][entering] == entry[entering])
+      hits["entry"].append(entry_hits(pred["entry"], batch["objects"], mc, size))
   out: dict[str, float | int] = {"clips": clips}
   for name, parts in hits.items():
     if parts:

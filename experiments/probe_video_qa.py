@@ -169,16 +169,23 @@ def state_stats(pred: np.ndarray, truth: np.ndarray) -> dict[str, dict]:
   return out
 
 
-def heldout_batches(cfg, batches: int) -> Iterator[dict]:
-  """``batches`` batches of the run's batch size of distinct test-split clips: the first clips of test streams
+def clip_batches(cfg, batches: int, split: str = "test") -> Iterator[dict]:
+  """``batches`` batches of the run's batch size of distinct ``split`` clips: the first clips of the split's streams
   ``0, 1, ...`` in order, each once, as the benchmark evaluates them (without a training curriculum,
-  ``VideoTask.fulfil_prob``). The split is built with as many clips as asked for (at least its default 200), so
-  asking for more reads more streams, never a clip twice."""
+  ``VideoTask.fulfil_prob``). The test split is built with as many clips as asked for (at least its default 200),
+  so asking for more reads more streams, never a clip twice."""
   params = cfg.video.data_config(curriculum=False).params()
   params["num_test"] = max(params["num_test"], batches * cfg.batch_size)
   config = video_qa.video_qa_config(**params)
-  data = video_qa.video_qa_dataset("test", batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)
+  data = video_qa.video_qa_dataset(split, batch_size=cfg.batch_size, shuffle=False, num_epochs=1, config=config)
   return itertools.islice(iter(data), batches)
+
+
+def entry_hits(entry: np.ndarray, objects: np.ndarray, config: video_lm.VideoLMConfig, digit_size: int) -> np.ndarray:
+  """Whether the entry head's class ``entry [b, n, p]`` is right at each patch where a digit enters."""
+  want = np.asarray(video_lm.entry_labels(jnp.asarray(objects), config, digit_size))
+  entering = (want >= 0) & (want != video_lm.NO_DIGIT)
+  return np.asarray(entry)[entering] == want[entering]
 
 
 def main(argv=None) -> int:
@@ -214,15 +221,13 @@ def main(argv=None) -> int:
     return logits, heads
 
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
-  entry_hits, request_hits, activation, entry_rule = [], [], [], []
-  for batch in heldout_batches(cfg, args.batches):
+  entry_hit, request_hits, activation, entry_rule = [], [], [], []
+  for batch in clip_batches(cfg, args.batches):
     text = np.asarray(batch["text"])
     logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
     state = heads.get("state")
     if "entry" in heads:  # the entry head at the patches where a digit enters
-      want = np.asarray(video_lm.entry_labels(jnp.asarray(batch["objects"]), mc, cfg.video.digit_size))
-      entering = (want >= 0) & (want != video_lm.NO_DIGIT)
-      entry_hits.append(np.asarray(heads["entry"])[entering] == want[entering])
+      entry_hit.append(entry_hits(heads["entry"], batch["objects"], mc, cfg.video.digit_size))
       pending = pending_requests(text, np.asarray(batch["qtype"]))  # the entry head's probability of the request
       probs = np.take_along_axis(np.asarray(heads["entry_probs"]), np.maximum(pending, 0)[..., None], -1)[..., 0]
       entry_rule.append(np.where(pending >= 0, probs, 0.0))
@@ -281,7 +286,7 @@ def main(argv=None) -> int:
         f"{d['p_label']:.2f}, another digit named {d['label_other_digit']:.2f}"
       )
   frame_heads = {}
-  for name, hits in (("entry", entry_hits), ("request", request_hits)):
+  for name, hits in (("entry", entry_hit), ("request", request_hits)):
     if hits:
       h = np.concatenate(hits)
       frame_heads[name] = {"targets": int(h.size), "accuracy": float(h.mean()) if h.size else None}

@@ -70,13 +70,14 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   of the two probabilities exceeds it (``TickOutputs.speak_margin`` is the logit difference it compares).
   ``activation``: a model with StreamBridge's activation model decides instead: its log-odds on the frame (offline:
   ``Activation.logits`` of the fed-back slots' standing request) where a request stands by the record's own
-  account (asked, not yet answered by speaking), ``CLOSED`` elsewhere; its announced labels are those of the
+  account (asked, not yet answered by speaking), ``CLOSED`` elsewhere (it also reads the frame heads,
+  ``activation_heads``, which read the frame difference the runner carries); its announced labels are those of the
   offline forward whose ``<speak>`` carries the request's prompt."""
   proactive = case != "asked"
   labels = V.LABEL_WORDS if case == "proactive" else ()
   places = () if proactive else V.PLACE_WORDS
   if case == "activation":
-    model = tiny_video_lm(seed=4, frame_delta=True, activation=8)
+    model = tiny_video_lm(seed=4, frame_delta=True, activation=8, activation_heads=True)
   else:
     model = tiny_video_lm(
       seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places, frame_delta=proactive
@@ -362,13 +363,13 @@ def test_the_probe_sorts_speak_decisions_by_tick_kind():
 
 
 def test_the_probe_reads_each_test_clip_once_in_stream_order():
-  """``experiments.probe_video_qa.heldout_batches``: past the split's 200 clips it reads further test streams, never
+  """``experiments.probe_video_qa.clip_batches``: past the split's 200 clips it reads further test streams, never
   a clip twice; the clips are the first ticks of test streams 0, 1, ... without the training curriculum."""
   from experiments.bench_video_qa import run_config
-  from experiments.probe_video_qa import heldout_batches
+  from experiments.probe_video_qa import clip_batches
 
   cfg = run_config(True, None, "fulfil")  # a curriculum in training that the test clips must not have
-  batches = list(heldout_batches(cfg, 51))  # 204 clips of 4
+  batches = list(clip_batches(cfg, 51))  # 204 clips of 4
   assert len(batches) == 51
   frames = np.concatenate([b["frames"] for b in batches])
   text = np.concatenate([b["text"] for b in batches])

@@ -190,7 +190,7 @@ def digit_pool(split: str, digit_size: int, augment: int = 0) -> tuple[np.ndarra
       images.append(warp(source, digit_size, rotation @ shape, shift))
   images = np.clip(np.rint(np.concatenate(images) * (255.0 / 16.0)), 0, 255).astype(np.uint8)
   images.flags.writeable = False
-  labels = np.tile(data.target[keep].astype(np.int32), 1 + (augment if split == "train" else 0))
+  labels = np.tile(data.target[keep].astype(np.int32), len(images) // len(source))
   labels.flags.writeable = False
   return images, labels
 

@@ -287,9 +287,9 @@ class Activation(nnx.Module):
     """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``).
     ``heads`` (a model built with ``head_classes``, required there): each token's frame-head log-probabilities,
     whose sum weighted by ``match(vector)`` adds to the token's score."""
-    if (heads is None) != (not self.head_classes) or (heads is not None and heads.shape[-1] != self.head_classes):
-      got = None if heads is None else heads.shape
-      raise ValueError(f"heads must be [..., tokens, {self.head_classes}] log-probabilities (None: 0), got {got}")
+    got = 0 if heads is None else heads.shape[-1]
+    if got != self.head_classes:
+      raise ValueError(f"heads must be log-probabilities of {self.head_classes} classes (0: None), got {got}")
     k = self.key_out(jax.nn.gelu(self.key_in(vis.astype(jnp.float32))))
     q = self.query(vector)
     s = jnp.einsum("...pa,...a->...p", k, q) / np.sqrt(self.width)
