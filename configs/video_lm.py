@@ -39,7 +39,9 @@ the joint steps unchanged; workdir suffix ``_encoder``), ``augment`` (the traini
 pool that also holds 9 random affine variants of each training image, ``VideoTask.augment``; workdir suffix
 ``_augment``), ``data`` (16,000 training clips instead of 2,000; workdir suffix ``_data``), ``heads`` (with
 ``activation``: the activation model also reads the frame heads' class log-probabilities,
-``VideoTask.activation_heads``; workdir suffix ``_heads``). Flags combine
+``VideoTask.activation_heads``; workdir suffix ``_heads``), ``cnn`` (a pooled convolutional stem before the
+patches: 3x3 convolutions of 16 and 32 channels, each followed by GELU and 2x2 max pooling,
+``VideoTask.stem_channels`` / ``VideoTask.stem_pool``; workdir suffix ``_cnn``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -53,7 +55,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data"}
+  known |= {"heads", "data", "cnn"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -114,6 +116,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "heads" in flags:  # the activation model reads the frame heads' class probabilities
     video = dataclasses.replace(cfg.video, activation_heads=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_heads")
+  if "cnn" in flags:  # a small CNN reads the digits: translation-equivariant features, pooled before the patches
+    video = dataclasses.replace(cfg.video, stem_channels=(16, 32), stem_pool=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_cnn")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -123,6 +128,8 @@ def get_config(*flags: str) -> TrainConfig:
       clip_frames=6,
       num_train=16,
       encoder_layers=1,
+      stem_channels=(4, 4) if cfg.video.stem_pool else cfg.video.stem_channels,
+      stem_pool=cfg.video.stem_pool,
       patch_loss=1.0,
       encoder_steps=2,
       frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink

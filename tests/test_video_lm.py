@@ -260,6 +260,38 @@ def test_the_convolutional_stem_runs_before_the_patches():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_the_pooled_stem_takes_the_patches_from_the_max_pooled_map():
+  """``stem_channels=(3, 2), stem_pool=True`` with 16-pixel windows around 8-pixel patches: two 3x3 convolutions,
+  each followed by GELU and 2x2 max pooling (16x16 -> 8x8 -> 4x4 cells), then each patch's window (2 cells plus a
+  1-cell margin, zeros outside) embedded linearly; recomputed here with NumPy."""
+  model = tiny_video_lm(seed=19, stem_channels=(3, 2), stem_pool=True, patch_window=16, encoder_layers=0)
+  frames, _ = ticks(1, 2, seed=20)
+
+  def conv_gelu_pool(x, conv):  # x [b, n, h, w, c_in]
+    k, bias = np.asarray(conv.kernel[...], np.float64), np.asarray(conv.bias[...])
+    h, w = x.shape[2:4]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(padded[:, :, dy : dy + h, dx : dx + w] @ k[dy, dx] for dy in range(3) for dx in range(3)) + bias
+    y = np.asarray(jax.nn.gelu(jnp.asarray(y, jnp.float32)), np.float64)
+    return y.reshape(*y.shape[:2], h // 2, 2, w // 2, 2, -1).max(axis=(3, 5))
+
+  maps = np.asarray(frames, np.float64)[..., None]
+  for conv in model.stem:
+    maps = conv_gelu_pool(maps, conv)
+  assert maps.shape == (1, 2, 4, 4, 2)
+  padded = np.pad(maps, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+  blocks = np.stack([padded[:, :, 2 * i : 2 * i + 4, 2 * j : 2 * j + 4] for i in (0, 1) for j in (0, 1)], axis=2)
+  kernel = np.asarray(model.patch.kernel[...]).reshape(4 * 4 * 2, -1)
+  x = blocks.reshape(1, 2, 4, -1) @ kernel + np.asarray(model.patch.bias[...]) + np.asarray(model.patch_pos[...])
+  want = np.asarray(model.encoder_norm(jnp.asarray(x, jnp.float32)))
+  np.testing.assert_allclose(np.asarray(model.encode(frames)), want, rtol=1e-4, atol=1e-4)
+  lm = model.config.lm
+  with pytest.raises(ValueError, match="stem_pool needs stem_channels"):
+    VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, stem_pool=True)
+  with pytest.raises(ValueError, match="margin"):  # a 2-pixel margin is half a cell after two poolings
+    VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, patch_window=12, stem_channels=(3, 2), stem_pool=True)
+
+
 def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model_reads():
   """``frame_pos=True``: each frame token the language model reads is the encoder's token plus a learned embedding
   of its patch's place (not the encoder's ``patch_pos``); the patch-label logits do not see it, and with the
@@ -817,6 +849,10 @@ def test_activation_heads_add_a_bilinear_match_of_the_request_with_the_frame_hea
   assert cfg.workdir.endswith("_augment_data_heads")
   quick = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,heads,augment,quick").video
   assert quick.activation_heads and quick.augment == 9  # the switches survive the quick shrink
+  cnn = load_config(f"{ROOT}/configs/video_lm.py:delta,cnn")
+  assert cnn.video.model_config(cnn.model).stem_pool and cnn.video.stem_channels == (16, 32)
+  assert cnn.workdir.endswith("_delta_cnn")
+  assert load_config(f"{ROOT}/configs/video_lm.py:cnn,quick").video.model_config(cnn.model).stem_pool
 
 
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():

@@ -82,6 +82,11 @@ class VideoLMConfig:
       centre lies in the patch, so each token can name it without the encoder's help.
     stem_channels: output channels of 3x3 convolutions (stride 1, GELU) run on the frame before the patches are
       taken (a convolutional stem: digits at any offset look alike to it); ``()``: patches of raw pixels.
+    stem_pool: each stem convolution is followed by 2x2 max pooling (stride 2), and the patches are taken from the
+      pooled map: a small CNN whose features see further and cost less per patch than full-resolution channels
+      (the patch embedding reads ``window / 2**len(stem_channels)`` cells of each channel instead of ``window``
+      pixels). Needs ``stem_channels``, and ``patch_size`` and the window's margin ``(window - patch_size) / 2``
+      divisible by ``2**len(stem_channels)``.
     encoder_layers: transformer blocks of the per-frame encoder (full attention inside a frame).
     frame_pos: add a learned embedding of each patch's place in the frame to the frame tokens the language model
       reads (beside the encoder's own, which its patch-label training may wash out). A frame's tokens share one
@@ -142,6 +147,7 @@ class VideoLMConfig:
   patch_size: int = 8
   patch_window: int | None = None
   stem_channels: tuple[int, ...] = ()
+  stem_pool: bool = False
   encoder_layers: int = 1
   frame_pos: bool = False
   carrier: bool = False
@@ -171,6 +177,14 @@ class VideoLMConfig:
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
+    if self.stem_pool:
+      scale = 2 ** len(self.stem_channels)
+      margin = (self.window - self.patch_size) // 2
+      if not self.stem_channels or self.patch_size % scale or margin % scale:
+        raise ValueError(
+          f"stem_pool needs stem_channels, and patch_size ({self.patch_size}) and the window's margin around the "
+          f"patch ({margin}) divisible by 2**len(stem_channels) = {scale}; got stem_channels={self.stem_channels}"
+        )
     self._word_ids("label_words", NO_DIGIT + 1, "one per patch label")
     self._word_ids("place_words", 4, "top, bottom, left, right")
     self._word_ids("entry_words", NO_DIGIT + 1, "one per entry label")
@@ -339,7 +353,8 @@ class VideoLM(nnx.Module):
         for c_in, c_out in itertools.pairwise(channels)
       ]
     )
-    s, m = config.patch_size, (config.window - config.patch_size) // 2
+    scale = 2 ** len(config.stem_channels) if config.stem_pool else 1
+    p, s, m = p // scale, config.patch_size // scale, (config.window - config.patch_size) // 2 // scale
     self.patch = nnx.Conv(  # a linear map of each patch's window: a strided convolution
       channels[-1],
       d,
@@ -422,6 +437,8 @@ class VideoLM(nnx.Module):
       x = x.reshape(b * n, h, w, 1)
     for conv in self.stem:
       x = jax.nn.gelu(conv(x))
+      if c.stem_pool:
+        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
     x = self.patch(x).reshape(b * n, c.tokens_per_frame, -1) + self.patch_pos[...]
     zeros = jnp.zeros(x.shape[:2], jnp.int32)  # one position: every patch sees every patch of its frame
     lm = c.lm

@@ -34,6 +34,7 @@ class VideoTask:
     patch_size: side of a square patch (``frame_size`` a multiple of it).
     patch_window: side of the pixel square each patch token embeds (``VideoLMConfig.patch_window``).
     stem_channels: the convolutional stem before the patches (``VideoLMConfig.stem_channels``).
+    stem_pool: 2x2 max pooling after each stem convolution (``VideoLMConfig.stem_pool``).
     encoder_layers: blocks of the per-frame encoder.
     frame_pos: a learned place embedding on the frame tokens the language model reads
       (``VideoLMConfig.frame_pos``).
@@ -102,6 +103,7 @@ class VideoTask:
   patch_size: int = 8
   patch_window: int | None = None
   stem_channels: tuple[int, ...] = ()
+  stem_pool: bool = False
   encoder_layers: int = 1
   frame_pos: bool = False
   carrier: bool = False
@@ -209,6 +211,7 @@ class VideoTask:
       patch_size=self.patch_size,
       patch_window=self.patch_window,
       stem_channels=self.stem_channels,
+      stem_pool=self.stem_pool,
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
       carrier=self.carrier,
