@@ -41,7 +41,9 @@ pool that also holds 9 random affine variants of each training image, ``VideoTas
 ``activation``: the activation model also reads the frame heads' class log-probabilities,
 ``VideoTask.activation_heads``; workdir suffix ``_heads``), ``cnn`` (a pooled convolutional stem before the
 patches: 3x3 convolutions of 16 and 32 channels, each followed by GELU and 2x2 max pooling,
-``VideoTask.stem_channels`` / ``VideoTask.stem_pool``; workdir suffix ``_cnn``). Flags combine
+``VideoTask.stem_channels`` / ``VideoTask.stem_pool``; workdir suffix ``_cnn``), ``proj`` (LLaVA's projector: a
+linear map brings the encoder's tokens to the scale of the word embeddings before the words of ``labels``,
+``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -55,7 +57,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn"}
+  known |= {"heads", "data", "cnn", "proj"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -119,6 +121,8 @@ def get_config(*flags: str) -> TrainConfig:
   if "cnn" in flags:  # a small CNN reads the digits: translation-equivariant features, pooled before the patches
     video = dataclasses.replace(cfg.video, stem_channels=(16, 32), stem_pool=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_cnn")
+  if "proj" in flags:  # the frame tokens enter the language model at the words' scale
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, projector=True), workdir=cfg.workdir + "_proj")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -133,6 +137,7 @@ def get_config(*flags: str) -> TrainConfig:
       patch_loss=1.0,
       encoder_steps=2,
       frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink
+      projector=cfg.video.projector,
       carrier=cfg.video.carrier,
       label_words=cfg.video.label_words,
       place_words=cfg.video.place_words,

@@ -466,11 +466,11 @@ def test_video_qa_frame_delta_and_request_losses_train_their_heads(tmp_path, mon
 
 
 def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, monkeypatch):
-  """``configs/video_lm.py:quick,delta,activation``: from the encoder-only steps on, a step's ``activation_loss`` is
-  the binary cross-entropy of the activation model's log-odds at the ticks where a request is pending by the
-  probe's own loop (``experiments.probe_video_qa.pending_requests``), ``<speak>`` ticks weighing ``speak_weight``,
-  recomputed here in NumPy; it adds to the logged loss; the encoder-only steps train the activation model and leave
-  the language model as it was."""
+  """``configs/video_lm.py:quick,delta,activation,proj``: from the encoder-only steps on, a step's
+  ``activation_loss`` is the binary cross-entropy of the activation model's log-odds at the ticks where a request
+  is pending by the probe's own loop (``experiments.probe_video_qa.pending_requests``), ``<speak>`` ticks weighing
+  ``speak_weight``, recomputed here in NumPy; it adds to the logged loss; the encoder-only steps train the
+  activation model and leave the language model and the projector into it as they were (no weight decay either)."""
   from flax import nnx
 
   from experiments.probe_video_qa import pending_requests
@@ -478,7 +478,7 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
   from jstream.train.loop import init_state, make_train_step, train_iterator
 
   monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
-  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,activation,workdir={tmp_path / 'act'},log_every=1")
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,activation,proj,workdir={tmp_path / 'act'},log_every=1")
   cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, speak_weight=4.0))
   assert cfg.video.model_config(cfg.model).activation == 8
   graphdef, optimizer, state = init_state(cfg)
@@ -509,6 +509,7 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
       after = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
   assert any(np.any(a != b) for a, b in zip(_params(before.activation), _params(after.activation)))
   assert all(np.all(a == b) for a, b in zip(_params(before.lm), _params(after.lm)))
+  assert np.all(np.asarray(before.projector.kernel[...]) == np.asarray(after.projector.kernel[...]))
 
 
 def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, monkeypatch):

@@ -428,6 +428,28 @@ def test_bad_input_is_a_clear_error():
     VL.VideoLMConfig(model.config.lm, frame_size=(16, 12), patch_size=8)
 
 
+def test_the_projector_maps_the_encoder_tokens_to_the_word_scale_before_the_words_are_added():
+  """``projector=True``: each frame token the language model reads is the encoder's token times the projector's
+  kernel, plus the label words' term (recomputed here in NumPy); at initialisation the projected tokens have about
+  the word embeddings' scale, where the encoder's own are about ``sqrt(embed_dim)`` times larger; the patch head
+  reads the encoder's tokens, not the projected ones."""
+  model = tiny_video_lm(seed=28, label_words=LABEL_WORDS, projector=True)
+  frames, text = ticks(2, 3, seed=29)
+  vis, logits, labelled = head_words_added(model, model.patch_head, frames)
+  kernel = np.asarray(model.projector.kernel[...], np.float64)
+  want = vis @ kernel + (labelled - vis)
+  x, _, _ = model.tick_inputs(frames, text)
+  got = np.asarray(x).reshape(2, 3, -1, 32)[:, :, :4]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  words = np.linalg.norm(np.asarray(model.lm.embed.embedding[...]), axis=-1).mean()
+  assert np.linalg.norm(vis, axis=-1).mean() > 4 * words  # the encoder's tokens: about sqrt(32) times the words
+  assert 0.5 * words < np.linalg.norm(vis @ kernel, axis=-1).mean() < 2 * words
+  np.testing.assert_allclose(model.training_outputs(frames, text)[1], logits, rtol=1e-5, atol=1e-5)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:labels,proj")
+  assert cfg.video.model_config(cfg.model).projector and cfg.workdir.endswith("_labels_proj")
+  assert load_config(f"{ROOT}/configs/video_lm.py:proj,quick").video.projector
+
+
 def test_place_words_add_the_words_of_each_tokens_quadrant():
   """``place_words``: each frame token the language model reads gets the input embeddings of the two words naming
   its quadrant added, the quadrant of the pixel at the patch's centre by the rule the where-questions' answers use

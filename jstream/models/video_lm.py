@@ -92,6 +92,12 @@ class VideoLMConfig:
       reads (beside the encoder's own, which its patch-label training may wash out). A frame's tokens share one
       stream position, so without a place signal in their features a question about *where* has nothing to attend
       by (Qwen2-VL gives patches 2D rotary positions for the same reason).
+    projector: a linear map (no bias) from the encoder's tokens into the language model's embedding space before
+      the words below are added (LLaVA's projector), initialised so that its outputs have the input embeddings'
+      scale (weights of standard deviation ``1 / embed_dim``: the encoder's tokens leave an RMS norm at about one
+      per coordinate, the word embeddings start at about ``embed_dim ** -0.5``). Without it the frame tokens enter
+      the language model about ``sqrt(embed_dim)`` times larger than words, and the words ``label_words``,
+      ``place_words`` and ``entry_words`` add to them are a few percent of the token.
     carrier: VideoScan's carrier token: each frame's patch tokens are followed by one learned token (its own
       stream position, after the frame's) that attends them; the patches go to track ``FRAME``, a ``Window`` of one
       frame, so they are seen by their own tick and leave the cache at the next frame, and only the carrier stays
@@ -150,6 +156,7 @@ class VideoLMConfig:
   stem_pool: bool = False
   encoder_layers: int = 1
   frame_pos: bool = False
+  projector: bool = False
   carrier: bool = False
   label_words: tuple[int, ...] = ()
   place_words: tuple[int, ...] = ()
@@ -369,6 +376,16 @@ class VideoLM(nnx.Module):
     self.patch_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
     if config.frame_pos:
       self.frame_pos = nnx.Param(init(rngs.params(), (config.tokens_per_frame, d), lm.param_dtype))
+    if config.projector:
+      self.projector = nnx.Linear(
+        d,
+        d,
+        use_bias=False,
+        kernel_init=nnx.initializers.normal(stddev=1.0 / d),
+        dtype=lm.dtype,
+        param_dtype=lm.param_dtype,
+        rngs=rngs,
+      )
     if config.carrier:
       self.carrier = nnx.Param(init(rngs.params(), (d,), lm.param_dtype))
     enc = dataclasses.replace(lm, num_layers=max(config.encoder_layers, 1), scan_layers=False, learned_sink="none")
@@ -452,10 +469,11 @@ class VideoLM(nnx.Module):
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
-    """The frame tokens the language model reads: ``encode``'s tokens plus the place embedding (``frame_pos``),
+    """The frame tokens the language model reads: ``encode``'s tokens (through the ``projector``, if any) plus
+    the place embedding (``frame_pos``),
     the word embedding of each token's patch label (``label_words``), those of its quadrant (``place_words``) and
     that of the digit entering there (``entry_words``)."""
-    out = vis
+    out = self.projector(vis) if self.config.projector else vis
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
     if self.config.place_words:

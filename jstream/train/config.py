@@ -38,6 +38,7 @@ class VideoTask:
     encoder_layers: blocks of the per-frame encoder.
     frame_pos: a learned place embedding on the frame tokens the language model reads
       (``VideoLMConfig.frame_pos``).
+    projector: a linear map of the encoder's tokens into the words' scale (``VideoLMConfig.projector``).
     carrier: VideoScan's carrier token after each frame (``VideoLMConfig.carrier``): only it stays in the cache.
     label_words: the frame tokens the language model reads carry the word embedding of their patch label (the
       digits' names and ``none``; ``VideoLMConfig.label_words``).
@@ -106,6 +107,7 @@ class VideoTask:
   stem_pool: bool = False
   encoder_layers: int = 1
   frame_pos: bool = False
+  projector: bool = False
   carrier: bool = False
   label_words: bool = False
   place_words: bool = False
@@ -214,6 +216,7 @@ class VideoTask:
       stem_pool=self.stem_pool,
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
+      projector=self.projector,
       carrier=self.carrier,
       label_words=LABEL_WORDS if self.label_words else (),
       place_words=PLACE_WORDS if self.place_words else (),

@@ -48,8 +48,9 @@ def _decay_mask(params):
 
 
 def in_lm(path) -> bool:
-  """Whether a parameter path is inside ``VideoLM.lm``."""
-  return getattr(path[0], "key", None) == "lm"
+  """Whether a parameter path is on the language model's side: inside ``VideoLM.lm``, or its ``projector`` (the
+  map into the language model's inputs, which the encoder-only steps do not run)."""
+  return getattr(path[0], "key", None) in ("lm", "projector")
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
