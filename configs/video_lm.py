@@ -43,7 +43,9 @@ pool that also holds 9 random affine variants of each training image, ``VideoTas
 patches: 3x3 convolutions of 16 and 32 channels, each followed by GELU and 2x2 max pooling,
 ``VideoTask.stem_channels`` / ``VideoTask.stem_pool``; workdir suffix ``_cnn``), ``proj`` (LLaVA's projector: a
 linear map brings the encoder's tokens to the scale of the word embeddings before the words of ``labels``,
-``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``). Flags combine
+``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``), ``layout`` (a head on
+the mean of each frame's encoder tokens is trained to name the digit in each quadrant, ``VideoTask.layout_loss``;
+workdir suffix ``_layout``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -57,7 +59,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj"}
+  known |= {"heads", "data", "cnn", "proj", "layout"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -123,6 +125,9 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_cnn")
   if "proj" in flags:  # the frame tokens enter the language model at the words' scale
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, projector=True), workdir=cfg.workdir + "_proj")
+  if "layout" in flags:  # the frame's layout, supervised on the mean of its encoder tokens
+    video = dataclasses.replace(cfg.video, layout_loss=1.0)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_layout")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -142,6 +147,7 @@ def get_config(*flags: str) -> TrainConfig:
       label_words=cfg.video.label_words,
       place_words=cfg.video.place_words,
       state_loss=cfg.video.state_loss,
+      layout_loss=cfg.video.layout_loss,
       frame_delta=cfg.video.frame_delta,
       entry_words=cfg.video.entry_words,
       fulfil_prob=cfg.video.fulfil_prob,

@@ -512,6 +512,37 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
   assert np.all(np.asarray(before.projector.kernel[...]) == np.asarray(after.projector.kernel[...]))
 
 
+def test_video_qa_layout_loss_is_the_layout_heads_cross_entropy_in_the_frame_heads_loss(tmp_path, monkeypatch):
+  """``configs/video_lm.py:quick,layout``: an encoder-only step's ``layout_loss`` is the mean cross-entropy of the
+  layout head's logits against each frame's quadrant digits (recomputed here in NumPy from the drawn digits), and
+  the step's loss is the patch loss plus it."""
+  from flax import nnx
+
+  from jstream.train.loop import init_state, make_train_step, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,layout,workdir={tmp_path / 'layout'},video.layout_loss=0.5")
+  graphdef, optimizer, state = init_state(cfg)
+  batch = next(train_iterator(cfg))
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
+  _, m = make_train_step(graphdef, optimizer, cfg, encoder_only=True)(state, batch)
+  logits = np.asarray(model.layout_logits(model.encode(jnp.asarray(batch["frames"]))), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  h = w = cfg.video.frame_size
+  centre = np.asarray(batch["objects"])[..., 3:5] + cfg.video.digit_size / 2
+  drawn = np.asarray(batch["objects"])[..., 0] >= 0
+  nll = []
+  for b, n in np.ndindex(*drawn.shape[:2]):
+    for q, (top, left) in enumerate(((1, 1), (1, 0), (0, 1), (0, 0))):
+      inside = drawn[b, n] & ((centre[b, n, :, 0] < h / 2) == top) & ((centre[b, n, :, 1] < w / 2) == left)
+      if inside.sum() <= 1:
+        label = int(np.asarray(batch["objects"])[b, n, inside.argmax(), 1]) if inside.any() else 10
+        nll.append(-logp[b, n, q, label])
+  np.testing.assert_allclose(float(m["layout_loss"]), np.mean(nll), rtol=1e-4)
+  np.testing.assert_allclose(float(m["loss"]), float(m["patch_loss"] + 0.5 * m["layout_loss"]), rtol=1e-5)
+
+
 def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, monkeypatch):
   """With clips packed to a budget that cuts their last ticks, a joint step's ``state_loss`` is the state loss of
   the ticks whose decision was run only: the ticks past the budget (zero features) are not scored."""

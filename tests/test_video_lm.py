@@ -534,6 +534,33 @@ def test_scene_state_matches_a_replay_of_the_event_log():
   assert (got[:, :, 8:18] >= 2).any() and (got[:, :, 18:] >= 3).any()
 
 
+def test_the_layout_head_reads_each_quadrants_digit_off_the_mean_of_the_frame_tokens():
+  """``layout_head=True``: ``layout_logits`` is a linear map of the mean of a frame's encoder tokens, four groups of
+  ``NO_DIGIT + 1`` classes in the where-questions' quadrant order (recomputed here in NumPy); its targets are the
+  scene state's four quadrant groups; a model without the head says so."""
+  model = tiny_video_lm(seed=30, layout_head=True)
+  frames, _ = ticks(2, 3, seed=31)
+  vis = np.asarray(model.encode(frames), np.float64)
+  kernel, bias = np.asarray(model.layout_head.kernel[...], np.float64), np.asarray(model.layout_head.bias[...])
+  want = (vis.mean(axis=2) @ kernel + bias).reshape(2, 3, 4, VL.NO_DIGIT + 1)
+  np.testing.assert_allclose(np.asarray(model.layout_logits(jnp.asarray(vis, jnp.float32))), want, rtol=1e-5, atol=1e-5)
+  assert [("top" if t else "bottom", "left" if u else "right") for t, u in VL.QUADRANT_ORDER] == list(V.QUADRANTS)
+  config = V.video_qa_config(max_on_screen=4, enter_prob=0.5, stay=(4, 12))
+  objects = jnp.asarray(V.VideoQAStream(config, "train", 0).take(40).objects[None])
+  layout = np.asarray(VL.layout_labels(objects, model.config, 12))
+  np.testing.assert_array_equal(layout, np.asarray(VL.scene_state(objects, model.config, 12))[..., :4])
+  assert (layout >= 0).any() and (layout < VL.NO_DIGIT).any()
+  with library_checks_only(), pytest.raises(ValueError, match="layout_logits needs"):
+    tiny_video_lm().layout_logits(jnp.asarray(vis, jnp.float32))
+  from jstream.train import VideoTask
+
+  with pytest.raises(ValueError, match="layout_loss must be >= 0 and needs patch_loss"):
+    VideoTask(layout_loss=1.0)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:layout")
+  assert cfg.video.model_config(cfg.model).layout_head and cfg.workdir.endswith("_layout")
+  assert load_config(f"{ROOT}/configs/video_lm.py:layout,quick").video.layout_loss == 1.0
+
+
 def test_scene_state_answers_every_question_of_the_streams():
   """What the questions of a stream ask is read off the scene state of their tick: the state holds each answer."""
   config = V.video_qa_config(question_prob=0.8)

@@ -53,6 +53,9 @@ QUESTION, ANSWER = 3, 4
 asks for a later answer, a *standing request* (``Activation``)."""
 NO_DIGIT = 10
 """The patch label of a patch that holds no digit's centre (labels 0-9 name a digit; -1: two centres, ignored)."""
+QUADRANT_ORDER = ((True, True), (True, False), (False, True), (False, False))
+"""The quadrants as ``(top, left)`` flags, in the order of ``layout_labels`` and ``scene_state``: top left, top
+right, bottom left, bottom right."""
 STATE_NAMES = (
   *(f"where_{v}_{h}" for v in ("top", "bottom") for h in ("left", "right")),
   "count_now",
@@ -117,6 +120,11 @@ class VideoLMConfig:
       picks the frame tokens of the asked quadrant needs only match a question's words against the tokens' words,
       not learn where the encoder's features keep the place. ``()``: off. Needs an even number of patch rows and
       columns.
+    layout_head: a linear head on the mean of each frame's encoder tokens that names the digit in each quadrant
+      of the frame (``layout_labels``; the where-answers' rule): training-only supervision (``VideoTask.layout_loss``)
+      that the frame's layout be written into what an even attention over its tokens reads, so that a where-question
+      can be answered by reading the frame as a whole and choosing the quadrant by the question's words, instead of
+      attending to one place's tokens.
     state_head: a linear head on the language model's final features at each tick's decision position (the
       frame's last token, where the ``<silent>`` / ``<speak>`` decision is read) that names the scene state the
       questions ask about (``scene_state``): training-only supervision (``state_loss``), like the patch head.
@@ -160,6 +168,7 @@ class VideoLMConfig:
   carrier: bool = False
   label_words: tuple[int, ...] = ()
   place_words: tuple[int, ...] = ()
+  layout_head: bool = False
   state_head: bool = False
   frame_delta: bool = False
   entry_words: tuple[int, ...] = ()
@@ -392,6 +401,9 @@ class VideoLM(nnx.Module):
     self.encoder = nnx.List([Block(enc, rngs=rngs) for _ in range(config.encoder_layers)])
     self.encoder_norm = RMSNorm(d, eps=lm.norm_eps, param_dtype=lm.param_dtype)
     self.patch_head = nnx.Linear(d, NO_DIGIT + 1, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
+    if config.layout_head:
+      width = len(QUADRANT_ORDER) * (NO_DIGIT + 1)
+      self.layout_head = nnx.Linear(d, width, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
     if config.state_head:
       width = STATE_GROUPS * STATE_CLASSES
       self.state_head = nnx.Linear(d, width, dtype=lm.dtype, param_dtype=lm.param_dtype, rngs=rngs)
@@ -500,6 +512,14 @@ class VideoLM(nnx.Module):
   def patch_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p 11"]:
     """The patch-label logits (``NO_DIGIT + 1`` classes) of frame tokens from ``encode``."""
     return self.patch_head(vis)
+
+  def layout_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b 4 11"]:
+    """The layout head's logits (``NO_DIGIT + 1`` classes for each quadrant, in ``QUADRANT_ORDER``) of frames'
+    tokens from ``encode``, read from their mean. Needs ``VideoLMConfig.layout_head``."""
+    if not self.config.layout_head:
+      raise ValueError("layout_logits needs a model built with VideoLMConfig(layout_head=True)")
+    out = self.layout_head(vis.mean(axis=-2))
+    return out.reshape(*out.shape[:-1], len(QUADRANT_ORDER), NO_DIGIT + 1)
 
   def entry_logits(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p 11"]:
     """The entry-head logits (``entry_labels``' ``NO_DIGIT + 1`` classes) of frame tokens from ``encode``. Needs
@@ -741,6 +761,23 @@ def patch_loss(
   return loss, {"patch_accuracy": accuracy}
 
 
+def layout_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n 4"]:
+  """The digit in each quadrant of each frame (``QUADRANT_ORDER``; ``NO_DIGIT``: none, -1: two centres), by the
+  where-answers' rule: a digit is in the quadrant that holds its centre, against the frame's middle; from the
+  digits drawn in each frame (``Chunk.objects``, as ``centre_labels``). The layout head's targets and the first
+  four of ``scene_state``'s."""
+  h, w = config.frame_size
+  valid, labels = objects[..., 0] >= 0, objects[..., 1]
+  half = digit_size / 2
+  top, left = objects[..., 3] + half < h / 2, objects[..., 4] + half < w / 2
+  groups = []
+  for v, u in QUADRANT_ORDER:
+    inside = valid & (top == v) & (left == u)
+    count, label = inside.sum(-1), jnp.sum(jnp.where(inside, labels, 0), -1)
+    groups.append(jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)))
+  return jnp.stack(groups, -1).astype(jnp.int32)
+
+
 def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n g"]:
   """The scene state ``[b, n, STATE_GROUPS]`` after each frame of clips that start at their stream's first frame,
   from the digits drawn in each frame (``Chunk.objects``, as ``centre_labels``): what the questions of
@@ -749,17 +786,9 @@ def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_siz
   entering in the first frame it is drawn in and leaving in the first frame after its last. For training clips:
   objects are matched by id over ``[b, n, m, n]``, quadratic in the clip length."""
   n = objects.shape[1]
-  h, w = config.frame_size
   valid = objects[..., 0] >= 0
   labels = objects[..., 1]
-  half = digit_size / 2
-  top, left = objects[..., 3] + half < h / 2, objects[..., 4] + half < w / 2
-  groups = []
-  for v in (True, False):  # top, bottom
-    for u in (True, False):  # left, right
-      inside = valid & (top == v) & (left == u)
-      count, label = inside.sum(-1), jnp.sum(jnp.where(inside, labels, 0), -1)
-      groups.append(jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)))
+  groups = list(jnp.moveaxis(layout_labels(objects, config, digit_size), -1, 0))
   groups.append(valid.sum(-1))
   # objects by id: ids count entries from the stream's start, at most one a frame, so a clip of n frames has < n
   slot = (objects[..., 0:1] == jnp.arange(n)) & valid[..., None]  # [b, n, m, ids]

@@ -74,6 +74,10 @@ class VideoTask:
       and order of first entry; ``video_lm.scene_state``, from the clip's drawn digits). Dense supervision of
       the state the answers are read from: every tick has ~28 targets where a question gives one answer word in
       four ticks. Needs clips from their stream's start (``clips_per_stream == 1``); 0 turns it off.
+    layout_loss: weight, within the frame heads' loss (itself weighted by ``patch_loss``), of a head on the mean of
+      each frame's encoder tokens that names the digit in each quadrant (``VideoLMConfig.layout_head``,
+      ``video_lm.layout_labels``): the frame's layout written where an even attention over its tokens reads it.
+      Needs ``patch_loss`` > 0; 0 turns it off.
     frame_delta: the frame encoder sees the frame minus the previous one beside it, and an entry head on it is
       trained (with the patch loss's weight) to name the digit that entered in each frame at its centre's patch
       (``VideoLMConfig.frame_delta``, ``video_lm.entry_labels``). Needs clips from their stream's start and
@@ -126,6 +130,7 @@ class VideoTask:
   encoder_steps: int = 0
   streaming_objective: bool = True
   state_loss: float = 0.0
+  layout_loss: float = 0.0
   frame_delta: bool = False
   entry_words: bool = False
   fulfil_prob: float = 0.0
@@ -160,6 +165,8 @@ class VideoTask:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
     if self.activation_heads and not (self.activation and self.patch_loss > 0):
       raise ValueError("activation_heads needs an activation model (activation > 0) and trained heads (patch_loss > 0)")
+    if self.layout_loss < 0 or (self.layout_loss and self.patch_loss == 0):
+      raise ValueError(f"layout_loss must be >= 0 and needs patch_loss > 0, got {self.layout_loss}, {self.patch_loss}")
     if self.frame_delta and self.patch_loss == 0:
       raise ValueError("frame_delta trains its entry head with the patch loss: it needs patch_loss > 0")
     if self.question_weights is not None:
@@ -220,6 +227,7 @@ class VideoTask:
       carrier=self.carrier,
       label_words=LABEL_WORDS if self.label_words else (),
       place_words=PLACE_WORDS if self.place_words else (),
+      layout_head=self.layout_loss > 0,
       state_head=self.state_loss > 0,
       frame_delta=self.frame_delta,
       entry_words=LABEL_WORDS if self.entry_words else (),

@@ -127,6 +127,11 @@ def make_train_step(
           el, ea = video_lm.digit_loss(model.entry_logits(vis), entry)
           patch = patch + el
           out.update({"entry_loss": el, "entry_accuracy": ea})
+        if video.layout_loss:
+          layout = video_lm.layout_labels(batch["objects"], model.config, video.digit_size)
+          ll, la = video_lm.digit_loss(model.layout_logits(vis), layout)
+          patch = patch + video.layout_loss * ll
+          out.update({"layout_loss": ll, "layout_accuracy": la})
         return patch, out
 
       def activation_term(loss, out):  # StreamBridge's activation model, on the frame side
