@@ -482,9 +482,8 @@ class VideoLM(nnx.Module):
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
     """The frame tokens the language model reads: ``encode``'s tokens (through the ``projector``, if any) plus
-    the place embedding (``frame_pos``),
-    the word embedding of each token's patch label (``label_words``), those of its quadrant (``place_words``) and
-    that of the digit entering there (``entry_words``)."""
+    the place embedding (``frame_pos``), the word embedding of each token's patch label (``label_words``), those of
+    its quadrant (``place_words``) and that of the digit entering there (``entry_words``)."""
     out = self.projector(vis) if self.config.projector else vis
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
