@@ -71,13 +71,16 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   ``activation``: a model with StreamBridge's activation model decides instead: its log-odds on the frame (offline:
   ``Activation.logits`` of the fed-back slots' standing request) where a request stands by the record's own
   account (asked, not yet answered by speaking), ``CLOSED`` elsewhere (it also reads the frame heads,
-  ``activation_heads``, which read the frame difference the runner carries); its announced labels are those of the
-  offline forward whose ``<speak>`` carries the request's prompt."""
+  ``activation_heads``, which read the frame difference the runner carries, through a pooled convolutional stem,
+  and its frame tokens pass the ``projector``); its announced labels are those of the offline forward whose
+  ``<speak>`` carries the request's prompt."""
   proactive = case != "asked"
   labels = V.LABEL_WORDS if case == "proactive" else ()
   places = () if proactive else V.PLACE_WORDS
   if case == "activation":
-    model = tiny_video_lm(seed=4, frame_delta=True, activation=8, activation_heads=True)
+    model = tiny_video_lm(
+      seed=4, frame_delta=True, activation=8, activation_heads=True, stem_channels=(3,), stem_pool=True, projector=True
+    )
   else:
     model = tiny_video_lm(
       seed=4, frame_pos=not proactive, carrier=proactive, label_words=labels, place_words=places, frame_delta=proactive

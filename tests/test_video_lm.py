@@ -290,6 +290,10 @@ def test_the_pooled_stem_takes_the_patches_from_the_max_pooled_map():
     VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, stem_pool=True)
   with pytest.raises(ValueError, match="margin"):  # a 2-pixel margin is half a cell after two poolings
     VL.VideoLMConfig(lm, frame_size=(16, 16), patch_size=8, patch_window=12, stem_channels=(3, 2), stem_pool=True)
+  cnn = load_config(f"{ROOT}/configs/video_lm.py:delta,cnn")
+  assert cnn.video.model_config(cnn.model).stem_pool and cnn.video.stem_channels == (16, 32)
+  assert cnn.workdir.endswith("_delta_cnn")
+  assert load_config(f"{ROOT}/configs/video_lm.py:cnn,quick").video.model_config(cnn.model).stem_pool
 
 
 def test_frame_pos_adds_a_place_embedding_to_the_frame_tokens_the_language_model_reads():
@@ -898,10 +902,6 @@ def test_activation_heads_add_a_bilinear_match_of_the_request_with_the_frame_hea
   assert cfg.workdir.endswith("_augment_data_heads")
   quick = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,heads,augment,quick").video
   assert quick.activation_heads and quick.augment == 9  # the switches survive the quick shrink
-  cnn = load_config(f"{ROOT}/configs/video_lm.py:delta,cnn")
-  assert cnn.video.model_config(cnn.model).stem_pool and cnn.video.stem_channels == (16, 32)
-  assert cnn.workdir.endswith("_delta_cnn")
-  assert load_config(f"{ROOT}/configs/video_lm.py:cnn,quick").video.model_config(cnn.model).stem_pool
 
 
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
