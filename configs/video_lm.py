@@ -45,7 +45,9 @@ patches: 3x3 convolutions of 16 and 32 channels, each followed by GELU and 2x2 m
 linear map brings the encoder's tokens to the scale of the word embeddings before the words of ``labels``,
 ``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``), ``layout`` (a head on
 the mean of each frame's encoder tokens is trained to name the digit in each quadrant, ``VideoTask.layout_loss``;
-workdir suffix ``_layout``). Flags combine
+workdir suffix ``_layout``), ``match`` (with ``activation``: at every frame where a digit enters, the activation
+model scores all ten requests, the entering digit's a positive and the nine others negatives,
+``VideoTask.activation_match``; workdir suffix ``_match``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -59,7 +61,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj", "layout"}
+  known |= {"heads", "data", "cnn", "proj", "layout", "match"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -128,6 +130,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "layout" in flags:  # the frame's layout, supervised on the mean of its encoder tokens
     video = dataclasses.replace(cfg.video, layout_loss=1.0)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_layout")
+  if "match" in flags:  # the activation model scores all ten requests at every entry
+    video = dataclasses.replace(cfg.video, activation_match=1.0)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_match")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -155,6 +160,7 @@ def get_config(*flags: str) -> TrainConfig:
       activation=8 if cfg.video.activation else 0,
       augment=cfg.video.augment,
       activation_heads=cfg.video.activation_heads,
+      activation_match=cfg.video.activation_match,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -466,20 +466,23 @@ def test_video_qa_frame_delta_and_request_losses_train_their_heads(tmp_path, mon
 
 
 def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, monkeypatch):
-  """``configs/video_lm.py:quick,delta,activation,proj``: from the encoder-only steps on, a step's
+  """``configs/video_lm.py:quick,delta,activation,proj,match``: from the encoder-only steps on, a step's
   ``activation_loss`` is the binary cross-entropy of the activation model's log-odds at the ticks where a request
   is pending by the probe's own loop (``experiments.probe_video_qa.pending_requests``), ``<speak>`` ticks weighing
-  ``speak_weight``, recomputed here in NumPy; it adds to the logged loss; the encoder-only steps train the
-  activation model and leave the language model and the projector into it as they were (no weight decay either)."""
+  ``speak_weight``, recomputed here in NumPy, and its ``match_loss`` that of the ten requests' log-odds at the frames
+  where a digit enters (an object id not drawn in the frame before); both add to the logged loss (``match`` weighed
+  by ``activation_match``); the encoder-only steps train the activation model and leave the language model and the
+  projector into it as they were (no weight decay either)."""
   from flax import nnx
 
   from experiments.probe_video_qa import pending_requests
+  from jstream.data import video_qa as V
   from jstream.models import video_lm
   from jstream.train.loop import init_state, make_train_step, train_iterator
 
   monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
-  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,activation,proj,workdir={tmp_path / 'act'},log_every=1")
-  cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, speak_weight=4.0))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,delta,activation,proj,match,workdir={tmp_path / 'act'},log_every=1")
+  cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, speak_weight=4.0, activation_match=0.5))
   assert cfg.video.model_config(cfg.model).activation == 8
   graphdef, optimizer, state = init_state(cfg)
   before = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
@@ -499,12 +502,28 @@ def test_video_qa_activation_model_trains_from_the_encoder_only_steps(tmp_path, 
     w = np.where(pending, np.where(y, cfg.video.speak_weight, 1.0), 0.0)
     return (nll * w).sum() / w.sum()
 
+  objects = np.asarray(batch["objects"])
+  entering = np.zeros((*objects.shape[:2], 10), bool)
+  for b, n, row in np.ndindex(*objects.shape[:3]):
+    obj, label = objects[b, n, row, :2]
+    entering[b, n, label] |= obj >= 0 and (n == 0 or obj not in objects[b, n - 1, :, 0])
+  assert entering.any()
+
+  def want_match(model):
+    slots = jnp.asarray(V.request_slots(batch["text"].shape[-1]))
+    vis = model.encode(jnp.asarray(batch["frames"]))
+    x = np.asarray(model.activation_match_logits(vis, model.activation.encode(slots)[0]), np.float64)
+    nll = np.where(entering, np.log1p(np.exp(-x)), np.log1p(np.exp(x)))
+    return nll[entering.any(-1)].mean()
+
   for only in (True, True, False):  # the first step's learning rate is 0 (warmup)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
     state, m = steps[only](state, batch)
     np.testing.assert_allclose(float(m["activation_loss"]), want_loss(model), rtol=1e-4)
+    np.testing.assert_allclose(float(m["match_loss"]), want_match(model), rtol=1e-4)
     parts = ("patch_loss", "entry_loss", "activation_loss") + (() if only else ("answer_loss",))
-    np.testing.assert_allclose(float(m["loss"]), float(sum(m[k] for k in parts)), rtol=1e-5)
+    total = sum(m[k] for k in parts) + 0.5 * m["match_loss"]
+    np.testing.assert_allclose(float(m["loss"]), float(total), rtol=1e-5)
     if only:
       after = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))
   assert any(np.any(a != b) for a, b in zip(_params(before.activation), _params(after.activation)))

@@ -904,6 +904,53 @@ def test_activation_heads_add_a_bilinear_match_of_the_request_with_the_frame_hea
   assert quick.activation_heads and quick.augment == 9  # the switches survive the quick shrink
 
 
+def test_activation_match_scores_every_request_at_the_entry_frames_of_the_event_log():
+  """``VideoTask.activation_match``'s parts: ``entering_digits`` against the streams' event log (entries beside
+  digits on screen, repeated labels); ``request_slots`` are the words the data asks a request with;
+  ``activation_match_logits`` equals ``activation_logits`` run once per request; ``match_loss`` is the mean binary
+  cross-entropy over the frames where a digit enters, recomputed in NumPy; config errors."""
+  config = V.video_qa_config(frame_size=16, digit_size=8, max_on_screen=4, enter_prob=0.5, stay=(4, 12))
+  chunks = [V.VideoQAStream(config, "train", i).take(40) for i in range(3)]
+  got = np.asarray(VL.entering_digits(jnp.asarray(np.stack([c.objects for c in chunks]))))
+  want = np.zeros((3, 40, 10), bool)
+  for row, chunk in enumerate(chunks):
+    for frame, kind, _, label in chunk.events:
+      want[row, frame, label] |= kind == V.ENTER
+  np.testing.assert_array_equal(got, want)
+  assert want.sum() > 20 and (want.sum(-1) >= 1).sum() > 20
+  slots = V.request_slots(10)
+  for d, slot in zip(V.NUMBERS, slots):
+    assert V.decode(slot) == f"<q> tell me when a {d} appears" and slot[-1] == V.PAD
+  with pytest.raises(ValueError, match="does not fit a slot of 6"):
+    V.request_slots(6)
+  model = tiny_video_lm(seed=7, frame_delta=True, activation=8, activation_heads=True)
+  frames = jnp.asarray(np.stack([c.frames for c in chunks])[:, :5].astype(np.float32) / 255.0)
+  vis = model.encode(frames)
+  vectors, standing = model.activation.encode(jnp.asarray(slots))
+  assert bool(standing.all())
+  logits = np.asarray(model.activation_match_logits(vis, vectors))
+  assert logits.shape == (3, 5, 10)
+  for k in range(10):
+    one = model.activation_logits(vis, jnp.broadcast_to(vectors[k], (3, 5, 8)))
+    np.testing.assert_allclose(logits[..., k], np.asarray(one), rtol=1e-5, atol=1e-5)
+  x = np.random.default_rng(8).normal(size=(3, 40, 10)) * 3
+  loss, m = VL.match_loss(jnp.asarray(x, jnp.float32), jnp.asarray(want))
+  frames_in = want.any(-1)
+  nll = np.where(want, np.log1p(np.exp(-x)), np.log1p(np.exp(x)))[frames_in]
+  np.testing.assert_allclose(float(loss), nll.mean(), rtol=1e-5)
+  assert float(m["match_recall"]) == pytest.approx((x > 0)[want].mean())
+  assert float(m["match_false"]) == pytest.approx((x > 0)[frames_in[..., None] & ~want].mean())
+  with library_checks_only(), pytest.raises(ValueError, match="vectors must be"):
+    model.activation_match_logits(vis, vectors[:, :4])
+  from jstream.train import VideoTask
+
+  with pytest.raises(ValueError, match="activation_match must be >= 0 and needs activation"):
+    VideoTask(activation_match=1.0)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,match")
+  assert cfg.video.activation_match == 1.0 and cfg.workdir.endswith("_match")
+  assert load_config(f"{ROOT}/configs/video_lm.py:delta,activation,match,quick").video.activation_match == 1.0
+
+
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
   """A model with an activation model fed in two chunks, the second from the request standing after the first
   (``Activation.standing(first chunk)[1]`` as ``__call__(request=)``), gives the offline forward's logits over the

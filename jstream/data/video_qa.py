@@ -130,6 +130,15 @@ def encode(words: str | Sequence[str]) -> np.ndarray:
   return np.asarray([WORD_ID[w] for w in seq], np.int32)
 
 
+def request_slots(length: int) -> np.ndarray:
+  """The slot of each proactive request, ``tell me when a {d} appears`` for ``d`` = zero .. nine, ``[10, length]``
+  int32: ``<q>`` and the question's words, padded with ``PAD`` (what ``Activation.encode`` reads)."""
+  words = [[QUESTION, *encode(_TEMPLATES["proactive"].format(d=d))] for d in NUMBERS]
+  if max(map(len, words)) > length:
+    raise ValueError(f"a request of {max(map(len, words))} words does not fit a slot of {length}")
+  return np.asarray([w + [PAD] * (length - len(w)) for w in words], np.int32)
+
+
 def decode(ids: Sequence[int] | np.ndarray) -> str:
   """The words of ``ids``, ``<pad>`` dropped."""
   return " ".join(WORDS[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) != PAD)

@@ -317,14 +317,21 @@ class Activation(nnx.Module):
     """The log-odds that the request ``vector`` is fulfilled in the frame of encoder tokens ``vis`` (``encode``).
     ``heads`` (a model built with ``head_classes``, required there): each token's frame-head log-probabilities,
     whose sum weighted by ``match(vector)`` adds to the token's score."""
+    return self.match_logits(vis, vector[..., None, :], heads)[..., 0]
+
+  def match_logits(
+    self, vis: Float[Array, "*b p d"], vectors: Float[Array, "*b k a"], heads: Float[Array, "*b p c"] | None = None
+  ) -> Float[Array, "*b k"]:
+    """``logits`` of each frame ``vis`` for each of ``k`` requests ``vectors`` (``k`` may be 1 and broadcast), the
+    frame's token scores computed once."""
     got = 0 if heads is None else heads.shape[-1]
     if got != self.head_classes:
       raise ValueError(f"heads must be log-probabilities of {self.head_classes} classes (0: None), got {got}")
     k = self.key_out(jax.nn.gelu(self.key_in(vis.astype(jnp.float32))))
-    q = self.query(vector)
-    s = jnp.einsum("...pa,...a->...p", k, q) / np.sqrt(self.width)
+    q = self.query(vectors)
+    s = jnp.einsum("...pa,...ka->...kp", k, q) / np.sqrt(self.width)
     if heads is not None:
-      s = s + jnp.einsum("...pc,...c->...p", heads.astype(jnp.float32), self.match(vector))
+      s = s + jnp.einsum("...pc,...kc->...kp", heads.astype(jnp.float32), self.match(vectors))
     return jax.nn.logsumexp(s, axis=-1) + self.bias[...]
 
 
@@ -345,6 +352,30 @@ def activation_loss(
   metrics = {
     "activation_recall": (said & pos).sum() / jnp.maximum(pos.sum(), 1),
     "activation_false": (said & neg).sum() / jnp.maximum(neg.sum(), 1),
+  }
+  return loss, metrics
+
+
+def match_loss(
+  logits: Float[Array, "b n k"], entering: Bool[Array, "b n k"], entry: Bool[Array, "b n"] | None = None
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+  """The activation model's matching loss (``VideoTask.activation_match``): at every frame where a digit enters
+  (``entry``; default: where ``entering`` holds for some request), the mean binary cross-entropy of its log-odds
+  for each of ``k`` requests ``logits`` (``VideoLM.activation_match_logits``) against whether that request's digit
+  enters (``entering``, ``entering_digits``). Each entry frame teaches the match with one request that it
+  fulfils and ``k - 1`` that it does not: the hard negatives (another digit entering while a request stands) that
+  short training clips hold few of. Metrics: ``match_recall`` (fulfilled requests above 0) and ``match_false``
+  (the other requests of entry frames above 0)."""
+  x = logits.astype(jnp.float32)
+  entry = entering.any(-1) if entry is None else entry
+  weight = jnp.broadcast_to(entry[..., None], x.shape).astype(jnp.float32)
+  nll = jax.nn.softplus(x) - entering * x
+  loss = (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+  said = x > 0
+  pos, neg = entering & entry[..., None], ~entering & entry[..., None]
+  metrics = {
+    "match_recall": (said & pos).sum() / jnp.maximum(pos.sum(), 1),
+    "match_false": (said & neg).sum() / jnp.maximum(neg.sum(), 1),
   }
   return loss, metrics
 
@@ -672,6 +703,17 @@ class VideoLM(nnx.Module):
     heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None
     return self.activation.logits(jax.lax.stop_gradient(self.placed(vis)), vector, heads)
 
+  def activation_match_logits(self, vis: Float[Array, "*b p d"], vectors: Float[Array, "k a"]) -> Float[Array, "*b k"]:
+    """``activation_logits`` of every frame ``vis`` for each of ``k`` requests ``vectors`` (``Activation.encode``
+    of each request's words): ``[*b, k]``, the frame's tokens and heads computed once."""
+    if not self.config.activation:
+      raise ValueError("activation_match_logits needs a model built with VideoLMConfig(activation=width)")
+    if vectors.ndim != 2 or vectors.shape[-1] != self.activation.width:
+      raise ValueError(f"vectors must be [requests, {self.activation.width}], got {vectors.shape}")
+    heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None
+    vectors = jnp.broadcast_to(vectors, (*vis.shape[:-2], *vectors.shape))
+    return self.activation.match_logits(jax.lax.stop_gradient(self.placed(vis)), vectors, heads)
+
   def frame_head_logprobs(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p c"]:
     """The frame heads' class log-probabilities at each token: the patch head's ``NO_DIGIT + 1``, then with
     ``frame_delta`` the entry head's."""
@@ -712,6 +754,16 @@ def entry_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_si
   old = (ids[..., :, None] == before[..., None, :]).any(-1)
   new = jnp.where(((ids >= 0) & ~old)[..., None], objects, -1)
   return centre_labels(new, config, digit_size)
+
+
+def entering_digits(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n 10"]:
+  """Whether each digit ``0 .. 9`` enters in each frame ``[b, n, 10]`` of clips that start at their stream's first
+  frame: an object drawn in the frame and not in the one before (``entry_labels``' rule; a proactive request for
+  the digit is due there)."""
+  ids = objects[..., 0]
+  before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
+  new = (ids >= 0) & ~(ids[..., :, None] == before[..., None, :]).any(-1)  # [b, n, m]
+  return ((objects[..., 1, None] == jnp.arange(NO_DIGIT)) & new[..., None]).any(axis=2)
 
 
 def pending_requests(

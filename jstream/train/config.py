@@ -98,6 +98,11 @@ class VideoTask:
       steps included. Needs clips from their stream's start and the streaming objective.
     activation_heads: the activation model also reads the frame heads' class log-probabilities, matched bilinearly
       against the request (``VideoLMConfig.activation_heads``). Needs ``activation``.
+    activation_match: weight of the activation model's matching loss (``video_lm.match_loss``): at every frame where
+      a digit enters, each of the ten requests ``tell me when a {d} appears`` is scored, the one for the entering
+      digit a positive and the nine others negatives, whether or not a request stands in the clip. Needs
+      ``activation`` (so clips from their stream's start: an entry is a digit not drawn in the frame before); 0
+      turns it off.
     augment: random affine variants of each training digit added to the training clips' digit pool
       (``video_qa.VideoQAConfig.augment``): more handwriting for the frame encoder to generalise from. The evaluation
       streams (the test split) are unchanged.
@@ -137,6 +142,7 @@ class VideoTask:
   request_loss: float = 0.0
   activation: int = 0
   activation_heads: bool = False
+  activation_match: float = 0.0
   augment: int = 0
 
   def __post_init__(self):
@@ -165,6 +171,8 @@ class VideoTask:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
     if self.activation_heads and not (self.activation and self.patch_loss > 0):
       raise ValueError("activation_heads needs an activation model (activation > 0) and trained heads (patch_loss > 0)")
+    if self.activation_match < 0 or (self.activation_match and not self.activation):
+      raise ValueError(f"activation_match must be >= 0 and needs activation > 0, got {self.activation_match}")
     if self.layout_loss < 0 or (self.layout_loss and self.patch_loss == 0):
       raise ValueError(f"layout_loss must be >= 0 and needs patch_loss > 0, got {self.layout_loss}, {self.patch_loss}")
     if self.frame_delta and self.patch_loss == 0:

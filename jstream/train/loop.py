@@ -141,7 +141,15 @@ def make_train_step(
         act = model.activation_logits(vis, standing.vector)
         speak = batch["text"][:, :, 0] == video_lm.SPEAK
         al, am = video_lm.activation_loss(act, standing, speak, speak_weight=video.speak_weight)
-        return loss + al, {**out, "activation_loss": al, **am}
+        loss, out = loss + al, {**out, "activation_loss": al, **am}
+        if video.activation_match:  # every request scored at every entry: the hard negatives short clips lack
+          from jstream.data import video_qa
+
+          requests, _ = model.activation.encode(jnp.asarray(video_qa.request_slots(batch["text"].shape[-1])))
+          logits = model.activation_match_logits(vis, requests)
+          ml, mm = video_lm.match_loss(logits, video_lm.entering_digits(batch["objects"]))
+          loss, out = loss + video.activation_match * ml, {**out, "match_loss": ml, **mm}
+        return loss, out
 
       vis = model.encode(batch["frames"])
       if encoder_only:
