@@ -47,7 +47,9 @@ linear map brings the encoder's tokens to the scale of the word embeddings befor
 the mean of each frame's encoder tokens is trained to name the digit in each quadrant, ``VideoTask.layout_loss``;
 workdir suffix ``_layout``), ``match`` (with ``activation``: at every frame where a digit enters, the activation
 model scores all ten requests, the entering digit's a positive and the nine others negatives,
-``VideoTask.activation_match``; workdir suffix ``_match``). Flags combine
+``VideoTask.activation_match``; workdir suffix ``_match``), ``hide`` (with ``activation``: the language model
+neither reads nor caches a standing request's words; the label it announces comes from the request's prompt at
+``<speak>``, ``VideoTask.hide_requests``; workdir suffix ``_hide``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -61,7 +63,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj", "layout", "match"}
+  known |= {"heads", "data", "cnn", "proj", "layout", "match", "hide"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -133,6 +135,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "match" in flags:  # the activation model scores all ten requests at every entry
     video = dataclasses.replace(cfg.video, activation_match=1.0)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_match")
+  if "hide" in flags:  # the language model does not see standing requests: their prompt carries them
+    video = dataclasses.replace(cfg.video, hide_requests=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_hide")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -161,6 +166,7 @@ def get_config(*flags: str) -> TrainConfig:
       augment=cfg.video.augment,
       activation_heads=cfg.video.activation_heads,
       activation_match=cfg.video.activation_match,
+      hide_requests=cfg.video.hide_requests,
     )
     cfg = dataclasses.replace(
       cfg,

@@ -29,7 +29,7 @@ from jstream import cache as cache_lib
 from jstream import reduce
 from jstream.data import video_qa as vqa
 from jstream.memory import MemoryPolicy
-from jstream.models.video_lm import FRAME, TEXT, VISION, RequestState, VideoLM
+from jstream.models.video_lm import FRAME, TEXT, VISION, RequestState, VideoLM, request_words
 from jstream.typing import Array, ArrayLike, Float, Int
 
 
@@ -168,7 +168,8 @@ def _tick(
   head = jnp.stack(
     [jnp.where(spoke, pad, decision), jnp.where(speak, label, pad), jnp.where(speak, vqa.EOS, pad)], axis=1
   )
-  logits, cache = _say(lm, jnp.concatenate([head, question], axis=1), every, cache)
+  shown = jnp.where(request_words(question), vqa.PAD, question) if model.config.hide_requests else question
+  logits, cache = _say(lm, jnp.concatenate([head, shown], axis=1), every, cache)
   n_q = jnp.sum(question != vqa.PAD, axis=1)
   last = jnp.take_along_axis(question, jnp.maximum(n_q - 1, 0)[:, None], axis=1)[:, 0]
   due = (n_q > 0) & (last == vqa.ANSWER)

@@ -73,13 +73,21 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   account (asked, not yet answered by speaking), ``CLOSED`` elsewhere (it also reads the frame heads,
   ``activation_heads``, which read the frame difference the runner carries, through a pooled convolutional stem,
   and its frame tokens pass the ``projector``); its announced labels are those of the offline forward whose
-  ``<speak>`` carries the request's prompt."""
+  ``<speak>`` carries the request's prompt; the language model neither reads nor caches the standing requests'
+  words (``hide_requests``), in the runner as offline."""
   proactive = case != "asked"
   labels = V.LABEL_WORDS if case == "proactive" else ()
   places = () if proactive else V.PLACE_WORDS
   if case == "activation":
     model = tiny_video_lm(
-      seed=4, frame_delta=True, activation=8, activation_heads=True, stem_channels=(3,), stem_pool=True, projector=True
+      seed=4,
+      frame_delta=True,
+      activation=8,
+      activation_heads=True,
+      stem_channels=(3,),
+      stem_pool=True,
+      projector=True,
+      hide_requests=True,
     )
   else:
     model = tiny_video_lm(

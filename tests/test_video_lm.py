@@ -951,6 +951,54 @@ def test_activation_match_scores_every_request_at_the_entry_frames_of_the_event_
   assert load_config(f"{ROOT}/configs/video_lm.py:delta,activation,match,quick").video.activation_match == 1.0
 
 
+def test_hidden_requests_reach_the_language_model_only_through_the_prompt():
+  """``hide_requests``: ``request_words`` marks ``<q>`` and the words of each proactive question, by the streams'
+  question records, and nothing else; the offline forward neither reads nor caches them: a request for another
+  digit leaves every logit before its announcement's ``<speak>`` as it was, and changes the ``<speak>``'s (its
+  prompt); without ``hide_requests`` the logits change right after the question; config errors."""
+  weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 6.0)
+  config = V.video_qa_config(frame_size=16, digit_size=8, question_prob=0.7, question_weights=weights, enter_prob=0.5)
+  chunks = [V.VideoQAStream(config, "test", i).take(24) for i in range(4)]
+  text = np.stack([c.text for c in chunks])
+  got = np.asarray(VL.request_words(jnp.asarray(text)))
+  want = np.zeros(text.shape, bool)
+  for row, chunk in enumerate(chunks):
+    for q in chunk.questions:
+      if q.qtype == "proactive":
+        start = list(text[row, q.frame]).index(V.QUESTION)
+        want[row, q.frame, start : start + 1 + len(q.words.split())] = True
+  np.testing.assert_array_equal(got, want)
+  assert want.sum() > 30 and any(q.qtype != "proactive" for c in chunks for q in c.questions)
+  row = next(i for i, c in enumerate(chunks) if any(f > qf for f, qf, _ in c.announcements))
+  chunk = chunks[row]
+  f, qf, label = next((f, qf, label) for f, qf, label in chunk.announcements if f > qf)
+  other = chunk.text.copy()
+  other[qf][other[qf] == V.WORD_ID[V.NUMBERS[label]]] = V.WORD_ID[V.NUMBERS[(label + 1) % 10]]
+  frames = jnp.asarray(chunk.frames[None].astype(np.float32) / 255.0)
+  slot = chunk.text.shape[1]
+  for hide in (True, False):
+    model = tiny_video_lm(seed=8, activation=8, hide_requests=hide)
+    a, b = (np.asarray(model.forward(frames, jnp.asarray(t[None])))[0] for t in (chunk.text, other))
+    speak = f * (model.config.frame_len + slot) + model.config.frame_len  # the announcement's <speak>
+    after = (qf + 1) * (model.config.frame_len + slot)  # the next tick's first frame token
+    if hide:  # every position the language model reads (frames, shown words), up to the <speak>
+      p = model.config.frame_len
+      real = np.concatenate([np.ones((24, p), bool), (chunk.text != V.PAD) & ~want[row]], axis=1).reshape(-1)
+      np.testing.assert_array_equal(a[:speak][real[:speak]], b[:speak][real[:speak]])
+      assert np.abs(a[speak] - b[speak]).max() > 1e-4
+    else:
+      assert np.abs(a[after] - b[after]).max() > 1e-4
+  with pytest.raises(ValueError, match="hide_requests needs an activation model"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, hide_requests=True)
+  from jstream.train import VideoTask
+
+  with pytest.raises(ValueError, match="hide_requests needs an activation model"):
+    VideoTask(hide_requests=True)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,hide")
+  assert cfg.video.model_config(cfg.model).hide_requests and cfg.workdir.endswith("_hide")
+  assert load_config(f"{ROOT}/configs/video_lm.py:delta,activation,hide,quick").video.hide_requests
+
+
 def test_activation_model_ticks_streamed_in_chunks_equal_the_offline_forward():
   """A model with an activation model fed in two chunks, the second from the request standing after the first
   (``Activation.standing(first chunk)[1]`` as ``__call__(request=)``), gives the offline forward's logits over the

@@ -154,6 +154,13 @@ class VideoLMConfig:
       patch head's, and the entry head's with ``frame_delta``), through a bilinear match with the request
       (``Activation.logits(heads=)``): a request for a digit can then weigh the heads' probability of that digit
       directly, where the token MLP has to learn the match from the tokens. Needs ``activation``.
+    hide_requests: a standing request's words (``request_words``: ``<q>`` and the question of a slot that no ``<a>``
+      follows) are held by the activation model only: the language model neither reads nor caches them (padding, in
+      training and in the stream runner alike), so the label it says at ``<speak>`` must come from the request's
+      prompt there (and the frame), which the activation model carries however long the request stands. Without
+      it the language model learns to copy the label from the question, and a request that waits longer than the
+      text window holds its question (or farther than the training clips reach) is announced with a wrong label.
+      Needs ``activation``.
   """
 
   lm: TransformerConfig
@@ -175,6 +182,7 @@ class VideoLMConfig:
   request_head: bool = False
   activation: int = 0
   activation_heads: bool = False
+  hide_requests: bool = False
 
   def __post_init__(self):
     h, w = self.frame_size
@@ -190,6 +198,8 @@ class VideoLMConfig:
       raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
     if self.activation_heads and not self.activation:
       raise ValueError("activation_heads needs an activation model (activation = its width)")
+    if self.hide_requests and not self.activation:
+      raise ValueError("hide_requests needs an activation model (activation = its width) to hold the requests")
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     if any(c < 1 for c in self.stem_channels):
       raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
@@ -568,9 +578,10 @@ class VideoLM(nnx.Module):
     """The token sequence of ``n`` ticks: ``(x [b, n * (P + L), d], segment_ids, groups)``.
 
     Each tick is its frame's ``P`` patch tokens (track ``VISION``, one group per frame) then its ``L`` words (track
-    ``TEXT``; ``<pad>`` words are padding, segment -1). ``vis``: the frames' ``encode``, if already computed. With
-    an ``Activation``, a slot's opening ``<speak>`` carries the standing request's ``prompt``; ``request``: the
-    request standing before the first tick (default: none, streams that start here).
+    ``TEXT``; ``<pad>`` words are padding, segment -1, and so are a standing request's words with
+    ``hide_requests``). ``vis``: the frames' ``encode``, if already computed. With an ``Activation``, a slot's
+    opening ``<speak>`` carries the standing request's ``prompt``; ``request``: the request standing before the
+    first tick (default: none, streams that start here).
     """
     b, n, ln = text.shape
     if frames.shape[:2] != (b, n):
@@ -589,7 +600,10 @@ class VideoLM(nnx.Module):
       cue = jnp.where((text[:, :, 0] == SPEAK)[..., None], self.activation.prompt(standing.vector), 0.0)
       words = words.at[:, :, 0].add(cue.astype(words.dtype))
     x = jnp.concatenate([vis, words], axis=2).reshape(b, n * (f + ln), -1)
-    seg_t = jnp.where(text != PAD, TEXT, -1).astype(jnp.int32)
+    shown = text != PAD
+    if self.config.hide_requests:
+      shown &= ~request_words(text)
+    seg_t = jnp.where(shown, TEXT, -1).astype(jnp.int32)
     segs = jnp.concatenate([seg_v, seg_t], axis=2).reshape(b, -1)
     groups = jnp.concatenate([group_v, jnp.full((b, n, ln), -1, jnp.int32)], axis=2).reshape(b, -1)
     return x, segs, groups
@@ -754,6 +768,14 @@ def entry_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_si
   old = (ids[..., :, None] == before[..., None, :]).any(-1)
   new = jnp.where(((ids >= 0) & ~old)[..., None], objects, -1)
   return centre_labels(new, config, digit_size)
+
+
+def request_words(text: Int[Array, "*b l"]) -> Bool[Array, "*b l"]:
+  """The words of a standing request in each slot ``text`` (``VideoLMConfig.hide_requests``): ``<q>`` and the words
+  after it where the slot asks a question that no ``<a>`` follows (``Activation.encode``'s standing request)."""
+  asked = jnp.cumsum(text == QUESTION, axis=-1) > 0
+  standing = asked[..., -1] & ~jnp.any(text == ANSWER, axis=-1)
+  return asked & standing[..., None] & (text != PAD)
 
 
 def entering_digits(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n 10"]:

@@ -103,6 +103,9 @@ class VideoTask:
       digit a positive and the nine others negatives, whether or not a request stands in the clip. Needs
       ``activation`` (so clips from their stream's start: an entry is a digit not drawn in the frame before); 0
       turns it off.
+    hide_requests: the language model neither reads nor caches a standing request's words, which the activation
+      model holds; it says an announcement's label from the request's prompt at ``<speak>``
+      (``VideoLMConfig.hide_requests``). Needs ``activation``.
     augment: random affine variants of each training digit added to the training clips' digit pool
       (``video_qa.VideoQAConfig.augment``): more handwriting for the frame encoder to generalise from. The evaluation
       streams (the test split) are unchanged.
@@ -143,6 +146,7 @@ class VideoTask:
   activation: int = 0
   activation_heads: bool = False
   activation_match: float = 0.0
+  hide_requests: bool = False
   augment: int = 0
 
   def __post_init__(self):
@@ -171,6 +175,8 @@ class VideoTask:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
     if self.activation_heads and not (self.activation and self.patch_loss > 0):
       raise ValueError("activation_heads needs an activation model (activation > 0) and trained heads (patch_loss > 0)")
+    if self.hide_requests and not self.activation:
+      raise ValueError("hide_requests needs an activation model (activation > 0) to hold the requests")
     if self.activation_match < 0 or (self.activation_match and not self.activation):
       raise ValueError(f"activation_match must be >= 0 and needs activation > 0, got {self.activation_match}")
     if self.layout_loss < 0 or (self.layout_loss and self.patch_loss == 0):
@@ -242,6 +248,7 @@ class VideoTask:
       request_head=self.request_loss > 0,
       activation=self.activation,
       activation_heads=self.activation_heads,
+      hide_requests=self.hide_requests,
     )
 
 
