@@ -384,6 +384,10 @@ def answer_streams(
   return records
 
 
+WAIT_BINS = (0, 16, 48, 96)
+"""Lower edges (ticks) of ``score``'s ``by_wait`` bins: how long a proactive request stood before its event."""
+
+
 def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   """Accuracy per question type and the proactive figures.
 
@@ -395,8 +399,12 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   label or not: the decision without the label) and, when the records keep their speak margins, ``margin_auc``:
   how well the margin separates the events from those silent ticks whatever the threshold (the probability that an
   event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no
-  separation; the margins are those of this run, whose own decisions shaped the context)."""
+  separation; the margins are those of this run, whose own decisions shaped the context) and ``by_wait``: the
+  events, ``spoke_in_time`` and ``announced`` per bin of ``WAIT_BINS`` of the ticks from the request to its event
+  (``"16-47"``, ``"96+"``): a request that waits long may have left the text window, or the distances training
+  saw, by the time it is due."""
   out: dict = {}
+  bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
   events = announced = in_time = alarms = silent_ticks = 0
   late, event_margins, silent_margins = [], [], []
   with_margins = all(rec.speak_margin is not None for rec in records)
@@ -407,18 +415,22 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
       o = out.setdefault(q.qtype, {"correct": 0, "asked": 0})
       o["asked"] += 1
       o["correct"] += int(rec.answer[q.frame] == vqa.WORD_ID[q.answer])
-    due = {f: label for f, _, label in rec.announcements}
+    due = {f: (asked, label) for f, asked, label in rec.announcements}
     near = np.zeros(len(rec.decision), bool)
     for f in due:
       near[f : f + tolerance + 1] = True
     spoke = rec.decision == vqa.SPEAK
-    for f, label in due.items():
+    for f, (asked, label) in due.items():
       events += 1
+      b = bins[max(lo for lo in WAIT_BINS if lo <= f - asked)]
+      b["events"] += 1
       for d in range(tolerance + 1):
         if f + d < len(spoke) and spoke[f + d]:
           in_time += 1
+          b["spoke_in_time"] += 1
           if rec.announced[f + d] == vqa.WORD_ID[vqa.NUMBERS[label]]:
             announced += 1
+            b["announced"] += 1
             late.append(d)
           break
     alarms += int(np.sum(spoke & ~near))
@@ -434,7 +446,14 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "spoke_in_time": in_time / max(events, 1),
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
+    "by_wait": {},
   }
+  edges = (*WAIT_BINS[1:], None)
+  for (lo, b), hi in zip(bins.items(), edges):
+    if b["events"]:
+      name = f"{lo}-{hi - 1}" if hi else f"{lo}+"
+      n = b["events"]
+      out["proactive"]["by_wait"][name] = {"events": n, **{k: b[k] / n for k in ("spoke_in_time", "announced")}}
   silent = np.concatenate(silent_margins) if with_margins and silent_margins else np.zeros((0,))
   if event_margins and silent.size:  # the ROC AUC: P(event margin > silent margin), ties half (Mann-Whitney)
     from sklearn.metrics import roc_auc_score

@@ -276,9 +276,22 @@ def test_score_counts_answers_announcements_and_false_alarms():
   assert p["events"] == 1 and p["announced"] == 1.0 and p["spoke_in_time"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
   assert "margin_auc" not in p  # a record without margins
+  assert p["by_wait"] == {"0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 1.0}}  # asked at 2, due at 5
   rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
   p = Q.score([rec])["proactive"]
   assert p["announced"] == 0.0 and p["spoke_in_time"] == 1.0 and p["timing"] is None
+  # by wait: the event above (3 ticks), and in a longer record events after 20, 60 and 120 ticks (the last missed)
+  due = [(50, 30, 1), (100, 40, 2), (130, 10, 3)]
+  long = Q.StreamRecord([], due, np.full(140, V.SILENT), np.full(140, V.PAD), answer)
+  long.decision[[51, 101]] = V.SPEAK
+  long.announced[[51, 101]] = [w["one"], w["seven"]]
+  got = Q.score([rec, long])["proactive"]["by_wait"]
+  assert got == {
+    "0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 0.0},
+    "16-47": {"events": 1, "spoke_in_time": 1.0, "announced": 1.0},
+    "48-95": {"events": 1, "spoke_in_time": 1.0, "announced": 0.0},
+    "96+": {"events": 1, "spoke_in_time": 0.0, "announced": 0.0},
+  }
   # With margins: the event's best margin within 2 frames (1.5 at tick 6) against the 9 silent ticks' margins, a
   # pair by pair count (one silent tick above it, two tied).
   rec.speak_margin = np.array([0.1, -1, -2, 1.5, 3.0, -0.5, 1.5, 0.2, -1, 0.0, 1.5, -3])
