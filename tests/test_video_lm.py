@@ -994,6 +994,8 @@ def test_hidden_requests_reach_the_language_model_only_through_the_prompt():
 
   with pytest.raises(ValueError, match="hide_requests needs an activation model"):
     VideoTask(hide_requests=True)
+  with pytest.raises(ValueError, match="which hide_requests keeps from it"):
+    VideoTask(activation=8, hide_requests=True, request_loss=1.0)
   cfg = load_config(f"{ROOT}/configs/video_lm.py:delta,activation,hide")
   assert cfg.video.model_config(cfg.model).hide_requests and cfg.workdir.endswith("_hide")
   assert load_config(f"{ROOT}/configs/video_lm.py:delta,activation,hide,quick").video.hide_requests

@@ -177,6 +177,8 @@ class VideoTask:
       raise ValueError("activation_heads needs an activation model (activation > 0) and trained heads (patch_loss > 0)")
     if self.hide_requests and not self.activation:
       raise ValueError("hide_requests needs an activation model (activation > 0) to hold the requests")
+    if self.hide_requests and self.request_loss:
+      raise ValueError("request_loss trains the language model to hold the request, which hide_requests keeps from it")
     if self.activation_match < 0 or (self.activation_match and not self.activation):
       raise ValueError(f"activation_match must be >= 0 and needs activation > 0, got {self.activation_match}")
     if self.layout_loss < 0 or (self.layout_loss and self.patch_loss == 0):
