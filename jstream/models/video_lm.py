@@ -367,17 +367,17 @@ def activation_loss(
 
 
 def match_loss(
-  logits: Float[Array, "b n k"], entering: Bool[Array, "b n k"], entry: Bool[Array, "b n"] | None = None
+  logits: Float[Array, "b n k"], entering: Bool[Array, "b n k"]
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
   """The activation model's matching loss (``VideoTask.activation_match``): at every frame where a digit enters
-  (``entry``; default: where ``entering`` holds for some request), the mean binary cross-entropy of its log-odds
-  for each of ``k`` requests ``logits`` (``VideoLM.activation_match_logits``) against whether that request's digit
-  enters (``entering``, ``entering_digits``). Each entry frame teaches the match with one request that it
-  fulfils and ``k - 1`` that it does not: the hard negatives (another digit entering while a request stands) that
-  short training clips hold few of. Metrics: ``match_recall`` (fulfilled requests above 0) and ``match_false``
-  (the other requests of entry frames above 0)."""
+  (where ``entering`` holds for some request), the mean binary cross-entropy of its log-odds for each of ``k``
+  requests ``logits`` (``VideoLM.activation_match_logits``) against whether that request's digit enters
+  (``entering``, ``entering_digits``). Each entry frame teaches the match with one request that it fulfils and
+  ``k - 1`` that it does not: the hard negatives (another digit entering while a request stands) that short
+  training clips hold few of. Metrics: ``match_recall`` (fulfilled requests above 0) and ``match_false`` (the
+  other requests of entry frames above 0)."""
   x = logits.astype(jnp.float32)
-  entry = entering.any(-1) if entry is None else entry
+  entry = entering.any(-1)
   weight = jnp.broadcast_to(entry[..., None], x.shape).astype(jnp.float32)
   nll = jax.nn.softplus(x) - entering * x
   loss = (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
