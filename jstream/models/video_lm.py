@@ -300,8 +300,7 @@ class Activation(nnx.Module):
     inside = asked & before & (words != QUESTION) & (words != PAD)
     e = self.words(words).astype(jnp.float32)
     w = jnp.where(inside, jax.nn.softmax(jnp.where(inside, self.score(e)[..., 0], -1e30), axis=-1), 0.0)
-    standing = asked[..., -1] & before[..., -1]
-    return jnp.einsum("...l,...la->...a", w, e), standing
+    return jnp.einsum("...l,...la->...a", w, e), request_words(words).any(-1)
 
   def advance(self, state: RequestState, words: Int[Array, "b l"], spoke: Bool[Array, " b"]) -> RequestState:
     """The standing request after a tick whose decision was ``spoke`` (speaking answers the request) and whose
@@ -712,20 +711,20 @@ class VideoLM(nnx.Module):
     labels (a separate model over frozen features, as StreamBridge's). With ``activation_heads`` it also reads the
     frame heads' log-probabilities (``frame_head_logprobs``), behind the same stop-gradient. Needs
     ``VideoLMConfig.activation``."""
+    return self.activation_match_logits(vis, vector[..., None, :])[..., 0]
+
+  def activation_match_logits(
+    self, vis: Float[Array, "*b p d"], vectors: Float[Array, "... k a"]
+  ) -> Float[Array, "*b k"]:
+    """``activation_logits`` of every frame ``vis`` for each of ``k`` requests ``vectors`` (``Activation.encode``
+    of each request's words; ``[k, a]`` for the same requests at every frame): ``[*b, k]``, the frame's tokens and
+    heads computed once."""
     if not self.config.activation:
       raise ValueError("activation_logits needs a model built with VideoLMConfig(activation=width)")
+    if vectors.ndim not in (2, vis.ndim) or vectors.shape[-1] != self.activation.width:
+      raise ValueError(f"vectors must be [..., requests, {self.activation.width}], got {vectors.shape}")
     heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None
-    return self.activation.logits(jax.lax.stop_gradient(self.placed(vis)), vector, heads)
-
-  def activation_match_logits(self, vis: Float[Array, "*b p d"], vectors: Float[Array, "k a"]) -> Float[Array, "*b k"]:
-    """``activation_logits`` of every frame ``vis`` for each of ``k`` requests ``vectors`` (``Activation.encode``
-    of each request's words): ``[*b, k]``, the frame's tokens and heads computed once."""
-    if not self.config.activation:
-      raise ValueError("activation_match_logits needs a model built with VideoLMConfig(activation=width)")
-    if vectors.ndim != 2 or vectors.shape[-1] != self.activation.width:
-      raise ValueError(f"vectors must be [requests, {self.activation.width}], got {vectors.shape}")
-    heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None
-    vectors = jnp.broadcast_to(vectors, (*vis.shape[:-2], *vectors.shape))
+    vectors = jnp.broadcast_to(vectors, (*vis.shape[:-2], *vectors.shape[-2:]))
     return self.activation.match_logits(jax.lax.stop_gradient(self.placed(vis)), vectors, heads)
 
   def frame_head_logprobs(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p c"]:
@@ -763,11 +762,16 @@ def entry_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_si
   """The entry head's labels ``[b, n, tokens_per_frame]`` (``VideoLMConfig.frame_delta``) of clips that start at
   their stream's first frame: ``centre_labels`` of the digits drawn for the first time in each frame (an object id
   not drawn in the frame before; at most one a frame), ``NO_DIGIT`` at every other patch."""
-  ids = objects[..., 0]
-  before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)  # [b, n, m]
-  old = (ids[..., :, None] == before[..., None, :]).any(-1)
-  new = jnp.where(((ids >= 0) & ~old)[..., None], objects, -1)
+  new = jnp.where(_new_objects(objects)[..., None], objects, -1)
   return centre_labels(new, config, digit_size)
+
+
+def _new_objects(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n m"]:
+  """Which rows of ``objects`` are drawn for the first time in their frame: an object id not drawn in the frame
+  before (every drawn one in a clip's first frame)."""
+  ids = objects[..., 0]
+  before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
+  return (ids >= 0) & ~(ids[..., :, None] == before[..., None, :]).any(-1)
 
 
 def request_words(text: Int[Array, "*b l"]) -> Bool[Array, "*b l"]:
@@ -782,10 +786,7 @@ def entering_digits(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n 10"]:
   """Whether each digit ``0 .. 9`` enters in each frame ``[b, n, 10]`` of clips that start at their stream's first
   frame: an object drawn in the frame and not in the one before (``entry_labels``' rule; a proactive request for
   the digit is due there)."""
-  ids = objects[..., 0]
-  before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
-  new = (ids >= 0) & ~(ids[..., :, None] == before[..., None, :]).any(-1)  # [b, n, m]
-  return ((objects[..., 1, None] == jnp.arange(NO_DIGIT)) & new[..., None]).any(axis=2)
+  return ((objects[..., 1, None] == jnp.arange(NO_DIGIT)) & _new_objects(objects)[..., None]).any(axis=2)
 
 
 def pending_requests(
