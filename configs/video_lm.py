@@ -43,7 +43,9 @@ pool that also holds 9 random affine variants of each training image, ``VideoTas
 patches: 3x3 convolutions of 16 and 32 channels, each followed by GELU and 2x2 max pooling,
 ``VideoTask.stem_channels`` / ``VideoTask.stem_pool``; workdir suffix ``_cnn``), ``proj`` (LLaVA's projector: a
 linear map brings the encoder's tokens to the scale of the word embeddings before the words of ``labels``,
-``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``), ``layout`` (a head on
+``places`` and ``entries`` are added, ``VideoTask.projector``; workdir suffix ``_proj``), ``pnorm`` (the projector
+with its outputs held at the words' initial scale, ``VideoTask.projector_norm``: trained freely, the projector grows
+them back over the words; workdir suffix ``_pnorm``), ``layout`` (a head on
 the mean of each frame's encoder tokens is trained to name the digit in each quadrant, ``VideoTask.layout_loss``;
 workdir suffix ``_layout``), ``match`` (with ``activation``: at every frame where a digit enters, the activation
 model scores all ten requests, the entering digit's a positive and the nine others negatives,
@@ -63,7 +65,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj", "layout", "match", "hide"}
+  known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -129,6 +131,9 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_cnn")
   if "proj" in flags:  # the frame tokens enter the language model at the words' scale
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, projector=True), workdir=cfg.workdir + "_proj")
+  if "pnorm" in flags:  # the projector's outputs held at the words' scale: the words stay audible
+    video = dataclasses.replace(cfg.video, projector=True, projector_norm=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_pnorm")
   if "layout" in flags:  # the frame's layout, supervised on the mean of its encoder tokens
     video = dataclasses.replace(cfg.video, layout_loss=1.0)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_layout")
@@ -153,6 +158,7 @@ def get_config(*flags: str) -> TrainConfig:
       encoder_steps=2,
       frame_pos=cfg.video.frame_pos,  # the model switches survive the shrink
       projector=cfg.video.projector,
+      projector_norm=cfg.video.projector_norm,
       carrier=cfg.video.carrier,
       label_words=cfg.video.label_words,
       place_words=cfg.video.place_words,

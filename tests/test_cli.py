@@ -546,3 +546,24 @@ def test_repro_set_overrides_only_the_named_run(in_tmp):
     with pytest.raises(SystemExit, match="expected RUN:key=value"):
       R.main(["--no-train", "--out", "x", "--set", bad])
   assert not (in_tmp / "x").exists()
+
+
+def test_where_routing_synthetic_ticks_and_smoke(in_tmp):
+  """experiments/where_routing.py: each synthetic tick's answers are the labels in its quadrants, recomputed from
+  the patch grid (at most one digit per quadrant, ``none`` elsewhere); a quick run writes its table."""
+  from experiments import where_routing as W
+
+  d = W.draw(np.random.default_rng(3), 6, 5)
+  rows, cols = np.divmod(np.arange(16), 4)
+  for i, t in np.ndindex(6, 5):
+    for k, (top, left) in enumerate(((True, True), (True, False), (False, True), (False, False))):
+      inside = d["labels"][i, t][((rows < 2) == top) & ((cols < 2) == left)]
+      digits = inside[inside != W.NONE]
+      assert len(digits) <= 1
+      assert d["layout"][i, t, k] == (digits[0] if len(digits) else W.NONE)
+    assert d["answer"][i, t] == d["layout"][i, t, d["q"][i, t]]
+  assert (d["labels"] != W.NONE).any() and (d["answer"] != W.NONE).any()
+  out = W.main(["--quick", "--arms", "word_scale_state", "--out", "wr"])
+  (run,) = json.loads((in_tmp / "wr" / "results.json").read_text())["runs"]
+  assert run["arm"] == "word_scale_state" and run["state_loss"] and run["questions"] == 64 * 2
+  assert abs(run["token_scale"] - 128**-0.5) < 1e-6 and out["runs"][0]["digit_accuracy"] == run["digit_accuracy"]

@@ -454,6 +454,31 @@ def test_the_projector_maps_the_encoder_tokens_to_the_word_scale_before_the_word
   assert load_config(f"{ROOT}/configs/video_lm.py:proj,quick").video.projector
 
 
+def test_projector_norm_holds_the_projected_tokens_at_the_word_scale_however_the_projector_grows():
+  """``projector_norm``: each frame token the language model reads is the projected encoder token rescaled to an
+  RMS of ``embed_dim ** -0.5`` per coordinate, plus the label words' term (NumPy); scaling the projector's kernel
+  100x (what free training does to it) leaves the tokens unchanged, where without the norm they grow 100x."""
+  model = tiny_video_lm(seed=30, label_words=LABEL_WORDS, projector=True, projector_norm=True)
+  plain = tiny_video_lm(seed=30, label_words=LABEL_WORDS, projector=True)
+  frames, text = ticks(2, 3, seed=31)
+  vis, _, labelled = head_words_added(model, model.patch_head, frames)
+  projected = vis @ np.asarray(model.projector.kernel[...], np.float64)
+  rms = np.sqrt((projected**2).mean(-1, keepdims=True))
+  want = projected / rms * 32**-0.5 + (labelled - vis)
+  for m in (model, plain):
+    m.projector.kernel[...] = 100.0 * m.projector.kernel[...]
+  got = np.asarray(model.tick_inputs(frames, text)[0]).reshape(2, 3, -1, 32)[:, :, :4]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  grown = np.asarray(plain.tick_inputs(frames, text)[0]).reshape(2, 3, -1, 32)[:, :, :4]
+  np.testing.assert_allclose(grown, 100.0 * projected + (labelled - vis), rtol=1e-4, atol=1e-4)
+  with library_checks_only(), pytest.raises(ValueError, match="projector_norm needs the projector"):
+    VL.VideoLMConfig(model.config.lm, frame_size=(16, 16), patch_size=8, projector_norm=True)
+  cfg = load_config(f"{ROOT}/configs/video_lm.py:labels,pnorm")
+  assert cfg.video.model_config(cfg.model).projector_norm and cfg.workdir.endswith("_labels_pnorm")
+  quick = load_config(f"{ROOT}/configs/video_lm.py:pnorm,quick").video
+  assert quick.projector and quick.projector_norm
+
+
 def test_place_words_add_the_words_of_each_tokens_quadrant():
   """``place_words``: each frame token the language model reads gets the input embeddings of the two words naming
   its quadrant added, the quadrant of the pixel at the patch's centre by the rule the where-questions' answers use

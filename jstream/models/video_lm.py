@@ -101,6 +101,12 @@ class VideoLMConfig:
       per coordinate, the word embeddings start at about ``embed_dim ** -0.5``). Without it the frame tokens enter
       the language model about ``sqrt(embed_dim)`` times larger than words, and the words ``label_words``,
       ``place_words`` and ``entry_words`` add to them are a few percent of the token.
+    projector_norm: the projector's outputs are RMS-normalised to the word embeddings' initial scale
+      (``embed_dim ** -0.5`` per coordinate, no learned gain), so that training cannot grow the frame tokens back
+      over the words added to them: trained freely, the projector's weights (initialised at ``1 / embed_dim``)
+      grow under AdamW within a few hundred joint steps to outputs larger than the encoder's own tokens, drowning
+      the ``place_words`` and ``label_words`` again before the language model has learnt to use them
+      (``experiments/where_routing.py``). Needs ``projector``.
     carrier: VideoScan's carrier token: each frame's patch tokens are followed by one learned token (its own
       stream position, after the frame's) that attends them; the patches go to track ``FRAME``, a ``Window`` of one
       frame, so they are seen by their own tick and leave the cache at the next frame, and only the carrier stays
@@ -172,6 +178,7 @@ class VideoLMConfig:
   encoder_layers: int = 1
   frame_pos: bool = False
   projector: bool = False
+  projector_norm: bool = False
   carrier: bool = False
   label_words: tuple[int, ...] = ()
   place_words: tuple[int, ...] = ()
@@ -198,6 +205,8 @@ class VideoLMConfig:
       raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
     if self.activation_heads and not self.activation:
       raise ValueError("activation_heads needs an activation model (activation = its width)")
+    if self.projector_norm and not self.projector:
+      raise ValueError("projector_norm needs the projector (projector=True) whose outputs it normalises")
     if self.hide_requests and not self.activation:
       raise ValueError("hide_requests needs an activation model (activation = its width) to hold the requests")
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
@@ -521,10 +530,14 @@ class VideoLM(nnx.Module):
     return self.encoder_norm(x).reshape(b, n, c.tokens_per_frame, lm.embed_dim)
 
   def placed(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
-    """The frame tokens the language model reads: ``encode``'s tokens (through the ``projector``, if any) plus
-    the place embedding (``frame_pos``), the word embedding of each token's patch label (``label_words``), those of
-    its quadrant (``place_words``) and that of the digit entering there (``entry_words``)."""
+    """The frame tokens the language model reads: ``encode``'s tokens (through the ``projector`` and
+    ``projector_norm``, if any) plus the place embedding (``frame_pos``), the word embedding of each token's patch
+    label (``label_words``), those of its quadrant (``place_words``) and that of the digit entering there
+    (``entry_words``)."""
     out = self.projector(vis) if self.config.projector else vis
+    if self.config.projector_norm:  # RMS embed_dim ** -0.5 per coordinate: the words' initial scale, held
+      f32 = out.astype(jnp.float32)
+      out = (f32 * jax.lax.rsqrt(jnp.mean(f32 * f32, axis=-1, keepdims=True) * out.shape[-1] + 1e-12)).astype(vis.dtype)
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
     if self.config.place_words:

@@ -39,6 +39,7 @@ class VideoTask:
     frame_pos: a learned place embedding on the frame tokens the language model reads
       (``VideoLMConfig.frame_pos``).
     projector: a linear map of the encoder's tokens into the words' scale (``VideoLMConfig.projector``).
+    projector_norm: the projector's outputs held at the words' initial scale (``VideoLMConfig.projector_norm``).
     carrier: VideoScan's carrier token after each frame (``VideoLMConfig.carrier``): only it stays in the cache.
     label_words: the frame tokens the language model reads carry the word embedding of their patch label (the
       digits' names and ``none``; ``VideoLMConfig.label_words``).
@@ -120,6 +121,7 @@ class VideoTask:
   encoder_layers: int = 1
   frame_pos: bool = False
   projector: bool = False
+  projector_norm: bool = False
   carrier: bool = False
   label_words: bool = False
   place_words: bool = False
@@ -240,6 +242,7 @@ class VideoTask:
       encoder_layers=self.encoder_layers,
       frame_pos=self.frame_pos,
       projector=self.projector,
+      projector_norm=self.projector_norm,
       carrier=self.carrier,
       label_words=LABEL_WORDS if self.label_words else (),
       place_words=PLACE_WORDS if self.place_words else (),
