@@ -51,7 +51,9 @@ workdir suffix ``_layout``), ``match`` (with ``activation``: at every frame wher
 model scores all ten requests, the entering digit's a positive and the nine others negatives,
 ``VideoTask.activation_match``; workdir suffix ``_match``), ``hide`` (with ``activation``: the language model
 neither reads nor caches a standing request's words; the label it announces comes from the request's prompt at
-``<speak>``, ``VideoTask.hide_requests``; workdir suffix ``_hide``). Flags combine
+``<speak>``, ``VideoTask.hide_requests``; workdir suffix ``_hide``), ``where3`` (a training curriculum: the
+training clips ask where-questions three times as often, weights ``(6, 1, 1, 1, 1, 1, 3)``; the evaluation streams
+keep the default mix; ``VideoTask.train_question_weights``; workdir suffix ``_where3``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -65,7 +67,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide"}
+  known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide", "where3"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -143,6 +145,10 @@ def get_config(*flags: str) -> TrainConfig:
   if "hide" in flags:  # the language model does not see standing requests: their prompt carries them
     video = dataclasses.replace(cfg.video, hide_requests=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_hide")
+  if "where3" in flags:  # where-questions three times as often in the training clips only
+    weights = (6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0)  # presets.VIDEO_TASK's mix with where (first) tripled
+    video = dataclasses.replace(cfg.video, train_question_weights=weights)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_where3")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -167,6 +173,7 @@ def get_config(*flags: str) -> TrainConfig:
       frame_delta=cfg.video.frame_delta,
       entry_words=cfg.video.entry_words,
       fulfil_prob=cfg.video.fulfil_prob,
+      train_question_weights=cfg.video.train_question_weights,
       request_loss=cfg.video.request_loss,
       activation=8 if cfg.video.activation else 0,
       augment=cfg.video.augment,

@@ -224,6 +224,33 @@ def test_bad_input_is_a_clear_error():
     V.VideoQAStream().take(0)
 
 
+def test_train_question_weights_change_the_training_clips_mix_and_not_the_evaluation_streams():
+  """``VideoTask.train_question_weights``: the training clips' config asks with them, the evaluation streams'
+  with ``question_weights``; with where tripled, where-questions make a larger share of the questions the training
+  streams actually ask (counted from the streams' question records) and the other types keep their ratios."""
+  import dataclasses
+
+  from jstream.train import VideoTask
+
+  base = VideoTask(question_weights=(2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0))
+  task = dataclasses.replace(base, train_question_weights=(6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0))
+  assert task.data_config().question_weights == (6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0)
+  assert task.data_config(curriculum=False).params() == base.data_config().params()
+
+  def shares(config):
+    asked = [q.qtype for i in range(40) for q in V.VideoQAStream(config, "train", i).take(48).questions]
+    return {t: asked.count(t) / len(asked) for t in V.QTYPES}, len(asked)
+
+  (trained, n), (evaluated, m) = shares(task.data_config()), shares(base.data_config())
+  assert n > 200 and m > 200
+  assert trained["where"] > 1.5 * evaluated["where"]  # 0.48 against 0.27 (where is not always askable)
+  assert trained["count_now"] < evaluated["count_now"]
+  with pytest.raises(ValueError, match="train_question_weights must be 7"):
+    VideoTask(train_question_weights=(1.0, 2.0))
+  with pytest.raises(ValueError, match="train_question_weights must be 7"):
+    VideoTask(train_question_weights=(0.0,) * 7)
+
+
 def test_fulfil_prob_shows_the_requested_digit_at_entries_while_a_request_is_pending():
   """``fulfil_prob=1``: the first digit to enter after a proactive request is the requested one, announced in that
   tick, its image one of that label's; at 0.3 streams hold more announcements than with uniform entries;

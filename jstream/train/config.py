@@ -88,6 +88,11 @@ class VideoTask:
     fulfil_prob: a training curriculum for proactive requests: the probability that a digit entering while a
       request is pending in a training clip is the requested one (``video_qa.VideoQAConfig.fulfil_prob``). The
       evaluation streams (``data_config(curriculum=False)``) keep uniform entries.
+    train_question_weights: a training curriculum for the question mix: the relative frequency of each type in
+      the training clips (``video_qa.QTYPES`` order; ``()``: ``question_weights``). The evaluation streams
+      (``data_config(curriculum=False)``) keep ``question_weights``. A question type whose answer needs a circuit
+      the other types do not train (``where``: attending to one quadrant of the latest frame by the question's
+      words) can be asked more often in training without changing what the benchmark asks.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
@@ -144,6 +149,7 @@ class VideoTask:
   frame_delta: bool = False
   entry_words: bool = False
   fulfil_prob: float = 0.0
+  train_question_weights: tuple[float, ...] = ()
   request_loss: float = 0.0
   activation: int = 0
   activation_heads: bool = False
@@ -153,6 +159,16 @@ class VideoTask:
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
+    object.__setattr__(self, "train_question_weights", tuple(float(w) for w in self.train_question_weights))
+    tw = self.train_question_weights
+    if tw:
+      from jstream.data.video_qa import QTYPES
+
+      if len(tw) != len(QTYPES) or min(tw) < 0 or sum(tw) <= 0:
+        raise ValueError(
+          f"train_question_weights must be {len(QTYPES)} non-negative numbers (one per video_qa.QTYPES: {QTYPES}), "
+          f"not all 0, or () for question_weights; got {tw}"
+        )
     if self.state_loss < 0 or self.request_loss < 0:
       raise ValueError(f"state_loss and request_loss must be >= 0, got {self.state_loss}, {self.request_loss}")
     for name, on in (("state_loss", self.state_loss), ("frame_delta", self.frame_delta)):
@@ -207,7 +223,7 @@ class VideoTask:
 
   def data_config(self, *, curriculum: bool = True):
     """The ``VideoQAConfig`` of the training clips; ``curriculum=False``: of the evaluation streams (without the
-    training-only ``fulfil_prob``)."""
+    training-only ``fulfil_prob`` and ``train_question_weights``)."""
     from jstream.data import video_qa
 
     return video_qa.video_qa_config(
@@ -216,7 +232,7 @@ class VideoTask:
       max_on_screen=self.max_on_screen,
       enter_prob=self.enter_prob,
       question_prob=self.question_prob,
-      question_weights=self.question_weights,
+      question_weights=(self.train_question_weights or self.question_weights) if curriculum else self.question_weights,
       clip_frames=self.clip_frames,
       clips_per_stream=self.clips_per_stream,
       clip_overlap=self.clip_overlap,
