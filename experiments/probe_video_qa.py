@@ -188,6 +188,29 @@ def entry_hits(entry: np.ndarray, objects: np.ndarray, config: video_lm.VideoLMC
   return np.asarray(entry)[entering] == want[entering]
 
 
+def frame_token_scales(model: video_lm.VideoLM, frames: jax.Array) -> dict[str, float]:
+  """RMS per coordinate of the parts of the frame tokens the language model reads (``VideoLM.placed``), over
+  ``frames``: the encoder's tokens, the features that reach the language model (through the projector and its
+  norm, if any), the words added (place, label, entry) and the word embeddings themselves. The words are drowned
+  when the features dwarf them (``experiments/where_routing.py``)."""
+  c = model.config
+  vis = model.encode(frames).astype(jnp.float32)
+
+  def rms(x):
+    return float(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
+
+  out = {"encoder": rms(vis), "word_embeddings": rms(model.lm.embed.embedding[...])}
+  out["features"] = rms(model.frame_features(vis))
+  if c.place_words:
+    out["place_words"] = rms(model.lm.embed(model.quadrant_words()).sum(-2))
+  for name, head in (("label_words", "patch_logits"), ("entry_words", "entry_logits")):
+    ids = getattr(c, name)
+    if ids:
+      probs = jax.nn.softmax(getattr(model, head)(vis).astype(jnp.float32), axis=-1)
+      out[name] = rms(probs @ model.lm.embed(jnp.asarray(ids, jnp.int32)).astype(jnp.float32))
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="probe_video_qa", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True, help="output folder")
@@ -220,11 +243,14 @@ def main(argv=None) -> int:
       heads["activation"] = jnp.where(standing.open, jax.nn.sigmoid(model.activation_logits(vis, standing.vector)), 0)
     return logits, heads
 
+  scales = None
   preds, texts, qtypes, states, truths, entered = [], [], [], [], [], []
   entry_hit, request_hits, activation, entry_rule = [], [], [], []
   for batch in clip_batches(cfg, args.batches):
     text = np.asarray(batch["text"])
     logits, heads = forward(jnp.asarray(batch["frames"]), jnp.asarray(text))
+    if scales is None:
+      scales = frame_token_scales(model, jnp.asarray(batch["frames"]))
     state = heads.get("state")
     if "entry" in heads:  # the entry head at the patches where a digit enters
       entry_hit.append(entry_hits(heads["entry"], batch["objects"], mc, cfg.video.digit_size))
@@ -285,6 +311,7 @@ def main(argv=None) -> int:
         f"  announced label after <speak> at due ticks: accuracy {d['label_accuracy']:.2f}, p(label) "
         f"{d['p_label']:.2f}, another digit named {d['label_other_digit']:.2f}"
       )
+  print("  frame tokens, RMS per coordinate: " + ", ".join(f"{k} {v:.3f}" for k, v in scales.items()))
   frame_heads = {}
   for name, hits in (("entry", entry_hit), ("request", request_hits)):
     if hits:
@@ -309,6 +336,7 @@ def main(argv=None) -> int:
     "speak_decider": "activation" if activation else "language_model",
     "proactive_entry_head": entry_decision,
     "heads": frame_heads,
+    "frame_token_rms": scales,
     "seconds": time.perf_counter() - t0,
   }
   (out / "results.json").write_text(json.dumps(res, indent=2))

@@ -404,3 +404,34 @@ def test_the_probe_reads_each_test_clip_once_in_stream_order():
     want = V.VideoQAStream(config, "test", i).take(cfg.video.clip_frames)
     np.testing.assert_array_equal(np.rint(frames[i] * 255), want.frames)
     np.testing.assert_array_equal(text[i], want.text)
+
+
+def test_the_probes_frame_token_scales_are_the_rms_of_each_part_of_the_placed_tokens():
+  """``experiments.probe_video_qa.frame_token_scales``: the parts of the frame tokens, recomputed in NumPy: the
+  encoder's tokens, the projected and normalised features (``embed_dim ** -0.5`` with ``projector_norm``), the
+  quadrant words and the patch head's soft label words; together they are ``placed``'s tokens."""
+  from experiments.probe_video_qa import frame_token_scales
+
+  model = tiny_video_lm(
+    seed=41, projector=True, projector_norm=True, place_words=V.PLACE_WORDS, label_words=V.LABEL_WORDS
+  )
+  frames = jnp.asarray(np.random.default_rng(42).uniform(size=(2, 3, 16, 16)), jnp.float32)
+  got = frame_token_scales(model, frames)
+  vis = np.asarray(model.encode(frames), np.float64)
+  feats = vis @ np.asarray(model.projector.kernel[...], np.float64)
+  feats /= np.sqrt((feats**2).mean(-1, keepdims=True) * 32)
+  table = np.asarray(model.lm.embed.embedding[...], np.float64)
+  place = table[np.asarray(model.quadrant_words())].sum(-2)  # [4, 32]
+  logits = vis @ np.asarray(model.patch_head.kernel[...], np.float64) + np.asarray(model.patch_head.bias[...])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  label = (probs / probs.sum(-1, keepdims=True)) @ table[list(V.LABEL_WORDS)]
+
+  def rms(x):
+    return np.sqrt(np.mean(np.square(x)))
+
+  want = {"encoder": rms(vis), "word_embeddings": rms(table), "features": rms(feats), "place_words": rms(place)}
+  want["label_words"] = rms(label)
+  assert got.keys() == want.keys()
+  np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-4)
+  assert abs(got["features"] - 32**-0.5) < 1e-4
+  np.testing.assert_allclose(model.placed(model.encode(frames)), feats + place + label, rtol=1e-4, atol=1e-5)

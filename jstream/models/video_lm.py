@@ -534,10 +534,7 @@ class VideoLM(nnx.Module):
     ``projector_norm``, if any) plus the place embedding (``frame_pos``), the word embedding of each token's patch
     label (``label_words``), those of its quadrant (``place_words``) and that of the digit entering there
     (``entry_words``)."""
-    out = self.projector(vis) if self.config.projector else vis
-    if self.config.projector_norm:  # RMS embed_dim ** -0.5 per coordinate: the words' initial scale, held
-      f32 = out.astype(jnp.float32)
-      out = (f32 * jax.lax.rsqrt(jnp.mean(f32 * f32, axis=-1, keepdims=True) * out.shape[-1] + 1e-12)).astype(vis.dtype)
+    out = self.frame_features(vis)
     if self.config.frame_pos:
       out = out + self.frame_pos[...].astype(vis.dtype)
     if self.config.place_words:
@@ -550,6 +547,15 @@ class VideoLM(nnx.Module):
       probs = jax.nn.softmax(self.entry_logits(vis).astype(jnp.float32), axis=-1)
       words = self.lm.embed(jnp.asarray(self.config.entry_words, jnp.int32)).astype(jnp.float32)
       out = out + (probs @ words).astype(vis.dtype)
+    return out
+
+  def frame_features(self, vis: Float[Array, "*b p d"]) -> Float[Array, "*b p d"]:
+    """``encode``'s tokens as they enter the language model, before ``placed`` adds its words: through the
+    ``projector`` and ``projector_norm``, if any."""
+    out = self.projector(vis) if self.config.projector else vis
+    if self.config.projector_norm:  # RMS embed_dim ** -0.5 per coordinate: the words' initial scale, held
+      f32 = out.astype(jnp.float32)
+      out = (f32 * jax.lax.rsqrt(jnp.mean(f32 * f32, axis=-1, keepdims=True) * out.shape[-1] + 1e-12)).astype(vis.dtype)
     return out
 
   def quadrant_words(self) -> Int[Array, "p 2"]:
