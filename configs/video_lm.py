@@ -52,8 +52,8 @@ model scores all ten requests, the entering digit's a positive and the nine othe
 ``VideoTask.activation_match``; workdir suffix ``_match``), ``hide`` (with ``activation``: the language model
 neither reads nor caches a standing request's words; the label it announces comes from the request's prompt at
 ``<speak>``, ``VideoTask.hide_requests``; workdir suffix ``_hide``), ``where3`` (a training curriculum: the
-training clips ask where-questions three times as often, weights ``(6, 1, 1, 1, 1, 1, 3)``; the evaluation streams
-keep the default mix; ``VideoTask.train_question_weights``; workdir suffix ``_where3``). Flags combine
+training clips ask where-questions three times as often, weights ``(6, 1, 1, 1, 1, 1, 3)`` for the default mix;
+the evaluation streams keep theirs; ``VideoTask.train_question_weights``; workdir suffix ``_where3``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -146,7 +146,8 @@ def get_config(*flags: str) -> TrainConfig:
     video = dataclasses.replace(cfg.video, hide_requests=True)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_hide")
   if "where3" in flags:  # where-questions three times as often in the training clips only
-    weights = (6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0)  # presets.VIDEO_TASK's mix with where (first) tripled
+    where, *others = cfg.video.question_weights  # where is QTYPES' first
+    weights = (3.0 * where, *others)
     video = dataclasses.replace(cfg.video, train_question_weights=weights)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_where3")
   if "quick" in flags:

@@ -245,6 +245,12 @@ def test_train_question_weights_change_the_training_clips_mix_and_not_the_evalua
   assert n > 200 and m > 200
   assert trained["where"] > 1.5 * evaluated["where"]  # 0.48 against 0.27 (where is not always askable)
   assert trained["count_now"] < evaluated["count_now"]
+  import pathlib
+
+  from jstream.train import load_config
+
+  flag = load_config(f"{pathlib.Path(__file__).resolve().parents[1]}/configs/video_lm.py:where3").video
+  assert flag.train_question_weights == task.train_question_weights and flag.question_weights == base.question_weights
   with pytest.raises(ValueError, match="train_question_weights must be 7"):
     VideoTask(train_question_weights=(1.0, 2.0))
   with pytest.raises(ValueError, match="train_question_weights must be 7"):

@@ -104,9 +104,9 @@ class VideoLMConfig:
     projector_norm: the projector's outputs are RMS-normalised to the word embeddings' initial scale
       (``embed_dim ** -0.5`` per coordinate, no learned gain), so that training cannot grow the frame tokens back
       over the words added to them: trained freely, the projector's weights (initialised at ``1 / embed_dim``)
-      grow under AdamW within a few hundred joint steps to outputs larger than the encoder's own tokens, drowning
-      the ``place_words`` and ``label_words`` again before the language model has learnt to use them
-      (``experiments/where_routing.py``). Needs ``projector``.
+      grow under AdamW, on synthetic where-questions to outputs five to six times the words' scale within 500
+      steps, drowning the ``place_words`` and ``label_words`` again before the language model has learnt to use
+      them (``experiments/where_routing.py``). Needs ``projector``.
     carrier: VideoScan's carrier token: each frame's patch tokens are followed by one learned token (its own
       stream position, after the frame's) that attends them; the patches go to track ``FRAME``, a ``Window`` of one
       frame, so they are seen by their own tick and leave the cache at the next frame, and only the carrier stays
