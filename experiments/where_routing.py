@@ -41,6 +41,7 @@ from flax import nnx
 from jstream import presets
 from jstream.data import video_qa
 from jstream.models.lm import StreamingTransformer
+from jstream.nn.layers import rms_normalize
 
 ARMS = {  # name: (token scale relative to unit-variance features, state loss, projector)
   "encoder_scale": (1.0, False, None),
@@ -101,15 +102,20 @@ class Router(nnx.Module):
       jnp.int32,
     )  # [4, L]
 
+  def features(self, labels, noise):
+    """The frame tokens' feature part, before the words: through the projector and its norm (as
+    ``VideoLM.frame_features``), if the arm has them."""
+    x = self.scale * (self.prototypes[labels] + noise)
+    if self.projector is not None:
+      x = self.projector(x)
+      if self.norm:
+        x = rms_normalize(x, 1e-12) * x.shape[-1] ** -0.5
+    return x
+
   def __call__(self, labels, q, noise):
     emb = self.lm.embed
     b, n, p = labels.shape
-    frame = self.scale * (self.prototypes[labels] + noise)
-    if self.projector is not None:
-      frame = self.projector(frame)
-      if self.norm:
-        frame = frame * jax.lax.rsqrt(jnp.mean(frame * frame, axis=-1, keepdims=True) * frame.shape[-1])
-    frame = frame + emb(self.place).sum(-2) + emb(self.label_words[labels])
+    frame = self.features(labels, noise) + emb(self.place).sum(-2) + emb(self.label_words[labels])
     text = emb(self.texts[q])  # [b, n, L, d]
     ln = text.shape[2]
     x = jnp.concatenate([frame, text], axis=2).reshape(b, n * (p + ln), -1)
@@ -153,12 +159,7 @@ def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_ev
 
   @nnx.jit
   def rms_frame(model, batch, noise):  # RMS per coordinate of the feature part of the frame tokens (no words)
-    x = model.scale * (model.prototypes[batch["labels"]] + noise)
-    if model.projector is not None:
-      x = model.projector(x)
-      if model.norm:
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) * x.shape[-1])
-    return jnp.sqrt(jnp.mean(x * x))
+    return jnp.sqrt(jnp.mean(jnp.square(model.features(batch["labels"], noise))))
 
   rng = np.random.default_rng([seed, 1])
   d = model.lm.config.embed_dim

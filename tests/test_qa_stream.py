@@ -72,7 +72,7 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
   ``Activation.logits`` of the fed-back slots' standing request) where a request stands by the record's own
   account (asked, not yet answered by speaking), ``CLOSED`` elsewhere (it also reads the frame heads,
   ``activation_heads``, which read the frame difference the runner carries, through a pooled convolutional stem,
-  and its frame tokens pass the ``projector``); its announced labels are those of the offline forward whose
+  and its frame tokens pass the ``projector`` and its norm); its announced labels are those of the offline forward whose
   ``<speak>`` carries the request's prompt; the language model neither reads nor caches the standing requests'
   words (``hide_requests``), in the runner as offline."""
   proactive = case != "asked"
@@ -87,6 +87,7 @@ def test_the_runner_says_what_it_decides_and_caches_exactly_what_it_said(case):
       stem_channels=(3,),
       stem_pool=True,
       projector=True,
+      projector_norm=True,
       hide_requests=True,
     )
   else:

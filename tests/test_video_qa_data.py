@@ -227,10 +227,12 @@ def test_bad_input_is_a_clear_error():
 def test_train_question_weights_change_the_training_clips_mix_and_not_the_evaluation_streams():
   """``VideoTask.train_question_weights``: the training clips' config asks with them, the evaluation streams'
   with ``question_weights``; with where tripled, where-questions make a larger share of the questions the training
-  streams actually ask (counted from the streams' question records) and the other types keep their ratios."""
+  streams actually ask (counted from the streams' question records) and ``count_now`` a smaller one; the
+  ``where3`` flag of ``configs/video_lm.py`` sets these weights; bad weights are a construction-time error."""
   import dataclasses
+  import pathlib
 
-  from jstream.train import VideoTask
+  from jstream.train import VideoTask, load_config
 
   base = VideoTask(question_weights=(2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0))
   task = dataclasses.replace(base, train_question_weights=(6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0))
@@ -245,10 +247,6 @@ def test_train_question_weights_change_the_training_clips_mix_and_not_the_evalua
   assert n > 200 and m > 200
   assert trained["where"] > 1.5 * evaluated["where"]  # 0.48 against 0.27 (where is not always askable)
   assert trained["count_now"] < evaluated["count_now"]
-  import pathlib
-
-  from jstream.train import load_config
-
   flag = load_config(f"{pathlib.Path(__file__).resolve().parents[1]}/configs/video_lm.py:where3").video
   assert flag.train_question_weights == task.train_question_weights and flag.question_weights == base.question_weights
   with pytest.raises(ValueError, match="train_question_weights must be 7"):

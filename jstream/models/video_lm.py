@@ -37,7 +37,7 @@ from jstream import cache as cache_lib
 from jstream.config import TransformerConfig
 from jstream.models.lm import StreamingTransformer
 from jstream.nn import cached_attention
-from jstream.nn.layers import Block, RMSNorm
+from jstream.nn.layers import Block, RMSNorm, rms_normalize
 from jstream.typing import Array, Bool, Float, Int, Logits
 
 TEXT, VISION, FRAME = 0, 1, 2
@@ -554,8 +554,7 @@ class VideoLM(nnx.Module):
     ``projector`` and ``projector_norm``, if any."""
     out = self.projector(vis) if self.config.projector else vis
     if self.config.projector_norm:  # RMS embed_dim ** -0.5 per coordinate: the words' initial scale, held
-      f32 = out.astype(jnp.float32)
-      out = (f32 * jax.lax.rsqrt(jnp.mean(f32 * f32, axis=-1, keepdims=True) * out.shape[-1] + 1e-12)).astype(vis.dtype)
+      out = rms_normalize(out, 1e-12) * jnp.asarray(out.shape[-1] ** -0.5, out.dtype)
     return out
 
   def quadrant_words(self) -> Int[Array, "p 2"]:
@@ -739,7 +738,7 @@ class VideoLM(nnx.Module):
     of each request's words; ``[k, a]`` for the same requests at every frame): ``[*b, k]``, the frame's tokens and
     heads computed once."""
     if not self.config.activation:
-      raise ValueError("activation_logits needs a model built with VideoLMConfig(activation=width)")
+      raise ValueError("activation_(match_)logits need a model built with VideoLMConfig(activation=width)")
     if vectors.ndim not in (2, vis.ndim) or vectors.shape[-1] != self.activation.width:
       raise ValueError(f"vectors must be [..., requests, {self.activation.width}], got {vectors.shape}")
     heads = jax.lax.stop_gradient(self.frame_head_logprobs(vis)) if self.config.activation_heads else None

@@ -69,16 +69,21 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   return jnp.sum(partial, axis=0).astype(out_dtype).reshape(*lhs.shape[:-1], o)
 
 
+def rms_normalize(x: Float[Array, "*lead d"], eps: float = 1e-6) -> Float[Array, "*lead d"]:
+  """``x`` divided by its root mean square over the last axis, computed in float32 (no learned scale)."""
+  xf = x.astype(jnp.float32)
+  return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm computed in float32, with a learned scale (initialised to 1)."""
+  """Root-mean-square norm computed in float32 (``rms_normalize``), with a learned scale (initialised to 1)."""
 
   def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
   def __call__(self, x: Float[Array, "*lead d"]) -> Float[Array, "*lead d"]:
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    y = rms_normalize(x.astype(jnp.float32), self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
