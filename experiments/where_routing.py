@@ -20,9 +20,13 @@ digit after every frame (``VideoTask.state_loss``). This experiment isolates tha
   ticks, the ``where`` diagnostic at 60%), and with ``state`` a linear head on the final features of each frame's
   last token trained on all four quadrants' answers at every tick (the ``where_*`` targets of ``state_loss``).
 
-Arms: ``{encoder,word}_scale[_state]``. Each trains ``--steps`` steps of 16 streams of 8 ticks (AdamW 2e-3,
-warm-up 30 steps, cosine decay) and is scored on 64 held-out streams (every tick's question): accuracy where the
-answer is a digit, where it is ``none``, and overall against the majority share. Writes ``DIR/results.json``.
+Arms: ``{encoder,word}_scale[_state]``, ``projector_state`` (a trained linear projector), ``projector_norm_state``
+(its outputs held at the words' scale, ``VideoLMConfig.projector_norm``) and ``projector_norm_state_noisy`` (the
+same with the label words of an imperfect patch head: each patch's word is another label's with probability 0.2,
+``with_word_labels``; the frame features keep the true label). Each trains ``--steps`` steps of 16 streams of 8
+ticks (AdamW 2e-3, warm-up 30 steps, cosine decay) and is scored on 64 held-out streams (every tick's question):
+accuracy where the answer is a digit, where it is ``none``, and overall against the majority share. Writes
+``DIR/results.json``.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ from jstream.data import video_qa
 from jstream.models.lm import StreamingTransformer
 from jstream.nn.layers import rms_normalize
 
-ARMS = {  # name: (token scale relative to unit-variance features, state loss, projector)
-  "encoder_scale": (1.0, False, None),
-  "encoder_scale_state": (1.0, True, None),
-  "word_scale": (None, False, None),  # None: embed_dim ** -0.5, the word embeddings' initial scale
-  "word_scale_state": (None, True, None),
-  "projector_state": (1.0, True, "free"),  # VideoLMConfig.projector: a trained linear map, init std 1 / embed_dim
-  "projector_norm_state": (1.0, True, "norm"),  # and its outputs held at embed_dim ** -0.5 (projector_norm)
+ARMS = {  # name: (token scale relative to unit-variance features, state loss, projector, label-word noise)
+  "encoder_scale": (1.0, False, None, 0.0),
+  "encoder_scale_state": (1.0, True, None, 0.0),
+  "word_scale": (None, False, None, 0.0),  # None: embed_dim ** -0.5, the word embeddings' initial scale
+  "word_scale_state": (None, True, None, 0.0),
+  "projector_state": (1.0, True, "free", 0.0),  # VideoLMConfig.projector: a trained linear map, init std 1 / embed_dim
+  "projector_norm_state": (1.0, True, "norm", 0.0),  # and its outputs held at embed_dim ** -0.5 (projector_norm)
+  # the same with the label words of an imperfect patch head: each patch's word is a wrong label's with
+  # probability 0.2 (the real patch head names 0.77-0.93 of the digit patches)
+  "projector_norm_state_noisy": (1.0, True, "norm", 0.2),
 }
 GRID = 4  # patch rows and columns
 QUADS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "right"))
@@ -75,6 +82,16 @@ def draw(rng: np.random.Generator, batch: int, ticks: int) -> dict[str, np.ndarr
         labels[i, t, patch] = layout[i, t, qd] = rng.integers(0, 10)
   q = rng.integers(0, 4, (batch, ticks)).astype(np.int32)
   return {"labels": labels, "q": q, "answer": np.take_along_axis(layout, q[..., None], -1)[..., 0], "layout": layout}
+
+
+def with_word_labels(batch: dict, noise: float, rng: np.random.Generator) -> dict:
+  """``batch`` plus ``word_labels``: its patch labels, each replaced with probability ``noise`` by another label
+  drawn uniformly (the words an imperfect patch head would add)."""
+  labels = batch["labels"]
+  if not noise:  # draws nothing: the noiseless arms see the data stream they always did
+    return {**batch, "word_labels": labels}
+  other = (labels + rng.integers(1, NONE + 1, labels.shape)) % (NONE + 1)  # uniform over the 10 other labels
+  return {**batch, "word_labels": np.where(rng.random(labels.shape) < noise, other, labels).astype(np.int32)}
 
 
 class Router(nnx.Module):
@@ -112,10 +129,13 @@ class Router(nnx.Module):
         x = rms_normalize(x, 1e-12) * x.shape[-1] ** -0.5
     return x
 
-  def __call__(self, labels, q, noise):
+  def __call__(self, labels, q, noise, word_labels=None):
+    """Answer logits ``[b, n, v]`` and state logits ``[b, n, 4, 11]``; ``word_labels`` (default ``labels``): the
+    labels whose words the frame tokens carry (a noisy patch head's)."""
     emb = self.lm.embed
     b, n, p = labels.shape
-    frame = self.features(labels, noise) + emb(self.place).sum(-2) + emb(self.label_words[labels])
+    words = self.label_words[labels if word_labels is None else word_labels]
+    frame = self.features(labels, noise) + emb(self.place).sum(-2) + emb(words)
     text = emb(self.texts[q])  # [b, n, L, d]
     ln = text.shape[2]
     x = jnp.concatenate([frame, text], axis=2).reshape(b, n * (p + ln), -1)
@@ -133,7 +153,7 @@ def answer_logits_to_labels(logits):
 
 
 def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_every: int) -> dict:
-  scale, use_state, projector = ARMS[name]
+  scale, use_state, projector, label_noise = ARMS[name]
   model = Router(presets.video_lm().embed_dim ** -0.5 if scale is None else scale, seed, projector)
   sched = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 30, max(steps, 31))
   opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.0), wrt=nnx.Param)
@@ -142,7 +162,7 @@ def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_ev
   @nnx.jit
   def step(model, opt, batch, noise, asked):
     def loss_fn(m):
-      answer, state = m(batch["labels"], batch["q"], noise)
+      answer, state = m(batch["labels"], batch["q"], noise, batch["word_labels"])
       ce = optax.softmax_cross_entropy_with_integer_labels(answer, words[batch["answer"]])
       loss = (ce * asked).sum() / jnp.maximum(asked.sum(), 1.0)
       if use_state:
@@ -155,7 +175,8 @@ def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_ev
 
   @nnx.jit
   def predict(model, batch, noise):
-    return jnp.argmax(answer_logits_to_labels(model(batch["labels"], batch["q"], noise)[0]), axis=-1)
+    logits = model(batch["labels"], batch["q"], noise, batch["word_labels"])[0]
+    return jnp.argmax(answer_logits_to_labels(logits), axis=-1)
 
   @nnx.jit
   def rms_frame(model, batch, noise):  # RMS per coordinate of the feature part of the frame tokens (no words)
@@ -163,11 +184,13 @@ def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_ev
 
   rng = np.random.default_rng([seed, 1])
   d = model.lm.config.embed_dim
-  test = draw(np.random.default_rng([seed, 2]), 64, ticks)
+  test = with_word_labels(
+    draw(np.random.default_rng([seed, 2]), 64, ticks), label_noise, np.random.default_rng([seed, 4])
+  )
   test_noise = 0.5 * np.random.default_rng([seed, 3]).normal(size=(64, ticks, GRID * GRID, d)).astype(np.float32)
   curve, start = [], time.perf_counter()
   for s in range(steps):
-    batch = {k: jnp.asarray(v) for k, v in draw(rng, 16, ticks).items()}
+    batch = {k: jnp.asarray(v) for k, v in with_word_labels(draw(rng, 16, ticks), label_noise, rng).items()}
     noise = jnp.asarray(0.5 * rng.normal(size=(16, ticks, GRID * GRID, d)).astype(np.float32))
     asked = jnp.asarray((rng.random((16, ticks)) < share).astype(np.float32))
     loss = step(model, opt, batch, noise, asked)
@@ -187,6 +210,7 @@ def train_arm(name: str, seed: int, steps: int, share: float, ticks: int, log_ev
     "seed": seed,
     "token_scale": float(model.scale),
     "projector": projector,
+    "label_noise": label_noise,
     "frame_rms_after_training": frame_rms,
     "state_loss": use_state,
     "accuracy": float(right.mean()),

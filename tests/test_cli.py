@@ -567,3 +567,19 @@ def test_where_routing_synthetic_ticks_and_smoke(in_tmp):
   (run,) = json.loads((in_tmp / "wr" / "results.json").read_text())["runs"]
   assert run["arm"] == "word_scale_state" and run["state_loss"] and run["questions"] == 64 * 2
   assert abs(run["token_scale"] - 128**-0.5) < 1e-6 and out["runs"][0]["digit_accuracy"] == run["digit_accuracy"]
+
+
+def test_where_routing_noisy_label_words():
+  """``with_word_labels``: about the asked share of the patches carries another label's word, each replaced label
+  differs from the true one, and the other labels spread over all ten; a noiseless arm's data draws nothing."""
+  from experiments import where_routing as W
+
+  d = W.draw(np.random.default_rng(0), 64, 8)
+  rng = np.random.default_rng(1)
+  noisy = W.with_word_labels(d, 0.2, rng)["word_labels"]
+  changed = noisy != d["labels"]
+  assert abs(changed.mean() - 0.2) < 0.02  # 8,192 patches: a standard deviation of 0.0044
+  assert set(np.unique((noisy[changed] - d["labels"][changed]) % 11)) == set(range(1, 11))  # every other label
+  state = np.random.default_rng(1).bit_generator.state
+  same = W.with_word_labels(d, 0.0, (r := np.random.default_rng(1)))["word_labels"]
+  assert (same == d["labels"]).all() and r.bit_generator.state == state
