@@ -2,9 +2,8 @@
 
   python -m experiments.bench_speculative [--quick] [--out DIR] [--ks 1,2,4,8] [--temperatures 0,1]
       [--batches 1,8] [--tokens 128] [--drafts draft,distilled,staged,heads] [--inner-draft 2]
-      [--layers scan|unrolled] [--weights arguments|constants] [--repeats 3] [--stat median|min]
+      [--layers scan|unrolled] [--repeats 3] [--stat median|min]
   python -m experiments.bench_speculative --layout-costs [--alpha-from RESULTS_JSON] [--calls 64] [--best-of 7]
-      [--weights arguments|constants]
   (also: jstream bench speculative ...)
 
 The models of ``configs/speculative.py`` (byte-level LMs on the local text corpus, and four Medusa heads on the
@@ -28,16 +27,12 @@ target step (each model's plain decode time per token), and the same with the me
 ``v_K = 1``: verification free on an accelerator with idle compute; on a CPU it is not). Prints a table, writes
 ``results.json`` and ``speculative.png``.
 
-``--weights constants`` compiles every model's weights into the programs it times (plain decoding's loop, the
-speculative loop, the cost timings; ``jstream.rollout.WEIGHTS``) instead of passing them as arguments: XLA can then
-prepare the weights for its matrix kernels once, at compile time, which changes what a verification chunk costs on a
-CPU (``benchmarks/RESULTS.md``). ``--layers unrolled`` runs every model with one set of weights per layer
-(``scan_layers=False``) instead of the layer scan its config trains. ``--layout-costs`` trains and generates
-nothing: it times single calls of untrained models of the configs' shapes under both layouts (a target call on 1 and
-on ``K + 1`` tokens, a draft call on 1; the fastest of ``--best-of`` timed scans, since this VM's run-to-run noise
-is larger than the effect) and predicts the speed-up of the cost model with those costs for the acceptance rates of
-an earlier run's draft rows (``--alpha-from``): what the baseline's layer layout does to the speed-up, in minutes.
-Writes ``layout_costs.json``.
+``--layers unrolled`` runs every model with one set of weights per layer (``scan_layers=False``) instead of the
+layer scan its config trains. ``--layout-costs`` trains and generates nothing: it times single calls of untrained
+models of the configs' shapes under both layouts (a target call on 1 and on ``K + 1`` tokens, a draft call on 1;
+the fastest of ``--best-of`` timed scans, since this VM's run-to-run noise is larger than the effect) and
+predicts the speed-up of the cost model with those costs for the acceptance rates of an earlier run's draft rows
+(``--alpha-from``): what the baseline's layer layout does to the speed-up, in minutes. Writes ``layout_costs.json``.
 """
 
 from __future__ import annotations
@@ -80,21 +75,16 @@ def predicted_speedup(a: float, k: int, c: float, verify: float = 1.0) -> float:
   return expected_tokens_per_call(a, k) / (k * c + verify)
 
 
-def verify_costs(
-  model, policy, batch: int, ks: list[int], calls: int = 32, weights: str = "arguments"
-) -> dict[int, float]:
+def verify_costs(model, policy, batch: int, ks: list[int], calls: int = 32) -> dict[int, float]:
   """Seconds of one target call on ``K + 1`` tokens over one call on 1 token, for each ``K``."""
-  sec = call_seconds(model, policy, batch, sorted({1, *(k + 1 for k in ks)}), calls, weights=weights)
+  sec = call_seconds(model, policy, batch, sorted({1, *(k + 1 for k in ks)}), calls)
   return {k: sec[k + 1] / sec[1] for k in ks}
 
 
-def call_seconds(
-  model, policy, batch: int, sizes: list[int], calls: int = 32, best_of: int = 0, weights: str = "arguments"
-) -> dict[int, float]:
+def call_seconds(model, policy, batch: int, sizes: list[int], calls: int = 32, best_of: int = 0) -> dict[int, float]:
   """Seconds of one call of ``model`` on ``t`` tokens per row, for each ``t`` in ``sizes`` (a compiled scan of
   ``calls`` calls after a 64-token context, each rolled back, so that the cache stays where it started): the median
-  of 3 timed scans, or the fastest of ``best_of``. ``weights``: passed to the scan as arguments, or compiled into it
-  as constants (``jstream.rollout.WEIGHTS``)."""
+  of 3 timed scans, or the fastest of ``best_of``."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -116,13 +106,7 @@ def call_seconds(
     return jax.lax.scan(step, kv, jnp.arange(calls))[1]
 
   timing = dict(repeats=best_of, stat=np.min) if best_of else {}
-  if weights == "arguments":
-    return {t: _timed(lambda t=t: run(t, state, kv0), **timing)[1] / calls for t in sizes}
-  out = {}
-  for t in sizes:
-    bound = jax.jit(functools.partial(run.__wrapped__, t, state))  # the weights as constants of the program
-    out[t] = _timed(lambda bound=bound: bound(kv0), **timing)[1] / calls
-  return out
+  return {t: _timed(lambda t=t: run(t, state, kv0), **timing)[1] / calls for t in sizes}
 
 
 def bench_policy(args, positions: str | None = None):
@@ -162,11 +146,10 @@ def layout_costs(args) -> dict:
         )
         for role in ("target", "draft")
       )
-      timing = dict(calls=args.calls, best_of=args.best_of, weights=args.weights)
+      timing = dict(calls=args.calls, best_of=args.best_of)
       sec = call_seconds(target, policy, batch, sorted({1, *(k + 1 for k in ks)}), **timing)
       c = call_seconds(draft, policy, batch, [1], **timing)[1] / sec[1]
-      row = dict(batch=batch, layers=layout, weights=args.weights, target_ms=1e3 * sec[1], draft_ms=1e3 * sec[1] * c)
-      row["cost_ratio"] = c
+      row = dict(batch=batch, layers=layout, target_ms=1e3 * sec[1], draft_ms=1e3 * sec[1] * c, cost_ratio=c)
       row["verify_cost"] = {k: sec[k + 1] / sec[1] for k in ks}
       row["predicted"] = [
         dict(
@@ -230,21 +213,21 @@ def run(args) -> dict:
     proposers["heads"] = models["heads"][0].heads
 
   def plain(model, prompts, temp, key):
-    kw = dict(policy=policy, temperature=temp, rng=key, weights=args.weights)
-    return rollout.generate(model, prompts, max_new_tokens=args.tokens, **kw).tokens
+    return rollout.generate(model, prompts, max_new_tokens=args.tokens, policy=policy, temperature=temp, rng=key).tokens
 
   def spec(proposer, k, prompts, temp, key):
-    kw = dict(policy=policy, temperature=temp, rng=key, weights=args.weights)
-    return speculative.generate(target, proposer, prompts, max_new_tokens=args.tokens, num_draft=k, **kw)
+    return speculative.generate(
+      target, proposer, prompts, max_new_tokens=args.tokens, num_draft=k, policy=policy, temperature=temp, rng=key
+    )
 
   stream, _ = heldout_tokens(models["target"][1], 64 * args.prompt_len + 1)
   timing = dict(repeats=args.repeats, stat=STATS[args.stat])
   rows, verify_by_positions = [], {}
   for batch in [int(b) for b in args.batches.split(",")]:
     prompts = jnp.asarray(stream[: batch * args.prompt_len].reshape(batch, args.prompt_len), jnp.int32)
-    verify = verify_costs(target, policy, batch, ks, weights=args.weights)
+    verify = verify_costs(target, policy, batch, ks)
     other = "absolute" if args.positions == "cache_relative" else "cache_relative"
-    verify_other = verify_costs(target, bench_policy(args, other), batch, ks, weights=args.weights)
+    verify_other = verify_costs(target, bench_policy(args, other), batch, ks)
     verify_by_positions[batch] = {args.positions: verify, other: verify_other}
     for mode, costs in verify_by_positions[batch].items():
       print(f"batch {batch}, {mode} positions: verification cost of K + 1 tokens / 1 token: ", end="")
@@ -309,7 +292,6 @@ def run(args) -> dict:
   return dict(
     models=info,
     policy=str(policy),
-    weights=args.weights,
     prompt_len=args.prompt_len,
     new_tokens=args.tokens,
     timing=dict(repeats=args.repeats, stat=args.stat),
@@ -359,13 +341,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--positions", default="cache_relative", choices=["cache_relative", "absolute"])
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--layers", default="scan", choices=list(LAYOUTS), help="the models' layer layout")
-  parser.add_argument(
-    "--weights",
-    default="arguments",
-    choices=["arguments", "constants"],
-    help="how every compiled loop (plain decoding, speculative decoding, the cost timings) receives the weights: "
-    "as arguments, or compiled into the program as constants (jstream.rollout.WEIGHTS)",
-  )
   parser.add_argument(
     "--layout-costs",
     action="store_true",

@@ -10,7 +10,6 @@ The first token of a stream has no prediction: ``stream_nll`` returns NaN there 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -80,46 +79,6 @@ def sample(logits: Float[Array, "*lead v"], rng: Array, sampling: Sampling = Sam
 
 
 # ----------------------------------------------------------------------------------------------- checks
-
-
-WEIGHTS = ("arguments", "constants")
-"""How a compiled loop receives the model's weights (``weights=`` of ``generate``, ``Decoder`` and
-``jstream.speculative.generate``): ``"arguments"`` (the default) passes them to the program at every call, so one
-program serves any weights of the same shapes; ``"constants"`` compiles them into the program (ahead-of-time
-compilation of a frozen model): the program is built again for other weights or after they change, and XLA may
-lay the weights out for its matrix kernels once, at compile time. On a CPU that makes a projection of a few rows
-(a verification chunk of speculative decoding) cost about what one row costs, where with weights as arguments two
-rows already cost about twice one (``benchmarks/RESULTS.md``, speculative decoding)."""
-
-_CONSTANT_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
-_MAX_CONSTANT_PROGRAMS = 8
-
-
-def check_weights(weights: str) -> str:
-  if weights not in WEIGHTS:
-    raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-  return weights
-
-
-def constant_program(jitted, graphs, states, *, static_argnums: tuple[int, ...], donate_argnums: tuple[int, ...]):
-  """``jitted`` (a ``jax.jit`` function whose first two arguments are the models' graph definitions and states)
-  with ``graphs`` and ``states`` compiled in as constants: a function of the remaining arguments, whose
-  ``static_argnums`` / ``donate_argnums`` count from the first of them. Programs are cached by the states' arrays
-  (the cache holds them, so a key cannot be reused by other arrays), the last ``_MAX_CONSTANT_PROGRAMS`` kept."""
-  leaves = jax.tree_util.tree_leaves(states)
-  key = (jitted, graphs, static_argnums, donate_argnums, tuple(id(x) for x in leaves))
-  hit = _CONSTANT_PROGRAMS.pop(key, None)
-  if hit is None:
-    raw = jitted.__wrapped__
-
-    def bound(*rest):
-      return raw(graphs, states, *rest)
-
-    hit = (jax.jit(bound, static_argnums=static_argnums, donate_argnums=donate_argnums), leaves)
-  _CONSTANT_PROGRAMS[key] = hit
-  while len(_CONSTANT_PROGRAMS) > _MAX_CONSTANT_PROGRAMS:
-    _CONSTANT_PROGRAMS.popitem(last=False)
-  return hit[0]
 
 
 def _check_stream(model, tokens, policy, chunk_size, start_position):
@@ -345,25 +304,19 @@ class Decoder:
     model: a ``StreamingTransformer``.
     steps: tokens sampled per call.
     sampling: how tokens are picked (``Sampling``; default: temperature 1).
-    weights: ``"arguments"`` (default) or ``"constants"``: the weights compiled into the loop (``WEIGHTS``).
   """
 
-  def __init__(self, model, *, steps: int, sampling: Sampling = Sampling(), weights: str = "arguments"):
+  def __init__(self, model, *, steps: int, sampling: Sampling = Sampling()):
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
       raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(sampling, Sampling):
       raise TypeError(f"sampling must be a Sampling, got {sampling!r}")
-    self.steps, self.sampling, self.weights = int(steps), sampling, check_weights(weights)
+    self.steps, self.sampling = int(steps), sampling
     self.graphdef, self.state = nnx.split(model)
-
-  def _program(self):
-    if self.weights == "arguments":
-      return functools.partial(_decode, self.graphdef, self.state)
-    return constant_program(_decode, self.graphdef, self.state, static_argnums=(3, 4), donate_argnums=(0,))
 
   def _args(self, cache, last_logits, rng):
     rng = jax.random.key(0) if rng is None else rng
-    return (cache, jnp.asarray(last_logits, jnp.float32), rng, self.steps, self.sampling)
+    return (self.graphdef, self.state, cache, jnp.asarray(last_logits, jnp.float32), rng, self.steps, self.sampling)
 
   def __call__(self, cache: cache_lib.Cache, last_logits: Float[ArrayLike, "b v"], rng=None) -> GenerateOutput:
     """Samples ``steps`` tokens from the logits after the cache's last token (the cache is donated).
@@ -380,13 +333,11 @@ class Decoder:
       ValueError: when an absolute-position cache would run past ``2**31 - 1``.
     """
     _check_absolute_room(cache, self.steps)
-    return self._program()(*self._args(cache, last_logits, rng))
+    return _decode(*self._args(cache, last_logits, rng))
 
   def lower(self, cache, last_logits, rng=None) -> jax.stages.Lowered:
     """The lowered decode program for these arguments (``.compile().as_text()`` shows the optimized loop)."""
-    if self.weights == "arguments":
-      return _decode.lower(self.graphdef, self.state, *self._args(cache, last_logits, rng))
-    return self._program().lower(*self._args(cache, last_logits, rng))
+    return _decode.lower(*self._args(cache, last_logits, rng))
 
 
 def decode(
@@ -397,14 +348,13 @@ def decode(
   steps: int,
   rng,
   sampling: Sampling = Sampling(),
-  weights: str = "arguments",
 ) -> GenerateOutput:
   """Samples ``steps`` tokens, one per scan step, from the logits after the cache's last token.
 
   The step's RNG is ``fold_in(rng, step)``. The cache is donated. To decode many times with one model, build a
-  ``Decoder`` once. ``weights``: see ``WEIGHTS``.
+  ``Decoder`` once.
   """
-  return Decoder(model, steps=steps, sampling=sampling, weights=weights)(cache, last_logits, rng)
+  return Decoder(model, steps=steps, sampling=sampling)(cache, last_logits, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
@@ -435,7 +385,6 @@ def generate(
   prompt_lengths: Int[ArrayLike, " b"] | None = None,
   prefill_chunk: int | None = None,
   dtype=jnp.float32,
-  weights: str = "arguments",
 ) -> GenerateOutput:
   """Prefill a prompt, then sample ``max_new_tokens`` tokens (greedy with ``temperature=0``).
 
@@ -450,13 +399,10 @@ def generate(
     prompt_lengths: ``[b]`` lengths for ragged prompts (right-padded).
     prefill_chunk: prompt tokens per prefill step.
     dtype: cache dtype for a new cache.
-    weights: how the sampling loop receives the weights (``WEIGHTS``: ``"constants"`` compiles them into it; the
-      prefill always takes them as arguments).
 
   Returns:
     ``GenerateOutput(tokens [b, max_new_tokens], cache, last_logits)``.
   """
-  check_weights(weights)
   prompt = model.check_tokens(prompt, "prompt")
   if (policy is None) == (cache is None):
     raise ValueError("pass exactly one of policy= (for a new cache) or cache=")
@@ -464,7 +410,7 @@ def generate(
     cache = model.init_cache(policy, prompt.shape[0], dtype=dtype)
   sampling = Sampling(temperature, top_k, top_p)
   last, cache = prefill(model, prompt, cache, chunk_size=prefill_chunk, lengths=prompt_lengths)
-  return decode(model, cache, last, steps=max_new_tokens, rng=rng, sampling=sampling, weights=weights)
+  return decode(model, cache, last, steps=max_new_tokens, rng=rng, sampling=sampling)
 
 
 # ----------------------------------------------------------------------------------------------- video

@@ -36,7 +36,7 @@ from flax import nnx
 
 from jstream import cache as cache_lib
 from jstream.checks import check_int
-from jstream.rollout import Sampling, check_weights, constant_program, filter_logits, prefill
+from jstream.rollout import Sampling, filter_logits, prefill
 from jstream.typing import Array, ArrayLike, Float, Int, TokenIds
 
 
@@ -264,7 +264,6 @@ def generate(
   rng=None,
   prompt_lengths: Int[ArrayLike, " b"] | None = None,
   dtype=jnp.float32,
-  weights: str = "arguments",
 ) -> SpeculativeOutput:
   """Samples ``max_new_tokens`` tokens per row from ``target`` with ``draft`` proposing ``num_draft`` at a time.
 
@@ -284,9 +283,6 @@ def generate(
     rng: a PRNG key (default ``jax.random.key(0)``); round ``r`` uses ``fold_in(rng, r)``.
     prompt_lengths: ``[b]`` prompt lengths for ragged prompts.
     dtype: the caches' dtype.
-    weights: how the generation loop receives every model's weights (``rollout.WEIGHTS``): ``"constants"``
-      compiles them into it (once per set of weights; the prompt's prefill takes them as arguments), which on a
-      CPU makes the target's verification of ``K + 1`` tokens cost about what one token costs.
 
   Returns:
     ``SpeculativeOutput`` with the tokens and the acceptance statistics.
@@ -296,7 +292,6 @@ def generate(
       beyond a policy's rollback room or capacity (or the heads' count), a bad prompt.
   """
   draft_policy = policy if draft_policy is None else draft_policy
-  check_weights(weights)
   prompt = target.check_tokens(prompt, "prompt")
   _check(target, draft, max_new_tokens, num_draft, policy, draft_policy)
   sampling = Sampling(temperature, top_k, top_p)
@@ -327,10 +322,7 @@ def generate(
   graphs, states = zip(*(nnx.split(m) for m in models))
   rng = jax.random.key(0) if rng is None else rng
   spec = _Spec(kind, int(max_new_tokens), int(num_draft), int(inner_k), sampling)
-  if weights == "arguments":
-    return _generate(tuple(graphs), tuple(states), tcache, dstate, pending, rng, spec)
-  program = constant_program(_generate, tuple(graphs), tuple(states), static_argnums=(4,), donate_argnums=(0, 1))
-  return program(tcache, dstate, pending, rng, spec)
+  return _generate(tuple(graphs), tuple(states), tcache, dstate, pending, rng, spec)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,7 +150,7 @@ def test_bench_speculative_quick(in_tmp):
   assert staged["draft_calls_per_round"] >= 2  # at least one inner round and the call that caches the last draft
   steps = {m: r["steps"] for m, r in res["models"].items()}
   assert steps == {"target": 10, "draft": 10, "onpolicy": 10, "inner": 10, "heads": 10}
-  assert res["layers"] == "unrolled" and res["weights"] == "arguments"
+  assert res["layers"] == "unrolled"
   assert {m: r["scan_layers"] for m, r in res["models"].items()} == {
     "target": False,
     "draft": False,
@@ -177,9 +177,8 @@ def test_bench_speculative_quick(in_tmp):
 
 
 def test_bench_speculative_layout_costs_quick(in_tmp):
-  """--layout-costs (with the weights compiled in as constants): call costs of both layer layouts, and the cost
-  model's speed-up for an earlier run's draft-model acceptance rates (only rows of the timed batch, draft model, K
-  timed), by the formula written out here."""
+  """--layout-costs: call costs of both layer layouts, and the cost model's speed-up for an earlier run's draft-model
+  acceptance rates (only rows of the timed batch, draft model, K timed), by the formula written out here."""
   rows = [
     dict(draft="draft", batch=2, k=2, temperature=1.0, acceptance=0.6),
     dict(draft="draft", batch=2, k=2, temperature=0.0, acceptance=0.9),
@@ -188,12 +187,9 @@ def test_bench_speculative_layout_costs_quick(in_tmp):
   ]
   (in_tmp / "earlier.json").write_text(json.dumps({"rows": rows}))
   cmd = ["bench", "speculative", "--quick", "--layout-costs", "--alpha-from", "earlier.json", "--out", "lc"]
-  assert cli.main([*cmd, "--weights", "constants"]) == 0  # the weights compiled into the timed scans
+  assert cli.main(cmd) == 0
   res = json.loads((in_tmp / "lc" / "layout_costs.json").read_text())
-  assert [(r["batch"], r["layers"], r["weights"]) for r in res["rows"]] == [
-    (2, "scan", "constants"),
-    (2, "unrolled", "constants"),
-  ]
+  assert [(r["batch"], r["layers"]) for r in res["rows"]] == [(2, "scan"), (2, "unrolled")]
   for r in res["rows"]:
     c, v = r["cost_ratio"], r["verify_cost"]["2"]
     assert r["target_ms"] > 0 and c > 0 and v > 0

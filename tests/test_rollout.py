@@ -55,33 +55,6 @@ def test_decoder_calls_continue_the_stream_like_the_banded_forward():
     rollout.Decoder(model, steps=0)
 
 
-def test_weights_compiled_as_constants_decode_like_the_forward_and_follow_new_weights():
-  """``weights="constants"``: greedy decoding still equals argmax over the offline forward; the decode program holds
-  the weights as constants (the embedding is no parameter of its ``main``, where the default's takes it as one);
-  after the weights change, ``generate`` builds a program of the new weights (its tokens follow the new forward)."""
-  model = tiny_model(seed=48)
-  prompt = random_tokens(2, 6, seed=49)
-  policy = C.SinkWindow(2, 10)
-  greedy = dict(max_new_tokens=14, policy=policy, temperature=0.0, weights="constants")
-  out = rollout.generate(model, prompt, **greedy)
-  logits = model.forward(jnp.concatenate([prompt, out.tokens], axis=1), window=10, num_sinks=2)
-  np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 5:-1], -1))
-  emb = model.embed.embedding
-  shape = "tensor<{}x{}xf32>".format(*emb.shape)
-  _, cache = rollout.prefill(model, prompt, model.init_cache(policy, 2))
-  for weights, in_main in (("constants", False), ("arguments", True)):
-    text = rollout.Decoder(model, steps=2, weights=weights).lower(cache, jnp.zeros((2, emb.shape[0]))).as_text()
-    main = text[text.index("func.func public @main") :].split("\n", 1)[0]
-    assert (shape in main) == in_main, weights
-  emb[...] = 3.0 * jax.random.normal(jax.random.key(50), emb.shape)  # new weights, new greedy tokens
-  again = rollout.generate(model, prompt, **greedy)
-  logits = model.forward(jnp.concatenate([prompt, again.tokens], axis=1), window=10, num_sinks=2)
-  np.testing.assert_array_equal(again.tokens, jnp.argmax(logits[:, 5:-1], -1))
-  assert (np.asarray(again.tokens) != np.asarray(out.tokens)).any()
-  with pytest.raises(ValueError, match="weights must be one of"):
-    rollout.generate(model, prompt, max_new_tokens=2, policy=policy, weights="const")
-
-
 def test_ragged_prompts_equal_each_row_alone():
   model = tiny_model(seed=44)
   prompt = np.asarray(random_tokens(3, 7, seed=45))

@@ -6,7 +6,6 @@ before any compute."""
 
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -74,34 +73,6 @@ def test_greedy_equals_plain_greedy_decoding(pair, kind, policy):
   assert (accepted < proposed).all()  # the draft is another model: some drafts were rejected ...
   if kind != "heads":  # (random heads seldom guess a greedy token)
     assert (np.asarray(out.rounds) < 24).any()  # ... and some accepted: fewer target calls than tokens
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_weights_compiled_as_constants(pair, kind, monkeypatch):
-  """``weights="constants"``: greedy output still equals the target's plain greedy decoding; sampled, the tokens and
-  statistics equal those with the weights as arguments; the program is built once per set of weights (a second
-  call reuses it) and again after the target's weights change, whose output then follows them."""
-  monkeypatch.setattr(rollout, "_CONSTANT_PROGRAMS", collections.OrderedDict())  # this test's programs only
-  target, _ = pair
-  prompt, policy = _prompts(), cache.SinkWindow(2, 8, max_rollback=5)
-  draft = _draft(kind, target)
-  kw = dict(max_new_tokens=20, num_draft=3, policy=policy)
-  greedy = speculative.generate(target, draft, prompt, temperature=0, weights="constants", **kw)
-  ref = rollout.generate(target, prompt, max_new_tokens=20, policy=policy, temperature=0)
-  np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(ref.tokens))
-  sampled = [speculative.generate(target, draft, prompt, rng=jax.random.key(9), weights=w, **kw)
-             for w in ("constants", "arguments", "constants")]  # fmt: skip
-  assert len(rollout._CONSTANT_PROGRAMS) == 1  # one program for these weights, whatever the sampling
-  for out in sampled[1:]:
-    for field in ("tokens", "accepted", "tested", "rounds", "draft_calls"):
-      np.testing.assert_array_equal(np.asarray(getattr(out, field)), np.asarray(getattr(sampled[0], field)))
-  changed = _model(0)  # the target's graph and shapes, other weights: the program must not be the cached one
-  changed.embed.embedding[...] = 3.0 * jax.random.normal(jax.random.key(11), changed.embed.embedding.shape)
-  draft = _draft(kind, changed)
-  new = speculative.generate(changed, draft, prompt, temperature=0, weights="constants", **kw)
-  ref = rollout.generate(changed, prompt, max_new_tokens=20, policy=policy, temperature=0)
-  np.testing.assert_array_equal(np.asarray(new.tokens), np.asarray(ref.tokens))
-  assert (np.asarray(new.tokens) != np.asarray(greedy.tokens)).any() and len(rollout._CONSTANT_PROGRAMS) == 2
 
 
 def test_self_speculation_accepts_every_draft(pair):
@@ -355,5 +326,3 @@ def test_bad_input_is_refused_before_compute(pair):
                          policy=cache.Dense(32))  # fmt: skip
   with pytest.raises(TypeError, match="draft must be"):
     speculative.generate(target, object(), prompt, max_new_tokens=4, num_draft=2, policy=cache.Dense(32))
-  with pytest.raises(ValueError, match="weights must be one of"):
-    speculative.generate(target, draft, prompt, max_new_tokens=4, num_draft=2, policy=cache.Dense(32), weights="x")
