@@ -129,13 +129,12 @@ class Router(nnx.Module):
         x = rms_normalize(x, 1e-12) * x.shape[-1] ** -0.5
     return x
 
-  def __call__(self, labels, q, noise, word_labels=None):
-    """Answer logits ``[b, n, v]`` and state logits ``[b, n, 4, 11]``; ``word_labels`` (default ``labels``): the
-    labels whose words the frame tokens carry (a noisy patch head's)."""
+  def __call__(self, labels, q, noise, word_labels):
+    """Answer logits ``[b, n, v]`` and state logits ``[b, n, 4, 11]``; ``word_labels``: the labels whose words the
+    frame tokens carry (``with_word_labels``: the true ones, or a noisy patch head's)."""
     emb = self.lm.embed
     b, n, p = labels.shape
-    words = self.label_words[labels if word_labels is None else word_labels]
-    frame = self.features(labels, noise) + emb(self.place).sum(-2) + emb(words)
+    frame = self.features(labels, noise) + emb(self.place).sum(-2) + emb(self.label_words[word_labels])
     text = emb(self.texts[q])  # [b, n, L, d]
     ln = text.shape[2]
     x = jnp.concatenate([frame, text], axis=2).reshape(b, n * (p + ln), -1)
