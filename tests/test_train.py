@@ -203,6 +203,12 @@ def test_streaming_aligned_examples():
     TrainConfig(model=model, seq_len=4, overlap=4)
   with pytest.raises(ValueError, match="train_window"):
     TrainConfig(model=model, train_window=2, train_sinks=3)
+  with pytest.raises(ValueError, match="train_positions must be"):
+    TrainConfig(model=model, data="video_qa", train_positions="relative")
+  with pytest.raises(ValueError, match="video_qa switch"):
+    TrainConfig(model=model, train_positions="cache_relative")
+  full = forward_mask(TrainConfig(model=model, data="video_qa", train_positions="cache_relative"))["policy"]
+  assert full.positions == "cache_relative" and all(p.window is None for p in full.tracks())
 
 
 def test_mixed_precision_step_runs(tmp_path, corpus):
@@ -305,11 +311,12 @@ def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkey
   assert step == cfg.steps and type(reloaded).__name__ == "VideoLM"
 
 
-def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, monkeypatch):
-  """``train_window`` / ``train_sinks`` on video QA: the first step's answer loss (initial parameters) equals the
-  tick loss of the same clips streamed tick by tick through the ``sinks+window`` cache policy of the benchmark
-  (text sinks + text window + vision window, both biting within a clip), and differs from the full-attention
-  loss."""
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, monkeypatch, positions):
+  """``train_window`` / ``train_sinks`` / ``train_positions`` on video QA: the first step's answer loss (initial
+  parameters) equals the tick loss of the same clips streamed tick by tick through the ``sinks+window`` cache
+  policy of the benchmark in that position mode (text sinks + text window + vision window, both biting within a
+  clip), and differs from the full-attention loss and from the stream in the other position mode."""
   from flax import nnx
 
   from jstream.models import video_lm
@@ -318,21 +325,25 @@ def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, m
 
   monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
   flags = f"quick,video.encoder_steps=0,steps=1,log_every=1,train_window=12,train_sinks=2,workdir={tmp_path / 'w'}"
-  cfg = load_config(f"{VIDEO_CONFIG}:{flags}")
+  cfg = load_config(f"{VIDEO_CONFIG}:{flags},train_positions={positions}")
   loss = train(cfg, progress=False).metrics[-1]["answer_loss"]
   graphdef, _, state = init_state(cfg)
   model = nnx.merge(graphdef, state.params)
   batch = _device_batch(cfg, next(train_iterator(cfg)))
   frames, text, targets = batch["frames"], batch["text"], batch["targets"]
   p = model.config.tokens_per_frame
-  policy = video_policy(12, 2)
   assert 12 < cfg.video.clip_frames * p and 12 < int((text[0] != video_lm.PAD).sum())  # both windows bite
-  cache, logits = model.init_cache(policy, frames.shape[0]), []
-  for t in range(frames.shape[1]):
-    out, cache = model(frames[:, t : t + 1], text[:, t : t + 1], cache)
-    logits.append(out)
-  streamed, _ = video_lm.tick_loss(jnp.concatenate(logits, 1), text, targets, p, speak_weight=cfg.video.speak_weight)
-  np.testing.assert_allclose(loss, streamed, rtol=1e-4)
+
+  def stream_loss(policy):
+    cache, logits = model.init_cache(policy, frames.shape[0]), []
+    for t in range(frames.shape[1]):
+      out, cache = model(frames[:, t : t + 1], text[:, t : t + 1], cache)
+      logits.append(out)
+    return video_lm.tick_loss(jnp.concatenate(logits, 1), text, targets, p, speak_weight=cfg.video.speak_weight)[0]
+
+  np.testing.assert_allclose(loss, stream_loss(video_policy(12, 2, positions)), rtol=1e-4)
+  other = "absolute" if positions == "cache_relative" else "cache_relative"
+  assert abs(float(stream_loss(video_policy(12, 2, other))) - loss) > 1e-3
   full, _ = video_lm.tick_loss(model.forward(frames, text), text, targets, p, speak_weight=cfg.video.speak_weight)
   assert abs(float(full) - loss) > 1e-3
 

@@ -67,17 +67,20 @@ def test_streamed_ticks_equal_the_offline_forward():
   np.testing.assert_allclose(got[real], want[real], atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
 @pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed):
+def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed, positions):
   """``forward(policy=...)`` / ``training_outputs(policy=...)``: the teacher-forced forward with the mask of a
   bounded ``Segmented`` policy (text sinks + text window + vision window, both windows biting) equals streaming the
-  ticks through that policy's cache; without the mask it does not."""
+  ticks through that policy's cache, in both position modes (``cache_relative``: each track's own contiguous
+  positions, sinks just before the window); without the mask it does not, nor in the other position mode."""
   model = tiny_video_lm(seed=21)
-  policy = C.Segmented((C.SinkWindow(2, 7), C.Window(12)))  # 3 frames of 4 tokens
+  policy = C.Segmented((C.SinkWindow(2, 7), C.Window(12)), positions=positions)  # 3 frames of 4 tokens
   frames, text = ticks(2, 8, seed=22)
   got, _ = stream_ticks(model, frames, text, model.init_cache(policy, 2), [1, 2, 1, 2, 2])
   p = model.config.tokens_per_frame
   real = np.concatenate([np.ones((2, 8, p), bool), np.asarray(text) != V.PAD], axis=2).reshape(2, -1)
+  assert int(real[:, p * 8 :].sum(axis=1).min()) > 9  # the text sinks and window bite too
   if packed:
     budget = int(real.sum(axis=1).min())
     want, _, _ = model.training_outputs(frames, text, packed_len=budget, policy=policy)
@@ -88,6 +91,8 @@ def test_offline_forward_with_a_policy_mask_equals_the_stream_under_it(packed):
   np.testing.assert_allclose(got[run], np.asarray(want)[run], atol=5e-5, rtol=5e-5)
   full = np.asarray(model.forward(frames, text))
   assert not np.allclose(got[real], full[real], atol=1e-3)
+  other = dataclasses.replace(policy, positions="absolute" if positions == "cache_relative" else "cache_relative")
+  assert not np.allclose(got[real], np.asarray(model.forward(frames, text, policy=other))[real], atol=1e-3)
 
 
 def test_carrier_tokens_stream_equals_the_offline_forward_and_only_carriers_stay():
@@ -117,10 +122,9 @@ def test_carrier_tokens_stream_equals_the_offline_forward_and_only_carriers_stay
 
 def test_offline_policy_mask_rejects_what_it_cannot_emulate():
   model = tiny_video_lm(seed=23)
-  frames, text = ticks(1, 2, seed=24)
-  with pytest.raises(ValueError, match="absolute positions only"):
-    model.forward(frames, text, policy=C.Segmented((C.Window(8), C.Window(8)), positions="cache_relative"))
   x = jnp.ones((1, 5, 32))
+  with pytest.raises(TypeError, match="emulates Dense, Window, SinkWindow"):
+    model.lm.forward_embeddings(x, policy=C.H2O(budget=8, recent=4))
   with pytest.raises(ValueError, match="needs segment_ids"):
     model.lm.forward_embeddings(x, policy=C.Segmented((C.Window(8), C.Window(8))))
   with pytest.raises(ValueError, match="either policy or window"):

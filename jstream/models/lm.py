@@ -440,7 +440,9 @@ class StreamingTransformer(nnx.Module):
     ``policy`` (instead of ``window`` / ``num_sinks``): the mask a stream under this policy has, windows counted
     in cached tokens of each track (``segment_ids`` pick a ``Segmented`` policy's track; -1 or position -1 is
     padding): the offline forward of that stream, e.g. to train with the inference attention pattern
-    (StreamingVLM). ``Dense``, ``Window``, ``SinkWindow`` or ``Segmented`` of them, ``absolute`` positions.
+    (StreamingVLM). ``Dense``, ``Window``, ``SinkWindow`` or ``Segmented`` of them, in the policy's position
+    mode: ``cache_relative`` rotates each query and key at its track index as that stream's cache does (training
+    with the positions a ``cache_relative`` stream gives).
 
     ``cond``: ``[b, n, cond_dim]`` per-token conditioning of a conditioned model (see ``extend_embeddings``).
     ``return_features``: return ``(logits, features [b, n, d])``, the features being the unembedding's input.
@@ -479,6 +481,7 @@ class StreamingTransformer(nnx.Module):
             masks,
             rope_base=cfg.rope,
             impl=cfg.attention_impl,
+            relative=policy.positions == "cache_relative",
             sink_part=attn.sink_part(q),
           )
           return o, None

@@ -404,13 +404,12 @@ def offline(
 
 def check_offline_policy(policy: cache_lib.Policy) -> None:
   """Raises unless ``offline_policy`` emulates ``policy``: ``Dense``, ``Window``, ``SinkWindow`` or a
-  ``Segmented`` of them, in ``absolute`` positions (``cache_relative`` gives each query its own key positions)."""
+  ``Segmented`` of them, in either position mode (a ``Segmented`` policy's own ``positions`` count, as in a
+  stream)."""
   parts = policy.segments if isinstance(policy, cache_lib.Segmented) else ()
   for p in (policy, *parts):
     if not isinstance(p, (cache_lib.Dense, cache_lib.Window, cache_lib.SinkWindow, cache_lib.Segmented)):
       raise TypeError(f"an offline forward emulates Dense, Window, SinkWindow and Segmented policies, got {policy}")
-    if p.positions != "absolute":
-      raise ValueError(f"an offline forward emulates absolute positions only, got {p.positions!r} in {policy}")
 
 
 def track_masks(
@@ -447,30 +446,56 @@ def offline_policy(
   *,
   rope_base,
   impl,
+  relative: bool = False,
   sink_part: tuple[Float[Array, "b t n h"], Float[Array, "b t n"]] | None = None,
 ) -> Float[Array, "b t n h"]:
   """Teacher-forced attention of a whole sequence with the mask a stream under a policy has (no cache):
   ``masks = track_masks(policy, positions, segment_ids)`` (computed once for all layers; windows counted in
-  tokens of each track, as the cache keeps them), keys at their stream ``positions`` (``absolute`` positions
-  only: ``check_offline_policy``). The partial attentions of the tracks are merged."""
-  cos, sin = rope_cos_sin(jnp.maximum(positions, 0), q.shape[-1], rope_base)
-  qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
-  kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
-  parts = []
-  for q_pos, k_pos, window, num_sinks in masks:
-    res = attn_ops.attention(
-      qr,
-      kr,
-      v,
-      q_positions=q_pos,
-      k_positions=k_pos,
-      window=window,
-      num_sinks=num_sinks,
-      out_dtype=jnp.float32,
-      return_lse=True,
-      impl=impl,
-    )
-    parts.append((res.out, res.lse))
+  tokens of each track, as the cache keeps them). The partial attentions of the tracks are merged.
+
+  ``relative=False`` (``absolute`` positions): queries and keys are rotated at their stream ``positions``.
+  ``relative=True`` (the policy's ``cache_relative`` positions, StreamingVLM's contiguous positions per track):
+  for each track, a query is rotated at its ``q_pos`` in that track and a key at its group's last track index
+  (which is ``q_pos`` at the key), the window keys in one partial attention and the track's sinks in another
+  whose queries sit at most at ``num_sinks + window - 1`` (sinks just before a full window), as ``build`` reads
+  a cache; the distances a query sees are then those of the stream, which is what a model trained this way
+  meets under a ``cache_relative`` cache."""
+  if not relative:
+    cos, sin = rope_cos_sin(jnp.maximum(positions, 0), q.shape[-1], rope_base)
+    qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
+    kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
+    parts = [
+      _offline_part(qr, kr, v, q_pos, k_pos, window, num_sinks, impl) for q_pos, k_pos, window, num_sinks in masks
+    ]
+  else:
+    parts = []
+    for q_pos, k_pos, window, num_sinks in masks:
+      cos, sin = rope_cos_sin(jnp.maximum(q_pos, 0), q.shape[-1], rope_base)
+      kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
+      ring = jnp.where(k_pos >= num_sinks, k_pos, -1)
+      parts.append(_offline_part(apply_rope(q, cos[:, :, None], sin[:, :, None]), kr, v, q_pos, ring, window, 0, impl))
+      if num_sinks:  # only SinkWindow tracks have sinks, and they have a window
+        top = num_sinks + window - 1
+        cos, sin = rope_cos_sin(jnp.clip(q_pos, 0, top), q.shape[-1], rope_base, top)
+        sinks = jnp.where(k_pos < num_sinks, k_pos, -1)
+        parts.append(_offline_part(apply_rope(q, cos[:, :, None], sin[:, :, None]), kr, v, q_pos, sinks, None, 0, impl))
   if sink_part is not None:
     parts.append(sink_part)
   return attn_ops.merge(parts)[0].astype(q.dtype)
+
+
+def _offline_part(qr, kr, v, q_pos, k_pos, window, num_sinks, impl) -> tuple[Array, Array]:
+  """One partial attention of ``offline_policy``: ``(out, lse)`` in float32."""
+  res = attn_ops.attention(
+    qr,
+    kr,
+    v,
+    q_positions=q_pos,
+    k_positions=k_pos,
+    window=window,
+    num_sinks=num_sinks,
+    out_dtype=jnp.float32,
+    return_lse=True,
+    impl=impl,
+  )
+  return res.out, res.lse

@@ -40,18 +40,26 @@ def make_example(cfg: TrainConfig, tokens: Array) -> tuple[Array, Array, Array]:
 def forward_mask(cfg: TrainConfig) -> dict:
   """Keyword arguments of ``model.forward`` (text) or ``VideoLM.training_outputs`` (video QA) for the training
   mask."""
+  if cfg.data == "video_qa" and cfg.train_window is not None:
+    return {"policy": video_policy(cfg.train_window, cfg.train_sinks, cfg.train_positions)}
+  if cfg.data == "video_qa" and cfg.train_positions != "absolute":  # full attention at the tracks' own positions
+    from jstream import cache as C
+
+    return {"policy": C.Segmented((C.Dense(_UNBOUNDED), C.Dense(_UNBOUNDED)), positions=cfg.train_positions)}
   if cfg.train_window is None:
     return {}
-  if cfg.data == "video_qa":
-    return {"policy": video_policy(cfg.train_window, cfg.train_sinks)}
   sinks = cfg.train_sinks + (1 if cfg.sink_token else 0)
   return dict(window=cfg.train_window, num_sinks=sinks)
 
 
-def video_policy(window: int, sinks: int = 0):
+_UNBOUNDED = 2**30  # a Dense track's capacity in an offline mask (which allocates nothing)
+
+
+def video_policy(window: int, sinks: int = 0, positions: str = "absolute"):
   """The bounded video-QA cache policy with ``window`` tokens per track and ``sinks`` text sinks (inside the text
-  window): ``Segmented((SinkWindow(sinks, window - sinks), Window(window)))``, or ``Window`` text without sinks."""
+  window): ``Segmented((SinkWindow(sinks, window - sinks), Window(window)), positions=positions)``, or ``Window``
+  text without sinks."""
   from jstream import cache as C
 
   text = C.SinkWindow(sinks, window - sinks) if sinks else C.Window(window)
-  return C.Segmented((text, C.Window(window)))
+  return C.Segmented((text, C.Window(window)), positions=positions)

@@ -540,6 +540,10 @@ class TrainConfig:
       train_window - train_sinks), Window(train_window)))`` (``Window(train_window)`` for the text without sinks),
       windows counted in tokens of each track: ``jstream bench video-qa``'s ``sinks+window`` / ``window``
       policies with ``--window train_window --sinks train_sinks`` (StreamingVLM's inference pattern in training).
+    train_positions: ``video_qa`` only: the RoPE positions of training. ``"absolute"`` (stream positions, what the
+      ``absolute`` policies give) or ``"cache_relative"`` (each track's contiguous positions, sinks just before the
+      window: what ``bench video-qa``'s ``cache_relative`` policy gives, StreamingVLM's positions), under the
+      ``train_window`` mask or, without one, full attention.
     overlap: overlapped-chunk training (StreamingVLM): each sample continues the previous one's last ``overlap``
       tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
@@ -574,6 +578,7 @@ class TrainConfig:
   sink_token: bool = False
   train_window: int | None = None
   train_sinks: int = 0
+  train_positions: str = "absolute"
   overlap: int = 0
   needles: float = 0.0
   needle_pairs: int = 1
@@ -629,6 +634,15 @@ class TrainConfig:
         raise ValueError("sink_token, overlap, needles, copies and train_window do not apply to video_gen")
     elif self.generation is not None:
       raise ValueError(f"TrainConfig.generation is for data='video_gen', not {self.data!r}")
+    if self.train_positions not in ("absolute", "cache_relative"):
+      raise ValueError(
+        f"TrainConfig.train_positions must be 'absolute' or 'cache_relative', got {self.train_positions!r}"
+      )
+    if self.train_positions != "absolute" and self.data != "video_qa":
+      raise ValueError(
+        f"train_positions={self.train_positions!r} is a video_qa switch (per-track positions); a text stream under "
+        "cache_relative keeps its in-window distances, so text trains with absolute positions"
+      )
     if self.data == "video_qa":
       if self.video is None:
         object.__setattr__(self, "video", VideoTask())
