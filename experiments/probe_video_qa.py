@@ -4,8 +4,8 @@
 
 ``jstream bench video-qa`` scores what the model says; where a type sits exactly at chance it cannot tell a model
 that learnt nothing from one that learnt something but not enough to beat the type's most common answer (``none``
-for ``where``). This probe reads the model's distribution over the answer word instead, teacher-forced on clips of
-the test split (unseen handwriting) of the run's own data: per type, accuracy, the majority answer's share (chance),
+for ``where``). This probe reads the model's distribution over the answer word instead, teacher-forced (with the
+run's training mask and positions: ``train_window``, ``train_positions``) on clips of the test split (unseen handwriting) of the run's own data: per type, accuracy, the majority answer's share (chance),
 the mean probability of the right answer, and on the questions whose answer is *not* the majority one, how often
 the right answer is the model's first choice once the majority answer is set aside (``minority_top``), with the
 mean probability the model still gives the majority answer there. For a model with a scene-state head (``flags
@@ -33,6 +33,7 @@ import numpy as np
 from experiments.bench_video_qa import add_model_arguments, run_config, trained_model
 from jstream.data import video_qa
 from jstream.models import video_lm
+from jstream.train import aligned
 
 
 def answer_stats(pred: np.ndarray, text: np.ndarray, qtype: np.ndarray) -> dict[str, dict]:
@@ -224,11 +225,12 @@ def main(argv=None) -> int:
   p = model.config.frame_len
   mc = model.config
   has_state = mc.state_head
+  mask = aligned.forward_mask(cfg)  # the training's mask and positions (train_window, train_positions)
 
   @jax.jit
   def forward(frames, text):
     vis = model.encode(frames)
-    logits, feats, _, _ = model.training_outputs(frames, text, return_features=True, vis=vis)
+    logits, feats, _, _ = model.training_outputs(frames, text, return_features=True, vis=vis, **mask)
     heads = {}
     if has_state:
       heads["state"] = jnp.argmax(model.state_logits(feats, text.shape[1]), axis=-1)
