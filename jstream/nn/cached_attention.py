@@ -385,21 +385,10 @@ def offline(
   cos, sin = rope_cos_sin(jnp.maximum(positions, 0), q.shape[-1], rope_base)
   qr = apply_rope(q, cos[:, :, None], sin[:, :, None])
   kr = apply_rope(k, cos[:, :, None], sin[:, :, None])
-  res = attn_ops.attention(
-    qr,
-    kr,
-    v,
-    q_positions=positions,
-    k_positions=positions,
-    window=window,
-    num_sinks=num_sinks,
-    out_dtype=jnp.float32,
-    return_lse=True,
-    impl=impl,
-  )
+  out, lse = _offline_part(qr, kr, v, positions, positions, window, num_sinks, impl)
   if sink_part is None:
-    return res.out.astype(q.dtype)
-  return attn_ops.merge([(res.out, res.lse), sink_part])[0].astype(q.dtype)
+    return out.astype(q.dtype)
+  return attn_ops.merge([(out, lse), sink_part])[0].astype(q.dtype)
 
 
 def check_offline_policy(policy: cache_lib.Policy) -> None:
