@@ -56,7 +56,9 @@ training clips ask where-questions three times as often, weights ``(6, 1, 1, 1, 
 the evaluation streams keep theirs; ``VideoTask.train_question_weights``; workdir suffix ``_where3``), ``contiguous``
 (StreamingVLM's contiguous positions in training: each track's tokens at their own indices, a query at the index
 of each track's latest token, as ``bench video-qa``'s ``sinks+window, cache_relative`` policy gives them;
-``TrainConfig.train_positions``; with ``aligned``, under its window too; workdir suffix ``_contig``). Flags combine
+``TrainConfig.train_positions``; with ``aligned``, under its window too; workdir suffix ``_contig``), ``mixedpos``
+(half of each batch's rows at stream positions, half at the contiguous ones, one model for both kinds of policy;
+``train_positions="mixed"``; workdir suffix ``_mixedpos``). Flags combine
 (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``, ``video.<field>=...``). The
 model and run are shared through ``jstream.presets``.
 """
@@ -70,7 +72,7 @@ from jstream.train import TrainConfig, VideoTask
 def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
-  known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide", "where3", "contiguous"}
+  known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide", "where3", "contiguous", "mixedpos"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -81,6 +83,8 @@ def get_config(*flags: str) -> TrainConfig:
     cfg = dataclasses.replace(cfg, train_window=128, train_sinks=4, workdir=cfg.workdir + "_aligned")
   if "contiguous" in flags:  # StreamingVLM's positions in training: each track's own, as the cache_relative policy
     cfg = dataclasses.replace(cfg, train_positions="cache_relative", workdir=cfg.workdir + "_contig")
+  if "mixedpos" in flags:  # half of each batch at stream positions, half at each track's own: one model for both
+    cfg = dataclasses.replace(cfg, train_positions="mixed", workdir=cfg.workdir + "_mixedpos")
   if "overlapped" in flags:  # StreamingVLM's overlapped chunks: 4 clips per stream sharing 8 ticks
     video = dataclasses.replace(cfg.video, clips_per_stream=4, clip_overlap=8)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_overlapped")

@@ -5,9 +5,10 @@
 ``jstream bench video-qa`` scores what the model says; where a type sits exactly at chance it cannot tell a model
 that learnt nothing from one that learnt something but not enough to beat the type's most common answer (``none``
 for ``where``). This probe reads the model's distribution over the answer word instead, teacher-forced (with the
-run's training mask and positions: ``train_window``, ``train_positions``) on clips of the test split (unseen handwriting) of the run's own data: per type, accuracy, the majority answer's share (chance),
-the mean probability of the right answer, and on the questions whose answer is *not* the majority one, how often
-the right answer is the model's first choice once the majority answer is set aside (``minority_top``), with the
+run's training mask and positions, ``train_window`` and ``train_positions``; absolute for a ``mixed`` run) on
+clips of the test split (unseen handwriting) of the run's own data: per type, accuracy, the majority answer's share
+(chance), the mean probability of the right answer, and on the questions whose answer is *not* the majority one, how
+often the right answer is the model's first choice once the majority answer is set aside (``minority_top``), with the
 mean probability the model still gives the majority answer there. For a model with a scene-state head (``flags
 state``) it also scores the head on the same clips, per group of ``video_lm.STATE_NAMES``: accuracy, the group's
 majority share and the accuracy on the targets that are not the majority class (what the state holds beyond the
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
   p = model.config.frame_len
   mc = model.config
   has_state = mc.state_head
-  mask = aligned.forward_mask(cfg)  # the training's mask and positions (train_window, train_positions)
+  mask = aligned.forward_masks(cfg)[0]  # the training's mask and positions (a mixed run's absolute half)
 
   @jax.jit
   def forward(frames, text):

@@ -21,6 +21,7 @@ from jstream.train import (
   VideoTask,
   apply_overrides,
   forward_mask,
+  forward_masks,
   load_config,
   load_model,
   make_example,
@@ -205,6 +206,10 @@ def test_streaming_aligned_examples():
     TrainConfig(model=model, train_window=2, train_sinks=3)
   with pytest.raises(ValueError, match="train_positions must be"):
     TrainConfig(model=model, data="video_qa", train_positions="relative")
+  with pytest.raises(ValueError, match="even batch_size"):
+    TrainConfig(model=model, data="video_qa", train_positions="mixed", batch_size=3)
+  halves = forward_masks(TrainConfig(model=model, data="video_qa", train_positions="mixed", batch_size=4))
+  assert halves[0] == {} and halves[1]["policy"].positions == "cache_relative"  # full attention, both halves
   with pytest.raises(ValueError, match="video_qa switch"):
     TrainConfig(model=model, train_positions="cache_relative")
   full = forward_mask(TrainConfig(model=model, data="video_qa", train_positions="cache_relative"))["policy"]
@@ -311,12 +316,13 @@ def test_video_qa_training_from_the_config_file_resumes_exactly(tmp_path, monkey
   assert step == cfg.steps and type(reloaded).__name__ == "VideoLM"
 
 
-@pytest.mark.parametrize("positions", ["absolute", "cache_relative"])
+@pytest.mark.parametrize("positions", ["absolute", "cache_relative", "mixed"])
 def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, monkeypatch, positions):
   """``train_window`` / ``train_sinks`` / ``train_positions`` on video QA: the first step's answer loss (initial
   parameters) equals the tick loss of the same clips streamed tick by tick through the ``sinks+window`` cache
-  policy of the benchmark in that position mode (text sinks + text window + vision window, both biting within a
-  clip), and differs from the full-attention loss and from the stream in the other position mode."""
+  policy of the benchmark in that position mode (``mixed``: the first half of the rows in absolute positions, the
+  second in cache-relative ones; text sinks + text window + vision window, both biting within a clip), and
+  differs from the full-attention loss and from the stream in any other position mode."""
   from flax import nnx
 
   from jstream.models import video_lm
@@ -331,19 +337,25 @@ def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, m
   model = nnx.merge(graphdef, state.params)
   batch = _device_batch(cfg, next(train_iterator(cfg)))
   frames, text, targets = batch["frames"], batch["text"], batch["targets"]
-  p = model.config.tokens_per_frame
+  p, half = model.config.tokens_per_frame, frames.shape[0] // 2
   assert 12 < cfg.video.clip_frames * p and 12 < int((text[0] != video_lm.PAD).sum())  # both windows bite
 
-  def stream_loss(policy):
-    cache, logits = model.init_cache(policy, frames.shape[0]), []
+  def stream_logits(mode, rows):
+    cache, logits = model.init_cache(video_policy(12, 2, mode), len(range(*rows.indices(frames.shape[0])))), []
     for t in range(frames.shape[1]):
-      out, cache = model(frames[:, t : t + 1], text[:, t : t + 1], cache)
+      out, cache = model(frames[rows, t : t + 1], text[rows, t : t + 1], cache)
       logits.append(out)
-    return video_lm.tick_loss(jnp.concatenate(logits, 1), text, targets, p, speak_weight=cfg.video.speak_weight)[0]
+    return jnp.concatenate(logits, 1)
 
-  np.testing.assert_allclose(loss, stream_loss(video_policy(12, 2, positions)), rtol=1e-4)
-  other = "absolute" if positions == "cache_relative" else "cache_relative"
-  assert abs(float(stream_loss(video_policy(12, 2, other))) - loss) > 1e-3
+  def stream_loss(first, second):
+    logits = jnp.concatenate([stream_logits(first, slice(0, half)), stream_logits(second, slice(half, None))])
+    return float(video_lm.tick_loss(logits, text, targets, p, speak_weight=cfg.video.speak_weight)[0])
+
+  modes = {"absolute": ("absolute",) * 2, "cache_relative": ("cache_relative",) * 2}
+  modes["mixed"] = ("absolute", "cache_relative")
+  np.testing.assert_allclose(loss, stream_loss(*modes.pop(positions)), rtol=1e-4)
+  for other in modes.values():
+    assert abs(stream_loss(*other) - loss) > 1e-3
   full, _ = video_lm.tick_loss(model.forward(frames, text), text, targets, p, speak_weight=cfg.video.speak_weight)
   assert abs(float(full) - loss) > 1e-3
 

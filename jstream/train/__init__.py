@@ -1,6 +1,6 @@
 """Training: configs, optimizer, losses, streaming-aligned examples, checkpoints, the loop."""
 
-from jstream.train.aligned import forward_mask, make_example
+from jstream.train.aligned import forward_mask, forward_masks, make_example
 from jstream.train.checkpoint import Checkpointer, CheckpointError, ConfigMismatchError
 from jstream.train.config import (
   DistillTask,
@@ -35,6 +35,7 @@ __all__ = [
   "VideoTask",
   "apply_overrides",
   "forward_mask",
+  "forward_masks",
   "heldout_tokens",
   "load_config",
   "load_model",

@@ -15,6 +15,8 @@ tokens):
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from jstream.train.config import TrainConfig
@@ -39,7 +41,9 @@ def make_example(cfg: TrainConfig, tokens: Array) -> tuple[Array, Array, Array]:
 
 def forward_mask(cfg: TrainConfig) -> dict:
   """Keyword arguments of ``model.forward`` (text) or ``VideoLM.training_outputs`` (video QA) for the training
-  mask."""
+  mask (one mask for the whole batch: see ``forward_masks`` for ``train_positions="mixed"``)."""
+  if cfg.train_positions == "mixed":
+    raise ValueError("a train_positions='mixed' run has one mask per half batch: use forward_masks")
   if cfg.data == "video_qa" and cfg.train_window is not None:
     return {"policy": video_policy(cfg.train_window, cfg.train_sinks, cfg.train_positions)}
   if cfg.data == "video_qa" and cfg.train_positions != "absolute":  # full attention at the tracks' own positions
@@ -50,6 +54,14 @@ def forward_mask(cfg: TrainConfig) -> dict:
     return {}
   sinks = cfg.train_sinks + (1 if cfg.sink_token else 0)
   return dict(window=cfg.train_window, num_sinks=sinks)
+
+
+def forward_masks(cfg: TrainConfig) -> tuple[dict, ...]:
+  """``forward_mask`` per group of a batch's rows, in order: one group, or for ``train_positions="mixed"`` the
+  first half of the rows at ``absolute`` positions and the second at ``cache_relative`` ones."""
+  if cfg.train_positions == "mixed":
+    return tuple(forward_mask(dataclasses.replace(cfg, train_positions=p)) for p in ("absolute", "cache_relative"))
+  return (forward_mask(cfg),)
 
 
 _UNBOUNDED = 2**30  # a Dense track's capacity in an offline mask (which allocates nothing)

@@ -542,8 +542,9 @@ class TrainConfig:
       policies with ``--window train_window --sinks train_sinks`` (StreamingVLM's inference pattern in training).
     train_positions: ``video_qa`` only: the RoPE positions of training. ``"absolute"`` (stream positions, what the
       ``absolute`` policies give) or ``"cache_relative"`` (each track's contiguous positions, sinks just before the
-      window: what ``bench video-qa``'s ``cache_relative`` policy gives, StreamingVLM's positions), under the
-      ``train_window`` mask or, without one, full attention.
+      window: what ``bench video-qa``'s ``cache_relative`` policy gives, StreamingVLM's positions) or ``"mixed"``
+      (the first half of each batch's rows at absolute positions, the second at cache-relative ones: one model
+      for both kinds of policy), under the ``train_window`` mask or, without one, full attention.
     overlap: overlapped-chunk training (StreamingVLM): each sample continues the previous one's last ``overlap``
       tokens with full attention, and the loss covers only the new ``seq_len - overlap`` tokens.
     needles: the probability that a text sample carries a planted ``name = "value"`` line and, later, its recall
@@ -634,9 +635,13 @@ class TrainConfig:
         raise ValueError("sink_token, overlap, needles, copies and train_window do not apply to video_gen")
     elif self.generation is not None:
       raise ValueError(f"TrainConfig.generation is for data='video_gen', not {self.data!r}")
-    if self.train_positions not in ("absolute", "cache_relative"):
+    if self.train_positions not in ("absolute", "cache_relative", "mixed"):
       raise ValueError(
-        f"TrainConfig.train_positions must be 'absolute' or 'cache_relative', got {self.train_positions!r}"
+        f"TrainConfig.train_positions must be 'absolute', 'cache_relative' or 'mixed', got {self.train_positions!r}"
+      )
+    if self.train_positions == "mixed" and self.batch_size % 2:
+      raise ValueError(
+        f"train_positions='mixed' splits each batch in halves: an even batch_size, not {self.batch_size}"
       )
     if self.train_positions != "absolute" and self.data != "video_qa":
       raise ValueError(

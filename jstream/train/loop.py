@@ -68,7 +68,7 @@ def make_train_step(
   the frame encoder alone; the language model is not run, and the optimizer (``make_optimizer``) leaves its
   parameters and its AdamW state as they are.
   """
-  mask_kw = aligned.forward_mask(cfg)
+  row_masks = aligned.forward_masks(cfg)  # one per group of rows (two halves for train_positions="mixed")
   lr, lm_lr = schedule(cfg), lm_schedule(cfg)
   if (cfg.distill is None) != (teacher is None):
     raise ValueError("make_train_step: a distill run needs its teacher, and only a distill run takes one")
@@ -160,9 +160,19 @@ def make_train_step(
       if not video.streaming_objective:
         text, targets = video_lm.answers_only(text, targets)
       state, request = video.state_loss > 0, video.request_loss > 0
-      outputs = model.training_outputs(
-        batch["frames"], text, packed_len=packed, return_features=state or request, vis=vis, **mask_kw
-      )
+      frames, rows = batch["frames"], batch["frames"].shape[0] // len(row_masks)
+      outputs = [
+        model.training_outputs(
+          frames[i * rows : (i + 1) * rows],
+          text[i * rows : (i + 1) * rows],
+          packed_len=packed,
+          return_features=state or request,
+          vis=vis[i * rows : (i + 1) * rows],
+          **kw,
+        )
+        for i, kw in enumerate(row_masks)
+      ]
+      outputs = outputs[0] if len(outputs) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
       logits, kept = outputs[0], outputs[-1]
       loss, m = video_lm.tick_loss(logits, text, targets & kept, p, speak_weight=video.speak_weight)
       dropped = 1.0 - (targets & kept).sum() / jnp.maximum(targets.sum(), 1)
@@ -192,7 +202,7 @@ def make_train_step(
       loss, m = model.heads.loss(model.target, batch, decay=cfg.draft_heads.decay)
       return loss, {"tokens": jnp.asarray(batch[:, 2:].size, jnp.float32), **m}
     inputs, targets, mask = aligned.make_example(cfg, batch)
-    logits = model.forward(inputs, **mask_kw)
+    logits = model.forward(inputs, **row_masks[0])
     loss, count = next_token_loss(logits, targets, mask)
     if cfg.distill is not None:  # DistillSpec: the teacher's distributions are the targets
       task = cfg.distill
