@@ -64,8 +64,10 @@ def frames(model, b, n, seed):
   ],
   ids=["chunk2-classes", "token-actions"],
 )
-@pytest.mark.parametrize("window_frames", [None, 4], ids=["dense", "window4"])
-def test_cached_chunks_equal_the_offline_block_causal_forward(kw, window_frames):
+@pytest.mark.parametrize(
+  "window_frames, sink_frames", [(None, 0), (4, 0), (4, 2)], ids=["dense", "window4", "sinks2-window4"]
+)
+def test_cached_chunks_equal_the_offline_block_causal_forward(kw, window_frames, sink_frames):
   model = make(**kw)
   cfg = model.config
   k, b, n = cfg.frames_per_chunk, 2, 8
@@ -73,7 +75,7 @@ def test_cached_chunks_equal_the_offline_block_causal_forward(kw, window_frames)
   t = jnp.asarray(np.random.default_rng(3).uniform(0.05, 1, (b, n)), jnp.float32)
   labels = jnp.array([0, 2]) if cfg.num_classes else None
   actions = jnp.asarray(np.random.default_rng(4).integers(0, 4, (b, n)), jnp.int32) if cfg.num_actions else None
-  policy = vd.rolling_policy(cfg, window_frames, sink_frames=n if window_frames is None else 0)
+  policy = vd.rolling_policy(cfg, window_frames, sink_frames=n if window_frames is None else sink_frames)
   # Offline references, one forward: sequence c is [clean chunks before c at t = 0, noisy chunk c, the clean rest]
   # (block-causal: what follows chunk c cannot change it), all stacked along the batch.
   m = n // k
@@ -255,8 +257,8 @@ def test_bad_input_is_a_clear_error():
     model.velocity(jnp.zeros((1, 4, 8, 8, 1)), 0.5, cache, actions=jnp.zeros((1, 4), jnp.int32))
   with pytest.raises(ValueError, match="not a whole number of chunks"):
     model.forward(jnp.zeros((1, 3, 8, 8, 1)), jnp.zeros((1, 3)), actions=jnp.zeros((1, 3), jnp.int32))
-  with pytest.raises(ValueError, match="offline forward emulates"):
-    model.forward(good, jnp.zeros((1, 2)), actions=jnp.zeros((1, 2), jnp.int32), policy=vd.rolling_policy(cfg, 2, 2))
+  with pytest.raises(ValueError, match="needs positions='cache_relative'"):
+    model.forward(good, jnp.zeros((1, 2)), actions=jnp.zeros((1, 2), jnp.int32), policy=cache_lib.Window(16))
   with pytest.raises(ValueError, match="num_frames"):
     rollout.generate_video(model, num_frames=3, cache=cache, actions=jnp.zeros((1, 3), jnp.int32))
   with pytest.raises(ValueError, match="cond"):  # the engine: a conditioned transformer needs its conditioning

@@ -375,8 +375,8 @@ class VideoDiT(nnx.Module):
     ``guidance != 1``: the classifier-free guided velocity, both branches in one call of ``2 b`` rows (the guided
     teacher of ``jstream.models.self_forcing``; the no-cache baseline of ``jstream bench video-gen``).
 
-    Raises:
-      ValueError: a ``SinkWindow`` policy (cache-relative sinks sit next to the window: no offline mask has that).
+    ``policy`` (``rolling_policy``; ``cache_relative``, as every video diffusion cache): its frame sinks sit next to
+    the window, as in the stream (``StreamingTransformer.forward_embeddings`` emulates the cache's positions).
     """
     check_guidance(self.config, guidance)
     if guidance != 1.0:
@@ -389,9 +389,7 @@ class VideoDiT(nnx.Module):
     mask = None
     if policy is not None:
       check_policy(self.config, policy)
-      if isinstance(policy, cache_lib.SinkWindow):
-        raise ValueError(f"the offline forward emulates Dense and Window caches, not {policy}")
-      mask = dataclasses.replace(policy, positions="absolute")  # without sinks, only distances matter
+      mask = policy
     out = self.dit.forward_embeddings(h, positions=positions, policy=mask, cond=cond)
     return self.unpatchify(out.reshape(b, n, self.config.tokens_per_frame, -1))
 
