@@ -341,7 +341,7 @@ def test_video_qa_training_mask_is_the_stream_under_the_bench_policy(tmp_path, m
   assert 12 < cfg.video.clip_frames * p and 12 < int((text[0] != video_lm.PAD).sum())  # both windows bite
 
   def stream_logits(mode, rows):
-    cache, logits = model.init_cache(video_policy(12, 2, mode), len(range(*rows.indices(frames.shape[0])))), []
+    cache, logits = model.init_cache(video_policy(12, 2, mode), frames[rows].shape[0]), []
     for t in range(frames.shape[1]):
       out, cache = model(frames[rows, t : t + 1], text[rows, t : t + 1], cache)
       logits.append(out)

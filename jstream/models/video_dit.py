@@ -386,11 +386,9 @@ class VideoDiT(nnx.Module):
     h, cond, groups = self.tokens(x, t, labels, actions)
     b, n = x.shape[:2]
     positions = groups * self.config.chunk_tokens  # a chunk is a group: one position, seen whole
-    mask = None
     if policy is not None:
       check_policy(self.config, policy)
-      mask = policy
-    out = self.dit.forward_embeddings(h, positions=positions, policy=mask, cond=cond)
+    out = self.dit.forward_embeddings(h, positions=positions, policy=policy, cond=cond)
     return self.unpatchify(out.reshape(b, n, self.config.tokens_per_frame, -1))
 
   def denoise(

@@ -53,7 +53,7 @@ import numpy as np
 
 from jstream import cache as cache_lib
 from jstream.ops import attention as attn_ops
-from jstream.positions import Rope, apply_rope, rope_cos_sin
+from jstream.positions import Rope, apply_rope, rope, rope_cos_sin
 from jstream.typing import Array, Float, Int, KeyBuffer, Shaped, ValueBuffer
 
 READ_ONLY_TOKENS = True
@@ -465,9 +465,8 @@ def offline_policy(
       parts.append(_offline_part(apply_rope(q, cos[:, :, None], sin[:, :, None]), kr, v, q_pos, ring, window, 0, impl))
       if num_sinks:  # only SinkWindow tracks have sinks, and they have a window
         top = num_sinks + window - 1
-        cos, sin = rope_cos_sin(jnp.clip(q_pos, 0, top), q.shape[-1], rope_base, top)
-        sinks = jnp.where(k_pos < num_sinks, k_pos, -1)
-        parts.append(_offline_part(apply_rope(q, cos[:, :, None], sin[:, :, None]), kr, v, q_pos, sinks, None, 0, impl))
+        qs = rope(q, jnp.clip(q_pos, 0, top), rope_base, top)
+        parts.append(_offline_part(qs, kr, v, q_pos, jnp.where(k_pos < num_sinks, k_pos, -1), None, 0, impl))
   if sink_part is not None:
     parts.append(sink_part)
   return attn_ops.merge(parts)[0].astype(q.dtype)
