@@ -391,12 +391,14 @@ WAIT_BINS = (0, 16, 48, 96)
 def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   """Accuracy per question type and the proactive figures.
 
-  Returns ``{qtype: {"correct", "asked", "accuracy"}}`` for the answered types, and ``"proactive"``:
+  Returns ``{qtype: {"correct", "asked", "accuracy", "by_answer"}}`` for the answered types (``by_answer``: the
+  questions and accuracy per right answer word, ``{"three": {"asked", "accuracy"}}``), and ``"proactive"``:
   ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
   events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
   ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
   of the announced events), ``spoke_in_time`` (events within ``tolerance`` frames of which the model spoke, right
-  label or not: the decision without the label) and, when the records keep their speak margins, ``margin_auc``:
+  label or not: the decision without the label), ``preempted`` (events before which the model spoke while their
+  request stood, a false alarm that answered it early) and, when the records keep their speak margins, ``margin_auc``:
   how well the margin separates the events from those silent ticks whatever the threshold (the probability that an
   event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no
   separation; the margins are those of this run, whose own decisions shaped the context) and ``by_wait``: the
@@ -405,16 +407,19 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   saw, by the time it is due."""
   out: dict = {}
   bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
-  events = announced = in_time = alarms = silent_ticks = 0
+  events = announced = in_time = preempted = alarms = silent_ticks = 0
   late, event_margins, silent_margins = [], [], []
   with_margins = all(rec.speak_margin is not None for rec in records)
   for rec in records:
     for q in rec.questions:
       if q.qtype == "proactive":
         continue
-      o = out.setdefault(q.qtype, {"correct": 0, "asked": 0})
-      o["asked"] += 1
-      o["correct"] += int(rec.answer[q.frame] == vqa.WORD_ID[q.answer])
+      o = out.setdefault(q.qtype, {"correct": 0, "asked": 0, "by_answer": {}})
+      a = o["by_answer"].setdefault(q.answer, {"correct": 0, "asked": 0})
+      right = int(rec.answer[q.frame] == vqa.WORD_ID[q.answer])
+      for c in (o, a):
+        c["asked"] += 1
+        c["correct"] += right
     due = {f: (asked, label) for f, asked, label in rec.announcements}
     near = np.zeros(len(rec.decision), bool)
     for f in due:
@@ -422,6 +427,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     spoke = rec.decision == vqa.SPEAK
     for f, (asked, label) in due.items():
       events += 1
+      preempted += int(np.any(spoke[asked + 1 : f]))
       b = bins[max(lo for lo in WAIT_BINS if lo <= f - asked)]
       b["events"] += 1
       for d in range(tolerance + 1):
@@ -439,11 +445,14 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
       event_margins += [float(np.max(rec.speak_margin[f : f + tolerance + 1])) for f in due]
       silent_margins.append(rec.speak_margin[~near])
   for o in out.values():
-    o["accuracy"] = o["correct"] / max(o["asked"], 1)
+    for c in (o, *o["by_answer"].values()):
+      c["accuracy"] = c["correct"] / max(c["asked"], 1)
+    o["by_answer"] = {k: {"asked": c["asked"], "accuracy": c["accuracy"]} for k, c in sorted(o["by_answer"].items())}
   out["proactive"] = {
     "events": events,
     "announced": announced / max(events, 1),
     "spoke_in_time": in_time / max(events, 1),
+    "preempted": preempted / max(events, 1),
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
     "by_wait": {},

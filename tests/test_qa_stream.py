@@ -273,9 +273,11 @@ def test_score_counts_answers_announcements_and_false_alarms():
   rec = Q.StreamRecord(questions, [(5, 2, 7)], decision, announced, answer)
   s = Q.score([rec])
   assert s["count_now"]["accuracy"] == 1.0 and s["order"]["accuracy"] == 0.0
+  assert s["order"]["by_answer"] == {"yes": {"asked": 1, "accuracy": 0.0}}
   p = s["proactive"]
   assert p["events"] == 1 and p["announced"] == 1.0 and p["spoke_in_time"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
+  assert p["preempted"] == 0.0
   assert "margin_auc" not in p  # a record without margins
   assert p["by_wait"] == {"0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 1.0}}  # asked at 2, due at 5
   rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
@@ -286,7 +288,22 @@ def test_score_counts_answers_announcements_and_false_alarms():
   long = Q.StreamRecord([], due, np.full(140, V.SILENT), np.full(140, V.PAD), answer)
   long.decision[[51, 101]] = V.SPEAK
   long.announced[[51, 101]] = [w["one"], w["seven"]]
-  got = Q.score([rec, long])["proactive"]["by_wait"]
+  # preempted: the announcement at 51 came while the requests of the events at 100 and 130 stood (asked at 40, 10)
+  assert Q.score([rec, long])["proactive"]["preempted"] == 0.5
+  long.decision[45] = V.SPEAK  # and one at 45 while the request of the event at 50 stood (asked at 30)
+  both = Q.score([rec, long])
+  assert both["proactive"]["preempted"] == 0.75
+  # answers per right word: in the record below, count_now asked twice more (one right), order once (right)
+  more = [V.Question(3, "count_now", "how many digits are on screen ?", "three", 3)]
+  more += [V.Question(4, "count_now", "how many digits are on screen ?", "two", 4)]
+  more += [V.Question(5, "order", "did two appear before five ?", "no", 5)]
+  more_answer = np.full(12, V.PAD)
+  more_answer[[3, 4, 5]] = [w["one"], w["two"], w["no"]]
+  by = Q.score([rec, Q.StreamRecord(more, [], np.full(12, V.SILENT), np.full(12, V.PAD), more_answer)])
+  assert by["count_now"]["by_answer"] == {"three": {"asked": 1, "accuracy": 0.0}, "two": {"asked": 2, "accuracy": 1.0}}
+  assert by["count_now"]["accuracy"] == pytest.approx(2 / 3)
+  assert by["order"]["by_answer"] == {"no": {"asked": 1, "accuracy": 1.0}, "yes": {"asked": 1, "accuracy": 0.0}}
+  got = both["proactive"]["by_wait"]
   assert got == {
     "0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 0.0},
     "16-47": {"events": 1, "spoke_in_time": 1.0, "announced": 1.0},
