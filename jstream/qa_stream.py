@@ -391,8 +391,9 @@ WAIT_BINS = (0, 16, 48, 96)
 def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   """Accuracy per question type and the proactive figures.
 
-  Returns ``{qtype: {"correct", "asked", "accuracy", "by_answer"}}`` for the answered types (``by_answer``: the
-  questions and accuracy per right answer word, ``{"three": {"asked", "accuracy"}}``), and ``"proactive"``:
+  Returns ``{qtype: {"correct", "asked", "accuracy", "by_answer"}}`` for the answered types (``by_answer``: per right
+  answer word, the questions, the accuracy and what the model said, ``{"three": {"asked", "accuracy", "said":
+  {"two": 3, "three": 40}}}``; a word outside the vocabulary as ``"<id>"``), and ``"proactive"``:
   ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
   events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
   ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
@@ -415,11 +416,14 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
       if q.qtype == "proactive":
         continue
       o = out.setdefault(q.qtype, {"correct": 0, "asked": 0, "by_answer": {}})
-      a = o["by_answer"].setdefault(q.answer, {"correct": 0, "asked": 0})
-      right = int(rec.answer[q.frame] == vqa.WORD_ID[q.answer])
+      a = o["by_answer"].setdefault(q.answer, {"correct": 0, "asked": 0, "said": {}})
+      said = int(rec.answer[q.frame])
+      right = int(said == vqa.WORD_ID[q.answer])
       for c in (o, a):
         c["asked"] += 1
         c["correct"] += right
+      word = vqa.WORDS[said] if 0 <= said < len(vqa.WORDS) else f"<{said}>"
+      a["said"][word] = a["said"].get(word, 0) + 1
     due = {f: (asked, label) for f, asked, label in rec.announcements}
     near = np.zeros(len(rec.decision), bool)
     for f in due:
@@ -447,7 +451,10 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   for o in out.values():
     for c in (o, *o["by_answer"].values()):
       c["accuracy"] = c["correct"] / max(c["asked"], 1)
-    o["by_answer"] = {k: {"asked": c["asked"], "accuracy": c["accuracy"]} for k, c in sorted(o["by_answer"].items())}
+    o["by_answer"] = {
+      k: {"asked": c["asked"], "accuracy": c["accuracy"], "said": dict(sorted(c["said"].items()))}
+      for k, c in sorted(o["by_answer"].items())
+    }
   out["proactive"] = {
     "events": events,
     "announced": announced / max(events, 1),

@@ -273,7 +273,7 @@ def test_score_counts_answers_announcements_and_false_alarms():
   rec = Q.StreamRecord(questions, [(5, 2, 7)], decision, announced, answer)
   s = Q.score([rec])
   assert s["count_now"]["accuracy"] == 1.0 and s["order"]["accuracy"] == 0.0
-  assert s["order"]["by_answer"] == {"yes": {"asked": 1, "accuracy": 0.0}}
+  assert s["order"]["by_answer"] == {"yes": {"asked": 1, "accuracy": 0.0, "said": {"no": 1}}}
   p = s["proactive"]
   assert p["events"] == 1 and p["announced"] == 1.0 and p["spoke_in_time"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
@@ -300,9 +300,15 @@ def test_score_counts_answers_announcements_and_false_alarms():
   more_answer = np.full(12, V.PAD)
   more_answer[[3, 4, 5]] = [w["one"], w["two"], w["no"]]
   by = Q.score([rec, Q.StreamRecord(more, [], np.full(12, V.SILENT), np.full(12, V.PAD), more_answer)])
-  assert by["count_now"]["by_answer"] == {"three": {"asked": 1, "accuracy": 0.0}, "two": {"asked": 2, "accuracy": 1.0}}
+  assert by["count_now"]["by_answer"] == {
+    "three": {"asked": 1, "accuracy": 0.0, "said": {"one": 1}},
+    "two": {"asked": 2, "accuracy": 1.0, "said": {"two": 2}},
+  }
   assert by["count_now"]["accuracy"] == pytest.approx(2 / 3)
-  assert by["order"]["by_answer"] == {"no": {"asked": 1, "accuracy": 1.0}, "yes": {"asked": 1, "accuracy": 0.0}}
+  assert by["order"]["by_answer"] == {
+    "no": {"asked": 1, "accuracy": 1.0, "said": {"no": 1}},
+    "yes": {"asked": 1, "accuracy": 0.0, "said": {"no": 1}},
+  }
   got = both["proactive"]["by_wait"]
   assert got == {
     "0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 0.0},
