@@ -289,3 +289,39 @@ def test_fulfil_prob_shows_the_requested_digit_at_entries_while_a_request_is_pen
   assert task.data_config().fulfil_prob == 0.3 and task.data_config(curriculum=False).fulfil_prob == 0.0
   with pytest.raises(ValueError, match="fulfil_prob must be in"):
     V.video_qa_config(fulfil_prob=1.5)
+
+
+def test_train_stay_puts_more_exits_in_the_training_clips_and_not_in_the_evaluation_streams():
+  """``VideoTask.train_stay``: the training clips' digits stay that many frames (each digit's time on screen,
+  read off the streams' entry and exit events, inside the range, and the clips hold more exits than with the
+  dataset's stays); the evaluation streams keep the dataset's; the ``exits`` flag sets it; bad ranges are a
+  construction-time error."""
+  import dataclasses
+  import pathlib
+
+  from jstream.train import VideoTask, load_config
+
+  base = VideoTask()
+  task = dataclasses.replace(base, train_stay=(4, 16))
+  assert task.data_config(curriculum=False).params() == base.data_config().params()
+
+  def stays_and_exits(config):
+    stays, exits = [], 0
+    for i in range(40):
+      events = V.VideoQAStream(config, "train", i).take(60).events
+      entered = {obj: f for f, kind, obj, _ in events if kind == V.ENTER}
+      left = [(obj, f) for f, kind, obj, _ in events if kind == V.EXIT]
+      stays += [f - entered[obj] for obj, f in left]
+      exits += sum(f < 24 for _, f in left)
+    return np.array(stays), exits
+
+  short, short_exits = stays_and_exits(task.data_config())
+  long, long_exits = stays_and_exits(base.data_config())
+  assert short.min() >= 4 and short.max() <= 16 + 2  # a colliding exit moves a frame later, past at most the 2 others
+  assert long.max() > 20 and short_exits > 1.5 * long_exits
+  flag = load_config(f"{pathlib.Path(__file__).resolve().parents[1]}/configs/video_lm.py:exits").video
+  assert flag.train_stay == (4, 16) and flag.data_config().stay == (4, 16)
+  assert flag.data_config(curriculum=False).stay == V.video_qa_config().stay
+  for bad in ((5, 3), (0, 4), (4,)):
+    with pytest.raises(ValueError, match="train_stay must be"):
+      VideoTask(train_stay=bad)

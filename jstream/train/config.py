@@ -93,6 +93,11 @@ class VideoTask:
       (``data_config(curriculum=False)``) keep ``question_weights``. A question type whose answer needs a circuit
       the other types do not train (``where``: attending to one quadrant of the latest frame by the question's
       words) can be asked more often in training without changing what the benchmark asks.
+    train_stay: a training curriculum for exits: the ``(min, max)`` frames a digit stays on screen in the training
+      clips (``video_qa.VideoQAConfig.stay``; ``()``: the dataset's 6 to 30). A clip from its stream's start holds
+      about one exit with the default stay, and the scenes after exits, which a long stream is full of, are rare;
+      shorter stays put several in each clip. The evaluation streams (``data_config(curriculum=False)``) keep the
+      dataset's stays.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
@@ -150,6 +155,7 @@ class VideoTask:
   entry_words: bool = False
   fulfil_prob: float = 0.0
   train_question_weights: tuple[float, ...] = ()
+  train_stay: tuple[int, ...] = ()
   request_loss: float = 0.0
   activation: int = 0
   activation_heads: bool = False
@@ -160,6 +166,9 @@ class VideoTask:
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
     object.__setattr__(self, "train_question_weights", tuple(float(w) for w in self.train_question_weights))
+    object.__setattr__(self, "train_stay", tuple(int(f) for f in self.train_stay))
+    if self.train_stay and not (len(self.train_stay) == 2 and 1 <= self.train_stay[0] <= self.train_stay[1]):
+      raise ValueError(f"train_stay must be (min, max) frames with 1 <= min <= max, or (); got {self.train_stay}")
     tw = self.train_question_weights
     if tw:
       from jstream.data.video_qa import QTYPES
@@ -223,10 +232,12 @@ class VideoTask:
 
   def data_config(self, *, curriculum: bool = True):
     """The ``VideoQAConfig`` of the training clips; ``curriculum=False``: of the evaluation streams (without the
-    training-only ``fulfil_prob`` and ``train_question_weights``)."""
+    training-only ``fulfil_prob``, ``train_question_weights`` and ``train_stay``)."""
     from jstream.data import video_qa
 
+    stay = {"stay": self.train_stay} if curriculum and self.train_stay else {}
     return video_qa.video_qa_config(
+      **stay,
       frame_size=self.frame_size,
       digit_size=self.digit_size,
       max_on_screen=self.max_on_screen,
