@@ -325,3 +325,25 @@ def test_train_stay_puts_more_exits_in_the_training_clips_and_not_in_the_evaluat
   for bad in ((5, 3), (0, 4), (4,)):
     with pytest.raises(ValueError, match="train_stay must be"):
       VideoTask(train_stay=bad)
+
+
+def test_scene_stats_counts_a_stream_worked_by_hand():
+  """``experiments.scene_stats``: one digit at a time that enters at every chance and stays 3 frames enters at
+  ticks 0, 3, ..., 21 of a 24-tick clip, each later entry in the tick of the previous digit's exit; the canvas is
+  never empty; and the default training clips show fewer exits and more empty ticks than the steady state of the
+  evaluation streams (what the experiment is for)."""
+  from experiments.scene_stats import scene_stats
+
+  config = V.video_qa_config(max_on_screen=1, enter_prob=1.0, stay=(3, 3), question_prob=0.0, clip_frames=24)
+  s = scene_stats(config, "train", 3, 24)
+  assert s["on_screen_share"] == [0.0, 1.0]
+  assert s["exits_per_clip"] == 7 and s["entries_per_clip_beside"] == [8.0]
+  assert s["entries_with_an_exit"] == 0.875 and s["announcements_per_clip"] == 0
+  half = scene_stats(config, "train", 3, 24, burn=12)  # ticks 12..23: entries at 12 .. 21, each with an exit
+  assert half["entries_per_clip_beside"] == [8.0] and half["entries_with_an_exit"] == 1.0
+  default = V.video_qa_config()
+  clips, steady = scene_stats(default, "train", 60, 24), scene_stats(default, "test", 2, 400, burn=50)
+  assert clips["exits_per_clip"] < 0.6 * steady["exits_per_clip"]
+  assert clips["on_screen_share"][0] > 3 * steady["on_screen_share"][0]
+  with pytest.raises(ValueError, match="burn must be"):
+    scene_stats(default, "test", 1, 10, burn=10)
