@@ -60,7 +60,9 @@ of each track's latest token, as ``bench video-qa``'s ``sinks+window, cache_rela
 (half of each batch's rows at stream positions, half at the contiguous ones, one model for both kinds of policy;
 ``train_positions="mixed"``; workdir suffix ``_mixedpos``), ``exits`` (a training curriculum: digits stay 4 to 16
 frames in the training clips instead of 6 to 30, so that each clip holds about 2.6 exits instead of 1.2 and the
-scenes after them; the evaluation streams keep theirs; ``VideoTask.train_stay``; workdir suffix ``_exits``). Flags
+scenes after them; the evaluation streams keep theirs; ``VideoTask.train_stay``; workdir suffix ``_exits``),
+``steady`` (``exits`` and digits entering at twice the rate, ``VideoTask.train_enter_prob``: the training clips'
+canvas as full as a long stream's steady state, ``experiments.scene_stats``; workdir suffix ``_steady``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -75,7 +77,7 @@ def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
   known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide", "where3", "contiguous", "mixedpos"}
-  known |= {"exits"}
+  known |= {"exits", "steady"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -165,6 +167,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "exits" in flags:  # shorter stays in the training clips only: about 2.6 exits a clip instead of 1.2
     video = dataclasses.replace(cfg.video, train_stay=(4, 16))
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_exits")
+  if "steady" in flags:  # and entries twice as often: training clips as crowded as a long stream's steady state
+    video = dataclasses.replace(cfg.video, train_stay=(4, 16), train_enter_prob=2 * cfg.video.enter_prob)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_steady")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -191,6 +196,7 @@ def get_config(*flags: str) -> TrainConfig:
       fulfil_prob=cfg.video.fulfil_prob,
       train_question_weights=cfg.video.train_question_weights,
       train_stay=cfg.video.train_stay,
+      train_enter_prob=cfg.video.train_enter_prob,
       request_loss=cfg.video.request_loss,
       activation=8 if cfg.video.activation else 0,
       augment=cfg.video.augment,

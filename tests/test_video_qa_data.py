@@ -327,6 +327,50 @@ def test_train_stay_puts_more_exits_in_the_training_clips_and_not_in_the_evaluat
       VideoTask(train_stay=bad)
 
 
+def test_train_enter_prob_fills_the_training_clips_and_not_the_evaluation_streams():
+  """``VideoTask.train_enter_prob``: the training clips' digits enter at that rate (entries counted from the
+  streams' events while the canvas has room, against the rate), the evaluation streams keep ``enter_prob``; the
+  ``steady`` flag sets it beside ``exits``' stays, and its clips hold three digits in a larger share of ticks than
+  ``exits`` alone; bad rates are a construction-time error."""
+  import dataclasses
+  import pathlib
+
+  from jstream.train import VideoTask, load_config
+
+  base = VideoTask(train_stay=(4, 16))
+  task = dataclasses.replace(base, train_enter_prob=0.4)
+  assert task.data_config(curriculum=False).params() == base.data_config(curriculum=False).params()
+
+  def entry_rate(config):  # entries over the ticks that had room for one
+    entries = room = 0
+    for i in range(60):
+      chunk = V.VideoQAStream(config, "train", i).take(24)
+      drawn = (chunk.objects[..., 0] >= 0).sum(-1)
+      entered = {f for f, kind, _, _ in chunk.events if kind == V.ENTER}
+      for f in range(24):
+        before = drawn[f] - (f in entered)  # after the tick's exits, before its entry
+        room += before < config.max_on_screen
+        entries += f in entered
+    return entries / room
+
+  assert entry_rate(task.data_config()) == pytest.approx(0.4, abs=0.05)
+  assert entry_rate(base.data_config()) == pytest.approx(0.2, abs=0.05)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  steady = load_config(f"{root}/configs/video_lm.py:steady").video
+  exits = load_config(f"{root}/configs/video_lm.py:exits").video
+  assert steady.train_stay == (4, 16) and steady.train_enter_prob == 2 * steady.enter_prob
+  assert steady.data_config(curriculum=False).enter_prob == V.video_qa_config().enter_prob
+
+  def full(config):  # the share of ticks with three digits on screen
+    drawn = [(V.VideoQAStream(config, "train", i).take(24).objects[..., 0] >= 0).sum(-1) for i in range(60)]
+    return np.mean(np.stack(drawn) == 3)
+
+  assert full(steady.data_config()) > 1.5 * full(exits.data_config())
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="train_enter_prob must be"):
+      VideoTask(train_enter_prob=bad)
+
+
 def test_scene_stats_counts_a_stream_worked_by_hand():
   """``experiments.scene_stats``: one digit at a time that enters at every chance and stays 3 frames enters at
   ticks 0, 3, ..., 21 of a 24-tick clip, each later entry in the tick of the previous digit's exit; the canvas is

@@ -98,6 +98,10 @@ class VideoTask:
       about one exit with the default stay, and the scenes after exits, which a long stream is full of, are rare;
       shorter stays put several in each clip. The evaluation streams (``data_config(curriculum=False)``) keep the
       dataset's stays.
+    train_enter_prob: a training curriculum for a full canvas: the probability that a digit enters in a tick of
+      the training clips (``None``: ``enter_prob``). With shorter stays (``train_stay``) the canvas empties more
+      often than in a long stream's steady state; entries twice as frequent fill it as that steady state does
+      (``python -m experiments.scene_stats``). The evaluation streams keep ``enter_prob``.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
       ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
@@ -156,6 +160,7 @@ class VideoTask:
   fulfil_prob: float = 0.0
   train_question_weights: tuple[float, ...] = ()
   train_stay: tuple[int, ...] = ()
+  train_enter_prob: float | None = None
   request_loss: float = 0.0
   activation: int = 0
   activation_heads: bool = False
@@ -169,6 +174,8 @@ class VideoTask:
     object.__setattr__(self, "train_stay", tuple(int(f) for f in self.train_stay))
     if self.train_stay and not (len(self.train_stay) == 2 and 1 <= self.train_stay[0] <= self.train_stay[1]):
       raise ValueError(f"train_stay must be (min, max) frames with 1 <= min <= max, or (); got {self.train_stay}")
+    if self.train_enter_prob is not None and not 0.0 < self.train_enter_prob <= 1.0:
+      raise ValueError(f"train_enter_prob must be in (0, 1] (or None), got {self.train_enter_prob}")
     tw = self.train_question_weights
     if tw:
       from jstream.data.video_qa import QTYPES
@@ -232,7 +239,7 @@ class VideoTask:
 
   def data_config(self, *, curriculum: bool = True):
     """The ``VideoQAConfig`` of the training clips; ``curriculum=False``: of the evaluation streams (without the
-    training-only ``fulfil_prob``, ``train_question_weights`` and ``train_stay``)."""
+    training-only ``fulfil_prob``, ``train_question_weights``, ``train_stay`` and ``train_enter_prob``)."""
     from jstream.data import video_qa
 
     stay = {"stay": self.train_stay} if curriculum and self.train_stay else {}
@@ -241,7 +248,7 @@ class VideoTask:
       frame_size=self.frame_size,
       digit_size=self.digit_size,
       max_on_screen=self.max_on_screen,
-      enter_prob=self.enter_prob,
+      enter_prob=self.train_enter_prob if curriculum and self.train_enter_prob is not None else self.enter_prob,
       question_prob=self.question_prob,
       question_weights=(self.train_question_weights or self.question_weights) if curriculum else self.question_weights,
       clip_frames=self.clip_frames,
