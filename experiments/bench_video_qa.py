@@ -187,6 +187,12 @@ def drop_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   return rows
 
 
+def eval_streams(seed: int, n: int, offset: int = 0) -> list[int]:
+  """The test-split indices of the ``n`` evaluation streams of ``--seed seed`` (from ``1000 * (seed + 1) + offset``:
+  held-out handwriting, streams no training clip comes from)."""
+  return [1000 * (seed + 1) + offset + i for i in range(n)]
+
+
 def chance(records) -> dict[str, float]:
   """Per question type, the share of its most common answer (what always giving that answer scores)."""
   answers = collections.defaultdict(collections.Counter)
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
   model, step, train_log = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config(curriculum=False)
   proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
-  streams = [1000 * (args.seed + 1) + i for i in range(args.streams)]
+  streams = eval_streams(args.seed, args.streams)
   if args.memory or args.drop:
     result = {"device": device, "jax": jax.__version__, "args": vars(args), "model_step": step}
     result.update(train_last_metrics=train_log, streams=streams)
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
   speed = []
   bounded = policies(args.window, args.sinks, 1, 1)["sinks+window"]
   for b in [int(x) for x in args.speed_batches.split(",") if x]:
-    ids = [1000 * (args.seed + 1) + 500 + i for i in range(b)]
+    ids = eval_streams(args.seed, b, offset=500)
     n, speak = args.speed_frames, args.speak_threshold
     r = measure(model, bounded, data_config, ids, n, args.ticks_per_call, proactive, speak_threshold=speak)
     speed.append({"batch": b, "frames": args.speed_frames, **{k: r[k] for k in ("ms_per_frame", "frames_per_s")}})

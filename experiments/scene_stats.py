@@ -24,22 +24,22 @@ import time
 
 import numpy as np
 
-from experiments.bench_video_qa import run_config
+from experiments.bench_video_qa import eval_streams, run_config
 from jstream.data import video_qa
 
 
 def scene_stats(config: video_qa.VideoQAConfig, split: str, streams: int, frames: int, burn: int = 0) -> dict:
-  """Statistics of ``streams`` streams of ``split`` (indices from 1000 for the test split, as the benchmark's
-  seed-0 streams; from 0 for the training split, the training clips' streams), ticks ``burn .. frames - 1``, per
-  ``config.clip_frames`` ticks."""
+  """Statistics of ``streams`` streams of ``split`` (the benchmark's seed-0 streams of the test split,
+  ``bench_video_qa.eval_streams``; the training clips' streams, from index 0, of the training split), ticks
+  ``burn .. frames - 1``, per ``config.clip_frames`` ticks."""
   if not 0 <= burn < frames:
     raise ValueError(f"burn must be in [0, frames={frames}), got {burn}")
-  first = 1000 if split == "test" else 0
+  indices = eval_streams(0, streams) if split == "test" else range(streams)
   limit = config.max_on_screen
   on_screen = np.zeros(limit + 1)
   beside = np.zeros(limit)  # entries by the digits already on screen
   exits = with_exit = announcements = 0
-  for i in range(first, first + streams):
+  for i in indices:
     chunk = video_qa.VideoQAStream(config, split, i).take(frames)
     drawn = (chunk.objects[..., 0] >= 0).sum(-1)
     on_screen += np.bincount(drawn[burn:], minlength=limit + 1)
