@@ -62,7 +62,10 @@ of each track's latest token, as ``bench video-qa``'s ``sinks+window, cache_rela
 frames in the training clips instead of 6 to 30, so that each clip holds about 2.6 exits instead of 1.2 and the
 scenes after them; the evaluation streams keep theirs; ``VideoTask.train_stay``; workdir suffix ``_exits``),
 ``steady`` (``exits`` and digits entering at twice the rate, ``VideoTask.train_enter_prob``: the training clips'
-canvas as full as a long stream's steady state, ``experiments.scene_stats``; workdir suffix ``_steady``). Flags
+canvas as full as a long stream's steady state, ``experiments.scene_stats``; workdir suffix ``_steady``),
+``midstream`` (each training stream cut into 4 consecutive clips, 3 in 4 of them from a long stream's steady state
+as it is, ``VideoTask.self_contained``: no target in a clip needs the ticks before it; workdir suffix
+``_midstream``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -80,7 +83,7 @@ def get_config(*flags: str) -> TrainConfig:
   known = {"quick", "long", "aligned", "overlapped", "questions", "asked", "where", "frame_pos", "carrier"}
   known |= {"labels", "places", "state", "delta", "entries", "request", "fulfil", "activation", "encoder", "augment"}
   known |= {"heads", "data", "cnn", "proj", "pnorm", "layout", "match", "hide", "where3", "contiguous", "mixedpos"}
-  known |= {"exits", "steady"}
+  known |= {"exits", "steady", "midstream"}
   unknown = set(flags) - known
   if unknown:
     raise ValueError(f"unknown flags {sorted(unknown)} for configs/video_lm.py")
@@ -173,6 +176,9 @@ def get_config(*flags: str) -> TrainConfig:
   if "steady" in flags:  # and entries twice as often: training clips as crowded as a long stream's steady state
     video = dataclasses.replace(cfg.video, train_stay=EXIT_STAY, train_enter_prob=2 * cfg.video.enter_prob)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_steady")
+  if "midstream" in flags:  # 3 in 4 training clips cut mid-stream: a long stream's steady state, as it is
+    video = dataclasses.replace(cfg.video, clips_per_stream=4, clip_overlap=0, self_contained=True)
+    cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_midstream")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)
     video = VideoTask(
@@ -206,6 +212,8 @@ def get_config(*flags: str) -> TrainConfig:
       activation_heads=cfg.video.activation_heads,
       activation_match=cfg.video.activation_match,
       hide_requests=cfg.video.hide_requests,
+      clips_per_stream=2 if cfg.video.self_contained else 1,
+      self_contained=cfg.video.self_contained,
     )
     cfg = dataclasses.replace(
       cfg,

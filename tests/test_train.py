@@ -613,6 +613,40 @@ def test_video_qa_state_loss_leaves_out_ticks_past_the_packing_budget(tmp_path, 
   assert abs(float(unmasked) - float(want)) > 1e-3
 
 
+def test_video_qa_clips_cut_mid_stream_leave_their_unknown_targets_out_of_the_loss(tmp_path, monkeypatch):
+  """``self_contained`` clips (``configs/video_lm.py:midstream``): a joint step's ``state_loss`` and ``entry_loss``
+  score the rows whose clip starts mid-stream (``start > 0``) without their history groups and without what entered
+  in their first frame, the other rows in full: recomputed here from the plain targets, masked by hand."""
+  from flax import nnx
+
+  from jstream.models import video_lm
+  from jstream.train.loop import init_state, make_train_step, train_iterator
+
+  monkeypatch.setenv("JSTREAM_DATA_DIR", str(tmp_path / "tfds"))
+  cfg = load_config(f"{VIDEO_CONFIG}:quick,state,delta,midstream,workdir={tmp_path / 'cut'}")
+  assert cfg.video.self_contained and cfg.video.clips_per_stream == 2
+  graphdef, optimizer, state = init_state(cfg)
+  batch = next(train_iterator(cfg))
+  batch = {**batch, "start": np.array([0, 6, 0, 6], np.int32)}  # two rows cut mid-stream, whatever was drawn
+  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state.params))  # the step donates the state
+  _, metrics = make_train_step(graphdef, optimizer, cfg)(state, batch)
+  cut = batch["start"] > 0
+  n, objects = batch["text"].shape[1], jnp.asarray(batch["objects"])
+  truth = np.array(video_lm.scene_state(objects, model.config, cfg.video.digit_size))
+  history = video_lm.STATE_NAMES.index("first_in")
+  truth[cut, :, history:] = -1
+  truth[cut, 0, video_lm.STATE_NAMES.index("entered")] = -1
+  _, feats, _, _ = model.training_outputs(
+    jnp.asarray(batch["frames"]), jnp.asarray(batch["text"]), return_features=True
+  )
+  want, _ = video_lm.state_loss(model.state_logits(feats, n), jnp.asarray(truth))
+  np.testing.assert_allclose(float(metrics["state_loss"]), float(want), rtol=1e-4)
+  entry = np.array(video_lm.entry_labels(objects, model.config, cfg.video.digit_size))
+  entry[cut, 0] = -1
+  want, _ = video_lm.digit_loss(model.entry_logits(model.encode(jnp.asarray(batch["frames"]))), jnp.asarray(entry))
+  np.testing.assert_allclose(float(metrics["entry_loss"]), float(want), rtol=1e-4)
+
+
 def test_video_qa_config_errors_name_the_problem(tmp_path):
   model = TransformerConfig(vocab_size=257, num_layers=1, num_heads=1, embed_dim=8, mlp_dim=8)
   with pytest.raises(ValueError, match="text-only switches"):
@@ -631,6 +665,11 @@ def test_video_qa_config_errors_name_the_problem(tmp_path):
     VideoTask(state_loss=1.0, clips_per_stream=2)
   with pytest.raises(ValueError, match="frame_delta needs clips that start"):
     VideoTask(frame_delta=True, patch_loss=1.0, clips_per_stream=2)
+  VideoTask(state_loss=1.0, frame_delta=True, patch_loss=1.0, activation=8, clips_per_stream=2, self_contained=True)
+  with pytest.raises(ValueError, match="self_contained needs clips_per_stream > 1"):
+    VideoTask(self_contained=True)
+  with pytest.raises(ValueError, match="activation needs clips"):
+    VideoTask(activation=8, clips_per_stream=2)
   with pytest.raises(ValueError, match="frame_delta trains its entry head"):
     VideoTask(frame_delta=True)
   with pytest.raises(ValueError, match="request_loss needs clips"):

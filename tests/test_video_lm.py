@@ -585,6 +585,47 @@ def test_scene_state_matches_a_replay_of_the_event_log():
   assert (got[:, :, 8:18] >= 2).any() and (got[:, :, 18:] >= 3).any()
 
 
+def test_targets_of_clips_cut_mid_stream_are_those_of_the_whole_stream_where_their_ticks_tell_them():
+  """``midstream`` (``VideoTask.self_contained``): the scene state of a clip cut at tick 70 of a crowded stream (its
+  objects' ids far above the clip's length) equals the whole stream's replayed state (``replayed_state``, from the
+  event log) at the same ticks in the where / count_now groups and in ``entered`` after the first frame, -1 in
+  ``entered`` at the first frame and in every history group; a clip from its stream's first tick is unchanged. The
+  entry labels and entering digits equal the whole stream's at the same ticks, unknown (-1, none) at the first
+  frame only."""
+  config = V.video_qa_config(max_on_screen=4, enter_prob=0.5, stay=(4, 12))
+  model_config = VL.VideoLMConfig(tiny_video_lm().config.lm, frame_size=config.frame_size)
+  chunks = [V.VideoQAStream(config, "train", i).take(100) for i in range(3)]
+  whole = jnp.asarray(np.stack([c.objects for c in chunks]))
+  a, n = 70, 20
+  objects = jnp.concatenate([whole[:2, a : a + n], whole[2:, :n]])  # two clips cut at tick 70, one from the start
+  midstream = jnp.asarray([True, True, False])
+  assert int(whole[:2, a, :, 0].max()) > n  # ids a clip's own length cannot hold
+  got = np.asarray(VL.scene_state(objects, model_config, 12, midstream))
+  entered, history = VL.STATE_NAMES.index("entered"), VL.STATE_NAMES.index("first_in")
+  for row, chunk in enumerate(chunks):
+    replay = replayed_state(chunk, config)
+    if row == 2:
+      np.testing.assert_array_equal(got[row], replay[:n])
+      continue
+    want = replay[a : a + n].copy()
+    want[:, history:] = -1
+    want[0, entered] = -1
+    np.testing.assert_array_equal(got[row], want)
+    assert (want[1:, entered] != VL.NO_DIGIT).any()
+  labels = np.asarray(VL.entry_labels(objects, model_config, 12, midstream))
+  full = np.asarray(VL.entry_labels(whole, model_config, 12))
+  np.testing.assert_array_equal(labels[:2, 1:], full[:2, a + 1 : a + n])
+  np.testing.assert_array_equal(labels[2], full[2, :n])
+  assert (labels[:2, 0] == -1).all() and (full[:2, a + 1 : a + n] != VL.NO_DIGIT).any()
+  digits = np.asarray(VL.entering_digits(objects, midstream))
+  full = np.asarray(VL.entering_digits(whole))
+  np.testing.assert_array_equal(digits[:2, 1:], full[:2, a + 1 : a + n])
+  np.testing.assert_array_equal(digits[2], full[2, :n])
+  assert (
+    not digits[:2, 0].any() and full[:2, a + 1 : a + n].any() and np.asarray(VL.entering_digits(objects))[:2, 0].any()
+  )
+
+
 def test_the_layout_head_reads_each_quadrants_digit_off_the_mean_of_the_frame_tokens():
   """``layout_head=True``: ``layout_logits`` is a linear map of the mean of a frame's encoder tokens, four groups of
   ``NO_DIGIT + 1`` classes in the where-questions' quadrant order (recomputed here in NumPy); its targets are the

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from conftest import library_checks_only
 from jstream.data import digits
 from jstream.data import video_qa as V
 
@@ -207,6 +208,57 @@ def test_overlapped_clips_are_windows_of_one_stream_with_the_shared_ticks_untrai
     np.testing.assert_array_equal(clip["targets"], want.astype(np.uint8))
   with pytest.raises(ValueError, match="clip_overlap must be in"):
     V.video_qa_config(clip_frames=8, clips_per_stream=1, clip_overlap=2)
+
+
+def test_self_contained_clips_hold_only_what_their_own_ticks_tell():
+  """``self_contained``: the clips cut mid-stream differ from the plain ones (same streams) only where a target
+  needs the ticks before the clip: a ``HISTORY`` question leaves its slot (the decision stays), and an announcement
+  whose request no tick of the clip asked reads ``<silent>`` (a target) before the rest of its slot; replayed
+  here by walking each clip's own slots. A stream's first clip is unchanged; the streams themselves too."""
+  weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0)  # requests often, so that some stand across a clip's start
+  kw = dict(clip_frames=12, clips_per_stream=4, question_prob=0.6, question_weights=weights, enter_prob=0.4)
+  kw["fulfil_prob"] = 0.5  # requests fulfilled often: announcements inside the clips too
+  plain, contained = V.video_qa_config(**kw), V.video_qa_config(**kw, self_contained=True)
+  history = [V.QTYPES.index(q) for q in V.HISTORY]
+  proactive = V.QTYPES.index("proactive")
+  hidden = dropped = kept = 0
+  for s in range(16):
+    for k, (p, c) in enumerate(zip(V.stream_clips(plain, "train", s), V.stream_clips(contained, "train", s))):
+      for key in ("frames", "objects", "start"):
+        np.testing.assert_array_equal(p[key], c[key])
+      if k == 0:
+        for key in ("text", "targets", "qtype"):
+          np.testing.assert_array_equal(p[key], c[key])
+        continue
+      visible = None  # the digit word of the request the clip's own ticks asked and nothing announced yet
+      for t in range(12):
+        text, targets, qtype = p["text"][t].copy(), p["targets"][t].copy(), int(p["qtype"][t])
+        if text[0] == V.SPEAK:
+          if visible == text[1]:
+            kept += 1
+            visible = None
+          else:  # the request was asked before the clip
+            assert visible is None
+            text = np.concatenate([[V.SILENT], text[3:], [V.PAD, V.PAD]])
+            targets = np.concatenate([[1], targets[3:], [0, 0]]).astype(targets.dtype)
+            hidden += 1
+        if qtype in history:
+          q = list(text).index(V.QUESTION)
+          text[q:], targets[q:], qtype = V.PAD, 0, -1
+          dropped += 1
+        if qtype == proactive:
+          asked = text[list(text).index(V.QUESTION) :]
+          (visible,) = [w for w in asked if w in {V.WORD_ID[d] for d in V.NUMBERS}]
+        np.testing.assert_array_equal(c["text"][t], text)
+        np.testing.assert_array_equal(c["targets"][t], targets)
+        assert int(c["qtype"][t]) == qtype
+  assert hidden >= 3 and dropped >= 10 and kept >= 3, (hidden, dropped, kept)
+  assert (
+    V.VideoQAStream(contained, "train", 0).take(30).text.tolist()
+    == V.VideoQAStream(plain, "train", 0).take(30).text.tolist()
+  )
+  with library_checks_only(), pytest.raises(ValueError, match="self_contained must be a bool"):
+    V.video_qa_config(self_contained=1)
 
 
 def test_bad_input_is_a_clear_error():

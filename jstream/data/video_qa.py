@@ -58,8 +58,8 @@ Conventions
     ``clips_per_stream > 1`` that many consecutive clips of each stream overlapping by ``clip_overlap`` ticks
     (``stream_clips``), as ``frames [T, H, W]`` uint8, ``text [T, L]`` int32, ``targets [T, L]`` uint8,
     ``qtype [T]`` int32 (index in ``QTYPES``; -1: no question), ``objects [T, max_on_screen, 5]`` int32 (as
-    ``Chunk.objects``), ``start`` (the clip's first tick) and ``index``. ``video_qa_dataset`` batches them with
-    grain.
+    ``Chunk.objects``), ``start`` (the clip's first tick) and ``index``; with ``self_contained`` a clip cut
+    mid-stream holds no target that needs the ticks before it. ``video_qa_dataset`` batches them with grain.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ CATEGORY = {
   "order": "order",
   "proactive": "proactive",
 }
+HISTORY = ("first_in", "first_out", "count", "order")
+"""The question types whose answers need the stream from its first tick (``VideoQAConfig.self_contained``)."""
 _TEMPLATES = {
   "where": "which digit is in the {v} {h} now ?",
   "count_now": "how many digits are on screen ?",
@@ -173,6 +175,13 @@ class VideoQAConfig(LocalConfig):
     augment: the train split's digit pool also holds this many random affine variants of each training image
       (``digits.digit_pool(augment=)``): more handwriting for the frame encoder to learn from. The test split is
       unchanged (its pool is never augmented). 0 (the default): the streams of a config without this field.
+    self_contained: every clip but a stream's first holds only what can be told from its own ticks, so that clips
+      cut mid-stream train a model for a long stream's steady state without targets it cannot learn: a proactive
+      request asked before the clip is not announced in it (its announcement tick reads ``<silent>``, as for a
+      model that never saw the request), and the questions whose answers need the stream before the clip
+      (``first_in``, ``first_out``, ``count``, ``order``: ``HISTORY``) are not asked in it (their slots keep only
+      the decision). The streams are unchanged; only the stored clips are. ``False`` (the default): clips hold
+      their stream's ticks as they are.
   """
 
   frame_size: tuple[int, int] = (32, 32)
@@ -192,6 +201,7 @@ class VideoQAConfig(LocalConfig):
   seed: int = 0
   fulfil_prob: float = 0.0
   augment: int = 0
+  self_contained: bool = False
 
 
 def video_qa_config(
@@ -213,6 +223,7 @@ def video_qa_config(
   seed: int = 0,
   fulfil_prob: float = 0.0,
   augment: int = 0,
+  self_contained: bool = False,
 ) -> VideoQAConfig:
   """Checks and names a video-QA config (arguments as the ``VideoQAConfig`` attributes).
 
@@ -252,6 +263,7 @@ def video_qa_config(
     "seed must be in [0, 2**32)": 0 <= seed < 2**32,
     "fulfil_prob must be in [0, 1]": 0 <= fulfil_prob <= 1,
     "augment must be an int >= 0": isinstance(augment, (int, np.integer)) and augment >= 0,
+    "self_contained must be a bool": isinstance(self_contained, bool),
   }
   check_params(
     checks,
@@ -272,6 +284,7 @@ def video_qa_config(
     seed=seed,
     fulfil_prob=fulfil_prob,
     augment=augment,
+    self_contained=self_contained,
   )
   config = VideoQAConfig(
     name="pending",
@@ -292,6 +305,7 @@ def video_qa_config(
     seed=int(seed),
     fulfil_prob=float(fulfil_prob),
     augment=int(augment),
+    self_contained=bool(self_contained),
   )
   name = f"{h}x{w}_d{digit_size}_m{max_on_screen}_t{clip_frames}_{config.signature()}"
   return config.named(name, f"Streaming video QA on moving digits: {config.params()}")
@@ -558,20 +572,40 @@ def stream_clips(config: VideoQAConfig, split: str, stream: int) -> list[dict[st
   clips = []
   for j in range(k):
     a = j * step
-    targets = chunk.targets[a : a + t].astype(np.uint8)
+    text, targets, qtype = chunk.text[a : a + t].copy(), chunk.targets[a : a + t].copy(), chunk.qtype[a : a + t].copy()
+    if j and config.self_contained:
+      _self_contained(chunk, a, text, targets, qtype)
+    targets = targets.astype(np.uint8)
     if j:
       targets[:o] = 0
     clips.append(
       {
         "frames": chunk.frames[a : a + t],
-        "text": chunk.text[a : a + t],
+        "text": text,
         "targets": targets,
-        "qtype": chunk.qtype[a : a + t],
+        "qtype": qtype,
         "objects": chunk.objects[a : a + t],
         "start": np.int32(a),
       }
     )
   return clips
+
+
+def _self_contained(chunk: Chunk, a: int, text: np.ndarray, targets: np.ndarray, qtype: np.ndarray) -> None:
+  """Rewrites in place the slots (``text``, ``targets``, ``qtype``) of the clip of ``chunk`` (a stream's ticks from
+  its first) that starts at tick ``a``, as ``VideoQAConfig.self_contained`` says: the announcement of a request
+  asked before tick ``a`` reads ``<silent>``, and the ``HISTORY`` questions leave their slots."""
+  history = [QTYPES.index(q) for q in HISTORY]
+  for i in np.flatnonzero(np.isin(qtype, history)):
+    q = int(np.flatnonzero(text[i] == QUESTION)[0])
+    text[i, q:], targets[i, q:], qtype[i] = PAD, False, -1
+  for frame, asked, _ in chunk.announcements:
+    if asked < a <= frame < a + len(text):  # the request was asked before the clip: the clip cannot know it
+      row, mask = text[frame - a], targets[frame - a]
+      rest, rest_mask = row[3:].copy(), mask[3:].copy()  # what follows <speak> label <eos>
+      row[:], mask[:] = PAD, False
+      row[0], mask[0] = SILENT, True
+      row[1 : 1 + len(rest)], mask[1 : 1 + len(rest)] = rest, rest_mask
 
 
 def make_clip(config: VideoQAConfig, split: str, index: int) -> dict[str, np.ndarray]:
@@ -627,7 +661,7 @@ def video_qa_builder(config: VideoQAConfig | None = None, data_dir: str | os.Pat
 
 @dataclasses.dataclass(frozen=True)
 class _Extract:
-  """Frames as ``dtype`` (uint8, or float in [0, 1]), text, targets as bool, qtype, objects (picklable for
+  """Frames as ``dtype`` (uint8, or float in [0, 1]), text, targets as bool, qtype, objects, start (picklable for
   workers)."""
 
   dtype: Any
@@ -642,6 +676,7 @@ class _Extract:
       "targets": example["targets"].astype(bool),
       "qtype": example["qtype"],
       "objects": example["objects"],
+      "start": np.int32(example["start"]),
     }
 
 
@@ -659,9 +694,9 @@ def video_qa_dataset(
   data_dir: str | os.PathLike | None = None,
 ) -> grain.IterDataset:
   """Batches of video-QA training clips: dicts of ``frames [b, T, H, W]``, ``text [b, T, L]`` int32,
-  ``targets [b, T, L]`` bool, ``qtype [b, T]`` int32 and ``objects [b, T, max_on_screen, 5]`` int32 (the digits
-  drawn in each frame, as ``Chunk.objects``). Resumable like ``jstream.data.digits.digits_dataset``
-  (``get_state`` / ``set_state``); only full batches.
+  ``targets [b, T, L]`` bool, ``qtype [b, T]`` int32, ``objects [b, T, max_on_screen, 5]`` int32 (the digits
+  drawn in each frame, as ``Chunk.objects``) and ``start [b]`` int32 (each clip's first tick in its stream).
+  Resumable like ``jstream.data.digits.digits_dataset`` (``get_state`` / ``set_state``); only full batches.
   """
   check_split(split, SPLITS)
   return frames_dataset(

@@ -776,20 +776,30 @@ def centre_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_s
   return jnp.where(count == 0, NO_DIGIT, jnp.where(count == 1, label, -1)).astype(jnp.int32)
 
 
-def entry_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n p"]:
-  """The entry head's labels ``[b, n, tokens_per_frame]`` (``VideoLMConfig.frame_delta``) of clips that start at
-  their stream's first frame: ``centre_labels`` of the digits drawn for the first time in each frame (an object id
-  not drawn in the frame before; at most one a frame), ``NO_DIGIT`` at every other patch."""
+def entry_labels(
+  objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int, midstream: Bool[Array, " b"] | None = None
+) -> Int[Array, "b n p"]:
+  """The entry head's labels ``[b, n, tokens_per_frame]`` (``VideoLMConfig.frame_delta``): ``centre_labels`` of the
+  digits drawn for the first time in each frame (an object id not drawn in the frame before; at most one a frame),
+  ``NO_DIGIT`` at every other patch. ``midstream``: the clips cut after their stream's first tick, whose first
+  frame's entries are unknown (-1 at every patch, ignored by the loss)."""
   new = jnp.where(_new_objects(objects)[..., None], objects, -1)
-  return centre_labels(new, config, digit_size)
+  labels = centre_labels(new, config, digit_size)
+  return labels if midstream is None else jnp.where(_first_frame(midstream, labels.shape[1])[..., None], -1, labels)
 
 
-def _new_objects(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n m"]:
+def _first_frame(midstream: Bool[Array, " b"], n: int) -> Bool[Array, "b n"]:
+  """The first frame of each clip cut mid-stream (``midstream``), where what entered cannot be told."""
+  return jnp.asarray(midstream, bool)[:, None] & (jnp.arange(n) == 0)
+
+
+def _new_objects(objects: Int[Array, "b n m 5"], midstream: Bool[Array, " b"] | None = None) -> Bool[Array, "b n m"]:
   """Which rows of ``objects`` are drawn for the first time in their frame: an object id not drawn in the frame
-  before (every drawn one in a clip's first frame)."""
+  before (every drawn one in a clip's first frame, none in that of a clip cut mid-stream, ``midstream``)."""
   ids = objects[..., 0]
   before = jnp.pad(ids[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
-  return (ids >= 0) & ~(ids[..., :, None] == before[..., None, :]).any(-1)
+  new = (ids >= 0) & ~(ids[..., :, None] == before[..., None, :]).any(-1)
+  return new if midstream is None else new & ~_first_frame(midstream, ids.shape[1])[..., None]
 
 
 def request_words(text: Int[Array, "*b l"]) -> Bool[Array, "*b l"]:
@@ -800,11 +810,14 @@ def request_words(text: Int[Array, "*b l"]) -> Bool[Array, "*b l"]:
   return asked & standing[..., None] & (text != PAD)
 
 
-def entering_digits(objects: Int[Array, "b n m 5"]) -> Bool[Array, "b n 10"]:
-  """Whether each digit ``0 .. 9`` enters in each frame ``[b, n, 10]`` of clips that start at their stream's first
-  frame: an object drawn in the frame and not in the one before (``entry_labels``' rule; a proactive request for
-  the digit is due there)."""
-  return ((objects[..., 1, None] == jnp.arange(NO_DIGIT)) & _new_objects(objects)[..., None]).any(axis=2)
+def entering_digits(
+  objects: Int[Array, "b n m 5"], midstream: Bool[Array, " b"] | None = None
+) -> Bool[Array, "b n 10"]:
+  """Whether each digit ``0 .. 9`` enters in each frame ``[b, n, 10]``: an object drawn in the frame and not in the
+  one before (``entry_labels``' rule; a proactive request for the digit is due there). ``midstream``: the clips
+  cut after their stream's first tick, whose first frame has no entry (none that can be told)."""
+  new = _new_objects(objects, midstream)
+  return ((objects[..., 1, None] == jnp.arange(NO_DIGIT)) & new[..., None]).any(axis=2)
 
 
 def pending_requests(
@@ -870,32 +883,34 @@ def layout_labels(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_s
   return jnp.stack(groups, -1).astype(jnp.int32)
 
 
-def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int) -> Int[Array, "b n g"]:
-  """The scene state ``[b, n, STATE_GROUPS]`` after each frame of clips that start at their stream's first frame,
-  from the digits drawn in each frame (``Chunk.objects``, as ``centre_labels``): what the questions of
-  ``jstream.data.video_qa`` ask, in ``STATE_NAMES`` order, each a class id, -1 where undefined (a quadrant with two
-  centres). Quadrants follow the where-answers' rule (a digit's centre against the frame's middle); an object is
-  entering in the first frame it is drawn in and leaving in the first frame after its last. For training clips:
-  objects are matched by id over ``[b, n, m, n]``, quadratic in the clip length."""
+def scene_state(
+  objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_size: int, midstream: Bool[Array, " b"] | None = None
+) -> Int[Array, "b n g"]:
+  """The scene state ``[b, n, STATE_GROUPS]`` after each frame of clips, from the digits drawn in each frame
+  (``Chunk.objects``, as ``centre_labels``): what the questions of ``jstream.data.video_qa`` ask, in
+  ``STATE_NAMES`` order, each a class id, -1 where undefined (a quadrant with two centres). Quadrants follow the
+  where-answers' rule (a digit's centre against the frame's middle); an object is entering in the first frame it
+  is drawn in and leaving in the first frame after its last. ``midstream``: the clips cut after their stream's
+  first tick, whose history groups (first in and out, entries, ranks: they count from the stream's first tick)
+  and first frame's entry are unknown (-1); the other clips start at their stream's first frame. For training
+  clips: the history is matched by object id over ``[b, n, m, n]``, quadratic in the clip length."""
   n = objects.shape[1]
   valid = objects[..., 0] >= 0
   labels = objects[..., 1]
   groups = list(jnp.moveaxis(layout_labels(objects, config, digit_size), -1, 0))
   groups.append(valid.sum(-1))
-  # objects by id: ids count entries from the stream's start, at most one a frame, so a clip of n frames has < n
+  new = _new_objects(objects)  # at most one a frame
+  entry = jnp.where(new.any(-1), jnp.sum(jnp.where(new, labels, 0), -1), NO_DIGIT)
+  groups.append(entry)
+  # the history by id: ids count entries from the stream's start, at most one a frame, so a clip of n frames from
+  # its stream's first has ids < n
   slot = (objects[..., 0:1] == jnp.arange(n)) & valid[..., None]  # [b, n, m, ids]
   present = slot.any(2)
   label_of = jnp.max(jnp.where(slot, labels[..., None], -1), axis=(1, 2))  # [b, ids]
   before = jnp.pad(present[:, :-1], ((0, 0), (1, 0), (0, 0)))
-  entered, left_now = present & ~before, before & ~present  # at most one of each a frame
-
-  def label_in(event):  # the label of the frame's one event, NO_DIGIT without one
-    return jnp.where(event.any(-1), jnp.sum(jnp.where(event, label_of[:, None], 0), -1), NO_DIGIT)
-
-  entry = label_in(entered)
-  groups.append(entry)
+  left_now = before & ~present  # at most one a frame
   groups.append(jnp.where(jnp.cumsum(present[..., 0], axis=1) > 0, label_of[:, :1], NO_DIGIT))  # object 0
-  exits = label_in(left_now)
+  exits = jnp.where(left_now.any(-1), jnp.sum(jnp.where(left_now, label_of[:, None], 0), -1), NO_DIGIT)
   first_exit = jnp.take_along_axis(exits, jnp.argmax(exits != NO_DIGIT, axis=1)[:, None], axis=1)
   groups.append(jnp.where(jnp.cumsum(exits != NO_DIGIT, axis=1) > 0, first_exit, NO_DIGIT))
   onehot = jax.nn.one_hot(entry, 10, dtype=jnp.int32)  # NO_DIGIT: no entry, all zeros
@@ -904,8 +919,14 @@ def scene_state(objects: Int[Array, "b n m 5"], config: VideoLMConfig, digit_siz
   rank = (first[:, None, :] < first[:, :, None]).sum(-1)  # [b, 10]: digits that first entered earlier
   seen = first[:, None, :] <= jnp.arange(n)[None, :, None]  # [b, n, 10]
   ranks = jnp.where(seen, rank[:, None, :], NO_DIGIT)
-  out = jnp.concatenate([jnp.stack(groups, -1), counts, ranks], axis=-1)
-  return out.astype(jnp.int32)
+  out = jnp.concatenate([jnp.stack(groups, -1), counts, ranks], axis=-1).astype(jnp.int32)
+  if midstream is None:
+    return out
+  cut = jnp.asarray(midstream, bool)[:, None, None]
+  g = jnp.arange(out.shape[-1])
+  first_frame = (g == STATE_NAMES.index("entered")) & (jnp.arange(n) == 0)[:, None]
+  unknown = cut & ((g >= STATE_NAMES.index("first_in")) | first_frame)
+  return jnp.where(unknown, -1, out)
 
 
 def state_loss(logits: Float[Array, "b n g c"], state: Int[Array, "b n g"]) -> tuple[Float[Array, ""], dict]:

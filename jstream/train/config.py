@@ -53,6 +53,13 @@ class VideoTask:
       consecutive clips that share ``clip_overlap`` ticks with the clip before them (context only: no targets
       there), so that most clips start mid-stream, after digits came and went that the clip does not show
       (``video_qa.stream_clips``). Default: each clip is a stream's first ticks.
+    self_contained: clips cut mid-stream hold only targets that their own ticks tell
+      (``video_qa.VideoQAConfig.self_contained``: no announcement of a request asked before the clip, no question
+      whose answer needs the stream before it), and the dense targets that need the stream's start (the scene
+      state's history, what entered in the clip's first frame) are left out of the loss for them: a training
+      curriculum whose clips show a long stream's steady state as it is (``clips_per_stream > 1``), for the models
+      with dense targets (``state_loss``, ``frame_delta``, ``request_loss``, ``activation``), which need it to train
+      on clips cut mid-stream. The evaluation streams are unchanged.
     num_train: training clips (``clips_per_stream`` from each of the streams ``0, 1, ...`` of the train split).
     patch_loss: weight of the patch-label loss on the frame encoder (``video_lm.patch_loss``, the stand-in for a
       pretrained vision tower); 0 turns it off.
@@ -74,15 +81,16 @@ class VideoTask:
       digit in each quadrant, the digits on screen, the one entering, the first in and out, each digit's entries
       and order of first entry; ``video_lm.scene_state``, from the clip's drawn digits). Dense supervision of
       the state the answers are read from: every tick has ~28 targets where a question gives one answer word in
-      four ticks. Needs clips from their stream's start (``clips_per_stream == 1``); 0 turns it off.
+      four ticks. Needs clips from their stream's start (``clips_per_stream == 1``) or ``self_contained``; 0 turns
+      it off.
     layout_loss: weight, within the frame heads' loss (itself weighted by ``patch_loss``), of a head on the mean of
       each frame's encoder tokens that names the digit in each quadrant (``VideoLMConfig.layout_head``,
       ``video_lm.layout_labels``): the frame's layout written where an even attention over its tokens reads it.
       Needs ``patch_loss`` > 0; 0 turns it off.
     frame_delta: the frame encoder sees the frame minus the previous one beside it, and an entry head on it is
       trained (with the patch loss's weight) to name the digit that entered in each frame at its centre's patch
-      (``VideoLMConfig.frame_delta``, ``video_lm.entry_labels``). Needs clips from their stream's start and
-      ``patch_loss`` > 0.
+      (``VideoLMConfig.frame_delta``, ``video_lm.entry_labels``). Needs clips from their stream's start (or
+      ``self_contained``) and ``patch_loss`` > 0.
     entry_words: the frame tokens the language model reads carry the word embedding of the digit the entry head
       sees entering there (``VideoLMConfig.entry_words``). Needs ``frame_delta``.
     fulfil_prob: a training curriculum for proactive requests: the probability that a digit entering while a
@@ -104,13 +112,13 @@ class VideoTask:
       (``python -m experiments.scene_stats``). The evaluation streams keep ``enter_prob``.
     request_loss: weight of the request loss: a head on the language model's features at each tick's decision
       position is trained to name the digit of the proactive request pending then (``VideoLMConfig.request_head``,
-      ``video_lm.pending_requests``). Needs clips from their stream's start and the streaming objective; 0 turns
-      it off.
+      ``video_lm.pending_requests``). Needs clips from their stream's start (or ``self_contained``) and the
+      streaming objective; 0 turns it off.
     activation: width of StreamBridge's activation model (``VideoLMConfig.activation``, ``video_lm.Activation``; 0:
       off): it decides when to speak from the standing request and the frame encoder's tokens (behind a stop-gradient:
       ``VideoLM.activation_logits``), trained with a binary cross-entropy at the ticks where a request stands
       (``video_lm.activation_loss``, ``<speak>`` ticks weighing ``speak_weight``) from the first step, the encoder-only
-      steps included. Needs clips from their stream's start and the streaming objective.
+      steps included. Needs clips from their stream's start (or ``self_contained``) and the streaming objective.
     activation_heads: the activation model also reads the frame heads' class log-probabilities, matched bilinearly
       against the request (``VideoLMConfig.activation_heads``). Needs ``activation``.
     activation_match: weight of the activation model's matching loss (``video_lm.match_loss``): at every frame where
@@ -147,6 +155,7 @@ class VideoTask:
   clip_frames: int = 48
   clips_per_stream: int = 1
   clip_overlap: int = 0
+  self_contained: bool = False
   num_train: int = 2000
   patch_loss: float = 0.0
   speak_weight: float = 1.0
@@ -187,23 +196,26 @@ class VideoTask:
         )
     if self.state_loss < 0 or self.request_loss < 0:
       raise ValueError(f"state_loss and request_loss must be >= 0, got {self.state_loss}, {self.request_loss}")
+    cut = self.clips_per_stream > 1 and not self.self_contained  # clips cut mid-stream that need what came before
+    if self.self_contained and self.clips_per_stream == 1:
+      raise ValueError("self_contained needs clips_per_stream > 1 (it rewrites the clips cut mid-stream)")
     for name, on in (("state_loss", self.state_loss), ("frame_delta", self.frame_delta)):
-      if on and self.clips_per_stream > 1:
+      if on and cut:
         raise ValueError(
-          f"{name} needs clips that start at their stream's first frame (clips_per_stream == 1): the targets of a "
-          "clip cut mid-stream depend on frames it does not show"
+          f"{name} needs clips that start at their stream's first frame (clips_per_stream == 1) or self_contained "
+          "ones: the targets of a clip cut mid-stream depend on frames it does not show"
         )
-    if self.request_loss and (self.clips_per_stream > 1 or not self.streaming_objective):
+    if self.request_loss and (cut or not self.streaming_objective):
       raise ValueError(
         "request_loss needs clips from their stream's start (clips_per_stream == 1: a request may be pending from "
-        "before a clip cut mid-stream) and the streaming objective (requests are announced)"
+        "before a clip cut mid-stream) or self_contained ones, and the streaming objective (requests are announced)"
       )
     if self.activation < 0:
       raise ValueError(f"activation must be a width >= 1 (0: off), got {self.activation}")
-    if self.activation and (self.clips_per_stream > 1 or not self.streaming_objective):
+    if self.activation and (cut or not self.streaming_objective):
       raise ValueError(
         "activation needs clips from their stream's start (clips_per_stream == 1: a request may stand from before a "
-        "clip cut mid-stream) and the streaming objective (requests are announced)"
+        "clip cut mid-stream) or self_contained ones, and the streaming objective (requests are announced)"
       )
     if self.entry_words and not self.frame_delta:
       raise ValueError("entry_words needs frame_delta (the entry head that names the digit entering)")
@@ -254,6 +266,7 @@ class VideoTask:
       clip_frames=self.clip_frames,
       clips_per_stream=self.clips_per_stream,
       clip_overlap=self.clip_overlap,
+      self_contained=self.self_contained,
       num_train=self.num_train,
       fulfil_prob=self.fulfil_prob if curriculum else 0.0,
       augment=self.augment,

@@ -117,13 +117,16 @@ def make_train_step(
       from jstream.models import video_lm
 
       video = cfg.video
+      # clips cut after their stream's first tick (video.self_contained): what entered in their first frame, and
+      # the history before them, are no targets
+      midstream = batch["start"] > 0 if "start" in batch else None
 
       def patch_term(vis):  # the frame heads: patch labels, and entry labels with frame_delta
         labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
         patch, pm = video_lm.patch_loss(model.patch_logits(vis), labels)
         out = {"patch_loss": patch, **pm}
         if video.frame_delta:
-          entry = video_lm.entry_labels(batch["objects"], model.config, video.digit_size)
+          entry = video_lm.entry_labels(batch["objects"], model.config, video.digit_size, midstream)
           el, ea = video_lm.digit_loss(model.entry_logits(vis), entry)
           patch = patch + el
           out.update({"entry_loss": el, "entry_accuracy": ea})
@@ -147,7 +150,7 @@ def make_train_step(
 
           requests, _ = model.activation.encode(jnp.asarray(video_qa.request_slots(batch["text"].shape[-1])))
           logits = model.activation_match_logits(vis, requests)
-          ml, mm = video_lm.match_loss(logits, video_lm.entering_digits(batch["objects"]))
+          ml, mm = video_lm.match_loss(logits, video_lm.entering_digits(batch["objects"], midstream))
           loss, out = loss + video.activation_match * ml, {**out, "match_loss": ml, **mm}
         return loss, out
 
@@ -183,7 +186,7 @@ def make_train_step(
         loss = loss + video.patch_loss * patch
         out.update(pm)
       if state:  # a tick whose decision word was run had its frame run (ticks past the budget leave the loss)
-        truth = video_lm.scene_state(batch["objects"], model.config, video.digit_size)
+        truth = video_lm.scene_state(batch["objects"], model.config, video.digit_size, midstream)
         truth = jnp.where(kept[:, :, :1], truth, -1)
         sl, sm = video_lm.state_loss(model.state_logits(outputs[1], text.shape[1]), truth)
         loss = loss + video.state_loss * sl
@@ -444,7 +447,7 @@ def _device_batch(cfg: TrainConfig, batch) -> Any:
   if cfg.data == "video_gen":
     return {k: jnp.asarray(batch[k]) for k in ("frames", "labels", "actions") if k in batch}
   if cfg.data == "video_qa":
-    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "qtype", "objects")}
+    return {k: jnp.asarray(batch[k]) for k in ("frames", "text", "targets", "qtype", "objects", "start")}
   return jnp.asarray(np.asarray(batch, np.int32))
 
 
