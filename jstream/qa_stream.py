@@ -303,7 +303,8 @@ def check_capacity(policy: cache_lib.Policy, num_ticks: int, tokens_per_frame: i
 class StreamRecord:
   """A stream's ground truth (its questions and due announcements) and what the model said, tick by tick;
   ``kept``: the frame tokens cached at each tick (``TickOutputs.kept``); ``speak_margin``: the ``<speak>`` minus
-  ``<silent>`` logit at each tick (``TickOutputs.speak_margin``)."""
+  ``<silent>`` logit at each tick (``TickOutputs.speak_margin``); ``events``: the stream's entries and exits
+  (``Chunk.events``), what was on screen when the model spoke."""
 
   questions: list[vqa.Question]
   announcements: list[tuple[int, int, int]]
@@ -312,6 +313,7 @@ class StreamRecord:
   answer: np.ndarray
   kept: np.ndarray | None = None
   speak_margin: np.ndarray | None = None
+  events: list[tuple[int, int, int, int]] | None = None
 
 
 def answer_streams(
@@ -343,7 +345,9 @@ def answer_streams(
   # parameters (a restored checkpoint's) would make the second call compile again.
   cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])
   records = [
-    StreamRecord([], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32))
+    StreamRecord(
+      [], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32), events=[]
+    )
     for _ in streams
   ]
   drop_state = last_frame = request_state = None
@@ -374,6 +378,7 @@ def answer_streams(
     for row, (c, rec) in enumerate(zip(chunks, records)):
       rec.questions += c.questions
       rec.announcements += c.announcements
+      rec.events += c.events
       rec.decision = np.concatenate([rec.decision, out.decision[row]])
       rec.announced = np.concatenate([rec.announced, out.announced[row]])
       rec.answer = np.concatenate([rec.answer, out.answer[row]])
@@ -382,6 +387,18 @@ def answer_streams(
   if final_cache is not None:
     final_cache.append(cache)
   return records
+
+
+def _on_screen(events: list[tuple[int, int, int, int]], frame: int) -> set[str]:
+  """The words of the digits drawn in ``frame``, replayed from a stream's entry and exit events."""
+  drawn = {}
+  for f, kind, obj, label in events:
+    if f <= frame:
+      if kind == vqa.ENTER:
+        drawn[obj] = label
+      else:
+        drawn.pop(obj, None)
+  return {vqa.NUMBERS[label] for label in drawn.values()}
 
 
 WAIT_BINS = (0, 16, 48, 96)
@@ -405,11 +422,15 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   separation; the margins are those of this run, whose own decisions shaped the context) and ``by_wait``: the
   events, ``spoke_in_time`` and ``announced`` per bin of ``WAIT_BINS`` of the ticks from the request to its event
   (``"16-47"``, ``"96+"``): a request that waits long may have left the text window, or the distances training
-  saw, by the time it is due."""
+  saw, by the time it is due. ``wrong_label``: the events spoken at in time with another label than the request's,
+  what was said instead, and, when the records keep their events, the share of them whose label is that of a digit
+  on screen at the tick the model spoke (one it saw rather than one it made up)."""
   out: dict = {}
   bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
   events = announced = in_time = preempted = alarms = silent_ticks = 0
   late, event_margins, silent_margins = [], [], []
+  wrong = {"events": 0, "said": {}, "on_screen": 0}
+  with_events = all(rec.events is not None for rec in records)
   with_margins = all(rec.speak_margin is not None for rec in records)
   for rec in records:
     for q in rec.questions:
@@ -438,10 +459,17 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
         if f + d < len(spoke) and spoke[f + d]:
           in_time += 1
           b["spoke_in_time"] += 1
-          if rec.announced[f + d] == vqa.WORD_ID[vqa.NUMBERS[label]]:
+          said = int(rec.announced[f + d])
+          if said == vqa.WORD_ID[vqa.NUMBERS[label]]:
             announced += 1
             b["announced"] += 1
             late.append(d)
+          else:
+            word = vqa.WORDS[said] if 0 <= said < len(vqa.WORDS) else f"<{said}>"
+            wrong["events"] += 1
+            wrong["said"][word] = wrong["said"].get(word, 0) + 1
+            if with_events:
+              wrong["on_screen"] += int(word in _on_screen(rec.events, f + d))
           break
     alarms += int(np.sum(spoke & ~near))
     silent_ticks += int(np.sum(~near))
@@ -463,7 +491,10 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
     "by_wait": {},
+    "wrong_label": {"events": wrong["events"], "said": dict(sorted(wrong["said"].items()))},
   }
+  if with_events:
+    out["proactive"]["wrong_label"]["on_screen"] = wrong["on_screen"] / max(wrong["events"], 1)
   edges = (*WAIT_BINS[1:], None)
   for (lo, b), hi in zip(bins.items(), edges):
     if b["events"]:

@@ -283,6 +283,12 @@ def test_score_counts_answers_announcements_and_false_alarms():
   rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
   p = Q.score([rec])["proactive"]
   assert p["announced"] == 0.0 and p["spoke_in_time"] == 1.0 and p["timing"] is None
+  assert p["wrong_label"] == {"events": 1, "said": {"three": 1}}  # a record without events: no on-screen share
+  rec.events = [(1, V.ENTER, 0, 3), (5, V.ENTER, 1, 7)]  # the three said is on screen at tick 6
+  assert Q.score([rec])["proactive"]["wrong_label"]["on_screen"] == 1.0
+  rec.events = [(1, V.ENTER, 0, 3), (5, V.ENTER, 1, 7), (6, V.EXIT, 0, 3)]  # it left in frame 6: not drawn there
+  assert Q.score([rec])["proactive"]["wrong_label"]["on_screen"] == 0.0
+  rec.events = None
   # by wait: the event above (3 ticks), and in a longer record events after 20, 60 and 120 ticks (the last missed)
   due = [(50, 30, 1), (100, 40, 2), (130, 10, 3)]
   long = Q.StreamRecord([], due, np.full(140, V.SILENT), np.full(140, V.PAD), answer)
