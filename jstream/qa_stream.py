@@ -423,8 +423,9 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   events, ``spoke_in_time`` and ``announced`` per bin of ``WAIT_BINS`` of the ticks from the request to its event
   (``"16-47"``, ``"96+"``): a request that waits long may have left the text window, or the distances training
   saw, by the time it is due. ``wrong_label``: the events spoken at in time with another label than the request's,
-  what was said instead, and, when the records keep their events, the share of them whose label is that of a digit
-  on screen at the tick the model spoke (one it saw rather than one it made up)."""
+  what was said instead per requested digit (``{"eight": {"six": 3}}``), and, when the records keep their events,
+  the share of them whose label is that of a digit on screen at the tick the model spoke (one it saw rather than
+  one it made up)."""
   out: dict = {}
   bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
   events = announced = in_time = preempted = alarms = silent_ticks = 0
@@ -467,7 +468,8 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
           else:
             word = vqa.WORDS[said] if 0 <= said < len(vqa.WORDS) else f"<{said}>"
             wrong["events"] += 1
-            wrong["said"][word] = wrong["said"].get(word, 0) + 1
+            said_for = wrong["said"].setdefault(vqa.NUMBERS[label], {})
+            said_for[word] = said_for.get(word, 0) + 1
             if with_events:
               wrong["on_screen"] += int(word in _on_screen(rec.events, f + d))
           break
@@ -491,7 +493,10 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
     "by_wait": {},
-    "wrong_label": {"events": wrong["events"], "said": dict(sorted(wrong["said"].items()))},
+    "wrong_label": {
+      "events": wrong["events"],
+      "said": {k: dict(sorted(v.items())) for k, v in sorted(wrong["said"].items())},
+    },
   }
   if with_events:
     out["proactive"]["wrong_label"]["on_screen"] = wrong["on_screen"] / max(wrong["events"], 1)

@@ -283,7 +283,10 @@ def test_score_counts_answers_announcements_and_false_alarms():
   rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
   p = Q.score([rec])["proactive"]
   assert p["announced"] == 0.0 and p["spoke_in_time"] == 1.0 and p["timing"] is None
-  assert p["wrong_label"] == {"events": 1, "said": {"three": 1}}  # a record without events: no on-screen share
+  assert p["wrong_label"] == {
+    "events": 1,
+    "said": {"seven": {"three": 1}},
+  }  # a record without events: no on-screen share
   rec.events = [(1, V.ENTER, 0, 3), (5, V.ENTER, 1, 7)]  # the three said is on screen at tick 6
   assert Q.score([rec])["proactive"]["wrong_label"]["on_screen"] == 1.0
   rec.events = [(1, V.ENTER, 0, 3), (5, V.ENTER, 1, 7), (6, V.EXIT, 0, 3)]  # it left in frame 6: not drawn there
