@@ -3,10 +3,12 @@
   python -m experiments.scene_stats [--flags F[;G...]] [--clips 400] [--streams 8] [--frames 1000] [--burn 50]
       --out DIR
 
-A training clip is the first ``clip_frames`` ticks of a stream (``video_qa.stream_clips``): the canvas starts
-empty and fills, while a stream of 1,000 frames spends nearly all its ticks in a steady state in which the canvas
-is full most of the time, digits leave before others can enter, and a digit that enters meets the others already
-there. The video-QA model answers what it was trained on; where the two differ (issue 10: ``count_now`` overcounts
+A training clip is the first ``clip_frames`` ticks of a stream (``video_qa.stream_clips``; with ``clips_per_stream``
+> 1, ``configs/video_lm.py:midstream``, the stream's first ticks cut into that many clips, counted here as the
+stream's ticks they cover, the overlap once; the announcements then include those a self-contained clip hides):
+the canvas starts empty and fills, while a stream of 1,000 frames spends nearly all its ticks in a steady state in
+which the canvas is full most of the time, digits leave before others can enter, and a digit that enters meets
+the others already there. The video-QA model answers what it was trained on; where the two differ (issue 10: ``count_now`` overcounts
 after exits at 1,000 frames), this experiment measures the difference, from the simulation alone (no model): for
 the training clips of each flag set (``configs/video_lm.py``, with its training curriculum: ``train_stay``,
 ``fulfil_prob``, ...) and for the evaluation streams (the test split, ``data_config(curriculum=False)``, from tick
@@ -79,7 +81,9 @@ def main(argv=None) -> int:
   for i, flags in enumerate(flag_sets):
     cfg = run_config(False, None, flags)
     train = cfg.video.data_config()
-    rows.append({"flags": flags, **scene_stats(train, "train", args.clips, train.clip_frames)})
+    k = train.clips_per_stream  # the clips of a stream are its consecutive ticks (overlap aside)
+    ticks = train.clip_frames + (k - 1) * (train.clip_frames - train.clip_overlap)
+    rows.append({"flags": flags, **scene_stats(train, "train", max(args.clips // k, 1), ticks)})
     if i == 0:
       evaluation = cfg.video.data_config(curriculum=False)
       rows.insert(0, {"flags": "evaluation", **scene_stats(evaluation, "test", args.streams, args.frames, args.burn)})
