@@ -5,15 +5,16 @@
 
 A training clip is the first ``clip_frames`` ticks of a stream (``video_qa.stream_clips``; with ``clips_per_stream``
 > 1, ``configs/video_lm.py:midstream``, the stream's first ticks cut into that many clips, counted here as the
-stream's ticks they cover, the overlap once; the announcements then include those a self-contained clip hides):
-the canvas starts empty and fills, while a stream of 1,000 frames spends nearly all its ticks in a steady state in
-which the canvas is full most of the time, digits leave before others can enter, and a digit that enters meets
-the others already there. The video-QA model answers what it was trained on; where the two differ (issue 10: ``count_now`` overcounts
-after exits at 1,000 frames), this experiment measures the difference, from the simulation alone (no model): for
-the training clips of each flag set (``configs/video_lm.py``, with its training curriculum: ``train_stay``,
-``fulfil_prob``, ...) and for the evaluation streams (the test split, ``data_config(curriculum=False)``, from tick
-``--burn`` on), per ``clip_frames`` ticks: the share of ticks with 0-3 digits on screen, the exits, the entries by
-how many digits were already there, the entries in the same tick as an exit, and the proactive announcements due.
+stream's ticks they cover, the overlap once; the announcements then include those a self-contained clip hides): the
+canvas starts empty and fills, while a stream of 1,000 frames spends nearly all its ticks in a steady state in which
+the canvas is full most of the time, digits leave before others can enter, and a digit that enters meets the others
+already there. The video-QA model answers what it was trained on; where the two differ (issue 10: ``count_now``
+overcounts after exits at 1,000 frames), this experiment measures the difference, from the simulation alone (no
+model): for the training clips of each flag set (``configs/video_lm.py``, with its training curriculum:
+``train_stay``, ``fulfil_prob``, ...) and for the evaluation streams (the test split,
+``data_config(curriculum=False)``, from tick ``--burn`` on), per ``clip_frames`` ticks: the share of ticks with 0-3
+digits on screen, the exits, the entries by how many digits were already there, the entries in the same tick as an
+exit, and the proactive announcements due.
 Writes ``DIR/results.json``.
 """
 
