@@ -14,7 +14,9 @@ model): for the training clips of each flag set (``configs/video_lm.py``, with i
 ``train_stay``, ``fulfil_prob``, ...) and for the evaluation streams (the test split,
 ``data_config(curriculum=False)``, from tick ``--burn`` on), per ``clip_frames`` ticks: the share of ticks with 0-3
 digits on screen, the exits, the entries by how many digits were already there, the entries in the same tick as an
-exit, and the proactive announcements due.
+exit, the proactive announcements due, and the words of the text slots per tick (what the text track of a cache
+holds per tick: a text window of ``W`` tokens reaches about ``W / words_per_tick`` ticks back; a model that hides
+standing requests, ``hide_requests``, caches a few fewer).
 Writes ``DIR/results.json``.
 """
 
@@ -41,7 +43,7 @@ def scene_stats(config: video_qa.VideoQAConfig, split: str, streams: int, frames
   limit = config.max_on_screen
   on_screen = np.zeros(limit + 1)
   beside = np.zeros(limit)  # entries by the digits already on screen
-  exits = with_exit = announcements = 0
+  exits = with_exit = announcements = words = 0
   for i in indices:
     chunk = video_qa.VideoQAStream(config, split, i).take(frames)
     drawn = (chunk.objects[..., 0] >= 0).sum(-1)
@@ -53,6 +55,7 @@ def scene_stats(config: video_qa.VideoQAConfig, split: str, streams: int, frames
         beside[drawn[f] - 1] += 1
         with_exit += f in exit_ticks
     announcements += sum(f >= burn for f, _, _ in chunk.announcements)
+    words += int(np.sum(chunk.text[burn:] != video_qa.PAD))
   clips = streams * (frames - burn) / config.clip_frames
   entries = beside.sum()
   return {
@@ -64,6 +67,7 @@ def scene_stats(config: video_qa.VideoQAConfig, split: str, streams: int, frames
     "entries_per_clip_beside": (beside / clips).round(3).tolist(),
     "entries_with_an_exit": round(with_exit / max(entries, 1), 3),
     "announcements_per_clip": round(announcements / clips, 3),
+    "words_per_tick": round(words / (streams * (frames - burn)), 3),
   }
 
 
@@ -90,14 +94,14 @@ def main(argv=None) -> int:
       rows.insert(0, {"flags": "evaluation", **scene_stats(evaluation, "test", args.streams, args.frames, args.burn)})
   print(
     f"per {evaluation.clip_frames} ticks: on screen 0/1/2/3 (share of ticks), exits, entries beside 0/1/2 others, "
-    "share of entries with an exit, announcements"
+    "share of entries with an exit, announcements, words per tick"
   )
   for r in rows:
     share = " / ".join(f"{x:.2f}" for x in r["on_screen_share"])
     beside = " / ".join(f"{x:.2f}" for x in r["entries_per_clip_beside"])
     print(
       f"  {r['flags'][-60:]:60s} {share}  {r['exits_per_clip']:.2f}  {beside}  {r['entries_with_an_exit']:.2f}"
-      f"  {r['announcements_per_clip']:.2f}"
+      f"  {r['announcements_per_clip']:.2f}  {r['words_per_tick']:.2f}"
     )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -435,6 +435,7 @@ def test_scene_stats_counts_a_stream_worked_by_hand():
   assert s["on_screen_share"] == [0.0, 1.0]
   assert s["exits_per_clip"] == 7 and s["entries_per_clip_beside"] == [8.0]
   assert s["entries_with_an_exit"] == 0.875 and s["announcements_per_clip"] == 0
+  assert s["words_per_tick"] == 1.0  # no questions, no requests: the decision alone
   half = scene_stats(config, "train", 3, 24, burn=12)  # ticks 12..23: entries at 12 .. 21, each with an exit
   assert half["entries_per_clip_beside"] == [8.0] and half["entries_with_an_exit"] == 1.0
   default = V.video_qa_config()
