@@ -287,7 +287,12 @@ def main(argv=None) -> int:
   )
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
-  parser.add_argument("--window", type=int, default=256, help="tokens per track window")
+  parser.add_argument(
+    "--window",
+    type=int,
+    default=256,
+    help="tokens per track window (a text window beyond what the training clips hold costs accuracy: RESULTS.md)",
+  )
   parser.add_argument("--sinks", type=int, default=4, help="text sinks of the sinks+window policies")
   parser.add_argument("--ticks-per-call", type=int, default=50)
   parser.add_argument("--dense-max-tokens", type=int, default=40_000, help="longest stream (tokens) run dense")
