@@ -86,9 +86,8 @@ def main(argv=None) -> int:
   for i, flags in enumerate(flag_sets):
     cfg = run_config(False, None, flags)
     train = cfg.video.data_config()
-    k = train.clips_per_stream  # the clips of a stream are its consecutive ticks (overlap aside)
-    ticks = train.clip_frames + (k - 1) * (train.clip_frames - train.clip_overlap)
-    rows.append({"flags": flags, **scene_stats(train, "train", max(args.clips // k, 1), ticks)})
+    streams = max(args.clips // train.clips_per_stream, 1)  # a stream's clips are its consecutive ticks
+    rows.append({"flags": flags, **scene_stats(train, "train", streams, video_qa.clips_span(train))})
     if i == 0:
       evaluation = cfg.video.data_config(curriculum=False)
       rows.insert(0, {"flags": "evaluation", **scene_stats(evaluation, "test", args.streams, args.frames, args.burn)})

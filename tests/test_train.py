@@ -645,6 +645,9 @@ def test_video_qa_clips_cut_mid_stream_leave_their_unknown_targets_out_of_the_lo
   entry[cut, 0] = -1
   want, _ = video_lm.digit_loss(model.entry_logits(model.encode(jnp.asarray(batch["frames"]))), jnp.asarray(entry))
   np.testing.assert_allclose(float(metrics["entry_loss"]), float(want), rtol=1e-4)
+  _, _, state = init_state(cfg)
+  with pytest.raises(ValueError, match=r"self_contained clips need each clip's first tick"):
+    make_train_step(graphdef, optimizer, cfg)(state, {k: v for k, v in batch.items() if k != "start"})
 
 
 def test_video_qa_config_errors_name_the_problem(tmp_path):

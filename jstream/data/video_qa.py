@@ -562,13 +562,18 @@ class VideoQAStream:
 # TFDS builder and pipelines.
 
 
+def clips_span(config: VideoQAConfig) -> int:
+  """The ticks of a stream, from its first, that its ``clips_per_stream`` clips cover (``stream_clips``)."""
+  return config.clip_frames + (config.clips_per_stream - 1) * (config.clip_frames - config.clip_overlap)
+
+
 def stream_clips(config: VideoQAConfig, split: str, stream: int) -> list[dict[str, np.ndarray]]:
   """The ``clips_per_stream`` clips of stream ``stream`` of ``split``: ``clip_frames`` ticks each, clip ``k``
   starting at tick ``k * (clip_frames - clip_overlap)``; a clip's ticks shared with the previous clip keep their
   words but lose their targets. ``start`` is each clip's first tick in the stream."""
   t, o, k = config.clip_frames, config.clip_overlap, config.clips_per_stream
   step = t - o
-  chunk = VideoQAStream(config, split, stream).take((k - 1) * step + t)
+  chunk = VideoQAStream(config, split, stream).take(clips_span(config))
   clips = []
   for j in range(k):
     a = j * step

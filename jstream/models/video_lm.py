@@ -899,8 +899,11 @@ def scene_state(
   labels = objects[..., 1]
   groups = list(jnp.moveaxis(layout_labels(objects, config, digit_size), -1, 0))
   groups.append(valid.sum(-1))
-  new = _new_objects(objects)  # at most one a frame
-  entry = jnp.where(new.any(-1), jnp.sum(jnp.where(new, labels, 0), -1), NO_DIGIT)
+
+  def label_in(event, label):  # the label of the frame's one event, NO_DIGIT without one
+    return jnp.where(event.any(-1), jnp.sum(jnp.where(event, label, 0), -1), NO_DIGIT)
+
+  entry = label_in(_new_objects(objects), labels)  # at most one a frame
   groups.append(entry)
   # the history by id: ids count entries from the stream's start, at most one a frame, so a clip of n frames from
   # its stream's first has ids < n
@@ -910,7 +913,7 @@ def scene_state(
   before = jnp.pad(present[:, :-1], ((0, 0), (1, 0), (0, 0)))
   left_now = before & ~present  # at most one a frame
   groups.append(jnp.where(jnp.cumsum(present[..., 0], axis=1) > 0, label_of[:, :1], NO_DIGIT))  # object 0
-  exits = jnp.where(left_now.any(-1), jnp.sum(jnp.where(left_now, label_of[:, None], 0), -1), NO_DIGIT)
+  exits = label_in(left_now, label_of[:, None])
   first_exit = jnp.take_along_axis(exits, jnp.argmax(exits != NO_DIGIT, axis=1)[:, None], axis=1)
   groups.append(jnp.where(jnp.cumsum(exits != NO_DIGIT, axis=1) > 0, first_exit, NO_DIGIT))
   onehot = jax.nn.one_hot(entry, 10, dtype=jnp.int32)  # NO_DIGIT: no entry, all zeros

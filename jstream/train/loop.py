@@ -118,8 +118,12 @@ def make_train_step(
 
       video = cfg.video
       # clips cut after their stream's first tick (video.self_contained): what entered in their first frame, and
-      # the history before them, are no targets
-      midstream = batch["start"] > 0 if "start" in batch else None
+      # the history before them, are no targets; every other run's clips start at their stream's first tick
+      midstream = None
+      if video.self_contained:
+        if "start" not in batch:
+          raise ValueError("self_contained clips need each clip's first tick, batch['start'] (video_qa_dataset's)")
+        midstream = batch["start"] > 0
 
       def patch_term(vis):  # the frame heads: patch labels, and entry labels with frame_delta
         labels = video_lm.centre_labels(batch["objects"], model.config, video.digit_size)
