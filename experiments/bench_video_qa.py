@@ -137,8 +137,7 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
     for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
       if name not in methods:
         continue
-      speak = args.speak_threshold
-      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, speak_threshold=speak)
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, **speaking(args))
       cache = model.init_cache(policy, len(streams))
       if isinstance(cache, M.MemoryCache):
         parts = M.memory_bytes(cache)
@@ -173,8 +172,8 @@ def drop_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   rows = []
   for threshold in [None] + [float(x) for x in args.drop.split(",") if x]:
     drop = None if threshold is None else reduce.DifferentialDrop(threshold=threshold)
-    frames, speak = args.memory_frames, args.speak_threshold
-    r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, drop, speak)
+    frames = args.memory_frames
+    r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, drop, **speaking(args))
     r["mean_accuracy"] = float(np.mean([v["accuracy"] for t, v in r["scores"].items() if t != "proactive"]))
     r["dropped"] = 1.0 - r["frame_tokens_kept"]
     r["relative_accuracy"] = r["mean_accuracy"] / max(rows[0]["mean_accuracy"], 1e-9) if rows else 1.0
@@ -213,10 +212,12 @@ def measure(
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
   speak_threshold: float = 0.5,
+  close_threshold: float | None = None,
 ) -> dict:
   """Answers ``len(streams)`` streams of ``frames`` ticks (a batch) under ``policy``; scores and times them.
   ``proactive=False``: the model answers only when asked; ``drop``: a token drop before the cache;
-  ``speak_threshold``: when the model speaks unprompted (``qa_stream.run``). A ``memory.Scored`` policy's rows
+  ``speak_threshold``, ``close_threshold``: when the model speaks unprompted, and when speaking answers the standing
+  request (``qa_stream.run``). A ``memory.Scored`` policy's rows
   also report which frames its entries hold at the end (``memory_frames``)."""
   qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
   times: list[float] = []
@@ -232,6 +233,7 @@ def measure(
     proactive=proactive,
     drop=drop,
     speak_threshold=speak_threshold,
+    close_threshold=close_threshold,
     final_cache=last,
   )
   steady = times[1:] or times
@@ -252,6 +254,11 @@ def measure(
     "peak_rss_mib": rss_mib()[1],
     "frame_tokens_kept": float(np.mean([r.kept for r in records])) / model.config.tokens_per_frame,
   }
+
+
+def speaking(args) -> dict[str, float | None]:
+  """``measure``'s speak and close thresholds from the command line."""
+  return {"speak_threshold": args.speak_threshold, "close_threshold": args.close_threshold}
 
 
 def memory_frames(cache, tokens_per_frame: int, frames: int) -> dict | None:
@@ -284,6 +291,13 @@ def main(argv=None) -> int:
     type=float,
     default=0.5,
     help="the model speaks unprompted where <speak>'s share of P(<speak>) + P(<silent>) exceeds this (qa_stream.run)",
+  )
+  parser.add_argument(
+    "--close-threshold",
+    type=float,
+    default=None,
+    help="a model with an activation model: speaking answers the standing request only above this probability "
+    "(default: the speak threshold; a less certain announcement leaves the request standing; qa_stream.run)",
   )
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
@@ -343,8 +357,7 @@ def main(argv=None) -> int:
       if name == "dense" and sum(dense.values()) > args.dense_max_tokens:
         rows.append({"policy": name, "frames": frames, "skipped": f"> {args.dense_max_tokens} tokens"})
         continue
-      speak = args.speak_threshold
-      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, speak_threshold=speak)
+      r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, **speaking(args))
       rows.append({"policy": name, "frames": frames, **r})
       acc = ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in sorted(r["scores"].items()) if t != "proactive")
       p = r["scores"]["proactive"]
@@ -357,8 +370,8 @@ def main(argv=None) -> int:
   bounded = policies(args.window, args.sinks, 1, 1)["sinks+window"]
   for b in [int(x) for x in args.speed_batches.split(",") if x]:
     ids = eval_streams(args.seed, b, offset=500)
-    n, speak = args.speed_frames, args.speak_threshold
-    r = measure(model, bounded, data_config, ids, n, args.ticks_per_call, proactive, speak_threshold=speak)
+    n = args.speed_frames
+    r = measure(model, bounded, data_config, ids, n, args.ticks_per_call, proactive, **speaking(args))
     speed.append({"batch": b, "frames": args.speed_frames, **{k: r[k] for k in ("ms_per_frame", "frames_per_s")}})
     print(f"  speed, sinks+window, batch {b}: {r['ms_per_frame']:.2f} ms per tick, {r['frames_per_s']:.0f} frames/s")
   result = {

@@ -111,6 +111,7 @@ def _tick(
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
   speak_bias: Float[Array, ""] | float = 0.0,
+  close_bias: Float[Array, ""] | float = 0.0,
 ):
   """One tick in two calls of the model, three when a row speaks.
 
@@ -125,7 +126,8 @@ def _tick(
   exceeds its ``<silent>`` logit by more than this (0: the likelier of the two). A model with an activation model
   (``VideoLMConfig.activation``) speaks where a request stands and the activation model's log-odds on the whole
   frame exceed ``speak_bias``; its ``<speak>`` carries the request's prompt, and the tick's question (a standing
-  request if no ``<a>`` follows it) and decision update the standing request.
+  request if no ``<a>`` follows it) and decision update the standing request: speaking closes it where the log-odds
+  also exceed ``close_bias`` (at most ``speak_bias``: every announcement closes it).
   """
   cache, left, drop_state, previous, request = carry
   lm = model.lm
@@ -178,16 +180,16 @@ def _tick(
   left = jnp.stack([jnp.where(due, answer, pad), jnp.where(due, vqa.EOS, pad)], axis=1)
   said = (decision, jnp.where(speak, label, pad), jnp.where(due, answer, pad))
   if activation is not None:
-    request = activation.advance(request, question, speak)
+    request = activation.advance(request, question, speak & (margin > close_bias))
   return (cache, left, drop_state, frame, request), (*said, jnp.sum(kept, axis=1).astype(jnp.int32), margin)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, speak_bias, previous, request):
+def _run(graphdef, state, cache, frames, questions, proactive, drop, drop_state, bias, previous, request):
   model = nnx.merge(graphdef, state)
 
   def step(carry, xs):
-    return _tick(model, carry, *xs, proactive=proactive, drop=drop, speak_bias=speak_bias)
+    return _tick(model, carry, *xs, proactive=proactive, drop=drop, speak_bias=bias[0], close_bias=bias[1])
 
   b = frames.shape[0]
   left = jnp.full((b, 2), vqa.PAD, jnp.int32)
@@ -208,27 +210,32 @@ def run(
   drop: reduce.DifferentialDrop | None = None,
   drop_state: reduce.DropState | None = None,
   speak_threshold: float = 0.5,
+  close_threshold: float | None = None,
   previous_frame: Float[ArrayLike, "b _ _"] | None = None,
   request_state: RequestState | None = None,
 ) -> tuple[cache_lib.Cache, TickOutputs]:
-  """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``)
-  as one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
-  ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained
-  to answer only when asked (``VideoTask.streaming_objective=False``). ``drop``: TimeChat-Online's differential
-  token drop before the cache (dropped frame tokens are padding: not cached, no compute for a new shape);
-  ``drop_state``: the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's). ``speak_threshold``:
-  the model speaks unprompted where ``<speak>``'s share of the ``<speak>`` / ``<silent>`` probabilities exceeds it
-  (0.5: the likelier of the two; lower speaks more readily, VideoLLM-online's response threshold); a traced value,
-  so changing it does not recompile. ``previous_frame``: ``[b, H, W]`` the frame before ``frames[:, 0]``, the
-  previous call's ``TickOutputs.last_frame`` (default zeros: streams that start here; set a row to zeros where it
-  resets); only a ``VideoLMConfig.frame_delta`` model's encoder reads it. ``request_state``: the previous call's
-  ``TickOutputs.request_state`` (default: no request standing; close a row's where it resets); only a model with
-  an activation model (``VideoLMConfig.activation``) reads it.
+  """Runs ``n`` ticks of ``b`` streams (frames in [0, 1], the question words of each tick from ``question_ids``) as
+  one compiled scan; the cache is donated. Returns the cache and what the model said (``TickOutputs``).
+  ``proactive=False``: the model never speaks unprompted (its decisions are all ``<silent>``), for a model trained to
+  answer only when asked (``VideoTask.streaming_objective=False``). ``drop``: TimeChat-Online's differential token
+  drop before the cache (dropped frame tokens are padding: not cached, no compute for a new shape); ``drop_state``:
+  the previous call's ``TickOutputs.drop_state`` (default: a fresh stream's). ``speak_threshold``: the model speaks
+  unprompted where ``<speak>``'s share of the ``<speak>`` / ``<silent>`` probabilities exceeds it (0.5: the likelier
+  of the two; lower speaks more readily, VideoLLM-online's response threshold); a traced value, so changing it does
+  not recompile. ``close_threshold`` (a model with an activation model only; default: the speak threshold): an
+  announcement answers the standing request, which then no longer stands, only where the activation model's
+  probability also exceeds this; a less certain one leaves the request standing, so that a false alarm does not use up
+  a request whose event is still to come (a traced value too). ``previous_frame``: ``[b, H, W]`` the frame before
+  ``frames[:, 0]``, the previous call's ``TickOutputs.last_frame`` (default zeros: streams that start here; set a row
+  to zeros where it resets); only a ``VideoLMConfig.frame_delta`` model's encoder reads it. ``request_state``: the
+  previous call's ``TickOutputs.request_state`` (default: no request standing; close a row's where it resets); only a
+  model with an activation model (``VideoLMConfig.activation``) reads it.
 
   Raises:
     ValueError: frames not floats or not the model's frame size, frames and questions of different ``[b, n]``,
       ``previous_frame`` not ``[b, H, W]``, ``request_state`` not ``[b]`` rows of the model's activation width, or
-      ``speak_threshold`` outside (0, 1)."""
+      ``speak_threshold`` outside (0, 1), or ``close_threshold`` outside [``speak_threshold``, 1) or given for a
+      model without an activation model."""
   if not jnp.issubdtype(jnp.asarray(frames).dtype, jnp.floating):
     raise ValueError(f"frames must be floats in [0, 1], got {jnp.asarray(frames).dtype} (divide uint8 frames by 255)")
   frames, questions = jnp.asarray(frames, jnp.float32), jnp.asarray(questions, jnp.int32)
@@ -240,6 +247,11 @@ def run(
     drop_state = reduce.init_drop_state(frames.shape[0], model.config.tokens_per_frame, model.config.lm.embed_dim)
   if not 0.0 < float(speak_threshold) < 1.0:
     raise ValueError(f"speak_threshold must be in (0, 1), got {speak_threshold}")
+  if close_threshold is not None:
+    if not model.config.activation:
+      raise ValueError("close_threshold needs a model with an activation model (VideoLMConfig.activation)")
+    if not float(speak_threshold) <= float(close_threshold) < 1.0:
+      raise ValueError(f"close_threshold must be in [speak_threshold {speak_threshold}, 1), got {close_threshold}")
   b = frames.shape[0]
   if previous_frame is None:  # committed, as the next call's (an output) will be: no second compilation
     previous_frame = jax.device_put(jnp.zeros((b, *model.config.frame_size), jnp.float32), jax.devices()[0])
@@ -256,7 +268,8 @@ def run(
       f"request_state must be the previous call's TickOutputs.request_state for {b} rows, got vector "
       f"{request_state.vector.shape} and open {request_state.open.shape}"
     )
-  bias = jnp.float32(np.log(speak_threshold) - np.log1p(-speak_threshold))
+  close = speak_threshold if close_threshold is None else close_threshold
+  bias = jnp.asarray([np.log(t) - np.log1p(-t) for t in (speak_threshold, close)], jnp.float32)
   graphdef, state = nnx.split(model)
   args = (frames, questions, bool(proactive), drop, drop_state, bias, previous_frame, request_state)
   cache, drop_state, last, request_state, outs = _run(graphdef, state, cache, *args)
@@ -329,13 +342,15 @@ def answer_streams(
   proactive: bool = True,
   drop: reduce.DifferentialDrop | None = None,
   speak_threshold: float = 0.5,
+  close_threshold: float | None = None,
   final_cache: list | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
   per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
   wall time of each call of ``run`` (the first includes compilation); ``final_cache``, if given, the cache after
-  the last tick (what a memory kept). ``proactive``, ``drop``, ``speak_threshold``: see ``run``."""
+  the last tick (what a memory kept). ``proactive``, ``drop``, ``speak_threshold``, ``close_threshold``: see
+  ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -369,6 +384,7 @@ def answer_streams(
       drop=drop,
       drop_state=drop_state,
       speak_threshold=speak_threshold,
+      close_threshold=close_threshold,
       previous_frame=last_frame,
       request_state=request_state,
     )
@@ -416,7 +432,10 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
   of the announced events), ``spoke_in_time`` (events within ``tolerance`` frames of which the model spoke, right
   label or not: the decision without the label), ``preempted`` (events before which the model spoke while their
-  request stood, a false alarm that answered it early) and, when the records keep their speak margins, ``margin_auc``:
+  request stood, a false alarm that answered it early), ``announced_after_early`` (events announced with the right
+  label although the model had spoken early for them: the early announcement left the request standing,
+  ``run(close_threshold=)``), ``precision`` (of all the announcements, those that announced an event in time with
+  the right label) and, when the records keep their speak margins, ``margin_auc``:
   how well the margin separates the events from those silent ticks whatever the threshold (the probability that an
   event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no
   separation; the margins are those of this run, whose own decisions shaped the context) and ``by_wait``: the
@@ -428,7 +447,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   one it made up)."""
   out: dict = {}
   bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
-  events = announced = in_time = preempted = alarms = silent_ticks = 0
+  events = announced = in_time = preempted = after_early = alarms = silent_ticks = spoken = 0
   late, event_margins, silent_margins = [], [], []
   wrong = {"events": 0, "said": {}, "on_screen": 0}
   with_events = all(rec.events is not None for rec in records)
@@ -451,9 +470,11 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     for f in due:
       near[f : f + tolerance + 1] = True
     spoke = rec.decision == vqa.SPEAK
+    spoken += int(np.sum(spoke))
     for f, (asked, label) in due.items():
       events += 1
-      preempted += int(np.any(spoke[asked + 1 : f]))
+      early = bool(np.any(spoke[asked + 1 : f]))
+      preempted += int(early)
       b = bins[max(lo for lo in WAIT_BINS if lo <= f - asked)]
       b["events"] += 1
       for d in range(tolerance + 1):
@@ -463,6 +484,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
           said = int(rec.announced[f + d])
           if said == vqa.WORD_ID[vqa.NUMBERS[label]]:
             announced += 1
+            after_early += int(early)
             b["announced"] += 1
             late.append(d)
           else:
@@ -490,6 +512,8 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "announced": announced / max(events, 1),
     "spoke_in_time": in_time / max(events, 1),
     "preempted": preempted / max(events, 1),
+    "announced_after_early": after_early / max(events, 1),
+    "precision": announced / max(spoken, 1),
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
     "by_wait": {},

@@ -245,6 +245,55 @@ def test_the_runner_carries_the_standing_request_across_calls():
     Q.run(model, model.init_cache(POLICY, 1), frames[:1, :4], qs[:1], request_state=first.request_state)
 
 
+def test_an_uncertain_announcement_leaves_the_request_standing():
+  """``close_threshold``: the model speaks where its activation log-odds exceed the speak threshold's, and speaking
+  answers the standing request only where they also exceed the close threshold's. Checked against an offline replay:
+  each proactive question's request encoded alone (``Activation.encode``), the log-odds of every frame for the
+  latest one asked (``VideoLM.activation_logits``), and the request's standing replayed by that rule; the runner's
+  margins are those log-odds where it stands and ``CLOSED`` elsewhere, and it speaks where they pass the speak
+  threshold. The thresholds make it speak at least once below the close threshold and go on to speak again for
+  the same request; without a close threshold that request is closed by the first announcement."""
+  model = tiny_video_lm(seed=9, frame_delta=True, activation=8)
+  n, qlen = 24, V.MAX_QUESTION_WORDS + 2
+  chunk = V.VideoQAStream(CONFIG, "test", 3).take(n)
+  frames = chunk.frames.astype(np.float32)[None] / 255.0
+  questions = np.zeros((1, n, qlen), np.int32)
+  for q in chunk.questions:
+    questions[0, q.frame] = Q.question_ids(q, qlen)
+  asked = {q.frame: q for q in chunk.questions if q.qtype == "proactive"}
+  assert asked and min(asked) < n // 2
+  vis = model.encode(jnp.asarray(frames))[0]
+  vectors = {f: model.activation.encode(jnp.asarray(questions[:, f]))[0][0] for f in asked}
+  logit = lambda t: np.log(t / (1 - t))
+
+  def replay(speak, close):
+    margin, decision, vector, stands = np.full(n, Q.CLOSED), np.full(n, V.SILENT), None, False
+    for f in range(n):
+      if stands:
+        margin[f] = float(model.activation_logits(vis[f], vector))
+        decision[f] = V.SPEAK if margin[f] > logit(speak) else V.SILENT
+        stands = not (margin[f] > logit(close if close is not None else speak))
+      if f in asked:
+        vector, stands = vectors[f], True
+    return margin, decision
+
+  mute, _ = replay(0.999999, None)
+  standing = np.sort(mute[mute > Q.CLOSED])
+  speak, close = (float(jax.nn.sigmoid(standing[-k] - 1e-4)) for k in (len(standing) // 2, 1))
+  for c in (close, None):
+    _, out = Q.run(model, model.init_cache(POLICY, 1), frames, questions, speak_threshold=speak, close_threshold=c)
+    margin, decision = replay(speak, c)
+    np.testing.assert_allclose(out.speak_margin[0], margin, atol=1e-4)
+    np.testing.assert_array_equal(out.decision[0], decision)
+    spoke = np.flatnonzero(decision == V.SPEAK)
+    if c is not None:  # an uncertain announcement, then another while the same request stands
+      first = spoke[0]
+      again = [f for f in spoke[1:] if not any(first < a < f for a in asked)]
+      assert margin[first] < logit(close) and again, (margin, spoke)
+    else:  # the first announcement closed it
+      assert margin[spoke[0] + 1] == Q.CLOSED or spoke[0] + 1 in asked
+
+
 def test_a_long_stream_compiles_once():
   """Also when the parameters are committed to a device (as a restored checkpoint's are) and the fresh cache
   would not be: the calls after the first then see a committed cache."""
@@ -278,6 +327,7 @@ def test_score_counts_answers_announcements_and_false_alarms():
   assert p["events"] == 1 and p["announced"] == 1.0 and p["spoke_in_time"] == 1.0 and p["timing"] == 1.0
   assert p["false_alarms"] == pytest.approx(1 / 9)  # 12 ticks, 3 within tolerance of the event
   assert p["preempted"] == 0.0
+  assert p["precision"] == 0.5  # two announcements, one of them the event's
   assert "margin_auc" not in p  # a record without margins
   assert p["by_wait"] == {"0-15": {"events": 1, "spoke_in_time": 1.0, "announced": 1.0}}  # asked at 2, due at 5
   rec.announced[6] = w["three"]  # the wrong label in time: spoke, not announced
@@ -299,9 +349,11 @@ def test_score_counts_answers_announcements_and_false_alarms():
   long.announced[[51, 101]] = [w["one"], w["seven"]]
   # preempted: the announcement at 51 came while the requests of the events at 100 and 130 stood (asked at 40, 10)
   assert Q.score([rec, long])["proactive"]["preempted"] == 0.5
+  assert Q.score([rec, long])["proactive"]["announced_after_early"] == 0.0  # the two preempted were not announced
   long.decision[45] = V.SPEAK  # and one at 45 while the request of the event at 50 stood (asked at 30)
   both = Q.score([rec, long])
   assert both["proactive"]["preempted"] == 0.75
+  assert both["proactive"]["announced_after_early"] == 0.25  # the event at 50, announced at 51 all the same
   # answers per right word: in the record below, count_now asked twice more (one right), order once (right)
   more = [V.Question(3, "count_now", "how many digits are on screen ?", "three", 3)]
   more += [V.Question(4, "count_now", "how many digits are on screen ?", "two", 4)]
@@ -343,6 +395,13 @@ def test_bad_input_is_a_clear_error():
     Q.answer_streams(model, POLICY, [V.VideoQAStream(CONFIG)], 10, ticks_per_call=4)
   with pytest.raises(ValueError, match="speak_threshold must be in"):
     Q.run(model, cache, np.zeros((1, 2, 16, 16)), np.zeros((1, 2, 12), np.int32), speak_threshold=1.0)
+  with pytest.raises(ValueError, match="close_threshold needs a model with an activation model"):
+    Q.run(model, cache, np.zeros((1, 2, 16, 16)), np.zeros((1, 2, 12), np.int32), close_threshold=0.9)
+  acting = tiny_video_lm(activation=8)
+  with pytest.raises(ValueError, match="close_threshold must be in"):
+    Q.run(
+      acting, cache, np.zeros((1, 2, 16, 16)), np.zeros((1, 2, 12), np.int32), speak_threshold=0.9, close_threshold=0.5
+    )
   with pytest.raises(ValueError, match="floats in"):
     Q.run(model, cache, np.zeros((1, 2, 16, 16), np.uint8), np.zeros((1, 2, 12), np.int32))
   with pytest.raises(ValueError, match="vision track, but its policy"):
