@@ -64,8 +64,8 @@ scenes after them; the evaluation streams keep theirs; ``VideoTask.train_stay``;
 ``steady`` (``exits`` and digits entering at twice the rate, ``VideoTask.train_enter_prob``: the training clips'
 canvas as full as a long stream's steady state, ``experiments.scene_stats``; workdir suffix ``_steady``),
 ``midstream`` (each training stream cut into 4 consecutive clips, 3 in 4 of them from a long stream's steady state
-as it is, ``VideoTask.self_contained``: no target in a clip needs the ticks before it; workdir suffix
-``_midstream``). Flags
+as it is, ``VideoTask.self_contained``: no target in a clip needs the ticks before it; evaluated with 128-token
+windows, ``VideoTask.eval_window``; workdir suffix ``_midstream``). Flags
 combine (``long,aligned``). Any field can be overridden as ``key=value`` (``model.<field>=...``,
 ``video.<field>=...``). The model and run are shared through ``jstream.presets``.
 """
@@ -177,7 +177,7 @@ def get_config(*flags: str) -> TrainConfig:
     video = dataclasses.replace(cfg.video, train_stay=EXIT_STAY, train_enter_prob=2 * cfg.video.enter_prob)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_steady")
   if "midstream" in flags:  # 3 in 4 training clips cut mid-stream: a long stream's steady state, as it is
-    video = dataclasses.replace(cfg.video, clips_per_stream=4, clip_overlap=0, self_contained=True)
+    video = dataclasses.replace(cfg.video, clips_per_stream=4, clip_overlap=0, self_contained=True, eval_window=128)
     cfg = dataclasses.replace(cfg, video=video, workdir=cfg.workdir + "_midstream")
   if "quick" in flags:
     small = presets.video_lm(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, mlp_dim=64)

@@ -7,7 +7,8 @@ length in ``--frames`` under each cache policy, with the model speaking for itse
 
 * ``dense``: ``Segmented((Dense, Dense))`` sized to the stream, keeps everything (only up to
   ``--dense-max-tokens`` tokens: a dense step attends every slot, so its cost grows with the stream);
-* ``window``: text window + vision window;
+* ``window``: text window + vision window (``--window`` tokens each; by default the run's ``VideoTask.eval_window``,
+  else 256);
 * ``sinks+window``: text sinks + text window + vision window, absolute positions;
 * ``sinks+window, cache_relative``: the same with StreamingVLM's contiguous positions inside each track.
 
@@ -29,7 +30,9 @@ are more similar than the threshold to the same place's in the previous frame is
 of frame tokens dropped and the accuracy relative to no drop.
 
 Per (policy, length): accuracy per question type with its chance level (the share of the most common answer of
-that type in these streams), proactive announcements within 2 frames, false alarms, per-frame latency (the calls
+that type in these streams), proactive announcements within 2 frames, false alarms (``--speak-threshold``: when the
+model speaks; ``--close-threshold``: for a model with an activation model, how sure it must be for an announcement
+to answer the standing request; ``qa_stream.run``), per-frame latency (the calls
 after the first, which compiles), frames/s, the cache's size and the process's peak RSS. Then a speed table: the
 ``sinks+window`` policy at each batch size of ``--speed-batches`` (frames/s counts every stream's frames). Prints
 the tables and writes ``results.json`` and ``accuracy.png`` to ``--out``.
@@ -57,6 +60,8 @@ from jstream.process_memory import reset_peak_rss, rss_mib, tree_bytes
 from jstream.train import load_config, load_model, train
 from jstream.train.aligned import video_policy
 
+DEFAULT_WINDOW = 256
+"""Tokens per track of the bounded policies for a run without a ``VideoTask.eval_window``."""
 CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "video_lm.py"
 
 
@@ -67,6 +72,28 @@ def run_config(quick: bool, workdir: str | None, flags: str = "", config: pathli
   if workdir:
     parts.append(f"workdir={workdir}")
   return load_config(f"{config}:{','.join(parts)}" if parts else str(config))
+
+
+def add_speaking_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--speak-threshold`` and ``--close-threshold``: when the model speaks unprompted (``speaking``)."""
+  parser.add_argument(
+    "--speak-threshold",
+    type=float,
+    default=0.5,
+    help="the model speaks unprompted where <speak>'s share of P(<speak>) + P(<silent>) exceeds this (qa_stream.run)",
+  )
+  parser.add_argument(
+    "--close-threshold",
+    type=float,
+    default=None,
+    help="a model with an activation model: speaking answers the standing request only above this probability "
+    "(default: the speak threshold; a less certain announcement leaves the request standing; qa_stream.run)",
+  )
+
+
+def eval_window(cfg) -> int:
+  """The window (tokens per track) a run is evaluated under by default: its ``VideoTask.eval_window``, else 256."""
+  return cfg.video.eval_window or DEFAULT_WINDOW
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
@@ -286,26 +313,15 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="runs/bench_video_qa", help="output folder")
   add_model_arguments(parser, "the quick model and short streams (smoke test)")
   parser.add_argument("--seed", type=int, default=0, help="evaluation streams start at test index 1000 * (seed + 1)")
-  parser.add_argument(
-    "--speak-threshold",
-    type=float,
-    default=0.5,
-    help="the model speaks unprompted where <speak>'s share of P(<speak>) + P(<silent>) exceeds this (qa_stream.run)",
-  )
-  parser.add_argument(
-    "--close-threshold",
-    type=float,
-    default=None,
-    help="a model with an activation model: speaking answers the standing request only above this probability "
-    "(default: the speak threshold; a less certain announcement leaves the request standing; qa_stream.run)",
-  )
+  add_speaking_arguments(parser)
   parser.add_argument("--frames", default="100,1000", help="comma-separated stream lengths (ticks)")
   parser.add_argument("--streams", type=int, default=4, help="streams per measurement (one batch)")
   parser.add_argument(
     "--window",
     type=int,
-    default=256,
-    help="tokens per track window (a text window beyond what the training clips hold costs accuracy: RESULTS.md)",
+    default=None,
+    help="tokens per track window (default: the run's VideoTask.eval_window, else 256; a text window beyond what the "
+    "training clips hold costs accuracy: RESULTS.md)",
   )
   parser.add_argument("--sinks", type=int, default=4, help="text sinks of the sinks+window policies")
   parser.add_argument("--ticks-per-call", type=int, default=50)
@@ -325,6 +341,7 @@ def main(argv=None) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
+  args.window = args.window or eval_window(cfg)
   lengths = [int(x) for x in args.frames.split(",") if x]
   if args.quick:
     lengths, args.streams, args.ticks_per_call, args.window = [min(x, 20) for x in lengths[:1]], 2, 10, 64

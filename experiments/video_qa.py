@@ -1,12 +1,14 @@
 """Streaming video QA, seen: ``jstream video-qa show`` draws a stream with its questions and the model's answers.
 
-  jstream video-qa show --out DIR [--quick] [--workdir W] [--stream I] [--frames N] [--policy NAME]
+  jstream video-qa show --out DIR [--quick] [--workdir W] [--stream I] [--frames N] [--policy NAME] [--window N]
+      [--speak-threshold T] [--close-threshold C]
 
 Trains the model of ``configs/video_lm.py`` (or reuses the checkpoint in ``--workdir``), lets it watch test stream
-``--stream`` (unseen handwriting) for ``--frames`` ticks under one of the benchmark's cache policies
-(``jstream bench video-qa``), speaking for itself (``jstream.qa_stream``), and writes ``DIR/stream.gif``: each
-frame enlarged, beside it the question asked (held on screen for a few frames), the model's answer against the
-truth, the pending proactive request and what the model announced. ``DIR/transcript.txt`` has the same as text.
+``--stream`` (unseen handwriting) for ``--frames`` ticks under one of the benchmark's cache policies (``jstream bench
+video-qa``; ``--window`` tokens per track, by default the run's ``VideoTask.eval_window``), speaking for itself
+(``jstream.qa_stream``), and writes ``DIR/stream.gif``: each frame enlarged, beside it the question asked (held on
+screen for a few frames), the model's answer against the truth, the pending proactive request and what the model
+announced. ``DIR/transcript.txt`` has the same as text.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import pathlib
 
 import numpy as np
 
-from experiments.bench_video_qa import add_model_arguments, policies, run_config, trained_model
+from experiments.bench_video_qa import (
+  add_model_arguments,
+  add_speaking_arguments,
+  eval_window,
+  policies,
+  run_config,
+  speaking,
+  trained_model,
+)
 from jstream import qa_stream
 from jstream.data import video_qa
 
@@ -81,13 +91,15 @@ def show(argv) -> int:
   parser.add_argument("--stream", type=int, default=1000, help="index of the test stream")
   parser.add_argument("--frames", type=int, default=120, help="ticks to show")
   parser.add_argument("--policy", default="sinks+window", help="a policy of jstream bench video-qa")
-  parser.add_argument("--window", type=int, default=256, help="tokens per track window")
+  parser.add_argument("--window", type=int, default=None, help="tokens per track window (default: the run's)")
+  add_speaking_arguments(parser)
   parser.add_argument("--fps", type=float, default=6.0)
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
   model, step, _ = trained_model(cfg, progress=not args.no_progress)
   data_config = cfg.video.data_config(curriculum=False)
+  args.window = args.window or eval_window(cfg)
   dense = qa_stream.track_tokens(args.frames, model.config.tokens_per_frame)
   choices = policies(args.window, 4, dense["text"], dense["vision"])
   if args.policy not in choices:
@@ -95,7 +107,13 @@ def show(argv) -> int:
   stream = video_qa.VideoQAStream(data_config, "test", args.stream)
   ticks = next(t for t in range(min(args.frames, 50), 0, -1) if args.frames % t == 0)
   (record,) = qa_stream.answer_streams(
-    model, choices[args.policy], [stream], args.frames, ticks_per_call=ticks, proactive=cfg.video.streaming_objective
+    model,
+    choices[args.policy],
+    [stream],
+    args.frames,
+    ticks_per_call=ticks,
+    proactive=cfg.video.streaming_objective,
+    **speaking(args),
   )
   frames = video_qa.VideoQAStream(data_config, "test", args.stream).take(args.frames).frames
   lines = transcript(record, args.frames)

@@ -92,6 +92,27 @@ def test_memory_sweep_store_holds_every_frame_or_the_latest_store_frames():
     B.memory_policies(64, text, 16, 1000, store_frames=-1)
 
 
+def test_a_run_is_evaluated_under_its_eval_window_by_default():
+  """``VideoTask.eval_window``: the window of the benchmark's and the show command's policies when ``--window`` is
+  not given (``bench_video_qa.eval_window``): the ``midstream`` flag's 128 tokens, 256 for a run without one. It
+  changes no training: a checkpoint written under another value is the same run, while a training field is not
+  (``checkpoint._differences``); a negative value is refused."""
+  import dataclasses
+
+  from experiments import bench_video_qa as B
+  from jstream.train import VideoTask
+  from jstream.train.checkpoint import _differences
+
+  plain, mid = B.run_config(False, None, "long"), B.run_config(False, None, "long,midstream")
+  assert (B.eval_window(plain), B.eval_window(mid)) == (256, 128)
+  saved = json.loads(dataclasses.replace(mid, video=dataclasses.replace(mid.video, eval_window=0)).to_json())
+  assert _differences(json.loads(mid.to_json()), saved) == []
+  other = dataclasses.replace(mid, video=dataclasses.replace(mid.video, clip_frames=12))
+  assert _differences(json.loads(other.to_json()), saved) == ["video.clip_frames: checkpoint 24 vs config 12"]
+  with pytest.raises(ValueError, match="eval_window must be >= 0"):
+    VideoTask(eval_window=-1)
+
+
 def test_bench_eviction_times_every_policy_at_the_same_capacity(in_tmp):
   """``experiments.bench_eviction``: every policy's cache holds the requested tokens per layer and kv head (the
   comparison is at equal capacity); the quick run times each against ``SinkWindow``; bad input is refused."""

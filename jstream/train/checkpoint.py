@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (the length of the run, how it is logged, the device
 # mesh it is sharded over).
-RESUMABLE_FIELDS = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "mesh"})
+RESUMABLE_FIELDS = frozenset(
+  {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "mesh", "video.eval_window"}
+)
+"""Config fields (dotted below the top level) that do not change what a run trains: a checkpoint written under other
+values resumes and is reused."""
 
 
 __all__ = ["CheckpointError", "Checkpointer", "ConfigMismatchError", "saved_config", "saved_run"]
@@ -53,7 +57,7 @@ def _differences(a: dict, b: dict, prefix="") -> list[str]:
   out = []
   defaults = _defaults(prefix)
   for key in sorted(set(a) | set(b)):
-    if not prefix and key in RESUMABLE_FIELDS:
+    if f"{prefix}{key}" in RESUMABLE_FIELDS:
       continue
     va, vb = a.get(key), b.get(key, defaults.get(key))
     if isinstance(va, dict) and isinstance(vb, dict):

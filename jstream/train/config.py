@@ -132,6 +132,11 @@ class VideoTask:
     augment: random affine variants of each training digit added to the training clips' digit pool
       (``video_qa.VideoQAConfig.augment``): more handwriting for the frame encoder to generalise from. The evaluation
       streams (the test split) are unchanged.
+    eval_window: tokens per track of the bounded policies that ``jstream bench video-qa`` and ``jstream video-qa
+      show`` run this model under when ``--window`` is not given (0: 256). A text window that reaches much further
+      back than the training clips' text holds contexts the model never saw (``benchmarks/RESULTS.md``): 128 tokens
+      hold about 33 ticks of text, a 24-tick training clip's and more. Evaluation only: a checkpoint written under
+      another value is the same run (``checkpoint.RESUMABLE_FIELDS``).
   """
 
   dataset: str = "digits"
@@ -176,6 +181,7 @@ class VideoTask:
   activation_match: float = 0.0
   hide_requests: bool = False
   augment: int = 0
+  eval_window: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "stem_channels", tuple(int(c) for c in self.stem_channels))
@@ -194,6 +200,8 @@ class VideoTask:
           f"train_question_weights must be {len(QTYPES)} non-negative numbers (one per video_qa.QTYPES: {QTYPES}), "
           f"not all 0, or () for question_weights; got {tw}"
         )
+    if self.eval_window < 0:
+      raise ValueError(f"eval_window must be >= 0 (0: the benchmark's default), got {self.eval_window}")
     if self.state_loss < 0 or self.request_loss < 0:
       raise ValueError(f"state_loss and request_loss must be >= 0, got {self.state_loss}, {self.request_loss}")
     cut = self.clips_per_stream > 1 and not self.self_contained  # clips cut mid-stream that need what came before
