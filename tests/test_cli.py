@@ -455,6 +455,33 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
     assert gif.n_frames == 12 and gif.size[0] > 256
   lines = (in_tmp / "show" / "transcript.txt").read_text().splitlines()
   assert len(lines) == 12 and lines[3].startswith("frame 3")
+  # the proactive misses' breakdown on the same model: one row per event that score counts, binned by occlusion
+  from experiments import proactive_misses
+
+  assert proactive_misses.main(["--quick", "--workdir", "run", "--out", "miss"]) == 0
+  miss = json.loads((in_tmp / "miss" / "results.json").read_text())
+  assert len(miss["events"]) == miss["proactive"]["events"] == sum(b["events"] for b in miss["by_occlusion_at_entry"])
+  assert len(miss["events"]) == 2  # one in each of the quick run's two streams of 100 frames
+  assert all(len(e["occlusion"]) == 3 and 0 <= e["occlusion"][0] <= 1 for e in miss["events"])
+
+
+def test_occlusion_is_the_share_of_a_digits_ink_where_another_digit_is_as_bright():
+  """``proactive_misses.occlusion`` on hand-made frames of 4x4 digits: A (ink 200, its left column blank) at (0, 0),
+  B (255) at (0, 2) and C (100) at (2, 0). B covers 8 of A's 12 ink pixels; C, darker, covers none of them; A covers
+  6 of C's 16 (rows 2-3 of its columns 1-3). A second A one column right of the first covers the first's column 3
+  (as bright: the frame's pixel shows either), 4 of 12."""
+  from experiments.proactive_misses import occlusion
+
+  images = np.stack([np.full((4, 4), v, np.uint8) for v in (200, 255, 100)])
+  images[0, :, 0] = 0
+  objects = np.array([[0, 1, 0, 0, 0], [1, 2, 1, 0, 2], [2, 3, 2, 2, 0], [-1] * 5])
+  assert occlusion(objects, 0, images, (8, 8)) == pytest.approx(8 / 12)
+  assert occlusion(objects, 1, images, (8, 8)) == 0.0  # the brightest: nothing covers it
+  assert occlusion(objects, 2, images, (8, 8)) == pytest.approx(6 / 16)
+  assert occlusion(objects[[0, 2, 3]], 0, images, (8, 8)) == 0.0  # without B
+  assert occlusion(objects, 5, images, (8, 8)) is None  # not drawn
+  twins = np.array([[0, 1, 0, 0, 0], [3, 1, 0, 0, 2]])
+  assert occlusion(twins, 0, images, (8, 8)) == pytest.approx(4 / 12)
 
 
 @pytest.mark.slow
