@@ -2,13 +2,14 @@
 
 At every tick the model (``jstream.models.video_lm.VideoLM``) sees the frame, decides ``<silent>`` or ``<speak>`` (the
 higher of the two logits after the frame's last token; for a model with StreamBridge's activation model,
-``VideoLMConfig.activation``, that model's probability where a request stands), announces a label when it speaks (the
-argmax word after ``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and
-``<a>`` when an answer is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says
-goes into its cache, as in training; words that a row does not say this tick are padding (not cached, no position), so
-rows of a batch can have questions at different ticks. One tick is two fixed-shape calls of the model inside one
-``lax.scan`` step (three when a row speaks: ``_tick``); ``run`` compiles once per (ticks per call, batch, question
-length) and donates the cache, so a stream of any length runs at flat memory in calls of ``ticks`` ticks.
+``VideoLMConfig.activation``, that model's probability where a request stands; an announcement answers the request
+unless it was less certain than ``run``'s ``close_threshold``), announces a label when it speaks (the argmax word after
+``<speak>``, then ``<eos>``), reads the question of the tick if there is one (``<q>`` words, and ``<a>`` when an answer
+is due now) and answers with the argmax word after ``<a>`` (then ``<eos>``). Everything it says goes into its cache, as
+in training; words that a row does not say this tick are padding (not cached, no position), so rows of a batch can have
+questions at different ticks. One tick is two fixed-shape calls of the model inside one ``lax.scan`` step (three when a
+row speaks: ``_tick``); ``run`` compiles once per (ticks per call, batch, question length) and donates the cache, so a
+stream of any length runs at flat memory in calls of ``ticks`` ticks.
 
 ``answer_streams`` drives ``jstream.data.video_qa`` streams through ``run`` and scores what the model said against
 the streams' ground truth (``score``).
