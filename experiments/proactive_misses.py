@@ -11,7 +11,8 @@ above 64 of 255 in its image) where another digit drawn in the same frame is at 
 pixelwise maximum of its digits, so those pixels show the other digit and the entering one's stroke is lost there.
 Per occlusion bin (at the entry frame, and the least of the three): the events, the share announced in time with the
 right label, the share the model spoke early for (a false alarm while the request stood) and the mean of the
-highest speak margin within the tolerance (``TickOutputs.speak_margin``). Prints the table and writes
+highest speak margin within the tolerance (``TickOutputs.speak_margin``) over the events whose request still stood
+then (an early announcement may have answered it). Prints the table and writes
 ``DIR/results.json`` (the bins and every event).
 """
 
@@ -74,6 +75,7 @@ def event_rows(record: qa_stream.StreamRecord, chunk: video_qa.Chunk, images: np
     obj = next(e[2] for e in chunk.events if e[0] == f and e[1] == video_qa.ENTER)
     shares = [occlusion(chunk.objects[f + d], obj, images, frame_size) for d in range(TOLERANCE + 1)]
     said = record.announced[f : f + TOLERANCE + 1][spoke[f : f + TOLERANCE + 1]]
+    margin = np.max(record.speak_margin[f : f + TOLERANCE + 1])
     rows.append(
       {
         "frame": int(f),
@@ -82,7 +84,8 @@ def event_rows(record: qa_stream.StreamRecord, chunk: video_qa.Chunk, images: np
         "occlusion": shares,
         "announced": bool(said.size and said[0] == video_qa.WORD_ID[video_qa.NUMBERS[label]]),
         "spoke_early": bool(np.any(spoke[asked + 1 : f])),
-        "margin": float(np.max(record.speak_margin[f : f + TOLERANCE + 1])),
+        "margin": float(margin),
+        "standing": bool(margin > qa_stream.CLOSED),
       }
     )
   return rows
@@ -90,7 +93,7 @@ def event_rows(record: qa_stream.StreamRecord, chunk: video_qa.Chunk, images: np
 
 def by_bin(rows: list[dict], key) -> list[dict]:
   """The events per occlusion bin of ``key(row)``: their count, the shares announced and spoken early for, and the
-  mean highest margin."""
+  mean highest margin of those whose request still stood."""
   out = []
   for lo, hi in zip(BINS, (*BINS[1:], 1.01)):
     sel = [r for r in rows if lo <= key(r) < hi]
@@ -100,7 +103,7 @@ def by_bin(rows: list[dict], key) -> list[dict]:
         "events": len(sel),
         "announced": float(np.mean([r["announced"] for r in sel])) if sel else None,
         "spoke_early": float(np.mean([r["spoke_early"] for r in sel])) if sel else None,
-        "mean_margin": float(np.mean([r["margin"] for r in sel])) if sel else None,
+        "mean_margin": float(np.mean(standing)) if (standing := [r["margin"] for r in sel if r["standing"]]) else None,
       }
     )
   return out
