@@ -24,6 +24,8 @@ StreamMem, or the latest chunk's mass (TOVA), scored and read by every query, fr
 is the same in all; ``--methods`` picks some. Per (method, budget): accuracy per question type, the kept-token
 share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the
 retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
+``--flat 1000,10000`` (issue 10's flat latency) times calls of ``--ticks-per-call`` ticks that continue the
+streams at each length under ``sinks+window``, in ``--rounds`` interleaved rounds (``flat_sweep``), instead.
 ``--drop 0.9,0.99`` (also issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with
 TimeChat-Online's differential token drop (``jstream.reduce.DifferentialDrop``: a frame token whose encoder features
 are more similar than the threshold to the same place's in the previous frame is not cached) and reports the share
@@ -48,6 +50,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.machine import device_line
@@ -213,6 +216,58 @@ def drop_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   return rows
 
 
+def flat_sweep(model, args, data_config, streams, proactive) -> list[dict]:
+  """``--flat``: per-tick latency continuing streams at each length, timed side by side. For each length ``L`` the
+  ``sinks+window`` policy runs the streams' first ``L`` ticks (``answer_streams``), keeps what the next call continues
+  from (the cache, the last frame, the standing requests) and the next ``--ticks-per-call`` ticks' inputs; then
+  ``--rounds`` rounds each time one call of ``run`` from every length in turn (a fresh copy of that length's cache
+  each time, made outside the timing: ``run`` donates it), so that the machine's drift falls on all lengths alike.
+  Per length: the median and least milliseconds per tick over the rounds, the cache's bytes and the process's RSS
+  after the length's run (the first call of each length compiles nothing new: the calls share one shape)."""
+  policy = video_policy(args.window, args.sinks)
+  qlen = video_qa.MAX_QUESTION_WORDS + 2
+  states = []
+  for length in [int(x) for x in args.flat.split(",") if x]:
+    qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
+    carry: list = []
+    kw = {"proactive": proactive, **speaking(args)}
+    qa_stream.answer_streams(model, policy, qs, length, ticks_per_call=args.ticks_per_call, carry=carry, **kw)
+    frames, questions = qa_stream.chunk_inputs([s.take(args.ticks_per_call) for s in qs], qlen)
+    states.append((length, carry[0], frames, questions, rss_mib()[0]))
+  times: dict[int, list[float]] = {length: [] for length, *_ in states}
+  for _ in range(args.rounds + 1):  # the first round warms up
+    for length, st, frames, questions, _ in states:
+      cache = jax.tree.map(jnp.copy, st["cache"])
+      jax.block_until_ready(cache)
+      t0 = time.perf_counter()
+      qa_stream.run(
+        model,
+        cache,
+        frames,
+        questions,
+        proactive=proactive,
+        previous_frame=st["previous_frame"],
+        request_state=st["request_state"],
+        **speaking(args),
+      )
+      times[length].append((time.perf_counter() - t0) / args.ticks_per_call)
+  rows = []
+  for length, st, _, _, rss in states:
+    t = np.asarray(times[length][1:]) * 1e3
+    row = {"frames": length, "ms_per_tick_median": float(np.median(t)), "ms_per_tick_min": float(t.min())}
+    row.update(ms_per_tick=t.tolist(), cache_mib=tree_bytes(st["cache"]) / 2**20, rss_mib=rss)
+    rows.append(row)
+  first = rows[0]
+  for r in rows:
+    r["median_change"] = r["ms_per_tick_median"] / first["ms_per_tick_median"] - 1
+    print(
+      f"  {r['frames']:>6} frames: {r['ms_per_tick_median']:.2f} ms per tick (median of {args.rounds}; least "
+      f"{r['ms_per_tick_min']:.2f}), {r['median_change']:+.1%} against {first['frames']}; cache {r['cache_mib']:.2f} "
+      f"MiB, RSS {r['rss_mib']:.0f} MiB"
+    )
+  return rows
+
+
 def eval_streams(seed: int, n: int, offset: int = 0) -> list[int]:
   """The test-split indices of the ``n`` evaluation streams of ``--seed seed`` (from ``1000 * (seed + 1) + offset``:
   held-out handwriting, streams no training clip comes from)."""
@@ -338,6 +393,12 @@ def main(argv=None) -> int:
     help="frames the retrieval store keeps, the latest (a ring); 0 (default): every frame of the stream",
   )
   parser.add_argument("--drop", default="", help="comma-separated drop thresholds: run the token drop sweep instead")
+  parser.add_argument(
+    "--flat",
+    default="",
+    help="comma-separated stream lengths: time calls continuing the streams at each, side by side, instead",
+  )
+  parser.add_argument("--rounds", type=int, default=9, help="timed rounds of the --flat sweep")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   cfg = run_config(args.quick, args.workdir, args.flags)
@@ -355,9 +416,11 @@ def main(argv=None) -> int:
   data_config = cfg.video.data_config(curriculum=False)
   proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
   streams = eval_streams(args.seed, args.streams)
-  if args.memory or args.drop:
+  if args.memory or args.drop or args.flat:
     result = {"device": device, "jax": jax.__version__, "args": vars(args), "model_step": step}
     result.update(train_last_metrics=train_log, streams=streams)
+    if args.flat:
+      result["flat_rows"] = flat_sweep(model, args, data_config, streams, proactive)
     if args.memory:
       result["memory_rows"] = memory_sweep(model, args, data_config, streams, proactive)
       plot_memory(result, out / "memory.png")

@@ -345,13 +345,15 @@ def answer_streams(
   speak_threshold: float = 0.5,
   close_threshold: float | None = None,
   final_cache: list | None = None,
+  carry: list | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
-  ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord``
-  per stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the
-  wall time of each call of ``run`` (the first includes compilation); ``final_cache``, if given, the cache after
-  the last tick (what a memory kept). ``proactive``, ``drop``, ``speak_threshold``, ``close_threshold``: see
-  ``run``."""
+  ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord`` per
+  stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the wall time
+  of each call of ``run`` (the first includes compilation); ``final_cache``, if given, the cache after the last tick
+  (what a memory kept); ``carry``, if given, receives what a next call of ``run`` continues the streams from:
+  ``{"cache", "previous_frame", "request_state", "drop_state"}``. ``proactive``, ``drop``, ``speak_threshold``,
+  ``close_threshold``: see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
@@ -369,11 +371,7 @@ def answer_streams(
   drop_state = last_frame = request_state = None
   for _ in range(num_ticks // ticks_per_call):
     chunks = [s.take(ticks_per_call) for s in streams]
-    frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
-    questions = np.zeros((len(streams), ticks_per_call, qlen), np.int32)
-    for row, c in enumerate(chunks):
-      for q in c.questions:
-        questions[row, q.frame - c.start] = question_ids(q, qlen)
+    frames, questions = chunk_inputs(chunks, qlen)
     t0 = time.perf_counter()
     # NumPy outputs: the call has finished when it returns
     cache, out = run(
@@ -403,7 +401,22 @@ def answer_streams(
       rec.speak_margin = np.concatenate([rec.speak_margin, out.speak_margin[row]])
   if final_cache is not None:
     final_cache.append(cache)
+  if carry is not None:
+    carry.append(
+      {"cache": cache, "previous_frame": last_frame, "request_state": request_state, "drop_state": drop_state}
+    )
   return records
+
+
+def chunk_inputs(chunks: list[vqa.Chunk], question_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``run``'s inputs for one chunk of each stream (a batch, the chunks of equal length ``n``): frames
+  ``[b, n, H, W]`` float32 in [0, 1] and the question words of each tick ``[b, n, question_len]``."""
+  frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
+  questions = np.zeros((len(chunks), len(chunks[0].frames), question_len), np.int32)
+  for row, c in enumerate(chunks):
+    for q in c.questions:
+      questions[row, q.frame - c.start] = question_ids(q, question_len)
+  return frames, questions
 
 
 def _on_screen(events: list[tuple[int, int, int, int]], frame: int) -> set[str]:

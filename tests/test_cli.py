@@ -432,6 +432,7 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   # the memory and token drop sweeps (issue 11) on the same model: window, retrieval, compressed and scored
   # memories at one budget; no drop and a drop at one threshold
   sweep = ["bench", "video-qa", "--quick", "--out", "mem", "--workdir", "run", "--memory", "16", "--drop", "0.9"]
+  sweep += ["--flat", "20,40", "--rounds", "2"]  # and the latency of calls continuing 20- and 40-tick streams
   assert cli.main([*sweep, "--no-progress"]) == 0
   mem_res = json.loads((in_tmp / "mem" / "results.json").read_text())
   mem = mem_res["memory_rows"]
@@ -444,6 +445,9 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   assert (
     next(r for r in mem if r["method"] == "retrieval")["store_mib"] > 0 and (in_tmp / "mem" / "memory.png").exists()
   )
+  flat = mem_res["flat_rows"]
+  assert [r["frames"] for r in flat] == [20, 40] and all(len(r["ms_per_tick"]) == 2 for r in flat)
+  assert flat[0]["cache_mib"] == flat[1]["cache_mib"] > 0 and flat[0]["median_change"] == 0.0
   drop = mem_res["drop_rows"]  # and the token drop sweep: no drop, then threshold 0.9
   assert [r["threshold"] for r in drop] == [None, 0.9] and drop[0]["dropped"] == 0 and 0 < drop[1]["dropped"] < 1
   # the show command reuses the trained model and draws one stream

@@ -294,6 +294,37 @@ def test_an_uncertain_announcement_leaves_the_request_standing():
       assert margin[spoke[0] + 1] == Q.CLOSED or spoke[0] + 1 in asked
 
 
+def test_a_stream_continues_from_what_answer_streams_carries():
+  """``answer_streams(carry=)`` hands over what a next ``run`` continues from (cache, last frame, standing requests),
+  and ``chunk_inputs`` builds that call's inputs from the streams' next chunk: 8 ticks, then one call of 4, say what
+  one run of 12 ticks says in its last 4, margins included (a model with an activation model and a frame-difference
+  encoder, so every part of the carry is read)."""
+  model = tiny_video_lm(seed=9, frame_delta=True, activation=8)
+  speak = {"speak_threshold": 0.81, "close_threshold": 0.99}  # the requests stand across the calls; it speaks at some
+  streams = lambda: [V.VideoQAStream(CONFIG, "test", i) for i in (0, 1)]
+  whole = Q.answer_streams(model, POLICY, streams(), 12, ticks_per_call=4, **speak)
+  carry, qs = [], streams()
+  Q.answer_streams(model, POLICY, qs, 8, ticks_per_call=4, carry=carry, **speak)
+  frames, questions = Q.chunk_inputs([s.take(4) for s in qs], V.MAX_QUESTION_WORDS + 2)
+  st = carry[0]
+  _, out = Q.run(
+    model,
+    st["cache"],
+    frames,
+    questions,
+    **speak,
+    previous_frame=st["previous_frame"],
+    request_state=st["request_state"],
+  )
+  said = [r.decision[8:] == V.SPEAK for r in whole]
+  assert any(map(np.any, said)) and not all(map(np.all, said)) and any(np.any(r.answer[8:] != V.PAD) for r in whole)
+  assert all(np.all(r.speak_margin[8:] > Q.CLOSED) for r in whole)
+  for row, rec in enumerate(whole):
+    np.testing.assert_allclose(out.speak_margin[row], rec.speak_margin[8:], atol=1e-4)
+    for name in ("decision", "announced", "answer"):
+      np.testing.assert_array_equal(getattr(out, name)[row], getattr(rec, name)[8:])
+
+
 def test_a_long_stream_compiles_once():
   """Also when the parameters are committed to a device (as a restored checkpoint's are) and the fresh cache
   would not be: the calls after the first then see a committed cache."""
