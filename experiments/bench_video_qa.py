@@ -220,10 +220,13 @@ def flat_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   """``--flat``: per-tick latency continuing streams at each length, timed side by side. For each length ``L`` the
   ``sinks+window`` policy runs the streams' first ``L`` ticks (``answer_streams``), keeps what the next call continues
   from (the cache, the last frame, the standing requests) and the next ``--ticks-per-call`` ticks' inputs; then
-  ``--rounds`` rounds each time one call of ``run`` from every length in turn (a fresh copy of that length's cache
-  each time, made outside the timing: ``run`` donates it), so that the machine's drift falls on all lengths alike.
-  Per length: the median and least milliseconds per tick over the rounds, the cache's bytes and the process's RSS
-  after the length's run (the first call of each length compiles nothing new: the calls share one shape)."""
+  ``--rounds`` rounds each time one call of ``run`` from every length, in an order rotated from round to round (a
+  fresh copy of that length's cache each time, made outside the timing: ``run`` donates it), so that the machine's
+  drift falls on all lengths alike. A tick at which some row speaks costs a third model call (``_tick``), and each
+  length's chunk has its own such ticks: the same calls are also timed with the model kept silent
+  (``proactive=False``), whose ticks all cost the same. Per length: the median and least milliseconds per tick over
+  the rounds, speaking and silent, the ticks of the timed chunk at which some row spoke, the cache's bytes and the
+  process's RSS after the length's run (the process's, which only grows from one length to the next)."""
   policy = video_policy(args.window, args.sinks)
   qlen = video_qa.MAX_QUESTION_WORDS + 2
   states = []
@@ -234,36 +237,48 @@ def flat_sweep(model, args, data_config, streams, proactive) -> list[dict]:
     qa_stream.answer_streams(model, policy, qs, length, ticks_per_call=args.ticks_per_call, carry=carry, **kw)
     frames, questions = qa_stream.chunk_inputs([s.take(args.ticks_per_call) for s in qs], qlen)
     states.append((length, carry[0], frames, questions, rss_mib()[0]))
-  times: dict[int, list[float]] = {length: [] for length, *_ in states}
-  for _ in range(args.rounds + 1):  # the first round warms up
-    for length, st, frames, questions, _ in states:
-      cache = jax.tree.map(jnp.copy, st["cache"])
-      jax.block_until_ready(cache)
-      t0 = time.perf_counter()
-      qa_stream.run(
-        model,
-        cache,
-        frames,
-        questions,
-        proactive=proactive,
-        previous_frame=st["previous_frame"],
-        request_state=st["request_state"],
-        **speaking(args),
-      )
-      times[length].append((time.perf_counter() - t0) / args.ticks_per_call)
+  modes = {"speaking": proactive, "silent": False}
+  times = {(length, mode): [] for length, *_ in states for mode in modes}
+  speaking_ticks = {}
+  for r in range(args.rounds + 1):  # the first round warms up (and compiles the silent calls)
+    for k in range(len(states)):
+      length, st, frames, questions, _ = states[(k + r) % len(states)]
+      for mode, spoken in modes.items():
+        cache = jax.tree.map(jnp.copy, st["cache"])
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        _, out = qa_stream.run(
+          model,
+          cache,
+          frames,
+          questions,
+          proactive=spoken,
+          previous_frame=st["previous_frame"],
+          request_state=st["request_state"],
+          **speaking(args),
+        )
+        times[length, mode].append((time.perf_counter() - t0) / args.ticks_per_call)
+        if mode == "speaking":
+          speaking_ticks[length] = int(np.sum(np.any(out.decision == video_qa.SPEAK, axis=0)))
   rows = []
   for length, st, _, _, rss in states:
-    t = np.asarray(times[length][1:]) * 1e3
-    row = {"frames": length, "ms_per_tick_median": float(np.median(t)), "ms_per_tick_min": float(t.min())}
-    row.update(ms_per_tick=t.tolist(), cache_mib=tree_bytes(st["cache"]) / 2**20, rss_mib=rss)
+    row = {"frames": length}
+    for mode in modes:
+      t = np.asarray(times[length, mode][1:]) * 1e3
+      row[mode] = {"ms_per_tick_median": float(np.median(t)), "ms_per_tick_min": float(t.min())}
+      row[mode]["ms_per_tick"] = t.tolist()
+    row.update(speaking_ticks=speaking_ticks[length], cache_mib=tree_bytes(st["cache"]) / 2**20, rss_mib=rss)
     rows.append(row)
   first = rows[0]
   for r in rows:
-    r["median_change"] = r["ms_per_tick_median"] / first["ms_per_tick_median"] - 1
+    for mode in modes:
+      r[mode]["median_change"] = r[mode]["ms_per_tick_median"] / first[mode]["ms_per_tick_median"] - 1
+    sp, si = r["speaking"], r["silent"]
     print(
-      f"  {r['frames']:>6} frames: {r['ms_per_tick_median']:.2f} ms per tick (median of {args.rounds}; least "
-      f"{r['ms_per_tick_min']:.2f}), {r['median_change']:+.1%} against {first['frames']}; cache {r['cache_mib']:.2f} "
-      f"MiB, RSS {r['rss_mib']:.0f} MiB"
+      f"  {r['frames']:>6} frames: {sp['ms_per_tick_median']:.2f} ms per tick ({sp['median_change']:+.1%}; "
+      f"{r['speaking_ticks']} of {args.ticks_per_call} ticks spoken), silent {si['ms_per_tick_median']:.2f} "
+      f"({si['median_change']:+.1%}); medians of {args.rounds}; cache {r['cache_mib']:.2f} MiB, RSS "
+      f"{r['rss_mib']:.0f} MiB"
     )
   return rows
 

@@ -128,9 +128,10 @@ def main(argv=None) -> int:
   args.window = args.window or eval_window(cfg)
   ids = eval_streams(args.seed, args.streams)
   streams = [video_qa.VideoQAStream(data_config, "test", i) for i in ids]
-  records = qa_stream.answer_streams(
-    model, video_policy(args.window, 4), streams, args.frames, ticks_per_call=50, **speaking(args)
-  )
+  proactive = cfg.video.streaming_objective  # a model trained to answer only when asked never speaks unprompted
+  policy = video_policy(args.window, 4)
+  kw = {"ticks_per_call": 50, "proactive": proactive, **speaking(args)}
+  records = qa_stream.answer_streams(model, policy, streams, args.frames, **kw)
   images, _ = digits.digit_pool("test", data_config.digit_size)
   rows = []
   for i, rec in zip(ids, records):

@@ -439,29 +439,29 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
   """Accuracy per question type and the proactive figures.
 
   Returns ``{qtype: {"correct", "asked", "accuracy", "by_answer"}}`` for the answered types (``by_answer``: per right
-  answer word, the questions, the accuracy and what the model said, ``{"three": {"asked", "accuracy", "said":
-  {"two": 3, "three": 40}}}``; a word outside the vocabulary as ``"<id>"``), and ``"proactive"``:
-  ``announced`` (events announced with the right label within ``tolerance`` frames after they happen, over
-  events that came while a request was pending), ``false_alarms`` (speaking at a tick with no such event within
-  ``tolerance`` frames before it, over the ticks where the model should be silent), ``timing`` (mean frames late
-  of the announced events), ``spoke_in_time`` (events within ``tolerance`` frames of which the model spoke, right
-  label or not: the decision without the label), ``preempted`` (events before which the model spoke while their
-  request stood, a false alarm that answered it early), ``announced_after_early`` (events announced with the right
-  label although the model had spoken early for them: the early announcement left the request standing,
-  ``run(close_threshold=)``), ``precision`` (of all the announcements, those that announced an event in time with
-  the right label) and, when the records keep their speak margins, ``margin_auc``:
-  how well the margin separates the events from those silent ticks whatever the threshold (the probability that an
-  event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting half; 0.5 is no
-  separation; the margins are those of this run, whose own decisions shaped the context) and ``by_wait``: the
-  events, ``spoke_in_time`` and ``announced`` per bin of ``WAIT_BINS`` of the ticks from the request to its event
-  (``"16-47"``, ``"96+"``): a request that waits long may have left the text window, or the distances training
-  saw, by the time it is due. ``wrong_label``: the events spoken at in time with another label than the request's,
-  what was said instead per requested digit (``{"eight": {"six": 3}}``), and, when the records keep their events,
-  the share of them whose label is that of a digit on screen at the tick the model spoke (one it saw rather than
-  one it made up)."""
+  answer word, the questions, the accuracy and what the model said, ``{"three": {"asked", "accuracy", "said": {"two":
+  3, "three": 40}}}``; a word outside the vocabulary as ``"<id>"``), and ``"proactive"``: ``announced`` (events
+  announced with the right label within ``tolerance`` frames after they happen, over events that came while a request
+  was pending), ``false_alarms`` (speaking at a tick with no such event within ``tolerance`` frames before it, over
+  the ticks where the model should be silent), ``timing`` (mean frames late of the announced events),
+  ``spoke_in_time`` (events within ``tolerance`` frames of which the model spoke, right label or not: the decision
+  without the label), ``preempted`` (events before which the model spoke while their request stood: a false alarm,
+  which answered the request early unless it was less certain than ``run``'s ``close_threshold``),
+  ``announced_after_early`` (events announced with the right label although the model had spoken early for them, after
+  an early announcement that left the request standing), ``precision`` (of the ticks at which the model spoke, those
+  whose label is that of an event due within ``tolerance`` frames before) and, when the records keep their speak
+  margins, ``margin_auc``: how well the margin separates the events from those silent ticks whatever the threshold
+  (the probability that an event's highest margin within ``tolerance`` frames exceeds a silent tick's, ties counting
+  half; 0.5 is no separation; the margins are those of this run, whose own decisions shaped the context) and
+  ``by_wait``: the events, ``spoke_in_time`` and ``announced`` per bin of ``WAIT_BINS`` of the ticks from the request
+  to its event (``"16-47"``, ``"96+"``): a request that waits long may have left the text window, or the distances
+  training saw, by the time it is due. ``wrong_label``: the events spoken at in time with another label than the
+  request's, what was said instead per requested digit (``{"eight": {"six": 3}}``), and, when the records keep their
+  events, the share of them whose label is that of a digit on screen at the tick the model spoke (one it saw rather
+  than one it made up)."""
   out: dict = {}
   bins = {lo: {"events": 0, "spoke_in_time": 0, "announced": 0} for lo in WAIT_BINS}
-  events = announced = in_time = preempted = after_early = alarms = silent_ticks = spoken = 0
+  events = announced = in_time = preempted = after_early = alarms = silent_ticks = spoken = right_speaks = 0
   late, event_margins, silent_margins = [], [], []
   wrong = {"events": 0, "said": {}, "on_screen": 0}
   with_events = all(rec.events is not None for rec in records)
@@ -485,6 +485,10 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
       near[f : f + tolerance + 1] = True
     spoke = rec.decision == vqa.SPEAK
     spoken += int(np.sum(spoke))
+    right_label = np.zeros(len(spoke), bool)
+    for f, (_, label) in due.items():
+      right_label[f : f + tolerance + 1] |= rec.announced[f : f + tolerance + 1] == vqa.WORD_ID[vqa.NUMBERS[label]]
+    right_speaks += int(np.sum(spoke & right_label))
     for f, (asked, label) in due.items():
       events += 1
       early = bool(np.any(spoke[asked + 1 : f]))
@@ -527,7 +531,7 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     "spoke_in_time": in_time / max(events, 1),
     "preempted": preempted / max(events, 1),
     "announced_after_early": after_early / max(events, 1),
-    "precision": announced / max(spoken, 1),
+    "precision": right_speaks / max(spoken, 1),
     "false_alarms": alarms / max(silent_ticks, 1),
     "timing": float(np.mean(late)) if late else None,
     "by_wait": {},
