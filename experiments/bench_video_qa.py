@@ -228,14 +228,13 @@ def flat_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   the rounds, speaking and silent, the ticks of the timed chunk at which some row spoke, the cache's bytes and the
   process's RSS after the length's run (the process's, which only grows from one length to the next)."""
   policy = video_policy(args.window, args.sinks)
-  qlen = video_qa.MAX_QUESTION_WORDS + 2
   states = []
   for length in [int(x) for x in args.flat.split(",") if x]:
     qs = [video_qa.VideoQAStream(data_config, "test", i) for i in streams]
     carry: list = []
     kw = {"proactive": proactive, **speaking(args)}
     qa_stream.answer_streams(model, policy, qs, length, ticks_per_call=args.ticks_per_call, carry=carry, **kw)
-    frames, questions = qa_stream.chunk_inputs([s.take(args.ticks_per_call) for s in qs], qlen)
+    frames, questions = qa_stream.chunk_inputs([s.take(args.ticks_per_call) for s in qs])
     states.append((length, carry[0], frames, questions, rss_mib()[0]))
   modes = {"speaking": proactive, "silent": False}
   times = {(length, mode): [] for length, *_ in states for mode in modes}
@@ -331,14 +330,14 @@ def measure(
     drop=drop,
     speak_threshold=speak_threshold,
     close_threshold=close_threshold,
-    final_cache=last,
+    carry=last,
   )
   steady = times[1:] or times
   per_frame = float(np.median(steady)) / ticks_per_call
   cache = model.init_cache(policy, len(streams))
   cache_mib = tree_bytes(cache) / 2**20
   s = qa_stream.score(records)
-  held = memory_frames(last[0], model.config.tokens_per_frame, frames)
+  held = memory_frames(last[0]["cache"], model.config.tokens_per_frame, frames)
   extra = {"memory_frames": held} if held else {}
   return {
     **extra,

@@ -69,21 +69,19 @@ def occlusion(objects: np.ndarray, obj: int, images: np.ndarray, frame_size: tup
 def event_rows(record: qa_stream.StreamRecord, chunk: video_qa.Chunk, images: np.ndarray, frame_size) -> list[dict]:
   """One row per event of a stream's ``record`` (``qa_stream.answer_streams``), its frames' digits from ``chunk``
   (the same stream's ``take`` of at least as many ticks plus ``TOLERANCE``)."""
-  spoke = record.decision == video_qa.SPEAK
   rows = []
-  for f, asked, label in record.announcements:
-    obj = next(e[2] for e in chunk.events if e[0] == f and e[1] == video_qa.ENTER)
-    shares = [occlusion(chunk.objects[f + d], obj, images, frame_size) for d in range(TOLERANCE + 1)]
-    said = record.announced[f : f + TOLERANCE + 1][spoke[f : f + TOLERANCE + 1]]
+  for e in qa_stream.event_outcomes(record, tolerance=TOLERANCE):
+    f = e["frame"]
+    obj = next(ev[2] for ev in chunk.events if ev[0] == f and ev[1] == video_qa.ENTER)
     margin = np.max(record.speak_margin[f : f + TOLERANCE + 1])
     rows.append(
       {
         "frame": int(f),
-        "label": int(label),
-        "wait": int(f - asked),
-        "occlusion": shares,
-        "announced": bool(said.size and said[0] == video_qa.WORD_ID[video_qa.NUMBERS[label]]),
-        "spoke_early": bool(np.any(spoke[asked + 1 : f])),
+        "label": int(e["label"]),
+        "wait": int(f - e["asked"]),
+        "occlusion": [occlusion(chunk.objects[f + d], obj, images, frame_size) for d in range(TOLERANCE + 1)],
+        "announced": e["right"],
+        "spoke_early": e["early"],
         "margin": float(margin),
         "standing": bool(margin > qa_stream.CLOSED),
       }

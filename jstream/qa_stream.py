@@ -57,6 +57,9 @@ class TickOutputs:
   request_state: RequestState | None = None
 
 
+QUESTION_LEN = vqa.MAX_QUESTION_WORDS + 2
+"""Words of a tick's question slot by default: the longest question, ``<q>`` and ``<a>``."""
+
 CLOSED = -1e4
 """The speak margin of a tick at which no request stands, for a model with an activation model (it cannot speak)."""
 
@@ -291,7 +294,7 @@ def track_tokens(num_ticks: int, tokens_per_frame: int, question_len: int | None
   """The most tokens ``num_ticks`` ticks put in each track, ``{"text", "vision"}``: per tick ``tokens_per_frame``
   vision tokens and at most ``5 + question_len`` words (decision, label, ``<eos>``, the question, answer,
   ``<eos>``); ``question_len`` defaults to ``answer_streams``'."""
-  qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
+  qlen = question_len or QUESTION_LEN
   return {"text": num_ticks * (5 + qlen), "vision": num_ticks * tokens_per_frame}
 
 
@@ -344,20 +347,18 @@ def answer_streams(
   drop: reduce.DifferentialDrop | None = None,
   speak_threshold: float = 0.5,
   close_threshold: float | None = None,
-  final_cache: list | None = None,
   carry: list | None = None,
 ) -> list[StreamRecord]:
   """Runs ``num_ticks`` ticks of each stream (a batch, one row per stream) through ``run`` in calls of
   ``ticks_per_call`` ticks (one compilation), generating the streams chunk by chunk; returns one ``StreamRecord`` per
   stream. ``num_ticks`` must be a multiple of ``ticks_per_call``. ``call_seconds``, if given, receives the wall time
-  of each call of ``run`` (the first includes compilation); ``final_cache``, if given, the cache after the last tick
-  (what a memory kept); ``carry``, if given, receives what a next call of ``run`` continues the streams from:
-  ``{"cache", "previous_frame", "request_state", "drop_state"}``. ``proactive``, ``drop``, ``speak_threshold``,
-  ``close_threshold``: see ``run``."""
+  of each call of ``run`` (the first includes compilation); ``carry``, if given, receives what a next call of ``run``
+  continues the streams from, ``{"cache", "previous_frame", "request_state", "drop_state"}`` (the cache: what a memory
+  kept). ``proactive``, ``drop``, ``speak_threshold``, ``close_threshold``: see ``run``."""
 
   if num_ticks % ticks_per_call:
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
-  qlen = question_len or vqa.MAX_QUESTION_WORDS + 2
+  qlen = question_len or QUESTION_LEN
   check_capacity(policy, num_ticks, 1 if model.config.carrier else model.config.tokens_per_frame, qlen)
   # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
   # parameters (a restored checkpoint's) would make the second call compile again.
@@ -399,8 +400,6 @@ def answer_streams(
       rec.answer = np.concatenate([rec.answer, out.answer[row]])
       rec.kept = np.concatenate([rec.kept, out.kept[row]])
       rec.speak_margin = np.concatenate([rec.speak_margin, out.speak_margin[row]])
-  if final_cache is not None:
-    final_cache.append(cache)
   if carry is not None:
     carry.append(
       {"cache": cache, "previous_frame": last_frame, "request_state": request_state, "drop_state": drop_state}
@@ -408,9 +407,11 @@ def answer_streams(
   return records
 
 
-def chunk_inputs(chunks: list[vqa.Chunk], question_len: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_inputs(chunks: list[vqa.Chunk], question_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``run``'s inputs for one chunk of each stream (a batch, the chunks of equal length ``n``): frames
-  ``[b, n, H, W]`` float32 in [0, 1] and the question words of each tick ``[b, n, question_len]``."""
+  ``[b, n, H, W]`` float32 in [0, 1] and the question words of each tick ``[b, n, question_len]`` (default:
+  ``answer_streams``', the longest question and its ``<q>`` / ``<a>``)."""
+  question_len = question_len or QUESTION_LEN
   frames = np.stack([c.frames for c in chunks]).astype(np.float32) / 255.0
   questions = np.zeros((len(chunks), len(chunks[0].frames), question_len), np.int32)
   for row, c in enumerate(chunks):
@@ -429,6 +430,23 @@ def _on_screen(events: list[tuple[int, int, int, int]], frame: int) -> set[str]:
       else:
         drawn.pop(obj, None)
   return {vqa.NUMBERS[label] for label in drawn.values()}
+
+
+def event_outcomes(record: StreamRecord, *, tolerance: int = 2) -> list[dict]:
+  """What the model did about each proactive event of a stream's ``record`` (``record.announcements``, one per
+  frame): ``frame``, ``asked`` (the tick its request was asked), ``label``; ``early`` (the model spoke after the
+  request was asked and before the event: a false alarm while it stood); ``late`` (frames after the event of the
+  first tick within ``tolerance`` at which the model spoke, None if it did not), ``said`` (the word it announced
+  then, None) and ``right`` (that word is the event's label). ``score`` counts these."""
+  spoke = record.decision == vqa.SPEAK
+  out = []
+  for f, (asked, label) in {f: (asked, label) for f, asked, label in record.announcements}.items():
+    late = next((d for d in range(tolerance + 1) if f + d < len(spoke) and spoke[f + d]), None)
+    said = None if late is None else int(record.announced[f + late])
+    early = bool(np.any(spoke[asked + 1 : f]))
+    right = said == vqa.WORD_ID[vqa.NUMBERS[label]]
+    out.append({"frame": f, "asked": asked, "label": label, "early": early, "late": late, "said": said, "right": right})
+  return out
 
 
 WAIT_BINS = (0, 16, 48, 96)
@@ -489,30 +507,29 @@ def score(records: list[StreamRecord], *, tolerance: int = 2) -> dict:
     for f, (_, label) in due.items():
       right_label[f : f + tolerance + 1] |= rec.announced[f : f + tolerance + 1] == vqa.WORD_ID[vqa.NUMBERS[label]]
     right_speaks += int(np.sum(spoke & right_label))
-    for f, (asked, label) in due.items():
+    for e in event_outcomes(rec, tolerance=tolerance):
+      f, label, d = e["frame"], e["label"], e["late"]
       events += 1
-      early = bool(np.any(spoke[asked + 1 : f]))
-      preempted += int(early)
-      b = bins[max(lo for lo in WAIT_BINS if lo <= f - asked)]
+      preempted += int(e["early"])
+      b = bins[max(lo for lo in WAIT_BINS if lo <= f - e["asked"])]
       b["events"] += 1
-      for d in range(tolerance + 1):
-        if f + d < len(spoke) and spoke[f + d]:
-          in_time += 1
-          b["spoke_in_time"] += 1
-          said = int(rec.announced[f + d])
-          if said == vqa.WORD_ID[vqa.NUMBERS[label]]:
-            announced += 1
-            after_early += int(early)
-            b["announced"] += 1
-            late.append(d)
-          else:
-            word = vqa.WORDS[said] if 0 <= said < len(vqa.WORDS) else f"<{said}>"
-            wrong["events"] += 1
-            said_for = wrong["said"].setdefault(vqa.NUMBERS[label], {})
-            said_for[word] = said_for.get(word, 0) + 1
-            if with_events:
-              wrong["on_screen"] += int(word in _on_screen(rec.events, f + d))
-          break
+      if d is None:
+        continue
+      in_time += 1
+      b["spoke_in_time"] += 1
+      if e["right"]:
+        announced += 1
+        after_early += int(e["early"])
+        b["announced"] += 1
+        late.append(d)
+      else:
+        said = e["said"]
+        word = vqa.WORDS[said] if 0 <= said < len(vqa.WORDS) else f"<{said}>"
+        wrong["events"] += 1
+        said_for = wrong["said"].setdefault(vqa.NUMBERS[label], {})
+        said_for[word] = said_for.get(word, 0) + 1
+        if with_events:
+          wrong["on_screen"] += int(word in _on_screen(rec.events, f + d))
     alarms += int(np.sum(spoke & ~near))
     silent_ticks += int(np.sum(~near))
     if with_margins:
