@@ -18,12 +18,14 @@ stream's first frame tokens, half the budget, kept for good beside a window of t
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
 a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
 ``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
-the question's words), ``h2o``, ``agenorm`` and ``tova`` (``jstream.memory.Scored``, score-based eviction: half the
+the question's words), ``offload`` (``retrieval`` with its store in host memory, ``store_memory="host"``: asked for
+by ``--methods`` only), ``h2o``, ``agenorm`` and ``tova`` (``jstream.memory.Scored``, score-based eviction: half the
 window, half the evicted frame tokens of highest attention mass, H2O's sum, the mass per reading query of Evict3R /
 StreamMem, or the latest chunk's mass (TOVA), scored and read by every query, frames and words); the text track
 is the same in all; ``--methods`` picks some. Per (method, budget): accuracy per question type, the kept-token
 share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the
-retrieval store apart), and ``memory.png`` (accuracy per question category against the budget).
+retrieval store apart), what is in device memory (``device_mib``: the store included unless offloaded), and
+``memory.png`` (accuracy per question category against the budget).
 ``--flat 1000,10000`` (issue 10's flat latency) times calls of ``--ticks-per-call`` ticks that continue the
 streams at each length under ``sinks+window``, in ``--rounds`` interleaved rounds (``flat_sweep``), instead.
 ``--drop 0.9,0.99`` (also issue 11) runs the ``sinks+window`` policy at ``--memory-frames`` without and with
@@ -125,6 +127,7 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
 
 SCORE_RULES = {"h2o": "sum", "agenorm": "mean", "tova": "last"}  # memory.Scored's rules by method name
 MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", *SCORE_RULES)
+OFFLOAD = "offload"  # retrieval with its store in host memory: picked by --methods only (same answers as retrieval)
 
 
 def memory_policies(
@@ -139,16 +142,18 @@ def memory_policies(
   blocks = max(budget // 2 // p, 1)
   slots = budget // 2
   half = C.Segmented((text, C.Window(budget - slots)))  # a window of half the budget beside a memory of the rest
+  retrieval = M.Retrieval(
+    C.Segmented((text, C.Window(budget - blocks * p))),
+    block=p,
+    top_k=blocks,
+    store_blocks=max(store_frames or frames, blocks),
+    readers=(TEXT,),
+  )
   return {
     "window": C.Segmented((text, C.Window(budget))),
     "sinks": C.Segmented((text, C.SinkWindow(slots, budget - slots))),
-    "retrieval": M.Retrieval(
-      C.Segmented((text, C.Window(budget - blocks * p))),
-      block=p,
-      top_k=blocks,
-      store_blocks=max(store_frames or frames, blocks),
-      readers=(TEXT,),
-    ),
+    "retrieval": retrieval,
+    OFFLOAD: dataclasses.replace(retrieval, store_memory="host"),
     "compressed": M.Compressed(half, slots=slots, readers=(TEXT,)),
     **{name: M.Scored(half, slots=slots, score=rule) for name, rule in SCORE_RULES.items()},
   }
@@ -159,9 +164,9 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   frames, p = args.memory_frames, model.config.tokens_per_frame
   text = video_policy(args.window, args.sinks).segments[TEXT]
   methods = [m for m in args.methods.split(",") if m]
-  unknown = set(methods) - set(MEMORY_METHODS)
+  unknown = set(methods) - {*MEMORY_METHODS, OFFLOAD}
   if unknown:
-    raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {', '.join(MEMORY_METHODS)}")
+    raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {', '.join((*MEMORY_METHODS, OFFLOAD))}")
   rows = []
   for budget in [int(x) for x in args.memory.split(",") if x]:
     for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
@@ -175,6 +180,7 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
         r["store_mib"] = (parts["store"] - parts["read"]) / 2**20
         r["index_mib"] = parts["index"] / 2**20  # retrieval's block summaries (grow with the store, 1/block of it)
         r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk + the index
+        r["device_mib"] = (parts["device"] + parts["read"]) / 2**20  # in device memory: the store too, unless offloaded
       else:
         read = 0
       vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).tracks()[1].size  # sinks too
@@ -184,6 +190,7 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
       print(
         f"  {name:<10} budget {budget:>5} ({r['kept_share']:.3f} kept) {frames} frames: {acc}; "
         f"{r['ms_per_frame']:.2f} ms/frame, cache {r['cache_mib']:.2f} MiB"
+        + (f", device memory {r['device_mib']:.2f} MiB" if "device_mib" in r else "")
       )
       if "memory_frames" in r:
         h = r["memory_frames"]
@@ -399,7 +406,9 @@ def main(argv=None) -> int:
   parser.add_argument("--speed-frames", type=int, default=500, help="stream length of the speed table")
   parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
   parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory / drop sweeps")
-  parser.add_argument("--methods", default=",".join(MEMORY_METHODS), help="the memory sweep's methods")
+  parser.add_argument(
+    "--methods", default=",".join(MEMORY_METHODS), help=f"the memory sweep's methods (also: {OFFLOAD})"
+  )
   parser.add_argument(
     "--store-frames",
     type=int,

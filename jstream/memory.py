@@ -51,11 +51,16 @@ tokens) to the query; a merged slot's key is the mean of rotated keys. Re-indexi
 just before the window (ReKV's choice for models that cannot extrapolate far) is not built.
 
 Where the memory lives. Everything is one pytree that a compiled stream carries (``MemoryCache``), so a stream of
-any length is one compiled program at fixed memory. The store of ``Retrieval`` is in the same device memory as
-the cache on every platform so far: on CPU host and device memory are one; on GPU / TPU placing the store in host
-memory (JAX memory kinds, ``pinned_host``) with the gather of the chosen blocks as the only transfer is the
-design's intent and is not built or measured yet. ``memory_bytes`` reports the local cache, the memory read by
-attention (retrieved segment / slots / entries) and the store apart.
+any length is one compiled program at fixed memory. The store of ``Retrieval`` (its keys, values, indices and
+counts, the ``store_blocks * block`` entries) is in device memory by default; ``Retrieval(..., store_memory="host")``
+keeps it in host memory (JAX's ``pinned_host`` memory kind) for the whole stream: the compiled program writes the
+evicted tokens into it and gathers the chosen blocks out of it on the host (``compute_on("device_host")``), so the
+only transfers are the evicted tokens going out and the retrieved segment coming in, and device memory holds the
+local cache, the block summaries and the retrieved segment, whatever ``store_blocks`` is. XLA schedules those
+transfers asynchronously where the platform allows. Every JAX platform of the tested versions has the memory kind
+(CPU, where host and device memory are one, included: there the placement is checked, not a saving); a platform
+without it gets an error when the cache is made. ``memory_bytes`` reports the local cache, the memory read by
+attention (retrieved segment / slots / entries), the store, and what is in device memory.
 
 A memory cache cannot roll back (evicted tokens have left the local cache): ``rollback`` raises.
 """
@@ -67,6 +72,7 @@ import typing
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 from jstream._compat import is_concrete
 from jstream.cache import kv as kv_lib
@@ -147,12 +153,13 @@ class MemoryPolicy(pol.Policy):
     shape = (num_layers, batch_size, heads, self.slots)
     blocks = self.store_blocks if isinstance(self, Retrieval) else 0
     scored = (*shape[:3], self.slots if isinstance(self, Scored) else 0)
+    on_store = _placer(self)
     return MemoryCache(
       local=local,
-      k=jnp.zeros((*shape, head_dim), local.dtype),
-      v=jnp.zeros((*shape, head_dim), local.dtype),
-      idx=jnp.full(shape, -1, jnp.int32),
-      count=jnp.zeros(shape, jnp.float32),
+      k=on_store(jnp.zeros((*shape, head_dim), local.dtype)),
+      v=on_store(jnp.zeros((*shape, head_dim), local.dtype)),
+      idx=on_store(jnp.full(shape, -1, jnp.int32)),
+      count=on_store(jnp.zeros(shape, jnp.float32)),
       written=jnp.zeros((batch_size,), jnp.int32),
       summary=jnp.zeros((num_layers, batch_size, heads, blocks, head_dim), jnp.float32),
       filled=jnp.zeros((batch_size, blocks), jnp.int32),
@@ -170,11 +177,13 @@ class Retrieval(MemoryPolicy):
     block: evicted tokens per block (a video frame's tokens: one block per frame).
     top_k: blocks retrieved per (row, layer, kv head) at each chunk.
     store_blocks: blocks the store holds (a ring over blocks).
+    store_memory: ``"device"`` (default) or ``"host"``: the memory the store lives in (see the module docstring).
   """
 
   block: int = 16
   top_k: int = 4
   store_blocks: int = 256
+  store_memory: str = dataclasses.field(default="device", metadata=dict(placement=True))
 
   def __post_init__(self):
     super().__post_init__()
@@ -183,6 +192,8 @@ class Retrieval(MemoryPolicy):
     check_int("Retrieval.store_blocks", self.store_blocks, 1)
     if self.top_k > self.store_blocks:
       raise ValueError(f"Retrieval: top_k ({self.top_k}) must be <= store_blocks ({self.store_blocks})")
+    if self.store_memory not in ("device", "host"):
+      raise ValueError(f"Retrieval.store_memory must be 'device' or 'host', got {self.store_memory!r}")
 
   @property
   def slots(self) -> int:
@@ -305,10 +316,16 @@ class MemoryCache:
 
   def reset_rows(self, sel: Array, start: Array) -> MemoryCache:
     keep = ~sel[None, :, None, None]
+
+    def clear(keep, idx, count):  # -1 / 0 in the reset rows (arithmetic: a host computation makes no constants)
+      kept = keep.astype(idx.dtype)
+      return idx * kept + kept - 1, count * keep.astype(count.dtype)
+
+    idx, count = _on_store(self.policy, clear, keep, self.idx, self.count)
     return self.replace(
       local=self.local.reset_rows(sel, start),
-      idx=jnp.where(keep, self.idx, -1),
-      count=jnp.where(keep, self.count, 0.0),
+      idx=idx,
+      count=count,
       written=jnp.where(sel, 0, self.written),
       summary=jnp.where(keep[..., None], self.summary, 0.0),
       filled=jnp.where(sel[:, None], 0, self.filled),
@@ -351,9 +368,10 @@ class MemoryCache:
 
     def extra(_, layer, q):
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
-      k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
       if isinstance(policy, Retrieval):
-        k, v, idx, count = _retrieve(policy, q_rot, limit, mem.summary[layer], mem.filled, k, v, idx, count)
+        k, v, idx, count = _retrieve(policy, q_rot, limit, mem, layer)
+      else:
+        k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
       part = memory_attention(q_rot, k, v, idx, count, limit)
       if not scored:
         return part
@@ -378,14 +396,20 @@ class MemoryCache:
     """Track indices shifted down like the local cache's rebase (every ``2**29`` tokens of the track); in
     ``cache_relative`` mode the keys are rotated back by the shift too (in a zero-or-one-trip loop, which updates
     the memory in place when no row rebases: ``jstream.nn.cached_attention.rerotate``)."""
-    s = shift[None, :, None, None]
-    idx = jnp.where(self.idx >= 0, jnp.maximum(self.idx - s, 0), -1)
+    policy = self.policy
+
+    def shift_idx(shift, idx):  # arithmetic, as in reset_rows
+      full = (idx >= 0).astype(idx.dtype)
+      return jnp.maximum(idx - shift[None, :, None, None], 0) * full + full - 1
+
+    def body(state):
+      k, summary = state[1]
+      cos, sin = rope_cos_sin(-shift, k.shape[-1], rope_base)  # [b, h / 2]
+      return jnp.array(False), (_on_store(policy, _rotated, cos, sin, k), _rotated(cos, sin, summary))
+
+    idx = _on_store(policy, shift_idx, shift, self.idx)
     k, summary = self.k, self.summary
-    if self.policy.positions == "cache_relative":  # a block's mean key rotates with its keys (RoPE is linear)
-
-      def body(state):
-        return jnp.array(False), tuple(_rotate_back(a, shift, rope_base) for a in state[1])
-
+    if policy.positions == "cache_relative":  # a block's mean key rotates with its keys (RoPE is linear)
       k, summary = jax.lax.while_loop(lambda state: state[0], body, (jnp.any(shift != 0), (k, summary)))[1]
     return self.replace(idx=idx, k=k, summary=summary)
 
@@ -445,21 +469,27 @@ class MemoryCache:
     b, t = valid.shape
     rank = jnp.cumsum(valid, axis=1) - 1
     dest = jnp.where(valid, (self.written[:, None] + rank) % slots, slots)  # slots: dropped
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-
-    def put(buf, val):  # buf [l, b, k, S, ...]; val [b, t, l, k, ...]
-      return buf.at[:, rows, :, dest].set(val.astype(buf.dtype), mode="drop")
-
     num_layers, heads = self.k.shape[0], self.k.shape[2]
     per_token = (b, t, num_layers, heads)
-    new = self.replace(
-      k=put(self.k, jnp.moveaxis(k, (0, 2), (2, 3))),
-      v=put(self.v, jnp.moveaxis(v, (0, 2), (2, 3))),
-      idx=put(self.idx, jnp.broadcast_to(idx[:, :, None, None], per_token)),
-      count=put(self.count, jnp.ones(per_token, jnp.float32)),
-      written=self.written + valid.sum(axis=1).astype(jnp.int32),
+    where = _store_index(  # [b, t, l, k, 4]
+      jnp.arange(num_layers)[None, None, :, None],
+      jnp.arange(b)[:, None, None, None],
+      jnp.arange(heads)[None, None, None, :],
+      dest[:, :, None, None],
     )
-    return new._summarize(self.written, t)
+    new = (  # [b, t, l, k, ...]: what each token writes
+      jnp.moveaxis(k, (0, 2), (2, 3)).astype(self.k.dtype),
+      jnp.moveaxis(v, (0, 2), (2, 3)).astype(self.v.dtype),
+      jnp.broadcast_to(idx[:, :, None, None], per_token),
+      jnp.ones(per_token, jnp.float32),
+    )
+
+    def put(where, store, new):  # store: the buffers [l, b, k, S, ...]
+      return tuple(_scatter(buf, where, val) for buf, val in zip(store, new))
+
+    k, v, idx, count = _on_store(self.policy, put, where, (self.k, self.v, self.idx, self.count), new)
+    written = self.written + valid.sum(axis=1).astype(jnp.int32)
+    return self.replace(k=k, v=v, idx=idx, count=count, written=written)._summarize(self.written, t)
 
   def _summarize(self, start: Int[Array, " b"], t: int) -> MemoryCache:
     """Recomputes the summary key and fill of the blocks that up to ``t`` tokens appended from write pointer
@@ -470,8 +500,15 @@ class MemoryCache:
     touched = (start[:, None] // blk + jnp.arange(n, dtype=jnp.int32)) % nb  # [b, n]
     entries = (touched[:, :, None] * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(b, n * blk)
     rows = jnp.arange(b)[:, None]
-    keys = self.k[:, rows, :, entries].astype(jnp.float32)  # [b, n * blk, l, k, h]
-    full = self.idx[0, :, 0][rows, entries] >= 0  # [b, n * blk] (every layer and head stores the same tokens)
+    num_layers, heads = self.k.shape[0], self.k.shape[2]
+    where = _store_index(  # [b, n * blk, l, k, 4]
+      jnp.arange(num_layers)[None, None, :, None], rows[:, :, None, None], jnp.arange(heads), entries[:, :, None, None]
+    )
+    # every layer and head stores the same tokens: layer 0, head 0 says which entries are full
+    keys, stored = _from_store(
+      self.policy, lambda w, k, i: (_gather(k, w), _gather(i, w[:, :, 0, 0])), where, self.k, self.idx
+    )
+    keys, full = keys.astype(jnp.float32), stored >= 0
     fill = full.reshape(b, n, blk).sum(-1)  # [b, n]
     total = jnp.where(full[:, :, None, None, None], keys, 0.0).reshape(b, n, blk, *keys.shape[2:]).sum(2)
     mean = total / jnp.maximum(fill, 1)[:, :, None, None, None].astype(jnp.float32)  # [b, n, l, k, h]
@@ -507,6 +544,71 @@ class MemoryCache:
     return self.replace(k=mk, v=mv, idx=midx, count=count)
 
 
+def _on_host(policy: MemoryPolicy) -> bool:
+  return getattr(policy, "store_memory", "device") == "host"
+
+
+def host_memory_available() -> bool:
+  """Whether the default device has a ``pinned_host`` memory (what ``Retrieval(store_memory="host")`` needs) and
+  this JAX the memory spaces and host computations it places the store with."""
+  has_api = hasattr(getattr(jax, "memory", None), "Space")
+  return has_api and any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
+
+
+def _placer(policy: MemoryPolicy):
+  """Moves an array into the memory the policy's store lives in (identity for a device store)."""
+  if not _on_host(policy):
+    return lambda a: a
+  if not host_memory_available():
+    raise ValueError(
+      f"store_memory='host': this platform ({jax.default_backend()}) or JAX ({jax.__version__}) has no pinned_host "
+      "memory to keep the retrieval store in; use store_memory='device'"
+    )
+  return lambda a: jax.device_put(a, jax.memory.Space.Host)
+
+
+def _on_store(policy: MemoryPolicy, fn, *args):
+  """``fn(*args)`` computed where the policy's store lives: for a store in host memory, on the host with the
+  arguments moved there and the results left there (XLA's host offloading: ``compute_on("device_host")``)."""
+  if not _on_host(policy):
+    return fn(*args)
+  return compute_on("device_host")(jax.jit(fn))(*jax.tree.map(_placer(policy), args))
+
+
+def _from_store(policy: MemoryPolicy, fn, *args):
+  """``_on_store`` whose (small) results come to device memory: what a chunk reads out of the store."""
+  out = _on_store(policy, fn, *args)
+  return jax.tree.map(lambda a: jax.device_put(a, jax.memory.Space.Device), out) if _on_host(policy) else out
+
+
+def _store_index(layer, row, head, entry) -> Int[Array, "... 4"]:
+  """Indices into ``[l, b, k, S]`` store buffers, the four broadcast together and stacked last."""
+  return jnp.stack(jnp.broadcast_arrays(*(jnp.asarray(a, jnp.int32) for a in (layer, row, head, entry))), axis=-1)
+
+
+def _gather(a: Array, where: Int[Array, "... r"]) -> Array:
+  """``a[where[..., 0], ..., where[..., r - 1]]``: ``[..., *a.shape[r:]]``, the indices in range. A bare
+  ``lax.gather``: a host computation may not make constants (``jnp`` indexing makes some to wrap negative indices)."""
+  r, n = where.shape[-1], where.ndim - 1
+  dims = jax.lax.GatherDimensionNumbers(
+    offset_dims=tuple(range(n, n + a.ndim - r)), collapsed_slice_dims=tuple(range(r)), start_index_map=tuple(range(r))
+  )
+  mode = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+  return jax.lax.gather(a, where, dims, slice_sizes=(1,) * r + a.shape[r:], mode=mode)
+
+
+def _scatter(a: Array, where: Int[Array, "... r"], values: Array) -> Array:
+  """``a`` with ``a[where[..., 0], ..., where[..., r - 1]] = values [..., *a.shape[r:]]``; indices out of range are
+  dropped (a bare ``lax.scatter``, like ``_gather``)."""
+  r, n = where.shape[-1], where.ndim - 1
+  dims = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=tuple(range(n, values.ndim)),
+    inserted_window_dims=tuple(range(r)),
+    scatter_dims_to_operand_dims=tuple(range(r)),
+  )
+  return jax.lax.scatter(a, where, values.astype(a.dtype), dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def _evicted(local: kv_lib.KVCache, plan: plan_lib.Plan, track: int):
   """The tokens of ``track`` that this chunk's ring writes overwrite: ``(k, v [l, b, k, t, h], idx [b, t], valid
   [b, t])``, in stream order (the chunk writes its ring slots in index order)."""
@@ -531,7 +633,11 @@ def _evicted(local: kv_lib.KVCache, plan: plan_lib.Plan, track: int):
 
 def _rotate_back(k: Float[Array, "l b k s h"], shift: Int[Array, " b"], rope_base: float | Rope) -> Array:
   """Keys of every layer ``[l, b, k, s, h]`` rotated by RoPE at ``-shift`` of their row."""
-  cos, sin = rope_cos_sin(-shift, k.shape[-1], rope_base)  # [b, h / 2]
+  return _rotated(*rope_cos_sin(-shift, k.shape[-1], rope_base), k)
+
+
+def _rotated(cos: Float[Array, "b h2"], sin: Float[Array, "b h2"], k: Float[Array, "l b k s h"]) -> Array:
+  """Keys of every layer rotated by each row's ``cos`` / ``sin``."""
   return apply_rope(k, cos[None, :, None, None], sin[None, :, None, None]).astype(k.dtype)
 
 
@@ -544,25 +650,25 @@ def _read_limit(plan: plan_lib.Plan, policy: MemoryPolicy) -> Int[Array, "b t"]:
   return jnp.where(reads, c - policy.window, -2)
 
 
-def _retrieve(policy: Retrieval, q_rot, limit, summary, filled, k, v, idx, count):
-  """The ``top_k`` blocks of one layer's store ``[b, k, S, ...]`` that the chunk's reading queries score highest
+def _retrieve(policy: Retrieval, q_rot, limit, mem: MemoryCache, layer):
+  """The ``top_k`` blocks of ``layer``'s store ``[b, k, S, ...]`` that the chunk's reading queries score highest
   (mean query . block mean key ``summary [b, k, store_blocks, h]``, summed over a kv head's query heads); blocks
   with nothing stored (``filled [b, store_blocks]``) are not chosen while others are. Reads the summaries and the
-  chosen blocks, not the store."""
+  chosen blocks, not the store (on the host, for a store in host memory: only the blocks come to the device)."""
   b, _, n, h = q_rot.shape
-  heads, nb, blk = k.shape[1], policy.store_blocks, policy.block
+  summary, filled = mem.summary[layer], mem.filled
+  heads, blk = mem.k.shape[2], policy.block
   reads = (limit >= 0)[..., None, None]
   q_mean = jnp.sum(jnp.where(reads, q_rot.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(reads.sum(axis=1), 1)
   q_mean = q_mean.reshape(b, heads, n // heads, h).sum(axis=2)  # [b, k, h]
   score = jnp.where(filled[:, None] > 0, jnp.einsum("bkh,bkjh->bkj", q_mean, summary), -jnp.inf)
   _, top = jax.lax.top_k(score, policy.top_k)  # [b, k, top_k]
 
-  def pick(a):  # [b, k, S, ...] -> [b, k, top_k * block, ...]
-    blocks = a.reshape(b, heads, nb, blk, *a.shape[3:])
-    sel = top.reshape(b, heads, policy.top_k, *(1,) * (blocks.ndim - 3))
-    return jnp.take_along_axis(blocks, sel, axis=2).reshape(b, heads, policy.read_tokens, *a.shape[3:])
-
-  return pick(k), pick(v), pick(idx), pick(count)
+  entries = (top[..., None] * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(b, heads, policy.read_tokens)
+  where = _store_index(layer, jnp.arange(b)[:, None, None], jnp.arange(heads)[:, None], entries)  # [b, k, m, 4]
+  return _from_store(
+    policy, lambda w, *store: tuple(_gather(a, w) for a in store), where, mem.k, mem.v, mem.idx, mem.count
+  )
 
 
 def memory_attention(
@@ -631,12 +737,19 @@ def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
   chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included),
   ``index`` (``Retrieval``'s block summary keys and fills, read at every chunk; ``Scored``'s scores; 0 for
-  ``Compressed``)."""
+  ``Compressed``), ``device`` (what the cache holds in device memory: all of it, but for a store in host memory)."""
   local = tree_bytes(cache.local)
   store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots
   index = tree_bytes((cache.summary, cache.filled, cache.score, cache.seen))
-  return {"local": local, "read": per_entry * cache.policy.read_tokens, "store": store, "index": index}
+  device = local + index + tree_bytes(cache.written) + (0 if _on_host(cache.policy) else store)
+  return {
+    "local": local,
+    "read": per_entry * cache.policy.read_tokens,
+    "store": store,
+    "index": index,
+    "device": device,
+  }
 
 
 __all__ = [
@@ -645,6 +758,7 @@ __all__ = [
   "MemoryPolicy",
   "Retrieval",
   "Scored",
+  "host_memory_available",
   "memory_attention",
   "memory_bytes",
   "memory_key_mass",

@@ -360,9 +360,7 @@ def answer_streams(
     raise ValueError(f"num_ticks {num_ticks} must be a multiple of ticks_per_call {ticks_per_call}")
   qlen = question_len or QUESTION_LEN
   check_capacity(policy, num_ticks, 1 if model.config.carrier else model.config.tokens_per_frame, qlen)
-  # Committed to the device like the outputs of every call: a fresh (uncommitted) cache next to committed
-  # parameters (a restored checkpoint's) would make the second call compile again.
-  cache = jax.device_put(model.init_cache(policy, len(streams), dtype=dtype), jax.devices()[0])
+  cache = model.init_cache(policy, len(streams), dtype=dtype)  # committed, each array in its memory (cache.init)
   records = [
     StreamRecord(
       [], [], *(np.zeros((0,), np.int32) for _ in range(4)), speak_margin=np.zeros((0,), np.float32), events=[]

@@ -433,10 +433,26 @@ def test_bench_video_qa_and_show_smoke(in_tmp):
   # memories at one budget; no drop and a drop at one threshold
   sweep = ["bench", "video-qa", "--quick", "--out", "mem", "--workdir", "run", "--memory", "16", "--drop", "0.9"]
   sweep += ["--flat", "20,40", "--rounds", "2"]  # and the latency of calls continuing 20- and 40-tick streams
+  sweep += ["--methods", "window,sinks,retrieval,offload,compressed,h2o,agenorm,tova"]  # offload: asked for only
   assert cli.main([*sweep, "--no-progress"]) == 0
   mem_res = json.loads((in_tmp / "mem" / "results.json").read_text())
   mem = mem_res["memory_rows"]
-  assert [r["method"] for r in mem] == ["window", "sinks", "retrieval", "compressed", "h2o", "agenorm", "tova"]
+  assert [r["method"] for r in mem] == [
+    "window",
+    "sinks",
+    "retrieval",
+    "offload",
+    "compressed",
+    "h2o",
+    "agenorm",
+    "tova",
+  ]
+  retrieval, offload = mem[2], mem[3]  # the same store, in host memory: the same answers, less device memory
+  assert offload["scores"] == retrieval["scores"] and retrieval["store_mib"] > 0
+  # in device memory: the local cache, the summaries and the retrieved segment (the cache less its store) ...
+  assert offload["device_mib"] == pytest.approx(offload["cache_mib"]) == pytest.approx(retrieval["cache_mib"])
+  # ... and, in device memory, the store too (the copy of the retrieved blocks beside it)
+  assert retrieval["device_mib"] > retrieval["cache_mib"] + retrieval["store_mib"] > offload["device_mib"]
   assert {r["budget"] for r in mem} == {16}
   held = [r["memory_frames"] for r in mem if "memory_frames" in r]  # the scored memories' entries, by frame
   assert len(held) == 3 and all(0 <= h["q10"] <= h["median"] <= h["q90"] < 20 and h["entries"] > 0 for h in held)

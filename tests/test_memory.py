@@ -22,8 +22,9 @@ F32 = tol(jnp.float32)
     (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12), False),
     (lambda local: M.Compressed(local, slots=36), True),
     (lambda local: M.Scored(local, slots=32, score="mean"), False),
+    (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12, store_memory="host"), True),
   ],
-  ids=["retrieval-per-layer", "compressed-stacked", "scored-per-layer"],
+  ids=["retrieval-per-layer", "compressed-stacked", "scored-per-layer", "retrieval-host-stacked"],
 )
 def test_memory_of_everything_is_dense(memory, scan_layers):
   """A memory that keeps every evicted token as it is (all blocks retrieved; a slot per token) plus the window is
@@ -36,6 +37,7 @@ def test_memory_of_everything_is_dense(memory, scan_layers):
   got, cache = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
   np.testing.assert_allclose(got, model.forward(tokens), **F32)
   assert int(jnp.max(cache.count.sum(-1))) == 40 - 2 - 6  # every token outside sinks and window is in memory
+  assert cache.k.sharding.memory_kind == ("pinned_host" if getattr(policy, "store_memory", "") == "host" else "device")
   window, _ = stream(jit_step(model), tokens, model.init_cache(policy.local, 2), sizes)
   assert np.abs(np.asarray(window) - np.asarray(got)).max() > 1e-2  # the memory matters in this test
 
@@ -161,13 +163,16 @@ def test_video_stream_with_a_memory_matches_a_dense_vision_track():
   text = C.SinkWindow(2, 40)
   local = C.Segmented((text, C.Window(3 * p)), positions=positions)
   retrieval = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION)
+  host = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION, store_memory="host")
   scored = M.Scored(local, slots=n * p, track=VISION)  # room for every frame: nothing is evicted
   dense = C.Segmented((text, C.Dense(n * p)), positions=positions)
   out = {}
-  for name, policy in {"retrieval": retrieval, "scored": scored, "dense": dense}.items():
-    _, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
+  for name, policy in {"retrieval": retrieval, "host": host, "scored": scored, "dense": dense}.items():
+    cache, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
     out[name] = said
-  for name in ("retrieval", "scored"):
+    if name == "host":  # the compiled scan carried the store in host memory
+      assert cache.v.sharding.memory_kind == "pinned_host" and cache.local.k.sharding.memory_kind == "device"
+  for name in ("retrieval", "host", "scored"):
     np.testing.assert_array_equal(out[name].answer, out["dense"].answer)
     np.testing.assert_array_equal(out[name].decision, out["dense"].decision)
   assert TEXT == 0 and (out["dense"].answer != vqa.PAD).any()
@@ -237,6 +242,42 @@ def test_reset_row_starts_a_fresh_memory(policy):
   np.testing.assert_allclose(got[:1], fresh, **F32)
 
 
+def test_a_store_in_host_memory_holds_what_a_store_in_device_memory_holds(monkeypatch, tmp_path):
+  """``Retrieval(store_memory="host")``: the store (keys, values, indices, counts) lives in ``pinned_host`` memory
+  through chunks, a row reset, index rebases that rotate its keys (cache-relative, every 24 tokens), a save and a
+  restore; the outputs and every cache array equal those of the store in device memory bit for bit, and the cache's
+  device memory leaves the store out."""
+  from jstream.cache import planner
+
+  monkeypatch.setattr(planner, "REBASE_AT", 24)
+  monkeypatch.setattr(planner, "REBASE_SHIFT", 12)
+  model = tiny_model(seed=23, scan_layers=True)
+  tokens = random_tokens(2, 70, seed=24)
+  step = jit_step(model)
+  sizes = chunk_sizes(40, [1, 3, 5], seed=25)
+  local = C.SinkWindow(1, 5, positions="cache_relative")
+  got = {}
+  for where in ("device", "host"):
+    policy = M.Retrieval(local, block=2, top_k=2, store_blocks=6, store_memory=where)
+    first, cache = stream(step, tokens[:, :40], model.init_cache(policy, 2), sizes)
+    cache = C.reset(cache, jnp.asarray([False, True]))
+    C.save(cache, tmp_path / where)
+    cache = C.restore(tmp_path / where, like=model.init_cache(policy, 2))
+    second, cache = stream(step, tokens[:, 40:], cache, [4, 1, 5] + [2] * 10)
+    got[where] = (first, second, cache)
+  host, device = got["host"][2], got["device"][2]
+  assert int(host.local.count[0, 0]) < 40  # rebased
+  stored = {"k", "v", "idx", "count"}
+  for name in ("k", "v", "idx", "count", "summary", "filled", "written"):
+    assert getattr(host, name).sharding.memory_kind == ("pinned_host" if name in stored else "device"), name
+    assert getattr(device, name).sharding.memory_kind == "device"
+  assert int(host.written[0]) > host.policy.slots  # the store wrapped
+  for a, b in zip(jax.tree.leaves(got["host"]), jax.tree.leaves(got["device"])):
+    np.testing.assert_array_equal(a, b)
+  sizes = M.memory_bytes(host)
+  assert sizes["device"] == M.memory_bytes(device)["device"] - sizes["store"] and sizes["store"] > 0
+
+
 def test_memory_bytes_and_compiles_once():
   from jstream import rollout
 
@@ -267,12 +308,22 @@ def test_bad_input():
     M.Scored(C.Window(8), slots=0)
   with pytest.raises(ValueError, match="'sum', 'mean' or 'last'"):
     M.Scored(C.Window(8), score="max")
+  with pytest.raises(ValueError, match="store_memory"):
+    M.Retrieval(C.Window(8), store_memory="disk")
   model = tiny_model(seed=0)
   cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
   with pytest.raises(ValueError, match="more tokens of the memory track than its window"):
     model(random_tokens(1, 5, seed=1), cache)
   with pytest.raises(ValueError, match="cannot roll back"):
     C.rollback(cache, 1)
+
+
+def test_a_host_store_without_host_memory_is_refused(monkeypatch):
+  """On a platform without ``pinned_host`` memory a store in host memory is refused when the cache is made."""
+  monkeypatch.setattr(M, "host_memory_available", lambda: False)
+  policy = M.Retrieval(C.Window(4), block=2, top_k=1, store_blocks=3, store_memory="host")
+  with pytest.raises(ValueError, match="no pinned_host memory"):
+    tiny_model(seed=0).init_cache(policy, 1)
 
 
 @pytest.mark.parametrize(

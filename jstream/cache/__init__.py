@@ -97,10 +97,13 @@ def init(
   cache = policy.make_cache(geometry, batch_size=batch_size, dtype="float32" if dtype is None else dtype, start=start)
   # Commit a new cache to the default device, where a compiled rollout's output cache lives: an uncommitted input
   # makes the next call (fed the first's committed output) compile again when the parameters are committed (a
-  # model restored from a checkpoint).
+  # model restored from a checkpoint). Each leaf stays in the memory it was made in (a memory's store in host memory).
   leaves = jax.tree.leaves(cache)
   if leaves and all(is_concrete(x) for x in leaves):
-    cache = jax.device_put(cache, jax.devices()[0])
+    device = jax.devices()[0]
+    cache = jax.tree.map(
+      lambda x: jax.device_put(x, jax.sharding.SingleDeviceSharding(device, memory_kind=x.sharding.memory_kind)), cache
+    )
   return cache
 
 

@@ -224,7 +224,8 @@ def describe(policy: Policy) -> dict:
 
   out = {"type": type(policy).__name__}
   for f in dataclasses.fields(policy):
-    out[f.name] = one(getattr(policy, f.name))
+    if not f.metadata.get("placement"):  # where a cache lives is not what it holds: left out
+      out[f.name] = one(getattr(policy, f.name))
   return out
 
 

@@ -99,5 +99,15 @@ def restore(directory, like):
     abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in _arrays(like, stored=True).items()}
     arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
   treedef = jax.tree.structure(like)
-  leaves = [arrays[k] if k in arrays else jnp.zeros(x.shape, x.dtype) for k, x in _arrays(like).items()]
+  leaves = [
+    _placed_like(arrays[k] if k in arrays else jnp.zeros(x.shape, x.dtype), x) for k, x in _arrays(like).items()
+  ]
   return jax.tree.unflatten(treedef, leaves)
+
+
+def _placed_like(array, like):
+  """``array`` in the memory ``like`` is in, when that is not device memory (a retrieval store in host memory)."""
+  sharding = getattr(like, "sharding", None)
+  if sharding is None or sharding.memory_kind in (None, "device"):
+    return array
+  return jax.device_put(array, sharding)
