@@ -17,14 +17,16 @@ each budget of vision tokens per stream, ``window`` (a vision window of the whol
 stream's first frame tokens, half the budget, kept for good beside a window of the other half), ``retrieval``
 (``jstream.memory.Retrieval``, ReKV: half the budget is the window, the other half the blocks of one frame each that
 a question's words retrieve from the store of every evicted frame, or of the latest ``--store-frames`` frames) and
-``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read by
-the question's words), ``offload`` (``retrieval`` with its store in host memory, ``store_memory="host"``: asked for
-by ``--methods`` only), ``h2o``, ``agenorm`` and ``tova`` (``jstream.memory.Scored``, score-based eviction: half the
-window, half the evicted frame tokens of highest attention mass, H2O's sum, the mass per reading query of Evict3R /
-StreamMem, or the latest chunk's mass (TOVA), scored and read by every query, frames and words); the text track
-is the same in all; ``--methods`` picks some. Per (method, budget): accuracy per question type, the kept-token
-share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size (the
-retrieval store apart), what is in device memory (``device_mib``: the store included unless offloaded), and
+``compressed`` (``jstream.memory.Compressed``, Flash-VStream-style: half the window, half merged memory slots read
+by the question's words), ``offload`` (``retrieval`` with its store in host memory, ``store_memory="host"``: asked
+for by ``--methods`` only), ``rekv`` (``retrieval`` with ReKV's positions, ``reindex=True``: the retrieved frames
+just before the window; named only, with ``--memory-positions cache_relative``, which puts every method of the sweep
+under contiguous positions per track), ``h2o``, ``agenorm`` and ``tova`` (``jstream.memory.Scored``, score-based
+eviction: half the window, half the evicted frame tokens of highest attention mass, H2O's sum, the mass per reading
+query of Evict3R / StreamMem, or the latest chunk's mass (TOVA), scored and read by every query, frames and words);
+the text track is the same in all; ``--methods`` picks some. Per (method, budget): accuracy per question type, the
+kept-token share (vision tokens a question attends / vision tokens streamed), per-frame latency, the cache's size
+(the retrieval store apart), what is in device memory (``device_mib``: the store included unless offloaded), and
 ``memory.png`` (accuracy per question category against the budget).
 ``--flat 1000,10000`` (issue 10's flat latency) times calls of ``--ticks-per-call`` ticks that continue the
 streams at each length under ``sinks+window``, in ``--rounds`` interleaved rounds (``flat_sweep``), instead.
@@ -127,33 +129,42 @@ def policies(window: int, sinks: int, dense_text: int, dense_vision: int) -> dic
 
 SCORE_RULES = {"h2o": "sum", "agenorm": "mean", "tova": "last"}  # memory.Scored's rules by method name
 MEMORY_METHODS = ("window", "sinks", "retrieval", "compressed", *SCORE_RULES)
-OFFLOAD = "offload"  # retrieval with its store in host memory: picked by --methods only (same answers as retrieval)
+# Picked by --methods only: retrieval with its store in host memory (the same answers as retrieval), and retrieval
+# with ReKV's positions (--memory-positions cache_relative only)
+OFFLOAD, REKV = "offload", "rekv"
+EXTRA_METHODS = (OFFLOAD, REKV)
 
 
 def memory_policies(
-  budget: int, text: C.Policy, tokens_per_frame: int, frames: int, store_frames: int = 0
+  budget: int, text: C.Policy, tokens_per_frame: int, frames: int, store_frames: int = 0, positions: str = "absolute"
 ) -> dict[str, C.Policy]:
   """The memory sweep's methods at ``budget`` vision tokens per stream (see the module docstring); ``text``: the
-  text track's policy; ``frames``: the stream length. The retrieval store holds every evicted frame, or the latest
-  ``store_frames`` (a ring) when that is positive."""
+  text track's policy; ``frames``: the stream length; ``positions``: every policy's. The retrieval store holds every
+  evicted frame, or the latest ``store_frames`` (a ring) when that is positive."""
   if store_frames < 0:
     raise ValueError(f"store_frames must be >= 0 (0: every frame), got {store_frames}")
   p = tokens_per_frame
   blocks = max(budget // 2 // p, 1)
   slots = budget // 2
-  half = C.Segmented((text, C.Window(budget - slots)))  # a window of half the budget beside a memory of the rest
+
+  def tracks(vision: C.Policy) -> C.Segmented:
+    return C.Segmented((text, vision), positions=positions)
+
+  half = tracks(C.Window(budget - slots))  # a window of half the budget beside a memory of the rest
   retrieval = M.Retrieval(
-    C.Segmented((text, C.Window(budget - blocks * p))),
+    tracks(C.Window(budget - blocks * p)),
     block=p,
     top_k=blocks,
     store_blocks=max(store_frames or frames, blocks),
     readers=(TEXT,),
   )
+  relative = positions == "cache_relative"
   return {
-    "window": C.Segmented((text, C.Window(budget))),
-    "sinks": C.Segmented((text, C.SinkWindow(slots, budget - slots))),
+    "window": tracks(C.Window(budget)),
+    "sinks": tracks(C.SinkWindow(slots, budget - slots)),
     "retrieval": retrieval,
     OFFLOAD: dataclasses.replace(retrieval, store_memory="host"),
+    **({REKV: dataclasses.replace(retrieval, reindex=True)} if relative else {}),
     "compressed": M.Compressed(half, slots=slots, readers=(TEXT,)),
     **{name: M.Scored(half, slots=slots, score=rule) for name, rule in SCORE_RULES.items()},
   }
@@ -164,12 +175,15 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
   frames, p = args.memory_frames, model.config.tokens_per_frame
   text = video_policy(args.window, args.sinks).segments[TEXT]
   methods = [m for m in args.methods.split(",") if m]
-  unknown = set(methods) - {*MEMORY_METHODS, OFFLOAD}
+  unknown = set(methods) - {*MEMORY_METHODS, *EXTRA_METHODS}
   if unknown:
-    raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {', '.join((*MEMORY_METHODS, OFFLOAD))}")
+    raise ValueError(f"unknown --methods {sorted(unknown)}; choose from {', '.join(MEMORY_METHODS + EXTRA_METHODS)}")
+  if REKV in methods and args.memory_positions != "cache_relative":
+    raise ValueError(f"--methods {REKV} needs --memory-positions cache_relative (ReKV's positions are track indices)")
   rows = []
   for budget in [int(x) for x in args.memory.split(",") if x]:
-    for name, policy in memory_policies(budget, text, p, frames, args.store_frames).items():
+    policies = memory_policies(budget, text, p, frames, args.store_frames, args.memory_positions)
+    for name, policy in policies.items():
       if name not in methods:
         continue
       r = measure(model, policy, data_config, streams, frames, args.ticks_per_call, proactive, **speaking(args))
@@ -407,7 +421,13 @@ def main(argv=None) -> int:
   parser.add_argument("--memory", default="", help="comma-separated vision budgets: run the memory sweep instead")
   parser.add_argument("--memory-frames", type=int, default=200, help="stream length of the memory / drop sweeps")
   parser.add_argument(
-    "--methods", default=",".join(MEMORY_METHODS), help=f"the memory sweep's methods (also: {OFFLOAD})"
+    "--methods", default=",".join(MEMORY_METHODS), help=f"the memory sweep's methods (also: {', '.join(EXTRA_METHODS)})"
+  )
+  parser.add_argument(
+    "--memory-positions",
+    choices=("absolute", "cache_relative"),
+    default="absolute",
+    help="the memory sweep's position mode (cache_relative: contiguous positions per track, and the rekv method)",
   )
   parser.add_argument(
     "--store-frames",

@@ -47,8 +47,9 @@ Positions. Keys are stored as the local cache stores them, rotated by RoPE: at t
 (``absolute``) or at their index within the memory track (``cache_relative``: StreamingVLM's contiguous positions
 per track, the index rebase of endless streams included), and a query attends the memory in the frame it attends
 the memory track's window with, so a memory token keeps its true distance (in stream positions or in the track's
-tokens) to the query; a merged slot's key is the mean of rotated keys. Re-indexing retrieved blocks to positions
-just before the window (ReKV's choice for models that cannot extrapolate far) is not built.
+tokens) to the query; a merged slot's key is the mean of rotated keys. ``Retrieval(reindex=True)`` instead gives the
+retrieved segment ReKV's positions, just before the window in stream order (``reindexed``), for models that cannot
+attend far beyond their training length (cache-relative positions only).
 
 Where the memory lives. Everything is one pytree that a compiled stream carries (``MemoryCache``), so a stream of
 any length is one compiled program at fixed memory. The store of ``Retrieval`` (its keys, values, indices and
@@ -178,12 +179,18 @@ class Retrieval(MemoryPolicy):
     top_k: blocks retrieved per (row, layer, kv head) at each chunk.
     store_blocks: blocks the store holds (a ring over blocks).
     store_memory: ``"device"`` (default) or ``"host"``: the memory the store lives in (see the module docstring).
+    reindex: ReKV's positions for the retrieved segment: its tokens, in stream order, take the track indices just
+      before the window of the chunk's newest reading query (the newest one it may see at its own index, the others
+      contiguous before it), so a question attends what it retrieved at the distances it was trained with, however
+      old. Which tokens a query may see does not change. Needs ``cache_relative`` positions (the stored keys are
+      rotated at their track index there).
   """
 
   block: int = 16
   top_k: int = 4
   store_blocks: int = 256
   store_memory: str = dataclasses.field(default="device", metadata=dict(placement=True))
+  reindex: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -194,6 +201,11 @@ class Retrieval(MemoryPolicy):
       raise ValueError(f"Retrieval: top_k ({self.top_k}) must be <= store_blocks ({self.store_blocks})")
     if self.store_memory not in ("device", "host"):
       raise ValueError(f"Retrieval.store_memory must be 'device' or 'host', got {self.store_memory!r}")
+    if self.reindex and self.positions != "cache_relative":
+      raise ValueError(
+        "Retrieval(reindex=True) needs a local policy with positions='cache_relative': under absolute positions "
+        "the store keeps keys rotated at stream positions it does not record"
+      )
 
   @property
   def slots(self) -> int:
@@ -370,6 +382,8 @@ class MemoryCache:
       q_rot = apply_rope(q, cos[:, :, None], sin[:, :, None])
       if isinstance(policy, Retrieval):
         k, v, idx, count = _retrieve(policy, q_rot, limit, mem, layer)
+        if policy.reindex:
+          k = reindexed(k, idx, count, limit, cfg.rope)
       else:
         k, v, idx, count = (a[layer] for a in (mem.k, mem.v, mem.idx, mem.count))
       part = memory_attention(q_rot, k, v, idx, count, limit)
@@ -671,6 +685,26 @@ def _retrieve(policy: Retrieval, q_rot, limit, mem: MemoryCache, layer):
   )
 
 
+def reindexed(
+  k: Float[Array, "b k m h"],
+  idx: Int[Array, "b k m"],
+  count: Float[Array, "b k m"],
+  limit: Int[Array, "b t"],
+  rope_base: float | Rope,
+) -> Float[Array, "b k m h"]:
+  """Retrieved keys, rotated at their track index ``idx``, re-rotated to ReKV's positions (``Retrieval.reindex``):
+  per (row, kv head), the ``n`` entries a reading query of the chunk may see (``0 <= idx <= max(limit)``, ``count >
+  0``), in stream order, take indices ``max(limit) - n + 1 .. max(limit)``; the others stay as they are."""
+  newest = jnp.max(limit, axis=1)[:, None, None]  # [b, 1, 1]: the newest memory index the chunk's queries may see
+  valid = (idx >= 0) & (count > 0) & (idx <= newest)
+  order = jnp.argsort(jnp.where(valid, idx, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)  # place in stream order, the seen entries first
+  n = valid.sum(axis=-1, keepdims=True)
+  delta = jnp.where(valid, newest - n + 1 + rank - idx, 0)
+  cos, sin = rope_cos_sin(delta, k.shape[-1], rope_base)
+  return apply_rope(k, cos, sin).astype(k.dtype)
+
+
 def memory_attention(
   q_rot: Float[Array, "b t n h"],
   k: Float[Array, "b k m h"],
@@ -762,4 +796,5 @@ __all__ = [
   "memory_attention",
   "memory_bytes",
   "memory_key_mass",
+  "reindexed",
 ]

@@ -164,15 +164,18 @@ def test_video_stream_with_a_memory_matches_a_dense_vision_track():
   local = C.Segmented((text, C.Window(3 * p)), positions=positions)
   retrieval = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION)
   host = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION, store_memory="host")
+  # every evicted frame retrieved: ReKV's positions just before the window are the frames' own
+  rekv = M.Retrieval(local, block=p, top_k=n, store_blocks=n, track=VISION, reindex=True)
   scored = M.Scored(local, slots=n * p, track=VISION)  # room for every frame: nothing is evicted
   dense = C.Segmented((text, C.Dense(n * p)), positions=positions)
   out = {}
-  for name, policy in {"retrieval": retrieval, "host": host, "scored": scored, "dense": dense}.items():
+  policies = {"retrieval": retrieval, "host": host, "rekv": rekv, "scored": scored, "dense": dense}
+  for name, policy in policies.items():
     cache, said = qa_stream.run(model, model.init_cache(policy, b), frames, questions)
     out[name] = said
     if name == "host":  # the compiled scan carried the store in host memory
       assert cache.v.sharding.memory_kind == "pinned_host" and cache.local.k.sharding.memory_kind == "device"
-  for name in ("retrieval", "host", "scored"):
+  for name in ("retrieval", "host", "rekv", "scored"):
     np.testing.assert_array_equal(out[name].answer, out["dense"].answer)
     np.testing.assert_array_equal(out[name].decision, out["dense"].decision)
   assert TEXT == 0 and (out["dense"].answer != vqa.PAD).any()
@@ -240,6 +243,28 @@ def test_reset_row_starts_a_fresh_memory(policy):
   got, _ = stream(step, tokens[:, 20:], cache, [4, 4, 2])
   fresh, _ = stream(step, tokens[:1, 20:], model.init_cache(policy, 1), [4, 4, 2])
   np.testing.assert_allclose(got[:1], fresh, **F32)
+
+
+def test_reindexed_positions_are_just_before_the_window_in_stream_order():
+  """``memory.reindexed`` (ReKV's positions): per (row, kv head) the retrieved entries a query of the chunk may see
+  (index <= the chunk's largest limit, non-empty), sorted by index, are rotated to the indices ending at that limit;
+  empty and not-yet-visible entries keep theirs. Against NumPy RoPE of the raw keys at positions listed by hand."""
+  from reference import _rope
+
+  rng = np.random.default_rng(3)
+  base, h = 10_000.0, 8
+  raw = rng.normal(size=(2, 1, 6, h))
+  idx = np.array([[[40, 7, 25, -1, 90, 3]], [[5, 6, 4, 30, 31, 2]]])
+  count = np.array([[[1.0, 1, 1, 0, 1, 1]], [[1, 1, 1, 1, 1, 0]]])
+  limit = np.array([[60, 70, -2], [29, 20, 10]])  # newest seen: 70 in row 0 (90 is not yet seen), 29 in row 1
+  # row 0 sees 3, 7, 25, 40 -> 67, 68, 69, 70; row 1 sees 4, 5, 6 (30 and 31 not yet; 2 is empty) -> 27, 28, 29
+  new = np.array([[[70, 68, 69, -1, 90, 67]], [[28, 29, 27, 30, 31, 2]]])
+  stored = np.stack([[[_rope(raw[b, 0, m], idx[b, 0, m], base) for m in range(6)]] for b in range(2)])
+  want = np.stack([[[_rope(raw[b, 0, m], new[b, 0, m], base) for m in range(6)]] for b in range(2)])
+  got = M.reindexed(
+    jnp.asarray(stored, jnp.float32), jnp.asarray(idx, jnp.int32), jnp.asarray(count), jnp.asarray(limit), base
+  )
+  np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_a_store_in_host_memory_holds_what_a_store_in_device_memory_holds(monkeypatch, tmp_path):
@@ -310,6 +335,8 @@ def test_bad_input():
     M.Scored(C.Window(8), score="max")
   with pytest.raises(ValueError, match="store_memory"):
     M.Retrieval(C.Window(8), store_memory="disk")
+  with pytest.raises(ValueError, match=r"reindex=True\).*cache_relative"):
+    M.Retrieval(C.Window(8), reindex=True)
   model = tiny_model(seed=0)
   cache = model.init_cache(M.Compressed(C.SinkWindow(2, 4), slots=2), 1)
   with pytest.raises(ValueError, match="more tokens of the memory track than its window"):
