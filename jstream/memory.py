@@ -53,15 +53,16 @@ attend far beyond their training length (cache-relative positions only).
 
 Where the memory lives. Everything is one pytree that a compiled stream carries (``MemoryCache``), so a stream of
 any length is one compiled program at fixed memory. The store of ``Retrieval`` (its keys, values, indices and
-counts, the ``store_blocks * block`` entries) is in device memory by default; ``Retrieval(..., store_memory="host")``
-keeps it in host memory (JAX's ``pinned_host`` memory kind) for the whole stream: the compiled program writes the
-evicted tokens into it and gathers the chosen blocks out of it on the host (``compute_on("device_host")``), so the
-only transfers are the evicted tokens going out and the retrieved segment coming in, and device memory holds the
-local cache, the block summaries and the retrieved segment, whatever ``store_blocks`` is. XLA schedules those
-transfers asynchronously where the platform allows. Every JAX platform of the tested versions has the memory kind
-(CPU, where host and device memory are one, included: there the placement is checked, not a saving); a platform
-without it gets an error when the cache is made. ``memory_bytes`` reports the local cache, the memory read by
-attention (retrieved segment / slots / entries), the store, and what is in device memory.
+counts, the ``store_blocks * block`` entries, and the block summaries and fills) is in device memory by default;
+``Retrieval(..., store_memory="host")`` keeps it in host memory (JAX's ``pinned_host`` memory kind) for the whole
+stream: the compiled program writes the evicted tokens into it, updates the touched blocks' summaries, scores the
+blocks and gathers the chosen ones on the host (``compute_on("device_host")``), so the only transfers are the
+evicted tokens and the chunk's mean queries going out and the retrieved segment coming in, and device memory holds
+the local cache and the retrieved segment, whatever ``store_blocks`` is. XLA schedules those transfers
+asynchronously where the platform allows. Every JAX platform of the tested versions has the memory kind (CPU, where
+host and device memory are one, included: there the placement is checked, not a saving); a platform without it gets
+an error when the cache is made. ``memory_bytes`` reports the local cache, the memory read by attention (retrieved
+segment / slots / entries), the store, the summaries, and what is in device memory.
 
 A memory cache cannot roll back (evicted tokens have left the local cache): ``rollback`` raises.
 """
@@ -162,8 +163,8 @@ class MemoryPolicy(pol.Policy):
       idx=on_store(jnp.full(shape, -1, jnp.int32)),
       count=on_store(jnp.zeros(shape, jnp.float32)),
       written=jnp.zeros((batch_size,), jnp.int32),
-      summary=jnp.zeros((num_layers, batch_size, heads, blocks, head_dim), jnp.float32),
-      filled=jnp.zeros((batch_size, blocks), jnp.int32),
+      summary=on_store(jnp.zeros((num_layers, batch_size, heads, blocks, head_dim), jnp.float32)),
+      filled=on_store(jnp.zeros((batch_size, blocks), jnp.int32)),
       score=jnp.zeros(scored, jnp.float32),
       seen=jnp.zeros(scored, jnp.float32),
       policy=self,
@@ -329,18 +330,19 @@ class MemoryCache:
   def reset_rows(self, sel: Array, start: Array) -> MemoryCache:
     keep = ~sel[None, :, None, None]
 
-    def clear(keep, idx, count):  # -1 / 0 in the reset rows (arithmetic: a host computation makes no constants)
-      kept = keep.astype(idx.dtype)
-      return idx * kept + kept - 1, count * keep.astype(count.dtype)
+    def clear(keep, idx, count, summary, filled):  # -1 / 0 in the reset rows (arithmetic: a host computation makes
+      kept = keep.astype(idx.dtype)  # no constants)
+      summary = summary * keep[..., None].astype(summary.dtype)
+      return idx * kept + kept - 1, count * keep.astype(count.dtype), summary, filled * kept[0, :, 0]
 
-    idx, count = _on_store(self.policy, clear, keep, self.idx, self.count)
+    idx, count, summary, filled = _on_store(self.policy, clear, keep, self.idx, self.count, self.summary, self.filled)
     return self.replace(
       local=self.local.reset_rows(sel, start),
       idx=idx,
       count=count,
       written=jnp.where(sel, 0, self.written),
-      summary=jnp.where(keep[..., None], self.summary, 0.0),
-      filled=jnp.where(sel[:, None], 0, self.filled),
+      summary=summary,
+      filled=filled,
       score=jnp.where(keep, self.score, 0.0),
       seen=jnp.where(keep, self.seen, 0.0),
     )
@@ -416,10 +418,12 @@ class MemoryCache:
       full = (idx >= 0).astype(idx.dtype)
       return jnp.maximum(idx - shift[None, :, None, None], 0) * full + full - 1
 
+    def rotate(cos, sin, k, summary):
+      return _rotated(cos, sin, k), _rotated(cos, sin, summary)
+
     def body(state):
-      k, summary = state[1]
-      cos, sin = rope_cos_sin(-shift, k.shape[-1], rope_base)  # [b, h / 2]
-      return jnp.array(False), (_on_store(policy, _rotated, cos, sin, k), _rotated(cos, sin, summary))
+      cos, sin = rope_cos_sin(-shift, self.k.shape[-1], rope_base)  # [b, h / 2]
+      return jnp.array(False), _on_store(policy, rotate, cos, sin, *state[1])
 
     idx = _on_store(policy, shift_idx, shift, self.idx)
     k, summary = self.k, self.summary
@@ -514,22 +518,20 @@ class MemoryCache:
     touched = (start[:, None] // blk + jnp.arange(n, dtype=jnp.int32)) % nb  # [b, n]
     entries = (touched[:, :, None] * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(b, n * blk)
     rows = jnp.arange(b)[:, None]
-    num_layers, heads = self.k.shape[0], self.k.shape[2]
-    where = _store_index(  # [b, n * blk, l, k, 4]
-      jnp.arange(num_layers)[None, None, :, None], rows[:, :, None, None], jnp.arange(heads), entries[:, :, None, None]
-    )
-    # every layer and head stores the same tokens: layer 0, head 0 says which entries are full
-    keys, stored = _from_store(
-      self.policy, lambda w, k, i: (_gather(k, w), _gather(i, w[:, :, 0, 0])), where, self.k, self.idx
-    )
-    keys, full = keys.astype(jnp.float32), stored >= 0
-    fill = full.reshape(b, n, blk).sum(-1)  # [b, n]
-    total = jnp.where(full[:, :, None, None, None], keys, 0.0).reshape(b, n, blk, *keys.shape[2:]).sum(2)
-    mean = total / jnp.maximum(fill, 1)[:, :, None, None, None].astype(jnp.float32)  # [b, n, l, k, h]
-    return self.replace(
-      summary=self.summary.at[:, rows, :, touched].set(mean),
-      filled=self.filled.at[rows, touched].set(fill.astype(jnp.int32)),
-    )
+    layers, heads = jnp.arange(self.k.shape[0])[None, None, :, None], jnp.arange(self.k.shape[2])
+    read = _store_index(layers, rows[:, :, None, None], heads, entries[:, :, None, None])  # [b, n * blk, l, k, 4]
+    write = _store_index(layers, rows[:, :, None, None], heads, touched[:, :, None, None])  # [b, n, l, k, 4]
+
+    def summarize(read, write, k, idx, summary, filled):
+      keys = _gather(k, read).astype(jnp.float32)  # [b, n * blk, l, k, h]
+      full = (_gather(idx, read[:, :, 0, 0]) >= 0).astype(jnp.float32)  # every layer and head stores the same tokens
+      fill = full.reshape(b, n, blk).sum(-1)  # [b, n]
+      total = (keys * full[:, :, None, None, None]).reshape(b, n, blk, *keys.shape[2:]).sum(2)  # [b, n, l, k, h]
+      mean = total / jnp.maximum(fill, 1.0)[:, :, None, None, None]
+      return _scatter(summary, write, mean), _scatter(filled, write[:, :, 0, 0, 1:4:2], fill)
+
+    summary, filled = _on_store(self.policy, summarize, read, write, self.k, self.idx, self.summary, self.filled)
+    return self.replace(summary=summary, filled=filled)
 
   def _merge(self, k, v, idx, valid) -> MemoryCache:
     """Each evicted token, in stream order: into the first empty slot, else the most similar slot (cosine of the
@@ -670,19 +672,25 @@ def _retrieve(policy: Retrieval, q_rot, limit, mem: MemoryCache, layer):
   with nothing stored (``filled [b, store_blocks]``) are not chosen while others are. Reads the summaries and the
   chosen blocks, not the store (on the host, for a store in host memory: only the blocks come to the device)."""
   b, _, n, h = q_rot.shape
-  summary, filled = mem.summary[layer], mem.filled
   heads, blk = mem.k.shape[2], policy.block
   reads = (limit >= 0)[..., None, None]
   q_mean = jnp.sum(jnp.where(reads, q_rot.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(reads.sum(axis=1), 1)
   q_mean = q_mean.reshape(b, heads, n // heads, h).sum(axis=2)  # [b, k, h]
-  score = jnp.where(filled[:, None] > 0, jnp.einsum("bkh,bkjh->bkj", q_mean, summary), -jnp.inf)
-  _, top = jax.lax.top_k(score, policy.top_k)  # [b, k, top_k]
+  rows, kv_heads = jnp.arange(b)[:, None, None], jnp.arange(heads)[:, None]
 
-  entries = (top[..., None] * blk + jnp.arange(blk, dtype=jnp.int32)).reshape(b, heads, policy.read_tokens)
-  where = _store_index(layer, jnp.arange(b)[:, None, None], jnp.arange(heads)[:, None], entries)  # [b, k, m, 4]
-  return _from_store(
-    policy, lambda w, *store: tuple(_gather(a, w) for a in store), where, mem.k, mem.v, mem.idx, mem.count
-  )
+  def pick(layer, q_mean, offsets, rows, kv_heads, summary, filled, *store):
+    summary = _gather(summary, layer)  # [b, k, store_blocks, h]
+    # log(0) = -inf: a block with nothing stored is not chosen while others are (no constant made: see _gather)
+    score = jnp.einsum("bkh,bkjh->bkj", q_mean, summary) + jnp.log((filled > 0).astype(jnp.float32))[:, None]
+    _, top = jax.lax.top_k(score, policy.top_k)  # [b, k, top_k]
+    entries = (top[..., None] * blk + offsets).reshape(b, heads, policy.read_tokens)
+    where = _store_index(layer, rows, kv_heads, entries)  # [b, k, m, 4]
+    return tuple(_gather(a, where) for a in store)
+
+  offsets = jnp.arange(blk, dtype=jnp.int32)
+  layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+  args = (layer, q_mean, offsets, rows, kv_heads, mem.summary, mem.filled, mem.k, mem.v, mem.idx, mem.count)
+  return _from_store(policy, pick, *args)
 
 
 def reindexed(
@@ -776,7 +784,8 @@ def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots
   index = tree_bytes((cache.summary, cache.filled, cache.score, cache.seen))
-  device = local + index + tree_bytes(cache.written) + (0 if _on_host(cache.policy) else store)
+  host = store + tree_bytes((cache.summary, cache.filled)) if _on_host(cache.policy) else 0
+  device = local + store + index + tree_bytes(cache.written) - host
   return {
     "local": local,
     "read": per_entry * cache.policy.read_tokens,

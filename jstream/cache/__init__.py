@@ -101,9 +101,12 @@ def init(
   leaves = jax.tree.leaves(cache)
   if leaves and all(is_concrete(x) for x in leaves):
     device = jax.devices()[0]
-    cache = jax.tree.map(
-      lambda x: jax.device_put(x, jax.sharding.SingleDeviceSharding(device, memory_kind=x.sharding.memory_kind)), cache
-    )
+
+    def commit(x):
+      memory = getattr(getattr(x, "sharding", None), "memory_kind", None)
+      return jax.device_put(x, jax.sharding.SingleDeviceSharding(device, memory_kind=memory))
+
+    cache = jax.tree.map(commit, cache)
   return cache
 
 
