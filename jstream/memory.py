@@ -56,9 +56,10 @@ any length is one compiled program at fixed memory. The store of ``Retrieval`` (
 counts, the ``store_blocks * block`` entries, and the block summaries and fills) is in device memory by default;
 ``Retrieval(..., store_memory="host")`` keeps it in host memory (JAX's ``pinned_host`` memory kind) for the whole
 stream: the compiled program writes the evicted tokens into it, updates the touched blocks' summaries, scores the
-blocks and gathers the chosen ones on the host (``compute_on("device_host")``), so the only transfers are the
-evicted tokens and the chunk's mean queries going out and the retrieved segment coming in, and device memory holds
-the local cache and the retrieved segment, whatever ``store_blocks`` is. XLA schedules those transfers
+blocks and gathers the chosen ones on the host (``compute_on("device_host")``), so what crosses between the
+memories is of the chunk's size (the evicted tokens, the chunk's mean queries and the index arrays going out, the
+retrieved segment coming in), and device memory holds the local cache and the retrieved segment, whatever
+``store_blocks`` is. XLA schedules those transfers
 asynchronously where the platform allows. Every JAX platform of the tested versions has the memory kind (CPU, where
 host and device memory are one, included: there the placement is checked, not a saving); a platform without it gets
 an error when the cache is made. ``memory_bytes`` reports the local cache, the memory read by attention (retrieved
@@ -190,8 +191,8 @@ class Retrieval(MemoryPolicy):
   block: int = 16
   top_k: int = 4
   store_blocks: int = 256
-  store_memory: str = dataclasses.field(default="device", metadata=dict(placement=True))
-  reindex: bool = False
+  store_memory: str = dataclasses.field(default="device", metadata=dict(stored=False))
+  reindex: bool = dataclasses.field(default=False, metadata=dict(stored=False))
 
   def __post_init__(self):
     super().__post_init__()
@@ -779,7 +780,8 @@ def memory_bytes(cache: MemoryCache) -> dict[str, int]:
   """Bytes of the cache's parts: ``local`` (the local cache), ``read`` (the memory entries attention reads per
   chunk: the retrieved segment or the slots), ``store`` (all memory entries, the retrieval store included),
   ``index`` (``Retrieval``'s block summary keys and fills, read at every chunk; ``Scored``'s scores; 0 for
-  ``Compressed``), ``device`` (what the cache holds in device memory: all of it, but for a store in host memory)."""
+  ``Compressed``), ``device`` (what the cache holds in device memory: all of it, but a store in host memory and its
+  summaries)."""
   local = tree_bytes(cache.local)
   store = tree_bytes((cache.k, cache.v, cache.idx, cache.count))
   per_entry = store // cache.policy.slots

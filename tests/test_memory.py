@@ -2,6 +2,8 @@
 independent float64 reference of each rule, the full past when the memory holds everything, run inside the video
 stream runner, reset per row, and reject bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +24,9 @@ F32 = tol(jnp.float32)
     (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12), False),
     (lambda local: M.Compressed(local, slots=36), True),
     (lambda local: M.Scored(local, slots=32, score="mean"), False),
-    (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12, store_memory="host"), True),
+    (lambda local: M.Retrieval(local, block=3, top_k=12, store_blocks=12, store_memory="host"), False),
   ],
-  ids=["retrieval-per-layer", "compressed-stacked", "scored-per-layer", "retrieval-host-stacked"],
+  ids=["retrieval-per-layer", "compressed-stacked", "scored-per-layer", "retrieval-host-per-layer"],
 )
 def test_memory_of_everything_is_dense(memory, scan_layers):
   """A memory that keeps every evicted token as it is (all blocks retrieved; a slot per token) plus the window is
@@ -267,6 +269,25 @@ def test_reindexed_positions_are_just_before_the_window_in_stream_order():
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_a_stream_reads_what_it_retrieved_at_reindexed_positions(monkeypatch):
+  """``Retrieval(reindex=True)`` in a stream that retrieves some of its blocks: the outputs differ from the frames'
+  own positions, and with ``memory.reindexed`` made the identity they are those of ``reindex=False`` exactly, so the
+  re-rotation of the retrieved segment is the whole difference (its rule: the test above)."""
+  model = tiny_model(seed=26, scan_layers=False)
+  tokens = random_tokens(2, 48, seed=27)
+  sizes = chunk_sizes(48, [1, 2, 3], seed=28)
+  local = C.Window(6, positions="cache_relative")
+  got = {}
+  for reindex in (False, True):
+    policy = M.Retrieval(local, block=2, top_k=2, store_blocks=12, reindex=reindex)
+    got[reindex], _ = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
+  assert np.abs(np.asarray(got[True]) - np.asarray(got[False])).max() > 1e-3
+  monkeypatch.setattr(M, "reindexed", lambda k, *_: k)
+  policy = M.Retrieval(local, block=2, top_k=2, store_blocks=12, reindex=True)
+  same, _ = stream(jit_step(model), tokens, model.init_cache(policy, 2), sizes)
+  np.testing.assert_array_equal(same, got[False])
+
+
 def test_a_store_in_host_memory_holds_what_a_store_in_device_memory_holds(monkeypatch, tmp_path):
   """``Retrieval(store_memory="host")``: the store (keys, values, indices, counts) lives in ``pinned_host`` memory
   through chunks, a row reset, index rebases that rotate its keys (cache-relative, every 24 tokens), a save and a
@@ -385,5 +406,11 @@ def test_a_memory_cache_saves_and_restores(tmp_path, policy):
   assert bool(session._differences(older, want)) == isinstance(policy, M.Scored)
   if not isinstance(policy, M.Retrieval):
     return
+  # where the store lives and how it is read are not what it holds: a store saved in device memory restores into
+  # host memory (and is read there), and the descriptions do not carry those fields
+  assert "store_memory" not in want["policy"] and "reindex" not in want["policy"]
+  hosted = C.restore(tmp_path / "mem", like=model.init_cache(dataclasses.replace(policy, store_memory="host"), 1))
+  assert hosted.k.sharding.memory_kind == "pinned_host"
+  np.testing.assert_array_equal(hosted.k, cache.k)
   with pytest.raises(ValueError, match="does not fit this stream"):
     C.restore(tmp_path / "mem", like=model.init_cache(M.Retrieval(C.Window(4), block=2, top_k=2, store_blocks=3), 1))

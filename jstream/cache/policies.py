@@ -224,7 +224,8 @@ def describe(policy: Policy) -> dict:
 
   out = {"type": type(policy).__name__}
   for f in dataclasses.fields(policy):
-    if not f.metadata.get("placement"):  # where a cache lives is not what it holds: left out
+    if f.metadata.get("stored", True):  # left out: fields that change where a cache lives or how it is read, not
+      # what it holds (a cache saved under one value restores under another)
       out[f.name] = one(getattr(policy, f.name))
   return out
 
