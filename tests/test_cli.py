@@ -653,3 +653,19 @@ def test_where_routing_noisy_label_words():
   state = np.random.default_rng(1).bit_generator.state
   same = W.with_word_labels(d, 0.0, (r := np.random.default_rng(1)))["word_labels"]
   assert (same == d["labels"]).all() and r.bit_generator.state == state
+
+
+def test_copy_probe_strings_repeat_and_smoke(in_tmp):
+  """experiments/copy_probe.py: each row is one string repeated, of a length in the asked range (the shortest
+  period found by brute force), bad ranges are refused, and a few steps run end to end."""
+  from experiments import copy_probe as P
+
+  rows = P.repeated_strings(np.random.default_rng(0), 32, 100, 8, (5, 20))
+  assert rows.shape == (32, 100) and rows.dtype == np.int32 and 0 <= rows.min() and rows.max() < 8
+  periods = [next(p for p in range(1, 100) if (row[p:] == row[:-p]).all()) for row in rows]
+  assert 2 <= min(periods) and max(periods) <= 20 and len(set(periods)) > 3  # a string may itself repeat: min < 5
+  with pytest.raises(ValueError, match="periods"):
+    P.repeated_strings(np.random.default_rng(0), 2, 10, 8, (5, 10))
+  assert P.main(["--quick", "--out", "probe"]) == 0
+  res = json.loads((in_tmp / "probe" / "results.json").read_text())
+  assert [r["step"] for r in res["curve"]] == [2, 4] and all(np.isfinite(r["repeat_nats"]) for r in res["curve"])
