@@ -194,10 +194,10 @@ def memory_sweep(model, args, data_config, streams, proactive) -> list[dict]:
         r["store_mib"] = (parts["store"] - parts["read"]) / 2**20
         r["index_mib"] = parts["index"] / 2**20  # retrieval's block summaries (grow with the store, 1/block of it)
         r["cache_mib"] -= r["store_mib"]  # the device side: local cache + the memory read per chunk + the index
-        segment = parts["read"] if isinstance(policy, M.Retrieval) else 0  # a copy of retrieved blocks; slots are read
-        r["device_mib"] = (
-          parts["device"] + segment
-        ) / 2**20  # in place. In device memory: the store too, unless offloaded
+        # in device memory: the store too unless offloaded, and retrieval's copy of the blocks it read (the other
+        # memories read their slots in place)
+        segment = parts["read"] if isinstance(policy, M.Retrieval) else 0
+        r["device_mib"] = (parts["device"] + segment) / 2**20
       else:
         read = 0
       vision = (policy.local if isinstance(policy, M.MemoryPolicy) else policy).tracks()[1].size  # sinks too

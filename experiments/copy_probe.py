@@ -36,12 +36,13 @@ def repeated_strings(
   rng: np.random.Generator, batch: int, length: int, vocab: int, periods: tuple[int, int]
 ) -> np.ndarray:
   """``[batch, length]`` int32: per row a random string of ``vocab`` symbols, its length uniform in ``periods``
-  (inclusive), repeated (the last copy cut)."""
+  (inclusive), repeated (the last copy cut): ``jstream.data.text.repeated_string`` over the symbols ``0..vocab-1``."""
+  from jstream.data.text import repeated_string
+
   lo, hi = periods
   if not 1 <= lo <= hi < length:
     raise ValueError(f"periods must satisfy 1 <= lo <= hi < length, got {periods} and length {length}")
-  rows = [np.resize(rng.integers(0, vocab, size=int(rng.integers(lo, hi + 1))), length) for _ in range(batch)]
-  return np.stack(rows).astype(np.int32)
+  return np.stack([repeated_string(length, rng, periods, symbols=np.arange(vocab)) for _ in range(batch)])
 
 
 def run(*, steps: int, layers: int, batch: int, lr: float, vocab: int, periods: tuple[int, int], length: int,

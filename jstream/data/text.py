@@ -413,10 +413,13 @@ class _RandomWindow:
     return window
 
 
-def repeated_string(n: int, rng: np.random.Generator, length: tuple[int, int] = (8, 64)) -> np.ndarray:
-  """``n`` bytes of one random string of letters and digits (its length uniform in ``length``) repeated: all but
-  its first occurrence is predictable by copying (the induction task of ``TrainConfig.copies``)."""
-  s = rng.choice(VALUE_CHARS, int(rng.integers(length[0], length[1] + 1))).astype(np.int32)
+def repeated_string(
+  n: int, rng: np.random.Generator, length: tuple[int, int] = (8, 64), symbols: np.ndarray = VALUE_CHARS
+) -> np.ndarray:
+  """``n`` tokens of one random string of ``symbols`` (default: the bytes of letters and digits; its length uniform
+  in ``length``, inclusive) repeated: all but its first occurrence is predictable by copying (the induction task of
+  ``TrainConfig.copies``)."""
+  s = rng.choice(symbols, int(rng.integers(length[0], length[1] + 1))).astype(np.int32)
   return np.resize(s, n)
 
 
